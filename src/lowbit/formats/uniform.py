@@ -1,0 +1,171 @@
+"""Uniform integer weight format: b-bit codes, a scale and a zero point per group of inputs.
+
+A weight w in group k of its row is stored as an unsigned code q in [0, 2^b - 1] and read
+back as scale[k] * (q - zero[k]).
+
+- asymmetric: zero is an integer in [0, 2^b - 1] and the range [min, max] (0 included)
+  is split into 2^b - 1 steps.
+- symmetric: zero = (2^b - 1) / 2, so the 2^b levels sit at +-(j + 1/2) * scale around 0.
+  All 2^b codes are used (no level is wasted), and b = 1 is a sign quantizer.
+
+Groups run along the input dimension: group_size g > 0 makes ceil(in / g) groups, the last
+one partial when g does not divide the width; -1 is one group per output channel, 0 one
+scale for the whole tensor. Scales are rounded to float16, the precision they are stored in,
+so a saved and reloaded model computes exactly what the in-memory one did.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+PER_CHANNEL = -1
+PER_TENSOR = 0
+
+
+class FormatError(ValueError):
+    """Invalid quantization arguments."""
+
+
+@dataclass(frozen=True)
+class IntFormat:
+    """Bits, symmetry and grouping of a uniform integer format."""
+
+    bits: int = 4
+    symmetric: bool = False
+    group_size: int = 64
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bits, int) or not 1 <= self.bits <= 8:
+            raise FormatError(f"bits must be an integer 1-8, got {self.bits!r}")
+        if not isinstance(self.group_size, int) or self.group_size < -1:
+            raise FormatError(f"group_size must be -1 (per channel), 0 (per tensor) or > 0, got {self.group_size!r}")
+
+    @property
+    def maxq(self) -> int:
+        """Largest code."""
+        return 2**self.bits - 1
+
+    def group_width(self, in_features: int) -> int:
+        """Columns per group for a given input width."""
+        return in_features if self.group_size <= 0 else self.group_size
+
+    def num_groups(self, in_features: int) -> int:
+        """Groups per row (the last may be partial)."""
+        return math.ceil(in_features / self.group_width(in_features))
+
+    def bits_per_weight(self, in_features: int) -> float:
+        """Storage cost per weight, counting one fp16 scale and one fp16 zero per group."""
+        if self.group_size == PER_TENSOR:
+            return float(self.bits)
+        extra = 16 if self.symmetric else 32
+        return self.bits + extra / self.group_width(in_features)
+
+
+def group_index(in_features: int, fmt: IntFormat) -> torch.Tensor:
+    """Group of every input column for contiguous groups."""
+    return torch.arange(in_features) // fmt.group_width(in_features)
+
+
+def _params_from_range(lo: torch.Tensor, hi: torch.Tensor, fmt: IntFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    maxq = fmt.maxq
+    if fmt.symmetric:
+        amax = torch.maximum(lo.abs(), hi.abs())
+        scale = 2 * amax / maxq
+        scale = _store_scale(scale)
+        zero = torch.full_like(scale, maxq / 2)
+    else:
+        lo = torch.minimum(lo, torch.zeros_like(lo))
+        hi = torch.maximum(hi, torch.zeros_like(hi))
+        scale = _store_scale((hi - lo) / maxq)
+        zero = torch.clamp(torch.round(-lo / scale), 0, maxq)
+    return scale, zero
+
+
+def _store_scale(scale: torch.Tensor) -> torch.Tensor:
+    # float16 storage; a floor keeps all-zero groups finite.
+    return scale.clamp(min=1e-6, max=6.0e4).half().float()
+
+
+def _grouped(w: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[out, in] -> [out, G, width] padded with NaN, and a validity mask [G, width]."""
+    out, n = w.shape
+    g = math.ceil(n / width)
+    pad = g * width - n
+    wp = torch.nn.functional.pad(w.float(), (0, pad), value=float("nan")) if pad else w.float()
+    mask = torch.ones(g * width, dtype=torch.bool, device=w.device)
+    if pad:
+        mask[n:] = False
+    return wp.view(out, g, width), mask.view(g, width)
+
+
+def _group_range(w: torch.Tensor, fmt: IntFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    if fmt.group_size == PER_TENSOR:
+        lo, hi = w.min().expand(w.shape[0], 1), w.max().expand(w.shape[0], 1)
+        return lo.float(), hi.float()
+    wg, mask = _grouped(w, fmt.group_width(w.shape[1]))
+    lo = torch.where(mask, wg, torch.inf).amin(-1)
+    hi = torch.where(mask, wg, -torch.inf).amax(-1)
+    return lo, hi
+
+
+def expand(p: torch.Tensor, in_features: int, fmt: IntFormat, g_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-group parameters [out, G] -> per-column [out, in]."""
+    if g_idx is None:
+        g_idx = group_index(in_features, fmt).to(p.device)
+    return p[:, g_idx]
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, fmt: IntFormat,
+             g_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """Codes (uint8) of w given per-group scale and zero."""
+    n = w.shape[1]
+    s, z = expand(scale, n, fmt, g_idx), expand(zero, n, fmt, g_idx)
+    return torch.clamp(torch.round(w.float() / s + z), 0, fmt.maxq).to(torch.uint8)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, fmt: IntFormat,
+               g_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """Float32 weights scale * (code - zero)."""
+    n = codes.shape[1]
+    return expand(scale, n, fmt, g_idx) * (codes.float() - expand(zero, n, fmt, g_idx))
+
+
+def quantize_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One column [out] with its group's [out] scale and zero: (codes, dequantized)."""
+    q = torch.clamp(torch.round(w / scale + zero), 0, maxq)
+    return q, scale * (q - zero)
+
+
+def qparams(w: torch.Tensor, fmt: IntFormat, clip_search: bool = False, grid: int = 20,
+            max_shrink: float = 0.2, norm: float = 2.4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero [out, G] from min/max, optionally shrinking the range to minimise error.
+
+    The clipping search tries `grid` shrink factors in [1 - max_shrink, 1] and keeps, per
+    group, the one with the smallest sum |w - Q(w)|^norm.
+    """
+    lo, hi = _group_range(w, fmt)
+    scale, zero = _params_from_range(lo, hi, fmt)
+    if not clip_search or fmt.group_size == PER_TENSOR:
+        return scale, zero
+    wg, mask = _grouped(w, fmt.group_width(w.shape[1]))
+    best = torch.full_like(scale, torch.inf)
+    for i in range(grid):
+        r = 1 - max_shrink * i / grid
+        s, z = _params_from_range(lo * r, hi * r, fmt)
+        q = torch.clamp(torch.round(wg / s[..., None] + z[..., None]), 0, fmt.maxq)
+        err = (s[..., None] * (q - z[..., None]) - wg).abs().pow(norm)
+        err = torch.where(mask, err, 0).sum(-1)
+        better = err < best
+        best = torch.where(better, err, best)
+        scale = torch.where(better, s, scale)
+        zero = torch.where(better, z, zero)
+    return scale, zero
+
+
+def fake_quantize(w: torch.Tensor, fmt: IntFormat, clip_search: bool = False) -> torch.Tensor:
+    """Quantize and dequantize in one step (round to nearest)."""
+    scale, zero = qparams(w, fmt, clip_search)
+    return dequantize(quantize(w, scale, zero, fmt), scale, zero, fmt).to(w.dtype)

@@ -1,0 +1,81 @@
+"""Architecture adapters: where a causal LM keeps its decoder blocks and their linears."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+# Linears of a standard pre-norm decoder block, in execution order, grouped by the
+# inputs they share: [q,k,v] read the attention input, o reads the attention output,
+# [gate,up] read the MLP input, down reads the MLP hidden state.
+STANDARD_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+
+
+class UnsupportedModelError(ValueError):
+    """The model's architecture has no adapter."""
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """How to walk one family of decoder-only models."""
+
+    family: str
+    model_types: tuple[str, ...]
+    layers_paths: tuple[str, ...] = ("model.layers",)
+    groups: tuple[tuple[str, ...], ...] = STANDARD_GROUPS
+    norm_offset: float = 0.0  # RMSNorm computes x * (offset + w); Gemma uses 1
+    extra: dict = field(default_factory=dict)
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        """The decoder blocks, in order."""
+        for path in self.layers_paths:
+            try:
+                mod = model.get_submodule(path)
+            except AttributeError:
+                continue
+            if isinstance(mod, nn.ModuleList):
+                return mod
+        raise UnsupportedModelError(f"{self.family}: no decoder layers found at {self.layers_paths}")
+
+    def linear_groups(self, block: nn.Module) -> list[list[str]]:
+        """The block's linears in execution order, grouped by shared input; checks coverage."""
+        present = {n for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+        groups = [[n for n in g if n in present] for g in self.groups]
+        covered = {n for g in groups for n in g}
+        missing = present - covered
+        if missing:
+            raise UnsupportedModelError(
+                f"{self.family}: block has linears the adapter does not know: {sorted(missing)}"
+            )
+        return [g for g in groups if g]
+
+
+_REGISTRY: dict[str, Adapter] = {}
+
+
+def register(adapter: Adapter) -> Adapter:
+    """Add an adapter to the registry under each of its model types."""
+    for t in adapter.model_types:
+        _REGISTRY[t] = adapter
+    return adapter
+
+
+def supported_model_types() -> list[str]:
+    """Every `config.model_type` lowbit can quantize."""
+    return sorted(_REGISTRY)
+
+
+def get_adapter(model: nn.Module) -> Adapter:
+    """The adapter for a transformers model, or a clear error naming the supported ones."""
+    mtype = getattr(getattr(model, "config", None), "model_type", None)
+    if mtype not in _REGISTRY:
+        raise UnsupportedModelError(
+            f"unsupported architecture {mtype!r}; supported: {', '.join(supported_model_types())}"
+        )
+    return _REGISTRY[mtype]

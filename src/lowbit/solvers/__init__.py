@@ -1,0 +1,22 @@
+"""Per-layer weight solvers: given W and H = X X^T, produce codes and scales."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .base import QuantizedWeight, layer_loss
+from .gptq import SolverError, gptq
+from .rtn import rtn
+
+SOLVERS: dict[str, Callable[..., QuantizedWeight]] = {"rtn": rtn, "gptq": gptq}
+NEEDS_HESSIAN = {"gptq"}
+
+
+def get_solver(name: str) -> Callable[..., QuantizedWeight]:
+    """Look a solver up by name, with a clear error."""
+    if name not in SOLVERS:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(SOLVERS))}")
+    return SOLVERS[name]
+
+
+__all__ = ["SOLVERS", "NEEDS_HESSIAN", "QuantizedWeight", "SolverError", "get_solver", "gptq", "layer_loss", "rtn"]

@@ -1,0 +1,31 @@
+"""What every weight solver returns: codes in a format, with their scales and zeros."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..formats import IntFormat, dequantize
+
+
+@dataclass
+class QuantizedWeight:
+    """A quantized [out, in] weight: uint8 codes, per-group scale/zero, optional column->group map."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    fmt: IntFormat
+    g_idx: torch.Tensor | None = None
+    info: dict = field(default_factory=dict)
+
+    def dequantize(self) -> torch.Tensor:
+        """Float32 weight."""
+        return dequantize(self.codes, self.scale, self.zero, self.fmt, self.g_idx)
+
+
+def layer_loss(w: torch.Tensor, wq: torch.Tensor, H: torch.Tensor) -> float:
+    """The layer objective tr((W - Wq) H (W - Wq)^T), with H = X X^T summed over tokens."""
+    d = (w - wq).double()
+    return float(torch.einsum("oi,ij,oj->", d, H.double(), d))
