@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -104,10 +105,96 @@ def _block_out(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+class Replay:
+    """Short-cuts sub-modules (attention, MLP) while a block is being quantized.
+
+    Once every linear of such a sub-module except its output linear is quantized, the
+    output linear's input no longer changes; it is cached per batch when its group is
+    collected, and later passes compute the sub-module's output as `linear(cached)`
+    instead of re-running attention or the MLP. The first replayed batch of every pass is
+    checked against the real forward; a mismatch turns replay off for that module (slower,
+    never wrong).
+    """
+
+    def __init__(self, block: nn.Module, pairs: tuple[tuple[str, str], ...], enabled: bool = True):
+        self.block = block
+        self.pairs = {lin: mod for mod, lin in pairs} if enabled else {}
+        self.cache: dict[str, list[torch.Tensor]] = {}
+        self.disabled: set[str] = set()
+        self.computed: dict[str, set[int]] = {}
+        self.templates: dict[str, tuple | None] = {}
+        self.batch = 0
+
+    def wants(self, linear: str, quantized: set[str]) -> bool:
+        """Whether to cache this linear's inputs now (its sub-module's other linears are final)."""
+        mod = self.pairs.get(linear)
+        if mod is None or linear in self.disabled:
+            return False
+        others = {n for n, m in self.block.get_submodule(mod).named_modules() if isinstance(m, nn.Linear)}
+        return {f"{mod}.{n}" for n in others} - {linear} <= quantized
+
+    def record(self, linear: str, b: int, x: torch.Tensor) -> None:
+        """Keep batch b's input of `linear`."""
+        lst = self.cache.setdefault(linear, [])
+        if b == len(lst):
+            lst.append(x.detach())
+
+    @contextmanager
+    def active(self, n_batches: int):
+        """Patch the sub-modules whose cached inputs are complete."""
+        patched = []
+        for lin, mod_name in self.pairs.items():
+            if lin in self.disabled or len(self.cache.get(lin, [])) != n_batches:
+                continue
+            mod = self.block.get_submodule(mod_name)
+            mod.forward = self._replayer(mod, lin)
+            patched.append(mod)
+        try:
+            yield
+        finally:
+            for mod in patched:
+                mod.__dict__.pop("forward", None)
+
+    def _replayer(self, mod: nn.Module, lin_name: str):
+        orig = type(mod).forward.__get__(mod)
+        lin = self.block.get_submodule(lin_name)
+        cache = self.cache[lin_name]
+        done = self.computed.setdefault(lin_name, set())
+
+        def forward(*args, **kwargs):
+            b = self.batch
+            if b not in done:  # the linear is final now: keep its output instead of its input
+                cache[b] = lin(cache[b])
+                done.add(b)
+            y = cache[b]
+            if lin_name not in self.templates:  # verify once per block against the real forward
+                ref = orig(*args, **kwargs)
+                out = _block_out(ref)
+                extras = ref[1:] if isinstance(ref, tuple) else None
+                if out.shape != y.shape or not torch.allclose(out, y, rtol=1e-3, atol=1e-5) or (
+                        extras is not None and any(e is not None for e in extras)):
+                    log.warning("replay of %s disagrees with its forward; recomputing it instead", lin_name)
+                    self.disabled.add(lin_name)
+                    mod.__dict__.pop("forward", None)
+                    return ref
+                self.templates[lin_name] = extras
+                return ref
+            extras = self.templates[lin_name]
+            return y if extras is None else (y, *extras)
+
+        return forward
+
+
 @torch.no_grad()
-def run_block(block: nn.Module, xs: list[torch.Tensor], calls: list[Call]) -> list[torch.Tensor]:
+def run_block(block: nn.Module, xs: list[torch.Tensor], calls: list[Call], replay: Replay | None = None) -> list[torch.Tensor]:
     """Map a stream (list of batches) through one block."""
-    return [_block_out(block(x, *a, **kw)) for x, (a, kw) in zip(xs, calls)]
+    outs = []
+    with replay.active(len(xs)) if replay else nullcontext():
+        for b, (x, (a, kw)) in enumerate(zip(xs, calls)):
+            if replay:
+                replay.batch = b
+            outs.append(_block_out(block(x, *a, **kw)))
+    return outs
 
 
 class HessianStat:
@@ -124,21 +211,28 @@ class HessianStat:
 
 
 @torch.no_grad()
-def collect_hessians(block: nn.Module, names: list[str], xs: list[torch.Tensor], calls: list[Call]) -> dict[str, HessianStat]:
+def collect_hessians(block: nn.Module, names: list[str], xs: list[torch.Tensor], calls: list[Call],
+                     replay: Replay | None = None, quantized: set[str] = frozenset()) -> dict[str, HessianStat]:
     """Run the block on a stream until every named linear has seen its input; return their H.
 
-    Linears fed the same tensor (q, k and v) share one accumulator.
+    Linears fed the same tensor (q, k and v) share one accumulator. With `replay`, inputs of
+    output linears are cached for later passes.
     """
     stats: dict[str, HessianStat] = {}
     state: dict = {}
     target = set(names)
+    keep = {n for n in names if replay is not None and replay.wants(n, quantized)}
 
     def make_hook(name):
         def hook(mod, args):
             x = args[0]
-            st = stats.get(name) or state["by_tensor"].get(id(x)) or HessianStat(x.shape[-1], x.device)
+            if name in keep:
+                replay.record(name, state["b"], x)
+            # keep x alive for the batch so that its id() cannot be reused by another tensor
+            shared = state["by_tensor"].get(id(x), (None, None))[1]
+            st = stats.get(name) or shared or HessianStat(x.shape[-1], x.device)
             stats[name] = st
-            state["by_tensor"][id(x)] = st
+            state["by_tensor"][id(x)] = (x, st)
             if id(st) not in state["updated"]:
                 st.add(x)
                 state["updated"].add(id(st))
@@ -149,12 +243,15 @@ def collect_hessians(block: nn.Module, names: list[str], xs: list[torch.Tensor],
 
     handles = [block.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
     try:
-        for x, (a, kw) in zip(xs, calls):
-            state.update(by_tensor={}, updated=set(), seen=set())
-            try:
-                block(x, *a, **kw)
-            except _Stop:
-                pass
+        with replay.active(len(xs)) if replay else nullcontext():
+            for b, (x, (a, kw)) in enumerate(zip(xs, calls)):
+                state.update(by_tensor={}, updated=set(), seen=set(), b=b)
+                if replay:
+                    replay.batch = b
+                try:
+                    block(x, *a, **kw)
+                except _Stop:
+                    pass
     finally:
         for h in handles:
             h.remove()
@@ -198,10 +295,15 @@ def check_finite(model: nn.Module) -> None:
 @torch.no_grad()
 def quantize_model(model: nn.Module, recipe: Recipe, tokens: torch.Tensor, *, batch_size: int = 8,
                    device: str | torch.device | None = None, progress: bool = True,
-                   track_error: bool = False) -> QuantizationResult:
+                   track_error: bool = False, replay_memo: bool = True) -> QuantizationResult:
     """Quantize every decoder-block linear of `model` in place (weights become their dequantized
-    values) and return the codes. `tokens` is a [N, T] LongTensor of calibration windows."""
+    values) and return the codes. `tokens` is a [N, T] LongTensor of calibration windows.
+
+    `replay_memo` caches the inputs of attention's and the MLP's output linears for the rest
+    of a block's passes (memory: one [tokens, width] tensor each) instead of recomputing them.
+    """
     t0 = time.perf_counter()
+    torch.set_flush_denormal(True)  # GPTQ's updates create denormals that slow CPUs tenfold
     adapter = get_adapter(model)
     layers = adapter.layers(model)
     prefix = _module_name(model, layers)
@@ -223,8 +325,10 @@ def quantize_model(model: nn.Module, recipe: Recipe, tokens: torch.Tensor, *, ba
         if not recipe.true_sequential:
             groups = [[n for g in groups for n in g]]
         fp_next = run_block(block, fp, calls[i]) if fp is not None else None
+        replay = Replay(block, adapter.output_linears, enabled=recipe.true_sequential and replay_memo)
+        done: set[str] = set()
         for names in groups:
-            stats = collect_hessians(block, names, xs, calls[i]) if recipe.needs_hessian else {}
+            stats = collect_hessians(block, names, xs, calls[i], replay, done) if recipe.needs_hessian else {}
             for name in names:
                 lin = block.get_submodule(name)
                 H = stats[name].H if name in stats else None
@@ -234,7 +338,9 @@ def quantize_model(model: nn.Module, recipe: Recipe, tokens: torch.Tensor, *, ba
                                 prefix, i, name, qw.info["damp"], qw.info["damp_retries"])
                 lin.weight.data.copy_(qw.dequantize().to(lin.weight.dtype))
                 result.weights[f"{prefix}.{i}.{name}"] = _cpu(qw)
-        xs = run_block(block, xs, calls[i])
+                done.add(name)
+        xs = run_block(block, xs, calls[i], replay)
+        del replay
         if fp_next is not None:
             result.block_errors.append(_rel_err(xs, fp_next))
             fp = fp_next

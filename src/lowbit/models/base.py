@@ -30,6 +30,9 @@ class Adapter:
     layers_paths: tuple[str, ...] = ("model.layers",)
     groups: tuple[tuple[str, ...], ...] = STANDARD_GROUPS
     norm_offset: float = 0.0  # RMSNorm computes x * (offset + w); Gemma uses 1
+    # sub-modules whose output is their last linear applied to its input (plus None slots):
+    # once the linears before it are quantized, that input can be cached and replayed
+    output_linears: tuple[tuple[str, str], ...] = (("self_attn", "self_attn.o_proj"), ("mlp", "mlp.down_proj"))
     extra: dict = field(default_factory=dict)
 
     def layers(self, model: nn.Module) -> nn.ModuleList:

@@ -86,7 +86,11 @@ def gptq(w: torch.Tensor, fmt: IntFormat, H: torch.Tensor, *, damp: float = 0.01
             if dynamic:
                 k = col // width
                 if col % width == 0:
-                    cols = torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :width]
+                    cols = W1[:, i : i + width]
+                    if i + width > i2 - i1:  # the group runs past this block: apply pending updates
+                        j2 = min(i1 + i + width, n)
+                        rest = W[:, i2:j2] - Err1[:, :i] @ U[i1 : i1 + i, i2:j2]
+                        cols = torch.cat([cols, rest], 1)
                     s, z = qparams(cols, col_fmt, clip_search=clip)
                     scale[:, k], zero[:, k] = s[:, 0], z[:, 0]
             else:

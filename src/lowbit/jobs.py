@@ -1,0 +1,111 @@
+"""End-to-end jobs shared by the CLI and the benchmarks: load, calibrate, quantize, evaluate."""
+
+from __future__ import annotations
+
+import platform
+import resource
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .data import calibration_windows, eval_windows, load_text, tokenize
+from .eval import perplexity
+from .loading import load_model
+from .pipeline import QuantizationResult, quantize_model
+from .recipe import Recipe
+
+
+@dataclass
+class Protocol:
+    """Calibration and evaluation settings (defaults: the shared benchmark protocol)."""
+
+    calib: str = "sotu-calib"
+    n_calib: int = 128
+    seq_len: int = 512
+    seed: int = 0
+    eval_sets: tuple[str, ...] = ("sotu-modern", "moby")
+    n_eval: int = 64
+    batch_size: int = 8
+
+    def to_dict(self) -> dict:
+        """Plain dict."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB."""
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 if platform.system() != "Darwin" else kb / 2**20
+
+
+def evaluate(model, tokenizer, protocol: Protocol, progress: bool = True) -> dict[str, float]:
+    """Perplexity on every evaluation set of the protocol."""
+    out = {}
+    for name in protocol.eval_sets:
+        windows = eval_windows(tokenize(tokenizer, load_text(name)), protocol.n_eval, protocol.seq_len)
+        out[name] = perplexity(model, windows, protocol.batch_size, progress, desc=f"eval {name}").ppl
+    return out
+
+
+def calibration_tokens(tokenizer, protocol: Protocol) -> torch.Tensor:
+    """The protocol's calibration windows."""
+    ids = tokenize(tokenizer, load_text(protocol.calib))
+    return calibration_windows(ids, protocol.n_calib, protocol.seq_len, protocol.seed)
+
+
+@dataclass
+class JobResult:
+    """What one quantize-and-evaluate run measured."""
+
+    recipe: dict | None
+    ppl_fp: dict[str, float] = field(default_factory=dict)
+    ppl: dict[str, float] = field(default_factory=dict)
+    quant_seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    peak_gpu_mb: float | None = None
+    bits_per_weight: float | None = None
+    block_errors: list[float] = field(default_factory=list)
+    device: str = "cpu"
+
+    def to_dict(self) -> dict:
+        """Plain dict."""
+        return dict(self.__dict__)
+
+
+def bits_per_weight(result: QuantizationResult) -> float:
+    """Average storage bits per quantized weight, scales, zeros and group maps included."""
+    total_bits, total_w = 0.0, 0
+    for qw in result.weights.values():
+        out, n = qw.codes.shape
+        w = out * n
+        total_bits += qw.fmt.bits_per_weight(n) * w + (32 * n if qw.g_idx is not None else 0)
+        total_w += w
+    return total_bits / max(total_w, 1)
+
+
+def quantize_job(model_spec: str, recipe: Recipe, protocol: Protocol, *, eval_fp: bool = True,
+                 eval_quant: bool = True, device: str = "cpu", progress: bool = True,
+                 track_error: bool = False, model=None, tokenizer=None):
+    """Load (unless given), evaluate FP, quantize, evaluate; returns (model, tokenizer, result, job)."""
+    if model is None:
+        model, tokenizer = load_model(model_spec, device=device)
+    torch.manual_seed(protocol.seed)
+    job = JobResult(recipe=recipe.to_dict(), device=str(device))
+    if eval_fp:
+        job.ppl_fp = evaluate(model, tokenizer, protocol, progress)
+    tokens = calibration_tokens(tokenizer, protocol)
+    if str(device).startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    result = quantize_model(model, recipe, tokens, batch_size=protocol.batch_size, device=device,
+                            progress=progress, track_error=track_error)
+    job.quant_seconds = time.perf_counter() - t0
+    job.peak_rss_mb = peak_rss_mb()
+    if str(device).startswith("cuda"):
+        job.peak_gpu_mb = torch.cuda.max_memory_allocated() / 2**20
+    job.bits_per_weight = bits_per_weight(result)
+    job.block_errors = result.block_errors
+    if eval_quant:
+        job.ppl = evaluate(model, tokenizer, protocol, progress)
+    return model, tokenizer, result, job

@@ -1,0 +1,94 @@
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_model, tiny_tokens
+from lowbit import checkpoint
+from lowbit.checkpoint import CheckpointError
+from lowbit.pipeline import quantize_model
+from lowbit.recipe import Recipe
+
+
+def _quantized(family="llama", **kw):
+    model = tiny_model(family)
+    res = quantize_model(model, Recipe(**kw), tiny_tokens(), batch_size=4, progress=False)
+    return model, res
+
+
+@pytest.mark.parametrize("family,kw", [
+    ("llama", dict(method="gptq", bits=4, group_size=16)),            # act-order g_idx
+    ("qwen2", dict(method="gptq", bits=3, group_size=-1)),            # per channel, biases
+    ("gemma3_text", dict(method="rtn", bits=2, group_size=24)),       # partial groups (64 = 2x24 + 16)
+    ("qwen3", dict(method="rtn", bits=5, group_size=0, symmetric=True)),
+])
+def test_round_trip_reproduces_logits(tmp_path, family, kw):
+    model, res = _quantized(family, **kw)
+    toks = tiny_tokens(4, 24)
+    with torch.no_grad():
+        ref = model(input_ids=toks).logits
+    path = checkpoint.save(model, res, tmp_path / "ck")
+    loaded = checkpoint.load(path)
+    with torch.no_grad():
+        got = loaded(input_ids=toks).logits
+    assert torch.equal(ref, got)
+    cfg = json.loads((path / "config.json").read_text())
+    q = cfg["quantization_config"]
+    assert q["quant_method"] == "lowbit" and q["bits"] == kw["bits"] and q["recipe"]["method"] == kw["method"]
+    assert "lowbit_version" in q
+
+
+def test_packed_storage_is_small(tmp_path):
+    model, res = _quantized(bits=2, group_size=32)
+    path = checkpoint.save(model, res, tmp_path / "ck")
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        q = f.get_tensor("model.layers.0.mlp.up_proj.qweight")
+        assert q.dtype == torch.uint8 and q.shape == (96, 64 * 2 // 8)
+        assert "model.layers.0.mlp.up_proj.weight" not in f.keys()
+
+
+def test_existing_output_needs_overwrite(tmp_path):
+    model, res = _quantized()
+    out = checkpoint.save(model, res, tmp_path / "ck")
+    with pytest.raises(CheckpointError, match="--overwrite"):
+        checkpoint.save(model, res, out)
+    checkpoint.save(model, res, out, overwrite=True)
+    checkpoint.load(out)
+    assert not list(tmp_path.glob(".ck*"))  # no temporary folders left behind
+
+
+def test_refuses_to_replace_a_foreign_folder(tmp_path):
+    model, res = _quantized()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("precious")
+    with pytest.raises(CheckpointError, match="not a lowbit checkpoint"):
+        checkpoint.save(model, res, tmp_path / "mine", overwrite=True)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "precious"
+
+
+def test_corrupt_and_partial_checkpoints_are_refused(tmp_path):
+    model, res = _quantized()
+    path = checkpoint.save(model, res, tmp_path / "ck")
+    blob = bytearray((path / "model.safetensors").read_bytes())
+    blob[-10] ^= 0xFF
+    (path / "model.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        checkpoint.load(path)
+    (path / "lowbit.json").unlink()
+    with pytest.raises(CheckpointError, match="not a complete lowbit checkpoint"):
+        checkpoint.load(path)
+    with pytest.raises(CheckpointError, match="not found"):
+        checkpoint.load(tmp_path / "missing")
+
+
+def test_interrupted_save_leaves_nothing_under_the_name(tmp_path, monkeypatch):
+    model, res = _quantized()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(checkpoint, "save_file", boom)
+    with pytest.raises(OSError):
+        checkpoint.save(model, res, tmp_path / "ck")
+    assert not (tmp_path / "ck").exists() and not list(tmp_path.iterdir())

@@ -1,0 +1,80 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import tiny_model
+from lowbit.cli import app
+
+runner = CliRunner()
+TEXT = " ".join(f"the {w} of the {v} is {u}." for w, v, u in zip(
+    ["state", "union", "nation", "people", "law"] * 80, ["house", "senate", "court", "army", "navy"] * 80,
+    ["strong", "sound", "free", "just", "great"] * 80))
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny Llama saved as a HF folder with a small byte-level BPE tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    d = tmp_path_factory.mktemp("tiny")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(d)
+    tiny_model("llama", vocab=300).save_pretrained(d)
+    (d / "text.txt").write_text(TEXT)
+    return d
+
+
+def _args(tiny_dir):
+    return ["--calib", str(tiny_dir / "text.txt"), "--data", str(tiny_dir / "text.txt"), "--n-calib", "8",
+            "--seq-len", "32", "--windows", "4", "--quiet"]
+
+
+def test_quantize_eval_roundtrip(tiny_dir, tmp_path):
+    out = tmp_path / "q"
+    r = runner.invoke(app, ["quantize", str(tiny_dir), "--out", str(out), "--method", "gptq", "--bits", "3",
+                            "--group-size", "-1", *_args(tiny_dir)])
+    assert r.exit_code == 0, r.output
+    assert "quantized 14 linears" in r.output and "PPL" in r.output
+    manifest = json.loads((out / "lowbit.json").read_text())
+    ppl_after = manifest["job"]["ppl"][str(tiny_dir / "text.txt")]
+    assert manifest["recipe"]["bits"] == 3 and manifest["recipe"]["group_size"] == -1
+    r = runner.invoke(app, ["eval", str(out), "--data", str(tiny_dir / "text.txt"), "--seq-len", "32",
+                            "--windows", "4", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert f"{ppl_after:.2f}" in r.output  # the checkpoint reproduces the in-memory perplexity
+
+
+def test_bench_writes_json_and_markdown(tiny_dir, tmp_path):
+    r = runner.invoke(app, ["bench", str(tiny_dir), "--recipes", "rtn-w4-g64,gptq-w2-g64", "--out-dir",
+                            str(tmp_path), "--calib", str(tiny_dir / "text.txt"), "--data", str(tiny_dir / "text.txt"),
+                            "--n-calib", "8", "--seq-len", "32", "--windows", "4", "--quiet"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert [x["label"] for x in rows] == ["fp", "rtn-w4-g64", "gptq-w2-g64"]
+    assert rows[1]["bits_per_weight"] == pytest.approx(4.5)
+    assert all(x["peak_rss_mb"] > 0 for x in rows)
+    assert "| gptq-w2-g64 |" in (tmp_path / "bench.md").read_text()
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["quantize", "/no/such/model.gguf", "--out", "x"], "GGUF file not found"),
+    (["quantize", "smollm2", "--out", "x", "--bits", "0"], "bits must be"),
+    (["quantize", "smollm2", "--out", "x", "--method", "magic"], "unknown method"),
+    (["eval", "/no/such/dir/"], "model path not found"),
+])
+def test_user_errors_are_one_line(argv, msg):
+    r = runner.invoke(app, argv)
+    assert r.exit_code == 2
+    assert msg in r.output and "Traceback" not in r.output
+
+
+def test_help_explains_options():
+    r = runner.invoke(app, ["quantize", "--help"])
+    assert r.exit_code == 0
+    for opt in ("--group-size", "--quiet", "--seed", "--device", "--out", "--method", "--bits"):
+        assert opt in r.output
