@@ -28,6 +28,7 @@ def test_bad_inputs(tmp_path):
 
 
 def test_datasets_loader_on_local_fixture(tmp_path):
+    pytest.importorskip("datasets")
     # the same code path as WikiText-2 / C4, on a local JSON file instead of the hub
     f = tmp_path / "shard.json"
     f.write_text("\n".join(json.dumps({"text": t}) for t in ["first doc", "second doc", "third doc"]))

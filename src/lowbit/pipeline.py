@@ -313,7 +313,9 @@ def quantize_model(model: nn.Module, recipe: Recipe, tokens: torch.Tensor, *, ba
     solver = get_solver(recipe.method)
     fmt, kwargs = recipe.format, recipe.solver_kwargs()
 
-    xs, calls = capture_inputs(model, layers, tokens, batch_size, device)
+    # a data-free solver needs no activations unless the block errors are wanted
+    streams = recipe.needs_hessian or track_error
+    xs, calls = capture_inputs(model, layers, tokens, batch_size, device) if streams else ([], [[] for _ in layers])
     fp = [x.clone() for x in xs] if track_error else None
     result = QuantizationResult(recipe, {}, layers_prefix=prefix)
     bar = tqdm(range(len(layers)), desc=f"quantize {recipe.label}", unit="block", disable=not progress)
@@ -339,7 +341,8 @@ def quantize_model(model: nn.Module, recipe: Recipe, tokens: torch.Tensor, *, ba
                 lin.weight.data.copy_(qw.dequantize().to(lin.weight.dtype))
                 result.weights[f"{prefix}.{i}.{name}"] = _cpu(qw)
                 done.add(name)
-        xs = run_block(block, xs, calls[i], replay)
+        if streams:
+            xs = run_block(block, xs, calls[i], replay)
         del replay
         if fp_next is not None:
             result.block_errors.append(_rel_err(xs, fp_next))

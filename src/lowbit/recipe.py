@@ -57,7 +57,8 @@ class Recipe:
         if self.name:
             return self.name
         g = {-1: "pc", 0: "pt"}.get(self.group_size, f"g{self.group_size}")
-        return f"{self.method}-w{self.bits}{'s' if self.symmetric else ''}-{g}{'-clip' if self.clip else ''}"
+        tags = ("-clip" if self.clip else "") + ("-static" if self.static_groups else "")
+        return f"{self.method}-w{self.bits}{'s' if self.symmetric else ''}-{g}{tags}"
 
     def solver_kwargs(self) -> dict:
         """Keyword arguments for the solver function."""
@@ -101,6 +102,11 @@ PRESETS: dict[str, Recipe] = {
     "gptq-w2-g64": _preset(method="gptq", bits=2, group_size=64),
     "rtn-w4-pc": _preset(method="rtn", bits=4, group_size=-1),
     "gptq-w4-pc": _preset(method="gptq", bits=4, group_size=-1),
+    # GPTQ with the clipping search: clearly better at 3 and 2 bits (BENCHMARKS.md); at 2 bits
+    # groups fixed from the unquantized weight (static) beat groups formed in act-order.
+    "gptq-w3-g64-clip": _preset(method="gptq", bits=3, group_size=64, clip=True),
+    "gptq-w2-g64-clip-static": _preset(method="gptq", bits=2, group_size=64, clip=True, static_groups=True),
+    "gptq-w4-pc-clip": _preset(method="gptq", bits=4, group_size=-1, clip=True),
 }
 
 
