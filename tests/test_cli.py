@@ -78,3 +78,30 @@ def test_help_explains_options():
     assert r.exit_code == 0
     for opt in ("--group-size", "--quiet", "--seed", "--device", "--out", "--method", "--bits"):
         assert opt in r.output
+
+
+def test_quantize_with_qep_records_it_in_the_checkpoint(tiny_dir, tmp_path):
+    out = tmp_path / "q"
+    r = runner.invoke(app, ["quantize", str(tiny_dir), "--out", str(out), "--method", "qep(gptq)", "--bits", "3",
+                            "--qep-alpha", "0.75", *_args(tiny_dir)])
+    assert r.exit_code == 0, r.output
+    recipe = json.loads((out / "lowbit.json").read_text())["recipe"]
+    assert recipe["method"] == "gptq" and recipe["qep"]["alpha"]["down"] == 0.75
+
+
+def test_analyze_propagation_prints_and_plots(tiny_dir, tmp_path):
+    r = runner.invoke(app, ["analyze", "propagation", str(tiny_dir), "--recipe", "rtn-w3-g16", "--qep-alpha", "1",
+                            "--qep-damp", "0.01", "--out-dir", str(tmp_path), "--eval", *_args(tiny_dir)])
+    assert r.exit_code == 0, r.output
+    data = json.loads((tmp_path / "propagation.json").read_text())
+    plain, qep = data["runs"]
+    assert plain["label"] == "rtn-w3-g16" and qep["label"] == "qep-rtn-w3-g16-a1-l0.01"
+    assert len(plain["block_errors"]) == len(qep["block_errors"]) == 2
+    assert qep["block_errors"][-1] < plain["block_errors"][-1]
+    assert (tmp_path / "propagation.png").stat().st_size > 1000
+    assert "ratio" in r.output and "PPL" in r.output
+
+
+def test_analyze_propagation_rejects_a_bad_recipe(tiny_dir, tmp_path):
+    r = runner.invoke(app, ["analyze", "propagation", str(tiny_dir), "--recipe", "nope-w9", "--out-dir", str(tmp_path)])
+    assert r.exit_code == 2 and "unknown recipe" in r.output

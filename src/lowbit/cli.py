@@ -58,12 +58,25 @@ def _protocol(calib: str, n_calib: int, seq_len: int, seed: int, data: str, wind
                     n_eval=windows, batch_size=batch_size)
 
 
-def _recipe(recipe: str, method, bits, group_size, sym, clip, act_order, damp):
+def _recipe(recipe: str, method, bits, group_size, sym, clip, act_order, damp, qep=None, qep_alpha=None,
+            qep_damp=None):
+    from .qep import QEPConfig
     from .recipe import get_recipe
 
     r = get_recipe(recipe)
     over = {k: v for k, v in dict(method=method, bits=bits, group_size=group_size, symmetric=sym, clip=clip,
                                  act_order=act_order, damp=damp).items() if v is not None}
+    if over.get("method", "").startswith("qep("):
+        qep = True
+    if qep is False:
+        over["qep"] = None
+    elif qep or qep_alpha is not None or qep_damp is not None:
+        cfg = (r.qep or QEPConfig()).to_dict()
+        if qep_alpha is not None:
+            cfg["alpha"] = qep_alpha
+        if qep_damp is not None:
+            cfg["damp"] = qep_damp
+        over["qep"] = cfg
     return r.with_(name="", **over) if over else r
 
 
@@ -94,7 +107,7 @@ def quantize(
     model: str = typer.Argument("smollm2", help=MODEL_HELP),
     out: str = typer.Option(..., "--out", "-o", help="Output checkpoint folder (written atomically)."),
     recipe: str = typer.Option("best", help="Preset name (see `lowbit presets`) or a .json/.yaml recipe file."),
-    method: Optional[str] = typer.Option(None, help="Solver: rtn or gptq (overrides the recipe)."),
+    method: Optional[str] = typer.Option(None, help="Solver: rtn or gptq, or qep(rtn) / qep(gptq) (overrides the recipe)."),
     bits: Optional[int] = typer.Option(None, help="Weight bits, 1-8 (overrides the recipe)."),
     group_size: Optional[int] = typer.Option(None, "--group-size", "-g",
                                              help="Inputs per scale group; -1 = per channel, 0 = per tensor."),
@@ -102,6 +115,11 @@ def quantize(
     clip: Optional[bool] = typer.Option(None, "--clip/--no-clip", help="Search a per-group range shrink."),
     act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="GPTQ column ordering."),
     damp: Optional[float] = typer.Option(None, help="GPTQ Hessian damping, relative to mean(diag H)."),
+    qep: Optional[bool] = typer.Option(None, "--qep/--no-qep",
+                                       help="Wrap the solver in QEP (quantization error propagation)."),
+    qep_alpha: Optional[float] = typer.Option(None, help="QEP strength in [0, 1] for every layer type "
+                                              "(default: 0.5, and 0 for mlp.down_proj). Implies --qep."),
+    qep_damp: Optional[float] = typer.Option(None, help="QEP damping relative to mean(diag H) (default 1). Implies --qep."),
     calib: str = typer.Option("sotu-calib", help="Calibration corpus: a name, .txt/.jsonl file or folder."),
     n_calib: int = typer.Option(128, help="Number of calibration windows."),
     seq_len: int = typer.Option(512, help="Tokens per calibration / evaluation window."),
@@ -122,7 +140,7 @@ def quantize(
         from . import checkpoint
         from .jobs import quantize_job
 
-        r = _recipe(recipe, method, bits, group_size, sym, clip, act_order, damp)
+        r = _recipe(recipe, method, bits, group_size, sym, clip, act_order, damp, qep, qep_alpha, qep_damp)
         proto = _protocol(calib, n_calib, seq_len, seed, data, windows, batch_size)
         checkpoint.check_output(out, overwrite)
         console.print(f"recipe: {json.dumps(r.to_dict())}", highlight=False)
@@ -199,6 +217,59 @@ def bench(
         _fail(e)
     out_console.print(markdown(rows, proto))
     out_console.print(f"written: {out_dir}/bench.json, {out_dir}/bench.md")
+
+
+analyze_app = typer.Typer(no_args_is_help=True, help="Analyses: where quantization error comes from.")
+app.add_typer(analyze_app, name="analyze")
+
+
+@analyze_app.command("propagation")
+def analyze_propagation(
+    model: str = typer.Argument("smollm2", help=MODEL_HELP),
+    recipe: str = typer.Option("gptq-w3-g64", help="Base recipe (preset, label or file); run without and with QEP."),
+    qep_alpha: Optional[float] = typer.Option(None, help="QEP strength for every layer type (default: the QEP defaults)."),
+    qep_damp: Optional[float] = typer.Option(None, help="QEP damping relative to mean(diag H)."),
+    out_dir: str = typer.Option("out/propagation", help="Where propagation.json and propagation.png are written."),
+    calib: str = typer.Option("sotu-calib", help="Calibration corpus."),
+    n_calib: int = typer.Option(128, help="Number of calibration windows."),
+    seq_len: int = typer.Option(512, help="Tokens per window."),
+    evaluate: bool = typer.Option(False, "--eval/--no-eval", help="Also evaluate both quantized models."),
+    data: str = typer.Option("sotu-modern,moby", help="Evaluation corpora (with --eval)."),
+    windows: int = typer.Option(64, help="Evaluation windows per corpus (with --eval)."),
+    batch_size: int = typer.Option(8, help="Windows per forward pass."),
+    device: str = typer.Option("cpu", help="cpu, cuda, ..."),
+    seed: int = typer.Option(0, help="Seed for calibration sampling."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Relative output error of every block on the quantized stream against the FP stream, for a
+    recipe without and with QEP: printed, and drawn to a PNG."""
+    _setup(quiet, seed, threads)
+    try:
+        from .analysis import propagation as prop
+        from .loading import load_model
+        from .qep import QEPConfig
+
+        r = _recipe(recipe, None, None, None, None, None, None, None)
+        kw = {k: v for k, v in dict(alpha=qep_alpha, damp=qep_damp).items() if v is not None}
+        cfg = QEPConfig(**{**(r.qep.to_dict() if r.qep else {}), **kw}) if (kw or r.qep) else None
+        proto = _protocol(calib, n_calib, seq_len, seed, data, windows, batch_size)
+        m, tok = load_model(model, device="cpu")
+        runs = prop.propagation(m, tok, r, proto, qep=cfg, device=device, evaluate_ppl=evaluate,
+                                progress=not quiet)
+        js, png = prop.save(runs, out_dir, f"{model}: {runs[0].label} vs {runs[1].label}")
+    except (*_user_errors(), ValueError) as e:
+        _fail(e)
+    t = Table(title="block output rel. error (quantized stream vs FP stream)")
+    for col in ("block", *(x.label for x in runs), "ratio"):
+        t.add_column(col, justify="right")
+    for row in prop.rows(runs):
+        t.add_row(*row)
+    out_console.print(t)
+    for x in runs:
+        ppl = ", ".join(f"PPL {k} {v:.2f}" for k, v in x.ppl.items())
+        out_console.print(f"{x.label}: {x.seconds:.1f} s" + (f", {ppl}" if ppl else ""))
+    out_console.print(f"written: {js}, {png}")
 
 
 @app.command("presets")

@@ -14,10 +14,11 @@ streamed block by block.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -25,8 +26,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .models import get_adapter
+from .qep import QEPStat, qep_target
 from .recipe import Recipe
-from .solvers import QuantizedWeight, get_solver
+from .solvers import ROW_INDEPENDENT, QuantizedWeight, get_solver
 
 log = logging.getLogger("lowbit")
 
@@ -197,68 +199,94 @@ def run_block(block: nn.Module, xs: list[torch.Tensor], calls: list[Call], repla
     return outs
 
 
-class HessianStat:
-    """Running H = sum over tokens of x x^T (float64) for one linear input."""
-
-    def __init__(self, n: int, device):
-        self.H = torch.zeros(n, n, dtype=torch.float64, device=device)
-        self.tokens = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
-        self.H += (x.T @ x).double()
-        self.tokens += x.shape[0]
-
-
 @torch.no_grad()
-def collect_hessians(block: nn.Module, names: list[str], xs: list[torch.Tensor], calls: list[Call],
-                     replay: Replay | None = None, quantized: set[str] = frozenset()) -> dict[str, HessianStat]:
-    """Run the block on a stream until every named linear has seen its input; return their H.
-
-    Linears fed the same tensor (q, k and v) share one accumulator. With `replay`, inputs of
-    output linears are cached for later passes.
-    """
-    stats: dict[str, HessianStat] = {}
-    state: dict = {}
+def _forward_until(block: nn.Module, names: list[str], x: torch.Tensor, call: Call, on_input: Callable) -> None:
+    """Run `block` on one batch, calling on_input(name, tensor) with the input of every named
+    linear, and stop as soon as all of them have been seen."""
+    seen: set[str] = set()
     target = set(names)
-    keep = {n for n in names if replay is not None and replay.wants(n, quantized)}
 
     def make_hook(name):
         def hook(mod, args):
-            x = args[0]
-            if name in keep:
-                replay.record(name, state["b"], x)
-            # keep x alive for the batch so that its id() cannot be reused by another tensor
-            shared = state["by_tensor"].get(id(x), (None, None))[1]
-            st = stats.get(name) or shared or HessianStat(x.shape[-1], x.device)
-            stats[name] = st
-            state["by_tensor"][id(x)] = (x, st)
-            if id(st) not in state["updated"]:
-                st.add(x)
-                state["updated"].add(id(st))
-            state["seen"].add(name)
-            if state["seen"] >= target:
+            on_input(name, args[0])
+            seen.add(name)
+            if seen >= target:
                 raise _Stop
         return hook
 
     handles = [block.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
+    a, kw = call
     try:
-        with replay.active(len(xs)) if replay else nullcontext():
-            for b, (x, (a, kw)) in enumerate(zip(xs, calls)):
-                state.update(by_tensor={}, updated=set(), seen=set(), b=b)
-                if replay:
-                    replay.batch = b
-                try:
-                    block(x, *a, **kw)
-                except _Stop:
-                    pass
+        block(x, *a, **kw)
+    except _Stop:
+        pass
     finally:
         for h in handles:
             h.remove()
-    missing = target - set(stats)
+    missing = target - seen
     if missing:
         raise PipelineError(f"linears never ran during the block's forward pass: {sorted(missing)}")
+
+
+@torch.no_grad()
+def collect_stats(block: nn.Module, names: list[str], xs: list[torch.Tensor], calls: list[Call],
+                  replay: Replay | None = None, quantized: set[str] = frozenset(), *,
+                  fp_block: nn.Module | None = None, fp_xs: list[torch.Tensor] | None = None,
+                  fp_replay: Replay | None = None) -> dict[str, QEPStat]:
+    """Run the block on a stream until every named linear has seen its input; return their
+    H = sum xq xq^T and, with an FP block and stream, C = sum (x - xq) xq^T (QEP).
+
+    Batch by batch, the FP block first runs on the FP stream up to the named linears, then the
+    (partly quantized) block on the quantized stream; only one batch of FP inputs is alive at a
+    time. Linears fed the same tensor (q, k and v) share one accumulator. With `replay`, inputs
+    of output linears are cached for later passes.
+    """
+    stats: dict[str, QEPStat] = {}
+    keep = {n for n in names if replay is not None and replay.wants(n, quantized)}
+    if fp_block is not None and fp_replay is not None:
+        final = {n for n, m in fp_block.named_modules() if isinstance(m, nn.Linear)}
+        fp_keep = {n for n in names if fp_replay.wants(n, final)}
+    else:
+        fp_keep = set()
+    with ExitStack() as stack:
+        for r in (replay, fp_replay):
+            if r is not None:
+                stack.enter_context(r.active(len(xs)))
+        for b, (x, call) in enumerate(zip(xs, calls)):
+            fp_in: dict[str, torch.Tensor] = {}
+            if fp_block is not None:
+                if fp_replay is not None:
+                    fp_replay.batch = b
+
+                def grab(name, t):
+                    if name in fp_keep:
+                        fp_replay.record(name, b, t)
+                    fp_in[name] = t
+
+                _forward_until(fp_block, names, fp_xs[b], call, grab)
+            if replay is not None:
+                replay.batch = b
+            by_tensor: dict[int, tuple[torch.Tensor, QEPStat]] = {}  # holds t: ids stay unique
+            updated: set[int] = set()
+
+            def accumulate(name, t):
+                if name in keep:
+                    replay.record(name, b, t)
+                st = stats.get(name) or by_tensor.get(id(t), (None, None))[1] or QEPStat(t.shape[-1], t.device)
+                stats[name] = st
+                by_tensor[id(t)] = (t, st)
+                if id(st) not in updated:  # once per batch, even when several linears share it
+                    st.add(t, fp_in.get(name))
+                    updated.add(id(st))
+
+            _forward_until(block, names, x, call, accumulate)
     return stats
+
+
+def collect_hessians(block: nn.Module, names: list[str], xs: list[torch.Tensor], calls: list[Call],
+                     replay: Replay | None = None, quantized: set[str] = frozenset()) -> dict[str, QEPStat]:
+    """H = sum x x^T of every named linear's input on one stream (see collect_stats)."""
+    return collect_stats(block, names, xs, calls, replay, quantized)
 
 
 @dataclass
@@ -313,10 +341,11 @@ def quantize_model(model: nn.Module, recipe: Recipe, tokens: torch.Tensor, *, ba
     solver = get_solver(recipe.method)
     fmt, kwargs = recipe.format, recipe.solver_kwargs()
 
-    # a data-free solver needs no activations unless the block errors are wanted
-    streams = recipe.needs_hessian or track_error
+    qep = recipe.qep
+    # a data-free solver needs no activations unless QEP or the block errors want them
+    streams = recipe.needs_inputs or track_error
     xs, calls = capture_inputs(model, layers, tokens, batch_size, device) if streams else ([], [[] for _ in layers])
-    fp = [x.clone() for x in xs] if track_error else None
+    fp = [x.clone() for x in xs] if (track_error or qep is not None) else None
     result = QuantizationResult(recipe, {}, layers_prefix=prefix)
     bar = tqdm(range(len(layers)), desc=f"quantize {recipe.label}", unit="block", disable=not progress)
     for i in bar:
@@ -326,31 +355,71 @@ def quantize_model(model: nn.Module, recipe: Recipe, tokens: torch.Tensor, *, ba
         groups = [g for g in groups if g]
         if not recipe.true_sequential:
             groups = [[n for g in groups for n in g]]
-        fp_next = run_block(block, fp, calls[i]) if fp is not None else None
-        replay = Replay(block, adapter.output_linears, enabled=recipe.true_sequential and replay_memo)
+        memo = recipe.true_sequential and replay_memo
+        fp_block = copy.deepcopy(block) if fp is not None else None  # this block's FP weights
+        fp_replay = Replay(fp_block, adapter.output_linears, enabled=memo) if fp_block is not None else None
+        replay = Replay(block, adapter.output_linears, enabled=memo)
         done: set[str] = set()
         for names in groups:
-            stats = collect_hessians(block, names, xs, calls[i], replay, done) if recipe.needs_hessian else {}
-            for name in names:
-                lin = block.get_submodule(name)
-                H = stats[name].H if name in stats else None
-                qw = solver(lin.weight.data, fmt, H, **kwargs)
+            stats = {}
+            if recipe.needs_inputs:
+                stats = collect_stats(block, names, xs, calls[i], replay, done,
+                                      fp_block=fp_block if qep is not None else None,
+                                      fp_xs=fp if qep is not None else None,
+                                      fp_replay=fp_replay if qep is not None else None)
+            for name, qw in _solve_group(block, names, stats, solver, fmt, kwargs, recipe, adapter).items():
                 if qw.info.get("damp_retries"):
                     log.warning("%s.%d.%s: Cholesky failed; succeeded with damping %g after %d retries",
                                 prefix, i, name, qw.info["damp"], qw.info["damp_retries"])
+                lin = block.get_submodule(name)
                 lin.weight.data.copy_(qw.dequantize().to(lin.weight.dtype))
                 result.weights[f"{prefix}.{i}.{name}"] = _cpu(qw)
                 done.add(name)
         if streams:
             xs = run_block(block, xs, calls[i], replay)
-        del replay
-        if fp_next is not None:
-            result.block_errors.append(_rel_err(xs, fp_next))
-            fp = fp_next
-            bar.set_postfix(rel_err=f"{result.block_errors[-1]:.4f}")
+        if fp is not None:
+            fp = run_block(fp_block, fp, calls[i], fp_replay)
+            if track_error:
+                result.block_errors.append(_rel_err(xs, fp))
+                bar.set_postfix(rel_err=f"{result.block_errors[-1]:.4f}")
+        del replay, fp_replay, fp_block
         layers[i].to(home)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _solve_group(block: nn.Module, names: list[str], stats: dict[str, QEPStat], solver, fmt, kwargs: dict,
+                 recipe: Recipe, adapter) -> dict[str, QuantizedWeight]:
+    """Quantize one group of linears. With QEP, each weight is first replaced by its corrected
+    target W*. Linears sharing their input statistics (q/k/v, gate/up) are solved as one
+    row-stacked matrix when the solver treats rows independently (same result, fewer passes)."""
+    targets: dict[str, torch.Tensor] = {}
+    for name in names:
+        w = block.get_submodule(name).weight.data
+        st = stats.get(name)
+        if recipe.qep is not None and st is not None:
+            alpha, damp = recipe.qep.for_type(adapter.layer_type(name))
+            if alpha > 0:
+                w = qep_target(w.float(), st.C, st.factor(damp), alpha)
+        targets[name] = w
+    bundles: dict[int, list[str]] = {}
+    for name in names:
+        key = id(stats[name]) if name in stats and recipe.method in ROW_INDEPENDENT else id(name)
+        bundles.setdefault(key, []).append(name)
+    out: dict[str, QuantizedWeight] = {}
+    for members in bundles.values():
+        st = stats.get(members[0])
+        H = st.H if st is not None else None
+        W = torch.cat([targets[n] for n in members]) if len(members) > 1 else targets[members[0]]
+        qw = solver(W, fmt, H, **kwargs)
+        r0 = 0
+        for n in members:
+            r1 = r0 + targets[n].shape[0]
+            out[n] = qw if len(members) == 1 else QuantizedWeight(
+                qw.codes[r0:r1].clone(), qw.scale[r0:r1].clone(), qw.zero[r0:r1].clone(), qw.fmt,
+                None if qw.g_idx is None else qw.g_idx.clone(), dict(qw.info))
+            r0 = r1
+    return out
 
 
 def _cpu(qw: QuantizedWeight) -> QuantizedWeight:

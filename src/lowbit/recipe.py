@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from .formats import IntFormat
+from .qep import QEPConfig
 from .solvers import NEEDS_HESSIAN, SOLVERS
 
 
@@ -29,9 +31,22 @@ class Recipe:
     block_size: int = 128  # GPTQ: lazy-update block
     true_sequential: bool = True  # re-collect inputs after each group of linears is quantized
     skip: tuple[str, ...] = field(default_factory=tuple)  # substrings of linear names left in FP
+    qep: QEPConfig | None = None  # error-propagation correction around the solver (None = off)
     name: str = ""
 
     def __post_init__(self) -> None:
+        m = re.fullmatch(r"qep\((\w+)\)", self.method)
+        if m:  # "qep(gptq)" = gptq wrapped in QEP with the default settings
+            object.__setattr__(self, "method", m.group(1))
+            if self.qep is None:
+                object.__setattr__(self, "qep", QEPConfig())
+        if isinstance(self.qep, bool):
+            object.__setattr__(self, "qep", QEPConfig() if self.qep else None)
+        elif isinstance(self.qep, dict):
+            try:
+                object.__setattr__(self, "qep", QEPConfig(**self.qep))
+            except (TypeError, ValueError) as e:
+                raise RecipeError(f"bad qep settings: {e}") from None
         if self.method not in SOLVERS:
             raise RecipeError(f"unknown method {self.method!r}; available: {', '.join(sorted(SOLVERS))}")
         self.format  # validates bits / group size
@@ -52,13 +67,20 @@ class Recipe:
         return self.method in NEEDS_HESSIAN
 
     @property
+    def needs_inputs(self) -> bool:
+        """Whether the pipeline must run the calibration stream (solver statistics or QEP)."""
+        return self.needs_hessian or self.qep is not None
+
+    @property
     def label(self) -> str:
         """Short human-readable name, e.g. gptq-w4-g64."""
         if self.name:
             return self.name
         g = {-1: "pc", 0: "pt"}.get(self.group_size, f"g{self.group_size}")
         tags = ("-clip" if self.clip else "") + ("-static" if self.static_groups else "")
-        return f"{self.method}-w{self.bits}{'s' if self.symmetric else ''}-{g}{tags}"
+        method = f"qep-{self.method}" if self.qep is not None else self.method
+        tags += self.qep.tag if self.qep is not None else ""
+        return f"{method}-w{self.bits}{'s' if self.symmetric else ''}-{g}{tags}"
 
     def solver_kwargs(self) -> dict:
         """Keyword arguments for the solver function."""
@@ -71,6 +93,7 @@ class Recipe:
         """Plain dict (JSON-safe)."""
         d = asdict(self)
         d["skip"] = list(self.skip)
+        d["qep"] = None if self.qep is None else self.qep.to_dict()
         return d
 
     @classmethod
@@ -110,10 +133,38 @@ PRESETS: dict[str, Recipe] = {
 }
 
 
+_LABEL = re.compile(r"(?P<qep>qep-)?(?P<method>[a-z0-9]+)-w(?P<bits>\d)(?P<sym>s?)-(?P<g>g\d+|pc|pt)"
+                    r"(?P<clip>-clip)?(?P<static>-static)?(?:-a(?P<alpha>[\d.]+))?(?:-l(?P<damp>[\d.]+))?")
+
+
+def parse_label(label: str) -> Recipe | None:
+    """The recipe a label names (the inverse of Recipe.label), e.g. gptq-w3-g64-clip or
+    qep-gptq-w3-g64-a0.25-l0.01 (QEP with alpha 0.25 and damping 0.01 for every layer type)."""
+    m = _LABEL.fullmatch(label)
+    if not m or m["method"] not in SOLVERS:
+        return None
+    g = {"pc": -1, "pt": 0}.get(m["g"]) if m["g"] in ("pc", "pt") else int(m["g"][1:])
+    qep = None
+    if m["qep"]:
+        kw = {}
+        if m["alpha"]:
+            kw["alpha"] = float(m["alpha"])
+        if m["damp"]:
+            kw["damp"] = float(m["damp"])
+        qep = QEPConfig(**kw)
+    elif m["alpha"] or m["damp"]:
+        return None
+    return Recipe(method=m["method"], bits=int(m["bits"]), symmetric=bool(m["sym"]), group_size=g,
+                  clip=bool(m["clip"]), static_groups=bool(m["static"]), qep=qep)
+
+
 def get_recipe(name_or_path: str) -> Recipe:
-    """A preset by name, or a recipe from a .json / .yaml file."""
+    """A preset by name, a label such as qep-gptq-w3-g64-clip, or a .json / .yaml file."""
     if name_or_path in PRESETS:
         return PRESETS[name_or_path]
+    parsed = parse_label(name_or_path)
+    if parsed is not None:
+        return parsed
     p = Path(name_or_path)
     if p.is_file():
         text = p.read_text()
@@ -124,7 +175,8 @@ def get_recipe(name_or_path: str) -> Recipe:
         else:
             data = json.loads(text)
         return Recipe.from_dict(data)
-    raise RecipeError(f"unknown recipe {name_or_path!r}: presets are {', '.join(PRESETS)}, or give a .json/.yaml file")
+    raise RecipeError(f"unknown recipe {name_or_path!r}: presets are {', '.join(PRESETS)}; or a label such as "
+                      "qep-gptq-w3-g64-clip; or a .json/.yaml file")
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:

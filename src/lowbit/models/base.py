@@ -29,6 +29,8 @@ class Adapter:
     model_types: tuple[str, ...]
     layers_paths: tuple[str, ...] = ("model.layers",)
     groups: tuple[tuple[str, ...], ...] = STANDARD_GROUPS
+    # the layer type of each group (QEP and other methods configure per type)
+    group_types: tuple[str, ...] = ("qkv", "o", "gate_up", "down")
     norm_offset: float = 0.0  # RMSNorm computes x * (offset + w); Gemma uses 1
     # sub-modules whose output is their last linear applied to its input (plus None slots):
     # once the linears before it are quantized, that input can be cached and replayed
@@ -57,6 +59,13 @@ class Adapter:
                 f"{self.family}: block has linears the adapter does not know: {sorted(missing)}"
             )
         return [g for g in groups if g]
+
+    def layer_type(self, name: str) -> str:
+        """The type ('qkv', 'o', 'gate_up', 'down') of a linear named relative to its block."""
+        for group, kind in zip(self.groups, self.group_types):
+            if name in group:
+                return kind
+        raise UnsupportedModelError(f"{self.family}: no layer type for linear {name!r}")
 
 
 _REGISTRY: dict[str, Adapter] = {}

@@ -10,6 +10,9 @@ from .rtn import rtn
 
 SOLVERS: dict[str, Callable[..., QuantizedWeight]] = {"rtn": rtn, "gptq": gptq}
 NEEDS_HESSIAN = {"gptq"}
+# solvers whose result for a row depends only on that row (and H): linears sharing H may be
+# stacked into one call
+ROW_INDEPENDENT = {"rtn", "gptq"}
 
 
 def get_solver(name: str) -> Callable[..., QuantizedWeight]:
@@ -19,4 +22,4 @@ def get_solver(name: str) -> Callable[..., QuantizedWeight]:
     return SOLVERS[name]
 
 
-__all__ = ["SOLVERS", "NEEDS_HESSIAN", "QuantizedWeight", "SolverError", "get_solver", "gptq", "layer_loss", "rtn"]
+__all__ = ["SOLVERS", "NEEDS_HESSIAN", "ROW_INDEPENDENT", "QuantizedWeight", "SolverError", "get_solver", "gptq", "layer_loss", "rtn"]

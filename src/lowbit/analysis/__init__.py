@@ -1,0 +1,1 @@
+"""Analyses that explain where quantization error comes from."""
