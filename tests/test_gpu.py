@@ -10,7 +10,7 @@ from lowbit.recipe import Recipe
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq"])
+@pytest.mark.parametrize("method", ["rtn", "gptq", "qep(rtn)", "qep(gptq)"])
 def test_cuda_pipeline_matches_cpu(method):
     toks = tiny_tokens(8, 32)
     recipe = Recipe(method=method, bits=4, group_size=16)
