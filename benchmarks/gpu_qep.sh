@@ -28,7 +28,7 @@ if [ "$mode" = table ]; then
 else
   run alpha --no-fp --recipes qep-gptq-w3-g64-a0.25-l1,qep-gptq-w3-g64-a0.5-l1,qep-gptq-w3-g64-a0.75-l1,qep-gptq-w3-g64-a1-l1 &
   run damp --no-fp --recipes qep-gptq-w3-g64-a0.5-l0.01,qep-gptq-w3-g64-a1-l0.01,qep-gptq-w3-g64-a0.5-l0.1 &
-  run clip --no-fp --recipes qep-gptq-w3-g64-clip,qep-gptq-w2-g64-clip-static,qep-gptq-w4-g64-clip,qep-gptq-w4-pc-clip &
+  run clip --no-fp --recipes qep-gptq-w3-g64-clip,qep-gptq-w2-g64-clip-static,qep-gptq-w4-g64-clip &
   (python3 -m lowbit analyze propagation smollm2 --recipe gptq-w3-g64 --device cuda --eval --quiet \
      --out-dir /tmp/qep/prop > /tmp/qep-prop.log 2>&1; cp /tmp/qep/prop/propagation.* $OUT/; echo "== prop"; cat /tmp/qep-prop.log) &
   wait

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Download the wheels of gpu-wheels.txt into .carry/peers (gitignored) for the GPU machine, which
+# has no package registry. Binary wheels (pydantic-core; multiprocess is per Python version) are
+# fetched for CPython 3.12 (the GPU image's python3) and 3.11 (this machine, for the local
+# carried-install check; onecomp declares Requires-Python >=3.12, hence --ignore-requires-python
+# there). Run from anywhere; needs PyPI.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+dest=.carry/peers
+mkdir -p "$dest"
+reqs=$(grep -v '^\s*#' benchmarks/peers/gpu-wheels.txt | grep -v '^\s*$')
+for py in 3.12 3.11; do
+    extra=""
+    [ "$py" = 3.12 ] || extra="--ignore-requires-python"
+    # shellcheck disable=SC2086
+    python3 -m pip download -q --no-deps $extra --only-binary=:all: --python-version "$py" --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 -d "$dest" $reqs
+done
+ls -l "$dest"/*.whl
+du -ch "$dest"/*.whl | tail -1
