@@ -4,8 +4,9 @@
 
 Inputs (each produced by a command named in the output):
 - results/gpu/bench-*.json      `lowbit bench ... --device cuda` (benchmarks/gpu_run.sh)
-- results/protocol/bench.json   `bash benchmarks/run_protocol.sh` (CPU)
-- results/peers.json            `benchmarks/peers/run_peers.py` (CPU, peer tools)
+- results/protocol/*.json       `lowbit bench ... --threads 2` on the 2-core CPU machine
+- results/qep/*.json, *.png     `bash benchmarks/gpu_qep.sh table|sweep` (GPU; QEP, issue 3)
+- results/peers.json            `benchmarks/peers/run_peers.py` / `gpu_peers.sh` (peer tools)
 """
 
 from __future__ import annotations
@@ -47,6 +48,99 @@ def _table(rows, gpu: bool) -> list[str]:
     return out
 
 
+def _by_label(paths) -> dict[str, dict]:
+    rows, _ = _rows([p for p in paths if p.exists()])
+    return {r["label"]: r for r in rows}
+
+
+def _pair(r) -> str:
+    if r is None:
+        return "–"
+    return f"{_fmt(r['ppl'].get('sotu-modern'))} / {_fmt(r['ppl'].get('moby'))}"
+
+
+def _peer(tool: str, setting: str) -> dict | None:
+    p = RES / "peers.json"
+    if not p.exists():
+        return None
+    recs = json.loads(p.read_text())
+    for r in recs["records"] if isinstance(recs, dict) else recs:
+        if r["tool"] == tool and r["setting"] == setting and r.get("device") == "cuda" and r.get("ppl_moby"):
+            return {"ppl": {"sotu-modern": r["ppl_sotu_modern"], "moby": r["ppl_moby"]}}
+    return None
+
+
+def _qep_section(d: Path) -> list[str]:
+    """Issue 3: QEP around RTN and GPTQ, the alpha / damping sweep, clipping, propagation."""
+    main_rows = _by_label([d / f"{s}.json" for s in ("w4g64", "w3g64", "w2g64", "w4pc")])
+    sweep = _by_label([d / f"{s}.json" for s in ("alpha", "damp", "clip")])
+    meta = json.loads((d / "w4g64.json").read_text())["meta"]
+    out = ["## QEP: error-propagation-aware quantization (GPU, fp32)", "",
+           f"Machine: {meta['machine']}, torch {meta['torch']}; date {meta['date']}. Command: "
+           "`bash benchmarks/gpu_qep.sh table` and `... sweep` (after `benchmarks/gpu_env.sh`).",
+           "Cells are PPL sotu-modern / moby (FP 27.13 / 47.25). QEP defaults (the reference code's): "
+           "alpha 0.5 for q/k/v, o and gate/up, 0 for down, damping 1 x mean(diag H). Peers: llm-compressor "
+           "GPTQ and onecomp QEP+GPTQ (its defaults: alpha 0.5, damping 0.01, down uncorrected, no act-order) "
+           "on the same machine.", "",
+           "| setting | RTN | RTN + QEP | GPTQ | GPTQ + QEP | GPTQ + clip + QEP | llm-compressor GPTQ | onecomp QEP+GPTQ |",
+           "|---|---|---|---|---|---|---|---|"]
+    clip_of = {"w4-g64": "qep-gptq-w4-g64-clip", "w3-g64": "qep-gptq-w3-g64-clip", "w2-g64": "qep-gptq-w2-g64-clip-static"}
+    for key, name, peer in (("w4-g64", "W4 g64", "w4g64"), ("w3-g64", "W3 g64", "w3g64"), ("w2-g64", "W2 g64", "w2g64"),
+                            ("w4-pc", "W4 per channel", "w4pc")):
+        cells = [_pair(main_rows.get(f"{m}-{key}")) for m in ("rtn", "qep-rtn", "gptq", "qep-gptq")]
+        cells.append(_pair(sweep.get(clip_of.get(key, ""))))
+        cells += [_pair(_peer("gptq", peer)), _pair(_peer("qep", peer))]
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    out += ["", "W2 g64 GPTQ + clip + QEP uses static groups (`qep-gptq-w2-g64-clip-static`).", "",
+            "Alpha sweep and damping at W3 g64 (GPTQ; alpha and damping the same for every layer type, "
+            "down_proj included; alpha 0 is plain GPTQ):", "",
+            "| alpha | damping 1 | damping 0.1 | damping 0.01 |", "|---|---|---|---|"]
+    gptq3 = main_rows.get("gptq-w3-g64")
+    for a in ("0", "0.25", "0.5", "0.75", "1"):
+        cells = [_pair(gptq3) if a == "0" else _pair(sweep.get(f"qep-gptq-w3-g64-a{a}-l{l}")) for l in ("1", "0.1", "0.01")]
+        out.append(f"| {a} | " + " | ".join(cells) + " |")
+    out += ["", "Quantization time on the GPU (four `lowbit bench` processes side by side, so concurrent):", "",
+            "| setting | RTN | RTN + QEP | GPTQ | GPTQ + QEP |", "|---|---|---|---|---|"]
+    for key, name in (("w4-g64", "W4 g64"), ("w3-g64", "W3 g64"), ("w2-g64", "W2 g64"), ("w4-pc", "W4 per channel")):
+        cells = [f"{main_rows[f'{m}-{key}']['quant_seconds']:.1f} s" if f"{m}-{key}" in main_rows else "–"
+                 for m in ("rtn", "qep-rtn", "gptq", "qep-gptq")]
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    prop = d / "propagation.json"
+    if prop.exists():
+        runs = json.loads(prop.read_text())["runs"]
+        a, b = runs
+        out += ["", f"Error propagation (`lowbit analyze propagation smollm2 --recipe gptq-w3-g64 --eval`): relative "
+                f"output error of each block on the quantized stream against the FP stream, calibration tokens. "
+                f"Last block: {a['block_errors'][-1]:.3f} ({a['label']}) vs {b['block_errors'][-1]:.3f} ({b['label']}); "
+                f"PPL in that run {_pair(a)} vs {_pair(b)}.", "",
+                "![propagation](benchmarks/results/qep/propagation.png)", ""]
+    return out
+
+
+def _rope_section(d: dict) -> list[str]:
+    out = ["## Keys quantized before vs after RoPE (issue 7, `lowbit analyze rope`)", "",
+           f"Command: `lowbit analyze rope {d['model']} --data {d['data']} --windows {d['windows']} --seq-len {d['seq_len']}"
+           " --out-dir benchmarks/results/rope`.", "",
+           "(a) One Gaussian vector (dim 128), per-tensor symmetric INT-b, RoPE at position 1024 (base 10000); then "
+           f"{d['seed_many_draws'][0]['draws']} independent draws (mean MSE; paired difference after - before with its 95 % CI):", "",
+           "| bits | one draw: MSE before | MSE after | many: MSE before | MSE after | diff 95 % CI | after worse in |",
+           "|---|---|---|---|---|---|---|"]
+    for a, b in zip(d["seed_one_draw"], d["seed_many_draws"]):
+        lo, hi = b["mse_diff_ci"]
+        out.append(f"| {a['bits']} | {a['mse_before']:.3g} | {a['mse_after']:.3g} | {b['mse_before']:.3g} | "
+                   f"{b['mse_after']:.3g} | [{lo:.2g}, {hi:.2g}] | {b['frac_after_worse']:.1%} |")
+    out += ["", "(b, c) Real keys of every layer (asymmetric INT-b; error measured after RoPE, where attention "
+            "uses the keys; score error = relative error of the causal q.k scores; KL of the attention "
+            "probabilities, mean over queries and layers):", "",
+            "| bits | grouping | rel. MSE before | after | score err before | after | KL before | after |",
+            "|---|---|---|---|---|---|---|---|"]
+    for r in d["real_keys"]:
+        out.append(f"| {r['bits']} | {r['axis']} | {r['rel_mse_before']:.3g} | {r['rel_mse_after']:.3g} | "
+                   f"{r['score_err_before']:.3g} | {r['score_err_after']:.3g} | {r['kl_before']:.3g} | {r['kl_after']:.3g} |")
+    out += ["", "![rope](benchmarks/results/rope/rope.png)", ""]
+    return out
+
+
 def main() -> None:
     lines = ["# Benchmarks", "",
              "Generated by `python benchmarks/report.py` from the files in `benchmarks/results/`.",
@@ -65,27 +159,52 @@ def main() -> None:
                   "`benchmarks/recipes/`). Quantization time is the whole block-by-block pass, calibration forwards included.",
                   "", *_table(rows, gpu=True), ""]
 
-    cpu = RES / "protocol" / "bench.json"
-    if cpu.exists():
-        rows, metas = _rows([cpu])
-        m = metas[0]
+    qep_dir = RES / "qep"
+    if (qep_dir / "w4g64.json").exists():
+        lines += _qep_section(qep_dir)
+
+    cpu_files = sorted((RES / "protocol").glob("*.json"))
+    if cpu_files:
+        rows, metas = _rows(cpu_files)
+        m = metas[-1]
         lines += ["## lowbit on CPU (fp32, 2 threads)", "",
-                  f"Machine: {m['machine']}; date {m['date']}. Command: `bash benchmarks/run_protocol.sh`.",
+                  f"Machine: {m['machine']}; dates {', '.join(sorted({x['date'] for x in metas}))}. Command: "
+                  "`lowbit bench smollm2 --threads 2 --no-fp --recipes ...` (one file per run in "
+                  "`benchmarks/results/protocol/`). Quantization time = the whole block-by-block pass.",
                   "", *_table(rows, gpu=False), ""]
 
     peers = RES / "peers.json"
     if peers.exists():
         recs = json.loads(peers.read_text())
         recs = recs["records"] if isinstance(recs, dict) else recs
-        lines += ["## Peer tools under the same protocol (CPU, 2 threads)", "",
-                  "Command: see `benchmarks/peers/README.md` (`.venv-peers/bin/python benchmarks/peers/run_peers.py`).", "",
-                  "| tool | version | setting | PPL sotu-modern | PPL moby | quant time (s) | peak RSS (MiB) | date |",
+        lines += ["## Peer tools under the same protocol", "",
+                  "Commands: `benchmarks/peers/README.md` (CPU: `.venv-peers/bin/python benchmarks/peers/run_peers.py`;",
+                  "GPU: `bash benchmarks/peers/gpu_peers.sh` with carried wheels). CPU rows: 2 threads.", "",
+                  "| tool | version | setting | machine | PPL sotu-modern | PPL moby | quant time (s) | date |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in recs:
             qt = r.get("quant_seconds")
-            lines.append(f"| {r['tool']} | {r.get('tool_version', '')} | {r['setting']} | {_fmt(r.get('ppl_sotu_modern'))} "
-                         f"| {_fmt(r.get('ppl_moby'))} | {'–' if qt is None else f'{qt:.1f}'} "
-                         f"| {r.get('peak_rss_mb') or 0:.0f} | {r.get('date', '')} |")
+            lines.append(f"| {r['tool']} | {r.get('tool_version', '')} | {r['setting']} | {r.get('machine', '')} "
+                         f"| {_fmt(r.get('ppl_sotu_modern'))} | {_fmt(r.get('ppl_moby'))} "
+                         f"| {'–' if qt is None else f'{qt:.1f}'} | {r.get('date', '')[:10]} |")
+        lines.append("")
+
+    rope = RES / "rope" / "rope.json"
+    if rope.exists():
+        lines += _rope_section(json.loads(rope.read_text()))
+    kv = RES / "kv" / "kv.json"
+    if kv.exists():
+        d = json.loads(kv.read_text())
+        m = d["meta"]
+        lines += ["## KV-cache quantization (issue 7)", "",
+                  f"Machine: {m['machine']}; date {m['date']}. Command: `{m['command']}`. Every attention reads the",
+                  "quantized cache (prompt tokens included); keys per channel in groups of 32 tokens, values per token",
+                  "in groups of 32 channels, asymmetric; bits per element count scales and zeros; bytes per token",
+                  "for all layers and KV heads.", "",
+                  "| cache | PPL sotu-modern | PPL moby | key bits | value bits | bytes / token |", "|---|---|---|---|---|---|"]
+        for r in d["rows"]:
+            lines.append(f"| {r['label']} | {_fmt(r['ppl'].get('sotu-modern'))} | {_fmt(r['ppl'].get('moby'))} "
+                         f"| {r['key_bits']:.2f} | {r['value_bits']:.2f} | {r['bytes_per_token']:.0f} |")
         lines.append("")
 
     notes = HERE / "NOTES.md"

@@ -105,3 +105,16 @@ def test_analyze_propagation_prints_and_plots(tiny_dir, tmp_path):
 def test_analyze_propagation_rejects_a_bad_recipe(tiny_dir, tmp_path):
     r = runner.invoke(app, ["analyze", "propagation", str(tiny_dir), "--recipe", "nope-w9", "--out-dir", str(tmp_path)])
     assert r.exit_code == 2 and "unknown recipe" in r.output
+
+
+def test_bench_resume_keeps_finished_rows(tiny_dir, tmp_path):
+    args = ["bench", str(tiny_dir), "--out-dir", str(tmp_path), "--calib", str(tiny_dir / "text.txt"), "--data",
+            str(tiny_dir / "text.txt"), "--n-calib", "8", "--seq-len", "32", "--windows", "4", "--quiet", "--no-fp"]
+    r = runner.invoke(app, [*args, "--recipes", "rtn-w4-g64"])
+    assert r.exit_code == 0, r.output
+    first = json.loads((tmp_path / "bench.json").read_text())["rows"][0]
+    r = runner.invoke(app, [*args, "--recipes", "rtn-w4-g64,rtn-w3-g64", "--resume"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert [x["label"] for x in rows] == ["rtn-w4-g64", "rtn-w3-g64"]
+    assert rows[0] == first  # kept, not re-run

@@ -69,12 +69,26 @@ def markdown(rows: list[dict], protocol: Protocol) -> str:
 
 
 def run_bench(model_spec: str, recipes: list[Recipe], protocol: Protocol, out_dir: str | Path,
-              device: str = "cpu", include_fp: bool = True, echo=print) -> list[dict]:
-    """Run every recipe, writing bench.json and bench.md to out_dir after each row."""
+              device: str = "cpu", include_fp: bool = True, echo=print, resume: bool = False) -> list[dict]:
+    """Run every recipe, writing bench.json and bench.md to out_dir after each row. With
+    `resume`, rows already in out_dir/bench.json under the same protocol are kept, not re-run."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     todo: list[Recipe | None] = ([None] if include_fp else []) + list(recipes)
+    prev = out / "bench.json"
+    if resume and prev.exists():
+        try:
+            old = json.loads(prev.read_text())
+        except json.JSONDecodeError:
+            raise RuntimeError(f"{prev} is not valid JSON; remove it or run without --resume") from None
+        if old.get("meta", {}).get("protocol") == protocol.to_dict():
+            rows = list(old["rows"])
+            done = {r["label"] for r in rows}
+            todo = [r for r in todo if ("fp" if r is None else r.label) not in done]
+            echo(f"resuming: {len(done)} rows kept from {prev}")
+        else:
+            echo(f"not resuming: {prev} was measured under another protocol")
     meta = {"model": model_spec, "protocol": protocol.to_dict(), "machine": machine(), "device": device,
             "date": _dt.date.today().isoformat(), "torch": torch.__version__}
     for r in todo:

@@ -198,6 +198,7 @@ def bench(
     windows: int = typer.Option(64, help="Evaluation windows per corpus."),
     batch_size: int = typer.Option(8, help="Windows per forward pass."),
     no_fp: bool = typer.Option(False, "--no-fp", help="Skip the FP reference row."),
+    resume: bool = typer.Option(False, help="Keep the rows already in OUT_DIR/bench.json and run only the rest."),
     device: str = typer.Option("cpu", help="cpu, cuda, ..."),
     seed: int = typer.Option(0, help="Seed for calibration sampling."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch."),
@@ -212,7 +213,7 @@ def bench(
         rs = [get_recipe(x.strip()) for x in recipes.split(",") if x.strip()]
         proto = _protocol(calib, n_calib, seq_len, seed, data, windows, batch_size)
         rows = run_bench(model, rs, proto, out_dir, device=device, include_fp=not no_fp,
-                         echo=(lambda s: None) if quiet else console.print)
+                         echo=(lambda s: None) if quiet else console.print, resume=resume)
     except (*_user_errors(), RuntimeError) as e:
         _fail(e)
     out_console.print(markdown(rows, proto))
@@ -270,6 +271,65 @@ def analyze_propagation(
         ppl = ", ".join(f"PPL {k} {v:.2f}" for k, v in x.ppl.items())
         out_console.print(f"{x.label}: {x.seconds:.1f} s" + (f", {ppl}" if ppl else ""))
     out_console.print(f"written: {js}, {png}")
+
+
+@analyze_app.command("rope")
+def analyze_rope(
+    model: str = typer.Argument("smollm2", help=MODEL_HELP),
+    data: str = typer.Option("sotu-modern", help="Corpus whose keys are captured."),
+    windows: int = typer.Option(2, help="Windows of real text."),
+    seq_len: int = typer.Option(2048, help="Tokens per window (positions up to this)."),
+    bits: str = typer.Option("8,4,3,2", help="Bit widths for the real-key study."),
+    draws: int = typer.Option(10000, help="Gaussian draws for the repeated seed experiment."),
+    out_dir: str = typer.Option("out/rope", help="Where rope.json and rope.png are written."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Keys quantized before vs after RoPE: (a) the Gaussian seed experiment, once and over many
+    draws with confidence intervals; (b) real keys per grouping and position; (c) attention-score
+    error and KL. Prints tables, writes rope.json and rope.png."""
+    _setup(quiet, 0, threads)
+    try:
+        import os
+        from pathlib import Path
+
+        from .analysis import rope as study
+        from .data import eval_windows, load_text, tokenize
+        from .loading import load_model
+
+        one = study.seed_experiment(draws=1)
+        many = study.seed_experiment(draws=draws)
+        m, tok = load_model(model, device="cpu")
+        toks = eval_windows(tokenize(tok, load_text(data)), windows, seq_len)
+        store = study.capture_qk(m, toks)
+        real = study.real_key_study(store, bits=tuple(int(b) for b in bits.split(",")))
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / "rope.json.tmp"
+        tmp.write_text(json.dumps({"model": model, "data": data, "windows": windows, "seq_len": seq_len,
+                                   "seed_one_draw": one, "seed_many_draws": many, "real_keys": real}, indent=1))
+        os.replace(tmp, out / "rope.json")
+        study.plot(one, many, real, out / "rope.png")
+    except _user_errors() as e:
+        _fail(e)
+    t = Table(title="(a) seed experiment: MSE before / after RoPE (one draw | mean of many, after-before 95% CI)")
+    for c in ("bits", "before", "after", "cos b/a", f"mean before ({draws})", "mean after", "diff 95% CI", "after worse"):
+        t.add_column(c, justify="right")
+    for a, b in zip(one, many):
+        lo, hi = b.get("mse_diff_ci", (0, 0))
+        t.add_row(str(a["bits"]), f"{a['mse_before']:.3g}", f"{a['mse_after']:.3g}",
+                  f"{a['cos_before']:.5f}/{a['cos_after']:.5f}", f"{b['mse_before']:.3g}", f"{b['mse_after']:.3g}",
+                  f"[{lo:.2g}, {hi:.2g}]", f"{b.get('frac_after_worse', 0):.1%}")
+    out_console.print(t)
+    t = Table(title="(b, c) real keys: relative MSE / score error / KL, before vs after RoPE")
+    for c in ("bits", "grouping", "MSE before", "MSE after", "score err b", "score err a", "KL before", "KL after"):
+        t.add_column(c, justify="right")
+    for r in real:
+        t.add_row(str(r["bits"]), r["axis"], f"{r['rel_mse_before']:.3g}", f"{r['rel_mse_after']:.3g}",
+                  f"{r['score_err_before']:.3g}", f"{r['score_err_after']:.3g}", f"{r['kl_before']:.3g}",
+                  f"{r['kl_after']:.3g}")
+    out_console.print(t)
+    out_console.print(f"written: {out_dir}/rope.json, {out_dir}/rope.png")
 
 
 @app.command("presets")

@@ -114,9 +114,10 @@ def _preset(**kw) -> Recipe:
     return Recipe(**kw)
 
 
-# The default is the best recipe lowbit has today for 4-bit weights.
+# The default (`best`) is the best recipe lowbit has today for 4-bit weights.
 PRESETS: dict[str, Recipe] = {
-    "best": _preset(method="gptq", bits=4, group_size=64, clip=True, name="best"),
+    # GPTQ + clipping search wrapped in QEP: 28.68 / 52.70 against GPTQ 30.55 / 55.51 (BENCHMARKS.md)
+    "best": _preset(method="gptq", bits=4, group_size=64, clip=True, qep=QEPConfig(), name="best"),
     "rtn-w4-g64": _preset(method="rtn", bits=4, group_size=64),
     "gptq-w4-g64": _preset(method="gptq", bits=4, group_size=64),
     "rtn-w3-g64": _preset(method="rtn", bits=3, group_size=64),
@@ -130,6 +131,11 @@ PRESETS: dict[str, Recipe] = {
     "gptq-w3-g64-clip": _preset(method="gptq", bits=3, group_size=64, clip=True),
     "gptq-w2-g64-clip-static": _preset(method="gptq", bits=2, group_size=64, clip=True, static_groups=True),
     "gptq-w4-pc-clip": _preset(method="gptq", bits=4, group_size=-1, clip=True),
+    # QEP around GPTQ + clipping: the best lowbit has at each bit width (BENCHMARKS.md)
+    "qep-gptq-w4-g64-clip": _preset(method="gptq", bits=4, group_size=64, clip=True, qep=QEPConfig()),
+    "qep-gptq-w3-g64-clip": _preset(method="gptq", bits=3, group_size=64, clip=True, qep=QEPConfig()),
+    "qep-gptq-w2-g64-clip-static": _preset(method="gptq", bits=2, group_size=64, clip=True, static_groups=True,
+                                           qep=QEPConfig()),
 }
 
 

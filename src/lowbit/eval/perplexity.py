@@ -26,15 +26,19 @@ class PerplexityResult:
 
 @torch.no_grad()
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, progress: bool = True,
-               desc: str = "eval") -> PerplexityResult:
-    """Perplexity of `model` on [N, T] token windows (each window scored independently)."""
+               desc: str = "eval", forward_kwargs=None) -> PerplexityResult:
+    """Perplexity of `model` on [N, T] token windows (each window scored independently).
+
+    `forward_kwargs`, if given, is called once per batch for extra forward arguments (e.g. a
+    fresh quantized KV cache); otherwise the model runs without a cache."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     nll, count = 0.0, 0
     for b in tqdm(range(0, windows.shape[0], batch_size), desc=desc, unit="batch", disable=not progress):
         ids = windows[b : b + batch_size].to(device)
-        logits = model(input_ids=ids, use_cache=False).logits.float()
+        extra = forward_kwargs() if forward_kwargs is not None else {"use_cache": False}
+        logits = model(input_ids=ids, **extra).logits.float()
         loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                            ids[:, 1:].reshape(-1), reduction="sum")
         nll += float(loss)
