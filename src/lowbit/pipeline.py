@@ -363,10 +363,13 @@ def quantize_model(model: nn.Module, recipe: Recipe, tokens: torch.Tensor, *, ba
         for names in groups:
             stats = {}
             if recipe.needs_inputs:
+                # the FP inputs are needed only where QEP corrects (alpha > 0): by default not for
+                # down_proj, whose C would be the costliest accumulator
+                corrects = qep is not None and any(qep.for_type(adapter.layer_type(n))[0] > 0 for n in names)
                 stats = collect_stats(block, names, xs, calls[i], replay, done,
-                                      fp_block=fp_block if qep is not None else None,
-                                      fp_xs=fp if qep is not None else None,
-                                      fp_replay=fp_replay if qep is not None else None)
+                                      fp_block=fp_block if corrects else None,
+                                      fp_xs=fp if corrects else None,
+                                      fp_replay=fp_replay if corrects else None)
             for name, qw in _solve_group(block, names, stats, solver, fmt, kwargs, recipe, adapter).items():
                 if qw.info.get("damp_retries"):
                     log.warning("%s.%d.%s: Cholesky failed; succeeded with damping %g after %d retries",
