@@ -277,8 +277,8 @@ def analyze_propagation(
 def analyze_rope(
     model: str = typer.Argument("smollm2", help=MODEL_HELP),
     data: str = typer.Option("sotu-modern", help="Corpus whose keys are captured."),
-    windows: int = typer.Option(2, help="Windows of real text."),
-    seq_len: int = typer.Option(2048, help="Tokens per window (positions up to this)."),
+    windows: int = typer.Option(1, help="Windows of real text."),
+    seq_len: int = typer.Option(1024, help="Tokens per window (positions up to this)."),
     bits: str = typer.Option("8,4,3,2", help="Bit widths for the real-key study."),
     draws: int = typer.Option(10000, help="Gaussian draws for the repeated seed experiment."),
     out_dir: str = typer.Option("out/rope", help="Where rope.json and rope.png are written."),
