@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
-import os
 import time
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import torch
 from lowbit.bench import machine
 from lowbit.data import eval_windows, load_text, tokenize
 from lowbit.eval import perplexity
+from lowbit.fileio import write_json
 from lowbit.kv import KVQuantConfig
 from lowbit.kv.simulate import kv_perplexity
 from lowbit.loading import load_model
@@ -72,9 +71,7 @@ def main() -> None:
                 "torch": torch.__version__, "windows": args.windows, "seq_len": args.seq_len,
                 "command": "python benchmarks/kv_bench.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in
                                                                        vars(args).items() if k != "quick")}
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-        os.replace(tmp, out)
+        write_json(out, {"meta": meta, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .fileio import write_json
 from .jobs import JobResult, Protocol, evaluate, peak_rss_mb, quantize_job
 from .loading import load_model
 from .recipe import Recipe
@@ -96,8 +97,6 @@ def run_bench(model_spec: str, recipes: list[Recipe], protocol: Protocol, out_di
         rows.append(row)
         echo(f"{row['label']}: " + ", ".join(f"{k} {v:.2f}" for k, v in row["ppl"].items())
              + (f", {row['quant_seconds']:.1f} s" if r is not None else ""))
-        tmp = out / "bench.json.tmp"
-        tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-        os.replace(tmp, out / "bench.json")
+        write_json(out / "bench.json", {"meta": meta, "rows": rows})
         (out / "bench.md").write_text(markdown(rows, protocol) + "\n")
     return rows

@@ -290,11 +290,11 @@ def analyze_rope(
     error and KL. Prints tables, writes rope.json and rope.png."""
     _setup(quiet, 0, threads)
     try:
-        import os
         from pathlib import Path
 
         from .analysis import rope as study
         from .data import eval_windows, load_text, tokenize
+        from .fileio import write_json
         from .loading import load_model
 
         one = study.seed_experiment(draws=1)
@@ -305,10 +305,8 @@ def analyze_rope(
         real = study.real_key_study(store, bits=tuple(int(b) for b in bits.split(",")))
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / "rope.json.tmp"
-        tmp.write_text(json.dumps({"model": model, "data": data, "windows": windows, "seq_len": seq_len,
-                                   "seed_one_draw": one, "seed_many_draws": many, "real_keys": real}, indent=1))
-        os.replace(tmp, out / "rope.json")
+        write_json(out / "rope.json", {"model": model, "data": data, "windows": windows, "seq_len": seq_len,
+                                       "seed_one_draw": one, "seed_many_draws": many, "real_keys": real})
         study.plot(one, many, real, out / "rope.png")
     except _user_errors() as e:
         _fail(e)

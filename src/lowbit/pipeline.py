@@ -283,12 +283,6 @@ def collect_stats(block: nn.Module, names: list[str], xs: list[torch.Tensor], ca
     return stats
 
 
-def collect_hessians(block: nn.Module, names: list[str], xs: list[torch.Tensor], calls: list[Call],
-                     replay: Replay | None = None, quantized: set[str] = frozenset()) -> dict[str, QEPStat]:
-    """H = sum x x^T of every named linear's input on one stream (see collect_stats)."""
-    return collect_stats(block, names, xs, calls, replay, quantized)
-
-
 @dataclass
 class QuantizationResult:
     """What the pipeline produced: quantized weights by module name, timing, per-block errors."""

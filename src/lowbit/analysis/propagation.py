@@ -10,11 +10,11 @@ model's. Optionally both models are also evaluated under the protocol.
 from __future__ import annotations
 
 import copy
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..fileio import write_json
 from ..jobs import Protocol, calibration_tokens, evaluate
 from ..pipeline import quantize_model
 from ..qep import QEPConfig
@@ -59,10 +59,7 @@ def save(runs: list[PropagationRun], out_dir: str | Path, title: str) -> tuple[P
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    js = out / "propagation.json"
-    tmp = js.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"title": title, "runs": [r.__dict__ for r in runs]}, indent=1))
-    os.replace(tmp, js)
+    js = write_json(out / "propagation.json", {"title": title, "runs": [r.__dict__ for r in runs]})
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for r, style in zip(runs, ("o-", "s-", "^-", "d-")):

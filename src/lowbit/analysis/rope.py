@@ -15,12 +15,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 
 from ..kv.quantizers import fake_quant
-from ..kv.rope import apply_rope, invert_rope, rope_cos_sin
+from ..kv.rope import apply_rope, hook_position_embeddings, rope_cos_sin
 
 
 def sym_quant(x: torch.Tensor, bits: int, dim: int | None = None) -> torch.Tensor:
@@ -33,15 +31,6 @@ def sym_quant(x: torch.Tensor, bits: int, dim: int | None = None) -> torch.Tenso
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-30)
-
-
-@dataclass
-class SeedRow:
-    bits: int
-    mse_before: float
-    mse_after: float
-    cos_before: float
-    cos_after: float
 
 
 def seed_experiment(bits=(8, 6, 4, 3, 2), dim: int = 128, position: int = 1024, base: float = 10000.0,
@@ -96,12 +85,8 @@ def capture_qk(model, tokens: torch.Tensor) -> list[dict]:
         else:
             handles.append(att.q_proj.register_forward_hook(grab("q")))
             handles.append(att.k_proj.register_forward_hook(grab("k")))
-
-        def pre(mod, args, kwargs, i=i):
-            pe = kwargs.get("position_embeddings")
-            if pe is not None:
-                store[i]["cos"], store[i]["sin"] = (t.unsqueeze(1).float() for t in pe)
-        handles.append(att.register_forward_pre_hook(pre, with_kwargs=True))
+    handles += hook_position_embeddings(
+        model, lambda i, cos, sin: store[i].update(cos=cos.unsqueeze(1).float(), sin=sin.unsqueeze(1).float()))
     try:
         model(input_ids=tokens, use_cache=False)
     finally:
@@ -174,10 +159,6 @@ def real_key_study(store: list[dict], bits=(8, 4, 3, 2), axes=("tensor", "token"
                          "by_position_before": per_b, "by_position_after": per_a,
                          "score_err_before": se_b, "score_err_after": se_a, "kl_before": kl_b, "kl_after": kl_a})
     return rows
-
-
-__all__ = ["attention_fidelity", "capture_qk", "invert_rope", "key_error", "real_key_study", "seed_experiment",
-           "sym_quant"]
 
 
 def plot(seed_rows: list[dict], many_rows: list[dict], real_rows: list[dict], path) -> None:

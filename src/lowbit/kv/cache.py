@@ -22,7 +22,7 @@ from ..formats import dequantize
 from ..formats.packing import pack, unpack
 from ..models import get_adapter
 from .quantizers import KVQuantConfig, int_quantize
-from .rope import apply_rope, invert_rope
+from .rope import apply_rope, hook_position_embeddings, invert_rope
 
 
 class _Packed:
@@ -57,9 +57,6 @@ class PackedKVLayer(DynamicLayer):
         self.cfg, self.owner, self.idx = cfg, owner, idx
         self.chunks: list[tuple[_Packed, _Packed, int]] = []  # (keys, values, first position)
         self.stored = 0  # tokens in chunks
-
-    def lazy_initialization(self, key_states, value_states) -> None:
-        super().lazy_initialization(key_states, value_states)
 
     def _rope(self, start: int, n: int):
         table = self.owner.table_of(self.idx)
@@ -125,33 +122,27 @@ class QuantizedKVCache(Cache):
         self.cfg = cfg
         self.tables: list[tuple[torch.Tensor, torch.Tensor]] = []  # distinct RoPE tables
         self.table_idx: dict[int, int] = {}
-        self._handles = [b.self_attn.register_forward_pre_hook(self._grab(i), with_kwargs=True)
-                         for i, b in enumerate(blocks)]
+        self._handles = hook_position_embeddings(model, self._grab)
 
-    def _grab(self, i: int):
-        def hook(mod, args, kwargs):
-            pe = kwargs.get("position_embeddings")
-            if pe is None:
-                return
-            cos, sin = (t[:1].unsqueeze(1).float() for t in pe)  # positions are shared by the batch
-            start = self.layers[i].get_seq_length()
-            t = self.table_idx.get(i)
-            if t is None:  # find a table with the same RoPE, or start one
-                for j, (c, s) in enumerate(self.tables):
-                    if c.shape[-1] == cos.shape[-1] and c.shape[-2] >= start + cos.shape[-2] and \
-                            torch.equal(c[..., start:start + cos.shape[-2], :], cos):
-                        t = j
-                        break
-                if t is None:
-                    if start:
-                        raise RuntimeError("RoPE of a layer seen only after the cache was filled")
-                    self.tables.append((cos, sin))
-                    t = len(self.tables) - 1
-                self.table_idx[i] = t
-            c, s = self.tables[t]
-            if c.shape[-2] < start + cos.shape[-2]:
-                self.tables[t] = (torch.cat([c[..., :start, :], cos], -2), torch.cat([s[..., :start, :], sin], -2))
-        return hook
+    def _grab(self, i: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        cos, sin = cos[:1].unsqueeze(1).float(), sin[:1].unsqueeze(1).float()  # positions are shared by the batch
+        start = self.layers[i].get_seq_length()
+        t = self.table_idx.get(i)
+        if t is None:  # find a table with the same RoPE, or start one
+            for j, (c, s) in enumerate(self.tables):
+                if c.shape[-1] == cos.shape[-1] and c.shape[-2] >= start + cos.shape[-2] and \
+                        torch.equal(c[..., start:start + cos.shape[-2], :], cos):
+                    t = j
+                    break
+            if t is None:
+                if start:
+                    raise RuntimeError("RoPE of a layer seen only after the cache was filled")
+                self.tables.append((cos, sin))
+                t = len(self.tables) - 1
+            self.table_idx[i] = t
+        c, s = self.tables[t]
+        if c.shape[-2] < start + cos.shape[-2]:
+            self.tables[t] = (torch.cat([c[..., :start, :], cos], -2), torch.cat([s[..., :start, :], sin], -2))
 
     def table_of(self, i: int):
         t = self.table_idx.get(i)

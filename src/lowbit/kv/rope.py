@@ -31,3 +31,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def invert_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """The inverse rotation: apply_rope(invert_rope(x)) == x."""
     return x * cos - _rotate_half(x) * sin
+
+
+def hook_position_embeddings(model, fn) -> list:
+    """Call fn(i, cos, sin) with the RoPE (cos, sin: [B, T, D]) that attention layer i receives
+    on every call; returns the hook handles (remove them when done)."""
+    from ..models import get_adapter
+
+    def make(i):
+        def hook(mod, args, kwargs):
+            pe = kwargs.get("position_embeddings")
+            if pe is not None:
+                fn(i, *pe)
+        return hook
+
+    return [blk.self_attn.register_forward_pre_hook(make(i), with_kwargs=True)
+            for i, blk in enumerate(get_adapter(model).layers(model))]

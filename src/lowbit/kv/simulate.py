@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from ..models import get_adapter
 from .quantizers import KVQuantConfig, quantize_kv
+from .rope import hook_position_embeddings
 
 
 class SimulatedKVCache(DynamicCache):
@@ -24,21 +24,14 @@ class SimulatedKVCache(DynamicCache):
         super().__init__(config=model.config)
         self.cfg = cfg
         self.rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._handles = []
-        for i, blk in enumerate(get_adapter(model).layers(model)):
-            self._handles.append(blk.self_attn.register_forward_pre_hook(self._grab(i), with_kwargs=True))
+        self._handles = hook_position_embeddings(model, self._grab)
 
-    def _grab(self, i: int):
-        def hook(mod, args, kwargs):
-            pe = kwargs.get("position_embeddings")
-            if pe is None:
-                return
-            cos, sin = (t.unsqueeze(1) for t in pe)  # [B, 1, T, D]
-            if i in self.rope and self.get_seq_length(i) > 0:
-                c0, s0 = self.rope[i]
-                cos, sin = torch.cat([c0, cos], -2), torch.cat([s0, sin], -2)
-            self.rope[i] = (cos, sin)
-        return hook
+    def _grab(self, i: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, T, D]
+        if i in self.rope and self.get_seq_length(i) > 0:
+            c0, s0 = self.rope[i]
+            cos, sin = torch.cat([c0, cos], -2), torch.cat([s0, sin], -2)
+        self.rope[i] = (cos, sin)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         k, v = super().update(key_states, value_states, layer_idx, *args, **kwargs)
