@@ -1,0 +1,16 @@
+"""Triton kernels, each with a plain-torch reference twin and a dispatcher.
+
+The dispatcher runs the Triton kernel when the input is on CUDA and triton imports, the reference
+otherwise; `LOWBIT_KERNELS=ref` forces the reference everywhere.
+"""
+
+from lowbit.kernels.pairwise import (
+    pairwise_blocks,
+    pairwise_rotate,
+    pairwise_rotate_ref,
+    pairwise_rotate_triton,
+    validate_partner,
+)
+
+__all__ = ["pairwise_blocks", "pairwise_rotate", "pairwise_rotate_ref", "pairwise_rotate_triton",
+           "validate_partner"]

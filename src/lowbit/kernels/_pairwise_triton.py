@@ -1,0 +1,113 @@
+"""Triton kernels of the pairwise rotation transform (imported only when triton is available).
+
+Two kernels; `lowbit.kernels.pairwise` launches them:
+
+- `gather_kernel`: one program = a tile of BLOCK_T tokens x one rotation group of G channels. The
+  tile is loaded once (scale applied on load), the K rotations run in fp32 registers, each one a
+  `tl.gather` along the channel axis for the partner values, and the tile is written once.
+- `blocks_mma_kernel`: y_g = x_g @ B_g with B_g [G, G] the dense matrix of the whole transform
+  of group g (scale and all K rotations), built beforehand by `gather_kernel` applied to an
+  identity. Runs on tensor cores with fp32 accumulation; operands split into bf16 high and low
+  parts (or tf32x3 for fp32 inputs), so the result has fp32-level accuracy like the gather path.
+  The gather costs several warp shuffles per element per rotation; at large token counts the
+  MMA, about 2 x 2G flops per element, is cheaper and leaves the kernel memory bound.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def gather_kernel(x_ptr, y_ptr, scale_ptr, partner_ptr, cos_ptr, sin_ptr,
+                  T, N, NG, stride_xt, stride_yt,
+                  K: tl.constexpr, G: tl.constexpr, BLOCK_T: tl.constexpr, EVEN_N: tl.constexpr):
+    pid = tl.program_id(0)
+    g = pid % NG          # groups vary fastest: neighbouring programs read neighbouring bytes
+    tile = pid // NG
+    offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_c = tl.arange(0, G)
+    col = g * G + offs_c
+    tmask = offs_t < T
+    rows = offs_t.to(tl.int64)
+    if EVEN_N:
+        mask = tmask[:, None]
+        s = tl.load(scale_ptr + col)
+    else:
+        cmask = col < N
+        mask = tmask[:, None] & cmask[None, :]
+        s = tl.load(scale_ptr + col, mask=cmask, other=0.0)
+    x = tl.load(x_ptr + rows[:, None] * stride_xt + col[None, :], mask=mask, other=0.0,
+                eviction_policy="evict_first")
+    y = x.to(tl.float32) * s[None, :]
+    for k in tl.static_range(K):
+        if EVEN_N:
+            p = tl.load(partner_ptr + k * N + col) - g * G
+            c = tl.load(cos_ptr + k * N + col)
+            sn = tl.load(sin_ptr + k * N + col)
+        else:
+            # channels past the end of a partial group stay in place (cos 1, sin 0)
+            p = tl.where(cmask, tl.load(partner_ptr + k * N + col, mask=cmask, other=0) - g * G, offs_c)
+            c = tl.load(cos_ptr + k * N + col, mask=cmask, other=1.0)
+            sn = tl.load(sin_ptr + k * N + col, mask=cmask, other=0.0)
+        idx = tl.broadcast_to(p[None, :], (BLOCK_T, G))
+        yp = tl.gather(y, idx, axis=1)
+        y = c[None, :] * y + sn[None, :] * yp
+    tl.store(y_ptr + rows[:, None] * stride_yt + col[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def blocks_mma_kernel(x_ptr, y_ptr, b_ptr, T, N, NG, CH, stride_xt, stride_yt, stride_b,
+                      ITERS: tl.constexpr, G: tl.constexpr, BLOCK_T: tl.constexpr, EVEN_N: tl.constexpr,
+                      MODE: tl.constexpr, EMU: tl.constexpr):
+    # MODE 0: bf16 x, B = hi + lo (2 MMAs); 1: fp16 x split into bf16 hi + lo (3 MMAs);
+    # 2: fp32 x, tf32x3 MMA on fp32 operands. EMU (interpreter only, whose bf16 dot is broken):
+    # the bf16 operands are rounded, then multiplied as fp32.
+    pid = tl.program_id(0)
+    g = pid % NG
+    chunk = pid // NG
+    offs_c = tl.arange(0, G)
+    col = g * G + offs_c
+    cmask = col < N
+    # B_g[i, o] = blocks[i, g*G + o]: rows are input channels, columns output channels
+    b = tl.load(b_ptr + offs_c[:, None] * stride_b + col[None, :], mask=cmask[None, :], other=0.0)
+    if MODE == 2:
+        b_hi = b
+        b_lo = b
+    else:
+        b_hi = b.to(tl.bfloat16)
+        b_lo = (b - b_hi.to(tl.float32)).to(tl.bfloat16)
+        if EMU:
+            b_hi = b_hi.to(tl.float32)
+            b_lo = b_lo.to(tl.float32)
+    # tiles chunk, chunk + CH, ...; ITERS is a small power of two (few variants compiled) and the
+    # tiles past T are fully masked
+    for it in range(0, ITERS):
+        tile = chunk + it * CH
+        offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+        rows = offs_t.to(tl.int64)
+        if EVEN_N:
+            mask = (offs_t < T)[:, None]
+        else:
+            mask = (offs_t < T)[:, None] & cmask[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_xt + col[None, :], mask=mask, other=0.0,
+                    eviction_policy="evict_first")
+        if MODE == 0:
+            if EMU:
+                x = x.to(tl.float32)
+            acc = tl.dot(x, b_hi)
+            acc = tl.dot(x, b_lo, acc)
+        elif MODE == 1:
+            xf = x.to(tl.float32)
+            x_hi = xf.to(tl.bfloat16)
+            x_lo = (xf - x_hi.to(tl.float32)).to(tl.bfloat16)
+            if EMU:
+                x_hi = x_hi.to(tl.float32)
+                x_lo = x_lo.to(tl.float32)
+            acc = tl.dot(x_hi, b_hi)
+            acc = tl.dot(x_hi, b_lo, acc)
+            acc = tl.dot(x_lo, b_hi, acc)
+        else:
+            acc = tl.dot(x, b, input_precision="tf32x3")
+        tl.store(y_ptr + rows[:, None] * stride_yt + col[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
