@@ -35,3 +35,20 @@ def test_capture_qk_reproduces_the_model_rope():
         assert torch.allclose(kp.norm(dim=-1), L["k"].norm(dim=-1), atol=1e-4)
         rows = real_key_study(store, bits=(4,), axes=("channel",), buckets=2)
         assert rows[0]["rel_mse_before"] > 0 and rows[0]["kl_after"] >= 0 and len(rows[0]["by_position_before"]) == 2
+
+
+def test_attention_study_errors_grow_as_bits_fall_and_vanish_at_16_bits():
+    from lowbit.analysis.rope import ATTENTION_CONFIGS, attention_study
+    from lowbit.kv import KVQuantConfig
+
+    assert ATTENTION_CONFIGS  # the configurations of `lowbit analyze attention`
+    store = capture_qk(tiny_model("llama"), tiny_tokens(1, 32))
+    assert store[0]["v"].shape == (1, 2, 32, 16)
+    rows = attention_study(store, [("fp", KVQuantConfig(key_bits=16, value_bits=16)),
+                                   ("int8", KVQuantConfig(key_bits=8, value_bits=8, key_group=8)),
+                                   ("int2", KVQuantConfig(key_bits=2, value_bits=2, key_group=8))])
+    fp, i8, i2 = rows
+    assert fp["mean_score_rel_err"] == 0 and fp["mean_out_rel_err"] == 0 and fp["key_bits"] == 16
+    for key in ("score_rel_err", "kl", "out_rel_err"):
+        assert len(i8["per_layer"][key]) == 2
+        assert 0 < i8["mean_" + key] < i2["mean_" + key]

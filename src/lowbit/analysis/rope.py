@@ -10,6 +10,9 @@
     (after RoPE), per position bucket.
 (c) The effect on attention: relative error of the scores q.k and KL of the attention
     probabilities per layer, with keys quantized before vs after RoPE.
+(d) `lowbit analyze attention`: per layer, for whole KV-cache formats (keys and values quantized
+    as the cache stores them, `lowbit.kv.quantize_kv`): score error, KL and the relative error of
+    the attention output softmax(q k^T / sqrt(d)) v.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ def seed_experiment(bits=(8, 6, 4, 3, 2), dim: int = 128, position: int = 1024, 
 
 @torch.no_grad()
 def capture_qk(model, tokens: torch.Tensor) -> list[dict]:
-    """Per attention layer: pre-RoPE queries and keys [B, H, T, D] and the RoPE cos / sin
+    """Per attention layer: pre-RoPE queries and keys, values [B, H, T, D] and the RoPE cos / sin
     [B, 1, T, D] the model applies, captured from a forward pass on `tokens` [B, T]."""
     from ..models import get_adapter
 
@@ -79,6 +82,7 @@ def capture_qk(model, tokens: torch.Tensor) -> list[dict]:
                 store[i][kind] = out.reshape(B, T, -1, hd).transpose(1, 2).float()
             return hook
 
+        handles.append(att.v_proj.register_forward_hook(grab("v")))
         if getattr(att, "q_norm", None) is not None:  # the norm works on [B, T, H, D] already
             handles.append(att.q_norm.register_forward_hook(lambda m, a, o, i=i: store[i].__setitem__("q", o.transpose(1, 2).float())))
             handles.append(att.k_norm.register_forward_hook(lambda m, a, o, i=i: store[i].__setitem__("k", o.transpose(1, 2).float())))
@@ -198,4 +202,88 @@ def plot(seed_rows: list[dict], many_rows: list[dict], real_rows: list[dict], pa
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _attention_configs() -> dict:
+    from ..kv.quantizers import KVQuantConfig as C
+
+    return {
+        "int4-pre": C(key_bits=4, value_bits=4),
+        "int4-post": C(key_bits=4, value_bits=4, pre_rope=False),
+        "int3-pre": C(key_bits=3, value_bits=3),
+        "int3-post": C(key_bits=3, value_bits=3, pre_rope=False),
+        "int3-kg128-pre": C(key_bits=3, value_bits=3, key_group=128, value_group=64),
+        "int3-kg128-post": C(key_bits=3, value_bits=3, key_group=128, value_group=64, pre_rope=False),
+        "qjl256-out4-v4": C(key_method="qjl", qjl_dim=256, outlier_channels=4, value_bits=4, pre_rope=False),
+    }
+
+
+ATTENTION_CONFIGS = _attention_configs()  # label -> KVQuantConfig, for `lowbit analyze attention`
+
+
+def attention_errors(q_post: torch.Tensor, k_post: torch.Tensor, v: torch.Tensor, k_hat: torch.Tensor,
+                     v_hat: torch.Tensor) -> dict[str, float]:
+    """(d): relative error of the causal scores, mean KL(p || p_hat) per query and relative error
+    of the attention output, keys k_hat and values v_hat instead of k and v (GQA aware)."""
+    rep = q_post.shape[1] // k_post.shape[1]
+    k, kh = k_post.repeat_interleave(rep, 1), k_hat.repeat_interleave(rep, 1)
+    vv, vh = v.repeat_interleave(rep, 1), v_hat.repeat_interleave(rep, 1)
+    d = q_post.shape[-1]
+    s = q_post @ k.transpose(-1, -2) / math.sqrt(d)
+    sh = q_post @ kh.transpose(-1, -2) / math.sqrt(d)
+    T = s.shape[-1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=s.device).tril()
+    err = float(((sh - s) * causal).norm() / (s * causal).norm())
+    lp = s.masked_fill(~causal, -torch.inf).log_softmax(-1)
+    lph = sh.masked_fill(~causal, -torch.inf).log_softmax(-1)
+    kl = float((lp.exp() * (lp - lph)).nan_to_num(0.0).sum(-1).mean())
+    o, oh = lp.exp() @ vv, lph.exp() @ vh
+    return {"score_rel_err": err, "kl": kl, "out_rel_err": float((oh - o).norm() / o.norm())}
+
+
+def attention_study(store: list[dict], configs: list[tuple[str, object]]) -> list[dict]:
+    """(d) for every (label, KVQuantConfig): per-layer score error, KL and output error, with keys
+    and values through the cache's round trip (all tokens quantized, as in the PPL runs)."""
+    from ..kv.quantizers import quantize_kv
+
+    rows = []
+    for label, cfg in configs:
+        per = {"score_rel_err": [], "kl": [], "out_rel_err": []}
+        for i, layer in enumerate(store):
+            cos, sin = layer["cos"], layer["sin"]
+            k_post, q_post = apply_rope(layer["k"], cos, sin), apply_rope(layer["q"], cos, sin)
+            kq, vq = quantize_kv(k_post, layer["v"], cfg, cos, sin, layer=i)
+            for key, val in attention_errors(q_post, k_post, layer["v"], kq, vq).items():
+                per[key].append(val)
+        D = store[0]["k"].shape[-1]
+        T = store[0]["k"].shape[-2]
+        rows.append({"label": label, "config": dict(cfg.__dict__), "key_bits": cfg.key_bits_per_element(D, T),
+                     "value_bits": cfg.value_bits_per_element(D, T), "per_layer": per,
+                     **{f"mean_{k}": sum(v) / len(v) for k, v in per.items()}})
+    return rows
+
+
+def plot_attention(rows: list[dict], path, title: str = "") -> None:
+    """Three panels (score error, KL, output error) with one per-layer curve per configuration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [("score_rel_err", "relative error of q.k"), ("kl", "KL(p || p_hat), mean per query"),
+            ("out_rel_err", "relative error of the attention output")]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    for ax, (key, name) in zip(axes, keys):
+        for r in rows:
+            ys = r["per_layer"][key]
+            ax.plot(range(len(ys)), ys, "o-" if "pre" in r["label"] else "s--", ms=3, label=r["label"])
+        ax.set_yscale("log")
+        ax.set_xlabel("layer")
+        ax.set_title(name)
+    axes[0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,16 +1,22 @@
 """A KV cache for transformers that holds its keys and values compressed, for real.
 
-Tokens arrive in a full-precision residual buffer. Whenever more than `fp_window` + G tokens
-wait there, the oldest G (G = `key_group` for per-channel keys, which need a group of tokens
-to share a scale) are quantized and stored as bit-packed codes with fp16 scales and zeros;
-they are dequantized when attention reads the cache. Keys can be stored in their pre-RoPE
-form: the RoPE each layer applies is captured from its attention call and kept once per
-distinct RoPE (one table for all layers that share it: recomputable from the positions, and
-counted apart in `nbytes()`).
+Tokens arrive in a full-precision tail. Whenever more than `fp_window` + G tokens wait there, the
+oldest G (G = `key_group` for per-channel keys, which need a group of tokens to share a scale,
+else 1) are encoded with the codec of `lowbit.kv.quantizers` (the one the simulated cache uses)
+and stored: bit-packed integer codes with fp16 scales and minima, or packed QJL sign bits with an
+fp16 norm per token; fp16 outlier channels with uint8 indices; fp16 sparse outliers with int16
+indices. They are decoded when attention reads the cache. The first `sink_tokens` tokens are
+kept in full precision as well. Keys can be stored in their pre-RoPE form: the RoPE each layer
+applies is captured from its attention call and kept once per distinct RoPE (one table for all
+layers that share it: recomputable from the positions, and counted apart in `nbytes()`, like the
+QJL sketches, one per layer, recomputable from the seed).
 
-Supported here: integer keys and values (any axis, group, symmetric or not, pre/post RoPE,
-FP window). QJL keys and outlier channels are available in the simulated cache
-(`lowbit.kv.simulate`), which measures quality; this one measures memory.
+Sliding-window layers (Gemma 3, Mistral with a window) keep what their window needs: chunks that
+fell out of the window are dropped, and attention gets the same keys a transformers
+`DynamicSlidingWindowLayer` would give it.
+
+Not supported here: per-tensor scales (`key_axis` / `value_axis` = "tensor"), which need all
+tokens at once; use the simulated cache (`lowbit.kv.simulate`) for those.
 """
 
 from __future__ import annotations
@@ -18,45 +24,49 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from ..formats import dequantize
 from ..formats.packing import pack, unpack
 from ..models import get_adapter
-from .quantizers import KVQuantConfig, int_quantize
+from .quantizers import KVQuantConfig, decode_keys, decode_values, encode_keys, encode_values, qjl_sketch
 from .rope import apply_rope, hook_position_embeddings, invert_rope
 
 
-class _Packed:
-    """One tensor [B, H, G, D] stored as packed integer codes along an axis."""
+class _Stored:
+    """One chunk of keys or values [B, H, G, D] as the codec encoded it, with codes bit-packed."""
 
-    def __init__(self, x: torch.Tensor, bits: int, axis: str, group: int, symmetric: bool):
-        self.shape, self.dtype = x.shape, x.dtype
-        self.axis = axis
-        codes, scale, zero, self.fmt, _ = int_quantize(x, bits, axis, group, symmetric)
-        self.n = codes.shape[1]
-        self.codes = pack(codes, bits)
-        self.scale = scale.half()
-        self.zero = zero.to(torch.uint8) if not symmetric else zero.half()
+    def __init__(self, enc: dict, shape, bits: int):
+        self.shape, self.bits = shape, bits
+        self.parts: dict[str, torch.Tensor | None] = {}
+        self.widths: dict[str, tuple] = {}
+        for name, t in enc.items():
+            if name in ("codes", "signs"):
+                b = bits if name == "codes" else 1
+                rows = t.reshape(shape[0] * shape[1], -1)
+                self.widths[name] = (t.shape, rows.shape[1], b)
+                t = pack(rows.contiguous(), b)
+            self.parts[name] = t
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero))
+        return sum(t.numel() * t.element_size() for t in self.parts.values() if t is not None)
 
-    def get(self) -> torch.Tensor:
-        codes = unpack(self.codes, self.fmt.bits, self.n)
-        rows = dequantize(codes, self.scale.float(), self.zero.float(), self.fmt)
-        B, H, G, D = self.shape
-        if self.axis == "channel":
-            return rows.reshape(B, H, D, G).transpose(-1, -2).to(self.dtype)
-        return rows.reshape(self.shape).to(self.dtype)
+    def enc(self) -> dict:
+        out = dict(self.parts)
+        for name, (shape, n, b) in self.widths.items():
+            out[name] = unpack(self.parts[name], b, n).reshape(shape)
+        return out
 
 
 class PackedKVLayer(DynamicLayer):
-    """One attention layer's cache: packed chunks of old tokens plus a full-precision tail."""
+    """One attention layer's cache: encoded chunks of old tokens, FP sink tokens, an FP tail."""
 
-    def __init__(self, cfg: KVQuantConfig, owner: QuantizedKVCache, idx: int):
+    def __init__(self, cfg: KVQuantConfig, owner: QuantizedKVCache, idx: int, sliding_window: int | None = None):
         super().__init__()
         self.cfg, self.owner, self.idx = cfg, owner, idx
-        self.chunks: list[tuple[_Packed, _Packed, int]] = []  # (keys, values, first position)
-        self.stored = 0  # tokens in chunks
+        self.sliding_window = sliding_window
+        self.is_sliding = sliding_window is not None
+        self.chunks: list[tuple[_Stored | torch.Tensor, _Stored | torch.Tensor, int]] = []  # (keys, values, start)
+        self.sink_k = self.sink_v = None  # the first sink tokens, exact (post-RoPE keys)
+        self.stored = 0  # absolute position where the FP tail starts
+        self.seen = 0  # tokens seen (cumulative length)
 
     def _rope(self, start: int, n: int):
         table = self.owner.table_of(self.idx)
@@ -65,64 +75,141 @@ class PackedKVLayer(DynamicLayer):
         cos, sin = table
         return cos[..., start:start + n, :], sin[..., start:start + n, :]
 
+    def _encode(self, k: torch.Tensor, v: torch.Tensor, start: int):
+        cfg = self.cfg
+        sinks = max(0, min(cfg.sink_tokens, start + k.shape[-2]) - start)
+        if sinks:  # chunks are aligned at 0: sink tokens are the first ones of the first chunk(s)
+            sk, sv = k[..., :sinks, :].clone(), v[..., :sinks, :].clone()
+            self.sink_k = sk if self.sink_k is None else torch.cat([self.sink_k, sk], -2)
+            self.sink_v = sv if self.sink_v is None else torch.cat([self.sink_v, sv], -2)
+        if cfg.keys_quantized:
+            base = k.float()
+            if cfg.pre_rope:
+                cos, sin = self._rope(start, k.shape[-2])
+                if cos is not None:
+                    base = invert_rope(base, cos, sin)
+            S = self.owner.sketch(self.idx, k.shape[-1], k.device)
+            ks = _Stored(encode_keys(base, cfg, S, sinks), k.shape, cfg.key_bits)
+        else:
+            ks = k.clone()
+        vs = _Stored(encode_values(v, cfg, sinks), v.shape, cfg.value_bits) if cfg.value_bits < 16 else v.clone()
+        return ks, vs
+
+    def _decode(self, ks, vs, start: int):
+        cfg = self.cfg
+        if isinstance(ks, _Stored):
+            k = decode_keys(ks.enc(), cfg, ks.shape, self.owner.sketch(self.idx, ks.shape[-1], self.device))
+            if cfg.pre_rope:
+                cos, sin = self._rope(start, k.shape[-2])
+                if cos is not None:
+                    k = apply_rope(k, cos, sin)
+            k = k.to(self.dtype)
+        else:
+            k = ks
+        v = decode_values(vs.enc(), cfg, vs.shape).to(self.dtype) if isinstance(vs, _Stored) else vs
+        if self.sink_k is not None and start < self.sink_k.shape[-2]:
+            n = min(self.sink_k.shape[-2] - start, k.shape[-2])
+            k, v = k.clone(), v.clone()
+            k[..., :n, :], v[..., :n, :] = self.sink_k[..., start:start + n, :], self.sink_v[..., start:start + n, :]
+        return k, v
+
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        before = self.seen
+        self.seen += key_states.shape[-2]
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         cfg = self.cfg
-        G = max(cfg.key_group, 1) if cfg.key_axis == "channel" else 1
-        while self.keys.shape[-2] - cfg.fp_window >= G and self.keys.shape[-2] > 0:
-            k, v = self.keys[..., :G, :], self.values[..., :G, :]
-            if cfg.pre_rope:
-                cos, sin = self._rope(self.stored, G)
-                if cos is not None:
-                    k = invert_rope(k.float(), cos, sin).to(k.dtype)
-            self.chunks.append((_Packed(k, cfg.key_bits, cfg.key_axis, cfg.key_group, cfg.symmetric),
-                                _Packed(v, cfg.value_bits, cfg.value_axis, cfg.value_group, cfg.symmetric),
-                                self.stored))
+        G = cfg.chunk_tokens
+        while self.keys.shape[-2] - cfg.fp_window >= G:
+            ks, vs = self._encode(self.keys[..., :G, :], self.values[..., :G, :], self.stored)
+            self.chunks.append((ks, vs, self.stored))
             self.stored += G
             self.keys, self.values = self.keys[..., G:, :], self.values[..., G:, :]
-        return self._read()
+        k, v = self._read()
+        if self.is_sliding:
+            n = min(before, self.sliding_window - 1) + key_states.shape[-2]
+            k, v = k[..., -n:, :], v[..., -n:, :]
+            keep_from = self.seen - self.sliding_window + 1  # what the next call still needs
+            while self.chunks and self.chunks[0][2] + G <= keep_from:
+                self.chunks.pop(0)
+            if self.sink_k is not None and self.sink_k.shape[-2] <= keep_from:
+                self.sink_k = self.sink_v = None  # out of the window
+        return k, v
 
     def _read(self):
-        ks, vs = [], []
-        for kp, vp, start in self.chunks:
-            k = kp.get()
-            if self.cfg.pre_rope:
-                cos, sin = self._rope(start, k.shape[-2])
-                if cos is not None:
-                    k = apply_rope(k.float(), cos, sin).to(k.dtype)
-            ks.append(k)
-            vs.append(vp.get())
-        return torch.cat([*ks, self.keys], dim=-2), torch.cat([*vs, self.values], dim=-2)
+        ks, vs = [self.keys], [self.values]
+        if self.chunks:
+            pairs = [self._decode(k, v, s) for k, v, s in self.chunks]
+            ks = [p[0] for p in pairs] + ks
+            vs = [p[1] for p in pairs] + vs
+        return torch.cat(ks, dim=-2), torch.cat(vs, dim=-2)
 
     def get_seq_length(self) -> int:
-        if not self.is_initialized:
-            return 0
-        return self.stored + self.keys.shape[-2]
+        return self.seen if self.is_initialized else 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if not self.is_sliding:
+            return self.seen + query_length, 0
+        kv_offset = max(self.seen - self.sliding_window + 1, 0)
+        if self.seen >= self.sliding_window:
+            return self.sliding_window - 1 + query_length, kv_offset
+        return self.seen + query_length, kv_offset
+
+    def get_max_length(self) -> int:
+        return self.sliding_window if self.is_sliding else -1
 
     def nbytes(self) -> int:
-        """Bytes held: packed codes, scales and zeros, and the full-precision tail."""
-        n = sum(k.nbytes() + v.nbytes() for k, v, _ in self.chunks)
+        """Bytes held: encoded chunks, FP sink tokens and the FP tail."""
+        n = 0
+        for k, v, _ in self.chunks:
+            for t in (k, v):
+                n += t.nbytes() if isinstance(t, _Stored) else t.numel() * t.element_size()
+        for t in (self.sink_k, self.sink_v):
+            if t is not None:
+                n += t.numel() * t.element_size()
         if self.is_initialized:
             n += self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
         return n
+
+
+def _sliding_windows(model, n: int) -> list[int | None]:
+    """Per decoder layer: its sliding window, or None for full attention."""
+    try:
+        from transformers.cache_utils import get_layer_types_and_kwargs
+
+        types, kwargs = get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))
+        out = [kw.get("sliding_window") if t in ("sliding_attention", "chunked_attention") else None
+               for t, kw in zip(types, kwargs)]
+        return out if len(out) == n else [None] * n
+    except (ImportError, AttributeError, TypeError):
+        return [None] * n
 
 
 class QuantizedKVCache(Cache):
     """A transformers Cache of PackedKVLayer, one per decoder block of `model`."""
 
     def __init__(self, model, cfg: KVQuantConfig):
-        if cfg.key_method != "int" or cfg.outlier_channels:
-            raise ValueError("the packed cache stores integer keys without outlier channels; "
-                             "use lowbit.kv.simulate for QJL keys and outlier channels")
+        if "tensor" in (cfg.key_axis, cfg.value_axis):
+            raise ValueError("the packed cache stores tokens chunk by chunk: per-tensor scales need all tokens at "
+                             "once; use lowbit.kv.simulate for key_axis / value_axis = 'tensor'")
         blocks = get_adapter(model).layers(model)
-        super().__init__(layers=[PackedKVLayer(cfg, self, i) for i in range(len(blocks))])
+        windows = _sliding_windows(model, len(blocks))
+        super().__init__(layers=[PackedKVLayer(cfg, self, i, windows[i]) for i in range(len(blocks))])
         self.cfg = cfg
         self.tables: list[tuple[torch.Tensor, torch.Tensor]] = []  # distinct RoPE tables
         self.table_idx: dict[int, int] = {}
+        self.sketches: dict[int, torch.Tensor] = {}
         self._handles = hook_position_embeddings(model, self._grab)
+
+    def sketch(self, i: int, d: int, device) -> torch.Tensor | None:
+        """Layer i's QJL sketch (seed + i), made once."""
+        if self.cfg.key_method != "qjl":
+            return None
+        if i not in self.sketches:
+            self.sketches[i] = qjl_sketch(self.cfg.qjl_dim, d, self.cfg.seed + i, device)
+        return self.sketches[i]
 
     def _grab(self, i: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
         cos, sin = cos[:1].unsqueeze(1).float(), sin[:1].unsqueeze(1).float()  # positions are shared by the batch
@@ -149,10 +236,12 @@ class QuantizedKVCache(Cache):
         return None if t is None else self.tables[t]
 
     def nbytes(self) -> dict[str, int]:
-        """Bytes held by the KV data and, apart, by the shared RoPE tables."""
+        """Bytes held by the KV data and, apart, by what is recomputable: the shared RoPE tables
+        (pre-RoPE keys only) and the QJL sketches."""
         kv = sum(layer.nbytes() for layer in self.layers)
         rope = sum(c.numel() * c.element_size() + s.numel() * s.element_size() for c, s in self.tables)
-        return {"kv": kv, "rope_tables": rope if self.cfg.pre_rope else 0}
+        sk = sum(s.numel() * s.element_size() for s in self.sketches.values())
+        return {"kv": kv, "rope_tables": rope if self.cfg.pre_rope else 0, "sketches": sk}
 
     def close(self) -> None:
         """Remove the hooks from the model."""

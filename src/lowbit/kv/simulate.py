@@ -38,7 +38,7 @@ class SimulatedKVCache(DynamicCache):
         cos, sin = self.rope.get(layer_idx, (None, None))
         if cos is not None and cos.shape[-2] != k.shape[-2]:  # e.g. a sliding window returned a suffix
             cos, sin = cos[..., -k.shape[-2]:, :], sin[..., -k.shape[-2]:, :]
-        return quantize_kv(k, v, self.cfg, cos, sin)
+        return quantize_kv(k, v, self.cfg, cos, sin, layer_idx)
 
     def close(self) -> None:
         """Remove the hooks from the model."""
