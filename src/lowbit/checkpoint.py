@@ -31,6 +31,8 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .formats import IntFormat, dequantize, pack, unpack
 from .pipeline import QuantizationResult
+from .transforms import PairwiseRotation
+from .transforms.modules import RotatedLinear, replace_module
 
 FORMAT = "lowbit/1"
 MANIFEST = "lowbit.json"
@@ -86,6 +88,10 @@ def save(model: torch.nn.Module, result: QuantizationResult, out: str | Path, to
                 tensors[f"{name}.g_idx"] = qw.g_idx.to(torch.int32).contiguous()
             modules[name] = {"bits": fmt.bits, "group_size": fmt.group_size, "symmetric": fmt.symmetric,
                              "in_features": int(qw.codes.shape[1]), "out_features": int(qw.codes.shape[0])}
+            rot = result.transforms.get(name)
+            if rot is not None:  # the online input transform (pairwise rotations)
+                tensors.update(rot.to_tensors(name))
+                modules[name]["transform"] = {"type": "pairwise", "group": rot.group, "krot": int(rot.pairs.shape[0])}
         seen: dict[int, str] = {}
         aliases = {}
         quantized = {f"{n}.weight" for n in result.weights}
@@ -188,10 +194,25 @@ def load(path: str | Path, device: str | torch.device = "cpu", with_tokenizer: b
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config)
+    rots = {}
+    for name, m in manifest["modules"].items():
+        t = m.get("transform")
+        if t is None:
+            continue
+        if t.get("type") != "pairwise":
+            raise CheckpointError(f"{path}: module {name} has an unknown transform {t.get('type')!r}")
+        try:
+            rot = PairwiseRotation.from_tensors(state, name, int(t["group"]))
+        except KeyError as e:
+            raise CheckpointError(f"{path}: tensor {e} missing for the transform of {name}") from e
+        rots[name] = rot
     ref = next(iter(v for k, v in state.items() if k not in {f"{n}.weight" for n in manifest["modules"]}), None)
     dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
     model = model.to(dtype)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    for name, rot in rots.items():
+        lin = model.get_submodule(name)
+        replace_module(model, name, RotatedLinear.wrap(lin, rot, weight=lin.weight.data))
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in manifest.get("aliases", {})]
     if unexpected or missing:

@@ -59,11 +59,19 @@ def _protocol(calib: str, n_calib: int, seq_len: int, seed: int, data: str, wind
 
 
 def _recipe(recipe: str, method, bits, group_size, sym, clip, act_order, damp, qep=None, qep_alpha=None,
-            qep_damp=None):
+            qep_damp=None, pairwise: dict | None = None):
+    from .blockwise import PairwiseConfig
     from .qep import QEPConfig
     from .recipe import get_recipe
 
     r = get_recipe(recipe)
+    pairwise = pairwise or {}
+    on = pairwise.pop("on", None)
+    settings = {k: v for k, v in pairwise.items() if v is not None}
+    if on is False:
+        r = r.with_(name="", pairwise=None)
+    elif on or settings:
+        r = r.with_(name="", pairwise={**(r.pairwise or PairwiseConfig()).to_dict(), **settings})
     over = {k: v for k, v in dict(method=method, bits=bits, group_size=group_size, symmetric=sym, clip=clip,
                                  act_order=act_order, damp=damp).items() if v is not None}
     if over.get("method", "").startswith("qep("):
@@ -120,6 +128,15 @@ def quantize(
     qep_alpha: Optional[float] = typer.Option(None, help="QEP strength in [0, 1] for every layer type "
                                               "(default: 0.5, and 0 for mlp.down_proj). Implies --qep."),
     qep_damp: Optional[float] = typer.Option(None, help="QEP damping relative to mean(diag H) (default 1). Implies --qep."),
+    pairwise: Optional[bool] = typer.Option(None, "--pairwise/--no-pairwise",
+                                            help="Learn pairwise rotations block by block before the solver (ParoQuant-style)."),
+    pair_epochs: Optional[int] = typer.Option(None, help="Pairwise stage 1 epochs (angles + channel scales; default 10)."),
+    pair_stage2: Optional[int] = typer.Option(None, help="Pairwise stage 2 epochs (weights + quantizer; replaces the "
+                                              "solver; default 0 = off)."),
+    pairing: Optional[str] = typer.Option(None, help="How channels are paired: random (default), weight or activation."),
+    pair_samples: Optional[int] = typer.Option(None, help="Calibration windows used to train rotations (0 = all)."),
+    krot: Optional[int] = typer.Option(None, help="Rotations per linear (default 8)."),
+    rot_group: Optional[int] = typer.Option(None, help="Channels per rotation group (default 128)."),
     calib: str = typer.Option("sotu-calib", help="Calibration corpus: a name, .txt/.jsonl file or folder."),
     n_calib: int = typer.Option(128, help="Number of calibration windows."),
     seq_len: int = typer.Option(512, help="Tokens per calibration / evaluation window."),
@@ -140,7 +157,9 @@ def quantize(
         from . import checkpoint
         from .jobs import quantize_job
 
-        r = _recipe(recipe, method, bits, group_size, sym, clip, act_order, damp, qep, qep_alpha, qep_damp)
+        r = _recipe(recipe, method, bits, group_size, sym, clip, act_order, damp, qep, qep_alpha, qep_damp,
+                    dict(on=pairwise, epochs1=pair_epochs, epochs2=pair_stage2, pairing=pairing,
+                         samples=pair_samples, krot=krot, group=rot_group))
         proto = _protocol(calib, n_calib, seq_len, seed, data, windows, batch_size)
         checkpoint.check_output(out, overwrite)
         console.print(f"recipe: {json.dumps(r.to_dict())}", highlight=False)
@@ -328,6 +347,57 @@ def analyze_rope(
                   f"{r['kl_after']:.3g}")
     out_console.print(t)
     out_console.print(f"written: {out_dir}/rope.json, {out_dir}/rope.png")
+
+
+@analyze_app.command("attention")
+def analyze_attention(
+    model: str = typer.Argument("smollm2", help=MODEL_HELP),
+    data: str = typer.Option("sotu-modern", help="Corpus whose activations are captured."),
+    windows: int = typer.Option(1, help="Windows of real text."),
+    seq_len: int = typer.Option(1024, help="Tokens per window."),
+    configs: str = typer.Option("", help="Comma-separated labels of lowbit.analysis.rope.ATTENTION_CONFIGS "
+                                "(default: all of them)."),
+    out_dir: str = typer.Option("out/attention", help="Where attention.json and attention.png are written."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Attention fidelity per layer under KV-cache formats (keys and values quantized as the cache
+    stores them): relative error of the scores q.k, KL of the causal attention probabilities and
+    relative error of the attention output. Prints a table, writes attention.json and attention.png."""
+    _setup(quiet, 0, threads)
+    try:
+        from pathlib import Path
+
+        from .analysis import rope as study
+        from .data import eval_windows, load_text, tokenize
+        from .fileio import write_json
+        from .loading import load_model
+
+        names = [c.strip() for c in configs.split(",") if c.strip()]
+        unknown = [n for n in names if n not in study.ATTENTION_CONFIGS]
+        if unknown:
+            raise ValueError(f"unknown configurations {unknown}; known: {list(study.ATTENTION_CONFIGS)}")
+        chosen = [(n, study.ATTENTION_CONFIGS[n]) for n in (names or study.ATTENTION_CONFIGS)]
+        m, tok = load_model(model, device="cpu")
+        toks = eval_windows(tokenize(tok, load_text(data)), windows, seq_len)
+        rows = study.attention_study(study.capture_qk(m, toks), chosen)
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "attention.json", {"model": model, "data": data, "windows": windows, "seq_len": seq_len,
+                                            "rows": rows})
+        study.plot_attention(rows, out / "attention.png",
+                             f"{model}: attention under KV-cache formats ({windows} x {seq_len} tokens of {data})")
+    except (*_user_errors(), ValueError) as e:
+        _fail(e)
+    t = Table(title="attention fidelity, mean over layers (max over layers)")
+    for c in ("cache", "K bits", "V bits", "score err", "KL", "output err"):
+        t.add_column(c, justify="right")
+    for r in rows:
+        pl = r["per_layer"]
+        t.add_row(r["label"], f"{r['key_bits']:.2f}", f"{r['value_bits']:.2f}",
+                  *(f"{r['mean_' + k]:.3g} ({max(pl[k]):.3g})" for k in ("score_rel_err", "kl", "out_rel_err")))
+    out_console.print(t)
+    out_console.print(f"written: {out_dir}/attention.json, {out_dir}/attention.png")
 
 
 @app.command("presets")

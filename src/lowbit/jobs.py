@@ -74,12 +74,16 @@ class JobResult:
 
 
 def bits_per_weight(result: QuantizationResult) -> float:
-    """Average storage bits per quantized weight, scales, zeros and group maps included."""
+    """Average storage bits per quantized weight, scales, zeros, group maps and input transforms
+    (pairs, angles, channel scales) included."""
     total_bits, total_w = 0.0, 0
-    for qw in result.weights.values():
+    for name, qw in result.weights.items():
         out, n = qw.codes.shape
         w = out * n
         total_bits += qw.fmt.bits_per_weight(n) * w + (32 * n if qw.g_idx is not None else 0)
+        rot = result.transforms.get(name)
+        if rot is not None:
+            total_bits += 8 * rot.nbytes()
         total_w += w
     return total_bits / max(total_w, 1)
 

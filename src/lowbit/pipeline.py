@@ -25,10 +25,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .blockwise import fit_block
 from .models import get_adapter
 from .qep import QEPStat, qep_target
 from .recipe import Recipe
 from .solvers import ROW_INDEPENDENT, QuantizedWeight, get_solver
+from .transforms import PairwiseRotation
 
 log = logging.getLogger("lowbit")
 
@@ -272,11 +274,16 @@ def collect_stats(block: nn.Module, names: list[str], xs: list[torch.Tensor], ca
             def accumulate(name, t):
                 if name in keep:
                     replay.record(name, b, t)
+                ref = fp_in.get(name)
+                mod = block.get_submodule(name)
+                if hasattr(mod, "transform_input"):  # statistics live in the linear's own input space
+                    t = mod.transform_input(t)
+                    ref = None if ref is None else mod.transform_input(ref)
                 st = stats.get(name) or by_tensor.get(id(t), (None, None))[1] or QEPStat(t.shape[-1], t.device)
                 stats[name] = st
                 by_tensor[id(t)] = (t, st)
                 if id(st) not in updated:  # once per batch, even when several linears share it
-                    st.add(t, fp_in.get(name))
+                    st.add(t, ref)
                     updated.add(id(st))
 
             _forward_until(block, names, x, call, accumulate)
@@ -292,6 +299,8 @@ class QuantizationResult:
     seconds: float = 0.0
     block_errors: list[float] = field(default_factory=list)
     layers_prefix: str = ""
+    transforms: dict[str, PairwiseRotation] = field(default_factory=dict)  # input transforms by module name
+    block_fits: list[dict] = field(default_factory=list)  # block-wise optimisation losses per block
 
 
 def _module_name(model: nn.Module, target: nn.Module) -> str:
@@ -339,7 +348,10 @@ def quantize_model(model: nn.Module, recipe: Recipe, tokens: torch.Tensor, *, ba
     # a data-free solver needs no activations unless QEP or the block errors want them
     streams = recipe.needs_inputs or track_error
     xs, calls = capture_inputs(model, layers, tokens, batch_size, device) if streams else ([], [[] for _ in layers])
-    fp = [x.clone() for x in xs] if (track_error or qep is not None) else None
+    if recipe.pairwise is not None and len(xs) < 2:
+        raise PipelineError("pairwise rotations need at least 2 calibration batches (train + validation); "
+                            "use more calibration windows or a smaller batch size")
+    fp = [x.clone() for x in xs] if (track_error or qep is not None or recipe.pairwise is not None) else None
     result = QuantizationResult(recipe, {}, layers_prefix=prefix)
     bar = tqdm(range(len(layers)), desc=f"quantize {recipe.label}", unit="block", disable=not progress)
     for i in bar:
@@ -354,9 +366,23 @@ def quantize_model(model: nn.Module, recipe: Recipe, tokens: torch.Tensor, *, ba
         fp_replay = Replay(fp_block, adapter.output_linears, enabled=memo) if fp_block is not None else None
         replay = Replay(block, adapter.output_linears, enabled=memo)
         done: set[str] = set()
+        fp_out = None
+        if recipe.pairwise is not None:
+            fp_out = run_block(fp_block, fp, calls[i])  # the targets, and the next FP stream
+            all_names = [n for g in groups for n in g]
+            fit = fit_block(block, all_names, xs, fp_out, calls[i], recipe.pairwise, fmt, clip=recipe.clip,
+                            seed_offset=1000 * i, progress=progress)
+            result.transforms.update({f"{prefix}.{i}.{n}": r for n, r in fit["transforms"].items()})
+            result.block_fits.append({k: fit[k] for k in ("stage1", "stage2", "reverted") if k in fit})
+            if fit["weights"]:  # stage 2 produced the codes: no solver pass
+                for name, qw in fit["weights"].items():
+                    block.get_submodule(name).weight.data.copy_(qw.dequantize())
+                    result.weights[f"{prefix}.{i}.{name}"] = _cpu(qw)
+                groups = []
+            replay = Replay(block, adapter.output_linears, enabled=memo)  # the linears were replaced
         for names in groups:
             stats = {}
-            if recipe.needs_inputs:
+            if recipe.needs_hessian or qep is not None:
                 # the FP inputs are needed only where QEP corrects (alpha > 0): by default not for
                 # down_proj, whose C would be the costliest accumulator
                 corrects = qep is not None and any(qep.for_type(adapter.layer_type(n))[0] > 0 for n in names)
@@ -375,7 +401,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, tokens: torch.Tensor, *, ba
         if streams:
             xs = run_block(block, xs, calls[i], replay)
         if fp is not None:
-            fp = run_block(fp_block, fp, calls[i], fp_replay)
+            fp = fp_out if fp_out is not None else run_block(fp_block, fp, calls[i], fp_replay)
             if track_error:
                 result.block_errors.append(_rel_err(xs, fp))
                 bar.set_postfix(rel_err=f"{result.block_errors[-1]:.4f}")

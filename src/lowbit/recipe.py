@@ -7,6 +7,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from .blockwise import PairwiseConfig
 from .formats import IntFormat
 from .qep import QEPConfig
 from .solvers import NEEDS_HESSIAN, SOLVERS
@@ -32,6 +33,7 @@ class Recipe:
     true_sequential: bool = True  # re-collect inputs after each group of linears is quantized
     skip: tuple[str, ...] = field(default_factory=tuple)  # substrings of linear names left in FP
     qep: QEPConfig | None = None  # error-propagation correction around the solver (None = off)
+    pairwise: PairwiseConfig | None = None  # learned pairwise rotations, block by block (None = off)
     name: str = ""
 
     def __post_init__(self) -> None:
@@ -47,6 +49,16 @@ class Recipe:
                 object.__setattr__(self, "qep", QEPConfig(**self.qep))
             except (TypeError, ValueError) as e:
                 raise RecipeError(f"bad qep settings: {e}") from None
+        if isinstance(self.pairwise, bool):
+            object.__setattr__(self, "pairwise", PairwiseConfig() if self.pairwise else None)
+        elif isinstance(self.pairwise, dict):
+            try:
+                object.__setattr__(self, "pairwise", PairwiseConfig(**self.pairwise))
+            except (TypeError, ValueError) as e:
+                raise RecipeError(f"bad pairwise settings: {e}") from None
+        if self.pairwise is not None and self.pairwise.epochs2 > 0 and self.qep is not None:
+            raise RecipeError("pairwise stage 2 trains the codes itself and replaces the solver; "
+                              "use QEP with stage 1 only (epochs2 = 0)")
         if self.method not in SOLVERS:
             raise RecipeError(f"unknown method {self.method!r}; available: {', '.join(sorted(SOLVERS))}")
         self.format  # validates bits / group size
@@ -69,7 +81,7 @@ class Recipe:
     @property
     def needs_inputs(self) -> bool:
         """Whether the pipeline must run the calibration stream (solver statistics or QEP)."""
-        return self.needs_hessian or self.qep is not None
+        return self.needs_hessian or self.qep is not None or self.pairwise is not None
 
     @property
     def label(self) -> str:
@@ -79,6 +91,8 @@ class Recipe:
         g = {-1: "pc", 0: "pt"}.get(self.group_size, f"g{self.group_size}")
         tags = ("-clip" if self.clip else "") + ("-static" if self.static_groups else "")
         method = f"qep-{self.method}" if self.qep is not None else self.method
+        if self.pairwise is not None:
+            method = f"{self.pairwise.tag}-{method}"
         tags += self.qep.tag if self.qep is not None else ""
         return f"{method}-w{self.bits}{'s' if self.symmetric else ''}-{g}{tags}"
 
@@ -94,6 +108,7 @@ class Recipe:
         d = asdict(self)
         d["skip"] = list(self.skip)
         d["qep"] = None if self.qep is None else self.qep.to_dict()
+        d["pairwise"] = None if self.pairwise is None else self.pairwise.to_dict()
         return d
 
     @classmethod
@@ -139,7 +154,7 @@ PRESETS: dict[str, Recipe] = {
 }
 
 
-_LABEL = re.compile(r"(?P<qep>qep-)?(?P<method>[a-z0-9]+)-w(?P<bits>\d)(?P<sym>s?)-(?P<g>g\d+|pc|pt)"
+_LABEL = re.compile(r"(?P<pair>pair2?-)?(?P<qep>qep-)?(?P<method>[a-z0-9]+)-w(?P<bits>\d)(?P<sym>s?)-(?P<g>g\d+|pc|pt)"
                     r"(?P<clip>-clip)?(?P<static>-static)?(?:-a(?P<alpha>[\d.]+))?(?:-l(?P<damp>[\d.]+))?")
 
 
@@ -160,8 +175,14 @@ def parse_label(label: str) -> Recipe | None:
         qep = QEPConfig(**kw)
     elif m["alpha"] or m["damp"]:
         return None
-    return Recipe(method=m["method"], bits=int(m["bits"]), symmetric=bool(m["sym"]), group_size=g,
-                  clip=bool(m["clip"]), static_groups=bool(m["static"]), qep=qep)
+    pairwise = None
+    if m["pair"]:
+        pairwise = PairwiseConfig(epochs2=10 if m["pair"] == "pair2-" else 0)
+    try:
+        return Recipe(method=m["method"], bits=int(m["bits"]), symmetric=bool(m["sym"]), group_size=g,
+                      clip=bool(m["clip"]), static_groups=bool(m["static"]), qep=qep, pairwise=pairwise)
+    except RecipeError:
+        return None
 
 
 def get_recipe(name_or_path: str) -> Recipe:

@@ -1,0 +1,298 @@
+"""Block-wise optimisation of pairwise rotations (ParoQuant-style), asked for by the pipeline.
+
+For one decoder block, fed the quantized stream and fit to the FP block's output on the FP
+stream (SmoothL1):
+
+- stage 1 learns, per linear, the rotation angles and channel scales of a PairwiseRotation
+  with the original weights frozen; the rotated weight goes through a min/max round-to-nearest
+  quantizer with a straight-through estimator for the rounding only, so the gradient also
+  sees how the rotation moves each group's range;
+- stage 2 (optional) freezes the rotations and learns the rotated weights and the
+  quantizer's scales and zero points (EfficientQAT Block-AP style); its rounding gives the
+  final codes, so it replaces the layer solver.
+
+Each stage keeps the epoch with the lowest validation loss (the last calibration batches,
+never trained on) and reverts to its starting point when no epoch beats it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from .formats import IntFormat, qparams
+from .formats.uniform import _store_scale
+from .solvers import QuantizedWeight
+from .transforms.modules import RotatedLinear, replace_module
+from .transforms.pairwise import PAIRINGS, PairwiseRotation, apply_blocks, block_matrices, coefficients
+
+
+@dataclass(frozen=True)
+class PairwiseConfig:
+    """Rotations, pairing and the two training stages (defaults: the reference's recipe)."""
+
+    krot: int = 8  # rotations per linear
+    group: int = 128  # channels per rotation group (independent of quantization groups)
+    pairing: str = "random"  # random (seeded) | weight (by column max |W|) | activation (by E[x^2])
+    seed: int = 0
+    epochs1: int = 10  # stage 1: angles + channel scales
+    epochs2: int = 0  # stage 2: weights + quantizer scales / zeros (0 = off: the solver quantizes)
+    lr_rot: float = 0.05
+    lr_weight: float = 1e-5
+    lr_qparams: float = 1e-6
+    weight_decay: float = 0.01
+    samples: int = 0  # calibration samples used for training (0 = all); the rest are skipped
+    val_fraction: float = 0.125  # share of the used batches held out for validation
+
+    def __post_init__(self) -> None:
+        if self.pairing not in PAIRINGS:
+            raise ValueError(f"pairing must be one of {', '.join(PAIRINGS)}, got {self.pairing!r}")
+        if not 1 <= self.krot <= 16:
+            raise ValueError(f"krot must be 1-16, got {self.krot}")
+        if self.group < 2 or self.group & (self.group - 1):
+            raise ValueError(f"rotation group must be a power of two >= 2 (the kernel's tile), got {self.group}")
+        if self.epochs1 < 0 or self.epochs2 < 0 or self.samples < 0 or not 0 < self.val_fraction < 1:
+            raise ValueError("epochs and samples must be >= 0 and val_fraction in (0, 1)")
+
+    @property
+    def tag(self) -> str:
+        """Label fragment, e.g. pair or pair2 (with stage 2)."""
+        return "pair2" if self.epochs2 > 0 else "pair"
+
+    def to_dict(self) -> dict:
+        """JSON-safe dict."""
+        return asdict(self)
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+def _grouped(w: torch.Tensor, fmt: IntFormat) -> tuple[torch.Tensor, int]:
+    """[out, n] -> [out, G, g], zero-padded (0 always lies in the asymmetric range)."""
+    n = w.shape[1]
+    g = fmt.group_width(n)
+    pad = (-n) % g
+    wp = F.pad(w, (0, pad)) if pad else w
+    return wp.reshape(w.shape[0], -1, g), n
+
+
+def fake_quant_minmax(w: torch.Tensor, fmt: IntFormat) -> torch.Tensor:
+    """Min/max round to nearest with STE on the rounding: gradients reach w and the range."""
+    wg, n = _grouped(w, fmt)
+    dims = (0, 1, 2) if fmt.group_size == 0 else (-1,)
+    maxq = fmt.maxq
+    if fmt.symmetric:
+        scale = (2 * wg.abs().amax(dims, keepdim=True) / maxq).clamp(min=1e-8)
+        zero = torch.full_like(scale, maxq / 2)
+    else:
+        lo = wg.amin(dims, keepdim=True).clamp(max=0)
+        hi = wg.amax(dims, keepdim=True).clamp(min=0)
+        scale = ((hi - lo) / maxq).clamp(min=1e-8)
+        zero = _round_ste(-lo / scale).clamp(0, maxq)
+    q = torch.clamp(_round_ste(wg / scale + zero), 0, maxq)
+    return ((q - zero) * scale).reshape(w.shape[0], -1)[:, :n]
+
+
+class _Stage1(nn.Module):
+    """Trains one linear's angles and channel scales; the weight stays frozen."""
+
+    def __init__(self, lin: nn.Linear, rot: PairwiseRotation, fmt: IntFormat):
+        super().__init__()
+        self.w = lin.weight.detach().float()
+        self.b = None if lin.bias is None else lin.bias.detach().float()
+        self.rot, self.fmt = rot, fmt
+        self.theta = nn.Parameter(rot.theta.clone().to(self.w.device))
+        self.log_scale = nn.Parameter(rot.scale.log().to(self.w.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        partner, cos, sin = coefficients(self.rot.pairs, self.rot.mask, self.theta, self.w.shape[1])
+        s = self.log_scale.exp()
+        g = self.rot.group
+        wq = fake_quant_minmax(apply_blocks(self.w, block_matrices(s, partner, cos, sin, g)), self.fmt)
+        # Q(W') x' with x' = x B (block diagonal) is x (Q(W') B^T)^T: fold the activation side into
+        # the weight, so a step costs what the plain linear costs plus [out, n] x G work
+        w_eff = apply_blocks(wq, block_matrices(1 / s, partner, cos, sin, g), transpose=True)
+        return F.linear(x.float(), w_eff, self.b).to(x.dtype)
+
+    def fitted(self) -> PairwiseRotation:
+        """The transform with angles and scales rounded to their stored (fp16) precision."""
+        return PairwiseRotation(self.rot.pairs, self.rot.mask, self.theta.detach().cpu().half().float(),
+                                self.log_scale.detach().exp().cpu().half().float(), self.rot.group)
+
+
+class _Stage2(nn.Module):
+    """Trains one rotated linear's weight and its quantizer's per-group scale and zero."""
+
+    def __init__(self, lin: RotatedLinear, fmt: IntFormat, clip: bool):
+        super().__init__()
+        self.lin, self.fmt = lin, fmt
+        w = lin.weight.detach().float()
+        scale, zero = qparams(w, fmt, clip_search=clip)
+        self.weight = nn.Parameter(w.clone())
+        self.scale = nn.Parameter(scale.clone())
+        self.zero = nn.Parameter(zero.clone())
+
+    def _zero(self) -> torch.Tensor:
+        if self.fmt.symmetric:  # fixed at the middle (maxq / 2) by the format
+            return self.zero.detach()
+        return _round_ste(self.zero).clamp(0, self.fmt.maxq)
+
+    def dequant(self) -> torch.Tensor:
+        wg, n = _grouped(self.weight, self.fmt)
+        s = self.scale.clamp(min=1e-8)[..., None]
+        z = self._zero()[..., None]
+        q = torch.clamp(_round_ste(wg / s + z), 0, self.fmt.maxq)
+        return ((q - z) * s).reshape(wg.shape[0], -1)[:, :n]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = None if self.lin.bias is None else self.lin.bias.float()
+        w_eff = apply_blocks(self.dequant(), self.lin.blocks(), transpose=True)  # as in stage 1
+        return F.linear(x.float(), w_eff, b).to(x.dtype)
+
+    def quantized(self) -> QuantizedWeight:
+        """Final codes with the scale rounded to its stored precision."""
+        with torch.no_grad():
+            scale = _store_scale(self.scale.detach())
+            zero = self._zero().detach()
+            wg, n = _grouped(self.weight.detach(), self.fmt)
+            q = torch.clamp(torch.round(wg / scale[..., None] + zero[..., None]), 0, self.fmt.maxq)
+            codes = q.reshape(wg.shape[0], -1)[:, :n].to(torch.uint8)
+        return QuantizedWeight(codes, scale, zero, self.fmt, info={"solver": "pairwise-stage2"})
+
+
+def _train(block: nn.Module, params: list[dict], xs, targets, calls, train_idx, val_idx, epochs: int,
+           desc: str, progress: bool) -> tuple[float, float, int]:
+    """AdamW + cosine schedule to lr/20 over all steps; keep the best validation epoch.
+
+    Returns (start validation loss, best validation loss, best epoch; 0 = the start)."""
+    tensors = [p for g in params for p in g["params"]]
+    opt = torch.optim.AdamW(params, betas=(0.9, 0.95))
+    steps = max(1, epochs * len(train_idx))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda t: 1 / 20 + (1 - 1 / 20) * 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps)))
+
+    def loss_on(b):
+        a, kw = calls[b]
+        out = block(xs[b], *a, **kw)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        return F.smooth_l1_loss(out.float(), targets[b].float())
+
+    def validate() -> float:
+        with torch.no_grad():
+            return sum(float(loss_on(b)) for b in val_idx) / len(val_idx)
+
+    start = best = validate()
+    best_state, best_epoch = [t.detach().clone() for t in tensors], 0
+    bar = tqdm(range(epochs), desc=desc, leave=False, disable=not progress)
+    for ep in bar:
+        for b in train_idx:
+            opt.zero_grad(set_to_none=True)
+            loss = loss_on(b)
+            loss.backward()
+            opt.step()
+            sched.step()
+        v = validate()
+        if v < best:
+            best, best_epoch = v, ep + 1
+            best_state = [t.detach().clone() for t in tensors]
+        bar.set_postfix(val=f"{v:.3e}", best=f"{best:.3e}", start=f"{start:.3e}")
+    with torch.no_grad():
+        for t, s in zip(tensors, best_state):
+            t.copy_(s)
+    return start, best, best_epoch
+
+
+def _importance(lin: nn.Linear, pairing: str, H_diag: torch.Tensor | None) -> torch.Tensor | None:
+    if pairing == "weight":
+        return lin.weight.detach().abs().amax(0).float().cpu()
+    if pairing == "activation":
+        return H_diag.float().cpu()
+    return None
+
+
+@torch.no_grad()
+def fit_block(block: nn.Module, names: list[str], xs: list[torch.Tensor], targets: list[torch.Tensor],
+              calls: list, cfg: PairwiseConfig, fmt: IntFormat, *, clip: bool = False, seed_offset: int = 0,
+              progress: bool = True) -> dict:
+    """Fit pairwise rotations for the named linears of `block` (in place: they become
+    RotatedLinear with rotated, still unquantized weights) and, with stage 2, their codes.
+
+    Returns {"transforms": {name: PairwiseRotation}, "weights": {name: QuantizedWeight} (stage 2
+    only), "stage1": (start, best, epoch), "stage2": ..., "reverted": [...]}.
+    """
+    n_batches = len(xs)
+    if cfg.samples:
+        per = xs[0].shape[0]
+        n_batches = min(n_batches, max(2, math.ceil(cfg.samples / per)))
+    n_val = max(1, round(n_batches * cfg.val_fraction))
+    if n_batches < 2:
+        raise ValueError("block-wise optimisation needs at least 2 calibration batches (train + validation)")
+    train_idx, val_idx = list(range(n_batches - n_val)), list(range(n_batches - n_val, n_batches))
+
+    H_diag: dict[str, torch.Tensor] = {}
+    if cfg.pairing == "activation":  # E[x^2] per input channel, from the training batches
+        hooks = [block.get_submodule(n).register_forward_pre_hook(
+            lambda m, a, n=n: H_diag.__setitem__(n, H_diag.get(n, 0) + a[0].float().pow(2).flatten(0, -2).sum(0)))
+            for n in names]
+        try:
+            for b in train_idx:
+                a, kw = calls[b]
+                block(xs[b], *a, **kw)
+        finally:
+            for h in hooks:
+                h.remove()
+
+    originals = {n: block.get_submodule(n) for n in names}
+    for p in block.parameters():
+        p.requires_grad_(False)
+    report: dict = {"transforms": {}, "weights": {}, "reverted": []}
+    stage1 = {}
+    for j, n in enumerate(names):
+        lin = originals[n]
+        rot = PairwiseRotation.identity(lin.in_features, cfg.krot, cfg.group, cfg.pairing, cfg.seed + seed_offset + j,
+                                        _importance(lin, cfg.pairing, H_diag.get(n)))
+        stage1[n] = _Stage1(lin, rot, fmt)
+        replace_module(block, n, stage1[n])
+    try:
+        with torch.enable_grad():
+            params = [{"params": [m.theta, m.log_scale], "lr": cfg.lr_rot, "weight_decay": cfg.weight_decay}
+                      for m in stage1.values()]
+            report["stage1"] = _train(block, params, xs, targets, calls, train_idx, val_idx, cfg.epochs1,
+                                      "stage 1", progress)
+    finally:
+        for n in names:
+            replace_module(block, n, originals[n])
+    if report["stage1"][2] == 0:
+        report["reverted"].append("stage1")
+    for n in names:
+        rot = stage1[n].fitted()
+        report["transforms"][n] = rot
+        replace_module(block, n, RotatedLinear.wrap(originals[n], rot))
+    if cfg.epochs2 > 0:
+        stage2 = {n: _Stage2(block.get_submodule(n), fmt, clip) for n in names}
+        rotated = {n: block.get_submodule(n) for n in names}
+        for n in names:
+            replace_module(block, n, stage2[n])
+        try:
+            with torch.enable_grad():
+                params = []
+                for m in stage2.values():
+                    params.append({"params": [m.weight], "lr": cfg.lr_weight, "weight_decay": cfg.weight_decay})
+                    params.append({"params": [m.scale, m.zero], "lr": cfg.lr_qparams, "weight_decay": 0.0})
+                report["stage2"] = _train(block, params, xs, targets, calls, train_idx, val_idx, cfg.epochs2,
+                                          "stage 2", progress)
+        finally:
+            for n in names:
+                replace_module(block, n, rotated[n])
+        if report["stage2"][2] == 0:
+            report["reverted"].append("stage2")
+        for n in names:
+            report["weights"][n] = stage2[n].quantized()
+    return report

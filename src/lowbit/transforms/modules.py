@@ -1,0 +1,74 @@
+"""Linear layers that carry an input transform applied online at inference."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .pairwise import PairwiseRotation, apply_blocks, block_matrices
+
+
+class RotatedLinear(nn.Linear):
+    """y = W' (R D^-1 x) + b: a linear whose stored weight W' lives in a rotated input space.
+
+    The transform's per-channel coefficients are kept as buffers; `transform_input` runs the
+    fused kernel on CUDA (the torch reference elsewhere). Subclassing nn.Linear keeps every
+    tool that looks for linears (the pipeline, the checkpoint) working unchanged.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rot: PairwiseRotation, bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        if rot.n != in_features:
+            raise ValueError(f"transform width {rot.n} != in_features {in_features}")
+        self.rot = rot
+        partner, cos, sin = rot.coefficients()
+        self.register_buffer("partner", partner.to(device), persistent=False)
+        self.register_buffer("cos", cos.float().to(device), persistent=False)
+        self.register_buffer("sin", sin.float().to(device), persistent=False)
+        self.register_buffer("inv_scale", (1 / rot.scale).float().to(device), persistent=False)
+
+    @classmethod
+    def wrap(cls, lin: nn.Linear, rot: PairwiseRotation, weight: torch.Tensor | None = None) -> RotatedLinear:
+        """A RotatedLinear sharing lin's bias; its weight is `weight` (default: lin's weight rotated)."""
+        w = lin.weight
+        new = cls(lin.in_features, lin.out_features, rot, bias=lin.bias is not None, device="meta")
+        new.weight = nn.Parameter((rot.apply_weight(w.data) if weight is None else weight).to(w.dtype),
+                                  requires_grad=False)
+        if lin.bias is not None:
+            new.bias = lin.bias
+        partner, cos, sin = rot.coefficients(w.device)
+        new.partner, new.cos, new.sin = partner, cos.float(), sin.float()
+        new.inv_scale = (1 / rot.scale).float().to(w.device)
+        return new
+
+    def blocks(self) -> torch.Tensor:
+        """The activation transform as block-diagonal matrices [groups, G, G] (cached)."""
+        b = getattr(self, "_blocks", None)
+        if b is None or b.device != self.cos.device:
+            b = block_matrices(self.inv_scale, self.partner, self.cos, self.sin, self.rot.group)
+            self._blocks = b
+        return b
+
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x' = R D^-1 x: the fused Triton kernel on CUDA; on CPU the equivalent block-diagonal
+        matmul, which is faster there than K passes over memory."""
+        if x.is_cuda:
+            from ..kernels.pairwise import pairwise_rotate
+
+            return pairwise_rotate(x, self.inv_scale, self.partner, self.cos, self.sin, group=self.rot.group)
+        return apply_blocks(x, self.blocks())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.transform_input(x), self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        K = self.rot.pairs.shape[0]
+        return f"{super().extra_repr()}, rotations={K}, group={self.rot.group}"
+
+
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` at dotted path `name` inside `root`."""
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, new)
