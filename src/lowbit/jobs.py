@@ -66,6 +66,7 @@ class JobResult:
     peak_gpu_mb: float | None = None
     bits_per_weight: float | None = None
     block_errors: list[float] = field(default_factory=list)
+    block_fits: list[dict] = field(default_factory=list)  # block-wise optimisation: losses, reverted stages
     device: str = "cpu"
 
     def to_dict(self) -> dict:
@@ -110,6 +111,7 @@ def quantize_job(model_spec: str, recipe: Recipe, protocol: Protocol, *, eval_fp
         job.peak_gpu_mb = torch.cuda.max_memory_allocated() / 2**20
     job.bits_per_weight = bits_per_weight(result)
     job.block_errors = result.block_errors
+    job.block_fits = result.block_fits
     if eval_quant:
         job.ppl = evaluate(model, tokenizer, protocol, progress)
     return model, tokenizer, result, job
