@@ -15,6 +15,9 @@ CONFIGS = {
                                  fp_window=4),
     "qjl-out-sink": dict(key_method="qjl", qjl_dim=32, value_bits=3, value_group=16, key_group=8, outlier_channels=2,
                          sink_tokens=1),
+    "int3-clip-vsym-vrot": dict(key_bits=3, value_bits=3, key_group=8, value_group=16, key_clip=True, value_clip=True,
+                                value_symmetric=True,
+                                value_rotation=True, value_levels="normal", key_levels="normal"),
     "int4-token-keys-rot": dict(key_bits=4, value_bits=4, key_axis="token", key_group=8, value_group=8, sink_tokens=3,
                                 key_rotation=True, value_rotation=True, key_levels="normal"),
 }

@@ -206,16 +206,20 @@ def plot(seed_rows: list[dict], many_rows: list[dict], real_rows: list[dict], pa
 
 
 def _attention_configs() -> dict:
+    """The formats of `lowbit analyze attention`, labelled as in benchmarks/kv_bench.py."""
     from ..kv.quantizers import KVQuantConfig as C
 
+    b3 = dict(key_bits=3, value_bits=3)
     return {
         "int4-pre": C(key_bits=4, value_bits=4),
         "int4-post": C(key_bits=4, value_bits=4, pre_rope=False),
-        "int3-pre": C(key_bits=3, value_bits=3),
-        "int3-post": C(key_bits=3, value_bits=3, pre_rope=False),
-        "int3-kg128-pre": C(key_bits=3, value_bits=3, key_group=128, value_group=64),
-        "int3-kg128-post": C(key_bits=3, value_bits=3, key_group=128, value_group=64, pre_rope=False),
-        "qjl256-out4-v4": C(key_method="qjl", qjl_dim=256, outlier_channels=4, value_bits=4, pre_rope=False),
+        "int3-pre": C(**b3),
+        "int3-post": C(**b3, pre_rope=False),
+        "int3-kg128-vg64-pre": C(**b3, key_group=128, value_group=64),
+        "int3-kg128-vg64-post": C(**b3, key_group=128, value_group=64, pre_rope=False),
+        "int3-kg64-vg64-pre-nfk-vrot-sink1": C(**b3, key_group=64, value_group=64, key_levels="normal",
+                                               value_rotation=True, sink_tokens=1),
+        "qjl128-out4-v4": C(key_method="qjl", qjl_dim=128, value_bits=4, pre_rope=False, outlier_channels=4),
     }
 
 

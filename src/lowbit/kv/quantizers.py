@@ -70,6 +70,9 @@ class KVQuantConfig:
     value_levels: str = "uniform"
     key_rotation: bool = False  # rotate head_dim by a random Hadamard before quantizing (undone after)
     value_rotation: bool = False
+    value_symmetric: bool | None = None  # None: as `symmetric`
+    key_clip: bool = False  # per-group range shrink with the smallest squared error (same storage)
+    value_clip: bool = False
 
     def __post_init__(self) -> None:
         for name in ("key_bits", "value_bits"):
@@ -110,6 +113,10 @@ class KVQuantConfig:
         return int(round(frac * chunk_tokens * width)) if frac > 0 else 0
 
     @property
+    def value_sym(self) -> bool:
+        return self.symmetric if self.value_symmetric is None else self.value_symmetric
+
+    @property
     def keys_quantized(self) -> bool:
         return self.key_method != "none" and self.key_bits < 16
 
@@ -130,7 +137,7 @@ class KVQuantConfig:
                 return 16.0 * G * D
             bits, Dd, b, axis, group, frac = 0, D, self.value_bits, self.value_axis, self.value_group, self.value_sparse
         bits += G * Dd * b
-        p = 16 if self.symmetric else 32
+        p = 16 if (self.value_sym if not keys else self.symmetric) else 32
         if axis == "channel":
             bits += Dd * math.ceil(G / (group if group > 0 else G)) * p
         elif axis == "token":
@@ -145,7 +152,7 @@ class KVQuantConfig:
         nq = self.quantized_tokens(tokens)
         if (self.key_axis if keys else self.value_axis) == "tensor":  # one scale for all quantized tokens
             b = self.key_bits if keys else self.value_bits
-            main = nq * D * b + (16 if self.symmetric else 32)
+            main = nq * D * b + (16 if (self.symmetric if keys else self.value_sym) else 32)
         else:
             main = nq // self.chunk_tokens * self._chunk_bits(D, keys)
         fp = (tokens - nq + min(self.sink_tokens, nq)) * D * fp_bits
@@ -208,9 +215,15 @@ def _ungroup_rows(r: torch.Tensor, axis: str, shape) -> torch.Tensor:
     return r.reshape(shape)
 
 
-def int_encode(x: torch.Tensor, bits: int, axis: str, group: int, symmetric: bool, levels: str = "uniform"):
+CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+
+
+def int_encode(x: torch.Tensor, bits: int, axis: str, group: int, symmetric: bool, levels: str = "uniform",
+               clip: bool = False):
     """Integer codes of x [..., T, D] along `axis` in groups of `group` (<= 0: whole rows):
-    (codes uint8 in row layout [..., R, L], scale fp16 [..., R, ngroups], minimum fp16 or None)."""
+    (codes uint8 in row layout [..., R, L], scale fp16 [..., R, ngroups], minimum fp16 or None).
+    clip: per group, shrink the range around its middle by the factor of CLIP_GRID with the
+    smallest squared error (values outside are clamped to the end levels)."""
     rows = _grouped_rows(x.float(), axis)
     L = rows.shape[-1]
     g = L if group <= 0 or axis == "tensor" else min(group, L)
@@ -219,22 +232,40 @@ def int_encode(x: torch.Tensor, bits: int, axis: str, group: int, symmetric: boo
     rp = torch.cat([rows, rows[..., -1:].expand(*rows.shape[:-1], pad)], -1) if pad else rows
     rg = rp.reshape(*rows.shape[:-1], ng, g)
     maxq = 2 ** bits - 1
+    lv = normal_levels(bits, g).to(x.device) if levels == "normal" else None
     if symmetric:
-        amax = rg.abs().amax(-1)
-        scale = (2 * amax / maxq).clamp(1e-7, 6.0e4).half()
-        t = rg / scale.float()[..., None] + maxq / 2
-        lo = None
+        amax0, lo0, hi0 = rg.abs().amax(-1), None, None
     else:
-        lo = rg.amin(-1).clamp(-6.0e4, 6.0e4).half()
-        hi = rg.amax(-1)
-        scale = ((hi - lo.float()) / maxq).clamp(1e-7, 6.0e4).half()
-        t = (rg - lo.float()[..., None]) / scale.float()[..., None]
-    if levels == "normal":
-        lv = normal_levels(bits, g).to(x.device)
-        codes = torch.bucketize(t.contiguous(), (lv[1:] + lv[:-1]) / 2)
-    else:
-        codes = torch.round(t)
-    codes = codes.clamp(0, maxq).to(torch.uint8).reshape(*rows.shape[:-1], ng * g)[..., :L]
+        lo0, hi0 = rg.amin(-1), rg.amax(-1)
+    best = None
+    for r in (CLIP_GRID if clip else (1.0,)):
+        if symmetric:
+            scale = (2 * r * amax0 / maxq).clamp(1e-7, 6.0e4).half()
+            lo = None
+            t = rg / scale.float()[..., None] + maxq / 2
+        else:
+            mid, half = (lo0 + hi0) / 2, (hi0 - lo0) / 2 * r
+            lo = (mid - half).clamp(-6.0e4, 6.0e4).half()
+            scale = (2 * half / maxq).clamp(1e-7, 6.0e4).half()
+            t = (rg - lo.float()[..., None]) / scale.float()[..., None]
+        codes = (torch.bucketize(t.contiguous(), (lv[1:] + lv[:-1]) / 2) if lv is not None
+                 else torch.round(t)).clamp(0, maxq)
+        if not clip:
+            best = (codes, scale, lo)
+            break
+        c = lv[codes.long()] if lv is not None else codes
+        s_ = scale.float()[..., None]
+        y = s_ * (c - maxq / 2) if symmetric else lo.float()[..., None] + s_ * c
+        err = (y - rg).pow(2).sum(-1)
+        if best is None:
+            best, best_err = (codes, scale, lo), err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = (torch.where(better[..., None], codes, best[0]), torch.where(better, scale, best[1]),
+                None if symmetric else torch.where(better, lo, best[2]))
+    codes, scale, lo = best
+    codes = codes.to(torch.uint8).reshape(*rows.shape[:-1], ng * g)[..., :L]
     return codes, scale, lo
 
 
@@ -392,7 +423,7 @@ def encode_keys(k: torch.Tensor, cfg: KVQuantConfig, S: torch.Tensor | None = No
     if n_s:
         x = _sparse_split(x, G, cfg.key_axis, n_s, enc, "")
     enc["codes"], enc["scale"], enc["lo"] = int_encode(x, cfg.key_bits, cfg.key_axis, cfg.key_group, cfg.symmetric,
-                                                       cfg.key_levels)
+                                                       cfg.key_levels, cfg.key_clip)
     return enc
 
 
@@ -436,7 +467,7 @@ def encode_values(v: torch.Tensor, cfg: KVQuantConfig, sinks: int = 0) -> dict:
     if n_s:
         x = _sparse_split(x, G, cfg.value_axis, n_s, enc, "")
     enc["codes"], enc["scale"], enc["lo"] = int_encode(x, cfg.value_bits, cfg.value_axis, cfg.value_group,
-                                                       cfg.symmetric, cfg.value_levels)
+                                                       cfg.value_sym, cfg.value_levels, cfg.value_clip)
     return enc
 
 
@@ -475,7 +506,7 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, cfg: KVQuantConfig, cos: torch
     if cfg.value_bits < 16:
         vv = v[..., :nq, :]
         if cfg.value_axis == "tensor":
-            deq = fake_quant(vv, cfg.value_bits, "tensor", 0, cfg.symmetric, cfg.value_levels)
+            deq = fake_quant(vv, cfg.value_bits, "tensor", 0, cfg.value_sym, cfg.value_levels)
         else:
             deq = decode_values(encode_values(vv, cfg, sinks), cfg, vv.shape)
         vq[..., :nq, :] = deq.to(v.dtype)
