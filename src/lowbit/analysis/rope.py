@@ -217,8 +217,8 @@ def _attention_configs() -> dict:
         "int3-post": C(**b3, pre_rope=False),
         "int3-kg128-vg64-pre": C(**b3, key_group=128, value_group=64),
         "int3-kg128-vg64-post": C(**b3, key_group=128, value_group=64, pre_rope=False),
-        "int3-kg64-vg64-pre-nfk-vrot-sink1": C(**b3, key_group=64, value_group=64, key_levels="normal",
-                                               value_rotation=True, sink_tokens=1),
+        "int3-kg128-vg64-pre-vrot-vsym-vclip-sink1": C(**b3, key_group=128, value_group=64, value_rotation=True,
+                                                       value_symmetric=True, value_clip=True, sink_tokens=1),
         "qjl128-out4-v4": C(key_method="qjl", qjl_dim=128, value_bits=4, pre_rope=False, outlier_channels=4),
     }
 
