@@ -19,10 +19,11 @@ elif [ "$mode" = quality ] || [ "$mode" = time ]; then
   [ "$mode" = time ] && RECIPES=pair-rtn-w3-g64 && TAG=time
   for r in $RECIPES; do
     name=$(basename "$r" .json)
-    timeout ${DEADLINE:-400} python3 -m lowbit bench smollm2 --device cuda --quiet --no-fp --recipes "$r" \
+    timeout ${DEADLINE:-400} python3 -m lowbit bench smollm2 --device cuda --quiet --no-fp --batch-size ${BS:-8} --recipes "$r" \
       --out-dir /tmp/pq/$name > /tmp/pq/$name.log 2>&1 &
   done
   wait
+  nvidia-smi --query-compute-apps=pid --format=csv,noheader | xargs -r kill -9  # spawned workers outlive a timeout
   python3 - "$OUT/pairwise-${TAG:-quality}.json" <<'PY'
 import glob, json, sys
 rows = []

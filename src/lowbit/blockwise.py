@@ -30,7 +30,7 @@ from .formats import IntFormat, qparams
 from .formats.uniform import _store_scale
 from .solvers import QuantizedWeight
 from .transforms.modules import RotatedLinear, replace_module
-from .transforms.pairwise import PAIRINGS, PairwiseRotation, apply_blocks, block_matrices, coefficients
+from .transforms.pairwise import PAIRINGS, PairwiseRotation, apply_blocks, block_matrices, coefficients_at, pair_index
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class PairwiseConfig:
     group: int = 128  # channels per rotation group (independent of quantization groups)
     pairing: str = "random"  # random (seeded) | weight (by column max |W|) | activation (by E[x^2])
     seed: int = 0
-    epochs1: int = 10  # stage 1: angles + channel scales
+    epochs1: int = 5  # stage 1: angles + channel scales (the reference's newer release: 5 + 5)
     epochs2: int = 0  # stage 2: weights + quantizer scales / zeros (0 = off: the solver quantizes)
     lr_rot: float = 0.05
     lr_weight: float = 1e-5
@@ -110,9 +110,11 @@ class _Stage1(nn.Module):
         self.rot, self.fmt = rot, fmt
         self.theta = nn.Parameter(rot.theta.clone().to(self.w.device))
         self.log_scale = nn.Parameter(rot.scale.log().to(self.w.device))
+        self.index = pair_index(rot.pairs, rot.mask, self.w.shape[1], self.w.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        partner, cos, sin = coefficients(self.rot.pairs, self.rot.mask, self.theta, self.w.shape[1])
+        a, b, m, partner = self.index
+        cos, sin = coefficients_at(self.theta, a, b, m, self.w.shape[1])
         s = self.log_scale.exp()
         g = self.rot.group
         wq = fake_quant_minmax(apply_blocks(self.w, block_matrices(s, partner, cos, sin, g)), self.fmt)

@@ -177,7 +177,7 @@ def parse_label(label: str) -> Recipe | None:
         return None
     pairwise = None
     if m["pair"]:
-        pairwise = PairwiseConfig(epochs2=10 if m["pair"] == "pair2-" else 0)
+        pairwise = PairwiseConfig(epochs2=5 if m["pair"] == "pair2-" else 0)
     try:
         return Recipe(method=m["method"], bits=int(m["bits"]), symmetric=bool(m["sym"]), group_size=g,
                       clip=bool(m["clip"]), static_groups=bool(m["static"]), qep=qep, pairwise=pairwise)

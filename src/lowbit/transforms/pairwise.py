@@ -102,20 +102,45 @@ def ranked_pairs(importance: torch.Tensor, krot: int, group: int) -> tuple[torch
     return pairs, mask
 
 
+def pair_index(pairs: torch.Tensor, mask: torch.Tensor, n: int, device=None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(a, b, valid, partner) on `device`: the slots' channels (empty slots point at a scratch
+    column n) and the partner map [K, n] int32. Depends only on the pairs: compute it once."""
+    m = mask.to(device)
+    a = torch.where(m, pairs[..., 0].to(device), n)
+    b = torch.where(m, pairs[..., 1].to(device), n)
+    partner = torch.arange(n + 1, device=device).repeat(pairs.shape[0], 1).scatter(1, a, b).scatter(1, b, a)
+    return a, b, m, partner[:, :n].to(torch.int32)
+
+
+def coefficients_at(theta: torch.Tensor, a: torch.Tensor, b: torch.Tensor, m: torch.Tensor, n: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (cos [K, n], signed sin [K, n]) of the angles; differentiable in theta."""
+    K = theta.shape[0]
+    th = torch.where(m, theta, torch.zeros_like(theta))
+    c, s = torch.cos(th), torch.sin(th)
+    cos = torch.ones(K, n + 1, device=theta.device, dtype=theta.dtype).scatter(1, a, c).scatter(1, b, c)
+    sin = torch.zeros(K, n + 1, device=theta.device, dtype=theta.dtype).scatter(1, a, -s).scatter(1, b, s)
+    return cos[:, :n], sin[:, :n]
+
+
 def coefficients(pairs: torch.Tensor, mask: torch.Tensor, theta: torch.Tensor, n: int
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-channel (partner [K, n] int32, cos [K, n], signed sin [K, n]); differentiable in theta."""
-    K, dev = pairs.shape[0], theta.device
-    m = mask.to(dev)
-    # masked slots write into a scratch column n, dropped at the end
-    a = torch.where(m, pairs[..., 0].to(dev), n)
-    b = torch.where(m, pairs[..., 1].to(dev), n)
-    th = torch.where(m, theta, torch.zeros_like(theta))
-    c, s = torch.cos(th), torch.sin(th)
-    cos = torch.ones(K, n + 1, device=dev, dtype=theta.dtype).scatter(1, a, c).scatter(1, b, c)
-    sin = torch.zeros(K, n + 1, device=dev, dtype=theta.dtype).scatter(1, a, -s).scatter(1, b, s)
-    partner = torch.arange(n + 1, device=dev).repeat(K, 1).scatter(1, a, b).scatter(1, b, a)
-    return partner[:, :n].to(torch.int32), cos[:, :n], sin[:, :n]
+    a, b, m, partner = pair_index(pairs, mask, n, theta.device)
+    cos, sin = coefficients_at(theta, a, b, m, n)
+    return partner, cos, sin
+
+
+_EYES: dict = {}
+
+
+def _eye_tiled(group: int, n: int, device) -> torch.Tensor:
+    key = (group, n, str(device))
+    if key not in _EYES:
+        ng = -(-n // group)
+        _EYES[key] = torch.eye(group, dtype=torch.float32, device=device).repeat(1, ng)[:, :n].contiguous()
+    return _EYES[key]
 
 
 def block_matrices(scale: torch.Tensor, partner: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -126,7 +151,7 @@ def block_matrices(scale: torch.Tensor, partner: torch.Tensor, cos: torch.Tensor
     costs G multiply-adds per channel instead of K passes over memory (differentiable)."""
     n = scale.numel()
     ng = -(-n // group)
-    eye = torch.eye(group, dtype=torch.float32, device=scale.device).repeat(1, ng)[:, :n]
+    eye = _eye_tiled(group, n, scale.device)
     b = rotate_ref(eye, scale.float(), partner, cos.float(), sin.float())  # row i: e_i of every group
     b = torch.nn.functional.pad(b, (0, ng * group - n))
     return b.reshape(group, ng, group).transpose(0, 1)
