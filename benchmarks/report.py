@@ -129,7 +129,7 @@ def _rope_section(d: dict) -> list[str]:
         lo, hi = b["mse_diff_ci"]
         out.append(f"| {a['bits']} | {a['mse_before']:.3g} | {a['mse_after']:.3g} | {b['mse_before']:.3g} | "
                    f"{b['mse_after']:.3g} | [{lo:.2g}, {hi:.2g}] | {b['frac_after_worse']:.1%} |")
-    out += ["", "(b, c) Real keys of every layer (asymmetric INT-b; error measured after RoPE, where attention "
+    out += ["", "(b, c) Real keys of every layer (asymmetric INT-b over the true min / max of each row: whole tensor, token or channel; error measured after RoPE, where attention "
             "uses the keys; score error = relative error of the causal q.k scores; KL of the attention "
             "probabilities, mean over queries and layers):", "",
             "| bits | grouping | rel. MSE before | after | score err before | after | KL before | after |",
@@ -180,11 +180,13 @@ def _kv_section(d: dict) -> list[str]:
            "channel in groups of `kgN` tokens (default 32), values per token in groups of `vgN` channels (default "
            "32), asymmetric (fp16 scale + fp16 minimum per group); `pre`/`post` = keys quantized before / after "
            "RoPE; `fpN` = last N tokens in FP16; `sinkN` = first N tokens in FP16; `nf` = non-uniform (normal) "
-           "levels; `kspX`/`vspX` = X % of the elements kept sparse in fp16 with an int16 index; `outN` = N key "
+           "levels (`nfk`: keys only); `vrot` = values rotated by a random Hadamard; `vsym` = symmetric values "
+           "(fp16 scale only); `clip` / `vclip` = per-group MSE range search (keys and values / values); `kspX`/`vspX` = X % of the elements kept sparse in fp16 with an int16 index; `outN` = N key "
            "outlier channels per chunk in fp16; `qjlM` = QJL 1-bit key sketches of size M. Key / value bits are "
            "bits per element of a cache holding one whole window (seq-len tokens), counting everything stored: "
            "codes, scales and minima, outliers and their indices, norms, sink tokens and the FP tail; bytes per "
-           "token for all layers and KV heads; the last column is the sotu-modern PPL against the FP cache."
+           "token for all layers and KV heads; the last column is the sotu-modern PPL against the FP cache. "
+           "Options, exploration and conclusions: docs/kv.md."
            + (f" Rows measured with an older accounting: {m['note']}." if m.get("note") else ""), "",
            "| cache | PPL sotu-modern | PPL moby | key bits | value bits | bytes / token | vs FP |",
            "|---|---|---|---|---|---|---|"]
