@@ -1,15 +1,19 @@
 """KV-cache quantizers as pure tensor functions on [..., tokens, head_dim] tensors.
 
-One codec (`encode` / `decode`) is shared by the simulated cache (which measures quality) and
-the packed cache (which holds the bytes), so both compute the same keys and values.
+One codec (`encode_keys` / `decode_keys`, `encode_values` / `decode_values`) is shared by the
+simulated cache (which measures quality) and the packed cache (which holds the bytes), so both
+compute the same keys and values.
 
 - Integer (KIVI / KVQuant style): keys one scale per channel (groups of `key_group` tokens along
   the token axis), values one scale per token (groups of `value_group` channels); either axis,
   or per tensor, for both. Asymmetric groups store an fp16 scale and an fp16 minimum (the range
   is the group's true [min, max], 0 need not be in it); symmetric groups an fp16 scale, with the
-  2^b levels at +-(j + 1/2) * scale. Levels are uniform, or "normal" (`key_levels`, `value_levels`): the Lloyd-Max
-  levels of a Gaussian truncated at the expected extremes of a group (same storage, non-uniform
-  spacing, denser near the middle of the range).
+  2^b levels at +-(j + 1/2) * scale. Levels are uniform, or "normal" (`key_levels`,
+  `value_levels`): the Lloyd-Max levels of a Gaussian truncated at the expected extremes of a
+  group (same storage, non-uniform spacing, denser near the middle of the range). Optionally a
+  per-group clipping search (`key_clip`, `value_clip`: the range shrink with the smallest squared
+  error) and a random-sign Hadamard rotation of head_dim before quantizing (`key_rotation`,
+  `value_rotation`; undone after decoding, recomputable from the seed).
 - Keys may be quantized before RoPE (the caller inverts RoPE first and re-applies it after
   dequantization) or after it.
 - Tokens are stored in chunks of G tokens (G = `key_group` for per-channel keys, else 1), aligned

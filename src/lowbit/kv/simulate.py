@@ -3,9 +3,11 @@
 `SimulatedKVCache` is a transformers `DynamicCache` that keeps the exact keys and values but
 hands attention their quantized round trip (`quantize_kv`): every query, including those of
 the prompt itself, attends to quantized keys and values, so one forward pass over a window
-measures the perplexity a quantized cache would give. The RoPE each layer applies is captured
-from its attention call, so keys can be quantized in their pre-RoPE form. The bytes a real cache
-would hold are computed from the format (`KVQuantConfig.*_bits_per_element`).
+measures the perplexity a quantized cache would give. It uses the codec of the packed cache
+(`lowbit.kv.cache.QuantizedKVCache`) with the same chunks, so both give the same logits. The RoPE
+each layer applies is captured from its attention call, so keys can be quantized in their pre-RoPE
+form. The bytes a real cache holds are computed from the format (`KVQuantConfig.*_bits_per_element`,
+equal to the packed cache's `nbytes()`).
 """
 
 from __future__ import annotations
