@@ -4,10 +4,25 @@
 # fetched for CPython 3.12 (the GPU image's python3) and 3.11 (this machine, for the local
 # carried-install check; onecomp declares Requires-Python >=3.12, hence --ignore-requires-python
 # there). Run from anywhere; needs PyPI.
+#
+#     bash benchmarks/peers/fetch_gpu_wheels.sh              # gpu-wheels.txt + paroquant
+#     bash benchmarks/peers/fetch_gpu_wheels.sh paroquant    # only paroquant (for paroquant_gpu.sh)
+#
+# paroquant 0.1.16 (the ParoQuant reference, for paroquant_gpu.sh) is one pure-Python wheel of 64 KB,
+# fetched with --no-deps: its optimisation path needs only torch, transformers and tqdm, which the
+# GPU image has (`datasets`, imported but unused there, is stubbed by paroquant_peer.py; the CUDA
+# rotation kernel is JIT-built with the image's nvcc and ninja, or replaced by a torch op).
+# DEST overrides the folder (default .carry/peers).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-dest=.carry/peers
+dest=${DEST:-.carry/peers}
 mkdir -p "$dest"
+paroquant_req="paroquant==0.1.16"
+python3 -m pip download -q --no-deps --only-binary=:all: -d "$dest" "$paroquant_req"
+if [ "${1:-all}" = paroquant ]; then
+    ls -l "$dest"/paroquant-*.whl
+    exit 0
+fi
 reqs=$(grep -v '^\s*#' benchmarks/peers/gpu-wheels.txt | grep -v '^\s*$')
 for py in 3.12 3.11; do
     extra=""
