@@ -76,3 +76,22 @@ def test_gradients_reach_angles_and_scales():
     (y * torch.randn_like(y)).sum().backward()
     assert theta.grad.abs().sum() > 0 and scale.grad.abs().sum() > 0
     assert (theta.grad[~rot.mask] == 0).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("tokens", [3, 2048])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotated_linear_cuda_matches_cpu(tokens, dtype):
+    from lowbit.transforms.modules import RotatedLinear
+
+    torch.manual_seed(0)
+    rot = PairwiseRotation.identity(576, 8, 128, seed=2)
+    rot.theta, rot.scale = torch.randn(rot.theta.shape), torch.rand(576) + 0.5
+    lin = torch.nn.Linear(576, 64)
+    cpu = RotatedLinear.wrap(lin, rot)
+    x = torch.randn(tokens, 576)
+    ref = cpu(x)
+    gpu = RotatedLinear.wrap(lin, rot).cuda().to(dtype)
+    out = gpu(x.cuda().to(dtype)).float().cpu()
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol * ref.abs().max().item())

@@ -188,14 +188,15 @@ def pairwise_rotate_triton(x: torch.Tensor, scale: torch.Tensor, partner: torch.
 
 
 def pairwise_rotate(x: torch.Tensor, scale: torch.Tensor, partner: torch.Tensor, cos: torch.Tensor,
-                    sin: torch.Tensor, group: int = 128) -> torch.Tensor:
+                    sin: torch.Tensor, group: int = 128, blocks: torch.Tensor | None = None) -> torch.Tensor:
     """Dispatcher: the Triton kernels for CUDA inputs when triton imports, the reference otherwise.
 
     LOWBIT_KERNELS=ref forces the reference. When autograd needs a gradient (grad enabled and an
     input requires it) the differentiable reference runs, since the kernels have no backward.
-    Errors raised by the kernels propagate (no silent fallback).
+    Errors raised by the kernels propagate (no silent fallback). `blocks` (from `pairwise_blocks`)
+    spares the tensor-core path rebuilding the per-group matrices when the transform is fixed.
     """
     if (os.environ.get("LOWBIT_KERNELS", "") == "ref" or not x.is_cuda or _triton() is None
             or (torch.is_grad_enabled() and any(t.requires_grad for t in (x, scale, cos, sin)))):
         return pairwise_rotate_ref(x, scale, partner, cos, sin)
-    return pairwise_rotate_triton(x, scale, partner, cos, sin, group=group)
+    return pairwise_rotate_triton(x, scale, partner, cos, sin, group=group, blocks=blocks)

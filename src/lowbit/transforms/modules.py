@@ -43,6 +43,16 @@ class RotatedLinear(nn.Linear):
         new.inv_scale = (1 / rot.scale).float().to(w.device)
         return new
 
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .half() must not round the transform: rebuild its fp32 coefficients on the new device
+        super()._apply(fn, recurse)
+        if self.weight.device.type != "meta":
+            partner, cos, sin = self.rot.coefficients(self.weight.device)
+            self.partner, self.cos, self.sin = partner, cos.float(), sin.float()
+            self.inv_scale = (1 / self.rot.scale).float().to(self.weight.device)
+        self._blocks = self._kernel_blocks = None
+        return self
+
     def blocks(self) -> torch.Tensor:
         """The activation transform as block-diagonal matrices [groups, G, G] (cached)."""
         b = getattr(self, "_blocks", None)
@@ -55,9 +65,14 @@ class RotatedLinear(nn.Linear):
         """x' = R D^-1 x: the fused Triton kernel on CUDA; on CPU the equivalent block-diagonal
         matmul, which is faster there than K passes over memory."""
         if x.is_cuda:
-            from ..kernels.pairwise import pairwise_rotate
+            from ..kernels.pairwise import pairwise_blocks, pairwise_rotate
 
-            return pairwise_rotate(x, self.inv_scale, self.partner, self.cos, self.sin, group=self.rot.group)
+            kb = getattr(self, "_kernel_blocks", None)  # the fixed transform's dense group blocks, built once
+            if kb is None or kb.device != x.device:
+                kb = self._kernel_blocks = pairwise_blocks(self.inv_scale, self.partner, self.cos, self.sin,
+                                                           self.rot.group)
+            return pairwise_rotate(x, self.inv_scale, self.partner, self.cos, self.sin, group=self.rot.group,
+                                   blocks=kb)
         return apply_blocks(x, self.blocks())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
