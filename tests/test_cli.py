@@ -118,3 +118,26 @@ def test_bench_resume_keeps_finished_rows(tiny_dir, tmp_path):
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert [x["label"] for x in rows] == ["rtn-w4-g64", "rtn-w3-g64"]
     assert rows[0] == first  # kept, not re-run
+
+
+def test_quantize_with_pairwise_rotations_reloads(tiny_dir, tmp_path):
+    out = tmp_path / "pq"
+    r = runner.invoke(app, ["quantize", str(tiny_dir), "--out", str(out), "--recipe", "rtn-w3-g16", "--pairwise",
+                            "--pair-epochs", "2", "--rot-group", "32", "--pairing", "weight", "--batch-size", "4",
+                            *_args(tiny_dir)])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "lowbit.json").read_text())
+    assert manifest["recipe"]["pairwise"]["pairing"] == "weight"
+    assert all(m["transform"]["type"] == "pairwise" for m in manifest["modules"].values())
+    quant_ppl = manifest["job"]["ppl"]
+    r = runner.invoke(app, ["eval", str(out), "--data", str(tiny_dir / "text.txt"), "--seq-len", "32",
+                            "--windows", "4", "--quiet"])
+    assert r.exit_code == 0, r.output
+    (name, ppl), = quant_ppl.items()
+    assert f"{ppl:.2f}" in r.output  # the reloaded checkpoint reproduces the in-memory perplexity
+
+
+def test_pairwise_options_are_checked(tiny_dir, tmp_path):
+    r = runner.invoke(app, ["quantize", str(tiny_dir), "--out", str(tmp_path / "x"), "--pairwise", "--rot-group", "96",
+                            *_args(tiny_dir)])
+    assert r.exit_code == 2 and "power of two" in r.output
