@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -89,12 +90,12 @@ def _recipe(recipe: str, method, bits, group_size, sym, clip, act_order, damp, q
 
 
 def _ppl_table(title: str, sets, rows: list[tuple[str, dict]]) -> Table:
-    t = Table(title=title)
+    t = Table(title=escape(title))
     t.add_column("model")
     for s in sets:
         t.add_column(f"PPL {s}", justify="right")
     for name, ppl in rows:
-        t.add_row(name, *[f"{ppl[s]:.2f}" for s in sets])
+        t.add_row(escape(name), *[f"{ppl[s]:.2f}" for s in sets])
     return t
 
 
@@ -162,7 +163,7 @@ def quantize(
                          samples=pair_samples, krot=krot, group=rot_group))
         proto = _protocol(calib, n_calib, seq_len, seed, data, windows, batch_size)
         checkpoint.check_output(out, overwrite)
-        console.print(f"recipe: {json.dumps(r.to_dict())}", highlight=False)
+        console.print(f"recipe: {json.dumps(r.to_dict())}", highlight=False, markup=False)
         model_, tok, result, job = quantize_job(model, r, proto, eval_fp=evaluate, eval_quant=evaluate,
                                                 device=device, progress=not quiet, track_error=track_error)
         path = checkpoint.save(model_.cpu(), result, out, tok, overwrite=overwrite,
