@@ -17,8 +17,8 @@ never trained on) and reverts to its starting point when no epoch beats it.
 
 from __future__ import annotations
 
-import copy
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from .formats import IntFormat, qparams
+from .formats import IntFormat, qparams, quantize
 from .formats.uniform import _store_scale
 from .solvers import QuantizedWeight
 from .transforms.modules import RotatedLinear, replace_module
@@ -160,13 +160,9 @@ class _Stage2(nn.Module):
 
     def quantized(self) -> QuantizedWeight:
         """Final codes with the scale rounded to its stored precision."""
-        with torch.no_grad():
-            scale = _store_scale(self.scale.detach())
-            zero = self._zero().detach()
-            wg, n = _grouped(self.weight.detach(), self.fmt)
-            q = torch.clamp(torch.round(wg / scale[..., None] + zero[..., None]), 0, self.fmt.maxq)
-            codes = q.reshape(wg.shape[0], -1)[:, :n].to(torch.uint8)
-        return QuantizedWeight(codes, scale, zero, self.fmt, info={"solver": "pairwise-stage2"})
+        scale, zero = _store_scale(self.scale.detach()), self._zero().detach()
+        return QuantizedWeight(quantize(self.weight.detach(), scale, zero, self.fmt), scale, zero, self.fmt,
+                               info={"solver": "pairwise-stage2"})
 
 
 def _train(block: nn.Module, params: list[dict], xs, targets, calls, train_idx, val_idx, epochs: int,
@@ -209,6 +205,19 @@ def _train(block: nn.Module, params: list[dict], xs, targets, calls, train_idx, 
         for t, s in zip(tensors, best_state):
             t.copy_(s)
     return start, best, best_epoch
+
+
+@contextmanager
+def _swapped(block: nn.Module, modules: dict[str, nn.Module]):
+    """Put `modules` into the block for the duration, then restore what was there."""
+    before = {n: block.get_submodule(n) for n in modules}
+    for n, m in modules.items():
+        replace_module(block, n, m)
+    try:
+        yield
+    finally:
+        for n, m in before.items():
+            replace_module(block, n, m)
 
 
 def _importance(lin: nn.Linear, pairing: str, H_diag: torch.Tensor | None) -> torch.Tensor | None:
@@ -261,16 +270,11 @@ def fit_block(block: nn.Module, names: list[str], xs: list[torch.Tensor], target
         rot = PairwiseRotation.identity(lin.in_features, cfg.krot, cfg.group, cfg.pairing, cfg.seed + seed_offset + j,
                                         _importance(lin, cfg.pairing, H_diag.get(n)))
         stage1[n] = _Stage1(lin, rot, fmt)
-        replace_module(block, n, stage1[n])
-    try:
-        with torch.enable_grad():
-            params = [{"params": [m.theta, m.log_scale], "lr": cfg.lr_rot, "weight_decay": cfg.weight_decay}
-                      for m in stage1.values()]
-            report["stage1"] = _train(block, params, xs, targets, calls, train_idx, val_idx, cfg.epochs1,
-                                      "stage 1", progress)
-    finally:
-        for n in names:
-            replace_module(block, n, originals[n])
+    with _swapped(block, stage1), torch.enable_grad():
+        params = [{"params": [m.theta, m.log_scale], "lr": cfg.lr_rot, "weight_decay": cfg.weight_decay}
+                  for m in stage1.values()]
+        report["stage1"] = _train(block, params, xs, targets, calls, train_idx, val_idx, cfg.epochs1,
+                                  "stage 1", progress)
     if report["stage1"][2] == 0:
         report["reverted"].append("stage1")
     for n in names:
@@ -279,20 +283,13 @@ def fit_block(block: nn.Module, names: list[str], xs: list[torch.Tensor], target
         replace_module(block, n, RotatedLinear.wrap(originals[n], rot))
     if cfg.epochs2 > 0:
         stage2 = {n: _Stage2(block.get_submodule(n), fmt, clip) for n in names}
-        rotated = {n: block.get_submodule(n) for n in names}
-        for n in names:
-            replace_module(block, n, stage2[n])
-        try:
-            with torch.enable_grad():
-                params = []
-                for m in stage2.values():
-                    params.append({"params": [m.weight], "lr": cfg.lr_weight, "weight_decay": cfg.weight_decay})
-                    params.append({"params": [m.scale, m.zero], "lr": cfg.lr_qparams, "weight_decay": 0.0})
-                report["stage2"] = _train(block, params, xs, targets, calls, train_idx, val_idx, cfg.epochs2,
-                                          "stage 2", progress)
-        finally:
-            for n in names:
-                replace_module(block, n, rotated[n])
+        with _swapped(block, stage2), torch.enable_grad():
+            params = []
+            for m in stage2.values():
+                params.append({"params": [m.weight], "lr": cfg.lr_weight, "weight_decay": cfg.weight_decay})
+                params.append({"params": [m.scale, m.zero], "lr": cfg.lr_qparams, "weight_decay": 0.0})
+            report["stage2"] = _train(block, params, xs, targets, calls, train_idx, val_idx, cfg.epochs2,
+                                      "stage 2", progress)
         if report["stage2"][2] == 0:
             report["reverted"].append("stage2")
         for n in names:

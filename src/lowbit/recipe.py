@@ -42,20 +42,8 @@ class Recipe:
             object.__setattr__(self, "method", m.group(1))
             if self.qep is None:
                 object.__setattr__(self, "qep", QEPConfig())
-        if isinstance(self.qep, bool):
-            object.__setattr__(self, "qep", QEPConfig() if self.qep else None)
-        elif isinstance(self.qep, dict):
-            try:
-                object.__setattr__(self, "qep", QEPConfig(**self.qep))
-            except (TypeError, ValueError) as e:
-                raise RecipeError(f"bad qep settings: {e}") from None
-        if isinstance(self.pairwise, bool):
-            object.__setattr__(self, "pairwise", PairwiseConfig() if self.pairwise else None)
-        elif isinstance(self.pairwise, dict):
-            try:
-                object.__setattr__(self, "pairwise", PairwiseConfig(**self.pairwise))
-            except (TypeError, ValueError) as e:
-                raise RecipeError(f"bad pairwise settings: {e}") from None
+        self._coerce("qep", QEPConfig)
+        self._coerce("pairwise", PairwiseConfig)
         if self.pairwise is not None and self.pairwise.epochs2 > 0 and self.qep is not None:
             raise RecipeError("pairwise stage 2 trains the codes itself and replaces the solver; "
                               "use QEP with stage 1 only (epochs2 = 0)")
@@ -67,6 +55,17 @@ class Recipe:
         if self.block_size < 1:
             raise RecipeError(f"block_size must be >= 1, got {self.block_size}")
         object.__setattr__(self, "skip", tuple(self.skip))
+
+    def _coerce(self, name: str, cls) -> None:
+        """Accept True / False / a dict of settings for an optional config field."""
+        v = getattr(self, name)
+        if isinstance(v, bool):
+            object.__setattr__(self, name, cls() if v else None)
+        elif isinstance(v, dict):
+            try:
+                object.__setattr__(self, name, cls(**v))
+            except (TypeError, ValueError) as e:
+                raise RecipeError(f"bad {name} settings: {e}") from None
 
     @property
     def format(self) -> IntFormat:

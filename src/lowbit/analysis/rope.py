@@ -109,9 +109,8 @@ def key_error(k_pre: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bits: i
     return (before - k_post).pow(2).sum(-1), (after - k_post).pow(2).sum(-1)
 
 
-def attention_fidelity(q_post: torch.Tensor, k_post: torch.Tensor, k_hat: torch.Tensor) -> dict[str, float]:
-    """(c): relative error of the causal scores q.k / sqrt(d) and mean KL(p || p_hat) of the
-    attention probabilities, keys k_hat instead of k (GQA: query heads share key heads)."""
+def _causal_scores(q_post: torch.Tensor, k_post: torch.Tensor, k_hat: torch.Tensor):
+    """(relative error of the causal scores, log-probabilities with k, with k_hat, GQA repeat)."""
     rep = q_post.shape[1] // k_post.shape[1]
     k, kh = k_post.repeat_interleave(rep, 1), k_hat.repeat_interleave(rep, 1)
     d = q_post.shape[-1]
@@ -120,11 +119,20 @@ def attention_fidelity(q_post: torch.Tensor, k_post: torch.Tensor, k_hat: torch.
     T = s.shape[-1]
     causal = torch.ones(T, T, dtype=torch.bool, device=s.device).tril()
     err = float(((sh - s) * causal).norm() / (s * causal).norm())
-    s = s.masked_fill(~causal, -torch.inf)
-    sh = sh.masked_fill(~causal, -torch.inf)
-    lp, lph = s.log_softmax(-1), sh.log_softmax(-1)
-    kl = (lp.exp() * (lp - lph)).nan_to_num(0.0).sum(-1).mean()
-    return {"score_rel_err": err, "kl": float(kl)}
+    lp = s.masked_fill(~causal, -torch.inf).log_softmax(-1)
+    lph = sh.masked_fill(~causal, -torch.inf).log_softmax(-1)
+    return err, lp, lph, rep
+
+
+def _kl(lp: torch.Tensor, lph: torch.Tensor) -> float:
+    return float((lp.exp() * (lp - lph)).nan_to_num(0.0).sum(-1).mean())
+
+
+def attention_fidelity(q_post: torch.Tensor, k_post: torch.Tensor, k_hat: torch.Tensor) -> dict[str, float]:
+    """(c): relative error of the causal scores q.k / sqrt(d) and mean KL(p || p_hat) of the
+    attention probabilities, keys k_hat instead of k (GQA: query heads share key heads)."""
+    err, lp, lph, _ = _causal_scores(q_post, k_post, k_hat)
+    return {"score_rel_err": err, "kl": _kl(lp, lph)}
 
 
 def real_key_study(store: list[dict], bits=(8, 4, 3, 2), axes=("tensor", "token", "channel"),
@@ -230,18 +238,9 @@ def attention_errors(q_post: torch.Tensor, k_post: torch.Tensor, v: torch.Tensor
                      v_hat: torch.Tensor) -> dict[str, float]:
     """(d): relative error of the causal scores, mean KL(p || p_hat) per query and relative error
     of the attention output, keys k_hat and values v_hat instead of k and v (GQA aware)."""
-    rep = q_post.shape[1] // k_post.shape[1]
-    k, kh = k_post.repeat_interleave(rep, 1), k_hat.repeat_interleave(rep, 1)
+    err, lp, lph, rep = _causal_scores(q_post, k_post, k_hat)
+    kl = _kl(lp, lph)
     vv, vh = v.repeat_interleave(rep, 1), v_hat.repeat_interleave(rep, 1)
-    d = q_post.shape[-1]
-    s = q_post @ k.transpose(-1, -2) / math.sqrt(d)
-    sh = q_post @ kh.transpose(-1, -2) / math.sqrt(d)
-    T = s.shape[-1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=s.device).tril()
-    err = float(((sh - s) * causal).norm() / (s * causal).norm())
-    lp = s.masked_fill(~causal, -torch.inf).log_softmax(-1)
-    lph = sh.masked_fill(~causal, -torch.inf).log_softmax(-1)
-    kl = float((lp.exp() * (lp - lph)).nan_to_num(0.0).sum(-1).mean())
     o, oh = lp.exp() @ vv, lph.exp() @ vh
     return {"score_rel_err": err, "kl": kl, "out_rel_err": float((oh - o).norm() / o.norm())}
 

@@ -23,11 +23,17 @@ class RotatedLinear(nn.Linear):
         if rot.n != in_features:
             raise ValueError(f"transform width {rot.n} != in_features {in_features}")
         self.rot = rot
-        partner, cos, sin = rot.coefficients()
-        self.register_buffer("partner", partner.to(device), persistent=False)
-        self.register_buffer("cos", cos.float().to(device), persistent=False)
-        self.register_buffer("sin", sin.float().to(device), persistent=False)
-        self.register_buffer("inv_scale", (1 / rot.scale).float().to(device), persistent=False)
+        for name in ("partner", "cos", "sin", "inv_scale"):
+            self.register_buffer(name, None, persistent=False)
+        self._set_coefficients(self.weight.device)
+
+    def _set_coefficients(self, device) -> None:
+        """(Re)build the transform's buffers in fp32 from `rot` (never rounded to the weight's dtype)."""
+        if device.type != "meta":
+            partner, cos, sin = self.rot.coefficients(device)
+            self.partner, self.cos, self.sin = partner, cos.float(), sin.float()
+            self.inv_scale = (1 / self.rot.scale).float().to(device)
+        self._blocks = self._kernel_blocks = None
 
     @classmethod
     def wrap(cls, lin: nn.Linear, rot: PairwiseRotation, weight: torch.Tensor | None = None) -> RotatedLinear:
@@ -38,25 +44,19 @@ class RotatedLinear(nn.Linear):
                                   requires_grad=False)
         if lin.bias is not None:
             new.bias = lin.bias
-        partner, cos, sin = rot.coefficients(w.device)
-        new.partner, new.cos, new.sin = partner, cos.float(), sin.float()
-        new.inv_scale = (1 / rot.scale).float().to(w.device)
+        new._set_coefficients(w.device)
         return new
 
     def _apply(self, fn, recurse=True):
-        # .to(dtype) / .half() must not round the transform: rebuild its fp32 coefficients on the new device
+        # .to(dtype) / .half() must not round the transform: rebuild its coefficients on the new device
         super()._apply(fn, recurse)
-        if self.weight.device.type != "meta":
-            partner, cos, sin = self.rot.coefficients(self.weight.device)
-            self.partner, self.cos, self.sin = partner, cos.float(), sin.float()
-            self.inv_scale = (1 / self.rot.scale).float().to(self.weight.device)
-        self._blocks = self._kernel_blocks = None
+        self._set_coefficients(self.weight.device)
         return self
 
     def blocks(self) -> torch.Tensor:
         """The activation transform as block-diagonal matrices [groups, G, G] (cached)."""
-        b = getattr(self, "_blocks", None)
-        if b is None or b.device != self.cos.device:
+        b = self._blocks
+        if b is None:
             b = block_matrices(self.inv_scale, self.partner, self.cos, self.sin, self.rot.group)
             self._blocks = b
         return b
@@ -67,8 +67,8 @@ class RotatedLinear(nn.Linear):
         if x.is_cuda:
             from ..kernels.pairwise import pairwise_blocks, pairwise_rotate
 
-            kb = getattr(self, "_kernel_blocks", None)  # the fixed transform's dense group blocks, built once
-            if kb is None or kb.device != x.device:
+            kb = self._kernel_blocks  # the fixed transform's dense group blocks, built once per device
+            if kb is None:
                 kb = self._kernel_blocks = pairwise_blocks(self.inv_scale, self.partner, self.cos, self.sin,
                                                            self.rot.group)
             return pairwise_rotate(x, self.inv_scale, self.partner, self.cos, self.sin, group=self.rot.group,

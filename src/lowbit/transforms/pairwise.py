@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels.pairwise import _eye_tiled
 from ..kernels.pairwise import pairwise_rotate_ref as rotate_ref
 
 PAIRINGS = ("random", "weight", "activation")
@@ -130,17 +131,6 @@ def coefficients(pairs: torch.Tensor, mask: torch.Tensor, theta: torch.Tensor, n
     a, b, m, partner = pair_index(pairs, mask, n, theta.device)
     cos, sin = coefficients_at(theta, a, b, m, n)
     return partner, cos, sin
-
-
-_EYES: dict = {}
-
-
-def _eye_tiled(group: int, n: int, device) -> torch.Tensor:
-    key = (group, n, str(device))
-    if key not in _EYES:
-        ng = -(-n // group)
-        _EYES[key] = torch.eye(group, dtype=torch.float32, device=device).repeat(1, ng)[:, :n].contiguous()
-    return _EYES[key]
 
 
 def block_matrices(scale: torch.Tensor, partner: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
