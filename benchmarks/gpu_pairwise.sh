@@ -25,12 +25,16 @@ elif [ "$mode" = quality ] || [ "$mode" = time ]; then
   wait
   nvidia-smi --query-compute-apps=pid --format=csv,noheader | xargs -r kill -9  # spawned workers outlive a timeout
   python3 - "$OUT/pairwise-${TAG:-quality}.json" <<'PY'
-import glob, json, sys
+import datetime, glob, json, os, sys, torch
 rows = []
 for f in sorted(glob.glob("/tmp/pq/*/bench.json")):
     d = json.load(open(f))
     rows += d["rows"] if isinstance(d, dict) else d
-json.dump({"rows": rows}, open(sys.argv[1], "w"), indent=1)
+meta = {"machine": torch.cuda.get_device_name(0), "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(),
+        "command": f"RECIPES='{os.environ.get('RECIPES', '')}' BS={os.environ.get('BS', 8)} bash benchmarks/gpu_pairwise.sh "
+                   "quality (after benchmarks/gpu_env.sh): one lowbit bench --device cuda per recipe, side by side"}
+json.dump({"rows": rows, "meta": meta}, open(sys.argv[1], "w"), indent=1)
 for r in rows:
     print(r.get("label") or r.get("recipe", {}).get("name"), r.get("ppl"), round(r.get("quant_seconds", 0), 1))
 PY

@@ -94,7 +94,9 @@ def main() -> None:
             ref = pw.pairwise_rotate_ref(x.float(), scale, partner, cos, sin)
             blocks = pw.pairwise_blocks(scale, partner, cos, sin)
             fns = {
-                "auto": lambda: pw.pairwise_rotate(x, scale, partner, cos, sin),
+                # what RotatedLinear calls: the dispatcher with the group blocks built once
+                "auto": lambda: pw.pairwise_rotate(x, scale, partner, cos, sin, blocks=blocks),
+                "auto_uncached": lambda: pw.pairwise_rotate(x, scale, partner, cos, sin),
                 "gather": lambda: pw.pairwise_rotate_triton(x, scale, partner, cos, sin, mode="gather"),
                 "mma": lambda: pw.pairwise_rotate_triton(x, scale, partner, cos, sin, mode="mma"),
                 "mma_cached": lambda: pw.pairwise_rotate_triton(x, scale, partner, cos, sin, mode="mma",
@@ -105,6 +107,13 @@ def main() -> None:
             graph = {k: _graph_time(f) for k, f in fns.items()} if T <= 256 else {}
             t_ref = _bench(lambda: pw.pairwise_rotate_ref(x, scale, partner, cos, sin))
             t_mm = _bench(lambda: torch.matmul(x, w))
+            # the whole rotated layer against the plain one (the decode overhead a user sees)
+            layer = lambda: torch.matmul(pw.pairwise_rotate(x, scale, partner, cos, sin, blocks=blocks), w)  # noqa: E731
+            t_layer = _bench(layer)
+            if T <= 256:
+                g_mm, g_layer = _graph_time(lambda: torch.matmul(x, w)), _graph_time(layer)
+            else:
+                g_mm = g_layer = None
             same_t, same_bw = _copy_bw(T * n)
             nbytes = 2 * T * n * x.element_size()
             best_t = min(graph.get("auto", times["auto"]), times["auto"])
@@ -118,6 +127,9 @@ def main() -> None:
                        paths_us=times, paths_graph_us=graph, max_abs_err=err,
                        ref_us=t_ref, matmul_us=t_mm, ratio_matmul=times["auto"] / t_mm,
                        ratio_matmul_best=best_t / t_mm,
+                       layer_us=t_layer, layer_overhead=t_layer / t_mm - 1,
+                       matmul_graph_us=g_mm, layer_graph_us=g_layer,
+                       layer_graph_overhead=(g_layer / g_mm - 1) if g_mm else None,
                        gather_config=dict(block_t=bt, num_warps=warps))
             if args.sweep:
                 sweep = {}
@@ -139,7 +151,9 @@ def main() -> None:
                   + (f" (graph {graph['auto']:.1f})" if graph else "")
                   + f"  {row['gbps']:6.0f} GB/s = {100 * row['frac_copy_same']:3.0f} % of same-size copy"
                   f"  gather {times['gather']:.1f} mma {times['mma']:.1f} mma-cached {times['mma_cached']:.1f}"
-                  f"  ref {t_ref:.1f}  matmul {t_mm:.1f} us  err {max(err.values()):.3g}", flush=True)
+                  f"  ref {t_ref:.1f}  matmul {t_mm:.1f} us  layer +{100 * row['layer_overhead']:.0f} %"
+                  + (f" (graph +{100 * row['layer_graph_overhead']:.0f} %)" if g_mm else "")
+                  + f"  err {max(err.values()):.3g}", flush=True)
     one = [r for r in rows if r["tokens"] == 1]
     meta = dict(machine=props.name, sms=props.multi_processor_count, torch=torch.__version__,
                 triton=triton.__version__, python=platform.python_version(),

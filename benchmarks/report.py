@@ -180,12 +180,24 @@ def _pairwise_section(d: Path, qep_dir: Path) -> list[str]:
         c = json.loads(cpu.read_text())
         out += [f"On CPU (2 cores, {c['meta']['date']}): `{c['meta']['command']}`: {c['label']} quantized in "
                 f"{c['quant_seconds'] / 60:.1f} min, PPL {_pair(c)}.", ""]
-    peer = d / "paroquant-attempt.json"
+    peer = d / "paroquant.json"
     if peer.exists():
-        out += ["The reference package (paroquant 0.1.16, `benchmarks/peers/paroquant_gpu.sh`) was set up on the H100 "
-                "but not measured: its pure-Python pair selection took 170 s for the 60 (width, seed) keys and the "
-                "call's deadline came before block 0 (benchmarks/results/pairwise/paroquant-attempt.json).", ""]
+        pq = json.loads(peer.read_text())
+        cells = ", ".join(f"{k} {_pair(v)} ({v['quant_seconds']:.0f} s)" for k, v in pq.get("runs", {}).items()
+                          if v.get("ppl"))
+        out += [f"The reference package (paroquant {pq['versions']['paroquant']}, `benchmarks/peers/paroquant_gpu.sh`, "
+                f"{pq.get('gpu')}, epochs {pq['recipe']['epochs']}, rotation group = quantization group 64, "
+                f"{pq.get('kernel')} rotation op): {cells}.", ""]
+    elif (d / "paroquant-attempt2.json").exists():
+        out += ["The reference package (paroquant 0.1.16, `benchmarks/peers/paroquant_gpu.sh`) runs on the H100 under "
+                "this protocol (its pair selection precomputed on the CPU and carried) but a setting did not fit in "
+                "one device call: about 20 s per block at 5 + 5 epochs, 24 of 30 blocks of W3 g64 in 520 s "
+                "(benchmarks/results/pairwise/paroquant-attempt2.json).", ""]
     return out
+
+
+def _pct(v) -> str:
+    return "–" if v is None else f"{100 * v:+.0f} %"
 
 
 def _pairwise_kernel_section(d: dict) -> list[str]:
@@ -199,10 +211,13 @@ def _pairwise_kernel_section(d: dict) -> list[str]:
            "replayed from a CUDA graph (no launch cost). Bandwidth counts x read + y written; % copy compares "
            f"with a torch copy of the same size and of 1 GiB ({m['copy_1gib_gbps']:.0f} GB/s). Path: gather "
            f"kernel below {m['mma_min_tokens']} tokens, per-group dense blocks on tensor cores from there "
-           "(mma includes building the blocks; cached: blocks given). matmul: bf16 [tokens, n] x [n, n].", "",
+           "(mma includes building the blocks; cached: blocks given, as `RotatedLinear` does; the time column is "
+           "the dispatcher with cached blocks). matmul: bf16 [tokens, n] x [n, n]; rotated layer: transform + "
+           "that matmul, its extra time over the matmul alone (launched, and replayed in a CUDA graph).", "",
            "| n | tokens | path | time (us) | graph (us) | GB/s | % copy same size | % copy 1 GiB "
-           "| gather (us) | mma (us) | mma cached (us) | torch ref (us) | matmul (us) | time / matmul |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| gather (us) | mma (us) | mma cached (us) | torch ref (us) | matmul (us) | time / matmul "
+           "| rotated layer vs matmul | in a graph |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(v):
         return "–" if v is None else f"{v:.1f}"
@@ -211,7 +226,8 @@ def _pairwise_kernel_section(d: dict) -> list[str]:
         out.append(f"| {r['n']} | {r['tokens']} | {r['path']} | {f(r['us'])} | {f(r.get('graph_us'))} "
                    f"| {r['gbps']:.0f} | {100 * r['frac_copy_same']:.0f} | {100 * r['frac_copy_1gib']:.0f} "
                    f"| {f(p['gather'])} | {f(p['mma'])} | {f(p['mma_cached'])} | {f(r['ref_us'])} "
-                   f"| {f(r['matmul_us'])} | {r['ratio_matmul']:.2f} |")
+                   f"| {f(r['matmul_us'])} | {r['ratio_matmul']:.2f} | {_pct(r.get('layer_overhead'))} "
+                   f"| {_pct(r.get('layer_graph_overhead'))} |")
     ratios = ", ".join(f"n {n}: {v['us']:.2f}" + (f" (graph {v['graph']:.2f})" if v.get("graph") else "")
                        for n, v in m["ratio_1tok_vs_matmul_4096"].items())
     out += ["", f"At 1 token, time relative to a 4096 x 4096 bf16 matmul ({m['matmul_4096_1tok_us']:.1f} us; "

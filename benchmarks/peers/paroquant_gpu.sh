@@ -23,6 +23,13 @@
 # ninja (cached in ~/.cache/paroquant while the machine stays warm; parity vs the torch op is
 # recorded) and falls back to the torch op if the build fails; KERNEL=torch skips the build.
 #
+# The reference's pair selection is a pure-Python loop (~3 min for the 60 (width, seed) keys of
+# SmolLM2 at g64); compute it once on any machine and carry the file:
+#     PYTHONPATH=<site with paroquant>:src python benchmarks/peers/paroquant_peer.py --device cpu \
+#         --settings w4g64,w3g64,w2g64 --workers 1 --rotation-cache .carry/paro/rotations-g64.pt \
+#         --precompute-only --out /tmp/pre.json
+# then pass EXTRA_ARGS="--rotation-cache .carry/paro/rotations-g64.pt" here.
+#
 # Knobs (environment): LOWBIT_HOME (/tmp/lb), OUT (./out/paroquant), SETTINGS (w4g64,w3g64,w2g64),
 # EPOCHS ("10 10": stage 1, stage 2; the reference's experiments/optimize/4bit.sh; newer scripts use
 # "5 5"), KERNEL (auto | cuda | torch), ANGLE_GRAD (reference | autograd), DEADLINE (seconds for the

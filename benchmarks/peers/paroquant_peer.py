@@ -510,6 +510,11 @@ def main(argv=None) -> int:
     ap.add_argument("--deadline", type=float, default=None, help="seconds for the whole run (checked per block)")
     ap.add_argument("--no-fp", action="store_true", help="skip the FP reference evaluation")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--rotation-cache", default=None,
+                    help="a .pt file of initial rotation data: loaded when it exists, written after the precompute "
+                         "(the reference's pure-Python pair selection is slow; compute it once anywhere, carry it)")
+    ap.add_argument("--precompute-only", action="store_true",
+                    help="fill --rotation-cache for --settings and exit (no optimisation, no evaluation)")
     ap.add_argument("--out", required=True)
     # smoke tests only
     ap.add_argument("--n-calib", type=int, default=None)
@@ -632,7 +637,20 @@ def main(argv=None) -> int:
             for li, block in enumerate(fp_model.model.layers):
                 keys += [(m.in_features, group, args.num_rotations, RECIPE["seed"] + li)
                          for m in block.modules() if isinstance(m, nn.Linear)]
+        cache = Path(args.rotation_cache) if args.rotation_cache else None
+        if cache is not None and cache.exists():
+            loaded = torch.load(cache)
+            _ROTATION_CACHE.update({tuple(k): tuple(v) for k, v in loaded})
+            log(f"loaded initial rotation data for {len(loaded)} keys from {cache}")
+            record["rotation_cache"] = str(cache)
         record["rotation_init_seconds"] = round(precompute_rotations(keys, args.workers), 2)
+        if cache is not None:
+            tmp = cache.with_suffix(".tmp")
+            torch.save([(list(k), list(v)) for k, v in _ROTATION_CACHE.items()], tmp)
+            os.replace(tmp, cache)
+        if args.precompute_only:
+            log(f"wrote {len(_ROTATION_CACHE)} keys to {cache}; --precompute-only: done")
+            return 0
         log(f"initial rotation pairs for {len(set(keys))} (width, seed) keys in {record['rotation_init_seconds']}s "
             f"({args.workers} workers)")
 
