@@ -23,9 +23,10 @@ from ..transforms.hadamard import fwht_ref as _fwht_ref
 MAX_N = 1 << 15
 
 
-def fwht_ref(x: torch.Tensor, normalized: bool = True) -> torch.Tensor:
-    """Plain-torch fast Walsh-Hadamard transform (see `lowbit.transforms.hadamard.fwht_ref`)."""
-    return _fwht_ref(x, normalized)
+def fwht_ref(x: torch.Tensor, normalized: bool = True, transpose: bool = False) -> torch.Tensor:
+    """Plain-torch fast Walsh-Hadamard transform (see `lowbit.transforms.hadamard.fwht_ref`);
+    `transpose` applies H^T (the inverse when normalized)."""
+    return _fwht_ref(x, normalized, transpose=transpose)
 
 
 def _triton():
@@ -56,7 +57,7 @@ def _pow2(x2: torch.Tensor, scale: float) -> torch.Tensor:
     return y
 
 
-def fwht_triton(x: torch.Tensor, normalized: bool = True) -> torch.Tensor:
+def fwht_triton(x: torch.Tensor, normalized: bool = True, transpose: bool = False) -> torch.Tensor:
     """Fast Walsh-Hadamard transform with the Triton kernel (no autograd)."""
     if _triton() is None:
         raise RuntimeError("fwht_triton needs triton (pip install triton); use fwht_ref or fwht instead")
@@ -74,10 +75,10 @@ def fwht_triton(x: torch.Tensor, normalized: bool = True) -> torch.Tensor:
     # the m x m factor in fp32 after the kernel: keep the kernel's output in fp32 too
     y = _pow2(x.reshape(-1, p).float(), scale).reshape(*x.shape[:-1], m, p)
     a = _factor_matrix(m, kind, 0, str(x.device), torch.float32)
-    return torch.einsum("...ab,ac->...cb", y, a).reshape(x.shape).to(x.dtype)
+    return torch.einsum("...ab,ac->...cb", y, a.T if transpose else a).reshape(x.shape).to(x.dtype)
 
 
-def fwht(x: torch.Tensor, normalized: bool = True) -> torch.Tensor:
+def fwht(x: torch.Tensor, normalized: bool = True, transpose: bool = False) -> torch.Tensor:
     """Dispatcher: the Triton kernel for CUDA inputs when triton imports, the reference otherwise.
 
     LOWBIT_KERNELS=ref forces the reference; so does a gradient need (the kernel has no backward)
@@ -85,5 +86,5 @@ def fwht(x: torch.Tensor, normalized: bool = True) -> torch.Tensor:
     """
     if (os.environ.get("LOWBIT_KERNELS", "") == "ref" or not x.is_cuda or _triton() is None
             or (torch.is_grad_enabled() and x.requires_grad) or factor(x.shape[-1])[1] > MAX_N):
-        return fwht_ref(x, normalized)
-    return fwht_triton(x, normalized)
+        return fwht_ref(x, normalized, transpose)
+    return fwht_triton(x, normalized, transpose)

@@ -188,9 +188,10 @@ def _factor_matrix(m: int, kind: str, seed: int, device: str, dtype: torch.dtype
     return small_factor(m, kind, seed).to(device=device, dtype=dtype)
 
 
-def fwht_ref(x: torch.Tensor, normalized: bool = True, seed: int = 0) -> torch.Tensor:
-    """x @ hadamard(n) on the last dim in O(n log n): butterflies on the 2^k part, a small dense
-    matmul with the m x m factor for the rest. Computed in fp32 (fp64 kept), returned in x's dtype."""
+def fwht_ref(x: torch.Tensor, normalized: bool = True, seed: int = 0, transpose: bool = False) -> torch.Tensor:
+    """x @ hadamard(n) (x @ hadamard(n).T with `transpose`: the inverse) on the last dim in
+    O(n log n): butterflies on the 2^k part (Sylvester is symmetric), a small dense matmul with the
+    m x m factor for the rest. Computed in fp32 (fp64 kept), returned in x's dtype."""
     n = x.shape[-1]
     m, p, kind = factor(n)
     ct = torch.promote_types(x.dtype, torch.float32)
@@ -199,7 +200,7 @@ def fwht_ref(x: torch.Tensor, normalized: bool = True, seed: int = 0) -> torch.T
         y = fwht_pow2(y)
     if m > 1:
         a = _factor_matrix(m, kind, seed, str(x.device), ct)
-        y = torch.einsum("...ab,ac->...cb", y, a)
+        y = torch.einsum("...ab,ac->...cb", y, a.T if transpose else a)
     y = y.reshape(x.shape)
     if normalized:
         y = y * (1.0 / math.sqrt(n))
