@@ -371,31 +371,32 @@ def learn_rotations(model: nn.Module, q1: torch.Tensor, r2: list[torch.Tensor] |
     was_training = model.training
     model.eval()
     try:
-        for step in tqdm(range(cfg.steps), desc="learn rotations", disable=not progress):
-            q.requires_grad_(True)
-            if rs is not None:
-                for a in rs:
-                    a.requires_grad_(True)
-            new = rotated_weights(model, base, q, rs, rotate_outputs=not adapter.post_norms)
-            state = {}
-            for n, p in params.items():
-                t = new.get(canon[id(p)], base[n])
-                if n.rsplit(".", 1)[0] in quantized and n.endswith(".weight"):
-                    t32 = t.float()
-                    t = t32 + (fake_quantize(t32.detach(), fmt) - t32).detach()
-                state[n] = t.to(p.dtype)
-            for name in post:
-                state[f"{name}.rotation"] = q
-            ids = windows[step % windows.shape[0]][None]
-            out = functional_call(model, state, args=(), kwargs={"input_ids": ids, "labels": ids, "use_cache": False},
-                                  tie_weights=False, strict=False)
-            loss = out.loss
-            loss.backward()
-            losses.append(float(loss))
-            with torch.no_grad():
-                q = cayley_step(q.detach(), q.grad, cfg.lr)
+        with torch.enable_grad():  # the pipeline runs under no_grad
+            for step in tqdm(range(cfg.steps), desc="learn rotations", disable=not progress):
+                q.requires_grad_(True)
                 if rs is not None:
-                    rs = [cayley_step(a.detach(), a.grad, cfg.lr) for a in rs]
+                    for a in rs:
+                        a.requires_grad_(True)
+                new = rotated_weights(model, base, q, rs, rotate_outputs=not adapter.post_norms)
+                state = {}
+                for n, p in params.items():
+                    t = new.get(canon[id(p)], base[n])
+                    if n.rsplit(".", 1)[0] in quantized and n.endswith(".weight"):
+                        t32 = t.float()
+                        t = t32 + (fake_quantize(t32.detach(), fmt) - t32).detach()
+                    state[n] = t.to(p.dtype)
+                for name in post:
+                    state[f"{name}.rotation"] = q
+                ids = windows[step % windows.shape[0]][None]
+                out = functional_call(model, state, args=(), kwargs={"input_ids": ids, "labels": ids, "use_cache": False},
+                                      tie_weights=False, strict=False)
+                loss = out.loss
+                loss.backward()
+                losses.append(float(loss))
+                with torch.no_grad():
+                    q = cayley_step(q.detach(), q.grad, cfg.lr)
+                    if rs is not None:
+                        rs = [cayley_step(a.detach(), a.grad, cfg.lr) for a in rs]
     finally:
         for h in handles:
             h.remove()
