@@ -320,6 +320,47 @@ def analyze_propagation(
     out_console.print(f"written: {js}, {png}")
 
 
+@analyze_app.command("outliers")
+def analyze_outliers(
+    model: str = typer.Argument("smollm2", help=MODEL_HELP),
+    rotate: str = typer.Option("hadamard", help="Rotation compared with the original: hadamard, orthogonal, "
+                               "bernoulli (learned uses its Hadamard initialisation)."),
+    rot_seed: int = typer.Option(0, help="Seed of the rotation."),
+    r4: bool = typer.Option(True, "--r4/--no-r4", help="Online Hadamard before down_proj."),
+    out_dir: str = typer.Option("out/outliers", help="Where outliers.json and outliers.png are written."),
+    calib: str = typer.Option("sotu-calib", help="Corpus the activations come from."),
+    n_calib: int = typer.Option(4, help="Windows."),
+    seq_len: int = typer.Option(256, help="Tokens per window."),
+    batch_size: int = typer.Option(4, help="Windows per forward pass."),
+    seed: int = typer.Option(0, help="Seed for window sampling."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the table."),
+) -> None:
+    """Per block, the outliers of every linear input (per-channel max |x| and RMS, max/RMS,
+    kurtosis) before and after a global rotation: a table, outliers.json and outliers.png."""
+    _setup(quiet, seed, threads)
+    try:
+        from .analysis import outliers as ol
+        from .jobs import calibration_tokens
+        from .loading import load_model
+        from .rotation import RotationConfig
+
+        cfg = RotationConfig(kind=rotate, seed=rot_seed, r4=r4)
+        proto = _protocol(calib, n_calib, seq_len, seed, "sotu-modern", 1, batch_size)
+        m, tok = load_model(model, device="cpu")
+        res = ol.outliers(m, calibration_tokens(tok, proto), cfg, batch_size)
+        js, png = ol.save(res, out_dir, f"{model}: linear inputs before / after {rotate} rotation")
+    except _user_errors() as e:
+        _fail(e)
+    t = Table(title="linear-input outliers (before -> rotated)")
+    for col in ("block", "input", "kurtosis", "rotated", "max/RMS", "rotated"):
+        t.add_column(col, justify="right")
+    for row in ol.summary_rows(res):
+        t.add_row(*row)
+    out_console.print(t)
+    out_console.print(f"written: {js}, {png}")
+
+
 @analyze_app.command("rope")
 def analyze_rope(
     model: str = typer.Argument("smollm2", help=MODEL_HELP),

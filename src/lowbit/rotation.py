@@ -392,7 +392,7 @@ def learn_rotations(model: nn.Module, q1: torch.Tensor, r2: list[torch.Tensor] |
                                       tie_weights=False, strict=False)
                 loss = out.loss
                 loss.backward()
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 with torch.no_grad():
                     q = cayley_step(q.detach(), q.grad, cfg.lr)
                     if rs is not None:
