@@ -145,7 +145,7 @@ def test_pairwise_options_are_checked(tiny_dir, tmp_path):
 
 @pytest.mark.parametrize("extra,label", [
     (["--rotate", "hadamard", "--r3", "--act-bits", "8"], "had-gptq-w4a8-g16"),
-    (["--rotate", "learned", "--rot-steps", "2", "--rot-lr", "0.5"], "spin-gptq-w4-g16"),
+    (["--rotate", "learned", "--rot-steps", "2", "--rot-lr", "0.5"], "spin2-gptq-w4-g16"),
 ])
 def test_quantize_with_rotation_and_reload(tiny_dir, tmp_path, extra, label):
     out = tmp_path / "q"

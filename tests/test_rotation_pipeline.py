@@ -112,11 +112,14 @@ def test_rotated_model_cannot_be_quantized_twice():
 
 def test_recipe_labels_and_round_trip():
     for label in ("had-gptq-w4-g64", "spin-qep-gptq-w4a8-g64", "had-gptq-w4a4s-pc", "orth-rtn-w2-g64",
-                  "had-pair-qep-gptq-w3-g64-clip", "bern-gptq-w4-g64"):
+                  "had-pair-qep-gptq-w3-g64-clip", "bern-gptq-w4-g64", "spin100-qep-gptq-w4a4-g64"):
         r = get_recipe(label)
         assert r.label == label
         assert Recipe.from_dict(r.to_dict()) == r
     assert get_recipe("had-pair-gptq-w4-g64").rotation.r4 is False
+    assert get_recipe("spin100-gptq-w4-g64").rotation.steps == 100
+    with pytest.raises(RecipeError):
+        get_recipe("had100-gptq-w4-g64")
     assert Recipe(rotation="learned").rotation.kind == "learned"
     with pytest.raises(RecipeError, match="unknown rotation"):
         Recipe(rotation="givens")

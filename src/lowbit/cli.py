@@ -150,10 +150,11 @@ def quantize(
     pair_samples: Optional[int] = typer.Option(None, help="Calibration windows used to train rotations (0 = all)."),
     krot: Optional[int] = typer.Option(None, help="Rotations per linear (default 8)."),
     rot_group: Optional[int] = typer.Option(None, help="Channels per rotation group (default 128)."),
-    rotate: Optional[str] = typer.Option(None, help="Global rotation folded in before quantizing: hadamard, orthogonal, "
-                                         "bernoulli, learned (SpinQuant-style Cayley SGD) or none."),
+    rotate: Optional[str] = typer.Option(None, help="Global rotation folded in before quantizing: hadamard, "
+                                         "orthogonal, bernoulli, learned (SpinQuant-style Cayley SGD) or none."),
     rot_seed: Optional[int] = typer.Option(None, help="Seed of the global rotation (default 0)."),
-    r2: Optional[bool] = typer.Option(None, "--r2/--no-r2", help="Per-head rotation between v_proj and o_proj (default on)."),
+    r2: Optional[bool] = typer.Option(None, "--r2/--no-r2",
+                                      help="Per-head rotation between v_proj and o_proj (default on)."),
     r3: Optional[bool] = typer.Option(None, "--r3/--no-r3", help="Online Hadamard on keys after RoPE (default off; "
                                       "matters to KV-cache quantization only)."),
     r4: Optional[bool] = typer.Option(None, "--r4/--no-r4", help="Online Hadamard before down_proj (default on)."),

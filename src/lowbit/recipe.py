@@ -174,7 +174,8 @@ PRESETS: dict[str, Recipe] = {
 
 
 _ROT_TAGS = {RotationConfig(kind=k).tag: k for k in KINDS}
-_LABEL = re.compile(r"(?:(?P<rot>had|orth|bern|spin)-)?(?P<pair>pair2?-)?(?P<qep>qep-)?(?P<method>[a-z0-9]+)"
+_LABEL = re.compile(r"(?:(?P<rot>had|orth|bern|spin)(?P<rsteps>\d+)?-)?"
+                    r"(?P<pair>pair2?-)?(?P<qep>qep-)?(?P<method>[a-z0-9]+)"
                     r"-w(?P<bits>\d)(?P<sym>s?)(?:a(?P<abits>\d+)(?P<asym>s?))?-(?P<g>g\d+|pc|pt)"
                     r"(?P<clip>-clip)?(?P<static>-static)?(?:-a(?P<alpha>[\d.]+))?(?:-l(?P<damp>[\d.]+))?")
 
@@ -182,8 +183,9 @@ _LABEL = re.compile(r"(?:(?P<rot>had|orth|bern|spin)-)?(?P<pair>pair2?-)?(?P<qep
 def parse_label(label: str) -> Recipe | None:
     """The recipe a label names (the inverse of Recipe.label), e.g. gptq-w3-g64-clip or
     qep-gptq-w3-g64-a0.25-l0.01 (QEP with alpha 0.25 and damping 0.01 for every layer type).
-    A global rotation is a prefix (had-, orth-, bern-, spin- = learned), activation bits follow the
-    weight bits (w4a8: 8-bit per-token asymmetric inputs, w4a4s: symmetric), e.g. had-gptq-w4a8-g64."""
+    A global rotation is a prefix (had-, orth-, bern-, spin- = learned, spin100- = 100 steps); activation
+    bits follow the weight bits (w4a8: 8-bit per-token asymmetric inputs, w4a4s: symmetric), e.g.
+    had-gptq-w4a8-g64."""
     m = _LABEL.fullmatch(label)
     if not m or m["method"] not in SOLVERS:
         return None
@@ -203,7 +205,10 @@ def parse_label(label: str) -> Recipe | None:
         pairwise = PairwiseConfig(epochs2=5 if m["pair"] == "pair2-" else 0)
     rotation = None
     if m["rot"]:  # with pairwise rotations, R4 is left out (both transform down_proj's input)
-        rotation = RotationConfig(kind=_ROT_TAGS[m["rot"]], r4=pairwise is None)
+        if m["rsteps"] and m["rot"] != "spin":
+            return None
+        steps = {"steps": int(m["rsteps"])} if m["rsteps"] else {}
+        rotation = RotationConfig(kind=_ROT_TAGS[m["rot"]], r4=pairwise is None, **steps)
     try:
         return Recipe(method=m["method"], bits=int(m["bits"]), symmetric=bool(m["sym"]), group_size=g,
                       clip=bool(m["clip"]), static_groups=bool(m["static"]), qep=qep, pairwise=pairwise,

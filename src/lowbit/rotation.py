@@ -74,7 +74,9 @@ class RotationConfig:
 
     @property
     def tag(self) -> str:
-        """Label prefix: had, orth, bern or spin (plus -r3 / -nor4 when not default)."""
+        """Label prefix: had, orth, bern or spin (spinN when learned with N != 20 steps)."""
+        if self.kind == "learned" and self.steps != 20:
+            return f"spin{self.steps}"
         return _TAGS[self.kind]
 
     def to_dict(self) -> dict:
@@ -388,8 +390,8 @@ def learn_rotations(model: nn.Module, q1: torch.Tensor, r2: list[torch.Tensor] |
                 for name in post:
                     state[f"{name}.rotation"] = q
                 ids = windows[step % windows.shape[0]][None]
-                out = functional_call(model, state, args=(), kwargs={"input_ids": ids, "labels": ids, "use_cache": False},
-                                      tie_weights=False, strict=False)
+                kw = {"input_ids": ids, "labels": ids, "use_cache": False}
+                out = functional_call(model, state, args=(), kwargs=kw, tie_weights=False, strict=False)
                 loss = out.loss
                 loss.backward()
                 losses.append(float(loss.detach()))
