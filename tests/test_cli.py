@@ -141,3 +141,27 @@ def test_pairwise_options_are_checked(tiny_dir, tmp_path):
     r = runner.invoke(app, ["quantize", str(tiny_dir), "--out", str(tmp_path / "x"), "--pairwise", "--rot-group", "96",
                             *_args(tiny_dir)])
     assert r.exit_code == 2 and "power of two" in r.output
+
+
+@pytest.mark.parametrize("extra,label", [
+    (["--rotate", "hadamard", "--r3", "--act-bits", "8"], "had-gptq-w4a8-g16"),
+    (["--rotate", "learned", "--rot-steps", "2", "--rot-lr", "0.5"], "spin2-gptq-w4-g16"),
+])
+def test_quantize_with_rotation_and_reload(tiny_dir, tmp_path, extra, label):
+    out = tmp_path / "q"
+    r = runner.invoke(app, ["quantize", str(tiny_dir), "--out", str(out), "--recipe", "gptq-w4-g64", "-g", "16",
+                            *extra, *_args(tiny_dir)])
+    assert r.exit_code == 0, r.output
+    assert label in r.output
+    manifest = json.loads((out / "lowbit.json").read_text())
+    assert manifest["rotation"]["kind"] == manifest["recipe"]["rotation"]["kind"]
+    ppl_after = manifest["job"]["ppl"][str(tiny_dir / "text.txt")]
+    r = runner.invoke(app, ["eval", str(out), "--data", str(tiny_dir / "text.txt"), "--seq-len", "32",
+                            "--windows", "4", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert f"{ppl_after:.2f}" in r.output
+
+
+def test_rotate_option_checks():
+    r = runner.invoke(app, ["quantize", "smollm2", "--out", "x", "--rotate", "givens"])
+    assert r.exit_code != 0 and "unknown rotation kind" in r.output

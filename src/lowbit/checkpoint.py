@@ -120,7 +120,7 @@ def save(model: torch.nn.Module, result: QuantizationResult, out: str | Path, to
                  for p in sorted(tmp.iterdir()) if p.is_file()}
         manifest = {"format": FORMAT, "lowbit_version": __version__, "recipe": result.recipe.to_dict(),
                     "modules": modules, "aliases": aliases, "files": files,
-                    "quantization_seconds": result.seconds, **(extra or {})}
+                    "quantization_seconds": result.seconds, "rotation": result.rotation, **(extra or {})}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -194,6 +194,10 @@ def load(path: str | Path, device: str | torch.device = "cpu", with_tokenizer: b
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config)
+    if manifest.get("rotation"):  # folded rotations are in the weights; re-create the online parts
+        from .rotation import restore_online
+
+        restore_online(model, manifest["rotation"])
     rots = {}
     for name, m in manifest["modules"].items():
         t = m.get("transform")
@@ -218,6 +222,11 @@ def load(path: str | Path, device: str | torch.device = "cpu", with_tokenizer: b
     if unexpected or missing:
         raise CheckpointError(f"{path}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.tie_weights()
+    act_bits = manifest.get("recipe", {}).get("act_bits")
+    if act_bits is not None:
+        from .actquant import enable_act_quant
+
+        enable_act_quant(model, act_bits, manifest["recipe"].get("act_symmetric", False))
     model = model.to(device).eval()
     if with_tokenizer:
         return model, AutoTokenizer.from_pretrained(path)

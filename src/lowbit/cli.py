@@ -45,10 +45,11 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .models import UnsupportedModelError
     from .pipeline import PipelineError
     from .recipe import RecipeError
+    from .rotation import RotationError
     from .solvers import SolverError
 
     return (AssetError, CheckpointError, DataError, FormatError, ModelLoadError, UnsupportedModelError,
-            PipelineError, RecipeError, SolverError, FileNotFoundError)
+            PipelineError, RecipeError, RotationError, SolverError, FileNotFoundError)
 
 
 def _protocol(calib: str, n_calib: int, seq_len: int, seed: int, data: str, windows: int, batch_size: int):
@@ -60,7 +61,7 @@ def _protocol(calib: str, n_calib: int, seq_len: int, seed: int, data: str, wind
 
 
 def _recipe(recipe: str, method, bits, group_size, sym, clip, act_order, damp, qep=None, qep_alpha=None,
-            qep_damp=None, pairwise: dict | None = None):
+            qep_damp=None, pairwise: dict | None = None, rotation: dict | None = None):
     from .blockwise import PairwiseConfig
     from .qep import QEPConfig
     from .recipe import get_recipe
@@ -73,6 +74,17 @@ def _recipe(recipe: str, method, bits, group_size, sym, clip, act_order, damp, q
         r = r.with_(name="", pairwise=None)
     elif on or settings:
         r = r.with_(name="", pairwise={**(r.pairwise or PairwiseConfig()).to_dict(), **settings})
+    rotation = dict(rotation or {})
+    kind = rotation.pop("kind", None)
+    act = {k: rotation.pop(k) for k in ("act_bits", "act_symmetric") if rotation.get(k) is not None}
+    rotation = {k: v for k, v in rotation.items() if v is not None}
+    if kind == "none":
+        r = r.with_(name="", rotation=None)
+    elif kind is not None or rotation:
+        base = r.rotation.to_dict() if r.rotation is not None else {"r4": r.pairwise is None}
+        r = r.with_(name="", rotation={**base, **({"kind": kind} if kind else {}), **rotation})
+    if act:
+        r = r.with_(name="", **act)
     over = {k: v for k, v in dict(method=method, bits=bits, group_size=group_size, symmetric=sym, clip=clip,
                                  act_order=act_order, damp=damp).items() if v is not None}
     if over.get("method", "").startswith("qep("):
@@ -138,6 +150,20 @@ def quantize(
     pair_samples: Optional[int] = typer.Option(None, help="Calibration windows used to train rotations (0 = all)."),
     krot: Optional[int] = typer.Option(None, help="Rotations per linear (default 8)."),
     rot_group: Optional[int] = typer.Option(None, help="Channels per rotation group (default 128)."),
+    rotate: Optional[str] = typer.Option(None, help="Global rotation folded in before quantizing: hadamard, "
+                                         "orthogonal, bernoulli, learned (SpinQuant-style Cayley SGD) or none."),
+    rot_seed: Optional[int] = typer.Option(None, help="Seed of the global rotation (default 0)."),
+    r2: Optional[bool] = typer.Option(None, "--r2/--no-r2",
+                                      help="Per-head rotation between v_proj and o_proj (default on)."),
+    r3: Optional[bool] = typer.Option(None, "--r3/--no-r3", help="Online Hadamard on keys after RoPE (default off; "
+                                      "matters to KV-cache quantization only)."),
+    r4: Optional[bool] = typer.Option(None, "--r4/--no-r4", help="Online Hadamard before down_proj (default on)."),
+    rot_steps: Optional[int] = typer.Option(None, help="Learned rotation: Cayley SGD steps (default 20)."),
+    rot_lr: Optional[float] = typer.Option(None, help="Learned rotation: Cayley SGD step size (default 1.5)."),
+    act_bits: Optional[int] = typer.Option(None, help="Fake-quantize decoder-linear inputs per token to this many "
+                                           "bits (W4A8: 8, W4A4: 4)."),
+    act_sym: Optional[bool] = typer.Option(None, "--act-sym/--act-asym", help="Symmetric activation levels "
+                                           "(default asymmetric)."),
     calib: str = typer.Option("sotu-calib", help="Calibration corpus: a name, .txt/.jsonl file or folder."),
     n_calib: int = typer.Option(128, help="Number of calibration windows."),
     seq_len: int = typer.Option(512, help="Tokens per calibration / evaluation window."),
@@ -160,7 +186,9 @@ def quantize(
 
         r = _recipe(recipe, method, bits, group_size, sym, clip, act_order, damp, qep, qep_alpha, qep_damp,
                     dict(on=pairwise, epochs1=pair_epochs, epochs2=pair_stage2, pairing=pairing,
-                         samples=pair_samples, krot=krot, group=rot_group))
+                         samples=pair_samples, krot=krot, group=rot_group),
+                    dict(kind=rotate, seed=rot_seed, r2=r2, r3=r3, r4=r4, steps=rot_steps, lr=rot_lr,
+                         act_bits=act_bits, act_symmetric=act_sym))
         proto = _protocol(calib, n_calib, seq_len, seed, data, windows, batch_size)
         checkpoint.check_output(out, overwrite)
         console.print(f"recipe: {json.dumps(r.to_dict())}", highlight=False, markup=False)
@@ -290,6 +318,47 @@ def analyze_propagation(
     for x in runs:
         ppl = ", ".join(f"PPL {k} {v:.2f}" for k, v in x.ppl.items())
         out_console.print(f"{x.label}: {x.seconds:.1f} s" + (f", {ppl}" if ppl else ""))
+    out_console.print(f"written: {js}, {png}")
+
+
+@analyze_app.command("outliers")
+def analyze_outliers(
+    model: str = typer.Argument("smollm2", help=MODEL_HELP),
+    rotate: str = typer.Option("hadamard", help="Rotation compared with the original: hadamard, orthogonal, "
+                               "bernoulli (learned uses its Hadamard initialisation)."),
+    rot_seed: int = typer.Option(0, help="Seed of the rotation."),
+    r4: bool = typer.Option(True, "--r4/--no-r4", help="Online Hadamard before down_proj."),
+    out_dir: str = typer.Option("out/outliers", help="Where outliers.json and outliers.png are written."),
+    calib: str = typer.Option("sotu-calib", help="Corpus the activations come from."),
+    n_calib: int = typer.Option(4, help="Windows."),
+    seq_len: int = typer.Option(256, help="Tokens per window."),
+    batch_size: int = typer.Option(4, help="Windows per forward pass."),
+    seed: int = typer.Option(0, help="Seed for window sampling."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the table."),
+) -> None:
+    """Per block, the outliers of every linear input (per-channel max |x| and RMS, max/RMS,
+    kurtosis) before and after a global rotation: a table, outliers.json and outliers.png."""
+    _setup(quiet, seed, threads)
+    try:
+        from .analysis import outliers as ol
+        from .jobs import calibration_tokens
+        from .loading import load_model
+        from .rotation import RotationConfig
+
+        cfg = RotationConfig(kind=rotate, seed=rot_seed, r4=r4)
+        proto = _protocol(calib, n_calib, seq_len, seed, "sotu-modern", 1, batch_size)
+        m, tok = load_model(model, device="cpu")
+        res = ol.outliers(m, calibration_tokens(tok, proto), cfg, batch_size)
+        js, png = ol.save(res, out_dir, f"{model}: linear inputs before / after {rotate} rotation")
+    except _user_errors() as e:
+        _fail(e)
+    t = Table(title="linear-input outliers (before -> rotated)")
+    for col in ("block", "input", "kurtosis", "rotated", "max/RMS", "rotated"):
+        t.add_column(col, justify="right")
+    for row in ol.summary_rows(res):
+        t.add_row(*row)
+    out_console.print(t)
     out_console.print(f"written: {js}, {png}")
 
 

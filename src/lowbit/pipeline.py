@@ -25,10 +25,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .actquant import enable_act_quant
 from .blockwise import fit_block
 from .models import get_adapter
 from .qep import QEPStat, qep_target
 from .recipe import Recipe
+from .rotation import rotate_model
 from .solvers import ROW_INDEPENDENT, QuantizedWeight, get_solver
 from .transforms import PairwiseRotation
 
@@ -301,6 +303,7 @@ class QuantizationResult:
     layers_prefix: str = ""
     transforms: dict[str, PairwiseRotation] = field(default_factory=dict)  # input transforms by module name
     block_fits: list[dict] = field(default_factory=list)  # block-wise optimisation losses per block
+    rotation: dict | None = None  # what `rotate_model` folded in / put online (None = no rotation)
 
 
 def _module_name(model: nn.Module, target: nn.Module) -> str:
@@ -343,6 +346,13 @@ def quantize_model(model: nn.Module, recipe: Recipe, tokens: torch.Tensor, *, ba
     device = torch.device(device) if device is not None else home
     solver = get_solver(recipe.method)
     fmt, kwargs = recipe.format, recipe.solver_kwargs()
+    rotation = None
+    if recipe.rotation is not None:  # every solver then sees the rotated weights
+        if getattr(model, "_lowbit_rotated", False):
+            raise PipelineError("the model is already rotated; load it again to quantize with another recipe")
+        rotation = rotate_model(model, recipe.rotation, tokens, fmt, recipe.act_bits, recipe.act_symmetric,
+                                progress=progress)
+        model._lowbit_rotated = True
 
     qep = recipe.qep
     # a data-free solver needs no activations unless QEP or the block errors want them
@@ -352,7 +362,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, tokens: torch.Tensor, *, ba
         raise PipelineError("pairwise rotations need at least 2 calibration batches (train + validation); "
                             "use more calibration windows or a smaller batch size")
     fp = [x.clone() for x in xs] if (track_error or qep is not None or recipe.pairwise is not None) else None
-    result = QuantizationResult(recipe, {}, layers_prefix=prefix)
+    result = QuantizationResult(recipe, {}, layers_prefix=prefix, rotation=rotation)
     bar = tqdm(range(len(layers)), desc=f"quantize {recipe.label}", unit="block", disable=not progress)
     for i in bar:
         block = layers[i].to(device)
@@ -407,6 +417,8 @@ def quantize_model(model: nn.Module, recipe: Recipe, tokens: torch.Tensor, *, ba
                 bar.set_postfix(rel_err=f"{result.block_errors[-1]:.4f}")
         del replay, fp_replay, fp_block
         layers[i].to(home)
+    if recipe.act_bits is not None:  # activations quantized at inference only (calibration stays FP)
+        enable_act_quant(model, recipe.act_bits, recipe.act_symmetric)
     result.seconds = time.perf_counter() - t0
     return result
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from .blockwise import PairwiseConfig
 from .formats import IntFormat
 from .qep import QEPConfig
+from .rotation import KINDS, RotationConfig
 from .solvers import NEEDS_HESSIAN, SOLVERS
 
 
@@ -34,6 +35,9 @@ class Recipe:
     skip: tuple[str, ...] = field(default_factory=tuple)  # substrings of linear names left in FP
     qep: QEPConfig | None = None  # error-propagation correction around the solver (None = off)
     pairwise: PairwiseConfig | None = None  # learned pairwise rotations, block by block (None = off)
+    rotation: RotationConfig | None = None  # global rotations folded in before quantizing (None = off)
+    act_bits: int | None = None  # dynamic per-token fake quantization of decoder-linear inputs (None = off)
+    act_symmetric: bool = False
     name: str = ""
 
     def __post_init__(self) -> None:
@@ -44,6 +48,16 @@ class Recipe:
                 object.__setattr__(self, "qep", QEPConfig())
         self._coerce("qep", QEPConfig)
         self._coerce("pairwise", PairwiseConfig)
+        if isinstance(self.rotation, str):  # "hadamard", "learned", ...
+            if self.rotation not in KINDS:
+                raise RecipeError(f"unknown rotation {self.rotation!r}; use one of {', '.join(KINDS)}")
+            object.__setattr__(self, "rotation", RotationConfig(kind=self.rotation))
+        self._coerce("rotation", RotationConfig)
+        if self.rotation is not None and self.pairwise is not None and self.rotation.r4:
+            raise RecipeError("pairwise rotations replace down_proj's input transform, which the online "
+                              "Hadamard R4 also needs; set rotation r4 = false to combine them")
+        if self.act_bits is not None and not 2 <= self.act_bits <= 16:
+            raise RecipeError(f"act_bits must be 2-16 or None, got {self.act_bits}")
         if self.pairwise is not None and self.pairwise.epochs2 > 0 and self.qep is not None:
             raise RecipeError("pairwise stage 2 trains the codes itself and replaces the solver; "
                               "use QEP with stage 1 only (epochs2 = 0)")
@@ -66,6 +80,8 @@ class Recipe:
                 object.__setattr__(self, name, cls(**v))
             except (TypeError, ValueError) as e:
                 raise RecipeError(f"bad {name} settings: {e}") from None
+        elif v is not None and not isinstance(v, cls):
+            raise RecipeError(f"{name} must be a {cls.__name__}, a dict, true/false or null, got {v!r}")
 
     @property
     def format(self) -> IntFormat:
@@ -92,8 +108,11 @@ class Recipe:
         method = f"qep-{self.method}" if self.qep is not None else self.method
         if self.pairwise is not None:
             method = f"{self.pairwise.tag}-{method}"
+        if self.rotation is not None:
+            method = f"{self.rotation.tag}-{method}"
         tags += self.qep.tag if self.qep is not None else ""
-        return f"{method}-w{self.bits}{'s' if self.symmetric else ''}-{g}{tags}"
+        act = "" if self.act_bits is None else f"a{self.act_bits}{'s' if self.act_symmetric else ''}"
+        return f"{method}-w{self.bits}{'s' if self.symmetric else ''}{act}-{g}{tags}"
 
     def solver_kwargs(self) -> dict:
         """Keyword arguments for the solver function."""
@@ -108,6 +127,7 @@ class Recipe:
         d["skip"] = list(self.skip)
         d["qep"] = None if self.qep is None else self.qep.to_dict()
         d["pairwise"] = None if self.pairwise is None else self.pairwise.to_dict()
+        d["rotation"] = None if self.rotation is None else self.rotation.to_dict()
         return d
 
     @classmethod
@@ -153,13 +173,19 @@ PRESETS: dict[str, Recipe] = {
 }
 
 
-_LABEL = re.compile(r"(?P<pair>pair2?-)?(?P<qep>qep-)?(?P<method>[a-z0-9]+)-w(?P<bits>\d)(?P<sym>s?)-(?P<g>g\d+|pc|pt)"
+_ROT_TAGS = {RotationConfig(kind=k).tag: k for k in KINDS}
+_LABEL = re.compile(r"(?:(?P<rot>had|orth|bern|spin)(?P<rsteps>\d+)?-)?"
+                    r"(?P<pair>pair2?-)?(?P<qep>qep-)?(?P<method>[a-z0-9]+)"
+                    r"-w(?P<bits>\d)(?P<sym>s?)(?:a(?P<abits>\d+)(?P<asym>s?))?-(?P<g>g\d+|pc|pt)"
                     r"(?P<clip>-clip)?(?P<static>-static)?(?:-a(?P<alpha>[\d.]+))?(?:-l(?P<damp>[\d.]+))?")
 
 
 def parse_label(label: str) -> Recipe | None:
     """The recipe a label names (the inverse of Recipe.label), e.g. gptq-w3-g64-clip or
-    qep-gptq-w3-g64-a0.25-l0.01 (QEP with alpha 0.25 and damping 0.01 for every layer type)."""
+    qep-gptq-w3-g64-a0.25-l0.01 (QEP with alpha 0.25 and damping 0.01 for every layer type).
+    A global rotation is a prefix (had-, orth-, bern-, spin- = learned, spin100- = 100 steps); activation
+    bits follow the weight bits (w4a8: 8-bit per-token asymmetric inputs, w4a4s: symmetric), e.g.
+    had-gptq-w4a8-g64."""
     m = _LABEL.fullmatch(label)
     if not m or m["method"] not in SOLVERS:
         return None
@@ -177,9 +203,17 @@ def parse_label(label: str) -> Recipe | None:
     pairwise = None
     if m["pair"]:
         pairwise = PairwiseConfig(epochs2=5 if m["pair"] == "pair2-" else 0)
+    rotation = None
+    if m["rot"]:  # with pairwise rotations, R4 is left out (both transform down_proj's input)
+        if m["rsteps"] and m["rot"] != "spin":
+            return None
+        steps = {"steps": int(m["rsteps"])} if m["rsteps"] else {}
+        rotation = RotationConfig(kind=_ROT_TAGS[m["rot"]], r4=pairwise is None, **steps)
     try:
         return Recipe(method=m["method"], bits=int(m["bits"]), symmetric=bool(m["sym"]), group_size=g,
-                      clip=bool(m["clip"]), static_groups=bool(m["static"]), qep=qep, pairwise=pairwise)
+                      clip=bool(m["clip"]), static_groups=bool(m["static"]), qep=qep, pairwise=pairwise,
+                      rotation=rotation, act_bits=int(m["abits"]) if m["abits"] else None,
+                      act_symmetric=bool(m["asym"]))
     except RecipeError:
         return None
 

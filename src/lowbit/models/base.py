@@ -35,6 +35,11 @@ class Adapter:
     # sub-modules whose output is their last linear applied to its input (plus None slots):
     # once the linears before it are quantized, that input can be cached and replayed
     output_linears: tuple[tuple[str, str], ...] = (("self_attn", "self_attn.o_proj"), ("mlp", "mlp.down_proj"))
+    # norms, for folding their scales into the linears that read them (global rotations)
+    attn_norm: str = "input_layernorm"  # read by q/k/v
+    mlp_norm: str = "post_attention_layernorm"  # read by gate/up
+    post_norms: tuple[str, ...] = ()  # norms on a branch's output, before the residual add (Gemma)
+    final_norm: str = "norm"  # sibling of the layers list, read by lm_head
     extra: dict = field(default_factory=dict)
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
@@ -59,6 +64,14 @@ class Adapter:
                 f"{self.family}: block has linears the adapter does not know: {sorted(missing)}"
             )
         return [g for g in groups if g]
+
+    def decoder(self, model: nn.Module) -> nn.Module:
+        """The module that holds the layers list, the final norm and the embeddings."""
+        layers = self.layers(model)
+        for _, mod in model.named_modules():
+            if any(child is layers for child in mod.children()):
+                return mod
+        raise UnsupportedModelError(f"{self.family}: layers have no parent module")
 
     def layer_type(self, name: str) -> str:
         """The type ('qkv', 'o', 'gate_up', 'down') of a linear named relative to its block."""

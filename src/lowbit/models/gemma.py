@@ -8,5 +8,7 @@ GEMMA3 = register(
         model_types=("gemma3_text", "gemma3"),
         layers_paths=("model.layers", "model.language_model.layers", "language_model.model.layers"),
         norm_offset=1.0,
+        mlp_norm="pre_feedforward_layernorm",
+        post_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
     )
 )

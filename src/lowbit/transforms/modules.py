@@ -87,3 +87,35 @@ def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     """Put `new` at dotted path `name` inside `root`."""
     parent, _, leaf = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
+
+
+class HadamardLinear(nn.Linear):
+    """y = W' (x H) + b with H the normalized Hadamard matrix of the input width: the online
+    rotation of a global-rotation recipe (R4, before down_proj). The stored weight is W' = W H,
+    so the product is unchanged. `transform_input` is the FWHT dispatcher (Triton on CUDA)."""
+
+    @classmethod
+    def wrap(cls, lin: nn.Linear, weight: torch.Tensor | None = None) -> HadamardLinear:
+        """A HadamardLinear sharing lin's bias; its weight is `weight` (default: lin's weight times H)."""
+        from .hadamard import fwht_ref
+
+        w = lin.weight
+        new = cls(lin.in_features, lin.out_features, bias=lin.bias is not None, device="meta")
+        # W H: the rows of W times H, i.e. the FWHT of each row (float64 for an exact fold)
+        new.weight = nn.Parameter((fwht_ref(w.data.double()) if weight is None else weight).to(w.dtype),
+                                  requires_grad=False)
+        if lin.bias is not None:
+            new.bias = lin.bias
+        return new
+
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x H (fast Walsh-Hadamard transform)."""
+        from ..kernels.hadamard import fwht
+
+        return fwht(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.transform_input(x), self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, online_hadamard=True"

@@ -1,0 +1,90 @@
+"""Fast Walsh-Hadamard transform: y = x @ H / sqrt(n) on the last dim (H from
+`lowbit.transforms.hadamard.hadamard`, the Sylvester order for n = 2^k, a Paley (or random
+orthogonal) factor times Sylvester otherwise). x [..., n] fp32 / fp16 / bf16; computed in
+fp32, returned in x's dtype and shape.
+
+Entry points, following the kernels/ convention: `fwht_ref` (plain torch, differentiable),
+`fwht_triton` (CUDA, or the interpreter with TRITON_INTERPRET=1) and the dispatcher `fwht`.
+The kernel does the power-of-two part (n = 2^k up to MAX_N); for n = m * 2^k the rows are viewed
+as [m, 2^k], the kernel transforms the 2^k axis and the small m x m factor is one torch matmul.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from ..transforms.hadamard import _factor_matrix, factor
+from ..transforms.hadamard import fwht_ref as _fwht_ref
+
+#: widest power-of-two row the kernel holds in registers
+MAX_N = 1 << 15
+
+
+def fwht_ref(x: torch.Tensor, normalized: bool = True, transpose: bool = False) -> torch.Tensor:
+    """Plain-torch fast Walsh-Hadamard transform (see `lowbit.transforms.hadamard.fwht_ref`);
+    `transpose` applies H^T (the inverse when normalized)."""
+    return _fwht_ref(x, normalized, transpose=transpose)
+
+
+def _triton():
+    try:
+        from lowbit.kernels import _hadamard_triton
+    except ImportError:
+        return None
+    return _hadamard_triton
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _pow2(x2: torch.Tensor, scale: float) -> torch.Tensor:
+    """Kernel launch on rows [T, p] (p a power of two)."""
+    tk = _triton()
+    T, p = x2.shape
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = torch.empty((T, p), dtype=x2.dtype, device=x2.device)
+    if T == 0:
+        return y
+    bt = max(1, min(64, 4096 // p))       # about 4k fp32 values per program
+    warps = max(1, min(8, bt * p // 512))
+    tk.fwht_kernel[(-(-T // bt),)](x2, y, T, x2.stride(0), y.stride(0), scale,
+                                   N=p, LOG_N=p.bit_length() - 1, BLOCK_T=bt, num_warps=warps)
+    return y
+
+
+def fwht_triton(x: torch.Tensor, normalized: bool = True, transpose: bool = False) -> torch.Tensor:
+    """Fast Walsh-Hadamard transform with the Triton kernel (no autograd)."""
+    if _triton() is None:
+        raise RuntimeError("fwht_triton needs triton (pip install triton); use fwht_ref or fwht instead")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    if not (x.is_cuda or _interpreting()):
+        raise ValueError("fwht_triton needs CUDA tensors (or TRITON_INTERPRET=1)")
+    n = x.shape[-1]
+    m, p, kind = factor(n)
+    if p > MAX_N:
+        raise ValueError(f"fwht_triton handles power-of-two parts up to {MAX_N}, got {p} (n = {n})")
+    scale = 1.0 / math.sqrt(n) if normalized else 1.0
+    if m == 1:
+        return _pow2(x.reshape(-1, n), scale).reshape(x.shape)
+    # the m x m factor in fp32 after the kernel: keep the kernel's output in fp32 too
+    y = _pow2(x.reshape(-1, p).float(), scale).reshape(*x.shape[:-1], m, p)
+    a = _factor_matrix(m, kind, 0, str(x.device), torch.float32)
+    return torch.einsum("...ab,ac->...cb", y, a.T if transpose else a).reshape(x.shape).to(x.dtype)
+
+
+def fwht(x: torch.Tensor, normalized: bool = True, transpose: bool = False) -> torch.Tensor:
+    """Dispatcher: the Triton kernel for CUDA inputs when triton imports, the reference otherwise.
+
+    LOWBIT_KERNELS=ref forces the reference; so does a gradient need (the kernel has no backward)
+    and a power-of-two part wider than MAX_N. Kernel errors propagate (no silent fallback).
+    """
+    if (os.environ.get("LOWBIT_KERNELS", "") == "ref" or not x.is_cuda or _triton() is None
+            or (torch.is_grad_enabled() and x.requires_grad) or factor(x.shape[-1])[1] > MAX_N):
+        return fwht_ref(x, normalized, transpose)
+    return fwht_triton(x, normalized, transpose)

@@ -1,0 +1,410 @@
+"""Global rotations folded into the weights (QuaRot / SpinQuant style). Model-level, no I/O.
+
+Row-vector convention (x -> x @ Q). With Q orthogonal (hidden x hidden):
+
+- norms first: every RMSNorm that feeds linears has its scale (w, or 1 + w for Gemma) folded
+  into the columns of those linears and is reset to the identity; then RMSNorm(h Q) =
+  RMSNorm(h) Q because the RMS of a vector does not change under rotation;
+- R1, the residual stream h -> h Q: embedding rows E Q; every reader of the stream (q, k, v,
+  gate, up, lm_head) W -> W Q; every writer (o_proj, down_proj) W -> Q^T W, b -> b Q.
+  Tied embeddings are untied when the final norm's scale (folded into lm_head only) is not 1;
+- R2 per layer (head_dim x head_dim, one for every head, so also for every query head sharing a
+  KV head): v_proj's rows per KV head W_h -> R2^T W_h, o_proj's columns per query head -> . R2;
+- R4: down_proj becomes a `HadamardLinear` (W -> W H, the input rotated online by the FWHT);
+- R3: keys (and implicitly queries) in a Hadamard basis after RoPE: the attention's KV cache is
+  wrapped so that keys are stored as k H and handed back as (k H) H^T; the scores are those of
+  (q H)(k H)^T. Without a cache R3 is the identity, exactly as in FP; it matters to KV-cache
+  quantizers, which then see rotated keys (use them with keys quantized after RoPE).
+
+Gemma 3 adds norms on each branch's output (post_attention_layernorm, post_feedforward_layernorm).
+Their scale multiplies after the normalisation and there is no linear after them to fold it into,
+so rotating o_proj / down_proj outputs would not commute with them. lowbit leaves those outputs
+unrotated and replaces each post-norm with `RotatedPostNorm`: RMSNorm(y) @ Q, one online
+hidden x hidden rotation per post-norm (exact; stored as a buffer, so checkpoints carry it).
+
+Learned rotations (SpinQuant): R1 and R2 start from randomized Hadamard matrices and move on the
+orthogonal group by Cayley SGD (`cayley_step`) to lower the next-token loss of the model whose
+rotated weights are fake-quantized by RTN with a straight-through gradient; weights stay frozen.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .formats import IntFormat, fake_quantize
+from .formats.activation import fake_quant_per_token
+from .kernels.hadamard import fwht
+from .models import get_adapter
+from .transforms.hadamard import orthogonality_error, rotation_matrix
+from .transforms.modules import HadamardLinear, replace_module
+
+log = logging.getLogger("lowbit")
+
+KINDS = ("hadamard", "orthogonal", "bernoulli", "learned")
+_TAGS = {"hadamard": "had", "orthogonal": "orth", "bernoulli": "bern", "learned": "spin"}
+
+
+class RotationError(ValueError):
+    """A model or a rotation setting cannot be rotated as asked."""
+
+
+@dataclass(frozen=True)
+class RotationConfig:
+    """Which global rotations to fold into the model before quantization."""
+
+    kind: str = "hadamard"  # R1 / R2 matrices: hadamard (randomized) | orthogonal | bernoulli | learned
+    seed: int = 0
+    r2: bool = True  # per-head rotation between v_proj and o_proj
+    r3: bool = False  # online Hadamard on keys after RoPE (matters only to KV-cache quantization)
+    r4: bool = True  # online Hadamard before down_proj
+    steps: int = 20  # learned: Cayley SGD steps
+    lr: float = 1.5  # learned: Cayley SGD step size
+    samples: int = 8  # learned: calibration windows cycled through (one per step)
+    seq_len: int = 256  # learned: tokens per window used
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise RotationError(f"unknown rotation kind {self.kind!r}; use one of {', '.join(KINDS)}")
+        if self.steps < 0 or self.samples < 1 or self.seq_len < 2 or self.lr <= 0:
+            raise RotationError("learned rotations need steps >= 0, samples >= 1, seq_len >= 2 and lr > 0")
+
+    @property
+    def tag(self) -> str:
+        """Label prefix: had, orth, bern or spin (spinN when learned with N != 20 steps)."""
+        if self.kind == "learned" and self.steps != 20:
+            return f"spin{self.steps}"
+        return _TAGS[self.kind]
+
+    def to_dict(self) -> dict:
+        """Plain dict."""
+        return asdict(self)
+
+
+class RotatedPostNorm(nn.Module):
+    """RMSNorm(y) @ Q: a post-norm (Gemma 3) whose output joins a rotated residual stream."""
+
+    def __init__(self, norm: nn.Module, q: torch.Tensor):
+        super().__init__()
+        self.norm = norm
+        self.register_buffer("rotation", q.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(x)
+        return (y.float() @ self.rotation.float()).to(y.dtype)
+
+
+class _R3Cache:
+    """Wraps a KV cache so that keys are stored in a Hadamard basis (k H) and returned as (k H) H^T."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        k, v = self._inner.update(fwht(key_states), value_states, layer_idx, *args, **kwargs)
+        return fwht(k, transpose=True), v
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def _r3_hook(module, args, kwargs):
+    cache = kwargs.get("past_key_values")
+    if cache is not None and not isinstance(cache, _R3Cache):
+        kwargs = dict(kwargs, past_key_values=_R3Cache(cache))
+        return args, kwargs
+    return None
+
+
+def install_r3(model: nn.Module) -> list:
+    """Hook every attention module so that R3 applies; returns the hook handles."""
+    adapter = get_adapter(model)
+    handles = []
+    for blk in adapter.layers(model):
+        attn = blk.self_attn
+        if getattr(attn, "_lowbit_r3", False):
+            continue
+        handles.append(attn.register_forward_pre_hook(_r3_hook, with_kwargs=True))
+        attn._lowbit_r3 = True
+    return handles
+
+
+# ---- the math: pure tensor functions ----------------------------------------------------------
+
+def cayley_step(x: torch.Tensor, grad: torch.Tensor, lr: float) -> torch.Tensor:
+    """One Cayley SGD step on the orthogonal group: with the skew matrix A = G X^T - X G^T,
+    X <- (I + lr/2 A)^-1 (I - lr/2 A) X. The Cayley transform of a skew matrix is orthogonal,
+    so X stays orthogonal; the curve's tangent at 0 is -(G - X G^T X), the negative Riemannian
+    gradient."""
+    a = grad @ x.T - x @ grad.T
+    eye = torch.eye(x.shape[0], dtype=x.dtype, device=x.device)
+    return torch.linalg.solve(eye + 0.5 * lr * a, (eye - 0.5 * lr * a) @ x)
+
+
+def nearest_orthogonal(x: torch.Tensor) -> torch.Tensor:
+    """U V^T of the SVD: the orthogonal matrix closest to x (cleans up rounding drift)."""
+    u, _, vh = torch.linalg.svd(x.double())
+    return u @ vh
+
+
+def _heads(attn: nn.Module) -> tuple[int, int]:
+    hd = getattr(attn, "head_dim", None)
+    if hd is None:
+        raise RotationError("attention module has no head_dim; cannot apply R2")
+    return int(hd), int(attn.v_proj.out_features // hd)
+
+
+def _names(model: nn.Module, adapter) -> dict:
+    """Parameter names the rotations touch, per role."""
+    pname = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    layers = adapter.layers(model)
+    out = {"embed": pname[id(model.get_input_embeddings().weight)],
+           "head": pname[id(model.get_output_embeddings().weight)],  # == embed when tied
+           "readers": [], "writers": [], "v": [], "o": []}
+    for blk in layers:
+        for g in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+            out["readers"].append(pname[id(blk.get_submodule(g).weight)])
+        for g in ("self_attn.o_proj", "mlp.down_proj"):
+            lin = blk.get_submodule(g)
+            out["writers"].append((pname[id(lin.weight)], None if lin.bias is None else pname[id(lin.bias)]))
+        v = blk.self_attn.v_proj
+        out["v"].append((pname[id(v.weight)], None if v.bias is None else pname[id(v.bias)]))
+        out["o"].append(pname[id(blk.self_attn.o_proj.weight)])
+    return out
+
+
+def rotated_weights(model: nn.Module, base: dict[str, torch.Tensor], q1: torch.Tensor,
+                    r2: list[torch.Tensor] | None, rotate_outputs: bool) -> dict[str, torch.Tensor]:
+    """The new values of every tensor R1 / R2 touch, from the norm-folded `base` tensors
+    (differentiable in q1 and r2; computed in q1's dtype)."""
+    adapter = get_adapter(model)
+    names = _names(model, adapter)
+    ct = q1.dtype
+    new = {}
+
+    def get(n):
+        return new[n] if n in new else base[n].to(ct)
+
+    new[names["embed"]] = get(names["embed"]) @ q1
+    if names["head"] != names["embed"]:
+        new[names["head"]] = get(names["head"]) @ q1
+    for n in names["readers"]:
+        new[n] = get(n) @ q1
+    if rotate_outputs:
+        for w, b in names["writers"]:
+            new[w] = q1.T @ get(w)
+            if b is not None:
+                new[b] = get(b) @ q1
+    if r2 is not None:
+        for i, blk in enumerate(adapter.layers(model)):
+            hd, n_kv = _heads(blk.self_attn)
+            (vw, vb), ow = names["v"][i], names["o"][i]
+            a = r2[i].to(ct)
+            w = get(vw)
+            new[vw] = (a.T @ w.reshape(n_kv, hd, -1)).reshape(w.shape)
+            if vb is not None:
+                new[vb] = (get(vb).reshape(n_kv, hd) @ a).reshape(-1)
+            w = get(ow)
+            new[ow] = (w.reshape(w.shape[0], -1, hd) @ a).reshape(w.shape)
+    return new
+
+
+# ---- model surgery ----------------------------------------------------------------------------
+
+@torch.no_grad()
+def fold_norms(model: nn.Module) -> bool:
+    """Fold every pre-norm's scale into the linears reading it and make the norm the identity;
+    unties lm_head from the embedding first when the final norm's scale is not all ones.
+    Returns whether it untied."""
+    adapter = get_adapter(model)
+    off = adapter.norm_offset
+
+    def fold(norm: nn.Module, lins: list[nn.Linear]) -> None:
+        g = (off + norm.weight.double())
+        for lin in lins:
+            lin.weight.copy_((lin.weight.double() * g).to(lin.weight.dtype))
+        norm.weight.fill_(1.0 - off)
+
+    for blk in adapter.layers(model):
+        attn, mlp = blk.self_attn, blk.mlp
+        fold(blk.get_submodule(adapter.attn_norm), [attn.q_proj, attn.k_proj, attn.v_proj])
+        fold(blk.get_submodule(adapter.mlp_norm), [mlp.gate_proj, mlp.up_proj])
+    final = adapter.decoder(model).get_submodule(adapter.final_norm)
+    head = model.get_output_embeddings()
+    untied = False
+    if head.weight is model.get_input_embeddings().weight and not bool(((off + final.weight) == 1).all()):
+        untie(model)
+        untied = True
+    fold(final, [model.get_output_embeddings()])
+    return untied
+
+
+def untie(model: nn.Module) -> None:
+    """Give lm_head its own copy of the embedding matrix (and say so in the config and the log)."""
+    head = model.get_output_embeddings()
+    head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    model.config.tie_word_embeddings = False
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else None
+    if text is not None and text is not model.config:
+        text.tie_word_embeddings = False
+    log.info("untied lm_head from the embedding: the final norm's scale is folded into lm_head only")
+
+
+def apply_r4(model: nn.Module) -> None:
+    """Every down_proj becomes a HadamardLinear (weight W H, input rotated online)."""
+    adapter = get_adapter(model)
+    for blk in adapter.layers(model):
+        lin = blk.mlp.down_proj
+        if not isinstance(lin, HadamardLinear):
+            replace_module(blk, "mlp.down_proj", HadamardLinear.wrap(lin))
+
+
+def restore_online(model: nn.Module, info: dict) -> None:
+    """Re-create the online parts of a rotation recorded by `rotate_model` on a freshly built model
+    (checkpoint load): HadamardLinear down_projs, RotatedPostNorm modules (their rotation is loaded
+    with the state dict afterwards) and the R3 hooks."""
+    adapter = get_adapter(model)
+    hidden = model.config.get_text_config().hidden_size if hasattr(model.config, "get_text_config") \
+        else model.config.hidden_size
+    for blk in adapter.layers(model):
+        if info.get("r4"):
+            lin = blk.mlp.down_proj
+            replace_module(blk, "mlp.down_proj", HadamardLinear.wrap(lin, weight=lin.weight.data))
+        if info.get("post_norm_rotation"):
+            for name in adapter.post_norms:
+                norm = blk.get_submodule(name)
+                replace_module(blk, name, RotatedPostNorm(norm, torch.eye(hidden, dtype=norm.weight.dtype)))
+    if info.get("r3"):
+        install_r3(model)
+
+
+def _rotate_post_norms(model: nn.Module, q1: torch.Tensor) -> None:
+    adapter = get_adapter(model)
+    for blk in adapter.layers(model):
+        for name in adapter.post_norms:
+            norm = blk.get_submodule(name)
+            if isinstance(norm, RotatedPostNorm):
+                norm.rotation.copy_(q1.to(norm.rotation.dtype))
+            else:
+                replace_module(blk, name, RotatedPostNorm(norm, q1.to(norm.weight.dtype)))
+
+
+@torch.no_grad()
+def _fold(model: nn.Module, q1: torch.Tensor, r2: list[torch.Tensor] | None) -> None:
+    adapter = get_adapter(model)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    base = {n: p.detach() for n, p in params.items()}
+    new = rotated_weights(model, base, q1.double(), None if r2 is None else [a.double() for a in r2],
+                          rotate_outputs=not adapter.post_norms)
+    for n, t in new.items():
+        params[n].copy_(t.to(params[n].dtype))
+    if adapter.post_norms:
+        _rotate_post_norms(model, q1.double())
+
+
+def rotate_model(model: nn.Module, cfg: RotationConfig, tokens: torch.Tensor | None = None,
+                 fmt: IntFormat | None = None, act_bits: int | None = None, act_symmetric: bool = False,
+                 progress: bool = True) -> dict:
+    """Fold the configured rotations into `model` in place (the FP function is unchanged for
+    orthogonal kinds); returns what was done, for the checkpoint manifest and reports.
+    Learned rotations need calibration `tokens` and the weight format `fmt`."""
+    adapter = get_adapter(model)
+    text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    hidden = int(text_cfg.hidden_size)
+    info: dict = {"kind": cfg.kind, "seed": cfg.seed, "r2": cfg.r2, "r3": cfg.r3, "r4": cfg.r4,
+                  "post_norm_rotation": bool(adapter.post_norms)}
+    info["untied"] = fold_norms(model)
+    if cfg.r4:
+        apply_r4(model)
+    if adapter.post_norms:  # installed now so that learned rotations see the final module tree
+        _rotate_post_norms(model, torch.eye(hidden, dtype=torch.float64))
+    q1 = rotation_matrix(cfg.kind, hidden, cfg.seed)
+    r2 = None
+    if cfg.r2:
+        r2 = [rotation_matrix(cfg.kind, _heads(blk.self_attn)[0], cfg.seed + 1 + i)
+              for i, blk in enumerate(adapter.layers(model))]
+    if cfg.kind == "bernoulli":
+        e = orthogonality_error(q1)
+        info["orthogonality"] = e
+        log.warning("bernoulli R1 is not orthogonal (||Q^T Q - I||_F / sqrt(n) = %.3f, cond %.0f): "
+                    "the rotated FP model differs from the original", e["fro_rel"], e["cond"])
+    if cfg.kind == "learned" and cfg.steps > 0:
+        if tokens is None or fmt is None:
+            raise RotationError("learned rotations need calibration tokens and a weight format")
+        q1, r2, losses = learn_rotations(model, q1, r2, tokens, fmt, cfg, act_bits, act_symmetric, progress)
+        info["losses"] = losses
+    _fold(model, q1, r2)
+    if cfg.r3:
+        install_r3(model)
+    return info
+
+
+# ---- learned rotations (SpinQuant) ------------------------------------------------------------
+
+def learn_rotations(model: nn.Module, q1: torch.Tensor, r2: list[torch.Tensor] | None, tokens: torch.Tensor,
+                    fmt: IntFormat, cfg: RotationConfig, act_bits: int | None = None, act_symmetric: bool = False,
+                    progress: bool = True) -> tuple[torch.Tensor, list[torch.Tensor] | None, list[float]]:
+    """Cayley SGD on R1 (and R2) against the next-token loss of the rotated model with its
+    decoder linears fake-quantized (RTN, straight-through), optionally activations too.
+    `model` must have its norms folded (and R4 applied); its weights are not changed."""
+    from torch.func import functional_call
+    from tqdm.auto import tqdm
+
+    adapter = get_adapter(model)
+    device = next(model.parameters()).device
+    params = dict(model.named_parameters(remove_duplicate=False))
+    base = {n: p.detach() for n, p in params.items()}
+    canon = {id(p): n for n, p in params.items()}  # tied names -> the one rotated_weights uses
+    prefix = next(n for n, m in model.named_modules() if m is adapter.layers(model))
+    quantized = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(prefix + ".")}
+    post = [f"{prefix}.{i}.{name}" for i in range(len(adapter.layers(model))) for name in adapter.post_norms]
+    q = q1.float().to(device)
+    rs = None if r2 is None else [a.float().to(device) for a in r2]
+    windows = tokens[: cfg.samples, : cfg.seq_len].to(device)
+    handles = []
+    if act_bits is not None:
+        def aq(mod, args):
+            return (fake_quant_per_token(args[0], act_bits, act_symmetric),) + tuple(args[1:])
+        handles = [model.get_submodule(n).register_forward_pre_hook(aq) for n in quantized]
+    losses: list[float] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():  # the pipeline runs under no_grad
+            for step in tqdm(range(cfg.steps), desc="learn rotations", disable=not progress):
+                q.requires_grad_(True)
+                if rs is not None:
+                    for a in rs:
+                        a.requires_grad_(True)
+                new = rotated_weights(model, base, q, rs, rotate_outputs=not adapter.post_norms)
+                state = {}
+                for n, p in params.items():
+                    t = new.get(canon[id(p)], base[n])
+                    if n.rsplit(".", 1)[0] in quantized and n.endswith(".weight"):
+                        t32 = t.float()
+                        t = t32 + (fake_quantize(t32.detach(), fmt) - t32).detach()
+                    state[n] = t.to(p.dtype)
+                for name in post:
+                    state[f"{name}.rotation"] = q
+                ids = windows[step % windows.shape[0]][None]
+                kw = {"input_ids": ids, "labels": ids, "use_cache": False}
+                out = functional_call(model, state, args=(), kwargs=kw, tie_weights=False, strict=False)
+                loss = out.loss
+                loss.backward()
+                losses.append(float(loss.detach()))
+                with torch.no_grad():
+                    q = cayley_step(q.detach(), q.grad, cfg.lr)
+                    if rs is not None:
+                        rs = [cayley_step(a.detach(), a.grad, cfg.lr) for a in rs]
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    q = nearest_orthogonal(q.detach())
+    rs = None if rs is None else [nearest_orthogonal(a.detach()) for a in rs]
+    log.info("learned rotations: loss %.4f -> %.4f over %d steps", losses[0] if losses else float("nan"),
+             losses[-1] if losses else float("nan"), len(losses))
+    return q.cpu(), None if rs is None else [a.cpu() for a in rs], losses

@@ -1,0 +1,137 @@
+"""Global rotations: the rotated FP model computes what the original did; Cayley steps; quantization."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_model, tiny_tokens
+
+from lowbit.formats import IntFormat
+from lowbit.rotation import (RotatedPostNorm, RotationConfig, RotationError, cayley_step, fold_norms,
+                             rotate_model)
+from lowbit.transforms.modules import HadamardLinear
+
+FAMILIES = ["llama", "qwen2", "qwen3", "gemma3_text"]
+
+
+def _model(family, tied=None, seed=0):
+    m = tiny_model(family, seed=seed)
+    with torch.no_grad():  # norms that are not the identity, so folding them matters
+        for _, p in m.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.3 * torch.randn_like(p))
+    if tied is False and m.get_output_embeddings().weight is m.get_input_embeddings().weight:
+        from lowbit.rotation import untie
+        untie(m)
+    return m
+
+
+def _rel(a, b):
+    return float((a - b).detach().norm() / b.detach().norm())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("cfg", [RotationConfig(r2=False, r4=False), RotationConfig(r4=False),
+                                 RotationConfig(r2=False), RotationConfig(r3=True),
+                                 RotationConfig(kind="orthogonal")], ids=["r1", "r1r2", "r1r4", "all", "orth"])
+def test_rotated_model_gives_the_same_logits(family, cfg):
+    m = _model(family)
+    ids = tiny_tokens(2, 16)
+    ref = m(ids).logits
+    r = copy.deepcopy(m)
+    info = rotate_model(r, cfg)
+    assert _rel(r(ids).logits, ref) < 1e-5
+    assert info["post_norm_rotation"] == (family == "gemma3_text")
+    if cfg.r4:
+        assert all(isinstance(b.mlp.down_proj, HadamardLinear) for b in r.model.layers)
+    if family == "gemma3_text":
+        assert isinstance(r.model.layers[0].post_attention_layernorm, RotatedPostNorm)
+    # the embedding really moved (R1 is not the identity)
+    assert _rel(r.get_input_embeddings().weight, m.get_input_embeddings().weight) > 0.5
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_untied_and_tied_embeddings(family):
+    for tied in (True, False):
+        m = _model(family, tied=None if tied else False)
+        assert (m.get_output_embeddings().weight is m.get_input_embeddings().weight) == tied
+        ids = tiny_tokens(2, 16)
+        ref = m(ids).logits
+        info = rotate_model(m, RotationConfig())
+        assert info["untied"] == tied
+        assert m.get_output_embeddings().weight is not m.get_input_embeddings().weight
+        assert not m.config.tie_word_embeddings
+        assert _rel(m(ids).logits, ref) < 1e-5
+
+
+def test_tied_embeddings_stay_tied_when_the_final_norm_is_one():
+    m = tiny_model("llama")  # fresh norms: all ones
+    assert fold_norms(m) is False
+    assert m.get_output_embeddings().weight is m.get_input_embeddings().weight
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_r3_rotates_cached_keys_and_keeps_logits(family):
+    from transformers import DynamicCache
+
+    m = _model(family)
+    ids = tiny_tokens(1, 12)
+    ref_cache = DynamicCache(config=m.config)
+    ref = m(ids, past_key_values=ref_cache, use_cache=True).logits
+    r = copy.deepcopy(m)
+    rotate_model(r, RotationConfig(r3=True))
+    cache = DynamicCache(config=r.config)
+    out = r(ids, past_key_values=cache, use_cache=True).logits
+    assert _rel(out, ref) < 1e-5
+    # decoding one more token through the rotated cache matches too
+    nxt = torch.tensor([[3]])
+    a = m(nxt, past_key_values=ref_cache, use_cache=True).logits
+    b = r(nxt, past_key_values=cache, use_cache=True).logits
+    assert _rel(b, a) < 1e-5
+    from lowbit.kernels.hadamard import fwht
+    k_ref, k_rot = ref_cache.layers[0].keys, cache.layers[0].keys
+    assert _rel(k_rot, k_ref) > 0.1 and _rel(fwht(k_rot, transpose=True), k_ref) > 0  # stored rotated
+
+
+def test_bernoulli_changes_the_model():
+    m = _model("llama")
+    ids = tiny_tokens(2, 16)
+    ref = m(ids).logits
+    info = rotate_model(m, RotationConfig(kind="bernoulli"))
+    assert info["orthogonality"]["fro_rel"] > 0.5
+    assert _rel(m(ids).logits, ref) > 1e-2
+
+
+def test_config_errors():
+    with pytest.raises(RotationError, match="unknown rotation kind"):
+        RotationConfig(kind="givens")
+
+
+def test_cayley_step_stays_orthogonal_and_descends():
+    torch.manual_seed(0)
+    n = 16
+    target = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))[0]
+    x = torch.eye(n, dtype=torch.float64)
+    loss = lambda q: (q - target).pow(2).sum()  # noqa: E731
+    losses = []
+    for _ in range(50):
+        x = x.clone().requires_grad_(True)
+        val = loss(x)
+        val.backward()
+        losses.append(float(val))
+        x = cayley_step(x.detach(), x.grad, 0.05)
+        torch.testing.assert_close(x.T @ x, torch.eye(n, dtype=torch.float64), rtol=0, atol=1e-10)
+    assert losses[-1] < 0.5 * losses[0]
+    assert all(b <= a + 1e-9 for a, b in zip(losses, losses[1:]))
+
+
+def test_learned_rotation_keeps_fp_function_and_lowers_quantized_loss():
+    m = _model("llama")
+    ids = tiny_tokens(4, 32)
+    ref = m(ids[:2]).logits
+    cfg = RotationConfig(kind="learned", steps=8, lr=0.5, samples=4, seq_len=32)
+    info = rotate_model(m, cfg, tokens=ids, fmt=IntFormat(3, False, 32), progress=False)
+    assert len(info["losses"]) == 8 and all(torch.isfinite(torch.tensor(info["losses"])))
+    assert _rel(m(ids[:2]).logits, ref) < 1e-5   # learned R1 / R2 are still exact rotations
