@@ -85,3 +85,59 @@ def test_allowed_mask_respected_and_seeded():
     assert torch.equal(idx, torch.ones(n, dtype=torch.long))
     idx2, v2 = anneal_categorical(obj, n, K, cfg, allowed=allowed)
     assert torch.equal(idx, idx2) and float(v) == float(v2)
+
+
+def _layer_problem(n_in=64, n_out=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(n_in, n_in, generator=g) / n_in**0.5 + torch.eye(n_in)
+    x = torch.randn(1024, n_in, generator=g) @ mix
+    x[:, :3] *= 8
+    return torch.randn(n_out, n_in, generator=g) * 0.05, x.T @ x
+
+
+@pytest.mark.parametrize("init,act_order,group", [("gptq", True, 16), ("gptq", False, 24), ("rtn", False, -1)])
+def test_qqa_solver_never_worse_than_start_and_improves(init, act_order, group):
+    from lowbit.formats import IntFormat
+    from lowbit.solvers import gptq, layer_loss, rtn
+    from lowbit.solvers.qqa import qqa
+
+    w, H = _layer_problem()
+    fmt = IntFormat(2, False, group)
+    start = gptq(w, fmt, H, act_order=act_order) if init == "gptq" else rtn(w, fmt)
+    base = layer_loss(w, start.dequantize(), H)
+    q = qqa(w, fmt, H, init=init, act_order=act_order, steps=30, replicas=8, chunk_rows=16)
+    got = layer_loss(w, q.dequantize(), H)
+    assert got <= base * (1 + 1e-6)
+    assert got < 0.97 * base
+    assert q.codes.dtype == torch.uint8 and int(q.codes.max()) <= fmt.maxq
+    # the stored scales are fp16-exact, so a checkpoint reproduces the weight
+    assert torch.equal(q.scale, q.scale.half().float())
+
+
+def test_qqa_one_step_cannot_lose_the_start():
+    from lowbit.formats import IntFormat
+    from lowbit.solvers import gptq, layer_loss
+    from lowbit.solvers.qqa import qqa
+
+    w, H = _layer_problem(seed=1)
+    fmt = IntFormat(3, True, 32)
+    base = layer_loss(w, gptq(w, fmt, H).dequantize(), H)
+    q = qqa(w, fmt, H, steps=1, replicas=1, rounds=1)
+    assert layer_loss(w, q.dequantize(), H) <= base * (1 + 1e-6)
+
+
+def test_refit_scales_is_least_squares_optimum():
+    from lowbit.formats import IntFormat, dequantize, group_index
+    from lowbit.solvers import rtn
+    from lowbit.solvers.qqa import group_layout, refit_scales, row_losses
+
+    w, H = _layer_problem(n_in=40, n_out=4)
+    fmt = IntFormat(2, False, 16)  # 3 groups, the last partial
+    q = rtn(w, fmt)
+    s = refit_scales(w, q.codes, q.scale, q.zero, H.double(), group_layout(40, 3, group_index(40, fmt)))
+    base = row_losses(w - dequantize(q.codes, s, q.zero, fmt), H)
+    for eps in (1e-2, -1e-2):  # a perturbed scale is worse (up to fp16 rounding)
+        s2 = s.clone()
+        s2[:, 1] *= 1 + eps
+        assert torch.all(row_losses(w - dequantize(q.codes, s2, q.zero, fmt), H) >= base * (1 - 1e-3))
+    assert torch.all(base <= row_losses(w - q.dequantize(), H) * (1 + 1e-3))

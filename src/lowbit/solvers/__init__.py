@@ -6,13 +6,14 @@ from collections.abc import Callable
 
 from .base import QuantizedWeight, layer_loss
 from .gptq import SolverError, gptq
+from .qqa import qqa
 from .rtn import rtn
 
-SOLVERS: dict[str, Callable[..., QuantizedWeight]] = {"rtn": rtn, "gptq": gptq}
-NEEDS_HESSIAN = {"gptq"}
+SOLVERS: dict[str, Callable[..., QuantizedWeight]] = {"rtn": rtn, "gptq": gptq, "qqa": qqa}
+NEEDS_HESSIAN = {"gptq", "qqa"}
 # solvers whose result for a row depends only on that row (and H): linears sharing H may be
 # stacked into one call
-ROW_INDEPENDENT = {"rtn", "gptq"}
+ROW_INDEPENDENT = {"rtn", "gptq", "qqa"}
 
 
 def get_solver(name: str) -> Callable[..., QuantizedWeight]:
@@ -22,4 +23,4 @@ def get_solver(name: str) -> Callable[..., QuantizedWeight]:
     return SOLVERS[name]
 
 
-__all__ = ["SOLVERS", "NEEDS_HESSIAN", "ROW_INDEPENDENT", "QuantizedWeight", "SolverError", "get_solver", "gptq", "layer_loss", "rtn"]
+__all__ = ["SOLVERS", "NEEDS_HESSIAN", "ROW_INDEPENDENT", "QuantizedWeight", "SolverError", "get_solver", "gptq", "layer_loss", "qqa", "rtn"]
