@@ -34,6 +34,15 @@ class Recipe:
     skip: tuple[str, ...] = field(default_factory=tuple)  # substrings of linear names left in FP
     qep: QEPConfig | None = None  # error-propagation correction around the solver (None = off)
     pairwise: PairwiseConfig | None = None  # learned pairwise rotations, block by block (None = off)
+    qqa_steps: int = 100  # QQA: annealing steps per round and row chunk (the time knob)
+    qqa_replicas: int = 16  # QQA: replicas annealed at once
+    qqa_rounds: int = 2  # QQA: alternations codes -> scales
+    qqa_init: str = "gptq"  # QQA: start solution (gptq or rtn)
+    onebit_iters: int = 4  # onebit: alternations signs -> (g, h)
+    onebit_qqa: bool = False  # onebit: refine the signs by QQA after the GPTQ-style pass
+    onebit_svid_only: bool = False  # onebit: the SVID initialisation only (no calibration fit)
+    budget: float | None = None  # average bits/weight: per-linear bits chosen from budget_bits
+    budget_bits: tuple[int, ...] = (1, 2, 3, 4)  # candidates for the budget (1 = onebit)
     name: str = ""
 
     def __post_init__(self) -> None:
@@ -55,6 +64,18 @@ class Recipe:
         if self.block_size < 1:
             raise RecipeError(f"block_size must be >= 1, got {self.block_size}")
         object.__setattr__(self, "skip", tuple(self.skip))
+        object.__setattr__(self, "budget_bits", tuple(sorted(int(b) for b in self.budget_bits)))
+        if self.qqa_init not in ("gptq", "rtn"):
+            raise RecipeError(f"qqa_init must be gptq or rtn, got {self.qqa_init!r}")
+        if self.qqa_steps < 1 or self.qqa_replicas < 1 or self.qqa_rounds < 1 or self.onebit_iters < 0:
+            raise RecipeError("qqa_steps, qqa_replicas and qqa_rounds must be >= 1, onebit_iters >= 0")
+        if self.budget is not None:
+            if not self.budget_bits or any(not 1 <= b <= 8 for b in self.budget_bits):
+                raise RecipeError(f"budget_bits must be bit widths 1-8, got {self.budget_bits}")
+            if self.method == "onebit":
+                raise RecipeError("a bit budget needs an integer solver (rtn, gptq, qqa) for the wider linears")
+            if not 1 <= self.budget <= 8.5:
+                raise RecipeError(f"budget must be 1-8.5 bits/weight, got {self.budget}")
 
     def _coerce(self, name: str, cls) -> None:
         """Accept True / False / a dict of settings for an optional config field."""
@@ -80,7 +101,7 @@ class Recipe:
     @property
     def needs_inputs(self) -> bool:
         """Whether the pipeline must run the calibration stream (solver statistics or QEP)."""
-        return self.needs_hessian or self.qep is not None or self.pairwise is not None
+        return self.needs_hessian or self.qep is not None or self.pairwise is not None or self.budget is not None
 
     @property
     def label(self) -> str:
@@ -93,19 +114,33 @@ class Recipe:
         if self.pairwise is not None:
             method = f"{self.pairwise.tag}-{method}"
         tags += self.qep.tag if self.qep is not None else ""
-        return f"{method}-w{self.bits}{'s' if self.symmetric else ''}-{g}{tags}"
+        if self.method == "onebit":
+            kind = "-svid" if self.onebit_svid_only else "-qqa" if self.onebit_qqa else ""
+            return f"{method}{kind}{self.qep.tag if self.qep is not None else ''}"
+        label = f"{method}-w{self.bits}{'s' if self.symmetric else ''}-{g}{tags}"
+        return f"budget{self.budget:g}-{label}" if self.budget is not None else label
 
-    def solver_kwargs(self) -> dict:
-        """Keyword arguments for the solver function."""
-        if self.method == "gptq":
-            return {"damp": self.damp, "act_order": self.act_order, "static_groups": self.static_groups,
-                    "block_size": self.block_size, "clip": self.clip}
+    def solver_kwargs(self, method: str | None = None) -> dict:
+        """Keyword arguments for the solver function (of `method`, default the recipe's)."""
+        method = method or self.method
+        gptq = {"damp": self.damp, "act_order": self.act_order, "static_groups": self.static_groups,
+                "block_size": self.block_size, "clip": self.clip}
+        if method == "gptq":
+            return gptq
+        if method == "qqa":
+            return {**gptq, "init": self.qqa_init, "steps": self.qqa_steps, "replicas": self.qqa_replicas,
+                    "rounds": self.qqa_rounds}
+        if method == "onebit":
+            return {"iters": self.onebit_iters, "damp": self.damp, "act_order": self.act_order,
+                    "block_size": self.block_size, "use_qqa": self.onebit_qqa, "qqa_steps": self.qqa_steps,
+                    "qqa_replicas": self.qqa_replicas, "svid_only": self.onebit_svid_only}
         return {"clip": self.clip}
 
     def to_dict(self) -> dict:
         """Plain dict (JSON-safe)."""
         d = asdict(self)
         d["skip"] = list(self.skip)
+        d["budget_bits"] = list(self.budget_bits)
         d["qep"] = None if self.qep is None else self.qep.to_dict()
         d["pairwise"] = None if self.pairwise is None else self.pairwise.to_dict()
         return d
@@ -150,6 +185,14 @@ PRESETS: dict[str, Recipe] = {
     "qep-gptq-w3-g64-clip": _preset(method="gptq", bits=3, group_size=64, clip=True, qep=QEPConfig()),
     "qep-gptq-w2-g64-clip-static": _preset(method="gptq", bits=2, group_size=64, clip=True, static_groups=True,
                                            qep=QEPConfig()),
+    # extreme low bit (docs/extreme.md): QQA from GPTQ at 2 bits; OneBit layers; bit budgets
+    "qqa-w2-g64": _preset(method="qqa", bits=2, group_size=64),
+    "qep-qqa-w2-g64": _preset(method="qqa", bits=2, group_size=64, qep=QEPConfig()),
+    "onebit": _preset(method="onebit", bits=1, group_size=-1),
+    "onebit-svid": _preset(method="onebit", bits=1, group_size=-1, onebit_svid_only=True),
+    "onebit-qqa": _preset(method="onebit", bits=1, group_size=-1, onebit_qqa=True),
+    "qep-onebit": _preset(method="onebit", bits=1, group_size=-1, qep=QEPConfig()),
+    "qep-onebit-qqa": _preset(method="onebit", bits=1, group_size=-1, onebit_qqa=True, qep=QEPConfig()),
 }
 
 
@@ -188,6 +231,14 @@ def get_recipe(name_or_path: str) -> Recipe:
     """A preset by name, a label such as qep-gptq-w3-g64-clip, or a .json / .yaml file."""
     if name_or_path in PRESETS:
         return PRESETS[name_or_path]
+    m = re.fullmatch(r"budget(\d+(?:\.\d+)?)-(.+)", name_or_path)
+    if m:  # budget2.0-gptq = per-linear bits chosen for 2.0 bits/weight, the rest from the label gptq-w2-g64
+        rest = m[2] if "-w" in m[2] or m[2] in PRESETS else f"{m[2]}-w2-g64"
+        return get_recipe(rest).with_(budget=float(m[1]), name="")
+    m = re.fullmatch(r"(qep-)?onebit(-svid|-qqa)?", name_or_path)
+    if m:
+        return Recipe(method="onebit", bits=1, group_size=-1, qep=QEPConfig() if m[1] else None,
+                      onebit_svid_only=m[2] == "-svid", onebit_qqa=m[2] == "-qqa")
     parsed = parse_label(name_or_path)
     if parsed is not None:
         return parsed

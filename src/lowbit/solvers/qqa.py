@@ -84,6 +84,7 @@ def _keep_best(best_x, best_v, cand, vals):
     return best_x, best_v
 
 
+@torch.enable_grad()  # callers (the pipeline) run under no_grad
 def anneal_binary(objective: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, ...] | int,
                   cfg: QQAConfig = QQAConfig(), *, init: torch.Tensor | None = None,
                   init_value: torch.Tensor | None = None, device=None,
@@ -137,6 +138,7 @@ def anneal_binary(objective: Callable[[torch.Tensor], torch.Tensor], shape: tupl
     return best_x, (best_v if best_v.numel() > 1 else best_v[0])
 
 
+@torch.enable_grad()
 def anneal_categorical(objective: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, ...] | int, levels: int,
                        cfg: QQAConfig = QQAConfig(), *, init: torch.Tensor | None = None,
                        init_value: torch.Tensor | None = None, allowed: torch.Tensor | None = None,
