@@ -49,7 +49,8 @@ def test_budget_pipeline_and_mixed_checkpoint_round_trip(tmp_path, budget):
     assert bpw <= budget + 1e-9
     assert bpw == pytest.approx(res.budget_report["bits_per_weight"], rel=1e-9)
     assert set(res.bits_plan) == set(res.weights) and set(res.bits_plan.values()) <= {1, 2, 3, 4}
-    assert len(set(res.bits_plan.values())) > 1  # these budgets need a mix of widths
+    if budget > 1.5:  # (1.5 is about the 1-bit cost of these 64-wide linears: all 1-bit)
+        assert len(set(res.bits_plan.values())) > 1
     path = checkpoint.save(model, res, tmp_path / "ck")
     # the report counts fp16 zeros (the IntFormat convention); the file stores uint8 zeros
     true_bits, weights = _true_bits(path)
