@@ -87,3 +87,18 @@ def test_recipe_names():
     assert get_recipe("budget2.5-qep-qqa-w2-g64").qep is not None
     r = Recipe(method="qqa", bits=2, budget=2.0)
     assert Recipe.from_dict(r.to_dict()) == r
+
+
+def test_onebit_finetune_improves_block_fit_and_round_trips(tmp_path):
+    model = tiny_model("llama")
+    recipe = get_recipe("onebit-ft2").with_(onebit_ft_lr=1e-3)
+    assert recipe.onebit_ft_epochs == 2 and recipe.label == "onebit-ft2"
+    res = quantize_model(model, recipe, tiny_tokens(), batch_size=2, progress=False)
+    assert len(res.block_fits) == 2
+    for fit in res.block_fits:
+        start, best, epoch = fit["onebit_ft"]
+        assert best <= start
+    path = checkpoint.save(model, res, tmp_path / "ck")
+    toks = tiny_tokens(2, 16)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=toks).logits, checkpoint.load(path)(input_ids=toks).logits)

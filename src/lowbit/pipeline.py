@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .blockwise import fit_block
+from .blockwise import finetune_binary, fit_block
 from .models import get_adapter
 from .qep import QEPStat, qep_target
 from .recipe import Recipe
@@ -359,7 +359,11 @@ def quantize_model(model: nn.Module, recipe: Recipe, tokens: torch.Tensor, *, ba
     if recipe.pairwise is not None and len(xs) < 2:
         raise PipelineError("pairwise rotations need at least 2 calibration batches (train + validation); "
                             "use more calibration windows or a smaller batch size")
-    fp = [x.clone() for x in xs] if (track_error or qep is not None or recipe.pairwise is not None) else None
+    finetune = recipe.onebit_ft_epochs > 0
+    if finetune and len(xs) < 2:
+        raise PipelineError("1-bit fine-tuning needs at least 2 calibration batches (train + validation)")
+    fp = [x.clone() for x in xs] if (track_error or qep is not None or recipe.pairwise is not None
+                                     or finetune) else None
     result = QuantizationResult(recipe, {}, layers_prefix=prefix, bits_plan=bits_plan, budget_report=budget_report)
     bar = tqdm(range(len(layers)), desc=f"quantize {recipe.label}", unit="block", disable=not progress)
     for i in bar:
@@ -407,6 +411,18 @@ def quantize_model(model: nn.Module, recipe: Recipe, tokens: torch.Tensor, *, ba
                 lin.weight.data.copy_(qw.dequantize().to(lin.weight.dtype))
                 result.weights[f"{prefix}.{i}.{name}"] = _cpu(qw)
                 done.add(name)
+        binary = {n: result.weights[f"{prefix}.{i}.{n}"] for n in done
+                  if getattr(result.weights[f"{prefix}.{i}.{n}"], "kind", "int") == "binary"}
+        if finetune and binary:  # train g and h against the FP block output
+            fp_out = run_block(fp_block, fp, calls[i])
+            ft = finetune_binary(block, {n: qw.to(device) for n, qw in binary.items()}, xs, fp_out, calls[i],
+                                 epochs=recipe.onebit_ft_epochs, lr=recipe.onebit_ft_lr, progress=progress)
+            for name, qw in ft["weights"].items():
+                lin = block.get_submodule(name)
+                lin.weight.data.copy_(qw.dequantize().to(lin.weight.dtype))
+                result.weights[f"{prefix}.{i}.{name}"] = _cpu(qw)
+            result.block_fits.append({"onebit_ft": ft["losses"]})
+            replay = Replay(block, adapter.output_linears, enabled=memo)  # cached outputs are stale
         if streams:
             xs = run_block(block, xs, calls[i], replay)
         if fp is not None:

@@ -41,6 +41,8 @@ class Recipe:
     onebit_iters: int = 4  # onebit: alternations signs -> (g, h)
     onebit_qqa: bool = False  # onebit: refine the signs by QQA after the GPTQ-style pass
     onebit_svid_only: bool = False  # onebit: the SVID initialisation only (no calibration fit)
+    onebit_ft_epochs: int = 0  # onebit: epochs of block-wise training of g and h (0 = off)
+    onebit_ft_lr: float = 1e-4
     budget: float | None = None  # average bits/weight: per-linear bits chosen from budget_bits
     budget_bits: tuple[int, ...] = (1, 2, 3, 4)  # candidates for the budget (1 = onebit)
     name: str = ""
@@ -101,7 +103,8 @@ class Recipe:
     @property
     def needs_inputs(self) -> bool:
         """Whether the pipeline must run the calibration stream (solver statistics or QEP)."""
-        return self.needs_hessian or self.qep is not None or self.pairwise is not None or self.budget is not None
+        return (self.needs_hessian or self.qep is not None or self.pairwise is not None or self.budget is not None
+                or self.onebit_ft_epochs > 0)
 
     @property
     def label(self) -> str:
@@ -116,6 +119,7 @@ class Recipe:
         tags += self.qep.tag if self.qep is not None else ""
         if self.method == "onebit":
             kind = "-svid" if self.onebit_svid_only else "-qqa" if self.onebit_qqa else ""
+            kind += f"-ft{self.onebit_ft_epochs}" if self.onebit_ft_epochs else ""
             return f"{method}{kind}{self.qep.tag if self.qep is not None else ''}"
         label = f"{method}-w{self.bits}{'s' if self.symmetric else ''}-{g}{tags}"
         return f"budget{self.budget:g}-{label}" if self.budget is not None else label
@@ -193,6 +197,8 @@ PRESETS: dict[str, Recipe] = {
     "onebit-qqa": _preset(method="onebit", bits=1, group_size=-1, onebit_qqa=True),
     "qep-onebit": _preset(method="onebit", bits=1, group_size=-1, qep=QEPConfig()),
     "qep-onebit-qqa": _preset(method="onebit", bits=1, group_size=-1, onebit_qqa=True, qep=QEPConfig()),
+    "qep-onebit-qqa-ft3": _preset(method="onebit", bits=1, group_size=-1, onebit_qqa=True, qep=QEPConfig(),
+                                  onebit_ft_epochs=3),
 }
 
 
@@ -235,10 +241,10 @@ def get_recipe(name_or_path: str) -> Recipe:
     if m:  # budget2.0-gptq = per-linear bits chosen for 2.0 bits/weight, the rest from the label gptq-w2-g64
         rest = m[2] if "-w" in m[2] or m[2] in PRESETS else f"{m[2]}-w2-g64"
         return get_recipe(rest).with_(budget=float(m[1]), name="")
-    m = re.fullmatch(r"(qep-)?onebit(-svid|-qqa)?", name_or_path)
+    m = re.fullmatch(r"(qep-)?onebit(-svid|-qqa)?(?:-ft(\d+))?", name_or_path)
     if m:
         return Recipe(method="onebit", bits=1, group_size=-1, qep=QEPConfig() if m[1] else None,
-                      onebit_svid_only=m[2] == "-svid", onebit_qqa=m[2] == "-qqa")
+                      onebit_svid_only=m[2] == "-svid", onebit_qqa=m[2] == "-qqa", onebit_ft_epochs=int(m[3] or 0))
     parsed = parse_label(name_or_path)
     if parsed is not None:
         return parsed
