@@ -24,7 +24,7 @@ elif [ "$mode" = quality ] || [ "$mode" = time ]; then
   done
   wait
   nvidia-smi --query-compute-apps=pid --format=csv,noheader | xargs -r kill -9  # spawned workers outlive a timeout
-  python3 - "$OUT/pairwise-${TAG:-quality}.json" <<'PY'
+  python3 - "$OUT/${PREFIX:-pairwise}-${TAG:-quality}.json" <<'PY'
 import datetime, glob, json, os, sys, torch
 rows = []
 for f in sorted(glob.glob("/tmp/pq/*/bench.json")):

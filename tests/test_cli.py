@@ -165,3 +165,25 @@ def test_quantize_with_rotation_and_reload(tiny_dir, tmp_path, extra, label):
 def test_rotate_option_checks():
     r = runner.invoke(app, ["quantize", "smollm2", "--out", "x", "--rotate", "givens"])
     assert r.exit_code != 0 and "unknown rotation kind" in r.output
+
+
+@pytest.mark.parametrize("extra,check", [
+    (["--method", "qep(qqa)", "--bits", "2", "--group-size", "32", "--qqa-steps", "5", "--qqa-replicas", "4"],
+     lambda m: m["recipe"]["method"] == "qqa" and m["recipe"]["qep"] is not None),
+    (["--method", "onebit", "--onebit-qqa", "--qqa-steps", "5"],
+     lambda m: all(x["kind"] == "binary" for x in m["modules"].values()) and m["job"]["bits_per_weight"] < 1.5),
+    (["--recipe", "budget2.0-gptq-w2-g32"],
+     lambda m: m["job"]["bits_per_weight"] <= 2.0 and len({x["bits"] for x in m["modules"].values()}) > 1),
+    (["--recipe", "gptq-w2-g32", "--budget", "2.5", "--budget-bits", "1,2,4"],
+     lambda m: m["job"]["bits_per_weight"] <= 2.5 and {x["bits"] for x in m["modules"].values()} <= {1, 2, 4}),
+])
+def test_quantize_extreme_methods(tiny_dir, tmp_path, extra, check):
+    out = tmp_path / "q"
+    r = runner.invoke(app, ["quantize", str(tiny_dir), "--out", str(out), *extra, *_args(tiny_dir)])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "lowbit.json").read_text())
+    assert check(manifest)
+    r = runner.invoke(app, ["eval", str(out), "--data", str(tiny_dir / "text.txt"), "--seq-len", "32",
+                            "--windows", "4", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert f"{manifest['job']['ppl'][str(tiny_dir / 'text.txt')]:.2f}" in r.output

@@ -295,3 +295,47 @@ def fit_block(block: nn.Module, names: list[str], xs: list[torch.Tensor], target
         for n in names:
             report["weights"][n] = stage2[n].quantized()
     return report
+
+
+class _BinaryFT(nn.Module):
+    """A 1-bit linear diag(g) S diag(h) whose g and h are trainable (signs fixed)."""
+
+    def __init__(self, lin: nn.Linear, qw):
+        super().__init__()
+        self.register_buffer("S", qw.signs().to(lin.weight.device))
+        self.g = nn.Parameter(qw.g.float().clone().to(lin.weight.device))
+        self.h = nn.Parameter(qw.h.float().clone().to(lin.weight.device))
+        self.bias = lin.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.g[:, None] * self.S * self.h[None, :]
+        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+@torch.no_grad()
+def finetune_binary(block: nn.Module, weights: dict, xs: list[torch.Tensor], targets: list[torch.Tensor],
+                    calls: list, *, epochs: int = 3, lr: float = 1e-4, val_fraction: float = 0.125,
+                    progress: bool = False) -> dict:
+    """Train the g and h vectors of the block's 1-bit linears (`weights`: name -> BinaryWeight)
+    against the FP block output, signs fixed (OneBit's distillation, block by block, on the
+    quantized stream). The best validation epoch is kept (the start when none beats it); g and h
+    come back fp16-exact. Returns {"losses": (start, best, epoch), "weights": name -> BinaryWeight}."""
+    from .formats.binary import BinaryWeight, fp16_exact
+
+    n = len(xs)
+    if n < 2:
+        raise ValueError("fine-tuning needs at least 2 calibration batches (train + validation)")
+    n_val = max(1, round(n * val_fraction))
+    train_idx, val_idx = list(range(n - n_val)), list(range(n - n_val, n))
+    for p in block.parameters():
+        p.requires_grad_(False)
+    mods = {name: _BinaryFT(block.get_submodule(name), qw) for name, qw in weights.items()}
+    with _swapped(block, mods), torch.enable_grad():
+        params = [{"params": [m.g, m.h], "lr": lr, "weight_decay": 0.0} for m in mods.values()]
+        losses = _train(block, params, xs, targets, calls, train_idx, val_idx, epochs, "1-bit fine-tune", progress)
+    out = {}
+    for name, m in mods.items():
+        qw = weights[name]
+        out[name] = BinaryWeight(qw.codes, fp16_exact(m.g.detach()).to(qw.g.device),
+                                 fp16_exact(m.h.detach()).to(qw.h.device), qw.fmt, dict(qw.info, finetune=losses))
+    return {"losses": losses, "weights": out}

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .formats import IntFormat, dequantize, pack, unpack
+from .formats.binary import BinaryWeight
 from .pipeline import QuantizationResult
 from .transforms import PairwiseRotation
 from .transforms.modules import RotatedLinear, replace_module
@@ -80,6 +81,13 @@ def save(model: torch.nn.Module, result: QuantizationResult, out: str | Path, to
         tensors, modules = {}, {}
         for name, qw in result.weights.items():
             fmt = qw.fmt
+            if getattr(qw, "kind", "int") == "binary":  # OneBit: sign bits + fp16 g [out] and h [in]
+                tensors[f"{name}.qweight"] = pack(qw.codes, 1).contiguous()
+                tensors[f"{name}.g"] = qw.g.half().contiguous()
+                tensors[f"{name}.h"] = qw.h.half().contiguous()
+                modules[name] = {"kind": "binary", "bits": 1, "in_features": int(qw.codes.shape[1]),
+                                 "out_features": int(qw.codes.shape[0])}
+                continue
             tensors[f"{name}.qweight"] = pack(qw.codes, fmt.bits).contiguous()
             tensors[f"{name}.scales"] = qw.scale.half().contiguous()
             if not fmt.symmetric:
@@ -109,6 +117,10 @@ def save(model: torch.nn.Module, result: QuantizationResult, out: str | Path, to
         config = model.config
         qcfg = {"quant_method": "lowbit", "bits": result.recipe.bits, "group_size": result.recipe.group_size,
                 "sym": result.recipe.symmetric, "recipe": result.recipe.to_dict(), "lowbit_version": __version__}
+        widths = {name: m["bits"] for name, m in modules.items()}
+        if len(set(widths.values())) > 1 or result.bits_plan:  # mixed precision: every linear's width
+            qcfg["mixed_bits"] = widths
+            qcfg["kinds"] = {name: m.get("kind", "int") for name, m in modules.items()}
         config.quantization_config = qcfg
         try:
             config.save_pretrained(tmp)
@@ -170,6 +182,16 @@ def load_state(path: str | Path, verify: bool = True) -> tuple[dict, dict[str, t
         raise CheckpointError(f"{path / WEIGHTS} cannot be read: {e}") from e
     state = {}
     for name, m in manifest["modules"].items():
+        if m.get("kind", "int") == "binary":
+            try:
+                codes = unpack(raw.pop(f"{name}.qweight"), 1, m["in_features"])
+                g, h = raw.pop(f"{name}.g").float(), raw.pop(f"{name}.h").float()
+            except KeyError as e:
+                raise CheckpointError(f"{path}: tensor {e} missing for 1-bit module {name}") from e
+            state[f"{name}.weight"] = BinaryWeight(codes, g, h).dequantize()
+            continue
+        if m.get("kind", "int") != "int":
+            raise CheckpointError(f"{path}: module {name} has an unknown kind {m.get('kind')!r}")
         fmt = IntFormat(m["bits"], m["symmetric"], m["group_size"])
         try:
             codes = unpack(raw.pop(f"{name}.qweight"), fmt.bits, m["in_features"])

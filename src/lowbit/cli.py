@@ -61,7 +61,8 @@ def _protocol(calib: str, n_calib: int, seq_len: int, seed: int, data: str, wind
 
 
 def _recipe(recipe: str, method, bits, group_size, sym, clip, act_order, damp, qep=None, qep_alpha=None,
-            qep_damp=None, pairwise: dict | None = None, rotation: dict | None = None):
+            qep_damp=None, pairwise: dict | None = None, rotation: dict | None = None,
+            extreme: dict | None = None):
     from .blockwise import PairwiseConfig
     from .qep import QEPConfig
     from .recipe import get_recipe
@@ -86,7 +87,9 @@ def _recipe(recipe: str, method, bits, group_size, sym, clip, act_order, damp, q
     if act:
         r = r.with_(name="", **act)
     over = {k: v for k, v in dict(method=method, bits=bits, group_size=group_size, symmetric=sym, clip=clip,
-                                 act_order=act_order, damp=damp).items() if v is not None}
+                                 act_order=act_order, damp=damp, **(extreme or {})).items() if v is not None}
+    if over.get("method", "").removeprefix("qep(").removesuffix(")") == "onebit" and "bits" not in over:
+        over.update(bits=1, group_size=-1)
     if over.get("method", "").startswith("qep("):
         qep = True
     if qep is False:
@@ -128,7 +131,17 @@ def quantize(
     model: str = typer.Argument("smollm2", help=MODEL_HELP),
     out: str = typer.Option(..., "--out", "-o", help="Output checkpoint folder (written atomically)."),
     recipe: str = typer.Option("best", help="Preset name (see `lowbit presets`) or a .json/.yaml recipe file."),
-    method: Optional[str] = typer.Option(None, help="Solver: rtn or gptq, or qep(rtn) / qep(gptq) (overrides the recipe)."),
+    method: Optional[str] = typer.Option(None, help="Solver: rtn, gptq, qqa or onebit, or qep(...) around one "
+                                         "(overrides the recipe)."),
+    budget: Optional[float] = typer.Option(None, help="Average bits/weight (scales, zeros and 1-bit vectors counted): "
+                                           "per-linear widths chosen from --budget-bits by measured sensitivity."),
+    budget_bits: Optional[str] = typer.Option(None, help="Candidate widths for --budget, e.g. 1,2,3,4 (1 = onebit)."),
+    qqa_steps: Optional[int] = typer.Option(None, help="QQA annealing steps per round and row chunk (default 100)."),
+    qqa_replicas: Optional[int] = typer.Option(None, help="QQA replicas (default 16)."),
+    onebit_qqa: Optional[bool] = typer.Option(None, "--onebit-qqa/--no-onebit-qqa",
+                                              help="onebit: refine the signs with QQA."),
+    onebit_svid: Optional[bool] = typer.Option(None, "--onebit-svid/--no-onebit-svid",
+                                               help="onebit: SVID initialisation only (no calibration fit)."),
     bits: Optional[int] = typer.Option(None, help="Weight bits, 1-8 (overrides the recipe)."),
     group_size: Optional[int] = typer.Option(None, "--group-size", "-g",
                                              help="Inputs per scale group; -1 = per channel, 0 = per tensor."),
@@ -188,7 +201,10 @@ def quantize(
                     dict(on=pairwise, epochs1=pair_epochs, epochs2=pair_stage2, pairing=pairing,
                          samples=pair_samples, krot=krot, group=rot_group),
                     dict(kind=rotate, seed=rot_seed, r2=r2, r3=r3, r4=r4, steps=rot_steps, lr=rot_lr,
-                         act_bits=act_bits, act_symmetric=act_sym))
+                         act_bits=act_bits, act_symmetric=act_sym),
+                    dict(budget=budget, qqa_steps=qqa_steps, qqa_replicas=qqa_replicas, onebit_qqa=onebit_qqa,
+                         onebit_svid_only=onebit_svid,
+                         budget_bits=tuple(int(b) for b in budget_bits.split(",")) if budget_bits else None))
         proto = _protocol(calib, n_calib, seq_len, seed, data, windows, batch_size)
         checkpoint.check_output(out, overwrite)
         console.print(f"recipe: {json.dumps(r.to_dict())}", highlight=False, markup=False)
@@ -203,6 +219,9 @@ def quantize(
                                      [("fp", job.ppl_fp), (r.label, job.ppl)]))
     out_console.print(f"quantized {len(result.weights)} linears in {job.quant_seconds:.1f} s, "
                       f"{job.bits_per_weight:.3f} bits/weight, peak RSS {job.peak_rss_mb:.0f} MiB")
+    if result.budget_report:
+        out_console.print(f"budget {result.budget_report['budget']}: linears per width "
+                          f"{result.budget_report['linears_per_bits']}", highlight=False)
     if job.block_errors:
         out_console.print("block output rel. error: " + " ".join(f"{e:.3f}" for e in job.block_errors))
     out_console.print(f"checkpoint: {path}")

@@ -81,7 +81,7 @@ def bits_per_weight(result: QuantizationResult) -> float:
     for name, qw in result.weights.items():
         out, n = qw.codes.shape
         w = out * n
-        total_bits += qw.fmt.bits_per_weight(n) * w + (32 * n if qw.g_idx is not None else 0)
+        total_bits += qw.storage_bits()
         rot = result.transforms.get(name)
         if rot is not None:
             total_bits += 8 * rot.nbytes()

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .actquant import enable_act_quant
-from .blockwise import fit_block
+from .blockwise import finetune_binary, fit_block
 from .models import get_adapter
 from .qep import QEPStat, qep_target
 from .recipe import Recipe
@@ -304,6 +304,8 @@ class QuantizationResult:
     transforms: dict[str, PairwiseRotation] = field(default_factory=dict)  # input transforms by module name
     block_fits: list[dict] = field(default_factory=list)  # block-wise optimisation losses per block
     rotation: dict | None = None  # what `rotate_model` folded in / put online (None = no rotation)
+    bits_plan: dict[str, int] = field(default_factory=dict)  # per-linear bits chosen for a budget
+    budget_report: dict = field(default_factory=dict)
 
 
 def _module_name(model: nn.Module, target: nn.Module) -> str:
@@ -353,6 +355,12 @@ def quantize_model(model: nn.Module, recipe: Recipe, tokens: torch.Tensor, *, ba
         rotation = rotate_model(model, recipe.rotation, tokens, fmt, recipe.act_bits, recipe.act_symmetric,
                                 progress=progress)
         model._lowbit_rotated = True
+    bits_plan, budget_report = {}, {}
+    if recipe.budget is not None:  # per-linear widths from a sensitivity pass on the FP model
+        from .budget import plan
+
+        bits_plan, budget_report = plan(model, recipe, tokens, batch_size=batch_size, device=device,
+                                        progress=progress)
 
     qep = recipe.qep
     # a data-free solver needs no activations unless QEP or the block errors want them
@@ -361,8 +369,13 @@ def quantize_model(model: nn.Module, recipe: Recipe, tokens: torch.Tensor, *, ba
     if recipe.pairwise is not None and len(xs) < 2:
         raise PipelineError("pairwise rotations need at least 2 calibration batches (train + validation); "
                             "use more calibration windows or a smaller batch size")
-    fp = [x.clone() for x in xs] if (track_error or qep is not None or recipe.pairwise is not None) else None
-    result = QuantizationResult(recipe, {}, layers_prefix=prefix, rotation=rotation)
+    finetune = recipe.onebit_ft_epochs > 0
+    if finetune and len(xs) < 2:
+        raise PipelineError("1-bit fine-tuning needs at least 2 calibration batches (train + validation)")
+    fp = [x.clone() for x in xs] if (track_error or qep is not None or recipe.pairwise is not None
+                                     or finetune) else None
+    result = QuantizationResult(recipe, {}, layers_prefix=prefix, rotation=rotation,
+                                bits_plan=bits_plan, budget_report=budget_report)
     bar = tqdm(range(len(layers)), desc=f"quantize {recipe.label}", unit="block", disable=not progress)
     for i in bar:
         block = layers[i].to(device)
@@ -400,7 +413,8 @@ def quantize_model(model: nn.Module, recipe: Recipe, tokens: torch.Tensor, *, ba
                                       fp_block=fp_block if corrects else None,
                                       fp_xs=fp if corrects else None,
                                       fp_replay=fp_replay if corrects else None)
-            for name, qw in _solve_group(block, names, stats, solver, fmt, kwargs, recipe, adapter).items():
+            plan_i = {n: bits_plan[f"{prefix}.{i}.{n}"] for n in names if f"{prefix}.{i}.{n}" in bits_plan}
+            for name, qw in _solve_group(block, names, stats, solver, fmt, kwargs, recipe, adapter, plan_i).items():
                 if qw.info.get("damp_retries"):
                     log.warning("%s.%d.%s: Cholesky failed; succeeded with damping %g after %d retries",
                                 prefix, i, name, qw.info["damp"], qw.info["damp_retries"])
@@ -408,6 +422,18 @@ def quantize_model(model: nn.Module, recipe: Recipe, tokens: torch.Tensor, *, ba
                 lin.weight.data.copy_(qw.dequantize().to(lin.weight.dtype))
                 result.weights[f"{prefix}.{i}.{name}"] = _cpu(qw)
                 done.add(name)
+        binary = {n: result.weights[f"{prefix}.{i}.{n}"] for n in done
+                  if getattr(result.weights[f"{prefix}.{i}.{n}"], "kind", "int") == "binary"}
+        if finetune and binary:  # train g and h against the FP block output
+            fp_out = run_block(fp_block, fp, calls[i])
+            ft = finetune_binary(block, {n: qw.to(device) for n, qw in binary.items()}, xs, fp_out, calls[i],
+                                 epochs=recipe.onebit_ft_epochs, lr=recipe.onebit_ft_lr, progress=progress)
+            for name, qw in ft["weights"].items():
+                lin = block.get_submodule(name)
+                lin.weight.data.copy_(qw.dequantize().to(lin.weight.dtype))
+                result.weights[f"{prefix}.{i}.{name}"] = _cpu(qw)
+            result.block_fits.append({"onebit_ft": ft["losses"]})
+            replay = Replay(block, adapter.output_linears, enabled=memo)  # cached outputs are stale
         if streams:
             xs = run_block(block, xs, calls[i], replay)
         if fp is not None:
@@ -424,10 +450,11 @@ def quantize_model(model: nn.Module, recipe: Recipe, tokens: torch.Tensor, *, ba
 
 
 def _solve_group(block: nn.Module, names: list[str], stats: dict[str, QEPStat], solver, fmt, kwargs: dict,
-                 recipe: Recipe, adapter) -> dict[str, QuantizedWeight]:
+                 recipe: Recipe, adapter, plan: dict[str, int] | None = None) -> dict[str, QuantizedWeight]:
     """Quantize one group of linears. With QEP, each weight is first replaced by its corrected
     target W*. Linears sharing their input statistics (q/k/v, gate/up) are solved as one
-    row-stacked matrix when the solver treats rows independently (same result, fewer passes)."""
+    row-stacked matrix when the solver treats rows independently (same result, fewer passes).
+    `plan` overrides the bit width per linear (1 = the onebit solver)."""
     targets: dict[str, torch.Tensor] = {}
     for name in names:
         w = block.get_submodule(name).weight.data
@@ -437,16 +464,30 @@ def _solve_group(block: nn.Module, names: list[str], stats: dict[str, QEPStat], 
             if alpha > 0:
                 w = qep_target(w.float(), st.C, st.factor(damp), alpha)
         targets[name] = w
-    bundles: dict[int, list[str]] = {}
+    plan = plan or {}
+
+    def spec(name):  # (method, format) of one linear
+        if name not in plan:
+            return recipe.method, fmt
+        from .budget import candidate
+
+        return candidate(recipe, plan[name])
+
+    bundles: dict[tuple, list[str]] = {}
     for name in names:
-        key = id(stats[name]) if name in stats and recipe.method in ROW_INDEPENDENT else id(name)
+        method, f = spec(name)
+        key = (id(stats[name]), method, f) if name in stats and method in ROW_INDEPENDENT else (id(name),)
         bundles.setdefault(key, []).append(name)
     out: dict[str, QuantizedWeight] = {}
     for members in bundles.values():
         st = stats.get(members[0])
         H = st.H if st is not None else None
         W = torch.cat([targets[n] for n in members]) if len(members) > 1 else targets[members[0]]
-        qw = solver(W, fmt, H, **kwargs)
+        method, f = spec(members[0])
+        if method == recipe.method and f == fmt:
+            qw = solver(W, fmt, H, **kwargs)
+        else:
+            qw = get_solver(method)(W, f, H, **recipe.solver_kwargs(method))
         r0 = 0
         for n in members:
             r1 = r0 + targets[n].shape[0]
@@ -458,5 +499,4 @@ def _solve_group(block: nn.Module, names: list[str], stats: dict[str, QEPStat], 
 
 
 def _cpu(qw: QuantizedWeight) -> QuantizedWeight:
-    return QuantizedWeight(qw.codes.cpu(), qw.scale.cpu(), qw.zero.cpu(), qw.fmt,
-                           None if qw.g_idx is None else qw.g_idx.cpu(), qw.info)
+    return qw.to("cpu")

@@ -38,6 +38,17 @@ class Recipe:
     rotation: RotationConfig | None = None  # global rotations folded in before quantizing (None = off)
     act_bits: int | None = None  # dynamic per-token fake quantization of decoder-linear inputs (None = off)
     act_symmetric: bool = False
+    qqa_steps: int = 100  # QQA: annealing steps per round and row chunk (the time knob)
+    qqa_replicas: int = 16  # QQA: replicas annealed at once
+    qqa_rounds: int = 2  # QQA: alternations codes -> scales
+    qqa_init: str = "gptq"  # QQA: start solution (gptq or rtn)
+    onebit_iters: int = 4  # onebit: alternations signs -> (g, h)
+    onebit_qqa: bool = False  # onebit: refine the signs by QQA after the GPTQ-style pass
+    onebit_svid_only: bool = False  # onebit: the SVID initialisation only (no calibration fit)
+    onebit_ft_epochs: int = 0  # onebit: epochs of block-wise training of g and h (0 = off)
+    onebit_ft_lr: float = 1e-4
+    budget: float | None = None  # average bits/weight: per-linear bits chosen from budget_bits
+    budget_bits: tuple[int, ...] = (1, 2, 3, 4)  # candidates for the budget (1 = onebit)
     name: str = ""
 
     def __post_init__(self) -> None:
@@ -69,6 +80,18 @@ class Recipe:
         if self.block_size < 1:
             raise RecipeError(f"block_size must be >= 1, got {self.block_size}")
         object.__setattr__(self, "skip", tuple(self.skip))
+        object.__setattr__(self, "budget_bits", tuple(sorted(int(b) for b in self.budget_bits)))
+        if self.qqa_init not in ("gptq", "rtn"):
+            raise RecipeError(f"qqa_init must be gptq or rtn, got {self.qqa_init!r}")
+        if self.qqa_steps < 1 or self.qqa_replicas < 1 or self.qqa_rounds < 1 or self.onebit_iters < 0:
+            raise RecipeError("qqa_steps, qqa_replicas and qqa_rounds must be >= 1, onebit_iters >= 0")
+        if self.budget is not None:
+            if not self.budget_bits or any(not 1 <= b <= 8 for b in self.budget_bits):
+                raise RecipeError(f"budget_bits must be bit widths 1-8, got {self.budget_bits}")
+            if self.method == "onebit":
+                raise RecipeError("a bit budget needs an integer solver (rtn, gptq, qqa) for the wider linears")
+            if not 1 <= self.budget <= 8.5:
+                raise RecipeError(f"budget must be 1-8.5 bits/weight, got {self.budget}")
 
     def _coerce(self, name: str, cls) -> None:
         """Accept True / False / a dict of settings for an optional config field."""
@@ -96,7 +119,8 @@ class Recipe:
     @property
     def needs_inputs(self) -> bool:
         """Whether the pipeline must run the calibration stream (solver statistics or QEP)."""
-        return self.needs_hessian or self.qep is not None or self.pairwise is not None
+        return (self.needs_hessian or self.qep is not None or self.pairwise is not None or self.budget is not None
+                or self.onebit_ft_epochs > 0)
 
     @property
     def label(self) -> str:
@@ -112,19 +136,34 @@ class Recipe:
             method = f"{self.rotation.tag}-{method}"
         tags += self.qep.tag if self.qep is not None else ""
         act = "" if self.act_bits is None else f"a{self.act_bits}{'s' if self.act_symmetric else ''}"
-        return f"{method}-w{self.bits}{'s' if self.symmetric else ''}{act}-{g}{tags}"
+        if self.method == "onebit":
+            kind = "-svid" if self.onebit_svid_only else "-qqa" if self.onebit_qqa else ""
+            kind += f"-ft{self.onebit_ft_epochs}" if self.onebit_ft_epochs else ""
+            return f"{method}{kind}{self.qep.tag if self.qep is not None else ''}"
+        label = f"{method}-w{self.bits}{'s' if self.symmetric else ''}{act}-{g}{tags}"
+        return f"budget{self.budget:g}-{label}" if self.budget is not None else label
 
-    def solver_kwargs(self) -> dict:
-        """Keyword arguments for the solver function."""
-        if self.method == "gptq":
-            return {"damp": self.damp, "act_order": self.act_order, "static_groups": self.static_groups,
-                    "block_size": self.block_size, "clip": self.clip}
+    def solver_kwargs(self, method: str | None = None) -> dict:
+        """Keyword arguments for the solver function (of `method`, default the recipe's)."""
+        method = method or self.method
+        gptq = {"damp": self.damp, "act_order": self.act_order, "static_groups": self.static_groups,
+                "block_size": self.block_size, "clip": self.clip}
+        if method == "gptq":
+            return gptq
+        if method == "qqa":
+            return {**gptq, "init": self.qqa_init, "steps": self.qqa_steps, "replicas": self.qqa_replicas,
+                    "rounds": self.qqa_rounds}
+        if method == "onebit":
+            return {"iters": self.onebit_iters, "damp": self.damp, "act_order": self.act_order,
+                    "block_size": self.block_size, "use_qqa": self.onebit_qqa, "qqa_steps": self.qqa_steps,
+                    "qqa_replicas": self.qqa_replicas, "svid_only": self.onebit_svid_only}
         return {"clip": self.clip}
 
     def to_dict(self) -> dict:
         """Plain dict (JSON-safe)."""
         d = asdict(self)
         d["skip"] = list(self.skip)
+        d["budget_bits"] = list(self.budget_bits)
         d["qep"] = None if self.qep is None else self.qep.to_dict()
         d["pairwise"] = None if self.pairwise is None else self.pairwise.to_dict()
         d["rotation"] = None if self.rotation is None else self.rotation.to_dict()
@@ -170,6 +209,16 @@ PRESETS: dict[str, Recipe] = {
     "qep-gptq-w3-g64-clip": _preset(method="gptq", bits=3, group_size=64, clip=True, qep=QEPConfig()),
     "qep-gptq-w2-g64-clip-static": _preset(method="gptq", bits=2, group_size=64, clip=True, static_groups=True,
                                            qep=QEPConfig()),
+    # extreme low bit (docs/extreme.md): QQA from GPTQ at 2 bits; OneBit layers; bit budgets
+    "qqa-w2-g64": _preset(method="qqa", bits=2, group_size=64),
+    "qep-qqa-w2-g64": _preset(method="qqa", bits=2, group_size=64, qep=QEPConfig()),
+    "onebit": _preset(method="onebit", bits=1, group_size=-1),
+    "onebit-svid": _preset(method="onebit", bits=1, group_size=-1, onebit_svid_only=True),
+    "onebit-qqa": _preset(method="onebit", bits=1, group_size=-1, onebit_qqa=True),
+    "qep-onebit": _preset(method="onebit", bits=1, group_size=-1, qep=QEPConfig()),
+    "qep-onebit-qqa": _preset(method="onebit", bits=1, group_size=-1, onebit_qqa=True, qep=QEPConfig()),
+    "qep-onebit-qqa-ft3": _preset(method="onebit", bits=1, group_size=-1, onebit_qqa=True, qep=QEPConfig(),
+                                  onebit_ft_epochs=3),
 }
 
 
@@ -222,6 +271,14 @@ def get_recipe(name_or_path: str) -> Recipe:
     """A preset by name, a label such as qep-gptq-w3-g64-clip, or a .json / .yaml file."""
     if name_or_path in PRESETS:
         return PRESETS[name_or_path]
+    m = re.fullmatch(r"budget(\d+(?:\.\d+)?)-(.+)", name_or_path)
+    if m:  # budget2.0-gptq = per-linear bits chosen for 2.0 bits/weight, the rest from the label gptq-w2-g64
+        rest = m[2] if "-w" in m[2] or m[2] in PRESETS else f"{m[2]}-w2-g64"
+        return get_recipe(rest).with_(budget=float(m[1]), name="")
+    m = re.fullmatch(r"(qep-)?onebit(-svid|-qqa)?(?:-ft(\d+))?", name_or_path)
+    if m:
+        return Recipe(method="onebit", bits=1, group_size=-1, qep=QEPConfig() if m[1] else None,
+                      onebit_svid_only=m[2] == "-svid", onebit_qqa=m[2] == "-qqa", onebit_ft_epochs=int(m[3] or 0))
     parsed = parse_label(name_or_path)
     if parsed is not None:
         return parsed

@@ -6,13 +6,16 @@ from collections.abc import Callable
 
 from .base import QuantizedWeight, layer_loss
 from .gptq import SolverError, gptq
+from .onebit import onebit
+from .qqa import qqa
 from .rtn import rtn
 
-SOLVERS: dict[str, Callable[..., QuantizedWeight]] = {"rtn": rtn, "gptq": gptq}
-NEEDS_HESSIAN = {"gptq"}
+SOLVERS: dict[str, Callable[..., QuantizedWeight]] = {"rtn": rtn, "gptq": gptq, "qqa": qqa, "onebit": onebit}
+NEEDS_HESSIAN = {"gptq", "qqa", "onebit"}
+# onebit is not row-independent: its column scales h are shared by all rows
 # solvers whose result for a row depends only on that row (and H): linears sharing H may be
 # stacked into one call
-ROW_INDEPENDENT = {"rtn", "gptq"}
+ROW_INDEPENDENT = {"rtn", "gptq", "qqa"}
 
 
 def get_solver(name: str) -> Callable[..., QuantizedWeight]:
@@ -22,4 +25,4 @@ def get_solver(name: str) -> Callable[..., QuantizedWeight]:
     return SOLVERS[name]
 
 
-__all__ = ["SOLVERS", "NEEDS_HESSIAN", "ROW_INDEPENDENT", "QuantizedWeight", "SolverError", "get_solver", "gptq", "layer_loss", "rtn"]
+__all__ = ["SOLVERS", "NEEDS_HESSIAN", "ROW_INDEPENDENT", "QuantizedWeight", "SolverError", "get_solver", "gptq", "layer_loss", "onebit", "qqa", "rtn"]

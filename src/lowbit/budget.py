@@ -1,0 +1,155 @@
+"""Bit-budget allocation: per-linear bit widths for an average storage cost.
+
+1. Sensitivity (`measure`): one pass of the FP model over the calibration windows, block by
+   block and group of linears by group ([q,k,v] -> o -> [gate,up] -> down), collects each
+   group's H = sum x x^T on the FP stream and quantizes every linear at every candidate width
+   with a proxy of the recipe's solver (GPTQ for gptq/qqa, RTN for rtn; onebit with 2
+   alternations for 1 bit). Each candidate gives its layer loss tr(dW H dW^T) and its true
+   storage cost in bits (codes, fp16 scales and zeros, group maps; g and h for 1-bit).
+2. Allocation (`allocate`): minimise sum of losses subject to sum of costs <= budget x
+   weights, a multiple-choice knapsack. A Lagrange multiplier lambda is bisected (each linear
+   takes argmin loss + lambda cost), then the leftover budget buys the upgrades with the best
+   loss decrease per bit that still fit. The result never exceeds the budget.
+
+Layer losses of different linears are compared as they are (same calibration tokens): a
+simple proxy for the effect on the model's output, not a measured end-to-end sensitivity.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .formats import IntFormat
+from .solvers import get_solver, layer_loss
+
+
+class BudgetError(ValueError):
+    """The budget cannot be met with the candidate widths."""
+
+
+@dataclass
+class Sensitivity:
+    """Candidate widths of one linear: bits -> (layer loss, storage bits)."""
+
+    name: str
+    weights: int
+    options: dict[int, tuple[float, float]] = field(default_factory=dict)
+
+
+def candidate(recipe, bits: int) -> tuple[str, IntFormat]:
+    """(solver name, format) the pipeline uses for a linear given `bits`."""
+    if bits == 1:
+        return "onebit", IntFormat(1, True, -1)
+    return recipe.method, IntFormat(bits, recipe.symmetric, recipe.group_size)
+
+
+def _proxy(recipe, bits: int):
+    method, fmt = candidate(recipe, bits)
+    if method == "onebit":
+        kw = {**recipe.solver_kwargs("onebit"), "iters": 2, "use_qqa": False}
+    elif method == "qqa":  # annealing is too slow to run at every width: its GPTQ start stands in
+        method, kw = "gptq", recipe.solver_kwargs("gptq")
+    else:
+        kw = recipe.solver_kwargs(method)
+    return get_solver(method), fmt, kw
+
+
+@torch.no_grad()
+def measure(model, recipe, tokens: torch.Tensor, *, batch_size: int = 8, device=None,
+            progress: bool = False) -> list[Sensitivity]:
+    """Layer loss and storage cost of every decoder-block linear at every candidate width."""
+    from tqdm.auto import tqdm
+
+    from .models import get_adapter
+    from .pipeline import _module_name, capture_inputs, collect_stats, run_block
+
+    adapter = get_adapter(model)
+    layers = adapter.layers(model)
+    prefix = _module_name(model, layers)
+    home = next(model.parameters()).device
+    device = torch.device(device) if device is not None else home
+    xs, calls = capture_inputs(model, layers, tokens, batch_size, device)
+    out: list[Sensitivity] = []
+    for i in tqdm(range(len(layers)), desc="sensitivity", unit="block", disable=not progress):
+        block = layers[i].to(device)
+        for names in adapter.linear_groups(block):
+            names = [n for n in names if not any(s in f"{prefix}.{i}.{n}" for s in recipe.skip)]
+            if not names:
+                continue
+            stats = collect_stats(block, names, xs, calls[i])
+            for name in names:
+                w = block.get_submodule(name).weight.data.float()
+                H = stats[name].H.float()
+                sens = Sensitivity(f"{prefix}.{i}.{name}", w.numel())
+                for bits in recipe.budget_bits:
+                    solver, fmt, kw = _proxy(recipe, bits)
+                    qw = solver(w, fmt, H, **kw)
+                    sens.options[bits] = (layer_loss(w, qw.dequantize(), H), qw.storage_bits())
+                out.append(sens)
+        xs = run_block(block, xs, calls[i])
+        layers[i].to(home)
+    return out
+
+
+def allocate(sens: list[Sensitivity], budget: float) -> tuple[dict[str, int], dict]:
+    """Bits per linear with total cost <= budget x weights, minimising the summed layer loss.
+
+    Returns (name -> bits, report with the true average bits and the counts per width)."""
+    total_w = sum(s.weights for s in sens)
+    cap = budget * total_w
+    floor = sum(min(c for _, c in s.options.values()) for s in sens)
+    if floor > cap * (1 + 1e-12):
+        raise BudgetError(f"budget {budget} bits/weight is below the cheapest choice "
+                          f"({floor / total_w:.3f} bits/weight with {sorted({b for s in sens for b in s.options})})")
+
+    def choose(lam):
+        return {s.name: min(s.options, key=lambda b: (s.options[b][0] + lam * s.options[b][1], s.options[b][1]))
+                for s in sens}
+
+    def cost(ch):
+        return sum(s.options[ch[s.name]][1] for s in sens)
+
+    lo, hi = 0.0, 1.0
+    while cost(choose(hi)) > cap:
+        hi *= 4
+        if hi > 1e30:
+            break
+    pick = choose(0.0)
+    if cost(pick) > cap:
+        for _ in range(100):  # smallest lambda whose choice fits
+            mid = math.sqrt(lo * hi) if lo > 0 else hi / 1e6 if hi > 1e-24 else 0.5 * (lo + hi)
+            if cost(choose(mid)) > cap:
+                lo = mid
+            else:
+                hi = mid
+        pick = choose(hi)
+    by = {s.name: s for s in sens}
+    spent = cost(pick)
+    while True:  # greedy upgrades with what is left
+        best = None
+        for s in sens:
+            l0, c0 = s.options[pick[s.name]]
+            for b, (l1, c1) in s.options.items():
+                if l1 < l0 and c1 > c0 and spent + c1 - c0 <= cap:
+                    ratio = (l0 - l1) / (c1 - c0)
+                    if best is None or ratio > best[0]:
+                        best = (ratio, s.name, b, c1 - c0)
+        if best is None:
+            break
+        _, name, b, dc = best
+        pick[name] = b
+        spent += dc
+    counts = {b: sum(1 for v in pick.values() if v == b) for b in sorted({b for s in sens for b in s.options})}
+    report = {"budget": budget, "bits_per_weight": spent / total_w, "weights": total_w,
+              "loss": sum(by[n].options[b][0] for n, b in pick.items()), "linears_per_bits": counts}
+    return pick, report
+
+
+def plan(model, recipe, tokens: torch.Tensor, *, batch_size: int = 8, device=None,
+         progress: bool = False) -> tuple[dict[str, int], dict]:
+    """measure + allocate for recipe.budget."""
+    sens = measure(model, recipe, tokens, batch_size=batch_size, device=device, progress=progress)
+    return allocate(sens, recipe.budget)

@@ -1,0 +1,104 @@
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import tiny_model, tiny_tokens
+from lowbit import checkpoint
+from lowbit.budget import BudgetError, Sensitivity, allocate
+from lowbit.jobs import bits_per_weight
+from lowbit.pipeline import quantize_model
+from lowbit.recipe import Recipe, get_recipe
+
+
+def test_allocate_meets_budget_and_prefers_sensitive_layers():
+    sens = [Sensitivity("a", 100, {1: (100.0, 110), 2: (10.0, 250), 4: (1.0, 450)}),
+            Sensitivity("b", 100, {1: (1.0, 110), 2: (0.5, 250), 4: (0.1, 450)})]
+    pick, rep = allocate(sens, 2.0)
+    assert rep["bits_per_weight"] <= 2.0
+    assert pick == {"a": 2, "b": 1}
+    pick, rep = allocate(sens, 3.5)
+    assert pick["a"] == 4 and rep["bits_per_weight"] <= 3.5
+    with pytest.raises(BudgetError):
+        allocate(sens, 1.0)
+
+
+def _true_bits(path):
+    """Bits the checkpoint really stores for its quantized linears, and their weight count."""
+    man = json.loads((path / "lowbit.json").read_text())
+    bits, weights = 0, 0
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        for name, m in man["modules"].items():
+            weights += m["in_features"] * m["out_features"]
+            for suffix in ("qweight", "scales", "zeros", "g_idx", "g", "h"):
+                key = f"{name}.{suffix}"
+                if key in f.keys():
+                    t = f.get_tensor(key)
+                    bits += t.numel() * t.element_size() * 8
+    return bits, weights
+
+
+@pytest.mark.parametrize("budget", [1.5, 2.0, 2.5])
+def test_budget_pipeline_and_mixed_checkpoint_round_trip(tmp_path, budget):
+    model = tiny_model("llama")
+    recipe = get_recipe(f"budget{budget}-gptq-w2-g32")
+    assert recipe.budget == budget and recipe.label == f"budget{budget:g}-gptq-w2-g32"
+    res = quantize_model(model, recipe, tiny_tokens(), batch_size=4, progress=False)
+    bpw = bits_per_weight(res)
+    assert bpw <= budget + 1e-9
+    assert bpw == pytest.approx(res.budget_report["bits_per_weight"], rel=1e-9)
+    assert set(res.bits_plan) == set(res.weights) and set(res.bits_plan.values()) <= {1, 2, 3, 4}
+    if budget > 1.5:  # (1.5 is about the 1-bit cost of these 64-wide linears: all 1-bit)
+        assert len(set(res.bits_plan.values())) > 1
+    path = checkpoint.save(model, res, tmp_path / "ck")
+    # the report counts fp16 zeros (the IntFormat convention); the file stores uint8 zeros
+    true_bits, weights = _true_bits(path)
+    zeros_saving = sum(8 * qw.scale.numel() for qw in res.weights.values() if getattr(qw, "kind", "int") == "int")
+    padding = sum(8 * qw.codes.shape[0] for qw in res.weights.values())  # per-row byte padding, at most
+    assert bpw * weights - zeros_saving - padding <= true_bits <= bpw * weights - zeros_saving
+    cfg = json.loads((path / "config.json").read_text())["quantization_config"]
+    assert cfg["mixed_bits"] == {n: (1 if getattr(q, "kind", "int") == "binary" else q.fmt.bits)
+                                 for n, q in res.weights.items()}
+    toks = tiny_tokens(2, 16)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=toks).logits, checkpoint.load(path)(input_ids=toks).logits)
+
+
+@pytest.mark.parametrize("name", ["onebit", "qep-onebit-qqa", "qqa-w2-g32", "qep-qqa-w2-g32"])
+def test_extreme_recipes_round_trip(tmp_path, name):
+    model = tiny_model("qwen2")
+    recipe = get_recipe(name).with_(qqa_steps=5, qqa_replicas=4)
+    res = quantize_model(model, recipe, tiny_tokens(), batch_size=4, progress=False)
+    path = checkpoint.save(model, res, tmp_path / "ck")
+    toks = tiny_tokens(2, 16)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=toks).logits, checkpoint.load(path)(input_ids=toks).logits)
+    if "onebit" in name:
+        assert bits_per_weight(res) < 1.5
+        man = json.loads((path / "lowbit.json").read_text())
+        assert all(m["kind"] == "binary" for m in man["modules"].values())
+
+
+def test_recipe_names():
+    assert get_recipe("qep-qqa-w2-g64").qep is not None and get_recipe("qqa-w2-g64").method == "qqa"
+    assert get_recipe("onebit-svid").onebit_svid_only and get_recipe("onebit-qqa").onebit_qqa
+    assert get_recipe("budget2.0-gptq").budget == 2.0 and get_recipe("budget2.0-gptq").group_size == 64
+    assert get_recipe("budget2.5-qep-qqa-w2-g64").qep is not None
+    r = Recipe(method="qqa", bits=2, budget=2.0)
+    assert Recipe.from_dict(r.to_dict()) == r
+
+
+def test_onebit_finetune_improves_block_fit_and_round_trips(tmp_path):
+    model = tiny_model("llama")
+    recipe = get_recipe("onebit-ft2").with_(onebit_ft_lr=1e-3)
+    assert recipe.onebit_ft_epochs == 2 and recipe.label == "onebit-ft2"
+    res = quantize_model(model, recipe, tiny_tokens(), batch_size=2, progress=False)
+    assert len(res.block_fits) == 2
+    for fit in res.block_fits:
+        start, best, epoch = fit["onebit_ft"]
+        assert best <= start
+    path = checkpoint.save(model, res, tmp_path / "ck")
+    toks = tiny_tokens(2, 16)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=toks).logits, checkpoint.load(path)(input_ids=toks).logits)
