@@ -19,8 +19,9 @@ import torch
 from ..transforms.hadamard import _factor_matrix, factor
 from ..transforms.hadamard import fwht_ref as _fwht_ref
 
-#: widest power-of-two row the kernel holds in registers
-MAX_N = 1 << 15
+#: widest power-of-two row the kernel holds in registers (32 KiB of fp32 per row; the reshapes
+#: between butterfly stages may go through shared memory, so wider rows go to the reference)
+MAX_N = 1 << 13
 
 
 def fwht_ref(x: torch.Tensor, normalized: bool = True, transpose: bool = False) -> torch.Tensor:
