@@ -47,8 +47,7 @@ def main() -> None:
         res = {"linear": f"layers.{a.layer}.{n}", "shape": list(wfull.shape), "rows": w.shape[0]}
         for label, fn in [("rtn", lambda: rtn(w, fmt)), ("gptq", lambda: gptq(w, fmt, H)),
                           ("gptq+scale refit (qqa steps=0)", lambda: qqa(w, fmt, H, steps=0)),
-                          ("qqa", lambda: qqa(w, fmt, H, steps=a.steps)),
-                          ("qqa-rtn-start", lambda: qqa(w, fmt, H, steps=a.steps, init="rtn"))]:
+                          ("qqa", lambda: qqa(w, fmt, H, steps=a.steps))]:
             t = time.perf_counter()
             q = fn()
             res[label] = {"loss": layer_loss(w, q.dequantize(), H), "seconds": time.perf_counter() - t}
@@ -56,8 +55,9 @@ def main() -> None:
         wfull = w  # the 1-bit fits on the same rows (h is fitted to them)
         base = torch.sign(wfull) * wfull.abs().mean()
         res["1bit sign*mean|W|"] = {"loss": layer_loss(wfull, base, H), "seconds": 0}
-        for label, kw in [("1bit svid", dict(svid_only=True)), ("1bit svid+alt", {}),
-                          ("1bit svid+alt+qqa", dict(use_qqa=True, qqa_steps=a.steps))]:
+        for label, kw in [("1bit svid", dict(svid_only=True)), ("1bit svid+alt(8)", {}),
+                          ("1bit svid+alt(16)", dict(iters=16)),
+                          ("1bit svid+alt(8)+qqa", dict(use_qqa=True, qqa_steps=a.steps))]:
             t = time.perf_counter()
             q = onebit(wfull, None, H, **kw)
             res[label] = {"loss": layer_loss(wfull, q.dequantize(), H), "seconds": time.perf_counter() - t}

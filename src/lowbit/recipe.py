@@ -38,7 +38,7 @@ class Recipe:
     qqa_replicas: int = 16  # QQA: replicas annealed at once
     qqa_rounds: int = 2  # QQA: alternations codes -> scales
     qqa_init: str = "gptq"  # QQA: start solution (gptq or rtn)
-    onebit_iters: int = 4  # onebit: alternations signs -> (g, h)
+    onebit_iters: int = 8  # onebit: alternations signs -> (g, h)
     onebit_qqa: bool = False  # onebit: refine the signs by QQA after the GPTQ-style pass
     onebit_svid_only: bool = False  # onebit: the SVID initialisation only (no calibration fit)
     onebit_ft_epochs: int = 0  # onebit: epochs of block-wise training of g and h (0 = off)

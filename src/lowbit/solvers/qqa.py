@@ -87,13 +87,14 @@ def _keep_best(best_x, best_v, cand, vals):
 @torch.enable_grad()  # callers (the pipeline) run under no_grad
 def anneal_binary(objective: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, ...] | int,
                   cfg: QQAConfig = QQAConfig(), *, init: torch.Tensor | None = None,
-                  init_value: torch.Tensor | None = None, device=None,
+                  init_value: torch.Tensor | None = None, init_bias: float = 0.0, device=None,
                   dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """Minimise objective(x) over x in {0,1}^shape.
 
     objective maps [B, *shape] -> [B] (one problem) or [B, P] (P = shape[0] independent
     problems). `init` ({0,1}, [*shape]) is a known solution: it is the starting best (so the
-    result is never worse than it) and its value is `init_value` (computed when omitted).
+    result is never worse than it) and its value is `init_value` (computed when omitted);
+    `init_bias` in [0, 0.5) starts every replica that far from 1/2 towards it (local search).
     Returns (best x as float 0/1 [*shape], best value [P] or scalar).
     """
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
@@ -103,8 +104,10 @@ def anneal_binary(objective: Callable[[torch.Tensor], torch.Tensor], shape: tupl
     B = cfg.replicas
     x = torch.rand((B, *shape), generator=gen, device=device, dtype=dtype)
     x = (0.5 + 0.1 * (x - 0.5))  # start near the middle, slightly spread
-    if init is not None:  # one replica starts at the known solution's side
+    if init is not None:  # one replica (or, with init_bias, all) starts at the known solution's side
         x[0] = 0.5 + 0.1 * (init.to(dtype) - 0.5)
+        if init_bias:
+            x = (x + init_bias * (2 * init.to(dtype) - 1)).clamp(0, 1)
     x.requires_grad_(True)
     opt = torch.optim.AdamW([x], lr=cfg.lr, weight_decay=cfg.weight_decay)
 
