@@ -102,3 +102,14 @@ def test_onebit_finetune_improves_block_fit_and_round_trips(tmp_path):
     toks = tiny_tokens(2, 16)
     with torch.no_grad():
         assert torch.equal(model(input_ids=toks).logits, checkpoint.load(path)(input_ids=toks).logits)
+
+
+def test_unsupported_combinations_are_refused():
+    from lowbit.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match="pairwise"):
+        Recipe(method="onebit", bits=1, group_size=-1, pairwise=True)
+    with pytest.raises(RecipeError, match="pairwise"):
+        Recipe(method="gptq", bits=2, budget=2.0, pairwise=True)
+    with pytest.raises(RecipeError, match="integer solver"):
+        Recipe(method="onebit", bits=1, group_size=-1, budget=2.0)

@@ -170,7 +170,7 @@ def test_rotate_option_checks():
 @pytest.mark.parametrize("extra,check", [
     (["--method", "qep(qqa)", "--bits", "2", "--group-size", "32", "--qqa-steps", "5", "--qqa-replicas", "4"],
      lambda m: m["recipe"]["method"] == "qqa" and m["recipe"]["qep"] is not None),
-    (["--method", "onebit", "--onebit-qqa", "--qqa-steps", "5"],
+    (["--method", "onebit", "--onebit-qqa", "--qqa-steps", "5", "--onebit-ft", "1", "--batch-size", "4"],
      lambda m: all(x["kind"] == "binary" for x in m["modules"].values()) and m["job"]["bits_per_weight"] < 1.5),
     (["--recipe", "budget2.0-gptq-w2-g32"],
      lambda m: m["job"]["bits_per_weight"] <= 2.0 and len({x["bits"] for x in m["modules"].values()}) > 1),

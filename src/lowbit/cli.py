@@ -142,6 +142,9 @@ def quantize(
                                               help="onebit: refine the signs with QQA."),
     onebit_svid: Optional[bool] = typer.Option(None, "--onebit-svid/--no-onebit-svid",
                                                help="onebit: SVID initialisation only (no calibration fit)."),
+    onebit_ft: Optional[int] = typer.Option(None, help="onebit: epochs of block-wise training of g and h against the "
+                                            "FP block output (default 0 = off)."),
+    onebit_ft_lr: Optional[float] = typer.Option(None, help="onebit: learning rate of that training (default 1e-4)."),
     bits: Optional[int] = typer.Option(None, help="Weight bits, 1-8 (overrides the recipe)."),
     group_size: Optional[int] = typer.Option(None, "--group-size", "-g",
                                              help="Inputs per scale group; -1 = per channel, 0 = per tensor."),
@@ -203,7 +206,7 @@ def quantize(
                     dict(kind=rotate, seed=rot_seed, r2=r2, r3=r3, r4=r4, steps=rot_steps, lr=rot_lr,
                          act_bits=act_bits, act_symmetric=act_sym),
                     dict(budget=budget, qqa_steps=qqa_steps, qqa_replicas=qqa_replicas, onebit_qqa=onebit_qqa,
-                         onebit_svid_only=onebit_svid,
+                         onebit_svid_only=onebit_svid, onebit_ft_epochs=onebit_ft, onebit_ft_lr=onebit_ft_lr,
                          budget_bits=tuple(int(b) for b in budget_bits.split(",")) if budget_bits else None))
         proto = _protocol(calib, n_calib, seq_len, seed, data, windows, batch_size)
         checkpoint.check_output(out, overwrite)

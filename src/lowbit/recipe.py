@@ -42,7 +42,7 @@ class Recipe:
     qqa_replicas: int = 16  # QQA: replicas annealed at once
     qqa_rounds: int = 2  # QQA: alternations codes -> scales
     qqa_init: str = "gptq"  # QQA: start solution (gptq or rtn)
-    onebit_iters: int = 4  # onebit: alternations signs -> (g, h)
+    onebit_iters: int = 8  # onebit: alternations signs -> (g, h)
     onebit_qqa: bool = False  # onebit: refine the signs by QQA after the GPTQ-style pass
     onebit_svid_only: bool = False  # onebit: the SVID initialisation only (no calibration fit)
     onebit_ft_epochs: int = 0  # onebit: epochs of block-wise training of g and h (0 = off)
@@ -85,6 +85,9 @@ class Recipe:
             raise RecipeError(f"qqa_init must be gptq or rtn, got {self.qqa_init!r}")
         if self.qqa_steps < 1 or self.qqa_replicas < 1 or self.qqa_rounds < 1 or self.onebit_iters < 0:
             raise RecipeError("qqa_steps, qqa_replicas and qqa_rounds must be >= 1, onebit_iters >= 0")
+        if self.pairwise is not None and (self.method == "onebit" or self.budget is not None):
+            raise RecipeError("pairwise rotations are not supported with 1-bit layers or a bit budget (the "
+                              "checkpoint keeps input transforms for integer layers only)")
         if self.budget is not None:
             if not self.budget_bits or any(not 1 <= b <= 8 for b in self.budget_bits):
                 raise RecipeError(f"budget_bits must be bit widths 1-8, got {self.budget_bits}")

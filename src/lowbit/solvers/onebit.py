@@ -7,8 +7,9 @@
       each column takes the sign of its error-corrected value and its rounding error is pushed
       onto the columns not yet fixed through the Cholesky factor of (H + damp I)^-1, exactly as
       GPTQ does for integer codes (activation order: columns by decreasing diag H);
-   b. optionally QQA over the binary codes of every row (start = the signs of a., kept when
-      better);
+   b. optionally, after the a/c/d alternations, two rounds of QQA over the binary codes of
+      every row starting from the best iterate (kept per row when better), each followed by c/d
+      (run inside the alternation instead, QQA's signs led to worse refits on a real layer);
    c. g given S, h (per row, closed form): with a_r = s_r * h,  g_r = a_r H w_r^T / a_r H a_r^T;
    d. h given S, g (one n x n system): the loss is sum_r (w_r - h D_r) H (w_r - h D_r)^T with
       D_r = diag(g_r s_r), so  Q h = b,  Q = H o (S^T diag(g^2) S)  (o: elementwise; positive
@@ -102,14 +103,15 @@ def qqa_signs(w, S, g, h, H, *, steps: int = 100, replicas: int = 16, chunk_rows
         def objective(x):  # [B, R, n] in [0, 1]
             return row_losses(wr - gr[:, None] * (2 * x - 1) * h[None, :], H) * norm
 
-        x, _ = anneal_binary(objective, tuple(wr.shape), QQAConfig(steps=steps, replicas=replicas, seed=seed + r0,
-                                                                     temperature=0.02),
-                             init=(S[rows] > 0).float(), init_value=(L0 * norm)[None])
+        # a local search from the current signs (as for the integer codes: docs/extreme.md)
+        x, _ = anneal_binary(objective, tuple(wr.shape),
+                             QQAConfig(steps=steps, replicas=replicas, seed=seed + r0, gamma_start=0.0, round_every=2),
+                             init=(S[rows] > 0).float(), init_value=(L0 * norm)[None], init_bias=0.35)
         S[rows] = 2 * x - 1
     return S
 
 
-def onebit(w: torch.Tensor, fmt=None, H: torch.Tensor | None = None, *, iters: int = 4, damp: float = 0.01,
+def onebit(w: torch.Tensor, fmt=None, H: torch.Tensor | None = None, *, iters: int = 8, damp: float = 0.01,
            act_order: bool = True, block_size: int = 128, use_qqa: bool = False, qqa_steps: int = 100,
            qqa_replicas: int = 16, svid_only: bool = False, seed: int = 0, **_) -> BinaryWeight:
     """Fit a OneBit layer to w [out, in] under H (see the module docstring). Without H, or with
@@ -138,9 +140,11 @@ def onebit(w: torch.Tensor, fmt=None, H: torch.Tensor | None = None, *, iters: i
     g = fit_g(W, S, h, Hd)
     best = min(best, rounded(S, g, h), key=lambda t: t[0])
     history = [best[0]]
-    for it in range(iters):
-        S = gptq_signs(W, g, h, Hd, damp=0.0, act_order=act_order, block_size=block_size)
-        if use_qqa:
+    for it in range(iters + (2 if use_qqa else 0)):
+        if it < iters:
+            S = gptq_signs(W, g, h, Hd, damp=0.0, act_order=act_order, block_size=block_size)
+        else:  # QQA polishes the best iterate's signs, then g and h are refitted again
+            _, S, g, h = best
             S = qqa_signs(W, S, g, h, Hd, steps=qqa_steps, replicas=qqa_replicas, seed=seed + 101 * it)
         g = fit_g(W, S, h, Hd)
         h_new = fit_h(W, S, g, Hd)
