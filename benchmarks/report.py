@@ -235,6 +235,115 @@ def _pairwise_kernel_section(d: dict) -> list[str]:
     return out
 
 
+def _meta_line(paths) -> str:
+    metas = [json.loads(p.read_text())["meta"] for p in paths if p.exists()]
+    if not metas:
+        return ""
+    m = metas[0]
+    return (f"Machine: {m['machine']}, torch {m['torch']}; date {m['date']}. Command: `{m['command']}`"
+            + (f" ({len(metas)} grids)" if len(metas) > 1 else "") + ".")
+
+
+def _rotation_section(d: Path, qep_dir: Path) -> list[str]:
+    """Issue 5: GPTQ / Hadamard / learned rotations, each with and without QEP."""
+    files = sorted(d.glob("grid-*.json"))
+    rows = _by_label(files)
+    base = _by_label([qep_dir / f"{s}.json" for s in ("w4g64", "w3g64", "w2g64", "w4pc")])
+    rows = {**base, **rows}
+    out = ["## Global rotations (issue 5; GPU, fp32)", "", _meta_line(files),
+           "Cells are PPL sotu-modern / moby (FP 27.13 / 47.25). Hadamard = randomized Hadamard R1 on the residual "
+           "stream (RMSNorm scales folded into the next linears; 576 = 9 x 64 and 1536 = 12 x 128 by Kronecker "
+           "products, docs/rotations.md) and R2 per head between v_proj and o_proj, folded into the weights, plus "
+           "the online R4 Hadamard before down_proj; learned = the same, R1 and R2 then trained by Cayley SGD on the "
+           "quantized model's loss (weights frozen, straight-through RTN; `spinN` = N steps). Activations "
+           "(W4A8 / W4A4): dynamic per-token asymmetric fake quantization of every decoder linear's input. GPTQ and "
+           "GPTQ + QEP rows without rotations at weight-only settings come from the QEP section (same machine).", "",
+           "| setting | GPTQ | Hadamard + GPTQ | learned + GPTQ | GPTQ + QEP | Hadamard + GPTQ + QEP "
+           "| learned + GPTQ + QEP |", "|---|---|---|---|---|---|---|"]
+    spin = sorted({k.split("-")[0] for k in rows if k.startswith("spin")}) or ["spin"]
+    sp = spin[-1]
+    for key, name in (("w4-g64", "W4 g64"), ("w3-g64", "W3 g64"), ("w2-g64", "W2 g64"), ("w4-pc", "W4 per channel"),
+                      ("w4a8-g64", "W4A8 (g64)"), ("w4a4-g64", "W4A4 (g64)")):
+        cells = [rows.get(f"gptq-{key}"), rows.get(f"had-gptq-{key}"), rows.get(f"{sp}-gptq-{key}"),
+                 rows.get(f"qep-gptq-{key}"), rows.get(f"had-qep-gptq-{key}"), rows.get(f"{sp}-qep-gptq-{key}")]
+        out.append(f"| {name} | " + " | ".join(_pair(c) for c in cells) + " |")
+    extra = [k for k in rows if k.startswith(("had-", "spin", "orth-", "bern-")) and "clip" in k]
+    if extra:
+        out += ["", "With the clipping search (and static groups at 2 bits): "
+                + "; ".join(f"{k} {_pair(rows[k])}" for k in sorted(extra)) + "."]
+    times = [f"{k} {rows[k]['quant_seconds']:.0f} s" for k in (f"gptq-w4a8-g64", f"had-gptq-w4-g64", f"{sp}-gptq-w4-g64")
+             if k in rows]
+    if times:
+        out += ["", "Quantization time (processes side by side on the GPU, so concurrent): " + ", ".join(times) + "."]
+    out += ["", "Published (LLaMA-2-7B, WikiText2, FP16 5.47): QuaRot W4A4KV4 6.10, SpinQuant 5.9.", ""]
+    o = d / "outliers.json"
+    if o.exists():
+        out += ["Activation outliers of the decoder linears' inputs before and after the Hadamard rotation "
+                "(`lowbit analyze outliers`; per layer max |x| / RMS over channels and kurtosis):", "",
+                "![outliers](benchmarks/results/rotations/outliers.png)", ""]
+        od = json.loads(o.read_text())
+        out += ["| linear input | kurtosis before (median / max over blocks) | after | max/RMS before | after |",
+                "|---|---|---|---|---|"]
+        for key in od["before"][0]:
+            def st(side, stat):
+                v = sorted(b[key][stat] for b in od[side])
+                return f"{v[len(v) // 2]:.1f} / {v[-1]:.1f}"
+            out.append(f"| {key} | {st('before', 'kurtosis')} | {st('after', 'kurtosis')} "
+                       f"| {st('before', 'max_over_rms')} | {st('after', 'max_over_rms')} |")
+        out.append("")
+    return out
+
+
+def _x(v) -> str:
+    return "–" if v is None else f"{v:.2f}"
+
+
+def _fwht_section(d: dict) -> list[str]:
+    m = d["meta"]
+    out = ["## Walsh-Hadamard kernel (issue 5)", "",
+           f"Machine: {m['machine']}, torch {m['torch']}, triton {m['triton']}; date {m['date']}. Command: "
+           f"`{m['command']}`. {m['dtype']}; y = x H / sqrt(n) on the last dim: the Triton butterfly kernel for the "
+           "power-of-two part, one small matmul for the Paley factor (576 = 9 x 64 uses a random orthogonal 9 x 9 "
+           "factor, 1536 = 12 x 128 a Paley 12); dense = x @ H in bf16; copy = a device copy of x (the floor); "
+           "matmul = [tokens, n] x [n, n] bf16 (the layer an online R4 sits before). Graph: replayed from a CUDA "
+           "graph (no launch cost).", "",
+           "| n | tokens | FWHT (us) | graph (us) | % of copy | dense (us) | torch ref (us) | matmul (us) "
+           "| FWHT / matmul | in a graph | max err |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        t, g = r["us"], r.get("graph_us") or {}
+        out.append(f"| {r['n']} | {r['tokens']} | {t['fwht']:.1f} | {g.get('fwht', 0):.1f} | {100 * r['frac_copy']:.0f} "
+                   f"| {t['dense']:.1f} | {t['ref']:.1f} | {t['matmul']:.1f} | {r['vs_matmul']:.2f} "
+                   f"| {_x(r.get('vs_matmul_graph'))} "
+                   f"| {r['max_abs_err']:.3g} |")
+    out.append("")
+    return out
+
+
+def _extreme_section(d: Path, qep_dir: Path) -> list[str]:
+    """Issue 6: QQA, 1-bit layers and bit budgets at 1-2.5 bits per weight."""
+    files = sorted(d.glob("grid-*.json"))
+    rows = _by_label(files)
+    base = _by_label([qep_dir / f"{s}.json" for s in ("w2g64", "clip")])
+    out = ["## Extreme low bit: QQA, 1-bit layers, bit budgets (issue 6; GPU, fp32)", "", _meta_line(files),
+           "PPL sotu-modern / moby (FP 27.13 / 47.25); bits per weight count every stored scale, zero, g / h "
+           "vector and group map (decoder linears; embeddings and lm_head stay FP as in every row). 1-bit = "
+           "W ~ diag(g) sign(W) diag(h), SVID init, then alternating sign / (g, h) fits under H; QQA = annealed "
+           "search of the codes from GPTQ's (docs/extreme.md). Baselines from the QEP section.", "",
+           "| recipe | PPL sotu-modern / moby | x FP (sotu-modern) | bits / weight | quant time (s) |",
+           "|---|---|---|---|---|"]
+    order = ["gptq-w2-g64", "qep-gptq-w2-g64", "qep-gptq-w2-g64-clip-static"]
+    for k in order:
+        if k in base:
+            rows = {k: base[k], **rows}
+    for k, r in rows.items():
+        p = r["ppl"].get("sotu-modern")
+        out.append(f"| {k} | {_pair(r)} | {p / 27.13:.1f} | {r.get('bits_per_weight', 0):.3f} "
+                   f"| {r.get('quant_seconds', 0):.0f} |")
+    out += ["", "Published (LLaMA-2-7B, WikiText2, FP 5.47): GPTQ 2-bit 52.2, BiLLM ~1.1 bit 32.3, ARB-LLM 16.4, "
+            "OneBit (days of training) 9.73.", ""]
+    return out
+
+
 def _kv_section(d: dict) -> list[str]:
     m = d["meta"]
     out = ["## KV-cache quantization (issue 7)", "",
@@ -308,6 +417,14 @@ def main() -> None:
     kern = RES / "kernels" / "pairwise.json"
     if kern.exists():
         lines += _pairwise_kernel_section(json.loads(kern.read_text()))
+
+    if (RES / "rotations").exists() and any((RES / "rotations").glob("grid-*.json")):
+        lines += _rotation_section(RES / "rotations", qep_dir)
+    fwht = RES / "kernels" / "fwht.json"
+    if fwht.exists():
+        lines += _fwht_section(json.loads(fwht.read_text()))
+    if (RES / "extreme").exists() and any((RES / "extreme").glob("grid-*.json")):
+        lines += _extreme_section(RES / "extreme", qep_dir)
 
     cpu_files = sorted((RES / "protocol").glob("*.json"))
     if cpu_files:
