@@ -135,3 +135,20 @@ def test_learned_rotation_keeps_fp_function_and_lowers_quantized_loss():
     info = rotate_model(m, cfg, tokens=ids, fmt=IntFormat(3, False, 32), progress=False)
     assert len(info["losses"]) == 8 and all(torch.isfinite(torch.tensor(info["losses"])))
     assert _rel(m(ids[:2]).logits, ref) < 1e-5   # learned R1 / R2 are still exact rotations
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_rotation_on_cuda_matches_cpu(family):
+    m = _model(family)
+    ids = tiny_tokens(2, 16)
+    ref = m(ids).logits.detach()
+    g = copy.deepcopy(m).cuda()
+    info = rotate_model(g, RotationConfig(r3=True), tokens=ids.cuda())
+    assert info["r4"]
+    assert _rel(g(ids.cuda()).logits.cpu(), ref) < 1e-4      # the FWHT kernel runs in down_proj here
+    learned = copy.deepcopy(m).cuda()
+    rotate_model(learned, RotationConfig(kind="learned", steps=2, samples=2, seq_len=16), tokens=ids.cuda(),
+                 fmt=IntFormat(4, False, 32), progress=False)
+    assert _rel(learned(ids.cuda()).logits.cpu(), ref) < 1e-4

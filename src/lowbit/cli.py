@@ -175,7 +175,7 @@ def quantize(
                                       "matters to KV-cache quantization only)."),
     r4: Optional[bool] = typer.Option(None, "--r4/--no-r4", help="Online Hadamard before down_proj (default on)."),
     rot_steps: Optional[int] = typer.Option(None, help="Learned rotation: Cayley SGD steps (default 20)."),
-    rot_lr: Optional[float] = typer.Option(None, help="Learned rotation: Cayley SGD step size (default 1.5)."),
+    rot_lr: Optional[float] = typer.Option(None, help="Learned rotation: Cayley SGD step size (default 0.05)."),
     act_bits: Optional[int] = typer.Option(None, help="Fake-quantize decoder-linear inputs per token to this many "
                                            "bits (W4A8: 8, W4A4: 4)."),
     act_sym: Optional[bool] = typer.Option(None, "--act-sym/--act-asym", help="Symmetric activation levels "
