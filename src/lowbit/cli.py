@@ -144,7 +144,7 @@ def quantize(
                                                help="onebit: SVID initialisation only (no calibration fit)."),
     onebit_ft: Optional[int] = typer.Option(None, help="onebit: epochs of block-wise training of g and h against the "
                                             "FP block output (default 0 = off)."),
-    onebit_ft_lr: Optional[float] = typer.Option(None, help="onebit: learning rate of that training (default 1e-4)."),
+    onebit_ft_lr: Optional[float] = typer.Option(None, help="onebit: learning rate of that training (default 1e-3)."),
     bits: Optional[int] = typer.Option(None, help="Weight bits, 1-8 (overrides the recipe)."),
     group_size: Optional[int] = typer.Option(None, "--group-size", "-g",
                                              help="Inputs per scale group; -1 = per channel, 0 = per tensor."),

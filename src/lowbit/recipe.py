@@ -46,7 +46,7 @@ class Recipe:
     onebit_qqa: bool = False  # onebit: refine the signs by QQA after the GPTQ-style pass
     onebit_svid_only: bool = False  # onebit: the SVID initialisation only (no calibration fit)
     onebit_ft_epochs: int = 0  # onebit: epochs of block-wise training of g and h (0 = off)
-    onebit_ft_lr: float = 1e-4
+    onebit_ft_lr: float = 1e-3
     budget: float | None = None  # average bits/weight: per-linear bits chosen from budget_bits
     budget_bits: tuple[int, ...] = (1, 2, 3, 4)  # candidates for the budget (1 = onebit)
     name: str = ""
