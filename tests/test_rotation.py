@@ -152,3 +152,14 @@ def test_rotation_on_cuda_matches_cpu(family):
     rotate_model(learned, RotationConfig(kind="learned", steps=2, samples=2, seq_len=16), tokens=ids.cuda(),
                  fmt=IntFormat(4, False, 32), progress=False)
     assert _rel(learned(ids.cuda()).logits.cpu(), ref) < 1e-4
+
+
+def test_learned_rotation_with_activation_quantization_leaves_no_hooks():
+    m = _model("llama")
+    ids = tiny_tokens(2, 16)
+    ref = m(ids).logits
+    cfg = RotationConfig(kind="learned", steps=2, lr=0.05, samples=2, seq_len=16)
+    rotate_model(m, cfg, tokens=ids, fmt=IntFormat(4, False, 32), act_bits=4, progress=False)
+    down = m.model.layers[0].mlp.down_proj
+    assert "transform_input" not in down.__dict__ and not down._forward_pre_hooks
+    assert _rel(m(ids).logits, ref) < 1e-5

@@ -369,11 +369,18 @@ def learn_rotations(model: nn.Module, q1: torch.Tensor, r2: list[torch.Tensor] |
     q = q1.float().to(device)
     rs = None if r2 is None else [a.float().to(device) for a in r2]
     windows = tokens[: cfg.samples, : cfg.seq_len].to(device)
-    handles = []
-    if act_bits is not None:
+    handles, patched = [], []
+    if act_bits is not None:  # as at inference: after an online transform where there is one (R4)
         def aq(mod, args):
             return (fake_quant_per_token(args[0], act_bits, act_symmetric),) + tuple(args[1:])
-        handles = [model.get_submodule(n).register_forward_pre_hook(aq) for n in quantized]
+        for n in quantized:
+            mod = model.get_submodule(n)
+            if hasattr(mod, "transform_input"):
+                inner = mod.transform_input
+                mod.transform_input = lambda x, inner=inner: fake_quant_per_token(inner(x), act_bits, act_symmetric)
+                patched.append(mod)
+            else:
+                handles.append(mod.register_forward_pre_hook(aq))
     losses: list[float] = []
     was_training = model.training
     model.eval()
@@ -407,6 +414,8 @@ def learn_rotations(model: nn.Module, q1: torch.Tensor, r2: list[torch.Tensor] |
     finally:
         for h in handles:
             h.remove()
+        for mod in patched:
+            del mod.transform_input
         model.train(was_training)
     q = nearest_orthogonal(q.detach())
     rs = None if rs is None else [nearest_orthogonal(a.detach()) for a in rs]
