@@ -311,7 +311,7 @@ def _fwht_section(d: dict) -> list[str]:
            "| FWHT / matmul | in a graph | max err |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in d["rows"]:
         t, g = r["us"], r.get("graph_us") or {}
-        out.append(f"| {r['n']} | {r['tokens']} | {t['fwht']:.1f} | {g.get('fwht', 0):.1f} | {100 * r['frac_copy']:.0f} "
+        out.append(f"| {r['n']} | {r['tokens']} | {t['fwht']:.1f} | {_x(g.get('fwht'))} | {100 * r['frac_copy']:.0f} "
                    f"| {t['dense']:.1f} | {t['ref']:.1f} | {t['matmul']:.1f} | {r['vs_matmul']:.2f} "
                    f"| {_x(r.get('vs_matmul_graph'))} "
                    f"| {r['max_abs_err']:.3g} |")

@@ -85,6 +85,7 @@ def sylvester(n: int) -> torch.Tensor:
     return h
 
 
+@functools.lru_cache(maxsize=None)
 def factor(n: int) -> tuple[int, int, str]:
     """(m, p, kind) with n = m * p, p a power of two and m the order of the small factor:
     kind 'sylvester' (m = 1), 'paley' or 'random' (no Paley order fits: Gaussian QR block)."""
