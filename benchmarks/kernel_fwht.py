@@ -13,37 +13,18 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import platform
 import sys
 from pathlib import Path
 
 import torch
+from gpu_timing import bench, graph_time  # benchmarks/ is on sys.path
 
 NS = (64, 576, 1536, 2048, 4096, 8192)
 TOKENS = (1, 16, 256, 4096)
-GRAPH_CALLS = 50
-
-
-def _bench(fn) -> float:
-    """Median microseconds per call (launch included)."""
-    import triton.testing
-
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")) * 1e3
-
-
-def _graph_time(fn) -> float:
-    """Microseconds per call of fn replayed from a CUDA graph holding GRAPH_CALLS calls."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(GRAPH_CALLS):
-            fn()
-    return _bench(g.replay) / GRAPH_CALLS
+_bench = functools.partial(bench, rep=100)
+_graph_time = functools.partial(graph_time, rep=100)
 
 
 def main() -> None:

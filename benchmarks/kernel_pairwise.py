@@ -20,34 +20,14 @@ import sys
 from pathlib import Path
 
 import torch
+from gpu_timing import bench as _bench  # benchmarks/ is on sys.path
+from gpu_timing import graph_time as _graph_time
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "kernels"))   # random_params: random valid partner maps
 
 NS = (576, 2048, 4096, 8192)
 TOKENS = (1, 16, 256, 4096)
-GRAPH_CALLS = 50
-
-
-def _bench(fn) -> float:
-    """Median time of fn in microseconds."""
-    from triton.testing import do_bench
-    return 1e3 * do_bench(fn, warmup=25, rep=200, return_mode="median")
-
-
-def _graph_time(fn) -> float:
-    """Microseconds per call of fn replayed from a CUDA graph holding GRAPH_CALLS calls."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(GRAPH_CALLS):
-            fn()
-    return _bench(g.replay) / GRAPH_CALLS
 
 
 def _copy_bw(numel: int) -> tuple[float, float]:

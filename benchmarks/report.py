@@ -252,7 +252,7 @@ def _rotation_section(d: Path, qep_dir: Path) -> list[str]:
     rows = {**base, **rows}
     out = ["## Global rotations (issue 5; GPU, fp32)", "", _meta_line(files),
            "Cells are PPL sotu-modern / moby (FP 27.13 / 47.25). Hadamard = randomized Hadamard R1 on the residual "
-           "stream (RMSNorm scales folded into the next linears; 576 = 9 x 64 and 1536 = 12 x 128 by Kronecker "
+           "stream (RMSNorm scales folded into the next linears; 576 = 36 x 16 and 1536 = 12 x 128 by Kronecker "
            "products, docs/rotations.md) and R2 per head between v_proj and o_proj, folded into the weights, plus "
            "the online R4 Hadamard before down_proj; learned = the same, R1 and R2 then trained by Cayley SGD on the "
            "quantized model's loss (weights frozen, straight-through RTN; `spinN` = N steps). Activations "
@@ -303,8 +303,8 @@ def _fwht_section(d: dict) -> list[str]:
     out = ["## Walsh-Hadamard kernel (issue 5)", "",
            f"Machine: {m['machine']}, torch {m['torch']}, triton {m['triton']}; date {m['date']}. Command: "
            f"`{m['command']}`. {m['dtype']}; y = x H / sqrt(n) on the last dim: the Triton butterfly kernel for the "
-           "power-of-two part, one small matmul for the Paley factor (576 = 9 x 64 uses a random orthogonal 9 x 9 "
-           "factor, 1536 = 12 x 128 a Paley 12); dense = x @ H in bf16; copy = a device copy of x (the floor); "
+           "power-of-two part, one small matmul for the Paley factor (576 = 36 x 16 and 1536 = 12 x 128 "
+           "with Paley factors of orders 36 and 12); dense = x @ H in bf16; copy = a device copy of x (the floor); "
            "matmul = [tokens, n] x [n, n] bf16 (the layer an online R4 sits before). Graph: replayed from a CUDA "
            "graph (no launch cost).", "",
            "| n | tokens | FWHT (us) | graph (us) | % of copy | dense (us) | torch ref (us) | matmul (us) "
