@@ -113,3 +113,53 @@ def test_unsupported_combinations_are_refused():
         Recipe(method="gptq", bits=2, budget=2.0, pairwise=True)
     with pytest.raises(RecipeError, match="integer solver"):
         Recipe(method="onebit", bits=1, group_size=-1, budget=2.0)
+
+
+def test_output_fisher_is_the_squared_output_gradient():
+    from lowbit.budget import output_fisher
+
+    model = tiny_model("llama")
+    tokens = tiny_tokens()[:4]
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    fisher = output_fisher(model, names, tokens, batch_size=2)
+    # by hand: one batch of all 4 windows, gradient of the summed per-window mean loss
+    grads = {}
+    mods = {n: model.get_submodule(n) for n in names}
+
+    def hook(n):
+        def fwd(_mod, _inp, out):
+            out.register_hook(lambda g: grads.__setitem__(n, g))  # __setitem__ returns None
+        return fwd
+
+    hs = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
+    x = model.get_input_embeddings()(tokens).detach().requires_grad_(True)
+    logits = model(inputs_embeds=x, use_cache=False).logits
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).float(), tokens[:, 1:], reduction="none")
+    ce.mean(1).sum().backward()
+    for h in hs:
+        h.remove()
+    count = tokens.shape[0] * (tokens.shape[1] - 1)
+    for n in names:
+        assert fisher[n].shape == (mods[n].out_features,) and (fisher[n] >= 0).all() and fisher[n].sum() > 0
+        # gradients of the per-window means; the pass over 2 batches adds squares of the same
+        # per-token gradients, so the per-channel sums agree
+        by_hand = grads[n].reshape(-1, grads[n].shape[-1]).double().pow(2).sum(0) / count
+        assert torch.allclose(fisher[n].double(), by_hand, rtol=1e-4, atol=1e-12)
+
+
+def test_budget_metric_label_and_weighting():
+    r = get_recipe("budget2.5raw-qep-gptq-w2-g64-clip-static")
+    assert r.budget_metric == "layer" and r.label == "budget2.5raw-qep-gptq-w2-g64-clip-static"
+    r = get_recipe("budget2.5-gptq-w2-g64")
+    assert r.budget_metric == "fisher" and r.label == "budget2.5-gptq-w2-g64"
+    assert get_recipe(r.label) == r
+    with pytest.raises(Exception, match="budget_metric"):
+        Recipe(method="gptq", bits=2, budget=2.0, budget_metric="hessian")
+    # a linear whose outputs the loss ignores costs nothing under the Fisher weighting
+    from lowbit.budget import _weighted_loss
+
+    w = torch.randn(4, 8)
+    wq = w + 0.1 * torch.randn(4, 8)
+    H = torch.eye(8)
+    assert _weighted_loss(w, wq, H, torch.zeros(4)) == 0.0
+    assert _weighted_loss(w, wq, H, torch.ones(4)) == pytest.approx(float(((w - wq) ** 2).sum()), rel=1e-5)

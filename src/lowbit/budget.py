@@ -11,8 +11,13 @@
    takes argmin loss + lambda cost), then the leftover budget buys the upgrades with the best
    loss decrease per bit that still fit. The result never exceeds the budget.
 
-Layer losses of different linears are compared as they are (same calibration tokens): a
-simple proxy for the effect on the model's output, not a measured end-to-end sensitivity.
+How the losses of different linears are compared (`recipe.budget_metric`):
+- "fisher" (default): each output channel's error is weighted by the mean squared gradient of
+  the model's next-token loss with respect to that channel (one backward pass of the FP model
+  over the calibration windows, `output_fisher`): sum_o F_o (dW H dW^T)_oo, the diagonal Fisher
+  estimate of the loss increase. Raw layer losses overrate layers whose outputs the model barely
+  uses (SmolLM2 at 2.5 bits/weight: PPL 237.7 with raw losses against 104.2 for uniform 2 bits).
+- "layer": the raw layer losses tr(dW H dW^T), all on the same calibration tokens.
 """
 
 from __future__ import annotations
@@ -57,10 +62,64 @@ def _proxy(recipe, bits: int):
     return get_solver(method), fmt, kw
 
 
+def output_fisher(model, names: list[str], tokens: torch.Tensor, *, batch_size: int = 8,
+                  device=None) -> dict[str, torch.Tensor]:
+    """Mean over calibration tokens of (dL/dy_o)^2 for every output channel o of the named linears,
+    L the FP model's mean next-token cross-entropy (the weights get no gradient)."""
+    import torch.nn.functional as F
+
+    home = next(model.parameters()).device
+    device = torch.device(device) if device is not None else home
+    mods = {n: model.get_submodule(n) for n in names}
+    acc = {n: torch.zeros(m.out_features, dtype=torch.float64, device=device) for n, m in mods.items()}
+    count = 0
+
+    def hook(name):
+        def grad(g):  # returns None: the gradient flows on unchanged
+            acc[name].add_(g.detach().reshape(-1, g.shape[-1]).double().pow(2).sum(0))
+
+        def fwd(_mod, _inp, out):
+            out.register_hook(grad)
+        return fwd
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.to(device)
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        emb = model.get_input_embeddings()
+        for i in range(0, tokens.shape[0], batch_size):
+            ids = tokens[i : i + batch_size].to(device)
+            with torch.enable_grad():
+                x = emb(ids).detach().requires_grad_(True)
+                logits = model(inputs_embeds=x, use_cache=False).logits
+                loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+                # each window's loss counts as much as in the batch-mean over all windows
+                (loss * ids.shape[0]).backward()
+            count += ids.shape[0] * (ids.shape[1] - 1)
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.to(home)
+    return {n: (a / max(count, 1)).float() for n, a in acc.items()}
+
+
+def _weighted_loss(w: torch.Tensor, wq: torch.Tensor, H: torch.Tensor, fisher: torch.Tensor | None) -> float:
+    if fisher is None:
+        return layer_loss(w, wq, H)
+    d = (w - wq).double()
+    rows = torch.einsum("oi,ij,oj->o", d, H.double(), d)
+    return float((rows * fisher.to(rows.device, torch.float64)).sum())
+
+
 @torch.no_grad()
 def measure(model, recipe, tokens: torch.Tensor, *, batch_size: int = 8, device=None,
             progress: bool = False) -> list[Sensitivity]:
-    """Layer loss and storage cost of every decoder-block linear at every candidate width."""
+    """Loss proxy (see the module doc) and storage cost of every decoder-block linear at every
+    candidate width."""
     from tqdm.auto import tqdm
 
     from .models import get_adapter
@@ -71,6 +130,11 @@ def measure(model, recipe, tokens: torch.Tensor, *, batch_size: int = 8, device=
     prefix = _module_name(model, layers)
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
+    fisher = None
+    if recipe.budget_metric == "fisher":
+        names = [f"{prefix}.{i}.{n}" for i, layer in enumerate(layers) for g in adapter.linear_groups(layer)
+                 for n in g]
+        fisher = output_fisher(model, names, tokens, batch_size=batch_size, device=device)
     xs, calls = capture_inputs(model, layers, tokens, batch_size, device)
     out: list[Sensitivity] = []
     for i in tqdm(range(len(layers)), desc="sensitivity", unit="block", disable=not progress):
@@ -83,11 +147,13 @@ def measure(model, recipe, tokens: torch.Tensor, *, batch_size: int = 8, device=
             for name in names:
                 w = block.get_submodule(name).weight.data.float()
                 H = stats[name].H.float()
-                sens = Sensitivity(f"{prefix}.{i}.{name}", w.numel())
+                full = f"{prefix}.{i}.{name}"
+                sens = Sensitivity(full, w.numel())
                 for bits in recipe.budget_bits:
                     solver, fmt, kw = _proxy(recipe, bits)
                     qw = solver(w, fmt, H, **kw)
-                    sens.options[bits] = (layer_loss(w, qw.dequantize(), H), qw.storage_bits())
+                    f = None if fisher is None else fisher[full]
+                    sens.options[bits] = (_weighted_loss(w, qw.dequantize(), H, f), qw.storage_bits())
                 out.append(sens)
         xs = run_block(block, xs, calls[i])
         layers[i].to(home)

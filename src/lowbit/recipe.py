@@ -49,6 +49,7 @@ class Recipe:
     onebit_ft_lr: float = 1e-3
     budget: float | None = None  # average bits/weight: per-linear bits chosen from budget_bits
     budget_bits: tuple[int, ...] = (1, 2, 3, 4)  # candidates for the budget (1 = onebit)
+    budget_metric: str = "fisher"  # budget: layer losses weighted by output Fisher ("fisher") or raw ("layer")
     name: str = ""
 
     def __post_init__(self) -> None:
@@ -91,6 +92,8 @@ class Recipe:
         if self.budget is not None:
             if not self.budget_bits or any(not 1 <= b <= 8 for b in self.budget_bits):
                 raise RecipeError(f"budget_bits must be bit widths 1-8, got {self.budget_bits}")
+            if self.budget_metric not in ("fisher", "layer"):
+                raise RecipeError(f"budget_metric must be fisher or layer, got {self.budget_metric!r}")
             if self.method == "onebit":
                 raise RecipeError("a bit budget needs an integer solver (rtn, gptq, qqa) for the wider linears")
             if not 1 <= self.budget <= 8.5:
@@ -144,7 +147,8 @@ class Recipe:
             kind += f"-ft{self.onebit_ft_epochs}" if self.onebit_ft_epochs else ""
             return f"{method}{kind}{self.qep.tag if self.qep is not None else ''}"
         label = f"{method}-w{self.bits}{'s' if self.symmetric else ''}{act}-{g}{tags}"
-        return f"budget{self.budget:g}-{label}" if self.budget is not None else label
+        raw = "raw" if self.budget_metric == "layer" else ""
+        return f"budget{self.budget:g}{raw}-{label}" if self.budget is not None else label
 
     def solver_kwargs(self, method: str | None = None) -> dict:
         """Keyword arguments for the solver function (of `method`, default the recipe's)."""
@@ -274,10 +278,10 @@ def get_recipe(name_or_path: str) -> Recipe:
     """A preset by name, a label such as qep-gptq-w3-g64-clip, or a .json / .yaml file."""
     if name_or_path in PRESETS:
         return PRESETS[name_or_path]
-    m = re.fullmatch(r"budget(\d+(?:\.\d+)?)-(.+)", name_or_path)
+    m = re.fullmatch(r"budget(\d+(?:\.\d+)?)(raw)?-(.+)", name_or_path)
     if m:  # budget2.0-gptq = per-linear bits chosen for 2.0 bits/weight, the rest from the label gptq-w2-g64
-        rest = m[2] if "-w" in m[2] or m[2] in PRESETS else f"{m[2]}-w2-g64"
-        return get_recipe(rest).with_(budget=float(m[1]), name="")
+        rest = m[3] if "-w" in m[3] or m[3] in PRESETS else f"{m[3]}-w2-g64"
+        return get_recipe(rest).with_(budget=float(m[1]), budget_metric="layer" if m[2] else "fisher", name="")
     m = re.fullmatch(r"(qep-)?onebit(-svid|-qqa)?(?:-ft(\d+))?", name_or_path)
     if m:
         return Recipe(method="onebit", bits=1, group_size=-1, qep=QEPConfig() if m[1] else None,
