@@ -8,18 +8,24 @@ cos and sin [K, n] float32. Computed in fp32, returned in x's dtype and shape.
 
 Three entry points, following the kernels/ convention: `pairwise_rotate_ref` (plain torch,
 differentiable, used for training), `pairwise_rotate_triton` (CUDA) and the dispatcher
-`pairwise_rotate`.
+`pairwise_rotate`. For the decode of a rotated linear, `pairwise_linear` computes
+F.linear(pairwise_rotate(x), W, b) with the transform fused into the matmul
+(`pairwise_linear_triton`, one launch) for up to DECODE_MAX_TOKENS tokens.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
+from torch.nn import functional as F
 
 #: token count from which `mode="auto"` takes the tensor-core path (see `pairwise_rotate_triton`)
 MMA_MIN_TOKENS = int(os.environ.get("LOWBIT_PAIRWISE_MMA_MIN_TOKENS", "1024"))
+#: token count up to which `pairwise_linear` fuses the transform into the matmul (decode)
+DECODE_MAX_TOKENS = int(os.environ.get("LOWBIT_PAIRWISE_DECODE_MAX_TOKENS", "16"))
 
 
 def pairwise_rotate_ref(x: torch.Tensor, scale: torch.Tensor, partner: torch.Tensor,
@@ -200,3 +206,173 @@ def pairwise_rotate(x: torch.Tensor, scale: torch.Tensor, partner: torch.Tensor,
             or (torch.is_grad_enabled() and any(t.requires_grad for t in (x, scale, cos, sin)))):
         return pairwise_rotate_ref(x, scale, partner, cos, sin)
     return pairwise_rotate_triton(x, scale, partner, cos, sin, group=group, blocks=blocks)
+
+
+# ---- the decode layer: F.linear(pairwise_rotate(x), W, b) with the transform fused ---------------
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def gemv_coefficients(scale: torch.Tensor, partner: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      group: int = 128) -> tuple[torch.Tensor, ...]:
+    """The transform's coefficients as `rotated_gemv_kernel` reads them, contiguous: scale fp32 [n],
+    partner as the index inside its group (int8 up to group 128, else int16) [K, n], cos and sin
+    fp32 [K, n]. Every program of the fused kernel reads all of them, so they are kept small (9
+    bytes per channel and rotation instead of 12); build them once for a fixed transform."""
+    if group > 1 << 15:
+        raise ValueError(f"group must be at most {1 << 15}, got {group}")
+    n = partner.shape[-1]
+    start = torch.arange(n, device=partner.device) // group * group
+    local = (partner.long() - start).to(torch.int8 if group <= 128 else torch.int16)
+    return (scale.to(torch.float32).contiguous(), local.contiguous(),
+            cos.to(torch.float32).contiguous(), sin.to(torch.float32).contiguous())
+
+
+def _pow2_floor(v: int) -> int:
+    return 1 << max(0, v.bit_length() - 1)
+
+
+def gemv_config(tokens: int, n_in: int, n_out: int, group: int, sms: int,
+                elem_size: int = 2) -> dict[str, int]:
+    """Tile of the fused decode kernel: dict(block_o, chunk, block_t, num_warps, num_stages).
+
+    One token: the product is a broadcast multiply + row sum (block_t 1), and block_o is the
+    largest row count (64 down to 8) that still gives about one program per SM, since every
+    program rotates the whole input again (K gathers per channel against block_o multiply-adds).
+    More tokens: tl.dot on tiles of 16 tokens; the rotation then costs 16x more per program, so
+    block_o is larger (about one program per two SMs). chunk (groups per loop step) makes the
+    weight tile about 16 KB, with few fully masked groups at the end of a partial last chunk.
+    """
+    ng = max(1, -(-n_in // group))
+    if tokens <= 1:
+        bt, fill, sizes = 1, 0.9, (64, 32, 16, 8)
+    else:
+        bt, fill, sizes = 16, 0.45, (128, 64, 32, 16)
+    t_tiles = max(1, tokens if bt == 1 else -(-tokens // bt))
+    bo = sizes[-1]
+    for b in sizes:
+        if -(-n_out // b) * t_tiles >= fill * sms:
+            bo = b
+            break
+    ch = max(1, min(8, (16384 // elem_size) // (bo * group)))
+    ch = min(_pow2_floor(ch), _pow2_floor(ng))
+    while ch > 1 and (-(-ng // ch) * ch - ng) / ng > 0.25:
+        ch //= 2
+    return dict(block_o=bo, chunk=ch, block_t=bt, num_warps=4, num_stages=3)
+
+
+def fused_linear_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                         scale: torch.Tensor | None = None, cos: torch.Tensor | None = None,
+                         sin: torch.Tensor | None = None, group: int = 128) -> bool:
+    """Whether `pairwise_linear` (mode "auto") takes the fused kernel: CUDA tensors (or
+    TRITON_INTERPRET=1) with triton importable, LOWBIT_KERNELS != "ref", fp32 / fp16 / bf16 x with
+    the weight (and bias) of the same dtype, no gradient needed, 1 to DECODE_MAX_TOKENS tokens."""
+    if os.environ.get("LOWBIT_KERNELS", "") == "ref" or not (x.is_cuda or _interpreting()) or _triton() is None:
+        return False
+    if x.dtype not in _FLOATS or weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        return False
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1] or weight.device != x.device:
+        return False
+    if group < 1 or group & (group - 1):
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (x, weight, bias, scale, cos, sin)):
+        return False
+    return 1 <= math.prod(x.shape[:-1]) <= DECODE_MAX_TOKENS
+
+
+def pairwise_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                           scale: torch.Tensor, partner: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                           group: int = 128, *, coeffs: tuple[torch.Tensor, ...] | None = None,
+                           block_o: int | None = None, chunk: int | None = None, block_t: int | None = None,
+                           num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+    """F.linear(pairwise_rotate(x, scale, partner, cos, sin), weight, bias) in one Triton launch
+    (`rotated_gemv_kernel`; no autograd), meant for a few tokens (decode).
+
+    The rotated activations are rounded to x's dtype before the product, as the unfused path does,
+    so the two agree up to the order of the fp32 accumulation. `coeffs` (from `gemv_coefficients`)
+    spares re-packing the fixed transform's coefficients per call. block_o / chunk / block_t /
+    num_warps / num_stages override `gemv_config` (benchmark sweeps); block_t is 1 (one token per
+    program, no tensor cores) or a power of two >= 16 (tl.dot). Partner maps are not checked
+    (a device sync); see `validate_partner`.
+    """
+    tk = _triton()
+    if tk is None:
+        raise RuntimeError("pairwise_linear_triton needs triton (pip install triton); use pairwise_linear")
+    _check_shapes(x, scale, partner, cos, sin)
+    if x.dtype not in _FLOATS:
+        raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    n = x.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != n:
+        raise ValueError(f"weight must be [out, {n}] for x [..., {n}], got {tuple(weight.shape)}")
+    m = weight.shape[0]
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise ValueError(f"weight and bias must have x's dtype {x.dtype}, got {weight.dtype}"
+                         + (f" and {bias.dtype}" if bias is not None else ""))
+    if bias is not None and tuple(bias.shape) != (m,):
+        raise ValueError(f"bias must be [{m}], got {tuple(bias.shape)}")
+    if group < 1 or group & (group - 1):
+        raise ValueError(f"group must be a power of two, got {group}")
+    if not (x.is_cuda or _interpreting()):
+        raise ValueError("pairwise_linear_triton needs CUDA tensors (or TRITON_INTERPRET=1)")
+    x2 = x.reshape(-1, n)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    T = x2.shape[0]
+    out = torch.empty((T, m), dtype=x.dtype, device=x.device)
+    if T == 0 or m == 0:
+        return out.reshape(*x.shape[:-1], m)
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    K = partner.shape[0]
+    if coeffs is None:
+        coeffs = gemv_coefficients(scale, partner, cos, sin, group)
+    s, p, c, sn = coeffs
+    sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
+        if x.is_cuda else 4
+    cfg = gemv_config(T, n, m, group, sms, x.element_size())
+    bo = block_o or cfg["block_o"]
+    ch = chunk or cfg["chunk"]
+    bt = block_t or cfg["block_t"]
+    for name, v in (("block_o", bo), ("chunk", ch), ("block_t", bt)):
+        if v < 1 or v & (v - 1):
+            raise ValueError(f"{name} must be a power of two, got {v}")
+    if bt != 1 and (bt < 16 or bo < 16 or ch * group < 16):
+        raise ValueError(f"block_t > 1 runs tl.dot: needs block_t, block_o and chunk * group >= 16, "
+                         f"got {bt}, {bo}, {ch * group}")
+    t_tiles = T if bt == 1 else -(-T // bt)
+    if t_tiles > 65535:
+        raise ValueError(f"{T} tokens with block_t {bt}: more than 65535 token tiles")
+    grid = (-(-m // bo), t_tiles)
+    tk.rotated_gemv_kernel[grid](
+        x2, weight, bias if bias is not None else out, out, s, p, c, sn,
+        T, n, m, x2.stride(0), weight.stride(0), out.stride(0),
+        K=K, G=group, CH=ch, BLOCK_O=bo, BLOCK_T=bt, HAS_BIAS=bias is not None,
+        EVEN_N=(n % (ch * group) == 0), EVEN_O=(m % bo == 0), IEEE=x.dtype == torch.float32,
+        EMU=not x.is_cuda, num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"])
+    return out.reshape(*x.shape[:-1], m)
+
+
+def pairwise_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor,
+                    partner: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, group: int = 128, *,
+                    mode: str = "auto", coeffs: tuple[torch.Tensor, ...] | None = None,
+                    blocks: torch.Tensor | None = None, **kernel_args) -> torch.Tensor:
+    """Dispatcher of the rotated linear F.linear(pairwise_rotate(x, ...), weight, bias).
+
+    mode "auto": the fused kernel (`pairwise_linear_triton`) where `fused_linear_applies` (CUDA or
+    the interpreter, fp32 / fp16 / bf16, no gradient needed, at most DECODE_MAX_TOKENS tokens);
+    otherwise the transform (`pairwise_rotate`, with `blocks` for its tensor-core path) then
+    F.linear. "fused" / "unfused" force one path. Errors raised by the kernel propagate (no silent
+    fallback). `coeffs` (`gemv_coefficients`) and `kernel_args` (block_o, chunk, block_t, num_warps,
+    num_stages) go to the fused kernel.
+    """
+    if mode == "auto":
+        mode = "fused" if fused_linear_applies(x, weight, bias, scale, cos, sin, group) else "unfused"
+    if mode == "fused":
+        return pairwise_linear_triton(x, weight, bias, scale, partner, cos, sin, group, coeffs=coeffs,
+                                      **kernel_args)
+    if mode == "unfused":
+        return F.linear(pairwise_rotate(x, scale, partner, cos, sin, group=group, blocks=blocks), weight, bias)
+    raise ValueError(f"mode must be 'auto', 'fused' or 'unfused', got {mode!r}")
