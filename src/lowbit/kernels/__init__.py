@@ -14,5 +14,5 @@ from lowbit.kernels.pairwise import (
     validate_partner,
 )
 
-__all__ = ["pairwise_blocks", "pairwise_linear", "pairwise_linear_triton", "pairwise_rotate", "pairwise_rotate_ref", "pairwise_rotate_triton",
-           "validate_partner"]
+__all__ = ["pairwise_blocks", "pairwise_linear", "pairwise_linear_triton", "pairwise_rotate",
+           "pairwise_rotate_ref", "pairwise_rotate_triton", "validate_partner"]
