@@ -5,9 +5,11 @@ from __future__ import annotations
 import importlib
 import pytest
 import torch
+from torch.nn import functional as F
 
-from lowbit.kernels.pairwise import (pairwise_blocks, pairwise_rotate, pairwise_rotate_ref,
-                                     pairwise_rotate_triton, validate_partner)
+from lowbit.kernels import pairwise as pw
+from lowbit.kernels.pairwise import (pairwise_blocks, pairwise_linear, pairwise_linear_triton, pairwise_rotate,
+                                     pairwise_rotate_ref, pairwise_rotate_triton, validate_partner)
 from pairwise_utils import random_params, random_partner  # tests/kernels is on sys.path (rootdir mode)
 
 
@@ -136,6 +138,55 @@ def test_shape_errors_name_the_problem():
         pairwise_rotate_ref(torch.randn(2, 32), scale, partner, cos, sin)
 
 
+GEMV_TOL = {torch.float32: 1e-4, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+
+
+def layer_inputs(n_in, n_out, tokens, dtype, bias, group=128, K=8, device="cpu", seed=0):
+    """(x, W, b, scale, partner, cos, sin) of a rotated linear; W ~ N(0, 1 / n_in), so outputs are O(1)."""
+    scale, partner, cos, sin = random_params(n_in, K=K, group=group, seed=seed, device=device)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(tokens, n_in, generator=g).to(device, dtype)
+    w = (torch.randn(n_out, n_in, generator=g) / n_in ** 0.5).to(device, dtype)
+    b = torch.randn(n_out, generator=g).to(device, dtype) if bias else None
+    return x, w, b, scale, partner, cos, sin
+
+
+def linear_ref(x, w, b, scale, partner, cos, sin) -> torch.Tensor:
+    """float64 product of the reference's rotated x (rounded to x's dtype, as the fused kernel does) with W (+ b)."""
+    xr = pairwise_rotate_ref(x, scale, partner, cos, sin)
+    return F.linear(xr.double(), w.double(), None if b is None else b.double())
+
+
+def test_pairwise_linear_on_cpu_is_rotate_then_linear(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x, w, b, *params = layer_inputs(192, 40, 3, torch.float32, True, group=64, K=3, seed=11)
+    assert not pw.fused_linear_applies(x, w, b, *params[:1], *params[2:], group=64)
+    expected = F.linear(pairwise_rotate_ref(x, *params), w, b)
+    torch.testing.assert_close(pairwise_linear(x, w, b, *params, group=64), expected)
+    torch.testing.assert_close(pairwise_linear(x, w, b, *params, group=64, mode="unfused"), expected)
+    with pytest.raises(ValueError, match="mode"):
+        pairwise_linear(x, w, b, *params, group=64, mode="bogus")
+
+
+def test_gemv_config_fills_the_gpu():
+    for n_out, bo in ((4096, 32), (8192, 64), (2048, 16), (576, 8)):
+        cfg = pw.gemv_config(1, 4096, n_out, 128, 132)
+        assert cfg["block_t"] == 1 and cfg["block_o"] == bo
+        assert cfg["block_o"] * cfg["chunk"] * 128 * 2 <= 16384
+    cfg = pw.gemv_config(16, 4096, 4096, 128, 132)
+    assert cfg["block_t"] == 16 and cfg["block_o"] >= 16
+    assert pw.gemv_config(1, 576, 576, 128, 132)["chunk"] in (1, 2)   # 4.5 groups: few masked groups
+
+
+def test_gemv_coefficients_are_local_indices():
+    scale, partner, cos, sin = random_params(576, K=4, seed=12)
+    s, p, c, sn = pw.gemv_coefficients(scale, partner, cos, sin, 128)
+    assert p.dtype == torch.int8 and p.shape == partner.shape and int(p.min()) >= 0 and int(p.max()) < 128
+    start = torch.arange(576) // 128 * 128
+    assert torch.equal(p.long() + start, partner.long())
+    assert s.dtype == c.dtype == sn.dtype == torch.float32
+
+
 # ---- Triton on CUDA -------------------------------------------------------------------------
 
 @cuda
@@ -188,6 +239,109 @@ def test_dispatcher_on_cuda(monkeypatch):
     close_to(pairwise_rotate(x, scale, partner, cos, sin), pairwise_rotate_ref(x.float(), scale, partner, cos, sin))
 
 
+GEMV_SHAPES = [(576, 576), (576, 1536), (1536, 576), (2048, 2048), (4096, 4096), (4096, 1536)]
+
+
+@cuda
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 3, 16])
+@pytest.mark.parametrize("n_in,n_out", GEMV_SHAPES)
+def test_fused_linear_matches_reference(n_in, n_out, tokens, dtype, bias):
+    x, w, b, *params = layer_inputs(n_in, n_out, tokens, dtype, bias, device="cuda", seed=n_in + n_out + tokens)
+    y = pairwise_linear_triton(x, w, b, *params)
+    assert y.shape == (tokens, n_out) and y.dtype == dtype
+    tol = GEMV_TOL[dtype]
+    torch.testing.assert_close(y.double(), linear_ref(x, w, b, *params), rtol=tol, atol=tol)
+    # against the unfused layer in x's dtype (what RotatedLinear computed before)
+    unfused = F.linear(pairwise_rotate_ref(x, *params), w, b)
+    torch.testing.assert_close(y.float(), unfused.float(), rtol=2 * tol, atol=2 * tol)
+
+
+@cuda
+@pytest.mark.parametrize("K", [1, 3, 16])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_fused_linear_other_groups_and_layouts(K, group):
+    n = 4 * group + group // 2
+    scale, partner, cos, sin = random_params(n, K=K, group=group, seed=K, device="cuda")
+    base = torch.randn(2, 5, 2 * n, device="cuda", dtype=torch.bfloat16)
+    x = base[..., ::2]                                        # [2, 5, n] non-contiguous view
+    w = (torch.randn(72, n, device="cuda") / n ** 0.5).to(torch.bfloat16)
+    b = torch.randn(72, device="cuda", dtype=torch.bfloat16)
+    y = pairwise_linear_triton(x, w, b, scale, partner, cos, sin, group=group)
+    assert y.shape == (2, 5, 72)
+    ref = linear_ref(x, w, b, scale, partner, cos, sin)
+    torch.testing.assert_close(y.double(), ref, rtol=2.0 ** -7, atol=2.0 ** -7)
+
+
+@cuda
+def test_fused_linear_every_tile_configuration():
+    """Every configuration the benchmark sweep tries compiles and is correct (partial chunks and row blocks)."""
+    x, w, b, *params = layer_inputs(576, 1000, 3, torch.bfloat16, True, device="cuda", seed=13)
+    ref = linear_ref(x, w, b, *params)
+    for bt in (1, 16):
+        for bo in (8, 16, 32, 64, 128):
+            for ch in (1, 2, 4):
+                if bt > 1 and bo < 16:
+                    continue
+                for warps, stages in ((4, 1), (4, 3), (8, 4)):
+                    y = pairwise_linear_triton(x, w, b, *params, block_t=bt, block_o=bo, chunk=ch,
+                                               num_warps=warps, num_stages=stages)
+                    torch.testing.assert_close(y.double(), ref, rtol=2.0 ** -7, atol=2.0 ** -7,
+                                               msg=lambda m: f"block_t {bt} block_o {bo} chunk {ch} "
+                                                             f"warps {warps} stages {stages}: {m}")
+
+
+@cuda
+def test_fused_linear_in_cuda_graph():
+    x, w, b, *params = layer_inputs(2048, 2048, 1, torch.bfloat16, True, device="cuda", seed=14)
+    co = pw.gemv_coefficients(*params)
+    out = pairwise_linear(x, w, b, *params, coeffs=co)           # compile outside the capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = pairwise_linear(x, w, b, *params, coeffs=co)
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out.double(), linear_ref(x, w, b, *params), rtol=2.0 ** -7, atol=2.0 ** -7)
+
+
+@cuda
+def test_rotated_linear_on_cuda_fuses_decode(monkeypatch):
+    from lowbit.transforms.modules import RotatedLinear
+    from lowbit.transforms.pairwise import PairwiseRotation
+
+    torch.manual_seed(0)
+    rot = PairwiseRotation.identity(576, 8, 128, seed=2)
+    rot.theta, rot.scale = torch.randn(rot.theta.shape), torch.rand(576) + 0.5
+    lin = torch.nn.Linear(576, 192)
+    cpu = RotatedLinear.wrap(lin, rot)
+    gpu = RotatedLinear.wrap(lin, rot).cuda().to(torch.bfloat16)
+    calls = []
+    real = pw.pairwise_linear_triton
+
+    def spy(*a, **k):
+        calls.append(a[0].shape)
+        return real(*a, **k)
+
+    monkeypatch.setattr(pw, "pairwise_linear_triton", spy)
+    for tokens, fused in ((1, True), (16, True), (17, False)):
+        x = torch.randn(tokens, 576)
+        calls.clear()
+        with torch.no_grad():
+            ref = cpu(x)
+            out = gpu(x.cuda().to(torch.bfloat16)).float().cpu()
+        assert bool(calls) == fused, (tokens, calls)
+        torch.testing.assert_close(out, ref, rtol=5e-2, atol=5e-2 * ref.abs().max().item())
+    calls.clear()
+    gpu(torch.randn(1, 576, device="cuda", dtype=torch.bfloat16))  # bias requires grad: the unfused path
+    assert not calls
+    monkeypatch.setattr(pw, "DECODE_MAX_TOKENS", 0)
+    with torch.no_grad():
+        gpu(torch.randn(1, 576, device="cuda", dtype=torch.bfloat16))
+    assert not calls
+
+
 # ---- Triton interpreter on CPU (only where triton imports and there is no GPU) ---------------
 
 def _has_triton() -> bool:
@@ -211,3 +365,33 @@ def test_triton_interpreter_matches_reference(n, monkeypatch):
         ref = pairwise_rotate_ref(x.float(), scale, partner, cos, sin)
         for mode in ("gather", "mma"):
             close_to(pairwise_rotate_triton(x, scale, partner, cos, sin, mode=mode), ref)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or not _has_triton(),
+                    reason="interpreter test: needs triton and no CUDA")
+@pytest.mark.parametrize("group", [64, 128])
+def test_fused_linear_interpreter_matches_reference(group, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    import lowbit.kernels._pairwise_triton as tk
+    importlib.reload(tk)
+    calls = []
+    real = pw.pairwise_linear_triton
+    monkeypatch.setattr(pw, "pairwise_linear_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        # the interpreter truncates fp32 -> bf16 / fp16 instead of rounding to nearest: 4x the GPU tolerance
+        tol = 4 * GEMV_TOL[dtype]
+        for tokens in (1, 3):
+            for bias in (False, True):
+                x, w, b, *params = layer_inputs(192, 40, tokens, dtype, bias, group=group, K=3,
+                                                seed=group + tokens)
+                ref = linear_ref(x, w, b, *params)
+                y = pairwise_linear(x, w, b, *params, group=group)       # auto: fused under the interpreter
+                assert y.shape == (tokens, 40) and y.dtype == dtype
+                torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol)
+        # one token per program for several tokens; two groups a chunk with a partial last chunk
+        x, w, b, *params = layer_inputs(192, 40, 3, dtype, True, group=group, K=3, seed=5)
+        ref = linear_ref(x, w, b, *params)
+        for kw in (dict(block_t=1), dict(chunk=2, block_o=16), dict(chunk=4, block_o=32, block_t=16)):
+            torch.testing.assert_close(pairwise_linear_triton(x, w, b, *params, group=group, **kw).double(), ref,
+                                       rtol=tol, atol=tol)
+    assert len(calls) == 3 * 2 * 2

@@ -119,6 +119,11 @@ def blocks_mma_kernel(x_ptr, y_ptr, b_ptr, T, N, NG, CH, stride_xt, stride_yt, s
 
 
 @triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
 def rotated_gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, scale_ptr, partner_ptr, cos_ptr, sin_ptr,
                         T, N, M, stride_xt, stride_wo, stride_ot,
                         K: tl.constexpr, G: tl.constexpr, CH: tl.constexpr, BLOCK_O: tl.constexpr,
@@ -144,12 +149,12 @@ def rotated_gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, scale_ptr, partner_ptr,
     grp = tl.arange(0, CH) * G                                      # group start inside the chunk
     if BLOCK_T == 1:
         x_row = x_ptr + pid_t.to(tl.int64) * stride_xt
-        acc = tl.zeros([BLOCK_O], dtype=tl.float32)
+        acc = tl.full([BLOCK_O], 0.0, tl.float32)   # tl.full, not the jit helper tl.zeros (see tl.reduce below)
     else:
         offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
         tmask = offs_t < T
         x_rows = x_ptr + offs_t.to(tl.int64)[:, None, None] * stride_xt
-        acc = tl.zeros([BLOCK_T, BLOCK_O], dtype=tl.float32)
+        acc = tl.full([BLOCK_T, BLOCK_O], 0.0, tl.float32)
     for c0 in range(0, N, CH * G):
         # the weight tile first: it does not depend on the rotation, so it is in flight while the
         # chunk rotates (and num_stages > 1 lets the pipeliner prefetch the next ones)
@@ -203,7 +208,9 @@ def rotated_gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, scale_ptr, partner_ptr,
         yq = y.to(x_ptr.dtype.element_ty)
         if BLOCK_T == 1:
             yv = tl.reshape(yq, (CH * G,)).to(tl.float32)
-            acc += tl.sum(w.to(tl.float32) * yv[None, :], axis=1)
+            # tl.reduce with a combine of this module rather than tl.sum (same code on the GPU): the
+            # interpreter tests switch TRITON_INTERPRET on after triton's own jit helpers were built
+            acc += tl.reduce(w.to(tl.float32) * yv[None, :], 1, _add)
         else:
             y2 = tl.reshape(yq, (BLOCK_T, CH * G))
             if EMU:
