@@ -144,7 +144,7 @@ def rotated_gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, scale_ptr, partner_ptr,
     offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     omask = offs_o < M
     w_rows = w_ptr + offs_o.to(tl.int64)[:, None] * stride_wo     # [BLOCK_O, 1]
-    offs_w = tl.arange(0, CH * G)                                       # channel inside the chunk
+    offs_w = tl.arange(0, CH * G)                                   # channel inside the chunk
     loc = tl.arange(0, G)                                           # channel inside its group
     grp = tl.arange(0, CH) * G                                      # group start inside the chunk
     if BLOCK_T == 1:
