@@ -169,22 +169,36 @@ def test_pairwise_linear_on_cpu_is_rotate_then_linear(monkeypatch):
 
 
 def test_gemv_config_fills_the_gpu():
-    for n_out, bo in ((4096, 32), (8192, 64), (2048, 16), (576, 8)):
+    for n_out, bo, ch in ((4096, 32, 4), (8192, 64, 2), (2048, 16, 4), (576, 8, 4)):
         cfg = pw.gemv_config(1, 4096, n_out, 128, 132)
-        assert cfg["block_t"] == 1 and cfg["block_o"] == bo
-        assert cfg["block_o"] * cfg["chunk"] * 128 * 2 <= 16384
+        assert (cfg["block_t"], cfg["block_o"], cfg["chunk"]) == (1, bo, ch), (n_out, cfg)
+        assert cfg["block_o"] * cfg["chunk"] * 128 * 2 <= 32768 and cfg["num_stages"] == 3
     cfg = pw.gemv_config(16, 4096, 4096, 128, 132)
     assert cfg["block_t"] == 16 and cfg["block_o"] >= 16
-    assert pw.gemv_config(1, 576, 576, 128, 132)["chunk"] in (1, 2)   # 4.5 groups: few masked groups
+    assert pw.gemv_config(1, 576, 576, 128, 132)["chunk"] == 2   # 4.5 groups: few masked groups
 
 
-def test_gemv_coefficients_are_local_indices():
+def test_gemv_coefficients_formats():
     scale, partner, cos, sin = random_params(576, K=4, seed=12)
-    s, p, c, sn = pw.gemv_coefficients(scale, partner, cos, sin, 128)
-    assert p.dtype == torch.int8 and p.shape == partner.shape and int(p.min()) >= 0 and int(p.max()) < 128
     start = torch.arange(576) // 128 * 128
-    assert torch.equal(p.long() + start, partner.long())
-    assert s.dtype == c.dtype == sn.dtype == torch.float32
+    gen = pw.gemv_coefficients(scale, partner, cos, sin, 128, givens=False)
+    assert not gen.givens and gen.partner.dtype == torch.int32
+    assert torch.equal(gen.partner.long() + start, partner.long())
+    assert torch.equal(gen.cos, cos) and torch.equal(gen.sin, sin) and gen.scale.dtype == torch.float32
+    giv = pw.gemv_coefficients(scale, partner, cos, sin, 128)          # Givens rotations: the compact format
+    assert giv.givens and giv.partner.dtype == torch.int16 and giv.cos.dtype == torch.float32
+    code = giv.partner.long()
+    assert torch.equal((code & 255) + start, partner.long())
+    v = giv.cos
+    d = torch.sqrt(1 - v * v) * torch.where(code & 512 > 0, -1.0, 1.0)
+    is_cos = code & 256 > 0
+    assert v.abs().max() <= 0.7072
+    torch.testing.assert_close(torch.where(is_cos, v, d), cos, rtol=0, atol=1e-6)
+    torch.testing.assert_close(torch.where(is_cos, d, v), sin, rtol=0, atol=1e-6)
+    # coefficients that are not rotations stay generic; asking for givens then raises
+    assert not pw.gemv_coefficients(scale, partner, cos * 1.1, sin, 128).givens
+    with pytest.raises(ValueError, match="givens"):
+        pw.gemv_coefficients(scale, partner, cos * 1.1, sin, 128, givens=True)
 
 
 # ---- Triton on CUDA -------------------------------------------------------------------------
@@ -249,13 +263,27 @@ GEMV_SHAPES = [(576, 576), (576, 1536), (1536, 576), (2048, 2048), (4096, 4096),
 @pytest.mark.parametrize("n_in,n_out", GEMV_SHAPES)
 def test_fused_linear_matches_reference(n_in, n_out, tokens, dtype, bias):
     x, w, b, *params = layer_inputs(n_in, n_out, tokens, dtype, bias, device="cuda", seed=n_in + n_out + tokens)
-    y = pairwise_linear_triton(x, w, b, *params)
-    assert y.shape == (tokens, n_out) and y.dtype == dtype
+    ref = linear_ref(x, w, b, *params)
     tol = GEMV_TOL[dtype]
-    torch.testing.assert_close(y.double(), linear_ref(x, w, b, *params), rtol=tol, atol=tol)
-    # against the unfused layer in x's dtype (what RotatedLinear computed before)
-    unfused = F.linear(pairwise_rotate_ref(x, *params), w, b)
-    torch.testing.assert_close(y.float(), unfused.float(), rtol=2 * tol, atol=2 * tol)
+    unfused = F.linear(pairwise_rotate_ref(x, *params), w, b)    # what RotatedLinear computed before
+    for coeffs in (None, pw.gemv_coefficients(*params)):          # generic, then the compact givens format
+        y = pairwise_linear_triton(x, w, b, *params, coeffs=coeffs)
+        assert y.shape == (tokens, n_out) and y.dtype == dtype
+        torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol)
+        torch.testing.assert_close(y.float(), unfused.float(), rtol=2 * tol, atol=2 * tol)
+
+
+@cuda
+def test_fused_linear_general_coefficients():
+    """Coefficients that are not Givens rotations (cos^2 + sin^2 != 1) run in the generic format."""
+    x, w, b, scale, partner, cos, sin = layer_inputs(1536, 576, 3, torch.float32, True, device="cuda", seed=15)
+    cos, sin = cos * 0.9, sin * 1.2
+    co = pw.gemv_coefficients(scale, partner, cos, sin)
+    assert not co.givens
+    for T in (1, 3):
+        y = pairwise_linear_triton(x[:T], w, b, scale, partner, cos, sin, coeffs=co)
+        torch.testing.assert_close(y.double(), linear_ref(x[:T], w, b, scale, partner, cos, sin),
+                                   rtol=1e-4, atol=1e-4)
 
 
 @cuda
@@ -279,6 +307,7 @@ def test_fused_linear_every_tile_configuration():
     """Every configuration the benchmark sweep tries compiles and is correct (partial chunks and row blocks)."""
     x, w, b, *params = layer_inputs(576, 1000, 3, torch.bfloat16, True, device="cuda", seed=13)
     ref = linear_ref(x, w, b, *params)
+    co = pw.gemv_coefficients(*params)
     for bt in (1, 16):
         for bo in (8, 16, 32, 64, 128):
             for ch in (1, 2, 4):
@@ -286,7 +315,7 @@ def test_fused_linear_every_tile_configuration():
                     continue
                 for warps, stages in ((4, 1), (4, 3), (8, 4)):
                     y = pairwise_linear_triton(x, w, b, *params, block_t=bt, block_o=bo, chunk=ch,
-                                               num_warps=warps, num_stages=stages)
+                                               num_warps=warps, num_stages=stages, coeffs=co)
                     torch.testing.assert_close(y.double(), ref, rtol=2.0 ** -7, atol=2.0 ** -7,
                                                msg=lambda m: f"block_t {bt} block_o {bo} chunk {ch} "
                                                              f"warps {warps} stages {stages}: {m}")
@@ -296,14 +325,20 @@ def test_fused_linear_every_tile_configuration():
 def test_fused_linear_in_cuda_graph():
     x, w, b, *params = layer_inputs(2048, 2048, 1, torch.bfloat16, True, device="cuda", seed=14)
     co = pw.gemv_coefficients(*params)
-    out = pairwise_linear(x, w, b, *params, coeffs=co)           # compile outside the capture
+    assert co.givens
+    pairwise_linear(x, w, b, *params, coeffs=co)                 # compile both formats outside the capture
+    pairwise_linear(x, w, b, *params)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         out = pairwise_linear(x, w, b, *params, coeffs=co)
+        out_generic = pairwise_linear(x, w, b, *params)          # packs the coefficients in the graph
+        assert not pw.gemv_coefficients(*params).givens           # no host check (sync) while capturing
     x.copy_(torch.randn_like(x))
     g.replay()
     torch.cuda.synchronize()
-    torch.testing.assert_close(out.double(), linear_ref(x, w, b, *params), rtol=2.0 ** -7, atol=2.0 ** -7)
+    ref = linear_ref(x, w, b, *params)
+    torch.testing.assert_close(out.double(), ref, rtol=2.0 ** -7, atol=2.0 ** -7)
+    torch.testing.assert_close(out_generic.double(), ref, rtol=2.0 ** -7, atol=2.0 ** -7)
 
 
 @cuda
@@ -391,7 +426,10 @@ def test_fused_linear_interpreter_matches_reference(group, monkeypatch):
         # one token per program for several tokens; two groups a chunk with a partial last chunk
         x, w, b, *params = layer_inputs(192, 40, 3, dtype, True, group=group, K=3, seed=5)
         ref = linear_ref(x, w, b, *params)
-        for kw in (dict(block_t=1), dict(chunk=2, block_o=16), dict(chunk=4, block_o=32, block_t=16)):
+        co = pw.gemv_coefficients(*params, group=group)
+        assert co.givens
+        for kw in (dict(block_t=1), dict(chunk=2, block_o=16), dict(chunk=4, block_o=32, block_t=16),
+                   dict(coeffs=co), dict(coeffs=co, block_t=16, chunk=2)):
             torch.testing.assert_close(pairwise_linear_triton(x, w, b, *params, group=group, **kw).double(), ref,
                                        rtol=tol, atol=tol)
     assert len(calls) == 3 * 2 * 2

@@ -128,7 +128,8 @@ def rotated_gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, scale_ptr, partner_ptr,
                         T, N, M, stride_xt, stride_wo, stride_ot,
                         K: tl.constexpr, G: tl.constexpr, CH: tl.constexpr, BLOCK_O: tl.constexpr,
                         BLOCK_T: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr,
-                        EVEN_O: tl.constexpr, IEEE: tl.constexpr, EMU: tl.constexpr):
+                        EVEN_O: tl.constexpr, IEEE: tl.constexpr, EMU: tl.constexpr,
+                        GIVENS: tl.constexpr, STAGES: tl.constexpr):
     """out[t, o] = sum_i rot(x)[t, i] * W[o, i] (+ bias[o]) for the tokens of one tile.
 
     Grid (cdiv(M, BLOCK_O), token tiles); BLOCK_T == 1: one token per tile, the product a broadcast
@@ -136,8 +137,12 @@ def rotated_gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, scale_ptr, partner_ptr,
     the partner's index inside its group (int8 / int16, see `gemv_coefficients`). Every program
     rotates the whole input again (a few gathers per channel against BLOCK_O multiply-adds): no
     workspace, no second launch, no atomics. EVEN_N: N is a multiple of CH * G; EVEN_O: M of
-    BLOCK_O. IEEE: fp32 dot without tf32; EMU (interpreter, whose low-precision dot is broken): the
-    dot operands are widened to fp32 first.
+    BLOCK_O. GIVENS: the compact coefficients of `gemv_coefficients` (an int16 code and one fp32
+    value per channel and rotation, the other of cos / sin recomputed). IEEE: fp32 dot without tf32; EMU (interpreter, whose low-precision dot is broken): the
+    dot operands are widened to fp32 first. STAGES: software pipelining of the chunk loop (the
+    launch's num_stages): Triton pipelines a loop without tl.dot only when its tl.range says so, and
+    then all its loads (weight tile, x chunk, coefficients) go through shared memory with cp.async,
+    which also spares most register layout conversions around the gathers.
     """
     pid_o = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -155,9 +160,9 @@ def rotated_gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, scale_ptr, partner_ptr,
         tmask = offs_t < T
         x_rows = x_ptr + offs_t.to(tl.int64)[:, None, None] * stride_xt
         acc = tl.full([BLOCK_T, BLOCK_O], 0.0, tl.float32)
-    for c0 in range(0, N, CH * G):
-        # the weight tile first: it does not depend on the rotation, so it is in flight while the
-        # chunk rotates (and num_stages > 1 lets the pipeliner prefetch the next ones)
+    for c0 in tl.range(0, N, CH * G, num_stages=STAGES):
+        # the weight tile does not depend on the rotation: with STAGES > 1 the next tiles are in
+        # flight while this chunk rotates
         wcol = c0 + offs_w
         if EVEN_N:
             if EVEN_O:
@@ -191,13 +196,27 @@ def rotated_gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, scale_ptr, partner_ptr,
             if EVEN_N:
                 p = tl.load(partner_ptr + k * N + col).to(tl.int32)
                 c = tl.load(cos_ptr + k * N + col)
-                sn = tl.load(sin_ptr + k * N + col)
+                if not GIVENS:
+                    sn = tl.load(sin_ptr + k * N + col)
             else:
-                # channels past the end (partial last group, groups past N) stay in place
-                p = tl.where(cmask, tl.load(partner_ptr + k * N + col, mask=cmask, other=0).to(tl.int32),
-                             loc[None, :])
-                c = tl.load(cos_ptr + k * N + col, mask=cmask, other=1.0)
-                sn = tl.load(sin_ptr + k * N + col, mask=cmask, other=0.0)
+                # channels past the end (partial last group, groups past N) stay in place: code 0
+                # and value 0 give cos 1, sin 0 in the givens format
+                p = tl.load(partner_ptr + k * N + col, mask=cmask, other=0).to(tl.int32)
+                if GIVENS:
+                    c = tl.load(cos_ptr + k * N + col, mask=cmask, other=0.0)
+                else:
+                    c = tl.load(cos_ptr + k * N + col, mask=cmask, other=1.0)
+                    sn = tl.load(sin_ptr + k * N + col, mask=cmask, other=0.0)
+            if GIVENS:
+                v = c
+                d = tl.sqrt(1.0 - v * v)
+                d = tl.where((p & 512) != 0, -d, d)
+                is_cos = (p & 256) != 0
+                c = tl.where(is_cos, v, d)
+                sn = tl.where(is_cos, d, v)
+                p = p & 255
+            if not EVEN_N:
+                p = tl.where(cmask, p, loc[None, :])
             if BLOCK_T == 1:
                 y = c * y + sn * tl.gather(y, p, axis=1)
             else:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from typing import NamedTuple
 
 import torch
 from torch.nn import functional as F
@@ -213,35 +214,77 @@ def pairwise_rotate(x: torch.Tensor, scale: torch.Tensor, partner: torch.Tensor,
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
+class GemvCoefficients(NamedTuple):
+    """The transform packed for `rotated_gemv_kernel` (see `gemv_coefficients`)."""
+    scale: torch.Tensor     # fp32 [n]
+    partner: torch.Tensor   # [K, n] int32 index inside the group (generic) or int16 code (givens)
+    cos: torch.Tensor       # fp32 [K, n]: cos (generic) or the smaller of |cos|, |sin| with its sign (givens)
+    sin: torch.Tensor       # fp32 [K, n]: sin (generic); givens: the same tensor as cos, not read
+    givens: bool
+
+
 def gemv_coefficients(scale: torch.Tensor, partner: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                      group: int = 128) -> tuple[torch.Tensor, ...]:
-    """The transform's coefficients as `rotated_gemv_kernel` reads them, contiguous: scale fp32 [n],
-    partner as the index inside its group (int8 up to group 128, else int16) [K, n], cos and sin
-    fp32 [K, n]. Every program of the fused kernel reads all of them, so they are kept small (9
-    bytes per channel and rotation instead of 12); build them once for a fixed transform."""
-    if group > 1 << 15:
-        raise ValueError(f"group must be at most {1 << 15}, got {group}")
+                      group: int = 128, givens: bool | None = None) -> GemvCoefficients:
+    """The transform's coefficients as `rotated_gemv_kernel` reads them. Build once per fixed
+    transform (RotatedLinear caches them): every program of the fused kernel reads all of them, so
+    their bytes count as much as the weight's (they come from L2, once per program).
+
+    generic: partner as the index inside its group (int32), cos and sin fp32: 12 bytes per channel
+    and rotation. givens (when every channel's cos^2 + sin^2 = 1, as for Givens rotations and
+    unpaired channels): 6 bytes: one fp32 value, the smaller in magnitude of cos and sin, and an
+    int16 code = index inside the group | 256 if the value is cos | 512 if the other is negative;
+    the kernel recomputes the other as +-sqrt(1 - v^2) (no cancellation: v^2 <= 1/2), which agrees
+    with the given one to about 1e-7. givens None: givens when group <= 256 and the check passes;
+    the check reads a value back from the GPU (a sync), so it is skipped while a CUDA graph is
+    being captured (generic format then).
+    """
     n = partner.shape[-1]
+    if partner.dim() != 2 or cos.shape != partner.shape or sin.shape != partner.shape or scale.shape != (n,):
+        raise ValueError(f"partner, cos and sin must be [K, n] and scale [n], got {tuple(partner.shape)}, "
+                         f"{tuple(cos.shape)}, {tuple(sin.shape)}, {tuple(scale.shape)}")
     start = torch.arange(n, device=partner.device) // group * group
-    local = (partner.long() - start).to(torch.int8 if group <= 128 else torch.int16)
-    return (scale.to(torch.float32).contiguous(), local.contiguous(),
-            cos.to(torch.float32).contiguous(), sin.to(torch.float32).contiguous())
+    local = (partner.long() - start).to(torch.int32)
+    s32 = scale.to(torch.float32).contiguous()
+    c32, sn32 = cos.to(torch.float32), sin.to(torch.float32)
+    if givens is None:
+        capturing = partner.is_cuda and torch.cuda.is_current_stream_capturing()
+        want, required = group <= 256 and not capturing and partner.numel() > 0, False
+    else:
+        want = required = bool(givens)
+        if want and group > 256:
+            raise ValueError(f"the givens format holds group indices up to 256, got group {group}")
+    if want:
+        small_sin = sn32.abs() <= c32.abs()
+        val = torch.where(small_sin, sn32, c32)
+        other = torch.where(small_sin, c32, sn32)
+        derived = torch.sqrt((1 - val * val).clamp_min(0)) * torch.where(other < 0, -1.0, 1.0)
+        err = float((derived - other).abs().max())        # a sync: pack outside graph capture
+        if err <= 1e-6:
+            code = local | (~small_sin).to(torch.int32) << 8 | (other < 0).to(torch.int32) << 9
+            v = val.contiguous()
+            return GemvCoefficients(s32, code.to(torch.int16).contiguous(), v, v, True)
+        if required:
+            raise ValueError(f"givens format: cos^2 + sin^2 is not 1 (the derived value is off by {err:.3g})")
+    return GemvCoefficients(s32, local.contiguous(), c32.contiguous(), sn32.contiguous(), False)
 
 
 def _pow2_floor(v: int) -> int:
     return 1 << max(0, v.bit_length() - 1)
 
 
-def gemv_config(tokens: int, n_in: int, n_out: int, group: int, sms: int,
-                elem_size: int = 2) -> dict[str, int]:
+def gemv_config(tokens: int, n_in: int, n_out: int, group: int, sms: int, elem_size: int = 2,
+                K: int = 8, givens: bool = True) -> dict[str, int]:
     """Tile of the fused decode kernel: dict(block_o, chunk, block_t, num_warps, num_stages).
 
     One token: the product is a broadcast multiply + row sum (block_t 1), and block_o is the
-    largest row count (64 down to 8) that still gives about one program per SM, since every
-    program rotates the whole input again (K gathers per channel against block_o multiply-adds).
-    More tokens: tl.dot on tiles of 16 tokens; the rotation then costs 16x more per program, so
-    block_o is larger (about one program per two SMs). chunk (groups per loop step) makes the
-    weight tile about 16 KB, with few fully masked groups at the end of a partial last chunk.
+    largest row count (64 down to 8) that still gives about one program per SM: every program
+    reads all the coefficients and rotates the whole input again, so fewer, taller programs move
+    fewer bytes from L2. More tokens: tl.dot on tiles of 16 tokens; the rotation then costs 16x
+    more per program, so block_o is larger (about one program per two SMs). chunk (groups per loop
+    step, up to 4: the gathers of a chunk's groups run side by side) makes the weight tile about
+    32 KB, with few fully masked groups at the end of a partial last chunk. num_stages 3 (two
+    chunks in flight) where that fits in shared memory, else 2. Measured on the H100 (bf16, cold
+    weights): 2048 -> 16 x 4, 4096 -> 32 x 4, 8192 -> 64 x 2 (block_o x chunk), 4 warps, 3 stages.
     """
     ng = max(1, -(-n_in // group))
     if tokens <= 1:
@@ -254,11 +297,15 @@ def gemv_config(tokens: int, n_in: int, n_out: int, group: int, sms: int,
         if -(-n_out // b) * t_tiles >= fill * sms:
             bo = b
             break
-    ch = max(1, min(8, (16384 // elem_size) // (bo * group)))
+    ch = max(1, min(4, (32768 // elem_size) // (bo * group)))
     ch = min(_pow2_floor(ch), _pow2_floor(ng))
     while ch > 1 and (-(-ng // ch) * ch - ng) / ng > 0.25:
         ch //= 2
-    return dict(block_o=bo, chunk=ch, block_t=bt, num_warps=4, num_stages=3)
+    # shared memory of one pipeline stage: weight tile, coefficients, x chunk (Triton keeps
+    # num_stages - 1 of them); the H100 has 227 KB per block
+    stage = bo * ch * group * elem_size + ch * group * (K * (6 if givens else 12) + 4 + bt * elem_size)
+    stages = 3 if 2 * stage <= 200 << 10 else 2
+    return dict(block_o=bo, chunk=ch, block_t=bt, num_warps=4, num_stages=stages)
 
 
 def fused_linear_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -283,7 +330,7 @@ def fused_linear_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 
 def pairwise_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                            scale: torch.Tensor, partner: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                           group: int = 128, *, coeffs: tuple[torch.Tensor, ...] | None = None,
+                           group: int = 128, *, coeffs: GemvCoefficients | None = None,
                            block_o: int | None = None, chunk: int | None = None, block_t: int | None = None,
                            num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
     """F.linear(pairwise_rotate(x, scale, partner, cos, sin), weight, bias) in one Triton launch
@@ -328,11 +375,12 @@ def pairwise_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         bias = bias.contiguous()
     K = partner.shape[0]
     if coeffs is None:
-        coeffs = gemv_coefficients(scale, partner, cos, sin, group)
-    s, p, c, sn = coeffs
+        # generic format: packing in the givens one checks the coefficients on the host (a sync)
+        coeffs = gemv_coefficients(scale, partner, cos, sin, group, givens=False)
+    s, p, c, sn, givens = coeffs
     sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
         if x.is_cuda else 4
-    cfg = gemv_config(T, n, m, group, sms, x.element_size())
+    cfg = gemv_config(T, n, m, group, sms, x.element_size(), K, givens)
     bo = block_o or cfg["block_o"]
     ch = chunk or cfg["chunk"]
     bt = block_t or cfg["block_t"]
@@ -342,6 +390,7 @@ def pairwise_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     if bt != 1 and (bt < 16 or bo < 16 or ch * group < 16):
         raise ValueError(f"block_t > 1 runs tl.dot: needs block_t, block_o and chunk * group >= 16, "
                          f"got {bt}, {bo}, {ch * group}")
+    stages = num_stages or cfg["num_stages"]
     t_tiles = T if bt == 1 else -(-T // bt)
     if t_tiles > 65535:
         raise ValueError(f"{T} tokens with block_t {bt}: more than 65535 token tiles")
@@ -351,13 +400,13 @@ def pairwise_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         T, n, m, x2.stride(0), weight.stride(0), out.stride(0),
         K=K, G=group, CH=ch, BLOCK_O=bo, BLOCK_T=bt, HAS_BIAS=bias is not None,
         EVEN_N=(n % (ch * group) == 0), EVEN_O=(m % bo == 0), IEEE=x.dtype == torch.float32,
-        EMU=not x.is_cuda, num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"])
+        EMU=not x.is_cuda, GIVENS=givens, STAGES=stages, num_warps=num_warps or cfg["num_warps"], num_stages=stages)
     return out.reshape(*x.shape[:-1], m)
 
 
 def pairwise_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor,
                     partner: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, group: int = 128, *,
-                    mode: str = "auto", coeffs: tuple[torch.Tensor, ...] | None = None,
+                    mode: str = "auto", coeffs: GemvCoefficients | None = None,
                     blocks: torch.Tensor | None = None, **kernel_args) -> torch.Tensor:
     """Dispatcher of the rotated linear F.linear(pairwise_rotate(x, ...), weight, bias).
 
