@@ -48,7 +48,7 @@ DECODE_NS = (576, 2048, 4096, 8192)
 DECODE_TOKENS = (1, 16)
 RING_BYTES = 256 << 20     # bytes one pass over a ring moves: > 5x the H100's 50 MB of L2
 MAX_RING = 1024            # buffers per ring at most: tiny calls (latency bound anyway) keep small graphs
-GEMV_SWEEP = dict(block_o=(8, 16, 32, 64, 128), chunk=(1, 2, 4), num_warps=(4, 8), num_stages=(2, 3, 4))
+GEMV_SWEEP = dict(block_o=(8, 16, 32, 64, 128), chunk=(1, 2, 4, 8), num_warps=(4, 8), num_stages=(2, 3))
 GEMV_SWEEP_MAX_TILE = 64 << 10   # bytes of one weight tile (block_o x chunk x group) at most
 
 
@@ -80,17 +80,29 @@ class Cycle:
         return out
 
 
-def gemv_sweep_grid(tokens: int, group: int = 128, elem_size: int = 2) -> list[dict]:
+def parse_grid(text: str | None) -> dict:
+    """GEMV_SWEEP, with the axes named in text replaced: "block_o=16,32;chunk=4;num_warps=4,8"."""
+    grid = dict(GEMV_SWEEP)
+    for part in filter(None, (p.strip() for p in (text or "").split(";"))):
+        name, _, values = part.partition("=")
+        if name.strip() not in grid or not values:
+            raise ValueError(f"bad --sweep-gemv-grid part {part!r}: use {';'.join(f'{k}=a,b' for k in grid)}")
+        grid[name.strip()] = tuple(int(v) for v in values.split(","))
+    return grid
+
+
+def gemv_sweep_grid(tokens: int, group: int = 128, elem_size: int = 2, grid: dict | None = None) -> list[dict]:
     """Configurations of the fused kernel that `--sweep-gemv` times: one token per program for one
     token, tiles of 16 tokens on tl.dot (block_o >= 16) for more; weight tiles up to GEMV_SWEEP_MAX_TILE."""
+    grid = grid or GEMV_SWEEP
     bt = 1 if tokens <= 1 else 16
     out = []
-    for bo in GEMV_SWEEP["block_o"]:
-        for ch in GEMV_SWEEP["chunk"]:
+    for bo in grid["block_o"]:
+        for ch in grid["chunk"]:
             if (bt > 1 and bo < 16) or bo * ch * group * elem_size > GEMV_SWEEP_MAX_TILE:
                 continue
-            for nw in GEMV_SWEEP["num_warps"]:
-                for ns in GEMV_SWEEP["num_stages"]:
+            for nw in grid["num_warps"]:
+                for ns in grid["num_stages"]:
                     out.append(dict(block_t=bt, block_o=bo, chunk=ch, num_warps=nw, num_stages=ns))
     return out
 
@@ -264,7 +276,7 @@ def decode_section(args, pw, props) -> list[dict]:
         for T in map(int, args.decode_tokens.split(",")):
             x = torch.randn(T, n, device="cuda", dtype=torch.bfloat16)
             ref = F.linear(pw.pairwise_rotate_ref(x, scale, partner, cos, sin).double(), w.double())
-            cfg = pw.gemv_config(T, n, n, 128, sms, x.element_size())
+            cfg = pw.gemv_config(T, n, n, 128, sms, x.element_size(), 8, coeffs.givens)
             P = functools.partial
             paths = {
                 "matmul": P(_linear, x),
@@ -274,14 +286,14 @@ def decode_section(args, pw, props) -> list[dict]:
             err = {k: float((paths[k](w).double() - ref).abs().max()) for k in ("unfused", "fused")}
             t = {k: _timings(f, w, ws, calls) for k, f in paths.items()}
             over = {k: {m: t[k][m] / t["matmul"][m] - 1 for m in t[k]} for k in ("unfused", "fused")}
-            row = dict(n=n, tokens=T, weight_bytes=w_bytes,
+            row = dict(n=n, tokens=T, weight_bytes=w_bytes, coeff_format="givens" if coeffs.givens else "generic",
                        ring=dict(buffers=ring_n, calls=calls, bytes=ring_n * w_bytes),
                        config=cfg, us=t, overhead=over, max_abs_err=err, ref_abs_max=float(ref.abs().max()),
                        fused_graph_cold_gbps=w_bytes / (t["fused"]["graph_cold"] * 1e-6) / 1e9,
                        matmul_graph_cold_gbps=w_bytes / (t["matmul"]["graph_cold"] * 1e-6) / 1e9)
             if args.sweep_gemv:
                 sweep = {}
-                grid = gemv_sweep_grid(T, 128, x.element_size())
+                grid = gemv_sweep_grid(T, 128, x.element_size(), args.gemv_grid)
                 if cfg not in grid:
                     grid.append(cfg)
                 for c in grid:
@@ -330,7 +342,7 @@ def dry_run(args, pw) -> None:
             r = ring_size(wb)
             for T in map(int, args.decode_tokens.split(",")):
                 cfg = pw.gemv_config(T, n, n, 128, sms)
-                grid = gemv_sweep_grid(T) if args.sweep_gemv else []
+                grid = gemv_sweep_grid(T, grid=args.gemv_grid) if args.sweep_gemv else []
                 print(f"decode n {n:5d} T {T:2d}: W {wb / 2 ** 20:.1f} MiB, ring of {r} ({r * wb / 2 ** 20:.0f} MiB), "
                       f"{ring_calls(r)} calls a cold graph; fused tile {config_key(cfg)}"
                       + (f"; sweep {len(grid)} configurations" if grid else ""))
@@ -342,6 +354,8 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="also time every gather tile configuration")
     ap.add_argument("--sweep-gemv", action="store_true",
                     help="also time a grid of tiles of the fused decode kernel (block_o, chunk, warps, stages)")
+    ap.add_argument("--sweep-gemv-grid", default=None,
+                    help='axes of the --sweep-gemv grid to replace, e.g. "block_o=16,32;chunk=4;num_stages=3"')
     ap.add_argument("--sections", default="main,decode", help="comma list of: main, decode")
     ap.add_argument("--ns", default=",".join(map(str, NS)))
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
@@ -354,6 +368,10 @@ def main() -> None:
     bad = set(args.sections) - {"main", "decode"}
     if bad:
         sys.exit(f"unknown --sections {sorted(bad)}; use main and / or decode")
+    try:
+        args.gemv_grid = parse_grid(args.sweep_gemv_grid)
+    except ValueError as e:
+        sys.exit(str(e))
     from lowbit.kernels import pairwise as pw
 
     if args.dry_run:

@@ -186,7 +186,7 @@ def test_gemv_coefficients_formats():
     assert torch.equal(gen.partner.long() + start, partner.long())
     assert torch.equal(gen.cos, cos) and torch.equal(gen.sin, sin) and gen.scale.dtype == torch.float32
     giv = pw.gemv_coefficients(scale, partner, cos, sin, 128)          # Givens rotations: the compact format
-    assert giv.givens and giv.partner.dtype == torch.int16 and giv.cos.dtype == torch.float32
+    assert giv.givens and giv.partner.dtype == torch.int32 and giv.cos.dtype == torch.float32
     code = giv.partner.long()
     assert torch.equal((code & 255) + start, partner.long())
     v = giv.cos
@@ -303,22 +303,29 @@ def test_fused_linear_other_groups_and_layouts(K, group):
 
 
 @cuda
-def test_fused_linear_every_tile_configuration():
-    """Every configuration the benchmark sweep tries compiles and is correct (partial chunks and row blocks)."""
+@pytest.mark.parametrize("givens", [False, True])
+@pytest.mark.parametrize("block_t,block_o", [(1, 8), (1, 16), (1, 32), (1, 64), (1, 128),
+                                             (16, 16), (16, 32), (16, 64), (16, 128)])
+def test_fused_linear_every_tile_configuration(block_t, block_o, givens):
+    """Every configuration the benchmark sweep tries is correct or runs out of shared memory /
+    registers (which the sweep records); partial chunks and row blocks, both coefficient formats."""
+    from triton.runtime.errors import OutOfResources
+
     x, w, b, *params = layer_inputs(576, 1000, 3, torch.bfloat16, True, device="cuda", seed=13)
     ref = linear_ref(x, w, b, *params)
-    co = pw.gemv_coefficients(*params)
-    for bt in (1, 16):
-        for bo in (8, 16, 32, 64, 128):
-            for ch in (1, 2, 4):
-                if bt > 1 and bo < 16:
-                    continue
-                for warps, stages in ((4, 1), (4, 3), (8, 4)):
-                    y = pairwise_linear_triton(x, w, b, *params, block_t=bt, block_o=bo, chunk=ch,
-                                               num_warps=warps, num_stages=stages, coeffs=co)
-                    torch.testing.assert_close(y.double(), ref, rtol=2.0 ** -7, atol=2.0 ** -7,
-                                               msg=lambda m: f"block_t {bt} block_o {bo} chunk {ch} "
-                                                             f"warps {warps} stages {stages}: {m}")
+    co = pw.gemv_coefficients(*params, givens=givens)
+    ran = 0
+    for ch in (1, 2, 4, 8):
+        for warps, stages in ((4, 1), (4, 3), (8, 2)):
+            try:
+                y = pairwise_linear_triton(x, w, b, *params, block_t=block_t, block_o=block_o, chunk=ch,
+                                           num_warps=warps, num_stages=stages, coeffs=co)
+            except OutOfResources:
+                continue
+            ran += 1
+            torch.testing.assert_close(y.double(), ref, rtol=2.0 ** -7, atol=2.0 ** -7,
+                                       msg=lambda m: f"chunk {ch} warps {warps} stages {stages}: {m}")
+    assert ran >= 3
 
 
 @cuda
@@ -360,7 +367,8 @@ def test_rotated_linear_on_cuda_fuses_decode(monkeypatch):
         return real(*a, **k)
 
     monkeypatch.setattr(pw, "pairwise_linear_triton", spy)
-    for tokens, fused in ((1, True), (16, True), (17, False)):
+
+    def check(tokens, fused):
         x = torch.randn(tokens, 576)
         calls.clear()
         with torch.no_grad():
@@ -368,6 +376,13 @@ def test_rotated_linear_on_cuda_fuses_decode(monkeypatch):
             out = gpu(x.cuda().to(torch.bfloat16)).float().cpu()
         assert bool(calls) == fused, (tokens, calls)
         torch.testing.assert_close(out, ref, rtol=5e-2, atol=5e-2 * ref.abs().max().item())
+
+    assert pw.DECODE_MAX_TOKENS == 1           # the default: fused at one token only
+    check(1, True)
+    check(2, False)
+    monkeypatch.setattr(pw, "DECODE_MAX_TOKENS", 16)
+    check(16, True)
+    check(17, False)
     calls.clear()
     gpu(torch.randn(1, 576, device="cuda", dtype=torch.bfloat16))  # bias requires grad: the unfused path
     assert not calls
@@ -412,6 +427,7 @@ def test_fused_linear_interpreter_matches_reference(group, monkeypatch):
     calls = []
     real = pw.pairwise_linear_triton
     monkeypatch.setattr(pw, "pairwise_linear_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(pw, "DECODE_MAX_TOKENS", 16)           # also the 16-token tile path
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         # the interpreter truncates fp32 -> bf16 / fp16 instead of rounding to nearest: 4x the GPU tolerance
         tol = 4 * GEMV_TOL[dtype]

@@ -133,16 +133,17 @@ def rotated_gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, scale_ptr, partner_ptr,
     """out[t, o] = sum_i rot(x)[t, i] * W[o, i] (+ bias[o]) for the tokens of one tile.
 
     Grid (cdiv(M, BLOCK_O), token tiles); BLOCK_T == 1: one token per tile, the product a broadcast
-    multiply and a row sum; BLOCK_T >= 16: a tile of tokens, the product on tl.dot. `partner` holds
-    the partner's index inside its group (int8 / int16, see `gemv_coefficients`). Every program
-    rotates the whole input again (a few gathers per channel against BLOCK_O multiply-adds): no
+    multiply and a row sum; BLOCK_T >= 16: a tile of tokens, the product on tl.dot. Every program
+    rotates the whole input again (K gathers per channel against BLOCK_O multiply-adds): no
     workspace, no second launch, no atomics. EVEN_N: N is a multiple of CH * G; EVEN_O: M of
-    BLOCK_O. GIVENS: the compact coefficients of `gemv_coefficients` (an int16 code and one fp32
-    value per channel and rotation, the other of cos / sin recomputed). IEEE: fp32 dot without tf32; EMU (interpreter, whose low-precision dot is broken): the
-    dot operands are widened to fp32 first. STAGES: software pipelining of the chunk loop (the
-    launch's num_stages): Triton pipelines a loop without tl.dot only when its tl.range says so, and
-    then all its loads (weight tile, x chunk, coefficients) go through shared memory with cp.async,
-    which also spares most register layout conversions around the gathers.
+    BLOCK_O. `partner` holds the partner's index inside its group; with GIVENS the compact format of
+    `gemv_coefficients` (an int32 code and one fp32 value per channel and rotation, the other of
+    cos / sin recomputed). IEEE: fp32 dot without tf32; EMU (interpreter, whose low-precision dot is
+    broken): the dot operands are widened to fp32 first. STAGES: software pipelining of the chunk
+    loop (the launch's num_stages): Triton pipelines a loop without tl.dot only when its tl.range
+    says so; then all its loads (weight tile, x chunk, coefficients) go through shared memory with
+    cp.async, which also spares most register layout conversions around the gathers (on the H100:
+    75 -> 19 us for 4096 x 4096 at one token).
     """
     pid_o = tl.program_id(0)
     pid_t = tl.program_id(1)

@@ -25,8 +25,10 @@ from torch.nn import functional as F
 
 #: token count from which `mode="auto"` takes the tensor-core path (see `pairwise_rotate_triton`)
 MMA_MIN_TOKENS = int(os.environ.get("LOWBIT_PAIRWISE_MMA_MIN_TOKENS", "1024"))
-#: token count up to which `pairwise_linear` fuses the transform into the matmul (decode)
-DECODE_MAX_TOKENS = int(os.environ.get("LOWBIT_PAIRWISE_DECODE_MAX_TOKENS", "16"))
+#: token count up to which `pairwise_linear` fuses the transform into the matmul (decode). 1: on
+#: the H100 the fused kernel beats rotate-then-matmul at one token, but from 2 tokens on it
+#: rotates a 16-token tile in every program and is several times slower (see docs/pairwise.md)
+DECODE_MAX_TOKENS = int(os.environ.get("LOWBIT_PAIRWISE_DECODE_MAX_TOKENS", "1"))
 
 
 def pairwise_rotate_ref(x: torch.Tensor, scale: torch.Tensor, partner: torch.Tensor,
@@ -217,7 +219,7 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 class GemvCoefficients(NamedTuple):
     """The transform packed for `rotated_gemv_kernel` (see `gemv_coefficients`)."""
     scale: torch.Tensor     # fp32 [n]
-    partner: torch.Tensor   # [K, n] int32 index inside the group (generic) or int16 code (givens)
+    partner: torch.Tensor   # [K, n] int32: index inside the group (generic) or code (givens)
     cos: torch.Tensor       # fp32 [K, n]: cos (generic) or the smaller of |cos|, |sin| with its sign (givens)
     sin: torch.Tensor       # fp32 [K, n]: sin (generic); givens: the same tensor as cos, not read
     givens: bool
@@ -231,8 +233,10 @@ def gemv_coefficients(scale: torch.Tensor, partner: torch.Tensor, cos: torch.Ten
 
     generic: partner as the index inside its group (int32), cos and sin fp32: 12 bytes per channel
     and rotation. givens (when every channel's cos^2 + sin^2 = 1, as for Givens rotations and
-    unpaired channels): 6 bytes: one fp32 value, the smaller in magnitude of cos and sin, and an
-    int16 code = index inside the group | 256 if the value is cos | 512 if the other is negative;
+    unpaired channels): 8 bytes: one fp32 value, the smaller in magnitude of cos and sin, and an
+    int32 code = index inside the group | 256 if the value is cos | 512 if the other is negative
+    (int32 rather than int16: 2-byte loads of small chunks are not pipelined by Triton, and cost
+    layout conversions; measured 5 % faster on the H100);
     the kernel recomputes the other as +-sqrt(1 - v^2) (no cancellation: v^2 <= 1/2), which agrees
     with the given one to about 1e-7. givens None: givens when group <= 256 and the check passes;
     the check reads a value back from the GPU (a sync), so it is skipped while a CUDA graph is
@@ -262,7 +266,7 @@ def gemv_coefficients(scale: torch.Tensor, partner: torch.Tensor, cos: torch.Ten
         if err <= 1e-6:
             code = local | (~small_sin).to(torch.int32) << 8 | (other < 0).to(torch.int32) << 9
             v = val.contiguous()
-            return GemvCoefficients(s32, code.to(torch.int16).contiguous(), v, v, True)
+            return GemvCoefficients(s32, code.contiguous(), v, v, True)
         if required:
             raise ValueError(f"givens format: cos^2 + sin^2 is not 1 (the derived value is off by {err:.3g})")
     return GemvCoefficients(s32, local.contiguous(), c32.contiguous(), sn32.contiguous(), False)
@@ -303,7 +307,7 @@ def gemv_config(tokens: int, n_in: int, n_out: int, group: int, sms: int, elem_s
         ch //= 2
     # shared memory of one pipeline stage: weight tile, coefficients, x chunk (Triton keeps
     # num_stages - 1 of them); the H100 has 227 KB per block
-    stage = bo * ch * group * elem_size + ch * group * (K * (6 if givens else 12) + 4 + bt * elem_size)
+    stage = bo * ch * group * elem_size + ch * group * (K * (8 if givens else 12) + 4 + bt * elem_size)
     stages = 3 if 2 * stage <= 200 << 10 else 2
     return dict(block_o=bo, chunk=ch, block_t=bt, num_warps=4, num_stages=stages)
 
