@@ -5,9 +5,11 @@ from __future__ import annotations
 import importlib
 import pytest
 import torch
+from torch.nn import functional as F
 
-from lowbit.kernels.pairwise import (pairwise_blocks, pairwise_rotate, pairwise_rotate_ref,
-                                     pairwise_rotate_triton, validate_partner)
+from lowbit.kernels import pairwise as pw
+from lowbit.kernels.pairwise import (pairwise_blocks, pairwise_linear, pairwise_linear_triton, pairwise_rotate,
+                                     pairwise_rotate_ref, pairwise_rotate_triton, validate_partner)
 from pairwise_utils import random_params, random_partner  # tests/kernels is on sys.path (rootdir mode)
 
 
@@ -136,6 +138,69 @@ def test_shape_errors_name_the_problem():
         pairwise_rotate_ref(torch.randn(2, 32), scale, partner, cos, sin)
 
 
+GEMV_TOL = {torch.float32: 1e-4, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+
+
+def layer_inputs(n_in, n_out, tokens, dtype, bias, group=128, K=8, device="cpu", seed=0):
+    """(x, W, b, scale, partner, cos, sin) of a rotated linear; W ~ N(0, 1 / n_in), so outputs are O(1)."""
+    scale, partner, cos, sin = random_params(n_in, K=K, group=group, seed=seed, device=device)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(tokens, n_in, generator=g).to(device, dtype)
+    w = (torch.randn(n_out, n_in, generator=g) / n_in ** 0.5).to(device, dtype)
+    b = torch.randn(n_out, generator=g).to(device, dtype) if bias else None
+    return x, w, b, scale, partner, cos, sin
+
+
+def linear_ref(x, w, b, scale, partner, cos, sin) -> torch.Tensor:
+    """float64 product of the reference's rotated x (rounded to x's dtype, as the fused kernel does) with W (+ b)."""
+    xr = pairwise_rotate_ref(x, scale, partner, cos, sin)
+    return F.linear(xr.double(), w.double(), None if b is None else b.double())
+
+
+def test_pairwise_linear_on_cpu_is_rotate_then_linear(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x, w, b, *params = layer_inputs(192, 40, 3, torch.float32, True, group=64, K=3, seed=11)
+    assert not pw.fused_linear_applies(x, w, b, *params[:1], *params[2:], group=64)
+    expected = F.linear(pairwise_rotate_ref(x, *params), w, b)
+    torch.testing.assert_close(pairwise_linear(x, w, b, *params, group=64), expected)
+    torch.testing.assert_close(pairwise_linear(x, w, b, *params, group=64, mode="unfused"), expected)
+    with pytest.raises(ValueError, match="mode"):
+        pairwise_linear(x, w, b, *params, group=64, mode="bogus")
+
+
+def test_gemv_config_fills_the_gpu():
+    for n_out, bo, ch in ((4096, 32, 4), (8192, 64, 2), (2048, 16, 4), (576, 8, 4)):
+        cfg = pw.gemv_config(1, 4096, n_out, 128, 132)
+        assert (cfg["block_t"], cfg["block_o"], cfg["chunk"]) == (1, bo, ch), (n_out, cfg)
+        assert cfg["block_o"] * cfg["chunk"] * 128 * 2 <= 32768 and cfg["num_stages"] == 3
+    cfg = pw.gemv_config(16, 4096, 4096, 128, 132)
+    assert cfg["block_t"] == 16 and cfg["block_o"] >= 16
+    assert pw.gemv_config(1, 576, 576, 128, 132)["chunk"] == 2   # 4.5 groups: few masked groups
+
+
+def test_gemv_coefficients_formats():
+    scale, partner, cos, sin = random_params(576, K=4, seed=12)
+    start = torch.arange(576) // 128 * 128
+    gen = pw.gemv_coefficients(scale, partner, cos, sin, 128, givens=False)
+    assert not gen.givens and gen.partner.dtype == torch.int32
+    assert torch.equal(gen.partner.long() + start, partner.long())
+    assert torch.equal(gen.cos, cos) and torch.equal(gen.sin, sin) and gen.scale.dtype == torch.float32
+    giv = pw.gemv_coefficients(scale, partner, cos, sin, 128)          # Givens rotations: the compact format
+    assert giv.givens and giv.partner.dtype == torch.int32 and giv.cos.dtype == torch.float32
+    code = giv.partner.long()
+    assert torch.equal((code & 255) + start, partner.long())
+    v = giv.cos
+    d = torch.sqrt(1 - v * v) * torch.where(code & 512 > 0, -1.0, 1.0)
+    is_cos = code & 256 > 0
+    assert v.abs().max() <= 0.7072
+    torch.testing.assert_close(torch.where(is_cos, v, d), cos, rtol=0, atol=1e-6)
+    torch.testing.assert_close(torch.where(is_cos, d, v), sin, rtol=0, atol=1e-6)
+    # coefficients that are not rotations stay generic; asking for givens then raises
+    assert not pw.gemv_coefficients(scale, partner, cos * 1.1, sin, 128).givens
+    with pytest.raises(ValueError, match="givens"):
+        pw.gemv_coefficients(scale, partner, cos * 1.1, sin, 128, givens=True)
+
+
 # ---- Triton on CUDA -------------------------------------------------------------------------
 
 @cuda
@@ -188,6 +253,145 @@ def test_dispatcher_on_cuda(monkeypatch):
     close_to(pairwise_rotate(x, scale, partner, cos, sin), pairwise_rotate_ref(x.float(), scale, partner, cos, sin))
 
 
+GEMV_SHAPES = [(576, 576), (576, 1536), (1536, 576), (2048, 2048), (4096, 4096), (4096, 1536)]
+
+
+@cuda
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 3, 16])
+@pytest.mark.parametrize("n_in,n_out", GEMV_SHAPES)
+def test_fused_linear_matches_reference(n_in, n_out, tokens, dtype, bias):
+    x, w, b, *params = layer_inputs(n_in, n_out, tokens, dtype, bias, device="cuda", seed=n_in + n_out + tokens)
+    ref = linear_ref(x, w, b, *params)
+    tol = GEMV_TOL[dtype]
+    unfused = F.linear(pairwise_rotate_ref(x, *params), w, b)    # what RotatedLinear computed before
+    for coeffs in (None, pw.gemv_coefficients(*params)):          # generic, then the compact givens format
+        y = pairwise_linear_triton(x, w, b, *params, coeffs=coeffs)
+        assert y.shape == (tokens, n_out) and y.dtype == dtype
+        torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol)
+        torch.testing.assert_close(y.float(), unfused.float(), rtol=2 * tol, atol=2 * tol)
+
+
+@cuda
+def test_fused_linear_general_coefficients():
+    """Coefficients that are not Givens rotations (cos^2 + sin^2 != 1) run in the generic format."""
+    x, w, b, scale, partner, cos, sin = layer_inputs(1536, 576, 3, torch.float32, True, device="cuda", seed=15)
+    cos, sin = cos * 0.9, sin * 1.2
+    co = pw.gemv_coefficients(scale, partner, cos, sin)
+    assert not co.givens
+    for T in (1, 3):
+        y = pairwise_linear_triton(x[:T], w, b, scale, partner, cos, sin, coeffs=co)
+        torch.testing.assert_close(y.double(), linear_ref(x[:T], w, b, scale, partner, cos, sin),
+                                   rtol=1e-4, atol=1e-4)
+
+
+@cuda
+@pytest.mark.parametrize("K", [1, 3, 16])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_fused_linear_other_groups_and_layouts(K, group):
+    n = 4 * group + group // 2
+    scale, partner, cos, sin = random_params(n, K=K, group=group, seed=K, device="cuda")
+    base = torch.randn(2, 5, 2 * n, device="cuda", dtype=torch.bfloat16)
+    x = base[..., ::2]                                        # [2, 5, n] non-contiguous view
+    w = (torch.randn(72, n, device="cuda") / n ** 0.5).to(torch.bfloat16)
+    b = torch.randn(72, device="cuda", dtype=torch.bfloat16)
+    y = pairwise_linear_triton(x, w, b, scale, partner, cos, sin, group=group)
+    assert y.shape == (2, 5, 72)
+    ref = linear_ref(x, w, b, scale, partner, cos, sin)
+    torch.testing.assert_close(y.double(), ref, rtol=2.0 ** -7, atol=2.0 ** -7)
+
+
+@cuda
+@pytest.mark.parametrize("givens", [False, True])
+@pytest.mark.parametrize("block_t,block_o", [(1, 8), (1, 16), (1, 32), (1, 64), (1, 128),
+                                             (16, 16), (16, 32), (16, 64), (16, 128)])
+def test_fused_linear_every_tile_configuration(block_t, block_o, givens):
+    """Every configuration the benchmark sweep tries is correct or runs out of shared memory /
+    registers (which the sweep records); partial chunks and row blocks, both coefficient formats."""
+    from triton.runtime.errors import OutOfResources
+
+    x, w, b, *params = layer_inputs(576, 1000, 3, torch.bfloat16, True, device="cuda", seed=13)
+    ref = linear_ref(x, w, b, *params)
+    co = pw.gemv_coefficients(*params, givens=givens)
+    ran = 0
+    for ch in (1, 2, 4, 8):
+        for warps, stages in ((4, 1), (4, 3), (8, 2)):
+            try:
+                y = pairwise_linear_triton(x, w, b, *params, block_t=block_t, block_o=block_o, chunk=ch,
+                                           num_warps=warps, num_stages=stages, coeffs=co)
+            except OutOfResources:
+                continue
+            ran += 1
+            torch.testing.assert_close(y.double(), ref, rtol=2.0 ** -7, atol=2.0 ** -7,
+                                       msg=lambda m: f"chunk {ch} warps {warps} stages {stages}: {m}")
+    assert ran >= 3
+
+
+@cuda
+def test_fused_linear_in_cuda_graph():
+    x, w, b, *params = layer_inputs(2048, 2048, 1, torch.bfloat16, True, device="cuda", seed=14)
+    co = pw.gemv_coefficients(*params)
+    assert co.givens
+    pairwise_linear(x, w, b, *params, coeffs=co)                 # compile both formats outside the capture
+    pairwise_linear(x, w, b, *params)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = pairwise_linear(x, w, b, *params, coeffs=co)
+        out_generic = pairwise_linear(x, w, b, *params)          # packs the coefficients in the graph
+        assert not pw.gemv_coefficients(*params).givens           # no host check (sync) while capturing
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    torch.cuda.synchronize()
+    ref = linear_ref(x, w, b, *params)
+    torch.testing.assert_close(out.double(), ref, rtol=2.0 ** -7, atol=2.0 ** -7)
+    torch.testing.assert_close(out_generic.double(), ref, rtol=2.0 ** -7, atol=2.0 ** -7)
+
+
+@cuda
+def test_rotated_linear_on_cuda_fuses_decode(monkeypatch):
+    from lowbit.transforms.modules import RotatedLinear
+    from lowbit.transforms.pairwise import PairwiseRotation
+
+    torch.manual_seed(0)
+    rot = PairwiseRotation.identity(576, 8, 128, seed=2)
+    rot.theta, rot.scale = torch.randn(rot.theta.shape), torch.rand(576) + 0.5
+    lin = torch.nn.Linear(576, 192)
+    cpu = RotatedLinear.wrap(lin, rot)
+    gpu = RotatedLinear.wrap(lin, rot).cuda().to(torch.bfloat16)
+    calls = []
+    real = pw.pairwise_linear_triton
+
+    def spy(*a, **k):
+        calls.append(a[0].shape)
+        return real(*a, **k)
+
+    monkeypatch.setattr(pw, "pairwise_linear_triton", spy)
+
+    def check(tokens, fused):
+        x = torch.randn(tokens, 576)
+        calls.clear()
+        with torch.no_grad():
+            ref = cpu(x)
+            out = gpu(x.cuda().to(torch.bfloat16)).float().cpu()
+        assert bool(calls) == fused, (tokens, calls)
+        torch.testing.assert_close(out, ref, rtol=5e-2, atol=5e-2 * ref.abs().max().item())
+
+    assert pw.DECODE_MAX_TOKENS == 1           # the default: fused at one token only
+    check(1, True)
+    check(2, False)
+    monkeypatch.setattr(pw, "DECODE_MAX_TOKENS", 16)
+    check(16, True)
+    check(17, False)
+    calls.clear()
+    gpu(torch.randn(1, 576, device="cuda", dtype=torch.bfloat16))  # bias requires grad: the unfused path
+    assert not calls
+    monkeypatch.setattr(pw, "DECODE_MAX_TOKENS", 0)
+    with torch.no_grad():
+        gpu(torch.randn(1, 576, device="cuda", dtype=torch.bfloat16))
+    assert not calls
+
+
 # ---- Triton interpreter on CPU (only where triton imports and there is no GPU) ---------------
 
 def _has_triton() -> bool:
@@ -211,3 +415,37 @@ def test_triton_interpreter_matches_reference(n, monkeypatch):
         ref = pairwise_rotate_ref(x.float(), scale, partner, cos, sin)
         for mode in ("gather", "mma"):
             close_to(pairwise_rotate_triton(x, scale, partner, cos, sin, mode=mode), ref)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or not _has_triton(),
+                    reason="interpreter test: needs triton and no CUDA")
+@pytest.mark.parametrize("group", [64, 128])
+def test_fused_linear_interpreter_matches_reference(group, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    import lowbit.kernels._pairwise_triton as tk
+    importlib.reload(tk)
+    calls = []
+    real = pw.pairwise_linear_triton
+    monkeypatch.setattr(pw, "pairwise_linear_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(pw, "DECODE_MAX_TOKENS", 16)           # also the 16-token tile path
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        # the interpreter truncates fp32 -> bf16 / fp16 instead of rounding to nearest: 4x the GPU tolerance
+        tol = 4 * GEMV_TOL[dtype]
+        for tokens in (1, 3):
+            for bias in (False, True):
+                x, w, b, *params = layer_inputs(192, 40, tokens, dtype, bias, group=group, K=3,
+                                                seed=group + tokens)
+                ref = linear_ref(x, w, b, *params)
+                y = pairwise_linear(x, w, b, *params, group=group)       # auto: fused under the interpreter
+                assert y.shape == (tokens, 40) and y.dtype == dtype
+                torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol)
+        # one token per program for several tokens; two groups a chunk with a partial last chunk
+        x, w, b, *params = layer_inputs(192, 40, 3, dtype, True, group=group, K=3, seed=5)
+        ref = linear_ref(x, w, b, *params)
+        co = pw.gemv_coefficients(*params, group=group)
+        assert co.givens
+        for kw in (dict(block_t=1), dict(chunk=2, block_o=16), dict(chunk=4, block_o=32, block_t=16),
+                   dict(coeffs=co), dict(coeffs=co, block_t=16, chunk=2)):
+            torch.testing.assert_close(pairwise_linear_triton(x, w, b, *params, group=group, **kw).double(), ref,
+                                       rtol=tol, atol=tol)
+    assert len(calls) == 3 * 2 * 2

@@ -6,11 +6,13 @@ otherwise; `LOWBIT_KERNELS=ref` forces the reference everywhere.
 
 from lowbit.kernels.pairwise import (
     pairwise_blocks,
+    pairwise_linear,
+    pairwise_linear_triton,
     pairwise_rotate,
     pairwise_rotate_ref,
     pairwise_rotate_triton,
     validate_partner,
 )
 
-__all__ = ["pairwise_blocks", "pairwise_rotate", "pairwise_rotate_ref", "pairwise_rotate_triton",
-           "validate_partner"]
+__all__ = ["pairwise_blocks", "pairwise_linear", "pairwise_linear_triton", "pairwise_rotate",
+           "pairwise_rotate_ref", "pairwise_rotate_triton", "validate_partner"]

@@ -11,6 +11,11 @@ Two kernels; `lowbit.kernels.pairwise` launches them:
   parts (or tf32x3 for fp32 inputs), so the result has fp32-level accuracy like the gather path.
   The gather costs several warp shuffles per element per rotation; at large token counts the
   MMA, about 2 x 2G flops per element, is cheaper and leaves the kernel memory bound.
+- `rotated_gemv_kernel`: the decode layer out = rot(x) @ W^T (+ bias) in one launch for a few
+  tokens, the transform fused into the matmul so that it costs no launch of its own. One program =
+  BLOCK_O output rows (all tokens of its tile); it walks the input channels in chunks of CH whole
+  groups, rotates the chunk in registers (the same gathers as `gather_kernel`, the CH groups side
+  by side) and multiplies it with its [BLOCK_O, CH*G] weight tile.
 """
 
 from __future__ import annotations
@@ -111,3 +116,137 @@ def blocks_mma_kernel(x_ptr, y_ptr, b_ptr, T, N, NG, CH, stride_xt, stride_yt, s
         else:
             acc = tl.dot(x, b, input_precision="tf32x3")
         tl.store(y_ptr + rows[:, None] * stride_yt + col[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def rotated_gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, scale_ptr, partner_ptr, cos_ptr, sin_ptr,
+                        T, N, M, stride_xt, stride_wo, stride_ot,
+                        K: tl.constexpr, G: tl.constexpr, CH: tl.constexpr, BLOCK_O: tl.constexpr,
+                        BLOCK_T: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr,
+                        EVEN_O: tl.constexpr, IEEE: tl.constexpr, EMU: tl.constexpr,
+                        GIVENS: tl.constexpr, STAGES: tl.constexpr):
+    """out[t, o] = sum_i rot(x)[t, i] * W[o, i] (+ bias[o]) for the tokens of one tile.
+
+    Grid (cdiv(M, BLOCK_O), token tiles); BLOCK_T == 1: one token per tile, the product a broadcast
+    multiply and a row sum; BLOCK_T >= 16: a tile of tokens, the product on tl.dot. Every program
+    rotates the whole input again (K gathers per channel against BLOCK_O multiply-adds): no
+    workspace, no second launch, no atomics. EVEN_N: N is a multiple of CH * G; EVEN_O: M of
+    BLOCK_O. `partner` holds the partner's index inside its group; with GIVENS the compact format of
+    `gemv_coefficients` (an int32 code and one fp32 value per channel and rotation, the other of
+    cos / sin recomputed). IEEE: fp32 dot without tf32; EMU (interpreter, whose low-precision dot is
+    broken): the dot operands are widened to fp32 first. STAGES: software pipelining of the chunk
+    loop (the launch's num_stages): Triton pipelines a loop without tl.dot only when its tl.range
+    says so; then all its loads (weight tile, x chunk, coefficients) go through shared memory with
+    cp.async, which also spares most register layout conversions around the gathers (on the H100:
+    75 -> 19 us for 4096 x 4096 at one token).
+    """
+    pid_o = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    omask = offs_o < M
+    w_rows = w_ptr + offs_o.to(tl.int64)[:, None] * stride_wo     # [BLOCK_O, 1]
+    offs_w = tl.arange(0, CH * G)                                   # channel inside the chunk
+    loc = tl.arange(0, G)                                           # channel inside its group
+    grp = tl.arange(0, CH) * G                                      # group start inside the chunk
+    if BLOCK_T == 1:
+        x_row = x_ptr + pid_t.to(tl.int64) * stride_xt
+        acc = tl.full([BLOCK_O], 0.0, tl.float32)   # tl.full, not the jit helper tl.zeros (see tl.reduce below)
+    else:
+        offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        tmask = offs_t < T
+        x_rows = x_ptr + offs_t.to(tl.int64)[:, None, None] * stride_xt
+        acc = tl.full([BLOCK_T, BLOCK_O], 0.0, tl.float32)
+    for c0 in tl.range(0, N, CH * G, num_stages=STAGES):
+        # the weight tile does not depend on the rotation: with STAGES > 1 the next tiles are in
+        # flight while this chunk rotates
+        wcol = c0 + offs_w
+        if EVEN_N:
+            if EVEN_O:
+                w = tl.load(w_rows + wcol[None, :], eviction_policy="evict_first")
+            else:
+                w = tl.load(w_rows + wcol[None, :], mask=omask[:, None], other=0.0,
+                            eviction_policy="evict_first")
+        else:
+            w = tl.load(w_rows + wcol[None, :], mask=omask[:, None] & (wcol < N)[None, :], other=0.0,
+                        eviction_policy="evict_first")
+        col = c0 + grp[:, None] + loc[None, :]                      # [CH, G] input channels
+        if EVEN_N:
+            s = tl.load(scale_ptr + col)
+        else:
+            cmask = col < N
+            s = tl.load(scale_ptr + col, mask=cmask, other=0.0)
+        if BLOCK_T == 1:
+            if EVEN_N:
+                x = tl.load(x_row + col)
+            else:
+                x = tl.load(x_row + col, mask=cmask, other=0.0)
+            y = x.to(tl.float32) * s
+        else:
+            if EVEN_N:
+                xmask = tmask[:, None, None]
+            else:
+                xmask = tmask[:, None, None] & cmask[None, :, :]
+            x = tl.load(x_rows + col[None, :, :], mask=xmask, other=0.0)
+            y = x.to(tl.float32) * s[None, :, :]
+        for k in tl.static_range(K):
+            if EVEN_N:
+                p = tl.load(partner_ptr + k * N + col).to(tl.int32)
+                c = tl.load(cos_ptr + k * N + col)
+                if not GIVENS:
+                    sn = tl.load(sin_ptr + k * N + col)
+            else:
+                # channels past the end (partial last group, groups past N) stay in place: code 0
+                # and value 0 give cos 1, sin 0 in the givens format
+                p = tl.load(partner_ptr + k * N + col, mask=cmask, other=0).to(tl.int32)
+                if GIVENS:
+                    c = tl.load(cos_ptr + k * N + col, mask=cmask, other=0.0)
+                else:
+                    c = tl.load(cos_ptr + k * N + col, mask=cmask, other=1.0)
+                    sn = tl.load(sin_ptr + k * N + col, mask=cmask, other=0.0)
+            if GIVENS:
+                v = c
+                d = tl.sqrt(1.0 - v * v)
+                d = tl.where((p & 512) != 0, -d, d)
+                is_cos = (p & 256) != 0
+                c = tl.where(is_cos, v, d)
+                sn = tl.where(is_cos, d, v)
+                p = p & 255
+            if not EVEN_N:
+                p = tl.where(cmask, p, loc[None, :])
+            if BLOCK_T == 1:
+                y = c * y + sn * tl.gather(y, p, axis=1)
+            else:
+                idx = tl.broadcast_to(p[None, :, :], (BLOCK_T, CH, G))
+                y = c[None, :, :] * y + sn[None, :, :] * tl.gather(y, idx, axis=2)
+        # rounded to x's dtype, as pairwise_rotate returns it: the product then equals
+        # F.linear(pairwise_rotate(x), W) up to the order of the fp32 accumulation
+        yq = y.to(x_ptr.dtype.element_ty)
+        if BLOCK_T == 1:
+            yv = tl.reshape(yq, (CH * G,)).to(tl.float32)
+            # tl.reduce with a combine of this module rather than tl.sum (same code on the GPU): the
+            # interpreter tests switch TRITON_INTERPRET on after triton's own jit helpers were built
+            acc += tl.reduce(w.to(tl.float32) * yv[None, :], 1, _add)
+        else:
+            y2 = tl.reshape(yq, (BLOCK_T, CH * G))
+            if EMU:
+                acc = tl.dot(y2.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+            elif IEEE:
+                acc = tl.dot(y2, tl.trans(w), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(y2, tl.trans(w), acc)
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + offs_o, mask=omask, other=0.0).to(tl.float32)
+        if BLOCK_T == 1:
+            acc += b
+        else:
+            acc += b[None, :]
+    if BLOCK_T == 1:
+        tl.store(out_ptr + pid_t.to(tl.int64) * stride_ot + offs_o, acc.to(out_ptr.dtype.element_ty), mask=omask)
+    else:
+        optr = out_ptr + offs_t.to(tl.int64)[:, None] * stride_ot + offs_o[None, :]
+        tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=tmask[:, None] & omask[None, :])

@@ -33,7 +33,7 @@ class RotatedLinear(nn.Linear):
             partner, cos, sin = self.rot.coefficients(device)
             self.partner, self.cos, self.sin = partner, cos.float(), sin.float()
             self.inv_scale = (1 / self.rot.scale).float().to(device)
-        self._blocks = self._kernel_blocks = None
+        self._blocks = self._kernel_blocks = self._gemv_coeffs = None
 
     @classmethod
     def wrap(cls, lin: nn.Linear, rot: PairwiseRotation, weight: torch.Tensor | None = None) -> RotatedLinear:
@@ -61,21 +61,41 @@ class RotatedLinear(nn.Linear):
             self._blocks = b
         return b
 
+    def _cuda_blocks(self) -> torch.Tensor:
+        """The fixed transform's dense group blocks for the tensor-core kernel, built once per device."""
+        kb = self._kernel_blocks
+        if kb is None:
+            from ..kernels.pairwise import pairwise_blocks
+
+            kb = self._kernel_blocks = pairwise_blocks(self.inv_scale, self.partner, self.cos, self.sin,
+                                                       self.rot.group)
+        return kb
+
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
         """x' = R D^-1 x: the fused Triton kernel on CUDA; on CPU the equivalent block-diagonal
         matmul, which is faster there than K passes over memory."""
         if x.is_cuda:
-            from ..kernels.pairwise import pairwise_blocks, pairwise_rotate
+            from ..kernels.pairwise import pairwise_rotate
 
-            kb = self._kernel_blocks  # the fixed transform's dense group blocks, built once per device
-            if kb is None:
-                kb = self._kernel_blocks = pairwise_blocks(self.inv_scale, self.partner, self.cos, self.sin,
-                                                           self.rot.group)
             return pairwise_rotate(x, self.inv_scale, self.partner, self.cos, self.sin, group=self.rot.group,
-                                   blocks=kb)
+                                   blocks=self._cuda_blocks())
         return apply_blocks(x, self.blocks())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            # decode (up to DECODE_MAX_TOKENS tokens, no gradient): the transform fused into the
+            # matmul, one launch; otherwise the transform kernel (cached blocks), then F.linear
+            from ..kernels.pairwise import fused_linear_applies, gemv_coefficients, pairwise_linear
+
+            args = (self.inv_scale, self.partner, self.cos, self.sin)
+            if fused_linear_applies(x, self.weight, self.bias, self.inv_scale, self.cos, self.sin, self.rot.group):
+                co = self._gemv_coeffs  # the fixed transform packed for the kernel, built once per device
+                if co is None:
+                    co = self._gemv_coeffs = gemv_coefficients(*args, group=self.rot.group)
+                return pairwise_linear(x, self.weight, self.bias, *args, group=self.rot.group, mode="fused",
+                                       coeffs=co)
+            return pairwise_linear(x, self.weight, self.bias, *args, group=self.rot.group, mode="unfused",
+                                   blocks=self._cuda_blocks())
         return F.linear(self.transform_input(x), self.weight, self.bias)
 
     def extra_repr(self) -> str:
