@@ -377,7 +377,9 @@ def test_rotated_linear_on_cuda_fuses_decode(monkeypatch):
         assert bool(calls) == fused, (tokens, calls)
         torch.testing.assert_close(out, ref, rtol=5e-2, atol=5e-2 * ref.abs().max().item())
 
-    assert pw.DECODE_MAX_TOKENS == 1           # the default: fused at one token only
+    assert pw.DECODE_MAX_TOKENS == 0           # the default: off
+    check(1, False)
+    monkeypatch.setattr(pw, "DECODE_MAX_TOKENS", 1)
     check(1, True)
     check(2, False)
     monkeypatch.setattr(pw, "DECODE_MAX_TOKENS", 16)

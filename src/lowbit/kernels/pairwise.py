@@ -25,10 +25,12 @@ from torch.nn import functional as F
 
 #: token count from which `mode="auto"` takes the tensor-core path (see `pairwise_rotate_triton`)
 MMA_MIN_TOKENS = int(os.environ.get("LOWBIT_PAIRWISE_MMA_MIN_TOKENS", "1024"))
-#: token count up to which `pairwise_linear` fuses the transform into the matmul (decode). 1: on
-#: the H100 the fused kernel beats rotate-then-matmul at one token, but from 2 tokens on it
-#: rotates a 16-token tile in every program and is several times slower (see docs/pairwise.md)
-DECODE_MAX_TOKENS = int(os.environ.get("LOWBIT_PAIRWISE_DECODE_MAX_TOKENS", "1"))
+#: token count up to which `pairwise_linear` fuses the transform into the matmul (decode). 0 (off)
+#: by default: on the H100 the fused kernel was within a few percent of rotate-then-matmul at one
+#: token (4096: +19 % over the matmul either way) and several times slower from 2 tokens on, and the
+#: last tile-heuristic change (fp32, several tokens) was not re-run on the GPU; set 1 to use it
+#: at one token (docs/pairwise.md)
+DECODE_MAX_TOKENS = int(os.environ.get("LOWBIT_PAIRWISE_DECODE_MAX_TOKENS", "0"))
 
 
 def pairwise_rotate_ref(x: torch.Tensor, scale: torch.Tensor, partner: torch.Tensor,
@@ -308,7 +310,10 @@ def gemv_config(tokens: int, n_in: int, n_out: int, group: int, sms: int, elem_s
     # shared memory of one pipeline stage: weight tile, coefficients, x chunk (Triton keeps
     # num_stages - 1 of them); the H100 has 227 KB per block
     stage = bo * ch * group * elem_size + ch * group * (K * (8 if givens else 12) + 4 + bt * elem_size)
-    stages = 3 if 2 * stage <= 200 << 10 else 2
+    # tl.dot (several tokens) also stages its operands in shared memory, up to fp32 size: without
+    # this term fp32 1536 -> 576 at 3 tokens asked for 233 KB on the H100
+    extra = (bt + bo) * ch * group * 4 if bt > 1 else 0
+    stages = 3 if 2 * stage + extra <= 200 << 10 else 2
     return dict(block_o=bo, chunk=ch, block_t=bt, num_warps=4, num_stages=stages)
 
 
