@@ -192,7 +192,10 @@ def _pairwise_section(d: Path, qep_dir: Path) -> list[str]:
         out += ["The reference package (paroquant 0.1.16, `benchmarks/peers/paroquant_gpu.sh`) runs on the H100 under "
                 "this protocol (its pair selection precomputed on the CPU and carried) but a setting did not fit in "
                 "one device call: about 20 s per block at 5 + 5 epochs, 24 of 30 blocks of W3 g64 in 520 s "
-                "(benchmarks/results/pairwise/paroquant-attempt2.json).", ""]
+                "(benchmarks/results/pairwise/paroquant-attempt2.json). Session 5: W4 / W3 / W2 g64 side by side with "
+                "9 lowbit runs went at ~98 s per block, W3 alone next to 3 budget runs at ~70 s per block; both were "
+                "stopped (4 and 2 of 30 blocks) to free the GPU for lowbit's rows. A setting needs ~11 minutes of an "
+                "otherwise idle H100.", ""]
     return out
 
 
@@ -231,7 +234,15 @@ def _pairwise_kernel_section(d: dict) -> list[str]:
     ratios = ", ".join(f"n {n}: {v['us']:.2f}" + (f" (graph {v['graph']:.2f})" if v.get("graph") else "")
                        for n, v in m["ratio_1tok_vs_matmul_4096"].items())
     out += ["", f"At 1 token, time relative to a 4096 x 4096 bf16 matmul ({m['matmul_4096_1tok_us']:.1f} us; "
-            f"graph {m['matmul_4096_1tok_graph_us']:.1f} us): {ratios}.", ""]
+            f"graph {m['matmul_4096_1tok_graph_us']:.1f} us): {ratios}.", "",
+            "Fused decode layer (`rotated_gemv_kernel`: the transform inside a one-token matmul, docs/pairwise.md), "
+            "H100 bf16, CUDA graph, weights cycled through a 256 MB ring (cold, as in decode), measured during its "
+            "development on 2026-11-24 with `kernel_pairwise.py --sections decode` (no results file kept; a full "
+            "table run did not fit the session's GPU time): extra time over the plain matmul at one token, fused / "
+            "rotate-then-matmul: 2048 wide +35 % / +37 % (matmul 6.5 us), 4096 +19 % / +19-26 % (15.7 us), 8192 "
+            "+8 % / +6 % (47.3 us); 2-16 tokens fused ~+500 %. The goal (< 10 % of a 4096 x 4096 matmul at one "
+            "token) is not met: the kernel is latency bound (one 4-warp block per SM, its pipeline buffers fill "
+            "shared memory; 45 % of DRAM bandwidth). Off by default.", ""]
     return out
 
 
@@ -331,15 +342,21 @@ def _extreme_section(d: Path, qep_dir: Path) -> list[str]:
            "search of the codes from GPTQ's (docs/extreme.md). Baselines from the QEP section.", "",
            "| recipe | PPL sotu-modern / moby | x FP (sotu-modern) | bits / weight | quant time (s) |",
            "|---|---|---|---|---|"]
-    order = ["gptq-w2-g64", "qep-gptq-w2-g64", "qep-gptq-w2-g64-clip-static"]
-    for k in order:
-        if k in base:
-            rows = {k: base[k], **rows}
-    for k, r in rows.items():
+    rows = {**{k: base[k] for k in ("gptq-w2-g64", "qep-gptq-w2-g64", "qep-gptq-w2-g64-clip-static") if k in base},
+            **rows}
+
+    def rank(k):  # 2-bit solvers, then 1-bit, then budgets by size and proxy
+        return (2 if k.startswith("budget") else 1 if "onebit" in k else 0, "raw" not in k, k)
+
+    for k, r in sorted(rows.items(), key=lambda kv: rank(kv[0])):
         p = r["ppl"].get("sotu-modern")
         out.append(f"| {k} | {_pair(r)} | {p / 27.13:.1f} | {r.get('bits_per_weight', 0):.3f} "
                    f"| {r.get('quant_seconds', 0):.0f} |")
-    out += ["", "Published (LLaMA-2-7B, WikiText2, FP 5.47): GPTQ 2-bit 52.2, BiLLM ~1.1 bit 32.3, ARB-LLM 16.4, "
+    out += ["", "`qqa25` = QQA with 25 annealing steps per round (benchmarks/recipes/). `budgetX-` = per-linear widths "
+            "in {1, 2, 3, 4} for X bits/weight chosen by output-Fisher-weighted layer losses (the default); "
+            "`budgetXraw-` = by raw layer losses (the first proxy: worse than uniform 2 bits at the same 2.50 "
+            "bits/weight). Times are of runs sharing the GPU (9 side by side for grid-A2, 3 for grid-A3).",
+            "", "Published (LLaMA-2-7B, WikiText2, FP 5.47): GPTQ 2-bit 52.2, BiLLM ~1.1 bit 32.3, ARB-LLM 16.4, "
             "OneBit (days of training) 9.73.", ""]
     return out
 
