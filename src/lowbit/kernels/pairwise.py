@@ -31,6 +31,7 @@ MMA_MIN_TOKENS = int(os.environ.get("LOWBIT_PAIRWISE_MMA_MIN_TOKENS", "1024"))
 #: last tile-heuristic change (fp32, several tokens) was not re-run on the GPU; set 1 to use it
 #: at one token (docs/pairwise.md)
 DECODE_MAX_TOKENS = int(os.environ.get("LOWBIT_PAIRWISE_DECODE_MAX_TOKENS", "0"))
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def pairwise_rotate_ref(x: torch.Tensor, scale: torch.Tensor, partner: torch.Tensor,
@@ -127,6 +128,27 @@ def pairwise_blocks(scale: torch.Tensor, partner: torch.Tensor, cos: torch.Tenso
     return pairwise_rotate_ref(e, scale, partner, cos, sin)
 
 
+def _kernel_input(who: str, hint: str, x, scale, partner, cos, sin, group: int):
+    """Checks shared by the Triton entry points; returns (kernel module, x as a row-contiguous
+    [tokens, n] view or copy, SM count: 4 under the interpreter)."""
+    tk = _triton()
+    if tk is None:
+        raise RuntimeError(f"{who} needs triton (pip install triton); {hint}")
+    _check_shapes(x, scale, partner, cos, sin)
+    if x.dtype not in _FLOATS:
+        raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    if group < 1 or group & (group - 1):
+        raise ValueError(f"group must be a power of two, got {group}")
+    if not (x.is_cuda or _interpreting()):
+        raise ValueError(f"{who} needs CUDA tensors (or TRITON_INTERPRET=1)")
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
+        if x.is_cuda else 4
+    return tk, x2, sms
+
+
 def pairwise_rotate_triton(x: torch.Tensor, scale: torch.Tensor, partner: torch.Tensor, cos: torch.Tensor,
                            sin: torch.Tensor, group: int = 128, *, mode: str = "auto",
                            block_t: int | None = None, num_warps: int | None = None,
@@ -140,29 +162,15 @@ def pairwise_rotate_triton(x: torch.Tensor, scale: torch.Tensor, partner: torch.
     Partner maps are not checked here (a device sync); see `validate_partner`.
     `block_t` / `num_warps` override the gather heuristic (benchmark sweeps).
     """
-    tk = _triton()
-    if tk is None:
-        raise RuntimeError("pairwise_rotate_triton needs triton (pip install triton); "
-                           "use pairwise_rotate_ref or pairwise_rotate instead")
-    _check_shapes(x, scale, partner, cos, sin)
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
-    if group < 1 or group & (group - 1):
-        raise ValueError(f"group must be a power of two, got {group}")
-    if not (x.is_cuda or _interpreting()):
-        raise ValueError("pairwise_rotate_triton needs CUDA tensors (or TRITON_INTERPRET=1)")
+    tk, x2, sms = _kernel_input("pairwise_rotate_triton", "use pairwise_rotate_ref or pairwise_rotate instead",
+                                x, scale, partner, cos, sin, group)
     n = x.shape[-1]
     K = partner.shape[0]
-    x2 = x.reshape(-1, n)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
     T = x2.shape[0]
     y = torch.empty((T, n), dtype=x.dtype, device=x.device)
     if T == 0 or n == 0:
         return y.reshape(x.shape)
     ng = -(-n // group)
-    sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
-        if x.is_cuda else 4
     if mode == "auto":
         # fp32 stays on the gather path: its tf32x3 MMA needs much more shared memory and compute
         mode = "mma" if T >= MMA_MIN_TOKENS and group >= 16 and x.dtype != torch.float32 else "gather"
@@ -214,8 +222,6 @@ def pairwise_rotate(x: torch.Tensor, scale: torch.Tensor, partner: torch.Tensor,
 
 
 # ---- the decode layer: F.linear(pairwise_rotate(x), W, b) with the transform fused ---------------
-
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class GemvCoefficients(NamedTuple):
@@ -352,12 +358,7 @@ def pairwise_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     program, no tensor cores) or a power of two >= 16 (tl.dot). Partner maps are not checked
     (a device sync); see `validate_partner`.
     """
-    tk = _triton()
-    if tk is None:
-        raise RuntimeError("pairwise_linear_triton needs triton (pip install triton); use pairwise_linear")
-    _check_shapes(x, scale, partner, cos, sin)
-    if x.dtype not in _FLOATS:
-        raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    tk, x2, sms = _kernel_input("pairwise_linear_triton", "use pairwise_linear", x, scale, partner, cos, sin, group)
     n = x.shape[-1]
     if weight.dim() != 2 or weight.shape[1] != n:
         raise ValueError(f"weight must be [out, {n}] for x [..., {n}], got {tuple(weight.shape)}")
@@ -367,13 +368,6 @@ def pairwise_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
                          + (f" and {bias.dtype}" if bias is not None else ""))
     if bias is not None and tuple(bias.shape) != (m,):
         raise ValueError(f"bias must be [{m}], got {tuple(bias.shape)}")
-    if group < 1 or group & (group - 1):
-        raise ValueError(f"group must be a power of two, got {group}")
-    if not (x.is_cuda or _interpreting()):
-        raise ValueError("pairwise_linear_triton needs CUDA tensors (or TRITON_INTERPRET=1)")
-    x2 = x.reshape(-1, n)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
     T = x2.shape[0]
     out = torch.empty((T, m), dtype=x.dtype, device=x.device)
     if T == 0 or m == 0:
@@ -387,8 +381,6 @@ def pairwise_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         # generic format: packing in the givens one checks the coefficients on the host (a sync)
         coeffs = gemv_coefficients(scale, partner, cos, sin, group, givens=False)
     s, p, c, sn, givens = coeffs
-    sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
-        if x.is_cuda else 4
     cfg = gemv_config(T, n, m, group, sms, x.element_size(), K, givens)
     bo = block_o or cfg["block_o"]
     ch = chunk or cfg["chunk"]
