@@ -84,6 +84,37 @@ def _keep_best(best_x, best_v, cand, vals):
     return best_x, best_v
 
 
+def _anneal(var, objective, cfg: QQAConfig, gen, best_x, best_v, *, relax, penalty, clamp: bool, rounded):
+    """The annealing loop shared by the binary and categorical forms: AdamW on the relaxed
+    variables `var` [B, ...] against objective(relax(var)) + gamma(t) penalty - diversity x the
+    spread over replicas; Langevin noise, optional clamping to [0, 1]; every `round_every` steps
+    the replicas are rounded (`rounded(var)` -> (solution, objective input)) and the best kept."""
+    B = var.shape[0]
+    var.requires_grad_(True)
+    opt = torch.optim.AdamW([var], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    noise = math.sqrt(2 * cfg.lr * cfg.temperature) if cfg.temperature > 0 else 0.0
+    for t in range(cfg.steps):
+        gamma = cfg.gamma(t)
+        opt.zero_grad(set_to_none=True)
+        r = relax(var)
+        f = _as_batched(objective(r), B).sum()
+        div = r.std(0).sum() if B > 1 else r.new_zeros(())
+        (f + gamma * penalty(r) - cfg.diversity * div).backward()
+        opt.step()
+        with torch.no_grad():
+            if noise:
+                var.add_(noise * torch.randn(var.shape, generator=gen, device=var.device, dtype=var.dtype))
+            if clamp:
+                var.clamp_(0, 1)
+            if t % cfg.round_every == 0 or t == cfg.steps - 1:
+                sol, arg = rounded(var)
+                vals = _as_batched(objective(arg), B).to(torch.float64)
+                if best_v is None:
+                    best_v = torch.full((vals.shape[1],), math.inf, dtype=torch.float64, device=var.device)
+                best_x, best_v = _keep_best(best_x, best_v, sol, vals)
+    return best_x, (best_v if best_v.numel() > 1 else best_v[0])
+
+
 @torch.enable_grad()  # callers (the pipeline) run under no_grad
 def anneal_binary(objective: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, ...] | int,
                   cfg: QQAConfig = QQAConfig(), *, init: torch.Tensor | None = None,
@@ -108,9 +139,6 @@ def anneal_binary(objective: Callable[[torch.Tensor], torch.Tensor], shape: tupl
         x[0] = 0.5 + 0.1 * (init.to(dtype) - 0.5)
         if init_bias:
             x = (x + init_bias * (2 * init.to(dtype) - 1)).clamp(0, 1)
-    x.requires_grad_(True)
-    opt = torch.optim.AdamW([x], lr=cfg.lr, weight_decay=cfg.weight_decay)
-
     with torch.no_grad():
         if init is not None:
             best_x = init.to(dtype).clone()
@@ -119,26 +147,13 @@ def anneal_binary(objective: Callable[[torch.Tensor], torch.Tensor], shape: tupl
         else:
             best_x = torch.zeros(shape, device=x.device, dtype=dtype)
             best_v = None
-    noise = math.sqrt(2 * cfg.lr * cfg.temperature) if cfg.temperature > 0 else 0.0
-    for t in range(cfg.steps):
-        gamma = cfg.gamma(t)
-        opt.zero_grad(set_to_none=True)
-        f = _as_batched(objective(x), B).sum()
-        pen = (1 - (2 * x - 1).pow(cfg.power)).sum()
-        div = x.std(0).sum() if B > 1 else x.new_zeros(())
-        (f + gamma * pen - cfg.diversity * div).backward()
-        opt.step()
-        with torch.no_grad():
-            if noise:
-                x.add_(noise * torch.randn(x.shape, generator=gen, device=x.device, dtype=dtype))
-            x.clamp_(0, 1)
-            if t % cfg.round_every == 0 or t == cfg.steps - 1:
-                xr = (x > 0.5).to(dtype)
-                vals = _as_batched(objective(xr), B).to(torch.float64)
-                if best_v is None:
-                    best_v = torch.full((vals.shape[1],), math.inf, dtype=torch.float64, device=x.device)
-                best_x, best_v = _keep_best(best_x, best_v, xr, vals)
-    return best_x, (best_v if best_v.numel() > 1 else best_v[0])
+
+    def rounded(v):
+        xr = (v > 0.5).to(dtype)
+        return xr, xr
+
+    return _anneal(x, objective, cfg, gen, best_x, best_v, relax=lambda v: v,
+                   penalty=lambda r: (1 - (2 * r - 1).pow(cfg.power)).sum(), clamp=True, rounded=rounded)
 
 
 @torch.enable_grad()
@@ -165,8 +180,6 @@ def anneal_categorical(objective: Callable[[torch.Tensor], torch.Tensor], shape:
     mask = None
     if allowed is not None:
         mask = torch.where(allowed.to(z.device), 0.0, -1e4).to(dtype)
-    z.requires_grad_(True)
-    opt = torch.optim.AdamW([z], lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def probs(zz):
         return torch.softmax(zz if mask is None else zz + mask, -1)
@@ -180,26 +193,13 @@ def anneal_categorical(objective: Callable[[torch.Tensor], torch.Tensor], shape:
         else:
             best_x = torch.zeros(shape, dtype=torch.long, device=z.device)
             best_v = None
-    noise = math.sqrt(2 * cfg.lr * cfg.temperature) if cfg.temperature > 0 else 0.0
-    for t in range(cfg.steps):
-        gamma = cfg.gamma(t)
-        opt.zero_grad(set_to_none=True)
-        p = probs(z)
-        f = _as_batched(objective(p), B).sum()
-        pen = (1 - p.pow(2).sum(-1)).sum()
-        div = p.std(0).sum() if B > 1 else p.new_zeros(())
-        (f + gamma * pen - cfg.diversity * div).backward()
-        opt.step()
-        with torch.no_grad():
-            if noise:
-                z.add_(noise * torch.randn(z.shape, generator=gen, device=z.device, dtype=dtype))
-            if t % cfg.round_every == 0 or t == cfg.steps - 1:
-                idx = probs(z).argmax(-1)
-                vals = _as_batched(objective(torch.nn.functional.one_hot(idx, K).to(dtype)), B).to(torch.float64)
-                if best_v is None:
-                    best_v = torch.full((vals.shape[1],), math.inf, dtype=torch.float64, device=z.device)
-                best_x, best_v = _keep_best(best_x, best_v, idx, vals)
-    return best_x, (best_v if best_v.numel() > 1 else best_v[0])
+
+    def rounded(v):
+        idx = probs(v).argmax(-1)
+        return idx, torch.nn.functional.one_hot(idx, K).to(dtype)
+
+    return _anneal(z, objective, cfg, gen, best_x, best_v, relax=probs,
+                   penalty=lambda p: (1 - p.pow(2).sum(-1)).sum(), clamp=False, rounded=rounded)
 
 
 # ---------------------------------------------------------------------------------------------
