@@ -14,3 +14,15 @@ def write_json(path: str | Path, obj, indent: int = 1) -> Path:
     tmp.write_text(json.dumps(obj, indent=indent))
     os.replace(tmp, path)
     return path
+
+
+def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
+    """Save a matplotlib figure to `path` atomically (same suffix, so the same format) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

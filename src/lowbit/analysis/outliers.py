@@ -12,13 +12,12 @@ input transform (R4's HadamardLinear) the transformed input is measured, as the 
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..fileio import write_json
+from ..fileio import save_figure, write_json
 from ..models import get_adapter
 from ..rotation import RotationConfig, rotate_model
 
@@ -111,7 +110,5 @@ def save(res: dict, out_dir: str | Path, title: str) -> tuple[Path, Path]:
     fig.suptitle(title)
     fig.tight_layout()
     png = out / "outliers.png"
-    fig.savefig(png.with_suffix(".tmp.png"), dpi=120)
-    plt.close(fig)
-    os.replace(png.with_suffix(".tmp.png"), png)
+    save_figure(fig, png)
     return js, png

@@ -10,11 +10,10 @@ model's. Optionally both models are also evaluated under the protocol.
 from __future__ import annotations
 
 import copy
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..fileio import write_json
+from ..fileio import save_figure, write_json
 from ..jobs import Protocol, calibration_tokens, evaluate
 from ..pipeline import quantize_model
 from ..qep import QEPConfig
@@ -74,9 +73,7 @@ def save(runs: list[PropagationRun], out_dir: str | Path, title: str) -> tuple[P
     ax.legend()
     fig.tight_layout()
     png = out / "propagation.png"
-    fig.savefig(png.with_suffix(".tmp.png"), dpi=120)
-    plt.close(fig)
-    os.replace(png.with_suffix(".tmp.png"), png)
+    save_figure(fig, png)
     return js, png
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import torch
 
+from ..fileio import save_figure
 from ..kv.quantizers import fake_quant
 from ..kv.rope import apply_rope, hook_position_embeddings, rope_cos_sin
 
@@ -209,8 +210,7 @@ def plot(seed_rows: list[dict], many_rows: list[dict], real_rows: list[dict], pa
         ax.set_title(f"(b) real keys, INT{low} asymmetric")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def _attention_configs() -> dict:
@@ -288,5 +288,4 @@ def plot_attention(rows: list[dict], path, title: str = "") -> None:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
