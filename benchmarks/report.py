@@ -183,11 +183,19 @@ def _pairwise_section(d: Path, qep_dir: Path) -> list[str]:
     peer = d / "paroquant.json"
     if peer.exists():
         pq = json.loads(peer.read_text())
-        cells = ", ".join(f"{k} {_pair(v)} ({v['quant_seconds']:.0f} s)" for k, v in pq.get("runs", {}).items()
-                          if v.get("ppl"))
+        runs = {k: v for k, v in pq.get("runs", {}).items() if v.get("ppl")}
         out += [f"The reference package (paroquant {pq['versions']['paroquant']}, `benchmarks/peers/paroquant_gpu.sh`, "
-                f"{pq.get('gpu')}, epochs {pq['recipe']['epochs']}, rotation group = quantization group 64, "
-                f"{pq.get('kernel')} rotation op): {cells}.", ""]
+                f"{pq.get('gpu')}, {pq['date']}; stages 1+2 with epochs {pq['recipe']['epochs']} as ours, its own "
+                f"random pairs, rotation group = quantization group 64, its {pq.get('kernel')} rotation op; "
+                "calibration and evaluation under this protocol) next to lowbit's pairwise stages 1+2 (RTN codes, "
+                "rotation group 128) from the table above:", "",
+                "| setting | paroquant (reference) | lowbit pairwise s1+2 | reference quantization time |",
+                "|---|---|---|---|"]
+        for k, v in runs.items():
+            key = f"w{v['bits']}-g{v['group_size']}"
+            out.append(f"| W{v['bits']} g{v['group_size']} | {_pair(v)} | {_pair(rows.get(f'pair2-rtn-{key}'))} "
+                       f"| {v['quant_seconds']:.0f} s |")
+        out += ["", pq.get("processes", ""), ""]
     elif (d / "paroquant-attempt2.json").exists():
         out += ["The reference package (paroquant 0.1.16, `benchmarks/peers/paroquant_gpu.sh`) runs on the H100 under "
                 "this protocol (its pair selection precomputed on the CPU and carried) but a setting did not fit in "
