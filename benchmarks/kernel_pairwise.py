@@ -11,7 +11,9 @@ cache, so the bandwidth is not inflated by L2 hits; the same-size copy reference
 way. Both Triton paths (gather; mma with and without building the per-group blocks); bytes moved
 (x read + y written) and the bandwidth against torch copies of a 1 GiB buffer and of a tensor of
 the same size; the torch reference; a bf16 matmul [tokens, n] x [n, n]. `--sweep` also times the
-gather kernel for every BLOCK_T x num_warps and records the best next to the heuristic's choice.
+gather kernel for every BLOCK_T x num_warps and records the best next to the heuristic's choice;
+`--sweep-mma` the tensor-core path (cached blocks, in the graph over the ring) for every launch of
+MMA_SWEEP at the token counts that take it.
 
 Decode section ("decode" in the JSON). Square bf16 layers [n, n], n in {576, 2048, 4096, 8192},
 1 and 16 tokens: the plain F.linear, the rotate-then-matmul path of `RotatedLinear` before the
@@ -48,6 +50,7 @@ DECODE_NS = (576, 2048, 4096, 8192)
 DECODE_TOKENS = (1, 16)
 RING_BYTES = 256 << 20     # bytes one pass over a ring moves: > 5x the H100's 50 MB of L2
 MAX_RING = 1024            # buffers per ring at most: tiny calls (latency bound anyway) keep small graphs
+MMA_SWEEP = dict(block_t=(64, 128), programs_per_sm=(1, 2, 4), num_warps=(4, 8), num_stages=(2, 3, 4))
 GEMV_SWEEP = dict(block_o=(8, 16, 32, 64, 128), chunk=(1, 2, 4, 8), num_warps=(4, 8), num_stages=(2, 3))
 GEMV_SWEEP_MAX_TILE = 64 << 10   # bytes of one weight tile (block_o x chunk x group) at most
 
@@ -177,6 +180,27 @@ def _timings(f, w, ring: list, calls: int) -> dict:
                 graph_warm=_graph_time(warm), graph_cold=_graph_time(Cycle(f, ring), calls=calls))
 
 
+def mma_sweep(pw, x, xs, ring_n, calls, scale, partner, cos, sin, blocks, sms) -> tuple[dict, str | None]:
+    """Graph time (us, the ring of inputs) of the tensor-core path, cached blocks, for each launch in
+    MMA_SWEEP (programs in units of the SM count); the best key."""
+    P = functools.partial
+    out = {}
+    for bt in MMA_SWEEP["block_t"]:
+        for per_sm in MMA_SWEEP["programs_per_sm"]:
+            for nw in MMA_SWEEP["num_warps"]:
+                for ns in MMA_SWEEP["num_stages"]:
+                    key = f"t{bt}-p{per_sm}-w{nw}-s{ns}"
+                    f = P(pw.pairwise_rotate_triton, scale=scale, partner=partner, cos=cos, sin=sin, mode="mma",
+                          blocks=blocks, block_t=bt, programs=per_sm * sms, num_warps=nw, num_stages=ns)
+                    try:
+                        f(x)
+                        out[key] = _graph_time(Cycle(f, xs, keep=ring_n), calls=calls)
+                    except Exception as e:  # noqa: BLE001 - e.g. out of shared memory
+                        out[key] = f"{type(e).__name__}: {e}"[:200]
+    ok = {k: v for k, v in out.items() if isinstance(v, float)}
+    return out, (min(ok, key=ok.get) if ok else None)
+
+
 def main_table(args, pw, props, big_bw: float, triton) -> list[dict]:
     from pairwise_utils import random_params
 
@@ -211,6 +235,9 @@ def main_table(args, pw, props, big_bw: float, triton) -> list[dict]:
             t_layer = _bench(P(layer_x, x))
             g_mm = _graph_time(Cycle(mm_x, xs, keep=ring_n), calls=calls)
             g_layer = _graph_time(Cycle(layer_x, xs, keep=ring_n), calls=calls)
+            mma_swept = (mma_sweep(pw, x, xs, ring_n, calls, scale, partner, cos, sin, blocks,
+                                   props.multi_processor_count)
+                         if args.sweep_mma and T >= pw.MMA_MIN_TOKENS else None)
             del xs
             same_t, same_bw = _copy_bw(T * n)
             same_g, same_g_bw, ring_c = _copy_graph(T * n)
@@ -249,6 +276,11 @@ def main_table(args, pw, props, big_bw: float, triton) -> list[dict]:
                 ok = {k: v for k, v in sweep.items() if isinstance(v, float)}
                 row["gather_sweep_us"] = sweep
                 row["gather_best"] = min(ok, key=ok.get) if ok else None
+            if mma_swept is not None:
+                row["mma_config"] = pw.mma_config(T, n, 128, props.multi_processor_count, x.element_size())
+                row["mma_sweep_graph_us"], row["mma_best"] = mma_swept
+                print(f"  mma sweep: heuristic {row['mma_config']}, best {row['mma_best']} "
+                      f"{row['mma_sweep_graph_us'][row['mma_best']]:.1f} us (graph)", flush=True)
             rows.append(row)
             print(f"n {n:5d} T {T:5d} [{row['path']:6s}] {times['auto']:7.1f} us (graph {graph['auto']:.1f})"
                   f"  {row['gbps']:6.0f} GB/s = {100 * row['frac_copy_same']:3.0f} % of same-size copy"
@@ -352,6 +384,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="benchmarks/results/kernels/pairwise.json")
     ap.add_argument("--sweep", action="store_true", help="also time every gather tile configuration")
+    ap.add_argument("--sweep-mma", action="store_true",
+                    help="also time a grid of launches of the tensor-core path (block_t, programs, warps, stages)")
     ap.add_argument("--sweep-gemv", action="store_true",
                     help="also time a grid of tiles of the fused decode kernel (block_o, chunk, warps, stages)")
     ap.add_argument("--sweep-gemv-grid", default=None,

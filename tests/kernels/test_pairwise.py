@@ -421,6 +421,23 @@ def test_triton_interpreter_matches_reference(n, monkeypatch):
 
 @pytest.mark.skipif(torch.cuda.is_available() or not _has_triton(),
                     reason="interpreter test: needs triton and no CUDA")
+@pytest.mark.parametrize("programs", [1, 2, 3, 64])
+def test_mma_interpreter_persistent_tiles(programs, monkeypatch):
+    # the mma kernel walks token tiles chunk, chunk + CH, ...: one program per group walks them all,
+    # 2 / 3 split them (37 tokens = 3 tiles of 16, the last partial), 64 gives one tile each
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    import lowbit.kernels._pairwise_triton as tk
+    importlib.reload(tk)
+    n = 160                                   # one full and one partial group of 128
+    scale, partner, cos, sin = random_params(n, K=2, seed=11)
+    x = torch.randn(37, n)
+    ref = pairwise_rotate_ref(x, scale, partner, cos, sin)
+    y = pairwise_rotate_triton(x, scale, partner, cos, sin, mode="mma", block_t=16, programs=programs)
+    close_to(y, ref)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or not _has_triton(),
+                    reason="interpreter test: needs triton and no CUDA")
 @pytest.mark.parametrize("group", [64, 128])
 def test_fused_linear_interpreter_matches_reference(group, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")

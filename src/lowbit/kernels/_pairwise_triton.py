@@ -63,8 +63,8 @@ def gather_kernel(x_ptr, y_ptr, scale_ptr, partner_ptr, cos_ptr, sin_ptr,
 
 
 @triton.jit
-def blocks_mma_kernel(x_ptr, y_ptr, b_ptr, T, N, NG, CH, stride_xt, stride_yt, stride_b,
-                      ITERS: tl.constexpr, G: tl.constexpr, BLOCK_T: tl.constexpr, EVEN_N: tl.constexpr,
+def blocks_mma_kernel(x_ptr, y_ptr, b_ptr, T, N, NG, CH, n_tiles, stride_xt, stride_yt, stride_b,
+                      G: tl.constexpr, BLOCK_T: tl.constexpr, EVEN_N: tl.constexpr,
                       MODE: tl.constexpr, EMU: tl.constexpr):
     # MODE 0: bf16 x, B = hi + lo (2 MMAs); 1: fp16 x split into bf16 hi + lo (3 MMAs);
     # 2: fp32 x, tf32x3 MMA on fp32 operands. EMU (interpreter only, whose bf16 dot is broken):
@@ -86,10 +86,9 @@ def blocks_mma_kernel(x_ptr, y_ptr, b_ptr, T, N, NG, CH, stride_xt, stride_yt, s
         if EMU:
             b_hi = b_hi.to(tl.float32)
             b_lo = b_lo.to(tl.float32)
-    # tiles chunk, chunk + CH, ...; ITERS is a small power of two (few variants compiled) and the
-    # tiles past T are fully masked
-    for it in range(0, ITERS):
-        tile = chunk + it * CH
+    # persistent over the token tiles chunk, chunk + CH, ... < n_tiles: B_g is loaded once per
+    # program, and the loop (tl.dot inside) is software-pipelined with the launch's num_stages
+    for tile in range(chunk, n_tiles, CH):
         offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
         rows = offs_t.to(tl.int64)
         if EVEN_N:

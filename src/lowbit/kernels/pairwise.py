@@ -105,6 +105,16 @@ def gather_config(tokens: int, n: int, group: int, sms: int) -> tuple[int, int]:
     return bt, warps
 
 
+def mma_config(tokens: int, n: int, group: int, sms: int, elem_size: int = 2) -> dict[str, int]:
+    """Launch of `blocks_mma_kernel`: dict(block_t, programs, num_warps, num_stages). The kernel is
+    persistent over token tiles: `programs` (about) in all, so that each loads its group's [G, G]
+    block once for several tiles. fp32 operands (tf32x3) take 2-4x the shared memory of bf16/fp16:
+    smaller tiles, fewer stages."""
+    if elem_size >= 4:
+        return dict(block_t=32, programs=2 * sms, num_warps=4, num_stages=2)
+    return dict(block_t=128, programs=2 * sms, num_warps=8, num_stages=3)
+
+
 def _eye_tiled(group: int, n: int, device) -> torch.Tensor:
     key = (group, n, str(device))
     e = _EYE.get(key)
@@ -152,7 +162,8 @@ def _kernel_input(who: str, hint: str, x, scale, partner, cos, sin, group: int):
 def pairwise_rotate_triton(x: torch.Tensor, scale: torch.Tensor, partner: torch.Tensor, cos: torch.Tensor,
                            sin: torch.Tensor, group: int = 128, *, mode: str = "auto",
                            block_t: int | None = None, num_warps: int | None = None,
-                           blocks: torch.Tensor | None = None) -> torch.Tensor:
+                           blocks: torch.Tensor | None = None, programs: int | None = None,
+                           num_stages: int | None = None) -> torch.Tensor:
     """Pairwise rotation transform with Triton kernels (no autograd).
 
     mode "gather": one launch; each program rotates a tile of tokens x one group in registers.
@@ -160,7 +171,8 @@ def pairwise_rotate_triton(x: torch.Tensor, scale: torch.Tensor, partner: torch.
     `blocks` is given) applied on tensor cores with fp32-level accuracy (bf16 hi/lo splits, tf32x3
     for fp32 x). "auto": "mma" from MMA_MIN_TOKENS tokens on for fp16/bf16, "gather" otherwise.
     Partner maps are not checked here (a device sync); see `validate_partner`.
-    `block_t` / `num_warps` override the gather heuristic (benchmark sweeps).
+    `block_t` / `num_warps` override the gather heuristic, and with `programs` / `num_stages` the
+    mma one (`mma_config`; benchmark sweeps).
     """
     tk, x2, sms = _kernel_input("pairwise_rotate_triton", "use pairwise_rotate_ref or pairwise_rotate instead",
                                 x, scale, partner, cos, sin, group)
@@ -189,18 +201,17 @@ def pairwise_rotate_triton(x: torch.Tensor, scale: torch.Tensor, partner: torch.
             raise ValueError(f"mode 'mma' needs group >= 16, got {group}")
         if blocks is None:
             blocks = pairwise_blocks(scale, partner, cos, sin, group)
-        fp32 = x.dtype == torch.float32
-        bt = block_t or (32 if fp32 else 128)   # fp32 operands and the tf32x3 split take 2x-4x the shared memory
+        cfg = mma_config(T, n, group, sms, x.element_size())
+        bt = block_t or cfg["block_t"]
         n_tiles = -(-T // bt)
-        iters = 1  # tiles per program: B is loaded once per program, the grid still fills the GPU
-        while iters < 8 and -(-n_tiles // (2 * iters)) * ng >= 2 * sms:
-            iters *= 2
-        ch = -(-n_tiles // iters)
+        # programs per group: about `programs` in all, each walking every ch-th token tile of its group
+        ch = max(1, min(n_tiles, -(-(programs or cfg["programs"]) // ng)))
+        ch = -(-n_tiles // -(-n_tiles // ch))      # the same number of tiles for every program
         kind = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}[x.dtype]
-        tk.blocks_mma_kernel[(ng * ch,)](x2, y, blocks, T, n, ng, ch, x2.stride(0), y.stride(0), blocks.stride(0),
-                                          ITERS=iters, G=group, BLOCK_T=bt, EVEN_N=(n % group == 0), MODE=kind,
-                                          EMU=not x.is_cuda,
-                                          num_warps=num_warps or (4 if fp32 else 8), num_stages=2 if fp32 else 3)
+        tk.blocks_mma_kernel[(ng * ch,)](x2, y, blocks, T, n, ng, ch, n_tiles, x2.stride(0), y.stride(0),
+                                          blocks.stride(0), G=group, BLOCK_T=bt, EVEN_N=(n % group == 0),
+                                          MODE=kind, EMU=not x.is_cuda, num_warps=num_warps or cfg["num_warps"],
+                                          num_stages=num_stages or cfg["num_stages"])
     else:
         raise ValueError(f"mode must be 'auto', 'gather' or 'mma', got {mode!r}")
     return y.reshape(x.shape)
