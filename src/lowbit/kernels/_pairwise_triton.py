@@ -260,6 +260,9 @@ def rotated_gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, scale_ptr, partner_ptr,
 # ---- split-K decode kernel -----------------------------------------------------------------------
 
 
+_sum_combine = tl.standard._sum_combine
+
+
 @triton.jit
 def _rotate_chunk(x_row, col, loc, scale_ptr, partner_ptr, cos_ptr, sin_ptr, N,
                   K: tl.constexpr, EVEN_N: tl.constexpr, GIVENS: tl.constexpr):
@@ -319,7 +322,10 @@ def _weight_tile(w_ptr, rows, cols, stride_wo, M, N, EVEN_N: tl.constexpr, EVEN_
 @triton.jit
 def _store_partial(part_row, rows, w, yv, M, EVEN_M: tl.constexpr):
     """part_row[rows] = sum_i W[rows, i] * y[i] over the split's channels (fp32)."""
-    acc = tl.reduce(w.to(tl.float32) * yv[None, :], 1, _add)
+    # tl.reduce with tl.sum's own combine: the same code on the GPU, and the interpreter, which
+    # runs any other combine element by element in Python, recognizes it and sums with numpy
+    # (tl.sum itself is a jit helper built before the interpreter tests turn TRITON_INTERPRET on)
+    acc = tl.reduce(w.to(tl.float32) * yv[None, :], 1, _sum_combine)
     if EVEN_M:
         tl.store(part_row + rows, acc)
     else:
