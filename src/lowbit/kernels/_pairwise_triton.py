@@ -260,7 +260,7 @@ def rotated_gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, scale_ptr, partner_ptr,
 # ---- split-K decode kernel -----------------------------------------------------------------------
 
 
-_sum_combine = tl.standard._sum_combine
+_sum_combine = getattr(tl.standard, "_sum_combine", _add)   # tl.sum's combine (private name: a fallback)
 
 
 @triton.jit
