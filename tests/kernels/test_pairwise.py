@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import itertools
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -303,13 +305,14 @@ def test_fused_linear_matches_reference(n_in, n_out, tokens, dtype, bias):
     ref = linear_ref(x, w, b, *params)
     tol = GEMV_TOL[dtype]
     unfused = F.linear(pairwise_rotate_ref(x, *params), w, b)    # what RotatedLinear computed before
-    kernels = ("auto", "rows", "splitk") if tokens <= pw.SPLITK_MAX_TOKENS else ("auto", "rows")
     for coeffs in (None, pw.gemv_coefficients(*params)):          # generic, then the compact givens format
-        for kernel in kernels:
+        for kernel in ("auto", "rows"):                            # auto: split-K up to SPLITK_MAX_TOKENS tokens
             y = pairwise_linear_triton(x, w, b, *params, coeffs=coeffs, kernel=kernel)
             assert y.shape == (tokens, n_out) and y.dtype == dtype
             torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol, msg=lambda m: f"{kernel}: {m}")
             torch.testing.assert_close(y.float(), unfused.float(), rtol=2 * tol, atol=2 * tol)
+        if tokens <= pw.SPLITK_MAX_TOKENS:                         # split-K: same bits twice, counters reset
+            check_splitk(x, w, b, params, tol, coeffs=coeffs)
 
 
 @cuda
@@ -459,17 +462,6 @@ def check_splitk(x, w, b, params, tol, group=128, **kw):
 
 
 @cuda
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("tokens", [1, 3])
-@pytest.mark.parametrize("n_in,n_out", GEMV_SHAPES)
-def test_splitk_matches_reference(n_in, n_out, tokens, dtype, bias):
-    x, w, b, *params = layer_inputs(n_in, n_out, tokens, dtype, bias, device="cuda", seed=n_in + n_out + tokens)
-    for coeffs in (None, pw.gemv_coefficients(*params)):
-        check_splitk(x, w, b, params, GEMV_TOL[dtype], coeffs=coeffs)
-
-
-@cuda
 @pytest.mark.parametrize("n_in,n_out,kw", SPLITK_CASES)
 def test_splitk_small_shapes_on_cuda(n_in, n_out, kw):
     """The interpreter tests' shapes and configurations, on the GPU."""
@@ -492,20 +484,22 @@ def test_splitk_every_configuration(givens):
     ref = linear_ref(x, w, b, *params)
     co = pw.gemv_coefficients(*params, givens=givens)
     ws = pw.GemvWorkspace()
+    # every third of split_ch x (block_r, block_o) x (warps, stages, prefetch): each value of each axis
+    # is tried (the sweep's configurations compile one by one, about a second each)
+    grid = itertools.product((128, 256, 512), ((32, 8), (64, 16), (128, 32), (256, 16), (1024, 8)),
+                             ((4, 1, 0), (4, 1, 2), (4, 3, 0), (8, 2, 1), (4, 4, 4)))
     ran = 0
-    for cs in (128, 256, 512):
-        for br, bo in ((32, 8), (64, 16), (128, 32), (256, 16), (1024, 8)):
-            for warps, stages, pre in ((4, 1, 0), (4, 1, 2), (4, 3, 0), (8, 2, 1), (4, 4, 4)):
-                try:
-                    y = pairwise_linear_triton(x, w, b, *params, split_ch=cs, block_r=br, block_o=bo, prefetch=pre,
-                                               num_warps=warps, num_stages=stages, coeffs=co, workspace=ws)
-                except OutOfResources:
-                    continue
-                ran += 1
-                torch.testing.assert_close(y.double(), ref, rtol=2.0 ** -7, atol=2.0 ** -7,
-                                           msg=lambda m: f"{cs} {br} {bo} {warps} {stages} {pre}: {m}")
-                assert not ws.counters.any()
-    assert ran >= 60
+    for cs, (br, bo), (warps, stages, pre) in itertools.islice(grid, int(givens), None, 3):
+        try:
+            y = pairwise_linear_triton(x, w, b, *params, split_ch=cs, block_r=br, block_o=bo, prefetch=pre,
+                                       num_warps=warps, num_stages=stages, coeffs=co, workspace=ws)
+        except OutOfResources:
+            continue
+        ran += 1
+        torch.testing.assert_close(y.double(), ref, rtol=2.0 ** -7, atol=2.0 ** -7,
+                                   msg=lambda m: f"{cs} {br} {bo} {warps} {stages} {pre}: {m}")
+        assert not ws.counters.any()
+    assert ran >= 20
 
 
 @cuda
