@@ -1,6 +1,7 @@
 """Speed of the pairwise rotation kernels (lowbit.kernels.pairwise) on a CUDA GPU.
 
     python benchmarks/kernel_pairwise.py --out benchmarks/results/kernels/pairwise.json [--sweep] [--sweep-gemv]
+    python benchmarks/kernel_pairwise.py --sections decode --decode-ns 4096 --decode-tokens 1 --sweep-gemv
     python benchmarks/kernel_pairwise.py --dry-run      # no GPU: the plan (rings, graphs, sweep grid)
 
 Main table. For hidden n in {576, 2048, 4096, 8192} and tokens in {1, 16, 256, 4096} (bf16, K = 8,
@@ -17,13 +18,20 @@ MMA_SWEEP at the token counts that take it.
 
 Decode section ("decode" in the JSON). Square bf16 layers [n, n], n in {576, 2048, 4096, 8192},
 1 and 16 tokens: the plain F.linear, the rotate-then-matmul path of `RotatedLinear` before the
-fusion (the transform kernel, then F.linear), and the fused kernel (`pairwise_linear_triton`), each
-launched and in a CUDA graph, with warm weights (the same W every call) and cold ones (a ring of
+fusion (the transform kernel, then F.linear), the fused row-block kernel ("fused":
+`pairwise_linear_triton(kernel="rows")`) and the fused split-K kernel ("splitk", with one
+workspace per shape, as RotatedLinear keeps one per layer), each launched and in a CUDA graph, with warm weights (the same W every call) and cold ones (a ring of
 distinct copies of W, RING_BYTES in all, cycled inside the graph: in a real decode the weights are
 not L2-resident). The decode overhead is fused / matmul - 1 (issue 4's goal: < 10 % at one token
-on the 4096 x 4096 layer); max errors against the float64 product of the reference's rotated x.
-`--sweep-gemv` times a grid of (block_o, chunk, num_warps, num_stages) of the fused kernel per
-shape (in a graph, cold weights) and records the best next to the heuristic's choice.
+on the 4096 x 4096 layer), for both kernels; max errors against the float64 product of the
+reference's rotated x. `--sweep-gemv` times, per shape (in a graph, cold weights), a grid of the
+split-K kernel's tiles (split_ch, block_r, block_o, prefetch, num_warps, num_stages:
+SPLITK_SWEEP, pruned to 0.25-4 waves of programs and 4-32 KB sub-tiles; `--sweep-splitk-grid`
+replaces axes; at the token counts the split-K kernel serves, 1 to SPLITK_MAX_TOKENS) and, with `--sweep-gemv-kernels rows,splitk`, the row-block kernel's (block_o,
+chunk, num_warps, num_stages: GEMV_SWEEP, `--sweep-gemv-grid`), and records the best of each next
+to the heuristic's choice ("splitk_sweep" / "splitk_best", "gemv_sweep" / "gemv_best"). The
+sweep compiles every configuration (seconds each): one shape per run (`--decode-ns`) fits the GPU
+machine's 10-minute command limit.
 """
 
 from __future__ import annotations
@@ -53,6 +61,10 @@ MAX_RING = 1024            # buffers per ring at most: tiny calls (latency bound
 MMA_SWEEP = dict(block_t=(64, 128), programs_per_sm=(1, 2, 4), num_warps=(4, 8), num_stages=(2, 3, 4))
 GEMV_SWEEP = dict(block_o=(8, 16, 32, 64, 128), chunk=(1, 2, 4, 8), num_warps=(4, 8), num_stages=(2, 3))
 GEMV_SWEEP_MAX_TILE = 64 << 10   # bytes of one weight tile (block_o x chunk x group) at most
+SPLITK_SWEEP = dict(split_ch=(128, 256, 512, 1024), block_r=(32, 64, 128, 256, 512), block_o=(8, 16, 32),
+                    prefetch=(0,), num_warps=(4, 8), num_stages=(1, 3))
+SPLITK_SWEEP_TILE = (4 << 10, 32 << 10)   # bytes of one sub-tile (block_o x split_ch)
+SPLITK_SWEEP_WAVES = (0.25, 4.0)          # programs (splits x row blocks x tokens) per SM
 
 
 def ring_size(bytes_per_call: int) -> int:
@@ -83,13 +95,13 @@ class Cycle:
         return out
 
 
-def parse_grid(text: str | None) -> dict:
-    """GEMV_SWEEP, with the axes named in text replaced: "block_o=16,32;chunk=4;num_warps=4,8"."""
-    grid = dict(GEMV_SWEEP)
+def parse_grid(text: str | None, base: dict | None = None, option: str = "--sweep-gemv-grid") -> dict:
+    """base (GEMV_SWEEP), with the axes named in text replaced: "block_o=16,32;chunk=4;num_warps=4,8"."""
+    grid = dict(GEMV_SWEEP if base is None else base)
     for part in filter(None, (p.strip() for p in (text or "").split(";"))):
         name, _, values = part.partition("=")
         if name.strip() not in grid or not values:
-            raise ValueError(f"bad --sweep-gemv-grid part {part!r}: use {';'.join(f'{k}=a,b' for k in grid)}")
+            raise ValueError(f"bad {option} part {part!r}: use {';'.join(f'{k}=a,b' for k in grid)}")
         grid[name.strip()] = tuple(int(v) for v in values.split(","))
     return grid
 
@@ -112,6 +124,40 @@ def gemv_sweep_grid(tokens: int, group: int = 128, elem_size: int = 2, grid: dic
 
 def config_key(c: dict) -> str:
     return f"t{c['block_t']}-o{c['block_o']}-c{c['chunk']}-w{c['num_warps']}-s{c['num_stages']}"
+
+
+def splitk_sweep_grid(tokens: int, n_in: int, n_out: int, sms: int, group: int = 128, elem_size: int = 2,
+                      grid: dict | None = None) -> list[dict]:
+    """Split-K tiles that `--sweep-gemv` times for one shape: whole groups per split (at most the
+    input, rounded up to a power of two), block_o <= block_r, sub-tiles of SPLITK_SWEEP_TILE bytes
+    and SPLITK_SWEEP_WAVES programs per SM."""
+    grid = grid or SPLITK_SWEEP
+    lo, hi = SPLITK_SWEEP_TILE
+    out = []
+    for cs in grid["split_ch"]:
+        ch = cs // group
+        if cs % group or ch & (ch - 1) or (cs > group and cs // 2 >= n_in):
+            continue
+        for br in grid["block_r"]:
+            if br // 2 >= n_out:
+                continue
+            programs = -(-n_in // cs) * -(-n_out // br) * tokens
+            if not SPLITK_SWEEP_WAVES[0] * sms <= programs <= SPLITK_SWEEP_WAVES[1] * sms:
+                continue
+            for bo in grid["block_o"]:
+                if bo > br or not lo <= bo * cs * elem_size <= hi:
+                    continue
+                for pre in grid["prefetch"]:
+                    for nw in grid["num_warps"]:
+                        for ns in grid["num_stages"]:
+                            out.append(dict(split_ch=cs, block_r=br, block_o=bo, prefetch=pre, num_warps=nw,
+                                            num_stages=ns))
+    return out
+
+
+def splitk_key(c: dict) -> str:
+    return (f"cs{c['split_ch']}-r{c['block_r']}-o{c['block_o']}-p{c['prefetch']}-w{c['num_warps']}"
+            f"-s{c['num_stages']}")
 
 
 def _copy_bw(numel: int) -> tuple[float, float]:
@@ -170,6 +216,7 @@ def _unfused_linear(pw, x, scale, partner, cos, sin, blocks, w):
 
 
 def _fused_linear(pw, x, scale, partner, cos, sin, coeffs, cfg, w):
+    """cfg: pairwise_linear_triton's keyword arguments (kernel, workspace, tiles)."""
     return pw.pairwise_linear_triton(x, w, None, scale, partner, cos, sin, coeffs=coeffs, **cfg)
 
 
@@ -291,11 +338,32 @@ def main_table(args, pw, props, big_bw: float, triton) -> list[dict]:
     return rows
 
 
+def _configured(pw, x, scale, partner, cos, sin, coeffs, fixed, c):
+    """The fused layer with the tiles c (and the fixed arguments: kernel, workspace), a function of W."""
+    return functools.partial(_fused_linear, pw, x, scale, partner, cos, sin, coeffs, dict(c, **fixed))
+
+
+def _sweep(f_of, configs: list[dict], key, ref, ws_ring, calls: int, tol: float) -> tuple[dict, str | None]:
+    """Graph-replayed microseconds (cold weights) and max error of f_of(c) for every configuration
+    c; the fastest one whose error is within tol (a wrong result must not win)."""
+    sweep = {}
+    for c in configs:
+        f = f_of(c)
+        try:
+            e = float((f(ws_ring[0]).double() - ref).abs().max())   # compiles outside the capture
+            sweep[key(c)] = dict(c, us=_graph_time(Cycle(f, ws_ring), rep=50, calls=calls), err=e)
+        except Exception as ex:  # noqa: BLE001 - e.g. out of registers / shared memory
+            sweep[key(c)] = dict(c, error=f"{type(ex).__name__}: {ex}"[:200])
+    ok = {k: v["us"] for k, v in sweep.items() if "us" in v and v["err"] <= tol}
+    return sweep, (min(ok, key=ok.get) if ok else None)
+
+
 def decode_section(args, pw, props) -> list[dict]:
     from pairwise_utils import random_params
 
     sms = props.multi_processor_count
     rows = []
+    P = functools.partial
     for n in map(int, args.decode_ns.split(",")):
         scale, partner, cos, sin = random_params(n, K=8, group=128, seed=n, device="cuda")
         blocks = pw.pairwise_blocks(scale, partner, cos, sin)
@@ -305,54 +373,70 @@ def decode_section(args, pw, props) -> list[dict]:
         ring_n = ring_size(w_bytes)
         ws = [w] + [w.clone() for _ in range(ring_n - 1)]
         calls = ring_calls(ring_n)
+        workspace = pw.GemvWorkspace()   # one per shape, as RotatedLinear keeps one per layer (grown as needed)
         for T in map(int, args.decode_tokens.split(",")):
             x = torch.randn(T, n, device="cuda", dtype=torch.bfloat16)
             ref = F.linear(pw.pairwise_rotate_ref(x, scale, partner, cos, sin).double(), w.double())
             cfg = pw.gemv_config(T, n, n, 128, sms, x.element_size(), 8, coeffs.givens)
-            P = functools.partial
+            scfg = pw.gemv_splitk_config(T, n, n, 128, sms, x.element_size(), 8, coeffs.givens)
             paths = {
                 "matmul": P(_linear, x),
                 "unfused": P(_unfused_linear, pw, x, scale, partner, cos, sin, blocks),
-                "fused": P(_fused_linear, pw, x, scale, partner, cos, sin, coeffs, {}),   # the heuristic's tile
+                # the heuristics' tiles
+                "fused": P(_fused_linear, pw, x, scale, partner, cos, sin, coeffs, dict(kernel="rows")),
+                "splitk": P(_fused_linear, pw, x, scale, partner, cos, sin, coeffs,
+                            dict(kernel="splitk", workspace=workspace)),
             }
-            err = {k: float((paths[k](w).double() - ref).abs().max()) for k in ("unfused", "fused")}
+            kern = ("unfused", "fused", "splitk")
+            err = {k: float((paths[k](w).double() - ref).abs().max()) for k in kern}
             t = {k: _timings(f, w, ws, calls) for k, f in paths.items()}
-            over = {k: {m: t[k][m] / t["matmul"][m] - 1 for m in t[k]} for k in ("unfused", "fused")}
+            over = {k: {m: t[k][m] / t["matmul"][m] - 1 for m in t[k]} for k in kern}
             row = dict(n=n, tokens=T, weight_bytes=w_bytes, coeff_format="givens" if coeffs.givens else "generic",
                        ring=dict(buffers=ring_n, calls=calls, bytes=ring_n * w_bytes),
-                       config=cfg, us=t, overhead=over, max_abs_err=err, ref_abs_max=float(ref.abs().max()),
+                       config=cfg, splitk_config=scfg, us=t, overhead=over, max_abs_err=err,
+                       ref_abs_max=float(ref.abs().max()),
                        fused_graph_cold_gbps=w_bytes / (t["fused"]["graph_cold"] * 1e-6) / 1e9,
+                       splitk_graph_cold_gbps=w_bytes / (t["splitk"]["graph_cold"] * 1e-6) / 1e9,
                        matmul_graph_cold_gbps=w_bytes / (t["matmul"]["graph_cold"] * 1e-6) / 1e9)
-            if args.sweep_gemv:
-                sweep = {}
+            # a wrong result must not win: 4 bf16 ulps of the largest output
+            tol = 4 * 2.0 ** -8 * max(1.0, row["ref_abs_max"])
+            best = []
+            if args.sweep_gemv and "rows" in args.sweep_kernels:
                 grid = gemv_sweep_grid(T, 128, x.element_size(), args.gemv_grid)
                 if cfg not in grid:
                     grid.append(cfg)
-                for c in grid:
-                    f = P(_fused_linear, pw, x, scale, partner, cos, sin, coeffs, c)
-                    try:
-                        e = float((f(w).double() - ref).abs().max())   # compiles outside the capture
-                        sweep[config_key(c)] = dict(c, us=_graph_time(Cycle(f, ws), rep=50, calls=calls), err=e)
-                    except Exception as ex:  # noqa: BLE001 - e.g. out of registers / shared memory
-                        sweep[config_key(c)] = dict(c, error=f"{type(ex).__name__}: {ex}"[:200])
-                # a wrong result must not win: 4 bf16 ulps of the largest output
-                tol = 4 * 2.0 ** -8 * max(1.0, row["ref_abs_max"])
-                ok = {k: v["us"] for k, v in sweep.items() if "us" in v and v["err"] <= tol}
-                row["gemv_sweep"] = sweep
-                row["gemv_best"] = min(ok, key=ok.get) if ok else None
-                row["gemv_heuristic"] = config_key(cfg)
-                row["gemv_heuristic_vs_best"] = (sweep[config_key(cfg)].get("us", float("nan")) / ok[row["gemv_best"]]
-                                                 if ok else None)
+                sweep, b = _sweep(P(_configured, pw, x, scale, partner, cos, sin, coeffs, dict(kernel="rows")),
+                                  grid, config_key, ref, ws, calls, tol)
+                row.update(gemv_sweep=sweep, gemv_best=b, gemv_heuristic=config_key(cfg),
+                           gemv_heuristic_vs_best=(sweep[config_key(cfg)].get("us", float("nan")) / sweep[b]["us"]
+                                                   if b else None))
+                if b:
+                    best.append(f"rows {b} {sweep[b]['us']:.1f} us")
+            if args.sweep_gemv and "splitk" in args.sweep_kernels and T <= pw.SPLITK_MAX_TOKENS:
+                grid = splitk_sweep_grid(T, n, n, sms, 128, x.element_size(), args.splitk_grid)
+                if scfg not in grid:
+                    grid.append(scfg)
+                sweep, b = _sweep(P(_configured, pw, x, scale, partner, cos, sin, coeffs,
+                                    dict(kernel="splitk", workspace=workspace)),
+                                  grid, splitk_key, ref, ws, calls, tol)
+                hk = splitk_key(scfg)
+                row.update(splitk_sweep=sweep, splitk_best=b, splitk_heuristic=hk,
+                           splitk_heuristic_vs_best=(sweep[hk].get("us", float("nan")) / sweep[b]["us"] if b else None),
+                           splitk_best_overhead=(sweep[b]["us"] / t["matmul"]["graph_cold"] - 1 if b else None))
+                if b:
+                    best.append(f"splitk {b} {sweep[b]['us']:.1f} us "
+                                f"({100 * row['splitk_best_overhead']:+.1f} % over the matmul)")
             rows.append(row)
-            tm, tf, tu = t["matmul"], t["fused"], t["unfused"]
+            tm, tf, ts, tu = t["matmul"], t["fused"], t["splitk"], t["unfused"]
             print(f"decode n {n:5d} T {T:2d}  matmul {tm['warm']:6.1f} / {tm['cold']:6.1f} us, graph "
                   f"{tm['graph_warm']:6.1f} / {tm['graph_cold']:6.1f} (warm / cold W)   fused {tf['warm']:6.1f} / "
-                  f"{tf['cold']:6.1f}, graph {tf['graph_warm']:6.1f} / {tf['graph_cold']:6.1f}   unfused graph "
-                  f"{tu['graph_warm']:6.1f} / {tu['graph_cold']:6.1f}   overhead fused graph cold "
-                  f"{100 * over['fused']['graph_cold']:+.1f} % (unfused {100 * over['unfused']['graph_cold']:+.1f} %)"
-                  f"  err fused {err['fused']:.3g} unfused {err['unfused']:.3g}  cfg {config_key(cfg)}"
-                  + (f"  sweep best {row['gemv_best']} {sweep[row['gemv_best']]['us']:.1f} us"
-                     if args.sweep_gemv and row["gemv_best"] else ""), flush=True)
+                  f"{tf['cold']:6.1f}, graph {tf['graph_warm']:6.1f} / {tf['graph_cold']:6.1f}   splitk "
+                  f"{ts['warm']:6.1f} / {ts['cold']:6.1f}, graph {ts['graph_warm']:6.1f} / {ts['graph_cold']:6.1f}"
+                  f"   unfused graph {tu['graph_warm']:6.1f} / {tu['graph_cold']:6.1f}   overhead graph cold: "
+                  f"splitk {100 * over['splitk']['graph_cold']:+.1f} %, fused {100 * over['fused']['graph_cold']:+.1f} %,"
+                  f" unfused {100 * over['unfused']['graph_cold']:+.1f} %  err splitk {err['splitk']:.3g} fused "
+                  f"{err['fused']:.3g} unfused {err['unfused']:.3g}  cfg {splitk_key(scfg)} / {config_key(cfg)}"
+                  + (f"  sweep best: {'; '.join(best)}" if best else ""), flush=True)
         del ws
     return rows
 
@@ -374,10 +458,19 @@ def dry_run(args, pw) -> None:
             r = ring_size(wb)
             for T in map(int, args.decode_tokens.split(",")):
                 cfg = pw.gemv_config(T, n, n, 128, sms)
-                grid = gemv_sweep_grid(T, grid=args.gemv_grid) if args.sweep_gemv else []
+                scfg = pw.gemv_splitk_config(T, n, n, 128, sms)
+                grid = gemv_sweep_grid(T, grid=args.gemv_grid) \
+                    if args.sweep_gemv and "rows" in args.sweep_kernels else []
+                sgrid = splitk_sweep_grid(T, n, n, sms, grid=args.splitk_grid) \
+                    if args.sweep_gemv and "splitk" in args.sweep_kernels and T <= pw.SPLITK_MAX_TOKENS else []
+                programs = -(-n // scfg["split_ch"]) * -(-n // scfg["block_r"]) * T
+                ws = pw._splitk_sizes(T, n, n, scfg["split_ch"], scfg["block_r"])
                 print(f"decode n {n:5d} T {T:2d}: W {wb / 2 ** 20:.1f} MiB, ring of {r} ({r * wb / 2 ** 20:.0f} MiB), "
-                      f"{ring_calls(r)} calls a cold graph; fused tile {config_key(cfg)}"
-                      + (f"; sweep {len(grid)} configurations" if grid else ""))
+                      f"{ring_calls(r)} calls a cold graph; fused tile {config_key(cfg)}; split-K tile "
+                      f"{splitk_key(scfg)} ({programs} programs, workspace {4 * ws[0] / 1024:.0f} KiB + {ws[1]} "
+                      f"counters)"
+                      + (f"; sweep {len(grid)} row-kernel configurations" if grid else "")
+                      + (f"; sweep {len(sgrid)} split-K configurations" if sgrid else ""))
 
 
 def main() -> None:
@@ -389,7 +482,12 @@ def main() -> None:
     ap.add_argument("--sweep-gemv", action="store_true",
                     help="also time a grid of tiles of the fused decode kernel (block_o, chunk, warps, stages)")
     ap.add_argument("--sweep-gemv-grid", default=None,
-                    help='axes of the --sweep-gemv grid to replace, e.g. "block_o=16,32;chunk=4;num_stages=3"')
+                    help='axes of the row kernel\'s --sweep-gemv grid to replace, e.g. "block_o=16,32;chunk=4"')
+    ap.add_argument("--sweep-splitk-grid", default=None,
+                    help='axes of the split-K --sweep-gemv grid to replace, e.g. "split_ch=512;block_r=128,256;'
+                         'prefetch=0,4;num_stages=1,2,3"')
+    ap.add_argument("--sweep-gemv-kernels", default="splitk",
+                    help="comma list of the fused kernels --sweep-gemv sweeps: splitk (default), rows")
     ap.add_argument("--sections", default="main,decode", help="comma list of: main, decode")
     ap.add_argument("--ns", default=",".join(map(str, NS)))
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
@@ -404,8 +502,12 @@ def main() -> None:
         sys.exit(f"unknown --sections {sorted(bad)}; use main and / or decode")
     try:
         args.gemv_grid = parse_grid(args.sweep_gemv_grid)
+        args.splitk_grid = parse_grid(args.sweep_splitk_grid, SPLITK_SWEEP, "--sweep-splitk-grid")
     except ValueError as e:
         sys.exit(str(e))
+    args.sweep_kernels = [k.strip() for k in args.sweep_gemv_kernels.split(",") if k.strip()]
+    if set(args.sweep_kernels) - {"rows", "splitk"}:
+        sys.exit(f"unknown --sweep-gemv-kernels {args.sweep_gemv_kernels!r}; use splitk and / or rows")
     from lowbit.kernels import pairwise as pw
 
     if args.dry_run:
@@ -439,6 +541,7 @@ def main() -> None:
                 date=dt.datetime.now().isoformat(timespec="seconds"),
                 command="python " + " ".join(sys.argv), dtype="bfloat16", K=8, group=128,
                 mma_min_tokens=pw.MMA_MIN_TOKENS, decode_max_tokens=pw.DECODE_MAX_TOKENS,
+                splitk_max_tokens=pw.SPLITK_MAX_TOKENS,
                 ring_bytes=RING_BYTES, max_ring=MAX_RING, graph_calls=GRAPH_CALLS,
                 copy_1gib_us=big_t, copy_1gib_gbps=big_bw,
                 matmul_4096_1tok_us=mm4096_1tok, matmul_4096_1tok_graph_us=mm4096_1tok_graph,
@@ -448,7 +551,9 @@ def main() -> None:
     d4096 = [r for r in decode if r["n"] == 4096 and r["tokens"] == 1]
     if d4096:
         # issue 4: the fused decode layer's extra time over the plain matmul, 4096 x 4096, one token
+        # (row-block kernel, as before; the split-K kernel beside it)
         meta["decode_overhead_4096_1tok"] = d4096[0]["overhead"]["fused"]
+        meta["decode_overhead_4096_1tok_splitk"] = d4096[0]["overhead"]["splitk"]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, dict(meta=meta, rows=rows, decode=decode))

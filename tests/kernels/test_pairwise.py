@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import itertools
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -201,6 +203,43 @@ def test_gemv_coefficients_formats():
         pw.gemv_coefficients(scale, partner, cos * 1.1, sin, 128, givens=True)
 
 
+def test_gemv_splitk_config_one_wave():
+    """About one wave of programs at one token on the H100 (132 SMs), sub-tiles of 16 KB, few row blocks."""
+    for n, cs, rb, bo in ((4096, 512, 256, 16), (8192, 1024, 512, 8), (2048, 256, 128, 32), (576, 128, 32, 32)):
+        cfg = pw.gemv_splitk_config(1, n, n, 128, 132)
+        assert (cfg["split_ch"], cfg["block_r"], cfg["block_o"]) == (cs, rb, bo), (n, cfg)
+        assert cfg["block_o"] * cfg["split_ch"] * 2 <= 16 << 10
+    for n_in, n_out in ((4096, 4096), (8192, 8192), (2048, 2048), (4096, 1536), (1536, 576), (11008, 4096)):
+        for tokens in (1, 2, 4):
+            cfg = pw.gemv_splitk_config(tokens, n_in, n_out, 128, 132)
+            cs, rb = cfg["split_ch"], cfg["block_r"]
+            assert cs % 128 == 0 and (cs // 128) & (cs // 128 - 1) == 0 and cs <= 1024
+            programs = -(-n_in // cs) * -(-n_out // rb) * tokens
+            assert 0.9 * 132 <= programs <= 2 * 132 or rb == 32, (n_in, n_out, tokens, cfg, programs)
+            assert -(-n_out // rb) <= 24
+    # 4.5 groups, group 32 / 64: whole groups per split, at least one
+    assert pw.gemv_splitk_config(1, 144, 40, 32, 132)["split_ch"] == 32
+    assert pw.gemv_splitk_config(1, 576, 40, 64, 4)["split_ch"] == 64
+
+
+def test_gemv_workspace_grows_and_keeps_old_buffers():
+    ws = pw.GemvWorkspace()
+    ws.reserve(100, 7, "cpu")
+    part, cnt = ws.part, ws.counters
+    assert part.dtype == torch.float32 and part.numel() == 100 and cnt.dtype == torch.int32 and cnt.numel() == 7
+    assert not cnt.any()
+    ws.reserve(50, 3, "cpu")                       # large enough: the same buffers
+    assert ws.part is part and ws.counters is cnt and not ws.retired
+    ws.reserve(200, 9, "cpu")                      # grown; the old ones stay referenced (captured graphs)
+    assert ws.part.numel() == 200 and ws.counters.numel() == 9 and not ws.counters.any()
+    assert ws.retired[0] is part and ws.retired[1] is cnt
+    # sizes for up to 4 tokens with the configuration the launcher picks
+    w4 = pw.gemv_workspace(4, 4096, 4096, device="cpu", sms=132)
+    cfg = pw.gemv_splitk_config(4, 4096, 4096, 128, 132)
+    assert w4.part.numel() >= 4 * (4096 // cfg["split_ch"]) * 4096
+    assert w4.counters.numel() >= 4 * (4096 // cfg["block_r"])
+
+
 # ---- Triton on CUDA -------------------------------------------------------------------------
 
 @cuda
@@ -267,10 +306,13 @@ def test_fused_linear_matches_reference(n_in, n_out, tokens, dtype, bias):
     tol = GEMV_TOL[dtype]
     unfused = F.linear(pairwise_rotate_ref(x, *params), w, b)    # what RotatedLinear computed before
     for coeffs in (None, pw.gemv_coefficients(*params)):          # generic, then the compact givens format
-        y = pairwise_linear_triton(x, w, b, *params, coeffs=coeffs)
-        assert y.shape == (tokens, n_out) and y.dtype == dtype
-        torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol)
-        torch.testing.assert_close(y.float(), unfused.float(), rtol=2 * tol, atol=2 * tol)
+        for kernel in ("auto", "rows"):                            # auto: split-K up to SPLITK_MAX_TOKENS tokens
+            y = pairwise_linear_triton(x, w, b, *params, coeffs=coeffs, kernel=kernel)
+            assert y.shape == (tokens, n_out) and y.dtype == dtype
+            torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol, msg=lambda m: f"{kernel}: {m}")
+            torch.testing.assert_close(y.float(), unfused.float(), rtol=2 * tol, atol=2 * tol)
+        if tokens <= pw.SPLITK_MAX_TOKENS:                         # split-K: same bits twice, counters reset
+            check_splitk(x, w, b, params, tol, coeffs=coeffs)
 
 
 @cuda
@@ -381,6 +423,10 @@ def test_rotated_linear_on_cuda_fuses_decode(monkeypatch):
     check(1, False)
     monkeypatch.setattr(pw, "DECODE_MAX_TOKENS", 1)
     check(1, True)
+    ws = gpu._gemv_workspace                   # one token: the split-K kernel with the layer's workspace
+    assert ws is not None and ws.counters is not None and not ws.counters.any()
+    check(1, True)
+    assert gpu._gemv_workspace is ws
     check(2, False)
     monkeypatch.setattr(pw, "DECODE_MAX_TOKENS", 16)
     check(16, True)
@@ -392,6 +438,114 @@ def test_rotated_linear_on_cuda_fuses_decode(monkeypatch):
     with torch.no_grad():
         gpu(torch.randn(1, 576, device="cuda", dtype=torch.bfloat16))
     assert not calls
+
+
+# split-K decode kernel: shapes with partial last groups / splits and row counts that are not multiples of the
+# row block; (n_in, n_out, configuration overrides)
+SPLITK_CASES = [(576, 40, {}), (576, 40, dict(split_ch=256, block_r=16, block_o=4, num_stages=1)),
+                (256, 72, dict(split_ch=128, block_r=32, block_o=8, num_stages=2)),
+                (1536, 24, {}), (1536, 24, dict(split_ch=512, block_r=8, block_o=8))]
+
+
+def check_splitk(x, w, b, params, tol, group=128, **kw):
+    """The split-K kernel against the float64 reference; a second call with the same workspace gives
+    the same bits, and the counters are back at zero after each call."""
+    ws = pw.GemvWorkspace()
+    ref = linear_ref(x, w, b, *params)
+    y = pairwise_linear_triton(x, w, b, *params, group=group, kernel="splitk", workspace=ws, **kw)
+    assert y.shape == (x.shape[0], w.shape[0]) and y.dtype == x.dtype
+    torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol, msg=lambda m: f"{kw}: {m}")
+    assert not ws.counters.any()
+    again = pairwise_linear_triton(x, w, b, *params, group=group, kernel="splitk", workspace=ws, **kw)
+    assert torch.equal(y, again) and not ws.counters.any()
+    return y
+
+
+@cuda
+@pytest.mark.parametrize("n_in,n_out,kw", SPLITK_CASES)
+def test_splitk_small_shapes_on_cuda(n_in, n_out, kw):
+    """The interpreter tests' shapes and configurations, on the GPU."""
+    for i, dtype in enumerate((torch.float32, torch.bfloat16)):
+        for bias in (False, True):
+            x, w, b, *params = layer_inputs(n_in, n_out, 1 + 2 * i, dtype, bias, K=3, device="cuda", seed=n_in)
+            for givens in (False, True):
+                co = pw.gemv_coefficients(*params, givens=givens)
+                check_splitk(x, w, b, params, GEMV_TOL[dtype], coeffs=co, **kw)
+
+
+@cuda
+@pytest.mark.parametrize("givens", [False, True])
+def test_splitk_every_configuration(givens):
+    """Every configuration the benchmark sweep may try is correct (or out of resources): partial
+    splits and row blocks, both prefetch structures, L2 prefetch on and off."""
+    from triton.runtime.errors import OutOfResources
+
+    x, w, b, *params = layer_inputs(576, 1000, 3, torch.bfloat16, True, device="cuda", seed=13)
+    ref = linear_ref(x, w, b, *params)
+    co = pw.gemv_coefficients(*params, givens=givens)
+    ws = pw.GemvWorkspace()
+    # every third of split_ch x (block_r, block_o) x (warps, stages, prefetch): each value of each axis
+    # is tried (the sweep's configurations compile one by one, about a second each)
+    grid = itertools.product((128, 256, 512), ((32, 8), (64, 16), (128, 32), (256, 16), (1024, 8)),
+                             ((4, 1, 0), (4, 1, 2), (4, 3, 0), (8, 2, 1), (4, 4, 4)))
+    ran = 0
+    for cs, (br, bo), (warps, stages, pre) in itertools.islice(grid, int(givens), None, 3):
+        try:
+            y = pairwise_linear_triton(x, w, b, *params, split_ch=cs, block_r=br, block_o=bo, prefetch=pre,
+                                       num_warps=warps, num_stages=stages, coeffs=co, workspace=ws)
+        except OutOfResources:
+            continue
+        ran += 1
+        torch.testing.assert_close(y.double(), ref, rtol=2.0 ** -7, atol=2.0 ** -7,
+                                   msg=lambda m: f"{cs} {br} {bo} {warps} {stages} {pre}: {m}")
+        assert not ws.counters.any()
+    assert ran >= 20
+
+
+@cuda
+def test_splitk_deterministic_under_load():
+    """Many programs per counter and many counters (32 splits x 128 row blocks x 4 tokens): repeated
+    calls give the same bits, whatever order the programs run in, and leave the counters at zero."""
+    x, w, b, *params = layer_inputs(4096, 4096, 4, torch.bfloat16, True, device="cuda", seed=21)
+    co = pw.gemv_coefficients(*params)
+    ws = pw.gemv_workspace(4, 4096, 4096, device="cuda", split_ch=128, block_r=32)
+    kw = dict(coeffs=co, workspace=ws, kernel="splitk")
+    first = pairwise_linear_triton(x, w, b, *params, split_ch=128, block_r=32, block_o=8, **kw)
+    torch.testing.assert_close(first.double(), linear_ref(x, w, b, *params), rtol=2.0 ** -7, atol=2.0 ** -7)
+    for _ in range(20):
+        assert torch.equal(pairwise_linear_triton(x, w, b, *params, split_ch=128, block_r=32, block_o=8, **kw), first)
+    assert not ws.counters.any()
+    # the default tiles share the workspace (large enough), and each token equals its one-token call
+    y = pairwise_linear_triton(x, w, b, *params, **kw)
+    for t in range(4):
+        assert torch.equal(pairwise_linear_triton(x[t:t + 1], w, b, *params, **kw)[0], y[t])
+    assert not ws.counters.any()
+
+
+@cuda
+def test_splitk_in_cuda_graph():
+    """Captured with a workspace: replays need no memset (the kernel resets its counters), give the
+    eager result bit for bit, and a workspace grown after the capture leaves the graph's buffers alive."""
+    x, w, b, *params = layer_inputs(2048, 2048, 1, torch.bfloat16, True, device="cuda", seed=14)
+    co = pw.gemv_coefficients(*params)
+    ws = pw.GemvWorkspace()
+    pairwise_linear_triton(x, w, b, *params, coeffs=co, workspace=ws, kernel="splitk")    # compile outside
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = pairwise_linear_triton(x, w, b, *params, coeffs=co, workspace=ws, kernel="splitk")
+        out2 = pairwise_linear_triton(x, w, b, *params, kernel="splitk")   # a fresh workspace, in the graph
+    part = ws.part
+    pairwise_linear_triton(torch.randn(4, 2048, device="cuda", dtype=torch.bfloat16), w, b, *params,
+                           coeffs=co, workspace=ws, kernel="splitk", split_ch=128)  # grows the workspace
+    assert ws.part is not part and any(t is part for t in ws.retired)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        g.replay()
+        torch.cuda.synchronize()
+        eager = pairwise_linear_triton(x, w, b, *params, coeffs=co, kernel="splitk")
+        assert torch.equal(out, eager) and torch.equal(out2, eager)
+        torch.testing.assert_close(out.double(), linear_ref(x, w, b, *params), rtol=2.0 ** -7, atol=2.0 ** -7)
+    assert not ws.counters.any()
 
 
 # ---- Triton interpreter on CPU (only where triton imports and there is no GPU) ---------------
@@ -447,6 +601,7 @@ def test_fused_linear_interpreter_matches_reference(group, monkeypatch):
     real = pw.pairwise_linear_triton
     monkeypatch.setattr(pw, "pairwise_linear_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(pw, "DECODE_MAX_TOKENS", 16)           # also the 16-token tile path
+    monkeypatch.setattr(pw, "SPLITK_MAX_TOKENS", 0)            # the row kernel (split-K: the tests below)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         # the interpreter truncates fp32 -> bf16 / fp16 instead of rounding to nearest: 4x the GPU tolerance
         tol = 4 * GEMV_TOL[dtype]
@@ -468,3 +623,63 @@ def test_fused_linear_interpreter_matches_reference(group, monkeypatch):
             torch.testing.assert_close(pairwise_linear_triton(x, w, b, *params, group=group, **kw).double(), ref,
                                        rtol=tol, atol=tol)
     assert len(calls) == 3 * 2 * 2
+
+
+interpreter_only = pytest.mark.skipif(torch.cuda.is_available() or not _has_triton(),
+                                      reason="interpreter test: needs triton and no CUDA")
+
+
+@pytest.fixture
+def interpreter(monkeypatch):
+    """TRITON_INTERPRET=1 and the kernel module re-decorated under it."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    import lowbit.kernels._pairwise_triton as tk
+    importlib.reload(tk)   # the @triton.jit decorators read TRITON_INTERPRET when they run
+    return tk
+
+
+@interpreter_only
+@pytest.mark.parametrize("n_in,n_out,kw", SPLITK_CASES)
+def test_splitk_interpreter_matches_reference(n_in, n_out, kw, interpreter):
+    """fp32 / bf16, with and without bias, generic and givens coefficients, 1 and 3 tokens (the
+    interpreter runs the programs one after another: the last split of each row block adds up)."""
+    i = 0
+    for dtype in (torch.float32, torch.bfloat16):
+        tol = 4 * GEMV_TOL[dtype]       # the interpreter truncates fp32 -> bf16: 4x the GPU tolerance
+        for bias in (False, True):
+            for givens in (False, True):
+                tokens = 3 if i % 4 == 1 else 1     # a few 3-token launches (3x slower)
+                i += 1
+                x, w, b, *params = layer_inputs(n_in, n_out, tokens, dtype, bias, K=3, seed=n_in + i)
+                co = pw.gemv_coefficients(*params, givens=givens)
+                assert co.givens == givens
+                check_splitk(x, w, b, params, tol, coeffs=co, **kw)
+
+
+@interpreter_only
+def test_splitk_interpreter_dispatch_and_workspace(interpreter, monkeypatch):
+    x, w, b, *params = layer_inputs(192, 40, 3, torch.float32, True, group=64, K=3, seed=31)
+    ref = linear_ref(x, w, b, *params)
+    ws = pw.GemvWorkspace()
+    # auto: split-K up to SPLITK_MAX_TOKENS tokens (the workspace gets used), the row kernel beyond
+    monkeypatch.setattr(pw, "SPLITK_MAX_TOKENS", 2)
+    y = pairwise_linear_triton(x, w, b, *params, group=64, workspace=ws)
+    assert ws.part is None
+    torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4)
+    y1 = pairwise_linear_triton(x[:1], w, b, *params, group=64, workspace=ws)
+    assert ws.part is not None and not ws.counters.any()
+    torch.testing.assert_close(y1.double(), ref[:1], rtol=1e-4, atol=1e-4)
+    # a configuration with more splits and row blocks grows the workspace; the results agree
+    part = ws.part
+    y2 = pairwise_linear_triton(x, w, b, *params, group=64, workspace=ws, split_ch=64, block_r=8, block_o=8)
+    assert ws.part is not part and not ws.counters.any()
+    torch.testing.assert_close(y2.double(), ref, rtol=1e-4, atol=1e-4)
+    # pairwise_linear passes kernel / workspace through
+    y3 = pairwise_linear(x[:1], w, b, *params, group=64, mode="fused", kernel="splitk", workspace=ws)
+    assert torch.equal(y3, y1)
+    # wrong arguments name the problem
+    for kw, match in ((dict(kernel="splitk", chunk=2), "splitk"), (dict(kernel="rows", split_ch=64), "rows"),
+                      (dict(split_ch=96), "split_ch"), (dict(block_r=16, block_o=32), "block_o"),
+                      (dict(block_r=24), "block_r"), (dict(prefetch=3), "prefetch"), (dict(kernel="x"), "kernel")):
+        with pytest.raises(ValueError, match=match):
+            pairwise_linear_triton(x[:1], w, b, *params, group=64, **kw)

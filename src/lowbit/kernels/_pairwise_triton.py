@@ -1,6 +1,6 @@
 """Triton kernels of the pairwise rotation transform (imported only when triton is available).
 
-Two kernels; `lowbit.kernels.pairwise` launches them:
+Four kernels; `lowbit.kernels.pairwise` launches them:
 
 - `gather_kernel`: one program = a tile of BLOCK_T tokens x one rotation group of G channels. The
   tile is loaded once (scale applied on load), the K rotations run in fp32 registers, each one a
@@ -16,6 +16,11 @@ Two kernels; `lowbit.kernels.pairwise` launches them:
   BLOCK_O output rows (all tokens of its tile); it walks the input channels in chunks of CH whole
   groups, rotates the chunk in registers (the same gathers as `gather_kernel`, the CH groups side
   by side) and multiplies it with its [BLOCK_O, CH*G] weight tile.
+- `rotated_gemv_splitk_kernel`: the same layer for one token per program, split over the input
+  channels as well (split-K): each program rotates only its own chunk of channels (and reads only
+  its coefficients) and streams a [BLOCK_R, CH*G] block of W; fp32 partial sums go to a workspace
+  and the last program of each row block (an atomic ticket counter) adds them in a fixed order, so
+  the result is deterministic and the counters are left at zero for the next launch.
 """
 
 from __future__ import annotations
@@ -249,3 +254,188 @@ def rotated_gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, scale_ptr, partner_ptr,
     else:
         optr = out_ptr + offs_t.to(tl.int64)[:, None] * stride_ot + offs_o[None, :]
         tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=tmask[:, None] & omask[None, :])
+
+
+# ---- split-K decode kernel -----------------------------------------------------------------------
+
+
+_sum_combine = getattr(tl.standard, "_sum_combine", _add)   # tl.sum's combine (private name: a fallback)
+
+
+@triton.jit
+def _rotate_chunk(x_row, col, loc, scale_ptr, partner_ptr, cos_ptr, sin_ptr, N,
+                  K: tl.constexpr, EVEN_N: tl.constexpr, GIVENS: tl.constexpr):
+    """Scale and K rotations of one token's channels `col` ([CH, G]: CH whole groups side by side,
+    `loc` the channel inside its group) in fp32; the same math as `rotated_gemv_kernel`'s one-token
+    path. Channels past N (partial last group / chunk) are 0 and stay in place."""
+    if EVEN_N:
+        s = tl.load(scale_ptr + col)
+        x = tl.load(x_row + col)
+    else:
+        cmask = col < N
+        s = tl.load(scale_ptr + col, mask=cmask, other=0.0)
+        x = tl.load(x_row + col, mask=cmask, other=0.0)
+    y = x.to(tl.float32) * s
+    for k in tl.static_range(K):
+        if EVEN_N:
+            p = tl.load(partner_ptr + k * N + col).to(tl.int32)
+            c = tl.load(cos_ptr + k * N + col)
+            if not GIVENS:
+                sn = tl.load(sin_ptr + k * N + col)
+        else:
+            p = tl.load(partner_ptr + k * N + col, mask=cmask, other=0).to(tl.int32)
+            if GIVENS:
+                c = tl.load(cos_ptr + k * N + col, mask=cmask, other=0.0)
+            else:
+                c = tl.load(cos_ptr + k * N + col, mask=cmask, other=1.0)
+                sn = tl.load(sin_ptr + k * N + col, mask=cmask, other=0.0)
+        if GIVENS:
+            v = c
+            d = tl.sqrt(1.0 - v * v)
+            d = tl.where((p & 512) != 0, -d, d)
+            is_cos = (p & 256) != 0
+            c = tl.where(is_cos, v, d)
+            sn = tl.where(is_cos, d, v)
+            p = p & 255
+        if not EVEN_N:
+            p = tl.where(cmask, p, loc[None, :])
+        y = c * y + sn * tl.gather(y, p, axis=1)
+    return y
+
+
+@triton.jit
+def _weight_tile(w_ptr, rows, cols, stride_wo, M, N, EVEN_N: tl.constexpr, EVEN_M: tl.constexpr):
+    """W[rows, cols] ([BLOCK_O, CH * G], x's dtype); rows past M and columns past N read as 0."""
+    ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wo + cols[None, :]
+    if EVEN_N:
+        if EVEN_M:
+            w = tl.load(ptrs, eviction_policy="evict_first")
+        else:
+            w = tl.load(ptrs, mask=(rows < M)[:, None], other=0.0, eviction_policy="evict_first")
+    else:
+        w = tl.load(ptrs, mask=(rows < M)[:, None] & (cols < N)[None, :], other=0.0,
+                    eviction_policy="evict_first")
+    return w
+
+
+@triton.jit
+def _store_partial(part_row, rows, w, yv, M, EVEN_M: tl.constexpr):
+    """part_row[rows] = sum_i W[rows, i] * y[i] over the split's channels (fp32)."""
+    # tl.reduce with tl.sum's own combine: the same code on the GPU, and the interpreter, which
+    # runs any other combine element by element in Python, recognizes it and sums with numpy
+    # (tl.sum itself is a jit helper built before the interpreter tests turn TRITON_INTERPRET on)
+    acc = tl.reduce(w.to(tl.float32) * yv[None, :], 1, _sum_combine)
+    if EVEN_M:
+        tl.store(part_row + rows, acc)
+    else:
+        tl.store(part_row + rows, acc, mask=rows < M)
+
+
+@triton.jit
+def _prefetch_l2(w_ptr, row0, c0, stride_wo, M, N, ROWS: tl.constexpr, CS: tl.constexpr, LINE: tl.constexpr):
+    """prefetch.global.L2 of W[row0 : row0 + ROWS, c0 : c0 + CS], one per line of LINE elements
+    (128 bytes): DRAM -> L2 without registers (inline PTX: CUDA only, not the interpreter).
+    Indices are clamped into W, so no address falls outside it."""
+    rows = tl.minimum(row0 + tl.arange(0, ROWS), M - 1)
+    cols = tl.minimum(c0 + tl.arange(0, CS // LINE) * LINE, N - 1)
+    ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wo + cols[None, :]
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
+def rotated_gemv_splitk_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, count_ptr,
+                               scale_ptr, partner_ptr, cos_ptr, sin_ptr,
+                               N, M, stride_xt, stride_wo, stride_ot,
+                               K: tl.constexpr, G: tl.constexpr, CH: tl.constexpr, SPLITS: tl.constexpr,
+                               BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr, HAS_BIAS: tl.constexpr,
+                               EVEN_N: tl.constexpr, EVEN_M: tl.constexpr, GIVENS: tl.constexpr,
+                               STAGES: tl.constexpr, PREFETCH: tl.constexpr, LINE: tl.constexpr):
+    """out[t, o] = sum_i rot(x)[t, i] * W[o, i] (+ bias[o]), one token per program, split over the
+    input channels (split-K), deterministic.
+
+    Grid (SPLITS, cdiv(M, BLOCK_R), T). Program (s, r, t) takes the input channels
+    [s * CH * G, (s + 1) * CH * G) (CH whole groups: the rotation never crosses a split) and the
+    output rows [r * BLOCK_R, (r + 1) * BLOCK_R): it rotates only its own chunk of token t (and
+    reads only that chunk's coefficients) and streams its [BLOCK_R, CH * G] block of W in row
+    sub-tiles of BLOCK_O, the first ones requested before the rotation so that the weight's DRAM
+    latency overlaps it. The partial sums (fp32) go to part[t, s, rows] with plain stores; then the
+    program takes a ticket on the (t, r) counter (one acq_rel atomic after a block barrier: its
+    release covers the whole block's partial stores); the one that draws SPLITS - 1 arrived last:
+    it adds the SPLITS partials of its rows in split order (.cg loads, from L2), adds the bias,
+    stores the output and puts the counter back to 0, ready for the next launch (CUDA graph
+    replays included) without a memset. No float atomics: the result does not depend on the
+    order in which the programs run.
+
+    STAGES, the prefetch structure of the sub-tile loop:
+    - 1: register double buffering: sub-tile 0 is loaded (into registers) before the rotation and
+      the load of sub-tile i + 1 is issued before the product of sub-tile i. ptxas may sink the
+      first load below most of the rotation (seen in the sm_90 SASS: it hoists the coefficient
+      loads instead), hence PREFETCH.
+    - >= 2: Triton's software pipelining of the loop over all sub-tiles (tl.range
+      num_stages=STAGES: cp.async into shared memory, STAGES - 1 sub-tiles in flight) with the
+      rotation inside iteration 0: the pipeline's prologue, which requests the first STAGES - 1
+      sub-tiles, comes before it (checked in the sm_90 SASS), and no registers hold them meanwhile.
+    PREFETCH (CUDA only, 0 under the interpreter): the first PREFETCH sub-tiles are also requested
+    into L2 (`_prefetch_l2`) before anything else, so more of the weight is in flight from DRAM.
+    EVEN_N: N is a multiple of CH * G; EVEN_M: M of BLOCK_R. BLOCK_O divides BLOCK_R. LINE:
+    elements per 128 bytes (at most CH * G).
+    """
+    pid_s = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_t = tl.program_id(2)
+    n_r = tl.num_programs(1)
+    NSUB: tl.constexpr = BLOCK_R // BLOCK_O
+    c0 = pid_s * (CH * G)
+    cols = c0 + tl.arange(0, CH * G)                                # the split's input channels
+    loc = tl.arange(0, G)                                           # channel inside its group
+    col = c0 + (tl.arange(0, CH) * G)[:, None] + loc[None, :]       # [CH, G], the same channels
+    row0 = pid_r * BLOCK_R
+    sub = tl.arange(0, BLOCK_O)
+    x_row = x_ptr + pid_t.to(tl.int64) * stride_xt
+    part_row = part_ptr + (pid_t.to(tl.int64) * SPLITS + pid_s) * M
+    if PREFETCH > 0:
+        _prefetch_l2(w_ptr, row0, c0, stride_wo, M, N, PREFETCH * BLOCK_O, CH * G, LINE)
+    if STAGES <= 1:
+        w = _weight_tile(w_ptr, row0 + sub, cols, stride_wo, M, N, EVEN_N, EVEN_M)
+        y = _rotate_chunk(x_row, col, loc, scale_ptr, partner_ptr, cos_ptr, sin_ptr, N, K, EVEN_N, GIVENS)
+        # rounded to x's dtype, as pairwise_rotate returns it (the unfused path's product)
+        yv = tl.reshape(y.to(x_ptr.dtype.element_ty), (CH * G,)).to(tl.float32)
+        for i in tl.range(1, NSUB, num_stages=1):
+            w_next = _weight_tile(w_ptr, row0 + i * BLOCK_O + sub, cols, stride_wo, M, N, EVEN_N, EVEN_M)
+            _store_partial(part_row, row0 + (i - 1) * BLOCK_O + sub, w, yv, M, EVEN_M)
+            w = w_next
+        _store_partial(part_row, row0 + (NSUB - 1) * BLOCK_O + sub, w, yv, M, EVEN_M)
+    else:
+        yv = tl.full([CH * G], 0.0, tl.float32)
+        for i in tl.range(0, NSUB, num_stages=STAGES):
+            w = _weight_tile(w_ptr, row0 + i * BLOCK_O + sub, cols, stride_wo, M, N, EVEN_N, EVEN_M)
+            if i == 0:
+                y = _rotate_chunk(x_row, col, loc, scale_ptr, partner_ptr, cos_ptr, sin_ptr, N, K, EVEN_N, GIVENS)
+                yv = tl.reshape(y.to(x_ptr.dtype.element_ty), (CH * G,)).to(tl.float32)
+            _store_partial(part_row, row0 + i * BLOCK_O + sub, w, yv, M, EVEN_M)
+    # handshake: every thread's partial stores happen before the ticket (block barrier), whose
+    # release publishes them at GPU scope; the last program's acquire makes all splits' stores visible
+    tl.debug_barrier()
+    count = count_ptr + pid_t * n_r + pid_r
+    ticket = tl.atomic_add(count, 1, sem="acq_rel", scope="gpu")
+    if ticket == SPLITS - 1:
+        rows = row0 + tl.arange(0, BLOCK_R)
+        base = part_ptr + pid_t.to(tl.int64) * SPLITS * M + rows
+        acc = tl.full([BLOCK_R], 0.0, tl.float32)
+        for s in tl.static_range(SPLITS):      # split order: the same sum whichever program is last
+            if EVEN_M:
+                acc += tl.load(base + s * M, cache_modifier=".cg")
+            else:
+                acc += tl.load(base + s * M, mask=rows < M, other=0.0, cache_modifier=".cg")
+        if HAS_BIAS:
+            if EVEN_M:
+                acc += tl.load(bias_ptr + rows).to(tl.float32)
+            else:
+                acc += tl.load(bias_ptr + rows, mask=rows < M, other=0.0).to(tl.float32)
+        optr = out_ptr + pid_t.to(tl.int64) * stride_ot + rows
+        if EVEN_M:
+            tl.store(optr, acc.to(out_ptr.dtype.element_ty))
+        else:
+            tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=rows < M)
+        tl.atomic_xchg(count, 0, sem="relaxed", scope="gpu")   # the next launch is stream-ordered after this one

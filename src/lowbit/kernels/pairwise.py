@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -29,8 +30,13 @@ MMA_MIN_TOKENS = int(os.environ.get("LOWBIT_PAIRWISE_MMA_MIN_TOKENS", "1024"))
 #: by default: on the H100 the fused kernel was within a few percent of rotate-then-matmul at one
 #: token (4096: +19 % over the matmul either way) and several times slower from 2 tokens on, and the
 #: last tile-heuristic change (fp32, several tokens) was not re-run on the GPU; set 1 to use it
-#: at one token (docs/pairwise.md)
+#: at one token (docs/pairwise.md). Measured with the row-block kernel; the split-K kernel that
+#: `pairwise_linear_triton` now takes for 1 to SPLITK_MAX_TOKENS tokens has not been timed yet
 DECODE_MAX_TOKENS = int(os.environ.get("LOWBIT_PAIRWISE_DECODE_MAX_TOKENS", "0"))
+#: token count up to which `pairwise_linear_triton` (kernel "auto") takes the split-K kernel, one
+#: token per program (`rotated_gemv_splitk_kernel`); from there the row-block kernel with tiles of
+#: 16 tokens on tl.dot. Tune on the GPU (benchmarks/kernel_pairwise.py --decode-tokens 1,2,4,16)
+SPLITK_MAX_TOKENS = int(os.environ.get("LOWBIT_PAIRWISE_SPLITK_MAX_TOKENS", "4"))
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -334,6 +340,95 @@ def gemv_config(tokens: int, n_in: int, n_out: int, group: int, sms: int, elem_s
     return dict(block_o=bo, chunk=ch, block_t=bt, num_warps=4, num_stages=stages)
 
 
+def gemv_splitk_config(tokens: int, n_in: int, n_out: int, group: int, sms: int, elem_size: int = 2,
+                       K: int = 8, givens: bool = True) -> dict[str, int]:
+    """Tile of the split-K decode kernel: dict(split_ch, block_r, block_o, prefetch, num_warps, num_stages).
+
+    A first guess, to be tuned by `benchmarks/kernel_pairwise.py --sweep-gemv` on the GPU.
+    split_ch (input channels per split, a power-of-two count of whole groups): about n_in / 8, from
+    one group up to 1024 channels, so that a program's rotation (split_ch x K gathers) stays short
+    next to the DRAM latency of its first weight tile it overlaps. block_r (output rows per
+    program): the largest power of two from 1024 down to 32 that still gives about one wave of
+    programs (splits x row blocks x tokens >= 0.9 x SMs); every row block reads the coefficients
+    once more (from L2) and rotates its chunks again, so few, tall row blocks: e.g. 4096 x 4096 at
+    one token on 132 SMs -> 512 x 256 (8 x 16 = 128 programs, 256 KB of weight against 32 KB of
+    coefficients each), 8192 -> 1024 x 512, 2048 -> 256 x 128. block_o (rows per sub-tile of the
+    streaming loop): a sub-tile of about 16 KB. num_stages 3: Triton's pipelining, two sub-tiles in
+    flight through shared memory from before the rotation on (num_stages 1, register double
+    buffering, lets ptxas delay the first load; see `rotated_gemv_splitk_kernel`). prefetch 0 (no
+    L2 prefetch). K and givens (the coefficient bytes) are not used yet.
+    """
+    ng = max(1, -(-n_in // group))
+    ch = min(_pow2_floor(max(1, ng // 8)), max(1, 1024 // group), _pow2_floor(ng))
+    split = ch * group
+    splits = -(-max(1, n_in) // split)
+    t = max(1, tokens)
+    block_r = 32
+    for b in (1024, 512, 256, 128, 64, 32):
+        if splits * -(-n_out // b) * t >= 0.9 * sms:
+            block_r = b
+            break
+    block_r = max(1, min(block_r, _next_pow2(max(1, n_out))))
+    block_o = max(1, min(block_r, _pow2_floor(max(1, (16 << 10) // (split * elem_size)))))
+    return dict(split_ch=split, block_r=block_r, block_o=block_o, prefetch=0, num_warps=4, num_stages=3)
+
+
+@dataclass
+class GemvWorkspace:
+    """Scratch memory of the split-K decode kernel: fp32 partial sums [tokens x splits x n_out] and
+    int32 ticket counters [tokens x row blocks], which are zero between launches (the last program
+    of each row block puts its counter back), so one workspace serves any number of launches on
+    one stream, CUDA graph replays included, with no memset in between.
+
+    Not to be shared by two launches that may run at the same time (on different streams, or
+    graphs replayed concurrently): their tickets and partial sums would mix. `RotatedLinear`
+    keeps one per layer. `reserve` (called by `pairwise_linear_triton`) grows it when a launch
+    needs more; the buffers it replaces are kept (`retired`), never freed, so that a CUDA graph
+    captured with them stays valid.
+    """
+    part: torch.Tensor | None = None
+    counters: torch.Tensor | None = None
+    retired: list = field(default_factory=list, repr=False)
+
+    def reserve(self, part_numel: int, counters_numel: int, device) -> GemvWorkspace:
+        """Make part hold >= part_numel floats and counters >= counters_numel ints on `device`."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if self.part is None or self.part.device != device or self.part.numel() < part_numel:
+            if self.part is not None:
+                self.retired.append(self.part)
+            self.part = torch.empty(max(1, part_numel), dtype=torch.float32, device=device)
+        if self.counters is None or self.counters.device != device or self.counters.numel() < counters_numel:
+            if self.counters is not None:
+                self.retired.append(self.counters)
+            self.counters = torch.zeros(max(1, counters_numel), dtype=torch.int32, device=device)
+        return self
+
+
+def _splitk_sizes(tokens: int, n_in: int, n_out: int, split_ch: int, block_r: int) -> tuple[int, int]:
+    """(floats of partial sums, counters) a split-K launch needs."""
+    return tokens * -(-n_in // split_ch) * n_out, tokens * -(-n_out // block_r)
+
+
+def gemv_workspace(tokens: int, n_in: int, n_out: int, group: int = 128, device="cuda", *,
+                   sms: int | None = None, elem_size: int = 2, split_ch: int | None = None,
+                   block_r: int | None = None) -> GemvWorkspace:
+    """A workspace for the split-K launches of an [n_out, n_in] layer, up to `tokens` tokens, with
+    the tiles of `gemv_splitk_config` (or split_ch / block_r as given). Any workspace that is large
+    enough works for any launch; `pairwise_linear_triton` grows a too small one."""
+    if sms is None:
+        dev = torch.device(device)
+        sms = _sm_count(dev.index if dev.index is not None else torch.cuda.current_device()) \
+            if dev.type == "cuda" else 4
+    part = cnt = 0
+    for t in range(1, max(1, tokens) + 1):
+        cfg = gemv_splitk_config(t, n_in, n_out, group, sms, elem_size)
+        p, c = _splitk_sizes(t, n_in, n_out, split_ch or cfg["split_ch"], block_r or cfg["block_r"])
+        part, cnt = max(part, p), max(cnt, c)
+    return GemvWorkspace().reserve(part, cnt, device)
+
+
 def fused_linear_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                          scale: torch.Tensor | None = None, cos: torch.Tensor | None = None,
                          sin: torch.Tensor | None = None, group: int = 128) -> bool:
@@ -356,17 +451,30 @@ def fused_linear_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 
 def pairwise_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                            scale: torch.Tensor, partner: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                           group: int = 128, *, coeffs: GemvCoefficients | None = None,
+                           group: int = 128, *, coeffs: GemvCoefficients | None = None, kernel: str = "auto",
+                           workspace: GemvWorkspace | None = None,
                            block_o: int | None = None, chunk: int | None = None, block_t: int | None = None,
+                           split_ch: int | None = None, block_r: int | None = None, prefetch: int | None = None,
                            num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
     """F.linear(pairwise_rotate(x, scale, partner, cos, sin), weight, bias) in one Triton launch
-    (`rotated_gemv_kernel`; no autograd), meant for a few tokens (decode).
+    (no autograd), meant for a few tokens (decode).
+
+    kernel "splitk": `rotated_gemv_splitk_kernel`, one token per program, the input channels split
+    over programs too, so that each one rotates only its chunk; its partial sums go through
+    `workspace` (a `GemvWorkspace`, grown here if too small; None: a fresh one for this call, which
+    costs an allocation and a memset; a workspace must not serve two launches that may run
+    concurrently). Deterministic. Tiles: `gemv_splitk_config`, overridden by split_ch / block_r /
+    block_o / prefetch / num_warps / num_stages (num_stages 1: register double buffering, >= 2:
+    Triton's pipelining; prefetch: sub-tiles requested into L2 first, CUDA only; see the kernel's
+    docstring). kernel "rows": `rotated_gemv_kernel`, programs over output
+    rows only, every one rotating the whole input (tiles: `gemv_config`, overridden by block_o /
+    chunk / block_t / num_warps / num_stages; block_t is 1, one token per program, or a power of
+    two >= 16 on tl.dot). "auto": "rows" when chunk or block_t is given, "splitk" when split_ch,
+    block_r or prefetch is, else "splitk" up to SPLITK_MAX_TOKENS tokens and "rows" beyond.
 
     The rotated activations are rounded to x's dtype before the product, as the unfused path does,
     so the two agree up to the order of the fp32 accumulation. `coeffs` (from `gemv_coefficients`)
-    spares re-packing the fixed transform's coefficients per call. block_o / chunk / block_t /
-    num_warps / num_stages override `gemv_config` (benchmark sweeps); block_t is 1 (one token per
-    program, no tensor cores) or a power of two >= 16 (tl.dot). Partner maps are not checked
+    spares re-packing the fixed transform's coefficients per call. Partner maps are not checked
     (a device sync); see `validate_partner`.
     """
     tk, x2, sms = _kernel_input("pairwise_linear_triton", "use pairwise_linear", x, scale, partner, cos, sin, group)
@@ -379,6 +487,8 @@ def pairwise_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
                          + (f" and {bias.dtype}" if bias is not None else ""))
     if bias is not None and tuple(bias.shape) != (m,):
         raise ValueError(f"bias must be [{m}], got {tuple(bias.shape)}")
+    if kernel not in ("auto", "rows", "splitk"):
+        raise ValueError(f"kernel must be 'auto', 'rows' or 'splitk', got {kernel!r}")
     T = x2.shape[0]
     out = torch.empty((T, m), dtype=x.dtype, device=x.device)
     if T == 0 or m == 0:
@@ -392,6 +502,50 @@ def pairwise_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         # generic format: packing in the givens one checks the coefficients on the host (a sync)
         coeffs = gemv_coefficients(scale, partner, cos, sin, group, givens=False)
     s, p, c, sn, givens = coeffs
+    if kernel == "auto":
+        if chunk is not None or block_t is not None:
+            kernel = "rows"
+        elif split_ch is not None or block_r is not None or prefetch is not None:
+            kernel = "splitk"
+        else:
+            kernel = "splitk" if T <= SPLITK_MAX_TOKENS else "rows"
+    if kernel == "splitk" and n == 0:
+        kernel = "rows"      # no split to launch; the row kernel writes the bias (or zeros)
+    if kernel == "splitk":
+        if chunk is not None or (block_t or 1) != 1:
+            raise ValueError("kernel 'splitk' takes split_ch / block_r / block_o, not chunk or block_t > 1")
+        cfg = gemv_splitk_config(T, n, m, group, sms, x.element_size(), K, givens)
+        cs = split_ch or cfg["split_ch"]
+        br = block_r or cfg["block_r"]
+        bo = block_o or min(cfg["block_o"], br)
+        ch = cs // group
+        if cs % group or ch & (ch - 1):
+            raise ValueError(f"split_ch must be a power-of-two count of whole groups of {group}, got {cs}")
+        for name, v in (("block_r", br), ("block_o", bo)):
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"{name} must be a power of two, got {v}")
+        if bo > br:
+            raise ValueError(f"block_o ({bo}) must not exceed block_r ({br})")
+        pre = cfg["prefetch"] if prefetch is None else prefetch
+        if pre < 0 or pre & (pre - 1):
+            raise ValueError(f"prefetch must be 0 or a power of two, got {pre}")
+        pre = min(pre, br // bo) if x.is_cuda else 0    # inline PTX: not under the interpreter
+        if T > 65535 or -(-m // br) > 65535:
+            raise ValueError(f"{T} tokens, {-(-m // br)} row blocks: the grid's axes 1 and 2 take 65535 at most")
+        splits = -(-n // cs)
+        part_n, cnt_n = _splitk_sizes(T, n, m, cs, br)
+        ws = (workspace if workspace is not None else GemvWorkspace()).reserve(part_n, cnt_n, x.device)
+        stages = num_stages or cfg["num_stages"]
+        grid = (splits, -(-m // br), T)
+        tk.rotated_gemv_splitk_kernel[grid](
+            x2, weight, bias if bias is not None else out, out, ws.part, ws.counters, s, p, c, sn,
+            n, m, x2.stride(0), weight.stride(0), out.stride(0),
+            K=K, G=group, CH=ch, SPLITS=splits, BLOCK_R=br, BLOCK_O=bo, HAS_BIAS=bias is not None,
+            EVEN_N=(n % cs == 0), EVEN_M=(m % br == 0), GIVENS=givens, STAGES=stages, PREFETCH=pre,
+            LINE=min(cs, 128 // x.element_size()), num_warps=num_warps or cfg["num_warps"], num_stages=max(1, stages))
+        return out.reshape(*x.shape[:-1], m)
+    if split_ch is not None or block_r is not None or prefetch is not None:
+        raise ValueError("kernel 'rows' takes block_o / chunk / block_t, not split_ch, block_r or prefetch")
     cfg = gemv_config(T, n, m, group, sms, x.element_size(), K, givens)
     bo = block_o or cfg["block_o"]
     ch = chunk or cfg["chunk"]
@@ -426,8 +580,8 @@ def pairwise_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     the interpreter, fp32 / fp16 / bf16, no gradient needed, at most DECODE_MAX_TOKENS tokens);
     otherwise the transform (`pairwise_rotate`, with `blocks` for its tensor-core path) then
     F.linear. "fused" / "unfused" force one path. Errors raised by the kernel propagate (no silent
-    fallback). `coeffs` (`gemv_coefficients`) and `kernel_args` (block_o, chunk, block_t, num_warps,
-    num_stages) go to the fused kernel.
+    fallback). `coeffs` (`gemv_coefficients`) and `kernel_args` (kernel, workspace, block_o, chunk,
+    block_t, split_ch, block_r, prefetch, num_warps, num_stages) go to `pairwise_linear_triton`.
     """
     if mode == "auto":
         mode = "fused" if fused_linear_applies(x, weight, bias, scale, cos, sin, group) else "unfused"

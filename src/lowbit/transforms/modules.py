@@ -33,7 +33,7 @@ class RotatedLinear(nn.Linear):
             partner, cos, sin = self.rot.coefficients(device)
             self.partner, self.cos, self.sin = partner, cos.float(), sin.float()
             self.inv_scale = (1 / self.rot.scale).float().to(device)
-        self._blocks = self._kernel_blocks = self._gemv_coeffs = None
+        self._blocks = self._kernel_blocks = self._gemv_coeffs = self._gemv_workspace = None
 
     @classmethod
     def wrap(cls, lin: nn.Linear, rot: PairwiseRotation, weight: torch.Tensor | None = None) -> RotatedLinear:
@@ -85,15 +85,20 @@ class RotatedLinear(nn.Linear):
         if x.is_cuda:
             # decode (up to DECODE_MAX_TOKENS tokens, no gradient): the transform fused into the
             # matmul, one launch; otherwise the transform kernel (cached blocks), then F.linear
-            from ..kernels.pairwise import fused_linear_applies, gemv_coefficients, pairwise_linear
+            from ..kernels.pairwise import GemvWorkspace, fused_linear_applies, gemv_coefficients, pairwise_linear
 
             args = (self.inv_scale, self.partner, self.cos, self.sin)
             if fused_linear_applies(x, self.weight, self.bias, self.inv_scale, self.cos, self.sin, self.rot.group):
                 co = self._gemv_coeffs  # the fixed transform packed for the kernel, built once per device
                 if co is None:
                     co = self._gemv_coeffs = gemv_coefficients(*args, group=self.rot.group)
+                # the split-K kernel's scratch memory, this layer's own (grown by the kernel's launcher
+                # when needed): a layer must not run on two streams at the same time
+                ws = self._gemv_workspace
+                if ws is None:
+                    ws = self._gemv_workspace = GemvWorkspace()
                 return pairwise_linear(x, self.weight, self.bias, *args, group=self.rot.group, mode="fused",
-                                       coeffs=co)
+                                       coeffs=co, workspace=ws)
             return pairwise_linear(x, self.weight, self.bias, *args, group=self.rot.group, mode="unfused",
                                    blocks=self._cuda_blocks())
         return F.linear(self.transform_input(x), self.weight, self.bias)
