@@ -26,17 +26,15 @@ from torch.nn import functional as F
 
 #: token count from which `mode="auto"` takes the tensor-core path (see `pairwise_rotate_triton`)
 MMA_MIN_TOKENS = int(os.environ.get("LOWBIT_PAIRWISE_MMA_MIN_TOKENS", "1024"))
-#: token count up to which `pairwise_linear` fuses the transform into the matmul (decode). 0 (off)
-#: by default: on the H100 the fused kernel was within a few percent of rotate-then-matmul at one
-#: token (4096: +19 % over the matmul either way) and several times slower from 2 tokens on, and the
-#: last tile-heuristic change (fp32, several tokens) was not re-run on the GPU; set 1 to use it
-#: at one token (docs/pairwise.md). Measured with the row-block kernel; the split-K kernel that
-#: `pairwise_linear_triton` now takes for 1 to SPLITK_MAX_TOKENS tokens has not been timed yet
-DECODE_MAX_TOKENS = int(os.environ.get("LOWBIT_PAIRWISE_DECODE_MAX_TOKENS", "0"))
+#: token count up to which `pairwise_linear` fuses the transform into the matmul (decode): 1. On
+#: the H100 (bf16, cold weights, CUDA graph) the split-K kernel at one token costs -2 % / +3 % over
+#: the plain matmul at 4096 / 8192 wide (rotate-then-matmul +19 % / +6 %); from 2 tokens on both
+#: fused kernels re-read or re-rotate too much and the unfused path is faster (BENCHMARKS.md)
+DECODE_MAX_TOKENS = int(os.environ.get("LOWBIT_PAIRWISE_DECODE_MAX_TOKENS", "1"))
 #: token count up to which `pairwise_linear_triton` (kernel "auto") takes the split-K kernel, one
-#: token per program (`rotated_gemv_splitk_kernel`); from there the row-block kernel with tiles of
-#: 16 tokens on tl.dot. Tune on the GPU (benchmarks/kernel_pairwise.py --decode-tokens 1,2,4,16)
-SPLITK_MAX_TOKENS = int(os.environ.get("LOWBIT_PAIRWISE_SPLITK_MAX_TOKENS", "4"))
+#: token per program (`rotated_gemv_splitk_kernel`; each token re-reads the weight, so 1); from
+#: there the row-block kernel with tiles of 16 tokens on tl.dot
+SPLITK_MAX_TOKENS = int(os.environ.get("LOWBIT_PAIRWISE_SPLITK_MAX_TOKENS", "1"))
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -114,11 +112,15 @@ def gather_config(tokens: int, n: int, group: int, sms: int) -> tuple[int, int]:
 def mma_config(tokens: int, n: int, group: int, sms: int, elem_size: int = 2) -> dict[str, int]:
     """Launch of `blocks_mma_kernel`: dict(block_t, programs, num_warps, num_stages). The kernel is
     persistent over token tiles: `programs` (about) in all, so that each loads its group's [G, G]
-    block once for several tiles. fp32 operands (tf32x3) take 2-4x the shared memory of bf16/fp16:
-    smaller tiles, fewer stages."""
+    block once for several tiles. From the H100 sweep (`kernel_pairwise.py --sweep-mma`, bf16,
+    4096 tokens): one program per SM and 4 stages for narrow layers (576, 2048: fewer, longer
+    programs amortise the block), 2 per SM at 4096, 4 at 8192 (n / 2048 per SM, 1 to 4), 3 stages.
+    fp32 operands (tf32x3) take 2-4x the shared memory of bf16/fp16: smaller tiles, fewer stages
+    (not swept)."""
     if elem_size >= 4:
         return dict(block_t=32, programs=2 * sms, num_warps=4, num_stages=2)
-    return dict(block_t=128, programs=2 * sms, num_warps=8, num_stages=3)
+    per_sm = min(4, max(1, -(-n // group) // 16))
+    return dict(block_t=128, programs=per_sm * sms, num_warps=8, num_stages=4 if per_sm == 1 else 3)
 
 
 def _eye_tiled(group: int, n: int, device) -> torch.Tensor:
@@ -344,33 +346,31 @@ def gemv_splitk_config(tokens: int, n_in: int, n_out: int, group: int, sms: int,
                        K: int = 8, givens: bool = True) -> dict[str, int]:
     """Tile of the split-K decode kernel: dict(split_ch, block_r, block_o, prefetch, num_warps, num_stages).
 
-    A first guess, to be tuned by `benchmarks/kernel_pairwise.py --sweep-gemv` on the GPU.
-    split_ch (input channels per split, a power-of-two count of whole groups): about n_in / 8, from
-    one group up to 1024 channels, so that a program's rotation (split_ch x K gathers) stays short
-    next to the DRAM latency of its first weight tile it overlaps. block_r (output rows per
-    program): the largest power of two from 1024 down to 32 that still gives about one wave of
-    programs (splits x row blocks x tokens >= 0.9 x SMs); every row block reads the coefficients
-    once more (from L2) and rotates its chunks again, so few, tall row blocks: e.g. 4096 x 4096 at
-    one token on 132 SMs -> 512 x 256 (8 x 16 = 128 programs, 256 KB of weight against 32 KB of
-    coefficients each), 8192 -> 1024 x 512, 2048 -> 256 x 128. block_o (rows per sub-tile of the
-    streaming loop): a sub-tile of about 16 KB. num_stages 3: Triton's pipelining, two sub-tiles in
-    flight through shared memory from before the rotation on (num_stages 1, register double
-    buffering, lets ptxas delay the first load; see `rotated_gemv_splitk_kernel`). prefetch 0 (no
-    L2 prefetch). K and givens (the coefficient bytes) are not used yet.
+    Fitted to the sweep of `benchmarks/kernel_pairwise.py --sweep-gemv` on the H100 (bf16, one
+    token, cold weights; BENCHMARKS.md), where the best tiles were 576: 512 x 32 x 16, 2048: 512 x
+    32 x 16, 4096: 512 x 64 x 8, 8192: 512 x 256 x 8 (split_ch x block_r x block_o):
+    split_ch (input channels per split, a power-of-two count of whole groups) 512, fewer where the
+    input has fewer groups; block_r (output rows per program) the largest power of two from 1024
+    down to 32 that still gives 2.5 programs per SM or more (splits x row blocks x tokens >= 2.5 x
+    SMs: 4096 -> 8 x 64 = 512 programs); block_o (rows per sub-tile) 8 for layers of 4096 rows and
+    more, else 16; num_stages 1 (register double buffering of the sub-tiles; the first sub-tile
+    is requested before the rotation) from 1024 rows, 3 (Triton's pipelining) below. prefetch 0.
+    K and givens (the coefficient bytes) are not used.
     """
     ng = max(1, -(-n_in // group))
-    ch = min(_pow2_floor(max(1, ng // 8)), max(1, 1024 // group), _pow2_floor(ng))
+    ch = max(1, min(512 // group if group <= 512 else 1, _pow2_floor(ng)))
     split = ch * group
     splits = -(-max(1, n_in) // split)
     t = max(1, tokens)
     block_r = 32
     for b in (1024, 512, 256, 128, 64, 32):
-        if splits * -(-n_out // b) * t >= 0.9 * sms:
+        if splits * -(-n_out // b) * t >= 2.5 * sms:
             block_r = b
             break
     block_r = max(1, min(block_r, _next_pow2(max(1, n_out))))
-    block_o = max(1, min(block_r, _pow2_floor(max(1, (16 << 10) // (split * elem_size)))))
-    return dict(split_ch=split, block_r=block_r, block_o=block_o, prefetch=0, num_warps=4, num_stages=3)
+    block_o = max(1, min(block_r, 8 if n_out >= 4096 else 16))
+    return dict(split_ch=split, block_r=block_r, block_o=block_o, prefetch=0, num_warps=4,
+                num_stages=1 if n_out >= 1024 else 3)
 
 
 @dataclass
@@ -534,6 +534,9 @@ def pairwise_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
             raise ValueError(f"{T} tokens, {-(-m // br)} row blocks: the grid's axes 1 and 2 take 65535 at most")
         splits = -(-n // cs)
         part_n, cnt_n = _splitk_sizes(T, n, m, cs, br)
+        if workspace is None and x.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise ValueError("pairwise_linear_triton: pass a workspace (gemv_workspace) when capturing a CUDA "
+                             "graph; a per-call one would be freed while the graph still uses it")
         ws = (workspace if workspace is not None else GemvWorkspace()).reserve(part_n, cnt_n, x.device)
         stages = num_stages or cfg["num_stages"]
         grid = (splits, -(-m // br), T)
