@@ -284,14 +284,14 @@ def main_table(args, pw, props, big_bw: float, triton) -> list[dict]:
             g_layer = _graph_time(Cycle(layer_x, xs, keep=ring_n), calls=calls)
             mma_swept = (mma_sweep(pw, x, xs, ring_n, calls, scale, partner, cos, sin, blocks,
                                    props.multi_processor_count)
-                         if args.sweep_mma and T >= pw.MMA_MIN_TOKENS else None)
+                         if args.sweep_mma and T >= pw.mma_min_tokens(True) else None)
             del xs
             same_t, same_bw = _copy_bw(T * n)
             same_g, same_g_bw, ring_c = _copy_graph(T * n)
             best_t = min(graph["auto"], times["auto"])
             bt, warps = pw.gather_config(T, n, 128, props.multi_processor_count)
             row = dict(n=n, tokens=T, bytes=nbytes,
-                       path="mma" if T >= pw.MMA_MIN_TOKENS else "gather",
+                       path="mma" if T >= pw.mma_min_tokens(True) else "gather",
                        us=times["auto"], graph_us=graph["auto"],
                        gbps=nbytes / (times["auto"] * 1e-6) / 1e9,
                        graph_gbps=nbytes / (graph["auto"] * 1e-6) / 1e9,
@@ -540,7 +540,8 @@ def main() -> None:
                 triton=triton.__version__, python=platform.python_version(),
                 date=dt.datetime.now().isoformat(timespec="seconds"),
                 command="python " + " ".join(sys.argv), dtype="bfloat16", K=8, group=128,
-                mma_min_tokens=pw.MMA_MIN_TOKENS, decode_max_tokens=pw.DECODE_MAX_TOKENS,
+                mma_min_tokens=pw.MMA_MIN_TOKENS, mma_min_tokens_cached=pw.MMA_MIN_TOKENS_CACHED,
+                decode_max_tokens=pw.DECODE_MAX_TOKENS,
                 splitk_max_tokens=pw.SPLITK_MAX_TOKENS,
                 ring_bytes=RING_BYTES, max_ring=MAX_RING, graph_calls=GRAPH_CALLS,
                 copy_1gib_us=big_t, copy_1gib_gbps=big_bw,

@@ -212,46 +212,73 @@ def _pct(v) -> str:
 
 
 def _pairwise_kernel_section(d: dict) -> list[str]:
-    """Pairwise rotation kernel timings (benchmarks/kernel_pairwise.py)."""
+    """Pairwise rotation kernel timings (benchmarks/kernel_pairwise.py) and the split-K sweeps."""
     m = d["meta"]
     out = ["## Pairwise rotation kernel (issue 4)", "",
            f"Machine: {m['machine']}, torch {m['torch']}, triton {m['triton']}; date {m['date']}. "
            f"Command: `{m['command']}`.",
            f"Online transform y = rotations(x * scale) of `lowbit.kernels.pairwise`, {m['dtype']}, K = {m['K']}, "
-           f"group {m['group']}. Time: median of `triton.testing.do_bench` (CPU launch included); graph: per call "
-           "replayed from a CUDA graph (no launch cost). Bandwidth counts x read + y written; % copy compares "
-           f"with a torch copy of the same size and of 1 GiB ({m['copy_1gib_gbps']:.0f} GB/s). Path: gather "
-           f"kernel below {m['mma_min_tokens']} tokens, per-group dense blocks on tensor cores from there "
-           "(mma includes building the blocks; cached: blocks given, as `RotatedLinear` does; the time column is "
-           "the dispatcher with cached blocks). matmul: bf16 [tokens, n] x [n, n]; rotated layer: transform + "
-           "that matmul, its extra time over the matmul alone (launched, and replayed in a CUDA graph).", "",
-           "| n | tokens | path | time (us) | graph (us) | GB/s | % copy same size | % copy 1 GiB "
-           "| gather (us) | mma (us) | mma cached (us) | torch ref (us) | matmul (us) | time / matmul "
-           "| rotated layer vs matmul | in a graph |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           f"group {m['group']}. graph: time per call replayed from a CUDA graph whose calls cycle through a ring of "
+           f"distinct inputs and outputs ({m['ring_bytes'] >> 20} MiB in all, several times the 50 MB L2), so "
+           "every call reads x from DRAM; the copy reference is timed the same way (a device copy of the same bytes). "
+           "Bandwidth counts x read + y written. launched: `triton.testing.do_bench` median, the Python launch "
+           f"included. Path: with the blocks cached (as `RotatedLinear` keeps them) gather kernel below "
+           f"{m.get('mma_min_tokens_cached', m['mma_min_tokens'])} tokens, per-group dense blocks on tensor cores from "
+           "there. Rotated layer: the transform + the bf16 matmul "
+           "[tokens, n] x [n, n], its extra time over the matmul alone (graph).", "",
+           "| n | tokens | path | graph (us) | copy same size, graph (us) | GB/s (graph) | % of copy | launched (us) "
+           "| torch ref (us) | matmul, graph (us) | rotated layer vs matmul |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(v):
         return "–" if v is None else f"{v:.1f}"
     for r in d["rows"]:
-        p = r["paths_us"]
-        out.append(f"| {r['n']} | {r['tokens']} | {r['path']} | {f(r['us'])} | {f(r.get('graph_us'))} "
-                   f"| {r['gbps']:.0f} | {100 * r['frac_copy_same']:.0f} | {100 * r['frac_copy_1gib']:.0f} "
-                   f"| {f(p['gather'])} | {f(p['mma'])} | {f(p['mma_cached'])} | {f(r['ref_us'])} "
-                   f"| {f(r['matmul_us'])} | {r['ratio_matmul']:.2f} | {_pct(r.get('layer_overhead'))} "
-                   f"| {_pct(r.get('layer_graph_overhead'))} |")
-    ratios = ", ".join(f"n {n}: {v['us']:.2f}" + (f" (graph {v['graph']:.2f})" if v.get("graph") else "")
-                       for n, v in m["ratio_1tok_vs_matmul_4096"].items())
-    out += ["", f"At 1 token, time relative to a 4096 x 4096 bf16 matmul ({m['matmul_4096_1tok_us']:.1f} us; "
-            f"graph {m['matmul_4096_1tok_graph_us']:.1f} us): {ratios}.", "",
-            "Fused decode layer (`rotated_gemv_kernel`: the transform inside a one-token matmul, docs/pairwise.md), "
-            "H100 bf16, CUDA graph, weights cycled through a 256 MB ring (cold, as in decode), measured during its "
-            "development on 2026-11-24 with `kernel_pairwise.py --sections decode` (no results file kept; a full "
-            "table run did not fit the session's GPU time): extra time over the plain matmul at one token, fused / "
-            "rotate-then-matmul: 2048 wide +35 % / +37 % (matmul 6.5 us), 4096 +19 % / +19-26 % (15.7 us), 8192 "
-            "+8 % / +6 % (47.3 us); 2-16 tokens fused ~+500 %. The goal (< 10 % of a 4096 x 4096 matmul at one "
-            "token) is not met: the kernel is latency bound (one 4-warp block per SM, its pipeline buffers fill "
-            "shared memory; 45 % of DRAM bandwidth). Off by default.", ""]
+        out.append(f"| {r['n']} | {r['tokens']} | {r['path']} | {f(r.get('graph_us'))} | {f(r.get('copy_same_graph_us'))} "
+                   f"| {r.get('graph_gbps', 0):.0f} | {100 * r.get('frac_copy_same_graph', 0):.0f} | {f(r['us'])} "
+                   f"| {f(r['ref_us'])} | {f(r.get('matmul_graph_us'))} | {_pct(r.get('layer_graph_overhead'))} |")
+    sweep = [r for r in d["rows"] if r.get("mma_best")]
+    if sweep:
+        out += ["", "Tensor-core path launches (`--sweep-mma`: block_t, programs per SM, warps, stages; graph us): "
+                + "; ".join(f"n {r['n']}: heuristic {r['graph_us']:.1f}, best {r['mma_best']} "
+                            f"{r['mma_sweep_graph_us'][r['mma_best']]:.1f}" for r in sweep) + "."]
+    dec = d.get("decode", [])
+    if dec:
+        out += ["", "Decode layer out = rotations(x) @ W^T, square bf16 layers, CUDA graph with the weights cycled "
+                "through a ring larger than L2 (cold, as in decode). matmul: the plain F.linear; unfused: the "
+                "transform kernel then F.linear; rows: `rotated_gemv_kernel` (one program per block of output rows, "
+                "each rotating the whole input); split-K: `rotated_gemv_splitk_kernel` (each program rotates only "
+                "its 512-channel split and streams its rows of W; the last program of a row block adds the partial "
+                "sums in split order, so the result is deterministic). Extra time over the matmul:", "",
+                "| n | tokens | matmul (us) | unfused | rows | split-K | split-K (us) | default path |",
+                "|---|---|---|---|---|---|---|---|"]
+        for r in dec:
+            u, o = r["us"], r["overhead"]
+            default = "split-K" if r["tokens"] <= min(m.get("decode_max_tokens", 0), m.get("splitk_max_tokens", 0)) \
+                else ("rows" if r["tokens"] <= m.get("decode_max_tokens", 0) else "unfused")
+            out.append(f"| {r['n']} | {r['tokens']} | {u['matmul']['graph_cold']:.1f} | {_pct(o['unfused']['graph_cold'])} "
+                       f"| {_pct(o['fused']['graph_cold'])} | {_pct(o['splitk']['graph_cold'])} "
+                       f"| {u['splitk']['graph_cold']:.1f} | {default} |")
     return out
+
+
+def _splitk_sweep_lines(paths) -> list[str]:
+    """The split-K tile sweeps (kernel_pairwise.py --sweep-gemv, one file per width)."""
+    cells = []
+    for p in paths:
+        d = json.loads(p.read_text())
+        for r in d.get("decode", []):
+            sw = {k: v["us"] for k, v in r.get("splitk_sweep", {}).items() if "us" in v}
+            if not sw:
+                continue
+            best = min(sw, key=sw.get)
+            cells.append(f"n {r['n']}: {len(sw)} tiles, best {best} {sw[best]:.1f} us against the matmul's "
+                         f"{r['us']['matmul']['graph_cold']:.1f} us")
+    if not cells:
+        return []
+    return ["", "Split-K tile sweeps at one token (`kernel_pairwise.py --sections decode --decode-ns N --decode-tokens 1 "
+            "--sweep-gemv --sweep-splitk-grid ...`, results/kernels/splitk-sweep-N.json; tile = split channels, row "
+            "block, sub-tile rows, prefetch, warps, stages): " + "; ".join(cells) + ". `gemv_splitk_config` follows "
+            "these bests.", ""]
 
 
 def _meta_line(paths) -> str:
@@ -442,6 +469,8 @@ def main() -> None:
     kern = RES / "kernels" / "pairwise.json"
     if kern.exists():
         lines += _pairwise_kernel_section(json.loads(kern.read_text()))
+        lines += _splitk_sweep_lines(sorted(kern.parent.glob("splitk-sweep-*.json"),
+                                            key=lambda q: int(q.stem.rsplit("-", 1)[1])))
 
     if (RES / "rotations").exists() and any((RES / "rotations").glob("grid-*.json")):
         lines += _rotation_section(RES / "rotations", qep_dir)

@@ -26,6 +26,10 @@ from torch.nn import functional as F
 
 #: token count from which `mode="auto"` takes the tensor-core path (see `pairwise_rotate_triton`)
 MMA_MIN_TOKENS = int(os.environ.get("LOWBIT_PAIRWISE_MMA_MIN_TOKENS", "1024"))
+#: the same when the per-group blocks are given (cached, as `RotatedLinear` keeps them): on the
+#: H100 (bf16, graph) the tensor-core path with cached blocks beat the gather kernel at 256 tokens at
+#: every width (576: 5.6 vs 6.0 us, 4096: 6.4 vs 10.2, 8192: 8.0 vs 15.7) and lost at 16
+MMA_MIN_TOKENS_CACHED = int(os.environ.get("LOWBIT_PAIRWISE_MMA_MIN_TOKENS_CACHED", "256"))
 #: token count up to which `pairwise_linear` fuses the transform into the matmul (decode): 1. On
 #: the H100 (bf16, cold weights, CUDA graph) the split-K kernel at one token costs -2 % / +3 % over
 #: the plain matmul at 4096 / 8192 wide (rotate-then-matmul +19 % / +6 %); from 2 tokens on both
@@ -167,6 +171,11 @@ def _kernel_input(who: str, hint: str, x, scale, partner, cos, sin, group: int):
     return tk, x2, sms
 
 
+def mma_min_tokens(cached: bool) -> int:
+    """Token count from which `pairwise_rotate_triton` (mode "auto") takes the tensor-core path."""
+    return MMA_MIN_TOKENS_CACHED if cached else MMA_MIN_TOKENS
+
+
 def pairwise_rotate_triton(x: torch.Tensor, scale: torch.Tensor, partner: torch.Tensor, cos: torch.Tensor,
                            sin: torch.Tensor, group: int = 128, *, mode: str = "auto",
                            block_t: int | None = None, num_warps: int | None = None,
@@ -177,7 +186,8 @@ def pairwise_rotate_triton(x: torch.Tensor, scale: torch.Tensor, partner: torch.
     mode "gather": one launch; each program rotates a tile of tokens x one group in registers.
     mode "mma": the dense per-group matrices (`pairwise_blocks`, one extra small launch unless
     `blocks` is given) applied on tensor cores with fp32-level accuracy (bf16 hi/lo splits, tf32x3
-    for fp32 x). "auto": "mma" from MMA_MIN_TOKENS tokens on for fp16/bf16, "gather" otherwise.
+    for fp32 x). "auto": "mma" from MMA_MIN_TOKENS tokens on for fp16/bf16 (MMA_MIN_TOKENS_CACHED
+    when `blocks` is given), "gather" otherwise.
     Partner maps are not checked here (a device sync); see `validate_partner`.
     `block_t` / `num_warps` override the gather heuristic, and with `programs` / `num_stages` the
     mma one (`mma_config`; benchmark sweeps).
@@ -193,7 +203,8 @@ def pairwise_rotate_triton(x: torch.Tensor, scale: torch.Tensor, partner: torch.
     ng = -(-n // group)
     if mode == "auto":
         # fp32 stays on the gather path: its tf32x3 MMA needs much more shared memory and compute
-        mode = "mma" if T >= MMA_MIN_TOKENS and group >= 16 and x.dtype != torch.float32 else "gather"
+        mode = "mma" if T >= mma_min_tokens(blocks is not None) and group >= 16 and x.dtype != torch.float32 \
+            else "gather"
     if mode == "gather":
         bt, warps = gather_config(T, n, group, sms)
         bt, warps = block_t or bt, num_warps or warps
