@@ -24,8 +24,8 @@ from pathlib import Path
 KERNELS = Path(__file__).resolve().parent.parent / "src" / "lowbit" / "kernels" / "_pairwise_triton.py"
 ELEM = {"bf16": 2, "fp16": 2, "fp32": 4}
 # the heuristic's tiles at one token on 132 SMs (pairwise.gemv_splitk_config)
-DEFAULT = ["n=576,cs=128,rb=32,bo=32", "n=2048,cs=256,rb=128,bo=32", "n=4096,cs=512,rb=256,bo=16",
-           "n=8192,cs=1024,rb=512,bo=8"]
+DEFAULT = ["n=576,cs=512,rb=32,bo=16,stages=3", "n=2048,cs=512,rb=32,bo=16,stages=1",
+           "n=4096,cs=512,rb=64,bo=8,stages=1", "n=8192,cs=512,rb=256,bo=8,stages=1"]
 
 
 def _kernels():

@@ -128,6 +128,38 @@ def _add(a, b):
 
 
 @triton.jit
+def _coefficients(k, col, loc, partner_ptr, cos_ptr, sin_ptr, N, EVEN_N: tl.constexpr, GIVENS: tl.constexpr):
+    """(cos, sin, partner index inside the group) of rotation k for the channels `col` ([CH, G],
+    `loc` the channel inside its group), in the generic or the givens format of
+    `gemv_coefficients`. Channels past N (partial last group, groups past N) stay in place: code 0
+    and value 0 give cos 1, sin 0 in the givens format, and their partner is themselves."""
+    if EVEN_N:
+        p = tl.load(partner_ptr + k * N + col).to(tl.int32)
+        c = tl.load(cos_ptr + k * N + col)
+        if not GIVENS:
+            sn = tl.load(sin_ptr + k * N + col)
+    else:
+        cmask = col < N
+        p = tl.load(partner_ptr + k * N + col, mask=cmask, other=0).to(tl.int32)
+        if GIVENS:
+            c = tl.load(cos_ptr + k * N + col, mask=cmask, other=0.0)
+        else:
+            c = tl.load(cos_ptr + k * N + col, mask=cmask, other=1.0)
+            sn = tl.load(sin_ptr + k * N + col, mask=cmask, other=0.0)
+    if GIVENS:
+        v = c
+        d = tl.sqrt(1.0 - v * v)
+        d = tl.where((p & 512) != 0, -d, d)
+        is_cos = (p & 256) != 0
+        c = tl.where(is_cos, v, d)
+        sn = tl.where(is_cos, d, v)
+        p = p & 255
+    if not EVEN_N:
+        p = tl.where(col < N, p, loc[None, :])
+    return c, sn, p
+
+
+@triton.jit
 def rotated_gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, scale_ptr, partner_ptr, cos_ptr, sin_ptr,
                         T, N, M, stride_xt, stride_wo, stride_ot,
                         K: tl.constexpr, G: tl.constexpr, CH: tl.constexpr, BLOCK_O: tl.constexpr,
@@ -198,30 +230,7 @@ def rotated_gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, scale_ptr, partner_ptr,
             x = tl.load(x_rows + col[None, :, :], mask=xmask, other=0.0)
             y = x.to(tl.float32) * s[None, :, :]
         for k in tl.static_range(K):
-            if EVEN_N:
-                p = tl.load(partner_ptr + k * N + col).to(tl.int32)
-                c = tl.load(cos_ptr + k * N + col)
-                if not GIVENS:
-                    sn = tl.load(sin_ptr + k * N + col)
-            else:
-                # channels past the end (partial last group, groups past N) stay in place: code 0
-                # and value 0 give cos 1, sin 0 in the givens format
-                p = tl.load(partner_ptr + k * N + col, mask=cmask, other=0).to(tl.int32)
-                if GIVENS:
-                    c = tl.load(cos_ptr + k * N + col, mask=cmask, other=0.0)
-                else:
-                    c = tl.load(cos_ptr + k * N + col, mask=cmask, other=1.0)
-                    sn = tl.load(sin_ptr + k * N + col, mask=cmask, other=0.0)
-            if GIVENS:
-                v = c
-                d = tl.sqrt(1.0 - v * v)
-                d = tl.where((p & 512) != 0, -d, d)
-                is_cos = (p & 256) != 0
-                c = tl.where(is_cos, v, d)
-                sn = tl.where(is_cos, d, v)
-                p = p & 255
-            if not EVEN_N:
-                p = tl.where(cmask, p, loc[None, :])
+            c, sn, p = _coefficients(k, col, loc, partner_ptr, cos_ptr, sin_ptr, N, EVEN_N, GIVENS)
             if BLOCK_T == 1:
                 y = c * y + sn * tl.gather(y, p, axis=1)
             else:
@@ -267,7 +276,8 @@ def _rotate_chunk(x_row, col, loc, scale_ptr, partner_ptr, cos_ptr, sin_ptr, N,
                   K: tl.constexpr, EVEN_N: tl.constexpr, GIVENS: tl.constexpr):
     """Scale and K rotations of one token's channels `col` ([CH, G]: CH whole groups side by side,
     `loc` the channel inside its group) in fp32; the same math as `rotated_gemv_kernel`'s one-token
-    path. Channels past N (partial last group / chunk) are 0 and stay in place."""
+    path (both take `_coefficients`). Channels past N (partial last group / chunk) are 0 and stay
+    in place."""
     if EVEN_N:
         s = tl.load(scale_ptr + col)
         x = tl.load(x_row + col)
@@ -277,28 +287,7 @@ def _rotate_chunk(x_row, col, loc, scale_ptr, partner_ptr, cos_ptr, sin_ptr, N,
         x = tl.load(x_row + col, mask=cmask, other=0.0)
     y = x.to(tl.float32) * s
     for k in tl.static_range(K):
-        if EVEN_N:
-            p = tl.load(partner_ptr + k * N + col).to(tl.int32)
-            c = tl.load(cos_ptr + k * N + col)
-            if not GIVENS:
-                sn = tl.load(sin_ptr + k * N + col)
-        else:
-            p = tl.load(partner_ptr + k * N + col, mask=cmask, other=0).to(tl.int32)
-            if GIVENS:
-                c = tl.load(cos_ptr + k * N + col, mask=cmask, other=0.0)
-            else:
-                c = tl.load(cos_ptr + k * N + col, mask=cmask, other=1.0)
-                sn = tl.load(sin_ptr + k * N + col, mask=cmask, other=0.0)
-        if GIVENS:
-            v = c
-            d = tl.sqrt(1.0 - v * v)
-            d = tl.where((p & 512) != 0, -d, d)
-            is_cos = (p & 256) != 0
-            c = tl.where(is_cos, v, d)
-            sn = tl.where(is_cos, d, v)
-            p = p & 255
-        if not EVEN_N:
-            p = tl.where(cmask, p, loc[None, :])
+        c, sn, p = _coefficients(k, col, loc, partner_ptr, cos_ptr, sin_ptr, N, EVEN_N, GIVENS)
         y = c * y + sn * tl.gather(y, p, axis=1)
     return y
 
