@@ -223,6 +223,45 @@ def test_gemv_splitk_config_two_programs_per_sm():
     assert pw.gemv_splitk_config(1, 96, 40, 128, 4)["split_ch"] == 128      # one partial group
 
 
+def test_mma_config_fits_shared_memory():
+    """The H100's sweep choices, and fewer stages / smaller tiles where a block has less shared memory."""
+    h100 = pw.mma_config(4096, 2048, 128, 132, 2)
+    assert (h100["block_t"], h100["num_stages"], h100["programs"]) == (128, 4, 132)
+    assert pw.mma_config(4096, 4096, 128, 132, 2)["programs"] == 264
+    assert pw.mma_config(4096, 8192, 128, 132, 2)["programs"] == 4 * 132
+    a100 = pw.mma_config(4096, 2048, 128, 108, 2, smem=163 << 10)
+    assert (a100["block_t"], a100["num_stages"]) == (128, 3)
+    ada = pw.mma_config(4096, 2048, 128, 128, 2, smem=99 << 10)
+    assert (ada["block_t"], ada["num_stages"]) == (64, 2)
+    for smem in (99 << 10, 163 << 10, 227 << 10):
+        c = pw.mma_config(4096, 4096, 128, 132, 2, smem=smem)
+        assert (c["num_stages"] - 1) * c["block_t"] * 128 * 2 + 4 * 128 * 128 <= smem
+
+
+def test_rotated_linear_keeps_workspaces_across_to():
+    """.to() rebuilds the transform's coefficients but keeps the split-K workspaces (a CUDA graph
+    captured with them still uses them; their buffers do not depend on the weight's dtype)."""
+    from lowbit.transforms.modules import RotatedLinear
+    from lowbit.transforms.pairwise import PairwiseRotation
+
+    rot = PairwiseRotation.identity(256, 2, 128, seed=0)
+    lin = RotatedLinear.wrap(torch.nn.Linear(256, 8), rot)
+    ws = pw.GemvWorkspace().reserve(10, 2, "cpu")
+    lin._gemv_workspaces[(None, 0)] = ws
+    lin.to(torch.float64)
+    assert lin._gemv_workspaces[(None, 0)] is ws and lin.cos.dtype == torch.float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gemv_workspace_refuses_to_grow_in_capture():
+    ws = pw.GemvWorkspace().reserve(8, 2, "cuda")
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        ws.reserve(8, 2, "cuda")                   # large enough: fine
+        with pytest.raises(ValueError, match="reserve it before the capture"):
+            ws.reserve(100, 2, "cuda")
+
+
 def test_gemv_workspace_grows_and_keeps_old_buffers():
     ws = pw.GemvWorkspace()
     ws.reserve(100, 7, "cpu")
@@ -231,9 +270,11 @@ def test_gemv_workspace_grows_and_keeps_old_buffers():
     assert not cnt.any()
     ws.reserve(50, 3, "cpu")                       # large enough: the same buffers
     assert ws.part is part and ws.counters is cnt and not ws.retired
-    ws.reserve(200, 9, "cpu")                      # grown; the old ones stay referenced (captured graphs)
-    assert ws.part.numel() == 200 and ws.counters.numel() == 9 and not ws.counters.any()
+    ws.reserve(150, 9, "cpu")                      # grown to twice the old size at least; the old ones stay
+    assert ws.part.numel() == 200 and ws.counters.numel() == 14 and not ws.counters.any()   # referenced (graphs)
     assert ws.retired[0] is part and ws.retired[1] is cnt
+    ws.reserve(1000, 3, "cpu")                     # more than twice: exactly what is asked
+    assert ws.part.numel() == 1000 and ws.counters.numel() == 14
     # sizes for up to 4 tokens with the configuration the launcher picks
     w4 = pw.gemv_workspace(4, 4096, 4096, device="cpu", sms=132)
     cfg = pw.gemv_splitk_config(4, 4096, 4096, 128, 132)
@@ -423,10 +464,15 @@ def test_rotated_linear_on_cuda_fuses_decode(monkeypatch):
 
     assert pw.DECODE_MAX_TOKENS == 1           # the default: fused at one token
     check(1, True)
-    ws = gpu._gemv_workspace                   # one token: the split-K kernel with the layer's workspace
-    assert ws is not None and ws.counters is not None and not ws.counters.any()
+    (ws,) = gpu._gemv_workspaces.values()      # one token: the split-K kernel with the layer's workspace
+    assert ws.counters is not None and not ws.counters.any()
     check(1, True)
-    assert gpu._gemv_workspace is ws
+    assert list(gpu._gemv_workspaces.values()) == [ws]
+    side = torch.cuda.Stream()                 # another stream: a workspace of its own
+    with torch.cuda.stream(side), torch.no_grad():
+        gpu(torch.randn(1, 576, device="cuda", dtype=torch.bfloat16))
+    torch.cuda.synchronize()
+    assert len(gpu._gemv_workspaces) == 2 and not any(w.counters.any() for w in gpu._gemv_workspaces.values())
     check(2, False)
     monkeypatch.setattr(pw, "DECODE_MAX_TOKENS", 16)
     check(16, True)
@@ -576,10 +622,11 @@ def test_triton_interpreter_matches_reference(n, monkeypatch):
 
 @pytest.mark.skipif(torch.cuda.is_available() or not _has_triton(),
                     reason="interpreter test: needs triton and no CUDA")
-@pytest.mark.parametrize("programs", [1, 2, 3, 64])
+@pytest.mark.parametrize("programs", [1, 4, 64])
 def test_mma_interpreter_persistent_tiles(programs, monkeypatch):
-    # the mma kernel walks token tiles chunk, chunk + CH, ...: one program per group walks them all,
-    # 2 / 3 split them (37 tokens = 3 tiles of 16, the last partial), 64 gives one tile each
+    # the mma kernel walks token tiles chunk, chunk + CH, ...: with 2 groups, programs 1 -> one program
+    # per group walks all 3 tiles (37 tokens = 3 tiles of 16, the last partial), 4 -> 2 per group
+    # (tiles 0 and 2, then 1), 64 -> one tile each
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     import lowbit.kernels._pairwise_triton as tk
     importlib.reload(tk)

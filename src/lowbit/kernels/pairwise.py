@@ -99,6 +99,19 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _smem_per_block(x: torch.Tensor) -> int:
+    """Shared memory one block may use on x's GPU (opt-in maximum); the H100's under the interpreter."""
+    if not x.is_cuda:
+        return 227 << 10
+    return _smem_optin(x.device.index if x.device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_optin(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or (227 << 10))
+
+
 def _next_pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
 
@@ -113,18 +126,29 @@ def gather_config(tokens: int, n: int, group: int, sms: int) -> tuple[int, int]:
     return bt, warps
 
 
-def mma_config(tokens: int, n: int, group: int, sms: int, elem_size: int = 2) -> dict[str, int]:
+def mma_config(tokens: int, n: int, group: int, sms: int, elem_size: int = 2,
+               smem: int = 227 << 10) -> dict[str, int]:
     """Launch of `blocks_mma_kernel`: dict(block_t, programs, num_warps, num_stages). The kernel is
     persistent over token tiles: `programs` (about) in all, so that each loads its group's [G, G]
     block once for several tiles. From the H100 sweep (`kernel_pairwise.py --sweep-mma`, bf16,
     4096 tokens): one program per SM and 4 stages for narrow layers (576, 2048: fewer, longer
     programs amortise the block), 2 per SM at 4096, 4 at 8192 (n / 2048 per SM, 1 to 4), 3 stages.
     fp32 operands (tf32x3) take 2-4x the shared memory of bf16/fp16: smaller tiles, fewer stages
-    (not swept)."""
+    (not swept). `smem` (bytes of shared memory a block may use; the H100's 227 KB by default):
+    on smaller GPUs fewer stages, then smaller token tiles, so that the pipeline's buffers
+    ((stages - 1) x tiles of x) and the group's block (hi + lo, 4 bytes per entry) fit."""
     if elem_size >= 4:
         return dict(block_t=32, programs=2 * sms, num_warps=4, num_stages=2)
     per_sm = min(4, max(1, -(-n // group) // 16))
-    return dict(block_t=128, programs=per_sm * sms, num_warps=8, num_stages=4 if per_sm == 1 else 3)
+    bt, stages = 128, 4 if per_sm == 1 else 3
+
+    def need(bt, stages):
+        return (stages - 1) * bt * group * elem_size + 4 * group * group + (8 << 10)
+    while need(bt, stages) > smem and stages > 2:
+        stages -= 1
+    while need(bt, stages) > smem and bt > 16:
+        bt //= 2
+    return dict(block_t=bt, programs=per_sm * sms, num_warps=8, num_stages=stages)
 
 
 def _eye_tiled(group: int, n: int, device) -> torch.Tensor:
@@ -220,7 +244,7 @@ def pairwise_rotate_triton(x: torch.Tensor, scale: torch.Tensor, partner: torch.
             raise ValueError(f"mode 'mma' needs group >= 16, got {group}")
         if blocks is None:
             blocks = pairwise_blocks(scale, partner, cos, sin, group)
-        cfg = mma_config(T, n, group, sms, x.element_size())
+        cfg = mma_config(T, n, group, sms, x.element_size(), _smem_per_block(x))
         bt = block_t or cfg["block_t"]
         n_tiles = -(-T // bt)
         # programs per group: about `programs` in all, each walking every ch-th token tile of its group
@@ -402,18 +426,29 @@ class GemvWorkspace:
     retired: list = field(default_factory=list, repr=False)
 
     def reserve(self, part_numel: int, counters_numel: int, device) -> GemvWorkspace:
-        """Make part hold >= part_numel floats and counters >= counters_numel ints on `device`."""
+        """Make part hold >= part_numel floats and counters >= counters_numel ints on `device`
+        (growing to at least twice the old size, so that a layer seeing more and more tokens
+        reallocates a few times only). Growing while a CUDA graph is being captured raises: the
+        zeroing of new counters would only be recorded, not run, and eager launches before the
+        first replay would read garbage tickets; reserve before the capture (`gemv_workspace`)."""
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        if self.part is None or self.part.device != device or self.part.numel() < part_numel:
+        grow_part = self.part is None or self.part.device != device or self.part.numel() < part_numel
+        grow_cnt = self.counters is None or self.counters.device != device or self.counters.numel() < counters_numel
+        if (grow_part or grow_cnt) and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise ValueError("GemvWorkspace: too small for this launch while a CUDA graph is being captured; "
+                             "reserve it before the capture (gemv_workspace, or one eager call)")
+        if grow_part:
+            old = self.part.numel() if self.part is not None and self.part.device == device else 0
             if self.part is not None:
                 self.retired.append(self.part)
-            self.part = torch.empty(max(1, part_numel), dtype=torch.float32, device=device)
-        if self.counters is None or self.counters.device != device or self.counters.numel() < counters_numel:
+            self.part = torch.empty(max(1, part_numel, 2 * old), dtype=torch.float32, device=device)
+        if grow_cnt:
+            old = self.counters.numel() if self.counters is not None and self.counters.device == device else 0
             if self.counters is not None:
                 self.retired.append(self.counters)
-            self.counters = torch.zeros(max(1, counters_numel), dtype=torch.int32, device=device)
+            self.counters = torch.zeros(max(1, counters_numel, 2 * old), dtype=torch.int32, device=device)
         return self
 
 

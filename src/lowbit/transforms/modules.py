@@ -33,7 +33,12 @@ class RotatedLinear(nn.Linear):
             partner, cos, sin = self.rot.coefficients(device)
             self.partner, self.cos, self.sin = partner, cos.float(), sin.float()
             self.inv_scale = (1 / self.rot.scale).float().to(device)
-        self._blocks = self._kernel_blocks = self._gemv_coeffs = self._gemv_workspace = None
+        self._blocks = self._kernel_blocks = self._gemv_coeffs = None
+        # the split-K kernel's scratch memory, one per (device, stream) so that launches on two
+        # streams never share tickets; kept across .to() (its fp32 / int32 buffers do not depend on
+        # the weight's dtype, and a CUDA graph captured with them must keep them alive)
+        if not hasattr(self, "_gemv_workspaces"):
+            self._gemv_workspaces = {}
 
     @classmethod
     def wrap(cls, lin: nn.Linear, rot: PairwiseRotation, weight: torch.Tensor | None = None) -> RotatedLinear:
@@ -92,11 +97,12 @@ class RotatedLinear(nn.Linear):
                 co = self._gemv_coeffs  # the fixed transform packed for the kernel, built once per device
                 if co is None:
                     co = self._gemv_coeffs = gemv_coefficients(*args, group=self.rot.group)
-                # the split-K kernel's scratch memory, this layer's own (grown by the kernel's launcher
-                # when needed): a layer must not run on two streams at the same time
-                ws = self._gemv_workspace
+                # the split-K kernel's scratch memory: this layer's own for the current stream (grown by
+                # the kernel's launcher when needed)
+                key = (x.device.index, torch.cuda.current_stream(x.device).cuda_stream)
+                ws = self._gemv_workspaces.get(key)
                 if ws is None:
-                    ws = self._gemv_workspace = GemvWorkspace()
+                    ws = self._gemv_workspaces[key] = GemvWorkspace()
                 return pairwise_linear(x, self.weight, self.bias, *args, group=self.rot.group, mode="fused",
                                        coeffs=co, workspace=ws)
             return pairwise_linear(x, self.weight, self.bias, *args, group=self.rot.group, mode="unfused",
