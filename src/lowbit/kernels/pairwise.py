@@ -95,15 +95,19 @@ def _interpreting() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
+def _device_index(device) -> int:
+    """CUDA device index of `device` (a bare "cuda" means the current device)."""
+    device = torch.device(device)
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _smem_per_block(x: torch.Tensor) -> int:
     """Shared memory one block may use on x's GPU (opt-in maximum); the H100's under the interpreter."""
-    if not x.is_cuda:
-        return 227 << 10
-    return _smem_optin(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    return _smem_optin(_device_index(x.device)) if x.is_cuda else 227 << 10
 
 
 @functools.lru_cache(maxsize=None)
@@ -190,8 +194,7 @@ def _kernel_input(who: str, hint: str, x, scale, partner, cos, sin, group: int):
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
-        if x.is_cuda else 4
+    sms = _sm_count(_device_index(x.device)) if x.is_cuda else 4
     return tk, x2, sms
 
 
@@ -417,7 +420,7 @@ class GemvWorkspace:
 
     Not to be shared by two launches that may run at the same time (on different streams, or
     graphs replayed concurrently): their tickets and partial sums would mix. `RotatedLinear`
-    keeps one per layer. `reserve` (called by `pairwise_linear_triton`) grows it when a launch
+    keeps one per layer and stream. `reserve` (called by `pairwise_linear_triton`) grows it when a launch
     needs more; the buffers it replaces are kept (`retired`), never freed, so that a CUDA graph
     captured with them stays valid.
     """
@@ -432,24 +435,27 @@ class GemvWorkspace:
         zeroing of new counters would only be recorded, not run, and eager launches before the
         first replay would read garbage tickets; reserve before the capture (`gemv_workspace`)."""
         device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        grow_part = self.part is None or self.part.device != device or self.part.numel() < part_numel
-        grow_cnt = self.counters is None or self.counters.device != device or self.counters.numel() < counters_numel
-        if (grow_part or grow_cnt) and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        if device.type == "cuda":
+            device = torch.device("cuda", _device_index(device))
+
+        def fits(t, numel):
+            return t is not None and t.device == device and t.numel() >= numel
+        if not (fits(self.part, part_numel) and fits(self.counters, counters_numel)) \
+                and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise ValueError("GemvWorkspace: too small for this launch while a CUDA graph is being captured; "
                              "reserve it before the capture (gemv_workspace, or one eager call)")
-        if grow_part:
-            old = self.part.numel() if self.part is not None and self.part.device == device else 0
-            if self.part is not None:
-                self.retired.append(self.part)
-            self.part = torch.empty(max(1, part_numel, 2 * old), dtype=torch.float32, device=device)
-        if grow_cnt:
-            old = self.counters.numel() if self.counters is not None and self.counters.device == device else 0
-            if self.counters is not None:
-                self.retired.append(self.counters)
-            self.counters = torch.zeros(max(1, counters_numel, 2 * old), dtype=torch.int32, device=device)
+        if not fits(self.part, part_numel):
+            self.part = self._grown(self.part, part_numel, torch.empty, torch.float32, device)
+        if not fits(self.counters, counters_numel):
+            self.counters = self._grown(self.counters, counters_numel, torch.zeros, torch.int32, device)
         return self
+
+    def _grown(self, old, numel, make, dtype, device) -> torch.Tensor:
+        """A replacement for `old` (retired, kept alive) of at least numel and twice old's size on the same device."""
+        keep = old.numel() if old is not None and old.device == device else 0
+        if old is not None:
+            self.retired.append(old)
+        return make(max(1, numel, 2 * keep), dtype=dtype, device=device)
 
 
 def _splitk_sizes(tokens: int, n_in: int, n_out: int, split_ch: int, block_r: int) -> tuple[int, int]:
@@ -464,9 +470,7 @@ def gemv_workspace(tokens: int, n_in: int, n_out: int, group: int = 128, device=
     the tiles of `gemv_splitk_config` (or split_ch / block_r as given). Any workspace that is large
     enough works for any launch; `pairwise_linear_triton` grows a too small one."""
     if sms is None:
-        dev = torch.device(device)
-        sms = _sm_count(dev.index if dev.index is not None else torch.cuda.current_device()) \
-            if dev.type == "cuda" else 4
+        sms = _sm_count(_device_index(device)) if torch.device(device).type == "cuda" else 4
     part = cnt = 0
     for t in range(1, max(1, tokens) + 1):
         cfg = gemv_splitk_config(t, n_in, n_out, group, sms, elem_size)

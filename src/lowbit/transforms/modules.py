@@ -25,6 +25,10 @@ class RotatedLinear(nn.Linear):
         self.rot = rot
         for name in ("partner", "cos", "sin", "inv_scale"):
             self.register_buffer(name, None, persistent=False)
+        # the split-K kernel's scratch memory, one per (device, stream) so that launches on two
+        # streams never share tickets; kept across .to() (its fp32 / int32 buffers do not depend on
+        # the weight's dtype, and a CUDA graph captured with them must keep them alive)
+        self._gemv_workspaces: dict = {}
         self._set_coefficients(self.weight.device)
 
     def _set_coefficients(self, device) -> None:
@@ -34,11 +38,6 @@ class RotatedLinear(nn.Linear):
             self.partner, self.cos, self.sin = partner, cos.float(), sin.float()
             self.inv_scale = (1 / self.rot.scale).float().to(device)
         self._blocks = self._kernel_blocks = self._gemv_coeffs = None
-        # the split-K kernel's scratch memory, one per (device, stream) so that launches on two
-        # streams never share tickets; kept across .to() (its fp32 / int32 buffers do not depend on
-        # the weight's dtype, and a CUDA graph captured with them must keep them alive)
-        if not hasattr(self, "_gemv_workspaces"):
-            self._gemv_workspaces = {}
 
     @classmethod
     def wrap(cls, lin: nn.Linear, rot: PairwiseRotation, weight: torch.Tensor | None = None) -> RotatedLinear:
@@ -87,9 +86,9 @@ class RotatedLinear(nn.Linear):
         return apply_blocks(x, self.blocks())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # decode on CUDA (up to DECODE_MAX_TOKENS tokens, no gradient): the transform fused into the
+        # matmul, one launch; otherwise the transform (kernel with cached blocks on CUDA), then F.linear
         if x.is_cuda:
-            # decode (up to DECODE_MAX_TOKENS tokens, no gradient): the transform fused into the
-            # matmul, one launch; otherwise the transform kernel (cached blocks), then F.linear
             from ..kernels.pairwise import GemvWorkspace, fused_linear_applies, gemv_coefficients, pairwise_linear
 
             args = (self.inv_scale, self.partner, self.cos, self.sin)
@@ -97,16 +96,13 @@ class RotatedLinear(nn.Linear):
                 co = self._gemv_coeffs  # the fixed transform packed for the kernel, built once per device
                 if co is None:
                     co = self._gemv_coeffs = gemv_coefficients(*args, group=self.rot.group)
-                # the split-K kernel's scratch memory: this layer's own for the current stream (grown by
-                # the kernel's launcher when needed)
+                # this layer's workspace for the current stream (grown by the kernel's launcher when needed)
                 key = (x.device.index, torch.cuda.current_stream(x.device).cuda_stream)
                 ws = self._gemv_workspaces.get(key)
                 if ws is None:
                     ws = self._gemv_workspaces[key] = GemvWorkspace()
                 return pairwise_linear(x, self.weight, self.bias, *args, group=self.rot.group, mode="fused",
                                        coeffs=co, workspace=ws)
-            return pairwise_linear(x, self.weight, self.bias, *args, group=self.rot.group, mode="unfused",
-                                   blocks=self._cuda_blocks())
         return F.linear(self.transform_input(x), self.weight, self.bias)
 
     def extra_repr(self) -> str:
