@@ -49,6 +49,29 @@ def tiny_tokens(n: int = 8, t: int = 32, vocab: int = 96, seed: int = 0) -> torc
     return torch.randint(0, vocab, (n, t), generator=g)
 
 
+TEXT = " ".join(f"the {w} of the {v} is {u}." for w, v, u in zip(
+    ["state", "union", "nation", "people", "law"] * 80, ["house", "senate", "court", "army", "navy"] * 80,
+    ["strong", "sound", "free", "just", "great"] * 80))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny Llama saved as a HF folder with a small byte-level BPE tokenizer, and text.txt beside it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    d = tmp_path_factory.mktemp("tiny")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=300,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(d)
+    tiny_model("llama", vocab=300).save_pretrained(d)
+    (d / "text.txt").write_text(TEXT)
+    return d
+
+
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -51,7 +51,7 @@ def test_budget_pipeline_and_mixed_checkpoint_round_trip(tmp_path, budget):
     assert set(res.bits_plan) == set(res.weights) and set(res.bits_plan.values()) <= {1, 2, 3, 4}
     if budget > 1.5:  # (1.5 is about the 1-bit cost of these 64-wide linears: all 1-bit)
         assert len(set(res.bits_plan.values())) > 1
-    path = checkpoint.save(model, res, tmp_path / "ck")
+    path = checkpoint.save(model, res, tmp_path / "ck", dtype="fp32")
     # the report counts fp16 zeros (the IntFormat convention); the file stores uint8 zeros
     true_bits, weights = _true_bits(path)
     zeros_saving = sum(8 * qw.scale.numel() for qw in res.weights.values() if getattr(qw, "kind", "int") == "int")
@@ -70,7 +70,7 @@ def test_extreme_recipes_round_trip(tmp_path, name):
     model = tiny_model("qwen2")
     recipe = get_recipe(name).with_(qqa_steps=5, qqa_replicas=4)
     res = quantize_model(model, recipe, tiny_tokens(), batch_size=4, progress=False)
-    path = checkpoint.save(model, res, tmp_path / "ck")
+    path = checkpoint.save(model, res, tmp_path / "ck", dtype="fp32")
     toks = tiny_tokens(2, 16)
     with torch.no_grad():
         assert torch.equal(model(input_ids=toks).logits, checkpoint.load(path)(input_ids=toks).logits)
@@ -98,7 +98,7 @@ def test_onebit_finetune_improves_block_fit_and_round_trips(tmp_path):
     for fit in res.block_fits:
         start, best, epoch = fit["onebit_ft"]
         assert best <= start
-    path = checkpoint.save(model, res, tmp_path / "ck")
+    path = checkpoint.save(model, res, tmp_path / "ck", dtype="fp32")
     toks = tiny_tokens(2, 16)
     with torch.no_grad():
         assert torch.equal(model(input_ids=toks).logits, checkpoint.load(path)(input_ids=toks).logits)

@@ -22,20 +22,37 @@ def _quantized(family="llama", **kw):
     ("gemma3_text", dict(method="rtn", bits=2, group_size=24)),       # partial groups (64 = 2x24 + 16)
     ("qwen3", dict(method="rtn", bits=5, group_size=0, symmetric=True)),
 ])
-def test_round_trip_reproduces_logits(tmp_path, family, kw):
+@pytest.mark.parametrize("store", ["fp32", "bf16"])
+def test_round_trip_reproduces_logits(tmp_path, family, kw, store):
     model, res = _quantized(family, **kw)
     toks = tiny_tokens(4, 24)
+    if store == "bf16":  # the default: unquantized tensors in bf16, the in-memory model rounded alike
+        checkpoint.round_unquantized(model, res, torch.bfloat16)
     with torch.no_grad():
         ref = model(input_ids=toks).logits
-    path = checkpoint.save(model, res, tmp_path / "ck")
-    loaded = checkpoint.load(path)
+    path = checkpoint.save(model, res, tmp_path / "ck", dtype=store)
+    loaded = checkpoint.load(path, dtype=torch.float32)
     with torch.no_grad():
         got = loaded(input_ids=toks).logits
     assert torch.equal(ref, got)
+    assert checkpoint.load(path).dtype == (torch.bfloat16 if store == "bf16" else torch.float32)
     cfg = json.loads((path / "config.json").read_text())
     q = cfg["quantization_config"]
     assert q["quant_method"] == "lowbit" and q["bits"] == kw["bits"] and q["recipe"]["method"] == kw["method"]
     assert "lowbit_version" in q
+
+
+def test_unquantized_tensors_are_stored_in_bf16_by_default(tmp_path):
+    from safetensors import safe_open
+
+    model, res = _quantized(bits=4, group_size=16)
+    path = checkpoint.save(model, res, tmp_path / "ck")
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16
+        assert f.get_tensor("model.norm.weight").dtype == torch.bfloat16
+    assert checkpoint.read_manifest(path)["dtype"] == "bfloat16"
+    with pytest.raises(CheckpointError, match="storage dtype"):
+        checkpoint.save(model, res, tmp_path / "ck2", dtype="fp8")
 
 
 def test_packed_storage_is_small(tmp_path):

@@ -3,30 +3,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from conftest import tiny_model
 from lowbit.cli import app
 
 runner = CliRunner()
-TEXT = " ".join(f"the {w} of the {v} is {u}." for w, v, u in zip(
-    ["state", "union", "nation", "people", "law"] * 80, ["house", "senate", "court", "army", "navy"] * 80,
-    ["strong", "sound", "free", "just", "great"] * 80))
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A tiny Llama saved as a HF folder with a small byte-level BPE tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    d = tmp_path_factory.mktemp("tiny")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(d)
-    tiny_model("llama", vocab=300).save_pretrained(d)
-    (d / "text.txt").write_text(TEXT)
-    return d
 
 
 def _args(tiny_dir):
@@ -41,7 +20,8 @@ def test_quantize_eval_roundtrip(tiny_dir, tmp_path):
     assert r.exit_code == 0, r.output
     assert "quantized 14 linears" in r.output and "PPL" in r.output
     manifest = json.loads((out / "lowbit.json").read_text())
-    ppl_after = manifest["job"]["ppl"][str(tiny_dir / "text.txt")]
+    report = json.loads((out / "report.json").read_text())
+    ppl_after = report["job"]["ppl"][str(tiny_dir / "text.txt")]
     assert manifest["recipe"]["bits"] == 3 and manifest["recipe"]["group_size"] == -1
     r = runner.invoke(app, ["eval", str(out), "--data", str(tiny_dir / "text.txt"), "--seq-len", "32",
                             "--windows", "4", "--quiet"])
@@ -127,9 +107,10 @@ def test_quantize_with_pairwise_rotations_reloads(tiny_dir, tmp_path):
                             *_args(tiny_dir)])
     assert r.exit_code == 0, r.output
     manifest = json.loads((out / "lowbit.json").read_text())
+    report = json.loads((out / "report.json").read_text())
     assert manifest["recipe"]["pairwise"]["pairing"] == "weight"
     assert all(m["transform"]["type"] == "pairwise" for m in manifest["modules"].values())
-    quant_ppl = manifest["job"]["ppl"]
+    quant_ppl = report["job"]["ppl"]
     r = runner.invoke(app, ["eval", str(out), "--data", str(tiny_dir / "text.txt"), "--seq-len", "32",
                             "--windows", "4", "--quiet"])
     assert r.exit_code == 0, r.output
@@ -154,8 +135,9 @@ def test_quantize_with_rotation_and_reload(tiny_dir, tmp_path, extra, label):
     assert r.exit_code == 0, r.output
     assert label in r.output
     manifest = json.loads((out / "lowbit.json").read_text())
+    report = json.loads((out / "report.json").read_text())
     assert manifest["rotation"]["kind"] == manifest["recipe"]["rotation"]["kind"]
-    ppl_after = manifest["job"]["ppl"][str(tiny_dir / "text.txt")]
+    ppl_after = report["job"]["ppl"][str(tiny_dir / "text.txt")]
     r = runner.invoke(app, ["eval", str(out), "--data", str(tiny_dir / "text.txt"), "--seq-len", "32",
                             "--windows", "4", "--quiet"])
     assert r.exit_code == 0, r.output
@@ -169,21 +151,22 @@ def test_rotate_option_checks():
 
 @pytest.mark.parametrize("extra,check", [
     (["--method", "qep(qqa)", "--bits", "2", "--group-size", "32", "--qqa-steps", "5", "--qqa-replicas", "4"],
-     lambda m: m["recipe"]["method"] == "qqa" and m["recipe"]["qep"] is not None),
+     lambda m, r: m["recipe"]["method"] == "qqa" and m["recipe"]["qep"] is not None),
     (["--method", "onebit", "--onebit-qqa", "--qqa-steps", "5", "--onebit-ft", "1", "--batch-size", "4"],
-     lambda m: all(x["kind"] == "binary" for x in m["modules"].values()) and m["job"]["bits_per_weight"] < 1.5),
+     lambda m, r: all(x["kind"] == "binary" for x in m["modules"].values()) and r["job"]["bits_per_weight"] < 1.5),
     (["--recipe", "budget2.0-gptq-w2-g32"],
-     lambda m: m["job"]["bits_per_weight"] <= 2.0 and len({x["bits"] for x in m["modules"].values()}) > 1),
+     lambda m, r: r["job"]["bits_per_weight"] <= 2.0 and len({x["bits"] for x in m["modules"].values()}) > 1),
     (["--recipe", "gptq-w2-g32", "--budget", "2.5", "--budget-bits", "1,2,4"],
-     lambda m: m["job"]["bits_per_weight"] <= 2.5 and {x["bits"] for x in m["modules"].values()} <= {1, 2, 4}),
+     lambda m, r: r["job"]["bits_per_weight"] <= 2.5 and {x["bits"] for x in m["modules"].values()} <= {1, 2, 4}),
 ])
 def test_quantize_extreme_methods(tiny_dir, tmp_path, extra, check):
     out = tmp_path / "q"
     r = runner.invoke(app, ["quantize", str(tiny_dir), "--out", str(out), *extra, *_args(tiny_dir)])
     assert r.exit_code == 0, r.output
     manifest = json.loads((out / "lowbit.json").read_text())
-    assert check(manifest)
+    report = json.loads((out / "report.json").read_text())
+    assert check(manifest, report)
     r = runner.invoke(app, ["eval", str(out), "--data", str(tiny_dir / "text.txt"), "--seq-len", "32",
                             "--windows", "4", "--quiet"])
     assert r.exit_code == 0, r.output
-    assert f"{manifest['job']['ppl'][str(tiny_dir / 'text.txt')]:.2f}" in r.output
+    assert f"{report['job']['ppl'][str(tiny_dir / 'text.txt')]:.2f}" in r.output

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import tiny_model, tiny_tokens
 
+from lowbit.compat import cache_kwargs
 from lowbit.formats import IntFormat
 from lowbit.rotation import (RotatedPostNorm, RotationConfig, RotationError, cayley_step, fold_norms,
                              rotate_model)
@@ -79,16 +80,16 @@ def test_r3_rotates_cached_keys_and_keeps_logits(family):
     m = _model(family)
     ids = tiny_tokens(1, 12)
     ref_cache = DynamicCache(config=m.config)
-    ref = m(ids, past_key_values=ref_cache, use_cache=True).logits
+    ref = m(ids, **cache_kwargs(m, ref_cache)).logits
     r = copy.deepcopy(m)
     rotate_model(r, RotationConfig(r3=True))
     cache = DynamicCache(config=r.config)
-    out = r(ids, past_key_values=cache, use_cache=True).logits
+    out = r(ids, **cache_kwargs(r, cache)).logits
     assert _rel(out, ref) < 1e-5
     # decoding one more token through the rotated cache matches too
     nxt = torch.tensor([[3]])
-    a = m(nxt, past_key_values=ref_cache, use_cache=True).logits
-    b = r(nxt, past_key_values=cache, use_cache=True).logits
+    a = m(nxt, **cache_kwargs(m, ref_cache)).logits
+    b = r(nxt, **cache_kwargs(r, cache)).logits
     assert _rel(b, a) < 1e-5
     from lowbit.kernels.hadamard import fwht
     k_ref, k_rot = ref_cache.layers[0].keys, cache.layers[0].keys
@@ -163,3 +164,15 @@ def test_learned_rotation_with_activation_quantization_leaves_no_hooks():
     down = m.model.layers[0].mlp.down_proj
     assert "transform_input" not in down.__dict__ and not down._forward_pre_hooks
     assert _rel(m(ids).logits, ref) < 1e-5
+
+
+def test_r3_install_checks_that_its_hook_takes_effect(monkeypatch):
+    # if attention stopped receiving the cache by keyword, installing R3 must fail loudly
+    import lowbit.compat as compat
+    from lowbit.compat import CompatError
+
+    m = _model("llama")
+    monkeypatch.setattr(compat, "CACHE_KWARGS", ("no_such_kwarg", "cache", "past_key_values"))
+    monkeypatch.setattr(compat, "cache_from_kwargs", lambda kwargs: (None, None))
+    with pytest.raises(CompatError, match="R3"):
+        rotate_model(m, RotationConfig(r3=True))

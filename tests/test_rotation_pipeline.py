@@ -9,6 +9,7 @@ import torch
 from conftest import tiny_model, tiny_tokens
 
 from lowbit import checkpoint
+from lowbit.compat import cache_kwargs
 from lowbit.pipeline import PipelineError, quantize_model
 from lowbit.recipe import Recipe, RecipeError, get_recipe
 from lowbit.rotation import RotationConfig
@@ -93,12 +94,12 @@ def test_checkpoint_reload_reproduces_logits(tmp_path, family, label):
 
     ref = _logits(model, toks)
     with torch.no_grad():
-        ref_c = model(input_ids=toks[:1], past_key_values=DynamicCache(config=model.config), use_cache=True).logits
-    path = checkpoint.save(model, res, tmp_path / "ck")
+        ref_c = model(input_ids=toks[:1], **cache_kwargs(model, DynamicCache(config=model.config))).logits
+    path = checkpoint.save(model, res, tmp_path / "ck", dtype="fp32")
     loaded = checkpoint.load(path)
     torch.testing.assert_close(_logits(loaded, toks), ref, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
-        got_c = loaded(input_ids=toks[:1], past_key_values=DynamicCache(config=loaded.config), use_cache=True).logits
+        got_c = loaded(input_ids=toks[:1], **cache_kwargs(loaded, DynamicCache(config=loaded.config))).logits
     torch.testing.assert_close(got_c, ref_c, rtol=1e-5, atol=1e-5)
     assert checkpoint.read_manifest(path)["rotation"]["r3"] is True
 

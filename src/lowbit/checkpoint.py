@@ -37,7 +37,32 @@ from .transforms.modules import RotatedLinear, replace_module
 
 FORMAT = "lowbit/1"
 MANIFEST = "lowbit.json"
+REPORT = "report.json"  # the run's measurements: not covered by the manifest (timings differ run to run)
 WEIGHTS = "model.safetensors"
+#: dtypes the unquantized parameters (embeddings, norms, lm_head, biases) can be stored in
+STORE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def store_dtype(name: str | torch.dtype) -> torch.dtype:
+    """The torch dtype for a storage name (bf16, fp16, fp32) or dtype."""
+    if isinstance(name, torch.dtype):
+        if name not in STORE_DTYPES.values():
+            raise CheckpointError(f"unquantized tensors can be stored as {', '.join(STORE_DTYPES)}, not {name}")
+        return name
+    try:
+        return STORE_DTYPES[name]
+    except KeyError:
+        raise CheckpointError(f"unknown storage dtype {name!r}; use one of {', '.join(STORE_DTYPES)}") from None
+
+
+def round_unquantized(model: torch.nn.Module, result: QuantizationResult, dtype: torch.dtype) -> None:
+    """Round the parameters a checkpoint stores unquantized to `dtype`'s grid, in place (their dtype
+    is kept), so that the in-memory model computes exactly what the saved one will."""
+    quantized = {f"{n}.weight" for n in result.weights}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name not in quantized and p.is_floating_point() and p.dtype != dtype:
+                p.copy_(p.to(dtype).to(p.dtype))
 
 
 class CheckpointError(RuntimeError):
@@ -69,8 +94,15 @@ def check_output(out: str | Path, overwrite: bool) -> Path:
 
 
 def save(model: torch.nn.Module, result: QuantizationResult, out: str | Path, tokenizer=None,
-         overwrite: bool = False, extra: dict | None = None) -> Path:
-    """Write `model` (quantized in place by the pipeline) and its codes to `out`, atomically."""
+         overwrite: bool = False, extra: dict | None = None, dtype: str | torch.dtype = "bf16",
+         report: dict | None = None) -> Path:
+    """Write `model` (quantized in place by the pipeline) and its codes to `out`, atomically.
+
+    Unquantized parameters (embeddings, norms, lm_head, biases) are stored in `dtype` (bf16 by
+    default; fp32 keeps them exact); buffers such as folded rotations keep their own dtype.
+    Everything but `report` is deterministic (same model, recipe and seed: the same bytes); `report`
+    (timings, memory, perplexities of the run) goes to report.json, outside the manifest."""
+    dtype = store_dtype(dtype)
     out = check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -103,7 +135,8 @@ def save(model: torch.nn.Module, result: QuantizationResult, out: str | Path, to
         seen: dict[int, str] = {}
         aliases = {}
         quantized = {f"{n}.weight" for n in result.weights}
-        for key, t in model.state_dict().items():
+        params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+        for key, t in model.state_dict(keep_vars=True).items():
             if key in quantized:
                 continue
             ptr = t.data_ptr()
@@ -111,7 +144,10 @@ def save(model: torch.nn.Module, result: QuantizationResult, out: str | Path, to
                 aliases[key] = seen[ptr]
                 continue
             seen[ptr] = key
-            tensors[key] = t.detach().cpu().contiguous()
+            t = t.detach().cpu()
+            if key in params and t.is_floating_point():
+                t = t.to(dtype)
+            tensors[key] = t.contiguous()
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
 
         config = model.config
@@ -131,9 +167,11 @@ def save(model: torch.nn.Module, result: QuantizationResult, out: str | Path, to
         files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
                  for p in sorted(tmp.iterdir()) if p.is_file()}
         manifest = {"format": FORMAT, "lowbit_version": __version__, "recipe": result.recipe.to_dict(),
+                    "dtype": str(dtype).removeprefix("torch."),
                     "modules": modules, "aliases": aliases, "files": files,
-                    "quantization_seconds": result.seconds, "rotation": result.rotation, **(extra or {})}
+                    "rotation": result.rotation, **(extra or {})}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        (tmp / REPORT).write_text(json.dumps({"quantization_seconds": result.seconds, **(report or {})}, indent=1))
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, old)
@@ -145,6 +183,20 @@ def save(model: torch.nn.Module, result: QuantizationResult, out: str | Path, to
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def checkpoint_bytes(path: str | Path) -> int:
+    """Bytes of every file in a checkpoint folder."""
+    return sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file())
+
+
+def read_report(path: str | Path) -> dict:
+    """The run report written beside a checkpoint ({} when there is none)."""
+    f = Path(path) / REPORT
+    try:
+        return json.loads(f.read_text()) if f.is_file() else {}
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{f} is corrupt: {e}") from e
 
 
 def read_manifest(path: str | Path, verify: bool = True) -> dict:
@@ -206,8 +258,10 @@ def load_state(path: str | Path, verify: bool = True) -> tuple[dict, dict[str, t
     return manifest, state
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", with_tokenizer: bool = False, verify: bool = True):
-    """Load a lowbit checkpoint as a working transformers model (weights dequantized on load)."""
+def load(path: str | Path, device: str | torch.device = "cpu", with_tokenizer: bool = False, verify: bool = True,
+         dtype: torch.dtype | None = None):
+    """Load a lowbit checkpoint as a working transformers model (weights dequantized on load), in
+    `dtype` (default: the dtype its unquantized tensors were stored in)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
@@ -232,8 +286,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", with_tokenizer: b
         except KeyError as e:
             raise CheckpointError(f"{path}: tensor {e} missing for the transform of {name}") from e
         rots[name] = rot
-    ref = next(iter(v for k, v in state.items() if k not in {f"{n}.weight" for n in manifest["modules"]}), None)
-    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+    if dtype is None:  # checkpoints from before the dtype was recorded stored float32
+        dtype = getattr(torch, manifest.get("dtype", "float32"))
     model = model.to(dtype)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     for name, rot in rots.items():

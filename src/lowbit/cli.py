@@ -14,7 +14,7 @@ from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress Hugging Face causal LMs to low-bit weights and measure what it costs.")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # an error stays one line
 out_console = Console()
 
 MODEL_HELP = ("A hub id, a local model folder, a .gguf file, a lowbit checkpoint folder, or `smollm2` "
@@ -41,20 +41,27 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .checkpoint import CheckpointError
     from .data import DataError
     from .formats import FormatError
-    from .loading import ModelLoadError
+    from .loading import DeviceError, ModelLoadError
     from .models import UnsupportedModelError
     from .pipeline import PipelineError
     from .recipe import RecipeError
     from .rotation import RotationError
     from .solvers import SolverError
 
-    return (AssetError, CheckpointError, DataError, FormatError, ModelLoadError, UnsupportedModelError,
-            PipelineError, RecipeError, RotationError, SolverError, FileNotFoundError)
+    from .compat import CompatError
+
+    return (AssetError, CheckpointError, CompatError, DataError, DeviceError, FormatError, ModelLoadError,
+            UnsupportedModelError, PipelineError, RecipeError, RotationError, SolverError, FileNotFoundError)
 
 
 def _protocol(calib: str, n_calib: int, seq_len: int, seed: int, data: str, windows: int, batch_size: int):
+    from .data import DataError
     from .jobs import Protocol
 
+    for opt, v, lo in (("--n-calib", n_calib, 0), ("--seq-len", seq_len, 2), ("--windows", windows, 1),
+                       ("--batch-size", batch_size, 1)):
+        if v < lo:
+            raise DataError(f"{opt} must be >= {lo}, got {v}")
     sets = tuple(s.strip() for s in data.split(",") if s.strip())
     return Protocol(calib=calib, n_calib=n_calib, seq_len=seq_len, seed=seed, eval_sets=sets,
                     n_eval=windows, batch_size=batch_size)
@@ -189,6 +196,8 @@ def quantize(
     batch_size: int = typer.Option(8, help="Windows per forward pass."),
     track_error: bool = typer.Option(False, help="Also run the FP stream and report each block's output error."),
     overwrite: bool = typer.Option(False, help="Replace an existing checkpoint at --out."),
+    store: str = typer.Option("bf16", "--store-dtype", help="dtype of the tensors kept unquantized in the "
+                              "checkpoint (embeddings, norms, lm_head): bf16, fp16 or fp32 (exact)."),
     device: str = typer.Option("cpu", help="Where blocks are quantized: cpu, cuda, cuda:1 ..."),
     seed: int = typer.Option(0, help="Seed for calibration sampling."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch."),
@@ -210,11 +219,15 @@ def quantize(
                          budget_bits=tuple(int(b) for b in budget_bits.split(",")) if budget_bits else None))
         proto = _protocol(calib, n_calib, seq_len, seed, data, windows, batch_size)
         checkpoint.check_output(out, overwrite)
+        dtype = checkpoint.store_dtype(store)
         console.print(f"recipe: {json.dumps(r.to_dict())}", highlight=False, markup=False)
         model_, tok, result, job = quantize_job(model, r, proto, eval_fp=evaluate, eval_quant=evaluate,
-                                                device=device, progress=not quiet, track_error=track_error)
-        path = checkpoint.save(model_.cpu(), result, out, tok, overwrite=overwrite,
-                               extra={"job": job.to_dict(), "protocol": proto.to_dict(), "source_model": model})
+                                                device=device, progress=not quiet, track_error=track_error,
+                                                store_dtype=dtype)
+        path = checkpoint.save(model_.cpu(), result, out, tok, overwrite=overwrite, dtype=dtype,
+                               extra={"protocol": proto.to_dict(), "source_model": model},
+                               report={"job": job.to_dict()})
+        size = checkpoint.checkpoint_bytes(path)
     except _user_errors() as e:
         _fail(e)
     if evaluate:
@@ -227,7 +240,9 @@ def quantize(
                           f"{result.budget_report['linears_per_bits']}", highlight=False)
     if job.block_errors:
         out_console.print("block output rel. error: " + " ".join(f"{e:.3f}" for e in job.block_errors))
-    out_console.print(f"checkpoint: {path}")
+    bf16 = 2 * job.n_params
+    out_console.print(f"checkpoint: {path} ({size / 1e6:.1f} MB = {size / bf16:.2f}x the model in bf16, "
+                      f"{bf16 / 1e6:.1f} MB)")
 
 
 @app.command("eval")

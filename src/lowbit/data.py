@@ -83,6 +83,8 @@ def load_text(name_or_path: str) -> str:
                     raise DataError(f"{p}:{i + 1}: expected a JSON object with a \"text\" field") from e
             return JOIN.join(rows)
         return p.read_text(encoding="utf-8")
+    if "/" in name_or_path or p.suffix in (".txt", ".jsonl", ".json"):
+        raise DataError(f"corpus file not found: {p}")
     names = ", ".join(CORPORA)
     raise DataError(f"unknown corpus {name_or_path!r}: use one of {names}, a .txt/.jsonl file or a folder")
 
@@ -94,8 +96,14 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
 
 def calibration_windows(ids: torch.Tensor, n: int = 128, seq_len: int = 512, seed: int = 0) -> torch.Tensor:
     """`n` random windows of `seq_len` tokens (uniform start positions, seeded)."""
+    if n < 1 or seq_len < 2:
+        raise DataError(f"need at least 1 calibration window (--n-calib) of at least 2 tokens (--seq-len); "
+                        f"got {n} windows of {seq_len}")
+    if ids.numel() == 0:
+        raise DataError("the calibration text is empty")
     if ids.numel() <= seq_len:
-        raise DataError(f"calibration text has {ids.numel()} tokens; need more than seq_len={seq_len}")
+        raise DataError(f"the calibration text is shorter than one window: {ids.numel()} tokens, need more than "
+                        f"--seq-len {seq_len}")
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len, (n,), generator=g)
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
@@ -103,6 +111,9 @@ def calibration_windows(ids: torch.Tensor, n: int = 128, seq_len: int = 512, see
 
 def eval_windows(ids: torch.Tensor, n: int = 64, seq_len: int = 512) -> torch.Tensor:
     """The first `n` non-overlapping windows of `seq_len` tokens (fewer if the text is short)."""
+    if n < 1 or seq_len < 2:
+        raise DataError(f"need at least 1 evaluation window (--windows) of at least 2 tokens (--seq-len); "
+                        f"got {n} windows of {seq_len}")
     k = min(n, ids.numel() // seq_len)
     if k == 0:
         raise DataError(f"evaluation text has {ids.numel()} tokens; need at least seq_len={seq_len}")

@@ -68,6 +68,7 @@ class JobResult:
     block_errors: list[float] = field(default_factory=list)
     block_fits: list[dict] = field(default_factory=list)  # block-wise optimisation: losses, reverted stages
     device: str = "cpu"
+    n_params: int = 0  # parameters of the model (tied weights once)
 
     def to_dict(self) -> dict:
         """Plain dict."""
@@ -91,12 +92,15 @@ def bits_per_weight(result: QuantizationResult) -> float:
 
 def quantize_job(model_spec: str, recipe: Recipe, protocol: Protocol, *, eval_fp: bool = True,
                  eval_quant: bool = True, device: str = "cpu", progress: bool = True,
-                 track_error: bool = False, model=None, tokenizer=None):
-    """Load (unless given), evaluate FP, quantize, evaluate; returns (model, tokenizer, result, job)."""
+                 track_error: bool = False, model=None, tokenizer=None, store_dtype: torch.dtype | None = None):
+    """Load (unless given), evaluate FP, quantize, evaluate; returns (model, tokenizer, result, job).
+
+    With `store_dtype`, the parameters a checkpoint keeps unquantized are rounded to that dtype
+    before the final evaluation, so the perplexity reported is the saved model's."""
     if model is None:
         model, tokenizer = load_model(model_spec, device=device)
     torch.manual_seed(protocol.seed)
-    job = JobResult(recipe=recipe.to_dict(), device=str(device))
+    job = JobResult(recipe=recipe.to_dict(), device=str(device), n_params=sum(p.numel() for p in model.parameters()))
     if eval_fp:
         job.ppl_fp = evaluate(model, tokenizer, protocol, progress)
     tokens = calibration_tokens(tokenizer, protocol)
@@ -112,6 +116,10 @@ def quantize_job(model_spec: str, recipe: Recipe, protocol: Protocol, *, eval_fp
     job.bits_per_weight = bits_per_weight(result)
     job.block_errors = result.block_errors
     job.block_fits = result.block_fits
+    if store_dtype is not None:
+        from .checkpoint import round_unquantized
+
+        round_unquantized(model, result, store_dtype)
     if eval_quant:
         job.ppl = evaluate(model, tokenizer, protocol, progress)
     return model, tokenizer, result, job

@@ -328,6 +328,20 @@ def check_finite(model: nn.Module) -> None:
             raise PipelineError(f"parameter {name} contains NaN or inf values; the model is corrupt")
 
 
+def _check_group_size(layers, adapter, recipe: Recipe, prefix: str) -> None:
+    """Refuse a group size wider than a linear's input (say so before any long work)."""
+    g = recipe.group_size
+    if recipe.method == "onebit" or g <= 0:
+        return
+    for i, block in enumerate(layers):
+        for names in adapter.linear_groups(block):
+            for n in names:
+                w = block.get_submodule(n).in_features
+                if g > w:
+                    raise PipelineError(f"group size {g} is larger than the input width {w} of {prefix}.{i}.{n}; "
+                                        "use a group size <= the width, or -1 for one group per output channel")
+
+
 @torch.no_grad()
 def quantize_model(model: nn.Module, recipe: Recipe, tokens: torch.Tensor, *, batch_size: int = 8,
                    device: str | torch.device | None = None, progress: bool = True,
@@ -344,6 +358,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, tokens: torch.Tensor, *, ba
     layers = adapter.layers(model)
     prefix = _module_name(model, layers)
     check_finite(model)
+    _check_group_size(layers, adapter, recipe, prefix)
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
     solver = get_solver(recipe.method)

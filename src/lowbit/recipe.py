@@ -183,7 +183,10 @@ class Recipe:
         extra = set(d) - known
         if extra:
             raise RecipeError(f"unknown recipe keys: {sorted(extra)}")
-        return cls(**d)
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise RecipeError(f"bad recipe value: {e}") from None
 
     def with_(self, **kw) -> Recipe:
         """A copy with some fields changed."""
@@ -292,12 +295,21 @@ def get_recipe(name_or_path: str) -> Recipe:
     p = Path(name_or_path)
     if p.is_file():
         text = p.read_text()
-        if p.suffix in (".yaml", ".yml"):
-            import yaml
+        try:
+            if p.suffix in (".yaml", ".yml"):
+                import yaml
 
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
+                data = yaml.safe_load(text)
+            else:
+                data = json.loads(text)
+        except ValueError as e:  # json.JSONDecodeError
+            raise RecipeError(f"cannot parse {p}: {str(e).splitlines()[0]}") from None
+        except Exception as e:  # yaml.YAMLError
+            if type(e).__module__.startswith("yaml"):
+                raise RecipeError(f"cannot parse {p}: {' '.join(str(e).split())}") from None
+            raise
+        if not isinstance(data, dict):
+            raise RecipeError(f"{p} must hold a mapping of recipe settings, got {type(data).__name__}")
         return Recipe.from_dict(data)
     raise RecipeError(f"unknown recipe {name_or_path!r}: presets are {', '.join(PRESETS)}; or a label such as "
                       "qep-gptq-w3-g64-clip; or a .json/.yaml file")

@@ -114,24 +114,45 @@ class _R3Cache:
         return getattr(self._inner, name)
 
 
-def _r3_hook(module, args, kwargs):
-    cache = kwargs.get("past_key_values")
-    if cache is not None and not isinstance(cache, _R3Cache):
-        kwargs = dict(kwargs, past_key_values=_R3Cache(cache))
-        return args, kwargs
-    return None
+def install_r3(model: nn.Module, verify: bool = True) -> list:
+    """Hook every attention module so that R3 applies; returns the hook handles.
 
+    The hook finds the KV cache under whichever keyword this transformers version passes it by;
+    with `verify`, one 2-token forward with a cache checks that every layer's hook wrapped it
+    (CompatError otherwise: R3 must never silently do nothing)."""
+    from .compat import CompatError, cache_from_kwargs, cache_kwarg, probe_forward
 
-def install_r3(model: nn.Module) -> list:
-    """Hook every attention module so that R3 applies; returns the hook handles."""
     adapter = get_adapter(model)
-    handles = []
-    for blk in adapter.layers(model):
+    handles, seen = [], set()
+
+    def make(i):
+        def hook(module, args, kwargs):
+            name, cache = cache_from_kwargs(kwargs)
+            if cache is None:
+                return None
+            seen.add(i)
+            if isinstance(cache, _R3Cache):
+                return None
+            return args, dict(kwargs, **{name: _R3Cache(cache)})
+        return hook
+
+    for i, blk in enumerate(adapter.layers(model)):
         attn = blk.self_attn
+        cache_kwarg(attn)  # raises when attention takes no cache argument at all
         if getattr(attn, "_lowbit_r3", False):
             continue
-        handles.append(attn.register_forward_pre_hook(_r3_hook, with_kwargs=True))
+        handles.append(attn.register_forward_pre_hook(make(i), with_kwargs=True))
         attn._lowbit_r3 = True
+    if verify and handles and not any(p.is_meta for p in model.parameters()):
+        from transformers import DynamicCache
+
+        probe_forward(model, DynamicCache(config=model.config))
+        missing = sorted(set(range(len(adapter.layers(model)))) - seen)
+        if missing:
+            for h in handles:
+                h.remove()
+            raise CompatError(f"R3: attention layers {missing[:5]} received no KV cache through a keyword argument, "
+                              "so their keys would not be rotated")
     return handles
 
 

@@ -3,7 +3,6 @@ import json
 from typer.testing import CliRunner
 
 from lowbit.cli import app
-from test_cli import tiny_dir  # noqa: F401  (the fixture: a tiny Llama folder with a tokenizer and a text)
 
 runner = CliRunner()
 

@@ -1,7 +1,8 @@
 import pytest
 import torch
-
 from conftest import tiny_model, tiny_tokens
+
+from lowbit.compat import cache_kwargs
 from lowbit.kv import KVQuantConfig
 from lowbit.kv.cache import QuantizedKVCache
 from lowbit.kv.simulate import SimulatedKVCache
@@ -25,7 +26,7 @@ CONFIGS = {
 
 def _logits(model, toks, cache):
     with torch.no_grad():
-        return model(input_ids=toks, past_key_values=cache, use_cache=True).logits
+        return model(input_ids=toks, **cache_kwargs(model, cache)).logits
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -51,11 +52,11 @@ def _decode(model, prompt, cache, steps=6):
     """Greedy decode with the given cache; logits of every step."""
     outs = []
     with torch.no_grad():
-        out = model(input_ids=prompt, past_key_values=cache, use_cache=True)
+        out = model(input_ids=prompt, **cache_kwargs(model, cache))
         outs.append(out.logits[:, -1])
         nxt = out.logits[:, -1:].argmax(-1)
         for _ in range(steps):
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            out = model(input_ids=nxt, **cache_kwargs(model, cache))
             outs.append(out.logits[:, -1])
             nxt = out.logits[:, -1:].argmax(-1)
     return torch.stack(outs)
@@ -117,3 +118,14 @@ def test_gemma3_sliding_layers_match_the_simulation_and_drop_old_chunks():
 def test_packed_cache_refuses_per_tensor_scales():
     with pytest.raises(ValueError):
         QuantizedKVCache(tiny_model("llama"), KVQuantConfig(key_axis="tensor"))
+
+
+def test_pre_rope_cache_refuses_to_run_without_the_rope_it_needs():
+    # a pre-RoPE cache whose position-embedding hook never fired must not store post-RoPE keys quietly
+    from lowbit.compat import CompatError
+
+    model = tiny_model("llama")
+    cache = QuantizedKVCache(model, KVQuantConfig(pre_rope=True, **CONFIGS["int3"]))
+    cache.close()  # the hooks gone, as if transformers stopped passing position_embeddings
+    with pytest.raises(CompatError, match="transformers"):
+        _logits(model, tiny_tokens(1, 32), cache)

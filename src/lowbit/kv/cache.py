@@ -25,6 +25,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from ..formats.packing import pack, unpack
+from ..compat import layer_windows
 from ..models import get_adapter
 from .quantizers import KVQuantConfig, decode_keys, decode_values, encode_keys, encode_values, qjl_sketch
 from .rope import apply_rope, hook_position_embeddings, invert_rope
@@ -68,6 +69,11 @@ class PackedKVLayer(DynamicLayer):
         self.stored = 0  # absolute position where the FP tail starts
         self.seen = 0  # tokens seen (cumulative length)
 
+    def lazy_initialization(self, key_states, value_states, *args, **kwargs) -> None:
+        # transformers 5.17 set `dtype` here, 5.25 no longer does: keep our own
+        super().lazy_initialization(key_states, value_states, *args, **kwargs)
+        self.dtype, self.device = key_states.dtype, key_states.device
+
     def _rope(self, start: int, n: int):
         table = self.owner.table_of(self.idx)
         if table is None:
@@ -86,8 +92,12 @@ class PackedKVLayer(DynamicLayer):
             base = k.float()
             if cfg.pre_rope:
                 cos, sin = self._rope(start, k.shape[-2])
-                if cos is not None:
-                    base = invert_rope(base, cos, sin)
+                if cos is None:
+                    from ..compat import CompatError
+
+                    raise CompatError(f"pre-RoPE keys: layer {self.idx}'s RoPE was never captured from its attention "
+                                      "call (the position_embeddings hook did not fire)")
+                base = invert_rope(base, cos, sin)
             S = self.owner.sketch(self.idx, k.shape[-1], k.device)
             ks = _Stored(encode_keys(base, cfg, S, sinks), k.shape, cfg.key_bits)
         else:
@@ -101,8 +111,7 @@ class PackedKVLayer(DynamicLayer):
             k = decode_keys(ks.enc(), cfg, ks.shape, self.owner.sketch(self.idx, ks.shape[-1], self.device))
             if cfg.pre_rope:
                 cos, sin = self._rope(start, k.shape[-2])
-                if cos is not None:
-                    k = apply_rope(k, cos, sin)
+                k = apply_rope(k, cos, sin)
             k = k.to(self.dtype)
         else:
             k = ks
@@ -174,19 +183,6 @@ class PackedKVLayer(DynamicLayer):
         return n
 
 
-def _sliding_windows(model, n: int) -> list[int | None]:
-    """Per decoder layer: its sliding window, or None for full attention."""
-    try:
-        from transformers.cache_utils import get_layer_types_and_kwargs
-
-        types, kwargs = get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))
-        out = [kw.get("sliding_window") if t in ("sliding_attention", "chunked_attention") else None
-               for t, kw in zip(types, kwargs)]
-        return out if len(out) == n else [None] * n
-    except (ImportError, AttributeError, TypeError):
-        return [None] * n
-
-
 class QuantizedKVCache(Cache):
     """A transformers Cache of PackedKVLayer, one per decoder block of `model`."""
 
@@ -195,7 +191,7 @@ class QuantizedKVCache(Cache):
             raise ValueError("the packed cache stores tokens chunk by chunk: per-tensor scales need all tokens at "
                              "once; use lowbit.kv.simulate for key_axis / value_axis = 'tensor'")
         blocks = get_adapter(model).layers(model)
-        windows = _sliding_windows(model, len(blocks))
+        windows = layer_windows(model, len(blocks))
         super().__init__(layers=[PackedKVLayer(cfg, self, i, windows[i]) for i in range(len(blocks))])
         self.cfg = cfg
         self.tables: list[tuple[torch.Tensor, torch.Tensor]] = []  # distinct RoPE tables

@@ -36,6 +36,7 @@ def invert_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 def hook_position_embeddings(model, fn) -> list:
     """Call fn(i, cos, sin) with the RoPE (cos, sin: [B, T, D]) that attention layer i receives
     on every call; returns the hook handles (remove them when done)."""
+    from ..compat import check_position_embeddings
     from ..models import get_adapter
 
     def make(i):
@@ -45,5 +46,7 @@ def hook_position_embeddings(model, fn) -> list:
                 fn(i, *pe)
         return hook
 
-    return [blk.self_attn.register_forward_pre_hook(make(i), with_kwargs=True)
-            for i, blk in enumerate(get_adapter(model).layers(model))]
+    blocks = get_adapter(model).layers(model)
+    for blk in blocks:
+        check_position_embeddings(blk.self_attn)
+    return [blk.self_attn.register_forward_pre_hook(make(i), with_kwargs=True) for i, blk in enumerate(blocks)]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from ..compat import cache_kwargs
 from .quantizers import KVQuantConfig, quantize_kv
 from .rope import hook_position_embeddings
 
@@ -60,7 +61,7 @@ def kv_perplexity(model, windows: torch.Tensor, cfg: KVQuantConfig, batch_size: 
             c.close()
         caches.clear()
         caches.append(SimulatedKVCache(model, cfg))
-        return {"past_key_values": caches[-1], "use_cache": True}
+        return cache_kwargs(model, caches[-1])
 
     try:
         return perplexity(model, windows, batch_size, progress, desc="eval kv", forward_kwargs=fresh)

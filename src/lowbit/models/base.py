@@ -98,7 +98,12 @@ def supported_model_types() -> list[str]:
 
 def get_adapter(model: nn.Module) -> Adapter:
     """The adapter for a transformers model, or a clear error naming the supported ones."""
-    mtype = getattr(getattr(model, "config", None), "model_type", None)
+    return get_adapter_for_config(getattr(model, "config", None))
+
+
+def get_adapter_for_config(config) -> Adapter:
+    """The adapter for a transformers config (checked before any weight is loaded)."""
+    mtype = getattr(config, "model_type", None)
     if mtype not in _REGISTRY:
         raise UnsupportedModelError(
             f"unsupported architecture {mtype!r}; supported: {', '.join(supported_model_types())}"
