@@ -453,8 +453,17 @@ def _bits_one(ctx, K, N, bits, T):  # noqa: D103 - the family check is _decode_o
     return _decode_one(ctx, K, N, T, bits=bits, gs=128, compare=False)
 
 
+ROT_SWEEP = [dict(split=128, block_r=512, block_n=64, num_stages=3, num_warps=4),
+             dict(split=128, block_r=1024, block_n=64, num_stages=3, num_warps=8),
+             dict(split=128, block_r=2048, block_n=64, num_stages=3, num_warps=8),
+             dict(split=256, block_r=512, block_n=32, num_stages=3, num_warps=4),
+             dict(split=512, block_r=256, block_n=32, num_stages=3, num_warps=4),
+             dict(split=128, block_r=1024, block_n=32, num_stages=1, num_warps=4)]
+
+
 def _rot_one(ctx, K, N):
-    """Rotated W4 g128 layer (fused transform) vs the plain one, 1 token, same weight ring."""
+    """Rotated W4 g128 layer (fused transform, 8 Givens rotations) vs the plain one, 1 token, the
+    same weight ring; the unfused path (transform kernel, then the GEMV); a few fused tilings."""
     torch = ctx.torch
     Q = ctx.Q
     dtype = torch.bfloat16
@@ -464,19 +473,41 @@ def _rot_one(ctx, K, N):
     r = ring_size(layer_bytes(lay), ctx.interpret)
     ring = [lay] + [clone_layer(lay) for _ in range(r - 1)]
     w = dense(ctx, lay, torch.float32)
-    plain = _checked_time(ctx, "plain", functools.partial(_ours, Q, x, dtype, "auto", None, {}), ring,
-                          reference(ctx, lay, x, w64=w), dtype, family=("gemv", 4, "bfloat16"))
-    fused = _checked_time(ctx, "rot", functools.partial(_ours, Q, x, dtype, "auto", rot, {}), ring,
-                          reference(ctx, lay, x, rot, w64=w), dtype, family=("rot", 4, "bfloat16"))
+    ref, ref_rot = reference(ctx, lay, x, w64=w), reference(ctx, lay, x, rot, w64=w)
+    plain = _checked_time(ctx, "plain", functools.partial(_ours, Q, x, dtype, "auto", None, {}), ring, ref, dtype,
+                          family=("gemv", 4, "bfloat16"))
+    fused = _checked_time(ctx, "rot", functools.partial(_ours, Q, x, dtype, "auto", rot, {}), ring, ref_rot, dtype,
+                          family=("rot", 4, "bfloat16"))
     fused["path"] = Q.last_path
     unfused = _checked_time(ctx, "rot_unfused", functools.partial(_ours, Q, x, dtype, "rotate+gemv", rot, {}),
-                            ring, reference(ctx, lay, x, rot, w64=w), dtype)
+                            ring, ref_rot, dtype, family=("gemv", 4, "bfloat16"))
+    sms = 4 if ctx.interpret else ctx.props.multi_processor_count
     row = dict(K=K, N=N, tokens=1, plain=plain, fused=fused, unfused=unfused,
-               config=Q.gemv_config(K, N, 4, 128, ctx.props.multi_processor_count if not ctx.interpret else 4, 128, 1))
+               config=Q.gemv_config(K, N, 4, 128, sms, 128, 1))
     if "us" in plain and "us" in fused:
         row["overhead_fused"] = fused["us"] / plain["us"] - 1
     if "us" in plain and "us" in unfused:
         row["overhead_unfused"] = unfused["us"] / plain["us"] - 1
+    tiles = ROT_SWEEP[:1] if ctx.interpret else ROT_SWEEP
+    sweep = {}
+    for cfg in tiles:
+        c = dict(cfg)
+        if ctx.interpret:
+            c.update(block_r=64, block_n=16)
+        try:
+            res = _checked_time(ctx, "rot_tiles", functools.partial(_ours, Q, x, dtype, "gemv", rot, c), ring, ref_rot,
+                                dtype, family=("rot", 4, "bfloat16"))
+        except Exception as e:  # noqa: BLE001 - e.g. out of registers / shared memory
+            res = dict(error=_short(e))
+        if "us" in res and "us" in plain:
+            res["overhead"] = res["us"] / plain["us"] - 1
+        sweep[_key(c)] = res
+    row["tiles"] = sweep
+    ok = {k: v["us"] for k, v in sweep.items() if "us" in v}
+    if ok and "us" in plain:
+        best = min(ok, key=ok.get)
+        row["best_tiles"] = best
+        row["best_overhead"] = ok[best] / plain["us"] - 1
     return row
 
 
@@ -850,12 +881,12 @@ def markdown(out: dict) -> str:
     nan = float("nan")
     rot = [r for k, r in out.get("decode", {}).get("results", {}).items() if k.startswith("rot/") and "plain" in r]
     if rot:
-        lines += ["", "| rotated W4, 1 token | plain us | fused us | overhead | unfused overhead |",
-                  "|---|---|---|---|---|"]
+        lines += ["", "| rotated W4, 1 token | plain us | fused us | overhead | best tiles overhead | "
+                  "unfused overhead |", "|---|---|---|---|---|---|"]
         for r in rot:
             lines.append(f"| {r['K']}x{r['N']} | {r['plain'].get('us', nan):.2f} | {r['fused'].get('us', nan):.2f} | "
-                         f"{100 * r.get('overhead_fused', nan):+.1f} % | "
-                         f"{100 * r.get('overhead_unfused', nan):+.1f} % |")
+                         f"{100 * r.get('overhead_fused', nan):+.1f} % | {100 * r.get('best_overhead', nan):+.1f} % "
+                         f"({r.get('best_tiles', '-')}) | {100 * r.get('overhead_unfused', nan):+.1f} % |")
     pre = [r for k, r in out.get("prefill", {}).get("results", {}).items() if k.startswith("prefill/") and "mm" in r]
     if pre:
         lines += ["", "| prefill in x out | tokens | mm us | dequant+cuBLAS us | bf16 us | mm / bf16 | "

@@ -86,7 +86,7 @@ def compile_one(spec: dict, sass_dir: str | None = None) -> dict:
                      SPLITS=-(-K // cs), HAS_Z=asym, HAS_PERM=bool(int(spec.get("perm", 0))), HAS_ISC=False,
                      HAS_BIAS=False, ROT_K=8 if int(spec.get("rot", 0)) else 0, ROT_G=int(spec.get("rot", 0)) or 1,
                      GIVENS=bool(int(spec.get("rot", 0))), MASK_K=K % cs != 0, MASK_N=N % br != 0,
-                     STAGES=stages)
+                     STAGES=stages, X_IN_LOOP=stages > 1 and bool(int(spec.get("rot", 0))), EMU=False)
         ints = dict(K=K, N=N, KP32=kp32, G=-(-K // gs), stride_q=kp32 * bits, stride_s=-(-K // gs),
                     stride_z=-(-K // gs), stride_xm=K, stride_om=N)
         elems = bn * cs // (32 * warps)

@@ -10,9 +10,10 @@ starting at word KP32 * S (KP32 = padded input width / 32), column c of the plan
   times `in_scale`, or rotated in registers by the pairwise transform) and streams the packed
   words of its BLOCK_R output rows in sub-tiles of BLOCK_N rows. Per element: one shift, one
   mask, one FMA (see `_plane_dot`); the scale and zero point are applied once per group to the
-  group's sums. Partial sums of several splits go through a workspace and the last program of
-  each row block (an atomic ticket) adds them in split order: deterministic, and the tickets are
-  back at 0 after every launch (CUDA graph replays need no memset).
+  group's sums. Partial sums of several splits go through a workspace and, per sub-tile, the last
+  split to finish it (an atomic ticket) adds them in split order: deterministic, the reduction
+  spread over the programs, and the tickets back at 0 after every launch (CUDA graph replays need
+  no memset).
 - `mm_kernel`: a tile of BLOCK_M tokens (decode: 16, the rest masked; prefill: 64-128) times
   BLOCK_N output rows on tl.dot: each weight tile is dequantized in registers (`_dequant_tile`,
   x's dtype) and multiplied as the left operand, out^T = W x^T, so that a decode tile of 16
@@ -208,6 +209,18 @@ def _load_x_chunk(x_row, perm_ptr, isc_ptr, rsc_ptr, rpar_ptr, rcos_ptr, rsin_pt
 
 
 @triton.jit
+def _cta_barrier(anchor, EMU: tl.constexpr):
+    """bar.sync of the whole program, as inline PTX on the GPU: tl.debug_barrier inside a loop stops
+    Triton from software-pipelining it. `anchor` (an int32 tensor with one value per thread at most:
+    a scalar) only gives the asm an operand. Under the interpreter: tl.debug_barrier."""
+    if EMU:
+        tl.debug_barrier()
+    else:
+        tl.inline_asm_elementwise("bar.sync 0;\n\tmov.u32 $0, $1;", "=r,r", [anchor], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
+
+@triton.jit
 def _finish_rows(out_ptr, bias_ptr, rows, acc, N, HAS_BIAS: tl.constexpr, MASK_N: tl.constexpr):
     if HAS_BIAS:
         if MASK_N:
@@ -228,20 +241,23 @@ def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, isc_ptr, bias_ptr, out_pt
                 BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
                 HAS_Z: tl.constexpr, HAS_PERM: tl.constexpr, HAS_ISC: tl.constexpr, HAS_BIAS: tl.constexpr,
                 ROT_K: tl.constexpr, ROT_G: tl.constexpr, GIVENS: tl.constexpr,
-                MASK_K: tl.constexpr, MASK_N: tl.constexpr, STAGES: tl.constexpr):
+                MASK_K: tl.constexpr, MASK_N: tl.constexpr, STAGES: tl.constexpr, X_IN_LOOP: tl.constexpr,
+                EMU: tl.constexpr):
     """out[t, n] = sum_k x'[t, k] W[n, k] (+ bias[n]), one token per program.
 
     Grid (SPLITS, cdiv(N, BLOCK_R), tokens). Program (s, r, t): columns [s * CS, (s + 1) * CS),
     rows [r * BLOCK_R, (r + 1) * BLOCK_R) in sub-tiles of BLOCK_N (a tl.range loop with
     num_stages=STAGES: Triton's software pipelining of the word loads when > 1, through shared
-    memory with cp.async; the x chunk is then made inside iteration 0, after the pipeline's
-    prologue has requested the first sub-tiles, so the gather / rotation overlaps their DRAM
-    latency; STAGES 1: x first, then a plain loop). The chunk is
+    memory with cp.async; STAGES 1: a plain loop). X_IN_LOOP (with STAGES > 1, for the fused
+    rotation): the x chunk is made inside iteration 0, after the pipeline's prologue has requested
+    the first sub-tiles, so the rotation overlaps their DRAM latency (x is then loop-carried, and
+    its per-plane scaling is redone per sub-tile; without it x is made first and that is hoisted).
+    The chunk is
     NG groups of CS / NG columns (NG = CS / GS when the quantization groups are at most CS wide,
     else 1: the chunk lies inside one group; GS 0 = per channel). SPLITS 1: the program stores
-    the output; otherwise its fp32 partial sums go to part[t, s, rows] and the last program of
-    the row block (ticket on cnt[t, r]) adds them in split order, adds the bias, stores the output
-    and puts the ticket back to 0. MASK_K: the last split is partial (K % CS != 0); MASK_N: N %
+    the output; otherwise its fp32 partial sums go to part[t, s, rows] and, per sub-tile, the last
+    split to finish it (ticket on cnt[t, r, i]) adds the SPLITS partials in split order, adds the
+    bias, stores the output and puts the ticket back to 0. MASK_K: the last split is partial (K % CS != 0); MASK_N: N %
     BLOCK_R != 0. ROT_K > 0: x is rotated in registers (`_load_x_chunk`; CS is a multiple of ROT_G).
     """
     pid_s = tl.program_id(0)
@@ -250,11 +266,13 @@ def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, isc_ptr, bias_ptr, out_pt
     GSZ: tl.constexpr = CS // NG
     k0 = pid_s * CS
     x_row = x_ptr + pid_t.to(tl.int64) * stride_xm
-    if STAGES <= 1:
+    if not X_IN_LOOP:
         x = _load_x_chunk(x_row, perm_ptr, isc_ptr, rsc_ptr, rpar_ptr, rcos_ptr, rsin_ptr, k0, K, NG, GSZ,
                           HAS_PERM, HAS_ISC, ROT_K, ROT_G, GIVENS, MASK_K)
+        xsum = tl.reduce(x, 1, _sum_combine) * 1.734723475976807e-18     # sum x per group, x 2^-59
     else:
         x = tl.full([NG, GSZ], 0.0, tl.float32)     # made in iteration 0, after the pipeline's first loads
+        xsum = tl.full([NG], 0.0, tl.float32)
     gi = tl.arange(0, NG)
     if GS > 0:
         gcol = k0 // GS + gi
@@ -266,40 +284,41 @@ def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, isc_ptr, bias_ptr, out_pt
     out_row = out_ptr + pid_t.to(tl.int64) * stride_om
     part_row = part_ptr + (pid_t.to(tl.int64) * SPLITS + pid_s) * N
     for i in tl.range(0, NSUB, num_stages=STAGES):
-        if STAGES > 1:
+        if X_IN_LOOP:
             # the software pipeline's prologue requests the first sub-tiles' words before this, so
             # that their DRAM latency overlaps the x gather / rotation (loop-carried from here on)
             if i == 0:
                 x = _load_x_chunk(x_row, perm_ptr, isc_ptr, rsc_ptr, rpar_ptr, rcos_ptr, rsin_ptr, k0, K, NG, GSZ,
                                   HAS_PERM, HAS_ISC, ROT_K, ROT_G, GIVENS, MASK_K)
-        xsum = tl.reduce(x, 1, _sum_combine) * 1.734723475976807e-18     # sum x per group, x 2^-59
+                xsum = tl.reduce(x, 1, _sum_combine) * 1.734723475976807e-18
         zterm = xsum * ((2 ** BITS - 1) / 2)                             # symmetric zero point
         rows = r0 + i * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = _gemv_rows(qw_ptr, s_ptr, z_ptr, rows, x, xsum, zterm, gcol, gmask, k0, K, N, KP32,
                          stride_q, stride_s, stride_z, BITS, NG, GSZ, BLOCK_N, HAS_Z, MASK_N, MASK_K)
         if SPLITS == 1:
             _finish_rows(out_row, bias_ptr, rows, acc, N, HAS_BIAS, MASK_N)
-        elif MASK_N:
-            tl.store(part_row + rows, acc, mask=rows < N)
         else:
-            tl.store(part_row + rows, acc)
-    if SPLITS > 1:
-        # every thread's partial stores precede the ticket (block barrier); the ticket's release
-        # publishes them at GPU scope, and the last program's acquire sees all splits' stores
-        tl.debug_barrier()
-        cnt = cnt_ptr + pid_t * tl.num_programs(1) + pid_r
-        ticket = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
-        if ticket == SPLITS - 1:
-            rows = r0 + tl.arange(0, BLOCK_R)
-            base = part_ptr + pid_t.to(tl.int64) * SPLITS * N + rows
-            acc = tl.full([BLOCK_R], 0.0, tl.float32)
-            for s in tl.static_range(SPLITS):        # split order: the same sum whoever is last
-                if MASK_N:
-                    acc += tl.load(base + s * N, mask=rows < N, other=0.0, cache_modifier=".cg")
-                else:
-                    acc += tl.load(base + s * N, cache_modifier=".cg")
-            _finish_rows(out_row, bias_ptr, rows, acc, N, HAS_BIAS, MASK_N)
-            tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")   # the next launch is stream-ordered
+            if MASK_N:
+                tl.store(part_row + rows, acc, mask=rows < N)
+            else:
+                tl.store(part_row + rows, acc)
+            # ticket per sub-tile: every thread's partial stores precede it (block barrier), its
+            # release publishes them at GPU scope; the split that draws the last ticket (acquire:
+            # it sees all splits' stores) adds the sub-tile's SPLITS partials in split order, so
+            # the reduction is spread over the programs and deterministic
+            _cta_barrier(i, EMU)
+            cnt = cnt_ptr + (pid_t * tl.num_programs(1) + pid_r) * NSUB + i
+            ticket = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+            if ticket == SPLITS - 1:
+                base = part_ptr + pid_t.to(tl.int64) * SPLITS * N + rows
+                tot = tl.full([BLOCK_N], 0.0, tl.float32)
+                for s in range(SPLITS):
+                    if MASK_N:
+                        tot += tl.load(base + s * N, mask=rows < N, other=0.0, cache_modifier=".cg")
+                    else:
+                        tot += tl.load(base + s * N, cache_modifier=".cg")
+                _finish_rows(out_row, bias_ptr, rows, tot, N, HAS_BIAS, MASK_N)
+                tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")   # the next launch is stream-ordered
 
 
 # ---- dequantized tiles: the tl.dot kernel and the standalone dequantization ----------------------

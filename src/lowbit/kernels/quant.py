@@ -166,18 +166,30 @@ def gemv_config(K: int, N: int, bits: int, group_size: int, sms: int, rot_group:
                 tokens: int = 1) -> dict:
     """Tiles of `gemv_kernel`: dict(split, block_r, block_n, num_warps, num_stages).
 
-    split (input columns per program, power of two): 1024 at most (512 with a fused rotation, whose
-    groups must fit whole), less when a smaller one wastes less of the last split. block_n (rows per
-    sub-tile): about 8 KB of packed words (16 rows at 4 bits and 1024 columns), 8 to 32 rows.
-    block_r (rows per program): the largest multiple of block_n up to 16 sub-tiles (256 rows) that
-    still gives 2.5 programs per SM (splits x row blocks x tokens); a fused rotation is computed
-    once per program, so it wants tall programs. Not yet measured on the GPU: see
-    `benchmarks/kernel_quant.py --sweep` for the H200 sweep that should set these defaults.
+    Without a rotation: split (input columns per program, a power of two) 1024 at most, less when
+    a smaller one wastes less of the last split; block_n (rows per sub-tile) about 8 KB of packed
+    words (16 rows at 4 bits and 1024 columns), 8 to 32 rows; block_r (rows per program) the
+    largest multiple of block_n up to 16 sub-tiles that still gives 2.5 programs per SM (splits x
+    row blocks x tokens). With a fused rotation every program rotates its split once, so the
+    rotation's share of the work is about 185 instructions per channel against 2.2 per weight
+    element and row: it wants few, tall row blocks. split is one rotation group (the smallest:
+    more splits let the row blocks grow for the same program count), block_r gives about 2
+    programs per SM, sub-tiles of 64 rows. num_stages 3 (Triton's software pipelining of the
+    sub-tiles' loads) when a program has two sub-tiles or more. Guesses from the sm_90 SASS (about
+    2.2 instructions per 4-bit weight, `benchmarks/quant_sass.py`), not yet timed: the H200 sweep
+    of `benchmarks/kernel_quant.py` should set them.
     """
     gs = K if group_size <= 0 or group_size >= K else group_size
-    cs = _split_for(K, 512 if rot_group else 1024)
+    t = max(1, tokens)
     if rot_group:
-        cs = max(cs, rot_group)
+        cs = max(128, rot_group)
+        splits = -(-K // cs)
+        rows = max(1, -(-N * splits * t // (2 * sms)))
+        block_n = max(8, min(64, _next_pow2(N)))
+        block_r = max(block_n, min(_next_pow2(rows), _next_pow2(N), 4096))
+        stages = 3 if block_r // block_n >= 2 else 1
+        return dict(split=cs, block_r=block_r, block_n=block_n, num_warps=4, num_stages=stages)
+    cs = _split_for(K, 1024)
     if gs < K:
         cs = max(cs, 32)
     block_n = max(8, min(32, _next_pow2(max(1, 8192 * 8 // (cs * bits)))))
@@ -185,11 +197,12 @@ def gemv_config(K: int, N: int, bits: int, group_size: int, sms: int, rot_group:
     block_r = block_n
     for mult in (16, 8, 4, 2, 1):
         br = block_n * mult
-        if splits * -(-N // br) * max(1, tokens) >= 2.5 * sms:
+        if splits * -(-N // br) * t >= 2.5 * sms:
             block_r = br
             break
     block_r = max(block_n, min(block_r, _next_pow2(N)))
-    return dict(split=cs, block_r=block_r, block_n=block_n, num_warps=4, num_stages=1)
+    stages = 3 if block_r // block_n >= 2 else 1
+    return dict(split=cs, block_r=block_r, block_n=block_n, num_warps=4, num_stages=stages)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -371,7 +384,7 @@ def _launch_gemv(tk, x2, qweight, scales, zeros, bits, gs, K, N, perm, in_scale,
     if T > 65535 or n_r > 65535:
         raise ValueError(f"{T} tokens, {n_r} row blocks: the grid's axes 1 and 2 take 65535 at most")
     if splits > 1:
-        part, cnt = ws.reserve(T * splits * N, T * n_r, x2.device).part, ws.counters
+        part, cnt = ws.reserve(T * splits * N, T * n_r * (br // bn), x2.device).part, ws.counters
     else:
         part = cnt = out
     if rot is not None:
@@ -380,6 +393,7 @@ def _launch_gemv(tk, x2, qweight, scales, zeros, bits, gs, K, N, perm, in_scale,
         rk, givens = co.partner.shape[0], co.givens
     else:
         rargs, rk, givens = (out, out, out, out), 0, False
+    stages = num_stages or cfg["num_stages"]
     tk.gemv_kernel[(splits, n_r, T)](
         x2, qweight, scales, zeros if zeros is not None else scales, perm if perm is not None else qweight,
         in_scale if in_scale is not None else scales, bias if bias is not None else out, out, part, cnt, *rargs,
@@ -388,7 +402,8 @@ def _launch_gemv(tk, x2, qweight, scales, zeros, bits, gs, K, N, perm, in_scale,
         BITS=bits, GS=0 if gs >= K else gs, CS=cs, NG=ng, BLOCK_R=br, BLOCK_N=bn, SPLITS=splits,
         HAS_Z=zeros is not None, HAS_PERM=perm is not None, HAS_ISC=in_scale is not None, HAS_BIAS=bias is not None,
         ROT_K=rk, ROT_G=max(1, rot_group), GIVENS=givens, MASK_K=K % cs != 0, MASK_N=N % br != 0,
-        STAGES=num_stages or cfg["num_stages"], num_warps=num_warps or cfg["num_warps"],
+        STAGES=stages, X_IN_LOOP=stages > 1 and rot is not None, EMU=not x2.is_cuda,
+        num_warps=num_warps or cfg["num_warps"],
         num_stages=max(1, num_stages or cfg["num_stages"]))
 
 
