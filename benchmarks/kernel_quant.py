@@ -541,7 +541,36 @@ def prefill_items(ctx):
     ct = (24, 48) if ctx.interpret else (32, 64, 128, 256, 512, 1024)
     items += [(f"crossover/{K}x{N}/t{T}", functools.partial(_prefill_one, ctx, K, N, T, False))
               for (K, N), T in itertools.product(cross, ct)]
+    K, N = (256, 128) if ctx.interpret else (4096, 4096)
+    T = 96 if ctx.interpret else 2048
+    tiles = PREFILL_TILES[:2] if ctx.interpret or ctx.args.quick else PREFILL_TILES
+    items += [(f"prefill_tiles/{K}x{N}/t{T}/{_key(c)}", functools.partial(_prefill_tiles, ctx, K, N, T, c))
+              for c in tiles]
     return items
+
+
+PREFILL_TILES = [dict(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
+                 dict(block_m=128, block_n=128, block_k=64, num_warps=4, num_stages=4),
+                 dict(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3),
+                 dict(block_m=256, block_n=128, block_k=64, num_warps=8, num_stages=3),
+                 dict(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=3),
+                 dict(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4)]
+
+
+def _prefill_tiles(ctx, K, N, T, cfg):
+    """The fused tl.dot kernel at T tokens with the tiles cfg (the prefill heuristic's alternatives)."""
+    torch = ctx.torch
+    Q = ctx.Q
+    dtype = torch.bfloat16
+    lay = make_layer(ctx, N, K, 4, 128, True, seed=K + N + T)
+    x = torch.randn(T, K, device=ctx.dev).to(dtype)
+    ref = reference(ctx, lay, x)
+    res = _checked_time(ctx, "mm", functools.partial(_ours, Q, x, dtype, "mm", None, cfg), [lay, clone_layer(lay)],
+                        ref, dtype, family=("mm", 4, "bfloat16"))
+    res.update(K=K, N=N, tokens=T, config=cfg, flops=2 * T * K * N)
+    if "us" in res:
+        res["tflops"] = res["flops"] / res["us"] / 1e6
+    return res
 
 
 def _prefill_one(ctx, K, N, T, with_bf16=True):
@@ -896,6 +925,11 @@ def markdown(out: dict) -> str:
                          f"{r['dequant'].get('us', nan):.1f} | {r.get('bf16', {}).get('us', nan):.1f} | "
                          f"{r.get('ratio_mm_vs_bf16', nan):.2f} | {r.get('ratio_dequant_vs_bf16', nan):.2f} |")
     s = out.get("summary", {})
+    pt = {k: r for k, r in out.get("prefill", {}).get("results", {}).items() if k.startswith("prefill_tiles/")}
+    ok = {k: r["us"] for k, r in pt.items() if "us" in r}
+    if ok:
+        b = min(ok, key=ok.get)
+        lines.append(f"\nprefill tiles: best {ok[b]:.1f} us ({pt[b].get('tflops', nan):.0f} TFLOP/s) {pt[b]['config']}")
     if s.get("dequant_faster_from_tokens"):
         lines.append(f"\ndequant + cuBLAS faster than mm from tokens: {s['dequant_faster_from_tokens']}")
     if s.get("gemv_faster_than_mm"):

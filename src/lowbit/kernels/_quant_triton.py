@@ -61,16 +61,34 @@ def _expand_words(words, LOGP: tl.constexpr):
 
 
 @triton.jit
-def _plane_words(q_rows, wcol, wmask, BLOCK_N: tl.constexpr, NG: tl.constexpr, MASKED: tl.constexpr):
-    """Packed words [BLOCK_N, NG, WPG]: q_rows [BLOCK_N] row pointers, wcol [NG * WPG] word
-    columns. Loaded as a 2-d tile (contiguous along the row: 16-byte loads, a warp along a row, so
-    that a thread's columns, and its x values, serve several rows), then split per group."""
-    ptrs = q_rows[:, None] + wcol[None, :]
-    if MASKED:
-        w = tl.load(ptrs, mask=wmask, other=0, eviction_policy="evict_first")
+def _plane_words(qw_ptr, row0, N, stride_q, k0, K, KP32, BLOCK_N: tl.constexpr, NG: tl.constexpr,
+                 GSZ: tl.constexpr, W: tl.constexpr, S: tl.constexpr, MASK_N: tl.constexpr, MASK_K: tl.constexpr):
+    """Packed words [BLOCK_N, NG, WPG] of plane (W, S) for rows [row0, row0 + BLOCK_N) and input
+    columns [k0, k0 + NG * GSZ) (WPG = GSZ * W / 32 words per group and row).
+
+    Loaded as one flat tile, the rows one after another, so that the lanes of a warp run along the
+    rows' words (coalesced), each taking min(W, 4) contiguous words: every plane then gives a thread
+    the same 32 input columns (16 at 8 bits), whose x values a multi-plane code's planes share,
+    rather than 4 words of 32 codes of a 1-bit plane. Words are masked when their row is >= N
+    (MASK_N) or their first column >= K (MASK_K)."""
+    PER: tl.constexpr = 32 // W
+    NW: tl.constexpr = NG * GSZ // PER
+    VEC: tl.constexpr = W if W < 4 else 4
+    f = tl.arange(0, BLOCK_N * NW)
+    r = f // NW
+    c = f % NW
+    offs = tl.max_contiguous(tl.multiple_of(KP32 * S + k0 // PER + c, VEC), VEC)
+    ptrs = qw_ptr + (row0 + r).to(tl.int64) * stride_q + offs
+    if MASK_N:
+        if MASK_K:
+            w = tl.load(ptrs, mask=(row0 + r < N) & (k0 + c * PER < K), other=0, eviction_policy="evict_first")
+        else:
+            w = tl.load(ptrs, mask=row0 + r < N, other=0, eviction_policy="evict_first")
+    elif MASK_K:
+        w = tl.load(ptrs, mask=k0 + c * PER < K, other=0, eviction_policy="evict_first")
     else:
         w = tl.load(ptrs, eviction_policy="evict_first")
-    return tl.reshape(w, (BLOCK_N, NG, wcol.shape[0] // NG))
+    return tl.reshape(w, (BLOCK_N, NG, NW // NG))
 
 
 @triton.jit
@@ -84,17 +102,9 @@ def _plane_codes(words, BLOCK_N: tl.constexpr, NG: tl.constexpr, GSZ: tl.constex
 
 
 @triton.jit
-def _word_cols(k0, K, KP32, S: tl.constexpr, W: tl.constexpr, NG: tl.constexpr, GSZ: tl.constexpr):
-    """(word columns [NG * WPG] of plane (W, S) for the input columns [k0, k0 + NG * GSZ), mask:
-    the word's first column is < K)."""
-    PER: tl.constexpr = 32 // W
-    j = tl.arange(0, NG * GSZ // PER)
-    return KP32 * S + k0 // PER + j, k0 + j * PER < K
-
-
-@triton.jit
-def _plane_dot(q_rows, rmask, x, k0, K, KP32, BLOCK_N: tl.constexpr, NG: tl.constexpr, GSZ: tl.constexpr,
-               W: tl.constexpr, LOGP: tl.constexpr, S: tl.constexpr, MASK_N: tl.constexpr, MASK_K: tl.constexpr):
+def _plane_dot(qw_ptr, row0, N, stride_q, x, k0, K, KP32, BLOCK_N: tl.constexpr, NG: tl.constexpr,
+               GSZ: tl.constexpr, W: tl.constexpr, LOGP: tl.constexpr, S: tl.constexpr, MASK_N: tl.constexpr,
+               MASK_K: tl.constexpr):
     """sum over each group's columns of code_p * x for plane (W, S): [BLOCK_N, NG] fp32, in units
     of 2^-59 and times 2^S.
 
@@ -105,15 +115,7 @@ def _plane_dot(q_rows, rmask, x, k0, K, KP32, BLOCK_N: tl.constexpr, NG: tl.cons
     code * x * 2^-59: one AND and one FMA per code, one shift per word."""
     PER: tl.constexpr = 32 // W
     HALF: tl.constexpr = PER // 2
-    wcol, kmask = _word_cols(k0, K, KP32, S, W, NG, GSZ)
-    if MASK_N:
-        if MASK_K:
-            wmask = rmask[:, None] & kmask[None, :]
-        else:
-            wmask = rmask[:, None]
-    else:
-        wmask = kmask[None, :]
-    words = _plane_words(q_rows, wcol, wmask, BLOCK_N, NG, MASK_N or MASK_K)
+    words = _plane_words(qw_ptr, row0, N, stride_q, k0, K, KP32, BLOCK_N, NG, GSZ, W, S, MASK_N, MASK_K)
     t = tl.reshape(_expand_words(words, LOGP), (BLOCK_N, NG, GSZ))
     c = tl.arange(0, GSZ) % PER
     pos = (c % HALF) * W
@@ -128,23 +130,28 @@ def _plane_dot(q_rows, rmask, x, k0, K, KP32, BLOCK_N: tl.constexpr, NG: tl.cons
 
 
 @triton.jit
-def _gemv_rows(qw_ptr, s_ptr, z_ptr, rows, x, xsum, zterm, gcol, gmask, k0, K, N, KP32,
+def _gemv_rows(qw_ptr, s_ptr, z_ptr, row0, x, xsum, zterm, gcol, gmask, k0, K, N, KP32,
                stride_q, stride_s, stride_z,
                BITS: tl.constexpr, NG: tl.constexpr, GSZ: tl.constexpr, BLOCK_N: tl.constexpr,
                HAS_Z: tl.constexpr, MASK_N: tl.constexpr, MASK_K: tl.constexpr):
-    """sum_k W[rows, k] * x[k] over the split's columns [k0, k0 + NG * GSZ): [BLOCK_N] fp32."""
+    """sum_k W[rows, k] * x[k] over the split's columns [k0, k0 + NG * GSZ), rows [row0, row0 +
+    BLOCK_N): [BLOCK_N] fp32."""
+    rows = row0 + tl.arange(0, BLOCK_N)
     rmask = rows < N
-    q_rows = qw_ptr + rows.to(tl.int64) * stride_q
     # plane (W, S): S = the bits of the wider planes
     t = tl.full([BLOCK_N, NG], 0.0, tl.float32)
     if BITS & 8:
-        t += _plane_dot(q_rows, rmask, x, k0, K, KP32, BLOCK_N, NG, GSZ, 8, 2, 0, MASK_N, MASK_K)
+        t += _plane_dot(qw_ptr, row0, N, stride_q, x, k0, K, KP32, BLOCK_N, NG, GSZ, 8, 2, 0, MASK_N,
+                        MASK_K)
     if BITS & 4:
-        t += _plane_dot(q_rows, rmask, x, k0, K, KP32, BLOCK_N, NG, GSZ, 4, 3, BITS & 8, MASK_N, MASK_K)
+        t += _plane_dot(qw_ptr, row0, N, stride_q, x, k0, K, KP32, BLOCK_N, NG, GSZ, 4, 3, BITS & 8, MASK_N,
+                        MASK_K)
     if BITS & 2:
-        t += _plane_dot(q_rows, rmask, x, k0, K, KP32, BLOCK_N, NG, GSZ, 2, 4, BITS & 12, MASK_N, MASK_K)
+        t += _plane_dot(qw_ptr, row0, N, stride_q, x, k0, K, KP32, BLOCK_N, NG, GSZ, 2, 4, BITS & 12, MASK_N,
+                        MASK_K)
     if BITS & 1:
-        t += _plane_dot(q_rows, rmask, x, k0, K, KP32, BLOCK_N, NG, GSZ, 1, 5, BITS & 14, MASK_N, MASK_K)
+        t += _plane_dot(qw_ptr, row0, N, stride_q, x, k0, K, KP32, BLOCK_N, NG, GSZ, 1, 5, BITS & 14, MASK_N,
+                        MASK_K)
     rows64 = rows.to(tl.int64)
     if MASK_N or MASK_K:
         gm = rmask[:, None] & gmask[None, :]
@@ -293,7 +300,7 @@ def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, isc_ptr, bias_ptr, out_pt
                 xsum = tl.reduce(x, 1, _sum_combine) * 1.734723475976807e-18
         zterm = xsum * ((2 ** BITS - 1) / 2)                             # symmetric zero point
         rows = r0 + i * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = _gemv_rows(qw_ptr, s_ptr, z_ptr, rows, x, xsum, zterm, gcol, gmask, k0, K, N, KP32,
+        acc = _gemv_rows(qw_ptr, s_ptr, z_ptr, r0 + i * BLOCK_N, x, xsum, zterm, gcol, gmask, k0, K, N, KP32,
                          stride_q, stride_s, stride_z, BITS, NG, GSZ, BLOCK_N, HAS_Z, MASK_N, MASK_K)
         if SPLITS == 1:
             _finish_rows(out_row, bias_ptr, rows, acc, N, HAS_BIAS, MASK_N)
@@ -325,7 +332,7 @@ def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, isc_ptr, bias_ptr, out_pt
 
 
 @triton.jit
-def _plane_values(q_rows, rmask, k0, K, KP32, BLOCK_N: tl.constexpr, NG: tl.constexpr,
+def _plane_values(qw_ptr, row0, N, stride_q, k0, K, KP32, BLOCK_N: tl.constexpr, NG: tl.constexpr,
                   GSZ: tl.constexpr, W: tl.constexpr, LOGP: tl.constexpr, S: tl.constexpr,
                   MASK_N: tl.constexpr, MASK_K: tl.constexpr, DT: tl.constexpr, FAST: tl.constexpr,
                   EMU: tl.constexpr):
@@ -334,15 +341,7 @@ def _plane_values(q_rows, rmask, k0, K, KP32, BLOCK_N: tl.constexpr, NG: tl.cons
     code < 128), minus the magic; else in fp32 through 2^23 (code | 0x4B000000 is 2^23 + code).
     EMU (the interpreter, which holds bf16 as uint16 and cannot compute in it): FAST's 16-bit
     value is widened to fp32 before the subtraction."""
-    wcol, kmask = _word_cols(k0, K, KP32, S, W, NG, GSZ)
-    if MASK_N:
-        if MASK_K:
-            wmask = rmask[:, None] & kmask[None, :]
-        else:
-            wmask = rmask[:, None]
-    else:
-        wmask = kmask[None, :]
-    words = _plane_words(q_rows, wcol, wmask, BLOCK_N, NG, MASK_N or MASK_K)
+    words = _plane_words(qw_ptr, row0, N, stride_q, k0, K, KP32, BLOCK_N, NG, GSZ, W, S, MASK_N, MASK_K)
     q = _plane_codes(words, BLOCK_N, NG, GSZ, W, LOGP)
     if FAST:
         if DT == tl.float16:
@@ -363,7 +362,7 @@ def _plane_values(q_rows, rmask, k0, K, KP32, BLOCK_N: tl.constexpr, NG: tl.cons
 
 
 @triton.jit
-def _dequant_tile(qw_ptr, s_ptr, z_ptr, isc_ptr, rows, k0, K, N, G, KP32, stride_q, stride_s, stride_z,
+def _dequant_tile(qw_ptr, s_ptr, z_ptr, isc_ptr, row0, k0, K, N, G, KP32, stride_q, stride_s, stride_z,
                   BITS: tl.constexpr, GS: tl.constexpr, NG: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr, HAS_Z: tl.constexpr, HAS_ISC: tl.constexpr,
                   MASK_N: tl.constexpr, MASK_K: tl.constexpr, DT: tl.constexpr, FAST: tl.constexpr,
@@ -375,25 +374,25 @@ def _dequant_tile(qw_ptr, s_ptr, z_ptr, isc_ptr, rows, k0, K, N, G, KP32, stride
     reference's rounded fp32 product). Else fp32 as the reference computes it, rounded to DT.
     EMU (interpreter): FAST's arithmetic in fp32 on the same DT-rounded operands."""
     GSZ: tl.constexpr = BLOCK_K // NG
+    rows = row0 + tl.arange(0, BLOCK_N)
     rmask = rows < N
     rows64 = rows.to(tl.int64)
-    q_rows = qw_ptr + rows64 * stride_q
     if FAST and not EMU:
         q = tl.full([BLOCK_N, NG, GSZ], 0.0, DT)
     else:
         q = tl.full([BLOCK_N, NG, GSZ], 0.0, tl.float32)
     if BITS & 8:
-        q += _plane_values(q_rows, rmask, k0, K, KP32, BLOCK_N, NG, GSZ, 8, 2, 0, MASK_N, MASK_K, DT, FAST,
-                             EMU)
+        q += _plane_values(qw_ptr, row0, N, stride_q, k0, K, KP32, BLOCK_N, NG, GSZ, 8, 2, 0, MASK_N,
+                             MASK_K, DT, FAST, EMU)
     if BITS & 4:
-        q += _plane_values(q_rows, rmask, k0, K, KP32, BLOCK_N, NG, GSZ, 4, 3, BITS & 8, MASK_N, MASK_K, DT, FAST,
-                             EMU)
+        q += _plane_values(qw_ptr, row0, N, stride_q, k0, K, KP32, BLOCK_N, NG, GSZ, 4, 3, BITS & 8, MASK_N,
+                             MASK_K, DT, FAST, EMU)
     if BITS & 2:
-        q += _plane_values(q_rows, rmask, k0, K, KP32, BLOCK_N, NG, GSZ, 2, 4, BITS & 12, MASK_N, MASK_K, DT, FAST,
-                             EMU)
+        q += _plane_values(qw_ptr, row0, N, stride_q, k0, K, KP32, BLOCK_N, NG, GSZ, 2, 4, BITS & 12, MASK_N,
+                             MASK_K, DT, FAST, EMU)
     if BITS & 1:
-        q += _plane_values(q_rows, rmask, k0, K, KP32, BLOCK_N, NG, GSZ, 1, 5, BITS & 14, MASK_N, MASK_K, DT, FAST,
-                             EMU)
+        q += _plane_values(qw_ptr, row0, N, stride_q, k0, K, KP32, BLOCK_N, NG, GSZ, 1, 5, BITS & 14, MASK_N,
+                             MASK_K, DT, FAST, EMU)
     gi = tl.arange(0, NG)
     if GS > 0:
         gcol = k0 // GS + gi
@@ -457,8 +456,8 @@ def mm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, isc_ptr, bias_ptr, out_ptr,
     kb = pid_s * K_ITERS * BLOCK_K
     for it in tl.range(0, K_ITERS, num_stages=STAGES):
         k0 = kb + it * BLOCK_K
-        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, isc_ptr, rows, k0, K, N, G, KP32, stride_q, stride_s, stride_z,
-                          BITS, GS, NG, BLOCK_N, BLOCK_K, HAS_Z, HAS_ISC, MASK_N, MASK_K,
+        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, isc_ptr, pid_n * BLOCK_N, k0, K, N, G, KP32, stride_q, stride_s,
+                          stride_z, BITS, GS, NG, BLOCK_N, BLOCK_K, HAS_Z, HAS_ISC, MASK_N, MASK_K,
                           x_ptr.dtype.element_ty, FAST, EMU)
         kk = k0 + tl.arange(0, BLOCK_K)
         if HAS_PERM:
@@ -511,9 +510,9 @@ def dequant_kernel(qw_ptr, s_ptr, z_ptr, isc_ptr, out_ptr, K, N, KP32, G, stride
     """out[n, k] = scale * (code - zero) (* in_scale[k]) in out's dtype; grid (cdiv(N, BLOCK_N), cdiv(K, BLOCK_K))."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
-    w = _dequant_tile(qw_ptr, s_ptr, z_ptr, isc_ptr, rows, k0, K, N, G, KP32, stride_q, stride_s, stride_z,
-                      BITS, GS, NG, BLOCK_N, BLOCK_K, HAS_Z, HAS_ISC, MASK_N, MASK_K, out_ptr.dtype.element_ty,
-                      FAST, EMU)
+    w = _dequant_tile(qw_ptr, s_ptr, z_ptr, isc_ptr, tl.program_id(0) * BLOCK_N, k0, K, N, G, KP32, stride_q,
+                      stride_s, stride_z, BITS, GS, NG, BLOCK_N, BLOCK_K, HAS_Z, HAS_ISC, MASK_N, MASK_K,
+                      out_ptr.dtype.element_ty, FAST, EMU)
     kk = k0 + tl.arange(0, BLOCK_K)
     optr = out_ptr + rows.to(tl.int64)[:, None] * stride_o + kk[None, :]
     if MASK_N or MASK_K:

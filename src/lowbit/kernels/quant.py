@@ -100,6 +100,10 @@ def _next_pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
 
 
+def _pow2_floor(v: int) -> int:
+    return 1 << max(0, v.bit_length() - 1)
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -168,7 +172,8 @@ def gemv_config(K: int, N: int, bits: int, group_size: int, sms: int, rot_group:
 
     Without a rotation: split (input columns per program, a power of two) 1024 at most, less when
     a smaller one wastes less of the last split; block_n (rows per sub-tile) about 8 KB of packed
-    words (16 rows at 4 bits and 1024 columns), 8 to 32 rows; block_r (rows per program) the
+    words and at most 128 codes per thread (16 rows at 1-4 bits and 1024 columns, 8 at 8 bits;
+    more and the pipelined 3-bit kernel spills), 8 to 32 rows; block_r (rows per program) the
     largest multiple of block_n up to 16 sub-tiles that still gives 2.5 programs per SM (splits x
     row blocks x tokens). With a fused rotation every program rotates its split once, so the
     rotation's share of the work is about 185 instructions per channel against 2.2 per weight
@@ -192,7 +197,8 @@ def gemv_config(K: int, N: int, bits: int, group_size: int, sms: int, rot_group:
     cs = _split_for(K, 1024)
     if gs < K:
         cs = max(cs, 32)
-    block_n = max(8, min(32, _next_pow2(max(1, 8192 * 8 // (cs * bits)))))
+    # about 8 KB of packed words and at most 128 codes per thread (4 warps) per sub-tile and plane
+    block_n = max(8, min(32, _pow2_floor(max(1, min(16384 // cs, 8192 * 8 // (cs * bits))))))
     splits = -(-K // cs)
     block_r = block_n
     for mult in (16, 8, 4, 2, 1):
@@ -526,9 +532,10 @@ def quant_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tenso
     else:
         w = dequantize_triton(qweight, scales, zeros, bits, group_size, K, x.dtype, in_scale, **tiles)
         xin = x2.index_select(1, perm) if perm is not None else x2
-        torch.matmul(xin, w.t(), out=out)
         if bias is not None:
-            out += bias.to(out.dtype)
+            torch.addmm(bias.to(out.dtype), xin, w.t(), out=out)     # the bias in cuBLAS's epilogue
+        else:
+            torch.mm(xin, w.t(), out=out)
     _record(recorded)
     return out.reshape(*x.shape[:-1], N)
 
