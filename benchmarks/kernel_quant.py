@@ -453,12 +453,13 @@ def _bits_one(ctx, K, N, bits, T):  # noqa: D103 - the family check is _decode_o
     return _decode_one(ctx, K, N, T, bits=bits, gs=128, compare=False)
 
 
-ROT_SWEEP = [dict(split=128, block_r=512, block_n=64, num_stages=3, num_warps=4),
-             dict(split=128, block_r=1024, block_n=64, num_stages=3, num_warps=8),
-             dict(split=128, block_r=2048, block_n=64, num_stages=3, num_warps=8),
-             dict(split=256, block_r=512, block_n=32, num_stages=3, num_warps=4),
-             dict(split=512, block_r=256, block_n=32, num_stages=3, num_warps=4),
-             dict(split=128, block_r=1024, block_n=32, num_stages=1, num_warps=4)]
+ROT_SWEEP = [dict(split=128, block_r=512, block_n=64, num_stages=3, num_warps=4, x_in_loop=False, prefetch=2),
+             dict(split=128, block_r=512, block_n=64, num_stages=3, num_warps=4, x_in_loop=True, prefetch=0),
+             dict(split=128, block_r=1024, block_n=64, num_stages=3, num_warps=8, x_in_loop=False, prefetch=2),
+             dict(split=128, block_r=2048, block_n=64, num_stages=3, num_warps=8, x_in_loop=False, prefetch=2),
+             dict(split=256, block_r=512, block_n=32, num_stages=3, num_warps=4, x_in_loop=False, prefetch=2),
+             dict(split=512, block_r=256, block_n=32, num_stages=3, num_warps=4, x_in_loop=True, prefetch=0),
+             dict(split=128, block_r=1024, block_n=32, num_stages=1, num_warps=4, x_in_loop=False, prefetch=4)]
 
 
 def _rot_one(ctx, K, N):

@@ -341,6 +341,8 @@ def test_fused_rotation_interpreter(givens, interpreter):
         check(lay, 1, dtype, "auto", rot=rot, split=128, block_r=64, block_n=16)
         assert Q.last_path == "gemv_rot"
         check(lay, 1, dtype, "gemv", rot=rot, split=256, block_r=32, block_n=16, num_stages=3)
+        # the rotation inside the pipelined loop's first iteration (loop-carried x)
+        check(lay, 1, dtype, "gemv", rot=rot, split=128, block_r=64, block_n=16, num_stages=3, x_in_loop=True)
     check(lay, 3, torch.float16, "auto", rot=rot)
     assert Q.last_path == "rotate+mm"
     lay_p = Layer(96, n, 3, 32, False, perm=True, seed=7)

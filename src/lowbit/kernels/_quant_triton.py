@@ -216,6 +216,36 @@ def _load_x_chunk(x_row, perm_ptr, isc_ptr, rsc_ptr, rpar_ptr, rcos_ptr, rsin_pt
 
 
 @triton.jit
+def _prefetch_words(qw_ptr, row0, N, stride_q, k0, KP32, ROWS: tl.constexpr, CS: tl.constexpr, BITS: tl.constexpr):
+    """prefetch.global.L2 of the packed words of rows [row0, row0 + ROWS) for the input columns
+    [k0, k0 + CS), every plane, one request per 128 bytes (inline PTX: CUDA only): DRAM -> L2 without
+    registers, issued before the x chunk's rotation so that the first sub-tiles' latency overlaps
+    it. Rows are clamped into the weight, so no address falls outside it."""
+    rows = tl.minimum(row0 + tl.arange(0, ROWS), N - 1)
+    # the split's words of plane (W, S) start at word KP32 * S + k0 * W / 32 of the row: each plane
+    # apart, one request per 32 words (a partial last line of a plane is fetched whole)
+    base = qw_ptr + rows.to(tl.int64)[:, None] * stride_q
+    last = KP32 * BITS - 1                                  # the row's last word
+    if BITS & 8:
+        _prefetch_lines(base, KP32 * 0 + k0 // 4, last, (CS + 127) // 128)
+    if BITS & 4:
+        _prefetch_lines(base, KP32 * (BITS & 8) + k0 // 8, last, (CS + 255) // 256)
+    if BITS & 2:
+        _prefetch_lines(base, KP32 * (BITS & 12) + k0 // 16, last, (CS + 511) // 512)
+    if BITS & 1:
+        _prefetch_lines(base, KP32 * (BITS & 14) + k0 // 32, last, (CS + 1023) // 1024)
+
+
+@triton.jit
+def _prefetch_lines(base, col0, last, NL: tl.constexpr):
+    """One prefetch.global.L2 per 128 bytes (32 words) of NL lines from word col0 of every row of
+    base, clamped to the row's last word."""
+    ptrs = base + tl.minimum(col0 + tl.arange(0, NL)[None, :] * 32, last)
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
 def _cta_barrier(anchor, EMU: tl.constexpr):
     """bar.sync of the whole program, as inline PTX on the GPU: tl.debug_barrier inside a loop stops
     Triton from software-pipelining it. `anchor` (an int32 tensor with one value per thread at most:
@@ -249,7 +279,7 @@ def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, isc_ptr, bias_ptr, out_pt
                 HAS_Z: tl.constexpr, HAS_PERM: tl.constexpr, HAS_ISC: tl.constexpr, HAS_BIAS: tl.constexpr,
                 ROT_K: tl.constexpr, ROT_G: tl.constexpr, GIVENS: tl.constexpr,
                 MASK_K: tl.constexpr, MASK_N: tl.constexpr, STAGES: tl.constexpr, X_IN_LOOP: tl.constexpr,
-                EMU: tl.constexpr):
+                PREFETCH: tl.constexpr, EMU: tl.constexpr):
     """out[t, n] = sum_k x'[t, k] W[n, k] (+ bias[n]), one token per program.
 
     Grid (SPLITS, cdiv(N, BLOCK_R), tokens). Program (s, r, t): columns [s * CS, (s + 1) * CS),
@@ -259,7 +289,9 @@ def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, isc_ptr, bias_ptr, out_pt
     rotation): the x chunk is made inside iteration 0, after the pipeline's prologue has requested
     the first sub-tiles, so the rotation overlaps their DRAM latency (x is then loop-carried, and
     its per-plane scaling is redone per sub-tile; without it x is made first and that is hoisted).
-    The chunk is
+    PREFETCH (CUDA only): the first PREFETCH sub-tiles' words are requested into L2 before x is made
+    (`_prefetch_words`), the other way to overlap a rotation with the weights' DRAM latency,
+    without X_IN_LOOP's registers. The chunk is
     NG groups of CS / NG columns (NG = CS / GS when the quantization groups are at most CS wide,
     else 1: the chunk lies inside one group; GS 0 = per channel). SPLITS 1: the program stores
     the output; otherwise its fp32 partial sums go to part[t, s, rows] and, per sub-tile, the last
@@ -273,6 +305,8 @@ def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, isc_ptr, bias_ptr, out_pt
     GSZ: tl.constexpr = CS // NG
     k0 = pid_s * CS
     x_row = x_ptr + pid_t.to(tl.int64) * stride_xm
+    if PREFETCH > 0:
+        _prefetch_words(qw_ptr, pid_r * BLOCK_R, N, stride_q, k0, KP32, PREFETCH * BLOCK_N, CS, BITS)
     if not X_IN_LOOP:
         x = _load_x_chunk(x_row, perm_ptr, isc_ptr, rsc_ptr, rpar_ptr, rcos_ptr, rsin_ptr, k0, K, NG, GSZ,
                           HAS_PERM, HAS_ISC, ROT_K, ROT_G, GIVENS, MASK_K)

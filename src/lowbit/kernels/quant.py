@@ -179,7 +179,9 @@ def gemv_config(K: int, N: int, bits: int, group_size: int, sms: int, rot_group:
     rotation's share of the work is about 185 instructions per channel against 2.2 per weight
     element and row: it wants few, tall row blocks. split is one rotation group (the smallest:
     more splits let the row blocks grow for the same program count), block_r gives about 2
-    programs per SM, sub-tiles of 64 rows. num_stages 3 (Triton's software pipelining of the
+    programs per SM, sub-tiles of 64 rows, the first two prefetched into L2 before the rotation
+    (prefetch; x_in_loop, the rotation inside the pipelined loop's first iteration, costs 223
+    instead of 168 registers on sm_90). num_stages 3 (Triton's software pipelining of the
     sub-tiles' loads) when a program has two sub-tiles or more. Guesses from the sm_90 SASS (about
     2.2 instructions per 4-bit weight, `benchmarks/quant_sass.py`), not yet timed: the H200 sweep
     of `benchmarks/kernel_quant.py` should set them.
@@ -193,7 +195,8 @@ def gemv_config(K: int, N: int, bits: int, group_size: int, sms: int, rot_group:
         block_n = max(8, min(64, _next_pow2(N)))
         block_r = max(block_n, min(_next_pow2(rows), _next_pow2(N), 4096))
         stages = 3 if block_r // block_n >= 2 else 1
-        return dict(split=cs, block_r=block_r, block_n=block_n, num_warps=4, num_stages=stages)
+        return dict(split=cs, block_r=block_r, block_n=block_n, num_warps=4, num_stages=stages, x_in_loop=False,
+                    prefetch=2)
     cs = _split_for(K, 1024)
     if gs < K:
         cs = max(cs, 32)
@@ -208,7 +211,8 @@ def gemv_config(K: int, N: int, bits: int, group_size: int, sms: int, rot_group:
             break
     block_r = max(block_n, min(block_r, _next_pow2(N)))
     stages = 3 if block_r // block_n >= 2 else 1
-    return dict(split=cs, block_r=block_r, block_n=block_n, num_warps=4, num_stages=stages)
+    return dict(split=cs, block_r=block_r, block_n=block_n, num_warps=4, num_stages=stages, x_in_loop=False,
+                prefetch=0)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -370,7 +374,8 @@ def _groups_per_tile(cols: int, gs: int, K: int) -> int:
 
 
 def _launch_gemv(tk, x2, qweight, scales, zeros, bits, gs, K, N, perm, in_scale, bias, rot, out, ws, sms,
-                 split=None, block_r=None, block_n=None, num_warps=None, num_stages=None):
+                 split=None, block_r=None, block_n=None, num_warps=None, num_stages=None, x_in_loop=None,
+                 prefetch=None):
     T = x2.shape[0]
     rot_group = rot.group if rot is not None else 0
     cfg = gemv_config(K, N, bits, 0 if gs >= K else gs, sms, rot_group, T)
@@ -400,6 +405,9 @@ def _launch_gemv(tk, x2, qweight, scales, zeros, bits, gs, K, N, perm, in_scale,
     else:
         rargs, rk, givens = (out, out, out, out), 0, False
     stages = num_stages or cfg["num_stages"]
+    xloop = bool(cfg["x_in_loop"] if x_in_loop is None else x_in_loop) and stages > 1
+    pre = cfg["prefetch"] if prefetch is None else int(prefetch)
+    pre = min(pre, br // bn) if x2.is_cuda else 0          # inline PTX: not under the interpreter
     tk.gemv_kernel[(splits, n_r, T)](
         x2, qweight, scales, zeros if zeros is not None else scales, perm if perm is not None else qweight,
         in_scale if in_scale is not None else scales, bias if bias is not None else out, out, part, cnt, *rargs,
@@ -408,7 +416,7 @@ def _launch_gemv(tk, x2, qweight, scales, zeros, bits, gs, K, N, perm, in_scale,
         BITS=bits, GS=0 if gs >= K else gs, CS=cs, NG=ng, BLOCK_R=br, BLOCK_N=bn, SPLITS=splits,
         HAS_Z=zeros is not None, HAS_PERM=perm is not None, HAS_ISC=in_scale is not None, HAS_BIAS=bias is not None,
         ROT_K=rk, ROT_G=max(1, rot_group), GIVENS=givens, MASK_K=K % cs != 0, MASK_N=N % br != 0,
-        STAGES=stages, X_IN_LOOP=stages > 1 and rot is not None, EMU=not x2.is_cuda,
+        STAGES=stages, X_IN_LOOP=xloop, PREFETCH=pre, EMU=not x2.is_cuda,
         num_warps=num_warps or cfg["num_warps"],
         num_stages=max(1, num_stages or cfg["num_stages"]))
 
@@ -470,8 +478,8 @@ def quant_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tenso
                         **tiles) -> Tensor:
     """y = x' W^T + bias with the Triton kernels (no autograd); x [..., in_features], y [..., N] in x's dtype.
 
-    path "gemv": `gemv_kernel` (tiles: split, block_r, block_n, num_warps, num_stages; see
-    `gemv_config`); with `rot` the transform is fused (perm must be None). "mm": `mm_kernel`
+    path "gemv": `gemv_kernel` (tiles: split, block_r, block_n, num_warps, num_stages, x_in_loop,
+    prefetch; see `gemv_config`); with `rot` the transform is fused (perm must be None). "mm": `mm_kernel`
     (block_m, block_n, block_k, splits, num_warps, num_stages; `mm_config`); x is gathered through
     perm inside the kernel up to DECODE_MAX_TOKENS tokens, with one index_select before it beyond.
     "dequant": `dequantize_triton` (in_scale folded into the weight) then F.linear. "auto":
