@@ -41,7 +41,6 @@ import datetime as dt
 import functools
 import itertools
 import json
-import math
 import os
 import platform
 import subprocess

@@ -15,7 +15,7 @@ Entry points, following the kernels/ convention:
   differentiable reference runs instead (the kernels have no backward).
 - `quant_linear_triton` (launchers, no autograd): path "gemv" (register GEMV, one token per
   program, split-K), "mm" (tl.dot on dequantized tiles, 16-token tiles for decode, larger for
-  prefill), "dequant" (`dequantize_triton`, then cuBLAS through F.linear); "auto" chooses by the
+  prefill), "dequant" (`dequantize_triton`, then cuBLAS: torch.mm / addmm); "auto" chooses by the
   token count with the thresholds below, read at every call.
 - `dequantize_triton`: the dense weight [N, K] in a given dtype.
 
@@ -39,7 +39,6 @@ from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
 from lowbit.formats.packed import quant_linear_ref
 from lowbit.formats.packing import padded_width
@@ -51,7 +50,7 @@ from lowbit.kernels.pairwise import (GemvCoefficients, GemvWorkspace, gemv_coeff
 GEMV_MAX_TOKENS = int(os.environ.get("LOWBIT_QUANT_GEMV_MAX_TOKENS", "1"))
 #: tokens up to which "auto" runs the decode tiling of the tl.dot kernel (16-token tiles, split-K)
 DECODE_MAX_TOKENS = int(os.environ.get("LOWBIT_QUANT_DECODE_MAX_TOKENS", "16"))
-#: tokens from which "auto" dequantizes the weight and calls cuBLAS (F.linear) instead of the fused
+#: tokens from which "auto" dequantizes the weight and calls cuBLAS (torch.mm) instead of the fused
 #: tl.dot kernel; to be set from `benchmarks/kernel_quant.py` (prefill section)
 DEQUANT_MIN_TOKENS = int(os.environ.get("LOWBIT_QUANT_DEQUANT_MIN_TOKENS", "256"))
 #: tokens up to which a rotated layer runs the rotation fused into the GEMV; beyond, the pairwise
@@ -482,7 +481,7 @@ def quant_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tenso
     prefetch; see `gemv_config`); with `rot` the transform is fused (perm must be None). "mm": `mm_kernel`
     (block_m, block_n, block_k, splits, num_warps, num_stages; `mm_config`); x is gathered through
     perm inside the kernel up to DECODE_MAX_TOKENS tokens, with one index_select before it beyond.
-    "dequant": `dequantize_triton` (in_scale folded into the weight) then F.linear. "auto":
+    "dequant": `dequantize_triton` (in_scale folded into the weight) then torch.mm / addmm. "auto":
     `auto_path`. With `rot` on "mm" / "dequant" (or "gemv" with perm) the transform runs first
     (`pairwise_rotate`). Split-K launches use `workspace_` (default: the device's, `workspace`).
     `out`: a contiguous [tokens, N] tensor of x's dtype to write (every element is written).
