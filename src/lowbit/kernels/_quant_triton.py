@@ -8,28 +8,32 @@ starting at word KP32 * S (KP32 = padded input width / 32), column c of the plan
 - `gemv_kernel`: one token per program, a register GEMV split over the input (split-K). Program
   (s, r, t) loads the CS input channels of split s of token t once (gathered through `perm`,
   times `in_scale`, or rotated in registers by the pairwise transform) and streams the packed
-  words of its BLOCK_R output rows in sub-tiles of BLOCK_N rows. Per element: one shift, one
-  mask, one FMA (see `_plane_dot`); the scale and zero point are applied once per group to the
-  group's sums. Partial sums of several splits go through a workspace and, per sub-tile, the last
-  split to finish it (an atomic ticket) adds them in split order: deterministic, the reduction
-  spread over the programs, and the tickets back at 0 after every launch (CUDA graph replays need
-  no memset).
+  words of its BLOCK_R output rows in sub-tiles of BLOCK_N rows. Per code: one AND and one FMA,
+  plus one shift per word (see `_plane_dot`); the scale and zero point are applied once per group
+  to the group's sums. Partial sums of several splits go through a workspace and, per sub-tile,
+  the last split to finish it (an atomic ticket) adds them in split order: deterministic, the
+  reduction spread over the programs, and the tickets back at 0 after every launch (CUDA graph
+  replays need no memset).
 - `mm_kernel`: a tile of BLOCK_M tokens (decode: 16, the rest masked; prefill: 64-128) times
   BLOCK_N output rows on tl.dot: each weight tile is dequantized in registers (`_dequant_tile`,
   x's dtype) and multiplied as the left operand, out^T = W x^T, so that a decode tile of 16
-  tokens is the narrow side of the MMA and the dequantized tile never goes to shared memory on
-  Hopper (wgmma takes its A operand from registers). Split-K with the same workspace scheme.
+  tokens is the narrow side of the MMA and wgmma takes the dequantized tile from registers on
+  Hopper. Split-K with the same workspace scheme.
 - `dequant_kernel`: packed -> dense [N, K] in x's dtype (for dequantize + cuBLAS at many tokens).
 
-Unpacking: a word tile [rows, words] is repeated in registers with log2(32/w) `tl.join`s (each
-adds an in-thread axis of 2), reshaped to [rows, columns] (every thread then owns whole words and
-the columns they hold) and each column shifted by its own constant. In the GEMV the masked code
-is bit-cast to fp32 as is: code * 2^-149, a subnormal, exact; multiplied by x * 2^90 it gives
-code * x * 2^-59 with the same rounding as code * x (fp32 FMAs keep subnormals: Triton emits no
-flush-to-zero), so an integer -> float conversion (slow on Hopper) or a magic-number subtraction
-is saved; the group sums are scaled back by 2^59. |x| must stay below 2^38 (x * 2^90 < 2^128).
-The dot path converts codes exactly with the magic number 2^23 (code | 0x4B000000 bit-cast, minus
-2^23) and computes scale * (code - zero) in fp32 as the reference does, then rounds to x's dtype.
+Unpacking (`_plane_words`, `_plane_codes`): each plane's words are loaded as one flat tile
+(min(w, 4)-word vectors, so every plane gives a thread the same 32 columns), repeated in
+registers with log2(32/w) `tl.join`s (each adds an in-thread axis of 2) and reshaped to [rows,
+groups, columns], every thread owning whole words and the columns they hold. In the GEMV a code
+is masked in place (bit p < 16 of its half-word, the high half shifted down once per word) and
+bit-cast to fp32 as is: code * 2^(p - 149), a subnormal, exact; times x * 2^(90 - p) it gives
+code * x * 2^-59 with the rounding of code * x (fp32 FMAs keep subnormals: Triton emits no
+flush-to-zero), so no integer -> float conversion (slow on Hopper) or magic-number subtraction is
+needed; the group sums are scaled back by 2^59. |x| must stay below 2^38 (x * 2^90 < 2^128).
+The dot path converts codes exactly with a 16-bit magic number (fp16: code | 0x6400 is 1024 +
+code; bf16, codes < 128: code | 0x4300 is 128 + code) and computes (code - zero) * scale in x's
+dtype, two values per instruction; for 8-bit bf16 and fp32 x with 2^23 (code | 0x4B000000) and
+scale * (code - zero) in fp32 as the reference does, then rounded to x's dtype.
 """
 
 from __future__ import annotations
