@@ -13,6 +13,14 @@ from lowbit.kernels.pairwise import (
     pairwise_rotate_triton,
     validate_partner,
 )
+from lowbit.kernels.quant import (
+    RotSpec,
+    dequantize_triton,
+    quant_linear,
+    quant_linear_triton,
+    rot_spec,
+)
 
-__all__ = ["pairwise_blocks", "pairwise_linear", "pairwise_linear_triton", "pairwise_rotate",
-           "pairwise_rotate_ref", "pairwise_rotate_triton", "validate_partner"]
+__all__ = ["RotSpec", "dequantize_triton", "pairwise_blocks", "pairwise_linear", "pairwise_linear_triton",
+           "pairwise_rotate", "pairwise_rotate_ref", "pairwise_rotate_triton", "quant_linear", "quant_linear_triton",
+           "rot_spec", "validate_partner"]
