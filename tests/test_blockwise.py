@@ -57,9 +57,9 @@ def test_pairwise_lowers_block_error_and_reloads(fam, tmp_path):
     with torch.no_grad():
         ref = m(ev).logits
     out = checkpoint.save(m, res, tmp_path / "ck", dtype="fp32")
-    back = checkpoint.load(out)
     with torch.no_grad():
-        torch.testing.assert_close(back(ev).logits, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(checkpoint.load(out)(ev).logits, ref, rtol=1e-5, atol=1e-5)  # packed
+        torch.testing.assert_close(checkpoint.load(out, dequantize=True)(ev).logits, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_stage2_and_qep_compose():

@@ -6,6 +6,7 @@ import torch
 from conftest import tiny_model, tiny_tokens
 from lowbit import checkpoint
 from lowbit.checkpoint import CheckpointError
+from lowbit.nn import QuantizedLinear
 from lowbit.pipeline import quantize_model
 from lowbit.recipe import Recipe
 
@@ -31,10 +32,14 @@ def test_round_trip_reproduces_logits(tmp_path, family, kw, store):
     with torch.no_grad():
         ref = model(input_ids=toks).logits
     path = checkpoint.save(model, res, tmp_path / "ck", dtype=store)
-    loaded = checkpoint.load(path, dtype=torch.float32)
+    floats = checkpoint.load(path, dtype=torch.float32, dequantize=True)  # the old float model: bit for bit
+    packed = checkpoint.load(path, dtype=torch.float32)
+    assert any(isinstance(m, QuantizedLinear) for m in packed.modules())
+    assert not any(isinstance(m, QuantizedLinear) for m in floats.modules())
     with torch.no_grad():
-        got = loaded(input_ids=toks).logits
-    assert torch.equal(ref, got)
+        assert torch.equal(ref, floats(input_ids=toks).logits)
+        got = packed(input_ids=toks).logits  # the same weights, summed in kernel column order
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     assert checkpoint.load(path).dtype == (torch.bfloat16 if store == "bf16" else torch.float32)
     cfg = json.loads((path / "config.json").read_text())
     q = cfg["quantization_config"]
@@ -62,7 +67,7 @@ def test_packed_storage_is_small(tmp_path):
 
     with safe_open(str(path / "model.safetensors"), "pt") as f:
         q = f.get_tensor("model.layers.0.mlp.up_proj.qweight")
-        assert q.dtype == torch.uint8 and q.shape == (96, 64 * 2 // 8)
+        assert q.dtype == torch.int32 and q.shape == (96, 64 * 2 // 32)
         assert "model.layers.0.mlp.up_proj.weight" not in f.keys()
 
 
@@ -109,3 +114,20 @@ def test_interrupted_save_leaves_nothing_under_the_name(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         checkpoint.save(model, res, tmp_path / "ck")
     assert not (tmp_path / "ck").exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name", ["v1-pair-gptq-w4-g16", "v1-had-gptq-w3-g32", "v1-onebit"])
+def test_lowbit1_checkpoints_still_load(name):
+    # written by lowbit before the packed format (tests/data, with the logits the model gave then)
+    from pathlib import Path
+
+    path = Path(__file__).parent / "data" / name
+    ref = torch.load(path / "reference_logits.pt")
+    toks = tiny_tokens(2, 16)
+    with torch.no_grad():
+        floats = checkpoint.load(path, dequantize=True)(input_ids=toks).logits
+        packed_model = checkpoint.load(path)
+        packed = packed_model(input_ids=toks).logits
+    assert torch.equal(floats, ref)
+    torch.testing.assert_close(packed, ref, rtol=1e-5, atol=1e-5)
+    assert sum(isinstance(m, QuantizedLinear) for m in packed_model.modules()) == 14

@@ -14,25 +14,41 @@ from .formats.activation import fake_quant_per_token
 from .models import get_adapter
 
 
+def enable_act_quant_module(mod: nn.Module, bits: int, symmetric: bool = False, clip: float = 1.0) -> bool:
+    """Make one linear fake-quantize its input per token (after its online transform, if any);
+    False when it already does."""
+    from .nn.quantized import QuantizedLinear
+
+    if isinstance(mod, QuantizedLinear):  # a field of the packed module: applied in its forward
+        if mod.act_bits is not None:
+            return False
+        mod.act_bits, mod.act_symmetric = bits, symmetric
+        return True
+    if not isinstance(mod, nn.Linear) or getattr(mod, "_lowbit_act_bits", None) is not None:
+        return False
+    mod._lowbit_act_bits = bits
+    if hasattr(mod, "transform_input"):
+        inner = mod.transform_input
+
+        def transformed(x, inner=inner):
+            return fake_quant_per_token(inner(x), bits, symmetric, clip)
+
+        mod.transform_input = transformed
+    else:
+        def pre(m, args):
+            return (fake_quant_per_token(args[0], bits, symmetric, clip),) + tuple(args[1:])
+
+        mod.register_forward_pre_hook(pre)
+    return True
+
+
 def enable_act_quant(model: nn.Module, bits: int, symmetric: bool = False, clip: float = 1.0) -> int:
     """Fake-quantize the inputs of every decoder-block linear; returns how many were set up."""
+    from .nn.quantized import QuantizedLinear
+
     count = 0
     for blk in get_adapter(model).layers(model):
         for _, mod in blk.named_modules():
-            if not isinstance(mod, nn.Linear) or getattr(mod, "_lowbit_act_bits", None) is not None:
-                continue
-            mod._lowbit_act_bits = bits
-            if hasattr(mod, "transform_input"):
-                inner = mod.transform_input
-
-                def transformed(x, inner=inner):
-                    return fake_quant_per_token(inner(x), bits, symmetric, clip)
-
-                mod.transform_input = transformed
-            else:
-                def pre(m, args):
-                    return (fake_quant_per_token(args[0], bits, symmetric, clip),) + tuple(args[1:])
-
-                mod.register_forward_pre_hook(pre)
-            count += 1
+            if isinstance(mod, (nn.Linear, QuantizedLinear)):
+                count += enable_act_quant_module(mod, bits, symmetric, clip)
     return count

@@ -1,16 +1,19 @@
 """Save and load quantized models as Hugging Face folders.
 
-Layout of a checkpoint folder:
+Layout of a checkpoint folder (format lowbit/2):
 - config.json: the model config with `quantization_config` (method, bits, group size, the
   full recipe, lowbit version);
-- model.safetensors: for every quantized linear `<name>.qweight` (uint8, codes bit-packed
-  along the input dimension), `<name>.scales` (float16 [out, groups]), `<name>.zeros`
-  (uint8 [out, groups], asymmetric formats only) and `<name>.g_idx` (int32 [in], when
-  activation ordering regrouped the columns); every other parameter as a plain tensor;
+- model.safetensors: every quantized linear as its packed `QuantizedLinear` state, byte for byte
+  what the module holds in memory: `<name>.qweight` (int32 bit planes), `<name>.scales` (fp16
+  [out, groups]), `<name>.zeros` (uint8, asymmetric only), `<name>.perm` (int32, act order),
+  `<name>.in_scale` (fp16, 1-bit layers), `<name>.bias`, `<name>.transform.*` (online pairwise
+  rotation); every other parameter in bf16 (default) / fp16 / fp32; buffers as they are;
 - the tokenizer files;
 - lowbit.json, written last: the format version, each quantized module's format and the
   sha256 and size of every file. A folder without it, or whose files do not match it, is
-  refused.
+  refused; report.json beside it holds the run's measurements (not covered: timings vary).
+
+Checkpoints of format lowbit/1 (dense uint8 codes) are still read.
 
 The folder is written under a temporary name and renamed into place, so an interrupted
 save never leaves a half-written checkpoint under the requested name.
@@ -29,13 +32,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .formats import IntFormat, dequantize, pack, unpack
+from .formats import IntFormat, unpack
 from .formats.binary import BinaryWeight
 from .pipeline import QuantizationResult
 from .transforms import PairwiseRotation
-from .transforms.modules import RotatedLinear, replace_module
+from .transforms.modules import replace_module
 
-FORMAT = "lowbit/1"
+FORMAT = "lowbit/2"
+READABLE = ("lowbit/1", "lowbit/2")
 MANIFEST = "lowbit.json"
 REPORT = "report.json"  # the run's measurements: not covered by the manifest (timings differ run to run)
 WEIGHTS = "model.safetensors"
@@ -110,31 +114,19 @@ def save(model: torch.nn.Module, result: QuantizationResult, out: str | Path, to
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
+        from .nn import quantized_modules
+
         tensors, modules = {}, {}
-        for name, qw in result.weights.items():
-            fmt = qw.fmt
-            if getattr(qw, "kind", "int") == "binary":  # OneBit: sign bits + fp16 g [out] and h [in]
-                tensors[f"{name}.qweight"] = pack(qw.codes, 1).contiguous()
-                tensors[f"{name}.g"] = qw.g.half().contiguous()
-                tensors[f"{name}.h"] = qw.h.half().contiguous()
-                modules[name] = {"kind": "binary", "bits": 1, "in_features": int(qw.codes.shape[1]),
-                                 "out_features": int(qw.codes.shape[0])}
-                continue
-            tensors[f"{name}.qweight"] = pack(qw.codes, fmt.bits).contiguous()
-            tensors[f"{name}.scales"] = qw.scale.half().contiguous()
-            if not fmt.symmetric:
-                tensors[f"{name}.zeros"] = qw.zero.to(torch.uint8).contiguous()
-            if qw.g_idx is not None:
-                tensors[f"{name}.g_idx"] = qw.g_idx.to(torch.int32).contiguous()
-            modules[name] = {"bits": fmt.bits, "group_size": fmt.group_size, "symmetric": fmt.symmetric,
-                             "in_features": int(qw.codes.shape[1]), "out_features": int(qw.codes.shape[0])}
-            rot = result.transforms.get(name)
-            if rot is not None:  # the online input transform (pairwise rotations)
-                tensors.update(rot.to_tensors(name))
-                modules[name]["transform"] = {"type": "pairwise", "group": rot.group, "krot": int(rot.pairs.shape[0])}
+        qmods = quantized_modules(model, result)
+        for name, q in qmods.items():
+            for key, t in q.state_dict().items():
+                if key == "bias":
+                    t = t.to(dtype)
+                tensors[f"{name}.{key}"] = t.detach().contiguous()
+            modules[name] = {**q.format_dict(), "transform": None if q.transform is None else q.transform.spec()}
         seen: dict[int, str] = {}
         aliases = {}
-        quantized = {f"{n}.weight" for n in result.weights}
+        quantized = {f"{n}.{k}" for n in result.weights for k in ("weight", "bias")}
         params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
         for key, t in model.state_dict(keep_vars=True).items():
             if key in quantized:
@@ -156,7 +148,7 @@ def save(model: torch.nn.Module, result: QuantizationResult, out: str | Path, to
         widths = {name: m["bits"] for name, m in modules.items()}
         if len(set(widths.values())) > 1 or result.bits_plan:  # mixed precision: every linear's width
             qcfg["mixed_bits"] = widths
-            qcfg["kinds"] = {name: m.get("kind", "int") for name, m in modules.items()}
+            qcfg["kinds"] = {name: m["kind"] for name, m in modules.items()}
         config.quantization_config = qcfg
         try:
             config.save_pretrained(tmp)
@@ -212,8 +204,9 @@ def read_manifest(path: str | Path, verify: bool = True) -> dict:
         manifest = json.loads(mpath.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{mpath} is corrupt: {e}") from e
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: unsupported checkpoint format {manifest.get('format')!r} (expected {FORMAT})")
+    if manifest.get("format") not in READABLE:
+        raise CheckpointError(f"{path}: unsupported checkpoint format {manifest.get('format')!r} "
+                              f"(this lowbit reads {', '.join(READABLE)})")
     if verify:
         for name, meta in manifest["files"].items():
             f = path / name
@@ -224,80 +217,111 @@ def read_manifest(path: str | Path, verify: bool = True) -> dict:
     return manifest
 
 
+def _v1_to_v2(manifest: dict, raw: dict[str, torch.Tensor], path: Path) -> None:
+    """Rewrite a lowbit/1 checkpoint's modules and tensors (dense uint8 codes, g/h for 1-bit layers,
+    pairwise tensors beside the weight) into the packed layout, in place."""
+    from .nn import QuantizedLinear
+    from .solvers import QuantizedWeight
+    from .transforms.online import HadamardInput, PairwiseInput
+
+    r4 = bool((manifest.get("rotation") or {}).get("r4"))
+    for name, m in list(manifest["modules"].items()):
+        try:
+            codes = unpack(raw.pop(f"{name}.qweight"), m["bits"], m["in_features"])
+            if m.get("kind", "int") == "binary":
+                qw = BinaryWeight(codes, raw.pop(f"{name}.g").float(), raw.pop(f"{name}.h").float())
+            elif m.get("kind", "int") == "int":
+                fmt = IntFormat(m["bits"], m["symmetric"], m["group_size"])
+                scale = raw.pop(f"{name}.scales").float()
+                zero = raw.pop(f"{name}.zeros").float() if not fmt.symmetric else torch.full_like(scale, fmt.maxq / 2)
+                g_idx = raw.pop(f"{name}.g_idx", None)
+                qw = QuantizedWeight(codes, scale, zero, fmt, None if g_idx is None else g_idx.long())
+            else:
+                raise CheckpointError(f"{path}: module {name} has an unknown kind {m.get('kind')!r}")
+            transform = None
+            t = m.get("transform")
+            if t is not None and t.get("type") == "pairwise":
+                transform = PairwiseInput(PairwiseRotation.from_tensors(raw, name, int(t["group"])))
+            elif r4 and name.endswith("mlp.down_proj"):
+                transform = HadamardInput()
+        except KeyError as e:
+            raise CheckpointError(f"{path}: tensor {e} missing for quantized module {name}") from None
+        q = QuantizedLinear.from_weight(qw, raw.pop(f"{name}.bias", None), transform)
+        raw.update({f"{name}.{k}": v for k, v in q.state_dict().items()})
+        manifest["modules"][name] = {**q.format_dict(), "transform": None if transform is None else transform.spec()}
+
+
 def load_state(path: str | Path, verify: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(manifest, state dict with every quantized weight dequantized to float32)."""
+    """(manifest, raw state dict in the packed layout) of a checkpoint, files checked against the manifest."""
     path = Path(path)
     manifest = read_manifest(path, verify)
     try:
         raw = load_file(str(path / WEIGHTS))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path / WEIGHTS} cannot be read: {e}") from e
-    state = {}
-    for name, m in manifest["modules"].items():
-        if m.get("kind", "int") == "binary":
-            try:
-                codes = unpack(raw.pop(f"{name}.qweight"), 1, m["in_features"])
-                g, h = raw.pop(f"{name}.g").float(), raw.pop(f"{name}.h").float()
-            except KeyError as e:
-                raise CheckpointError(f"{path}: tensor {e} missing for 1-bit module {name}") from e
-            state[f"{name}.weight"] = BinaryWeight(codes, g, h).dequantize()
-            continue
-        if m.get("kind", "int") != "int":
-            raise CheckpointError(f"{path}: module {name} has an unknown kind {m.get('kind')!r}")
-        fmt = IntFormat(m["bits"], m["symmetric"], m["group_size"])
-        try:
-            codes = unpack(raw.pop(f"{name}.qweight"), fmt.bits, m["in_features"])
-            scale = raw.pop(f"{name}.scales").float()
-            zero = (raw.pop(f"{name}.zeros").float() if not fmt.symmetric
-                    else torch.full_like(scale, fmt.maxq / 2))
-        except KeyError as e:
-            raise CheckpointError(f"{path}: tensor {e} missing for quantized module {name}") from e
-        g_idx = raw.pop(f"{name}.g_idx", None)
-        state[f"{name}.weight"] = dequantize(codes, scale, zero, fmt, None if g_idx is None else g_idx.long())
-    state.update(raw)
-    return manifest, state
+    if manifest["format"] == "lowbit/1":
+        _v1_to_v2(manifest, raw, path)
+    return manifest, raw
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", with_tokenizer: bool = False, verify: bool = True,
-         dtype: torch.dtype | None = None):
-    """Load a lowbit checkpoint as a working transformers model (weights dequantized on load), in
-    `dtype` (default: the dtype its unquantized tensors were stored in)."""
+         dtype: torch.dtype | None = None, dequantize: bool = False):
+    """Load a lowbit checkpoint as a working transformers model whose quantized linears are packed
+    `QuantizedLinear` modules (`dequantize=True`: float linears with the dequantized weights, for
+    analyses). Parameters kept unquantized come in `dtype` (default: the dtype they were stored in).
+
+    No float copy of the quantized weights is ever made: the model is built on the meta device and
+    the packed tensors are assigned to it."""
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .nn import QuantizedLinear, dequantize_model
+    from .transforms.online import from_spec
 
     path = Path(path)
     manifest, state = load_state(path, verify)
+    if dtype is None:  # checkpoints from before the dtype was recorded stored float32
+        dtype = getattr(torch, manifest.get("dtype", "float32"))
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config)
-    if manifest.get("rotation"):  # folded rotations are in the weights; re-create the online parts
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config)
+    for name, m in manifest["modules"].items():
+        try:
+            transform = from_spec(m.get("transform"), m["in_features"])
+            q = QuantizedLinear.from_format(m, transform, dtype=dtype, device="meta")
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"{path}: module {name} has a bad format entry: {e}") from None
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"{path}: quantized module {name} does not exist in the model of config.json") from None
+        replace_module(model, name, q)
+    rotation = manifest.get("rotation")
+    if rotation:  # folded rotations are in the weights; re-create the online parts (R3 once weights are in)
         from .rotation import restore_online
 
-        restore_online(model, manifest["rotation"])
-    rots = {}
-    for name, m in manifest["modules"].items():
-        t = m.get("transform")
-        if t is None:
-            continue
-        if t.get("type") != "pairwise":
-            raise CheckpointError(f"{path}: module {name} has an unknown transform {t.get('type')!r}")
-        try:
-            rot = PairwiseRotation.from_tensors(state, name, int(t["group"]))
-        except KeyError as e:
-            raise CheckpointError(f"{path}: tensor {e} missing for the transform of {name}") from e
-        rots[name] = rot
-    if dtype is None:  # checkpoints from before the dtype was recorded stored float32
-        dtype = getattr(torch, manifest.get("dtype", "float32"))
-    model = model.to(dtype)
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    for name, rot in rots.items():
-        lin = model.get_submodule(name)
-        replace_module(model, name, RotatedLinear.wrap(lin, rot, weight=lin.weight.data))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+        restore_online(model, {**rotation, "r3": False})
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    state = {k: v.to(dtype) if k in params and v.is_floating_point() else v for k, v in state.items()}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not match the config: {str(e).splitlines()[0]}") from None
     missing = [k for k in missing if k not in manifest.get("aliases", {})]
     if unexpected or missing:
         raise CheckpointError(f"{path}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.tie_weights()
+    meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if meta:
+        raise CheckpointError(f"{path}: tensors never loaded: {meta[:3]}")
+    if rotation and rotation.get("r3"):
+        from .rotation import install_r3
+
+        install_r3(model)
+    if dequantize:
+        dequantize_model(model)
     act_bits = manifest.get("recipe", {}).get("act_bits")
     if act_bits is not None:
         from .actquant import enable_act_quant

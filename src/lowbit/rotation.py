@@ -294,8 +294,8 @@ def restore_online(model: nn.Module, info: dict) -> None:
     hidden = model.config.get_text_config().hidden_size if hasattr(model.config, "get_text_config") \
         else model.config.hidden_size
     for blk in adapter.layers(model):
-        if info.get("r4"):
-            lin = blk.mlp.down_proj
+        lin = blk.mlp.down_proj
+        if info.get("r4") and type(lin) is nn.Linear:  # a packed QuantizedLinear holds R4 as its transform
             replace_module(blk, "mlp.down_proj", HadamardLinear.wrap(lin, weight=lin.weight.data))
         if info.get("post_norm_rotation"):
             for name in adapter.post_norms:
