@@ -340,7 +340,7 @@ def analyze_propagation(
         kw = {k: v for k, v in dict(alpha=qep_alpha, damp=qep_damp).items() if v is not None}
         cfg = QEPConfig(**{**(r.qep.to_dict() if r.qep else {}), **kw}) if (kw or r.qep) else None
         proto = _protocol(calib, n_calib, seq_len, seed, data, windows, batch_size)
-        m, tok = load_model(model, device="cpu")
+        m, tok = load_model(model, device="cpu", dequantize=True)
         runs = prop.propagation(m, tok, r, proto, qep=cfg, device=device, evaluate_ppl=evaluate,
                                 progress=not quiet)
         js, png = prop.save(runs, out_dir, f"{model}: {runs[0].label} vs {runs[1].label}")
@@ -385,7 +385,7 @@ def analyze_outliers(
 
         cfg = RotationConfig(kind=rotate, seed=rot_seed, r4=r4)
         proto = _protocol(calib, n_calib, seq_len, seed, "sotu-modern", 1, batch_size)
-        m, tok = load_model(model, device="cpu")
+        m, tok = load_model(model, device="cpu", dequantize=True)
         res = ol.outliers(m, calibration_tokens(tok, proto), cfg, batch_size)
         js, png = ol.save(res, out_dir, f"{model}: linear inputs before / after {rotate} rotation")
     except _user_errors() as e:
@@ -425,7 +425,7 @@ def analyze_rope(
 
         one = study.seed_experiment(draws=1)
         many = study.seed_experiment(draws=draws)
-        m, tok = load_model(model, device="cpu")
+        m, tok = load_model(model, device="cpu", dequantize=True)
         toks = eval_windows(tokenize(tok, load_text(data)), windows, seq_len)
         store = study.capture_qk(m, toks)
         real = study.real_key_study(store, bits=tuple(int(b) for b in bits.split(",")))
@@ -485,7 +485,7 @@ def analyze_attention(
         if unknown:
             raise ValueError(f"unknown configurations {unknown}; known: {list(study.ATTENTION_CONFIGS)}")
         chosen = [(n, study.ATTENTION_CONFIGS[n]) for n in (names or study.ATTENTION_CONFIGS)]
-        m, tok = load_model(model, device="cpu")
+        m, tok = load_model(model, device="cpu", dequantize=True)
         toks = eval_windows(tokenize(tok, load_text(data)), windows, seq_len)
         rows = study.attention_study(study.capture_qk(m, toks), chosen)
         out = Path(out_dir)
@@ -505,6 +505,135 @@ def analyze_attention(
                   *(f"{r['mean_' + k]:.3g} ({max(pl[k]):.3g})" for k in ("score_rel_err", "kl", "out_rel_err")))
     out_console.print(t)
     out_console.print(f"written: {out_dir}/attention.json, {out_dir}/attention.png")
+
+
+def _load_for_run(model: str, device: str, dtype: str, dequantize: bool = False):
+    import torch
+
+    from .loading import check_device, load_model
+
+    dev = check_device(device)
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(dtype)
+    if dt is None:
+        from .loading import ModelLoadError
+
+        raise ModelLoadError(f"--dtype must be bf16, fp16 or fp32, got {dtype!r}")
+    return load_model(model, dtype=dt, device=dev, dequantize=dequantize)
+
+
+@app.command()
+def generate(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Tokens to generate (greedy)."),
+    chat: bool = typer.Option(False, help="Wrap the prompt in the tokenizer's chat template."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1 ..."),
+    dtype: str = typer.Option("bf16", help="dtype of activations and unquantized weights: bf16, fp16, fp32."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch."),
+) -> None:
+    """Stream a greedy continuation of PROMPT and print tokens/s (lowbit's decode loop: static KV
+    cache, packed kernels, one CUDA graph per token on GPU)."""
+    _setup(True, 0, threads)
+    try:
+        import torch
+
+        from .decode import DecodeError, DecodeModel, Generator
+
+        if max_new_tokens < 1:
+            raise DecodeError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+        m, tok = _load_for_run(model, device, dtype)
+        if chat:
+            ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                          return_tensors="pt")
+            ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
+        else:
+            ids = tok(prompt, return_tensors="pt").input_ids
+        printed, done = [""], []
+
+        def on_token(t):
+            done.append(int(t[0]))
+            text = tok.decode(done, skip_special_tokens=True)
+            sys.stdout.write(text[len(printed[0]):])
+            sys.stdout.flush()
+            printed[0] = text
+
+        try:
+            gen = Generator(DecodeModel(m, ids.shape[1] + max_new_tokens, 1))
+        except DecodeError as e:  # another family: transformers' own generate, said once
+            console.print(f"note: {e}; using transformers' generate", highlight=False)
+            gen = None
+        if gen is not None:
+            sys.stdout.write(prompt if not chat else "")
+            _, st = gen.generate(ids, max_new_tokens, on_token)
+            rate = f"prefill {st.prefill_tok_s:.1f} tok/s, decode {st.decode_tok_s:.1f} tok/s" + \
+                   (" (CUDA graph)" if st.graph else "")
+        else:
+            import time
+
+            from transformers import TextStreamer
+
+            t0 = time.perf_counter()
+            out = m.generate(ids.to(m.device), max_new_tokens=max_new_tokens, do_sample=False,
+                             streamer=TextStreamer(tok, skip_special_tokens=True))
+            n = out.shape[1] - ids.shape[1]
+            rate = f"{n / (time.perf_counter() - t0):.1f} tok/s (transformers' generate)"
+    except (*_user_errors(), DecodeError) as e:
+        _fail(e)
+    sys.stdout.write("\n")
+    console.print(rate, highlight=False)
+
+
+@app.command()
+def speed(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    batches: str = typer.Option("1,4,16", help="Comma-separated batch sizes."),
+    prompt_len: int = typer.Option(128, help="Prompt tokens (random ids)."),
+    new_tokens: int = typer.Option(128, help="Tokens generated per sequence."),
+    fp: bool = typer.Option(True, "--fp/--no-fp", help="Also measure the float model (the checkpoint dequantized) "
+                            "in the same decode loop."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1 ..."),
+    dtype: str = typer.Option("bf16", help="dtype of activations and unquantized weights: bf16, fp16, fp32."),
+    out: Optional[str] = typer.Option(None, help="Also write the numbers to this JSON file."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch."),
+) -> None:
+    """Prefill and decode tokens/s at several batch sizes, and memory, of a model (a lowbit checkpoint
+    runs its packed kernels) next to its float twin, in lowbit's decode loop."""
+    _setup(True, 0, threads)
+    try:
+        import gc
+
+        import torch
+
+        from .decode import DecodeError, measure_speed
+        from .fileio import write_json
+        from .jobs import peak_rss_mb
+
+        bs = tuple(int(b) for b in batches.split(",") if b.strip())
+        if not bs or min(bs) < 1 or prompt_len < 1 or new_tokens < 2:
+            raise DecodeError("--batches must be >= 1, --prompt-len >= 1 and --new-tokens >= 2")
+        results = {}
+        for label, deq in (("model", False), ("fp", True)) if fp else (("model", False),):
+            m, _ = _load_for_run(model, device, dtype, dequantize=deq)
+            results[label] = measure_speed(m, bs, prompt_len, new_tokens)
+            results[label]["peak_rss_mb"] = peak_rss_mb()
+            del m
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        if out:
+            write_json(out, {"model": model, "device": device, "dtype": dtype, "prompt_len": prompt_len,
+                             "new_tokens": new_tokens, **results})
+    except (*_user_errors(), DecodeError) as e:
+        _fail(e)
+    t = Table(title=escape(f"{model} on {device} ({dtype}): prompt {prompt_len}, {new_tokens} new tokens"))
+    for c in ("weights", "batch", "prefill tok/s", "decode tok/s/seq", "decode tok/s total", "peak GPU MB"):
+        t.add_column(c, justify="right")
+    for label, r in results.items():
+        for row in r["rows"]:
+            t.add_row(f"{label} ({r['weight_bytes'] / 1e6:.1f} MB)", str(row["batch"]), f"{row['prefill_tok_s']:.0f}",
+                      f"{row['decode_tok_s']:.1f}", f"{row['decode_tok_s'] * row['batch']:.1f}",
+                      "-" if row["peak_mem_mb"] is None else f"{row['peak_mem_mb']:.0f}")
+    out_console.print(t)
 
 
 @app.command("presets")

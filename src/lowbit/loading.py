@@ -81,8 +81,10 @@ def check_finite(model: torch.nn.Module) -> None:
             raise ModelLoadError(f"parameter {name} contains {bad} values; the model is corrupt")
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """Load (model, tokenizer); checks the architecture is supported. lowbit checkpoints load too."""
+def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               dequantize: bool = False):
+    """Load (model, tokenizer); checks the architecture is supported. lowbit checkpoints load too, with
+    packed QuantizedLinear modules (`dequantize=True`: float linears, for analyses)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .checkpoint import is_checkpoint, load
@@ -90,7 +92,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torc
     check_device(device)
     p = Path(spec).expanduser()
     if p.is_dir() and is_checkpoint(p):
-        model, tok = load(p, device=device, with_tokenizer=True, dtype=dtype)
+        model, tok = load(p, device=device, with_tokenizer=True, dtype=dtype, dequantize=dequantize)
         return model, tok
     where, gguf = resolve(spec)
     kw = {"gguf_file": gguf} if gguf else {}

@@ -179,14 +179,18 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from ..kernels.quant import quant_linear
 
+        rot = None
         if self.transform is not None:
-            x = self.transform(x)
+            if x.is_cuda and self.act_bits is None and hasattr(self.transform, "rot_spec"):
+                rot = self.transform.rot_spec(x.device)  # the kernels fuse it at decode, or run it first
+            else:
+                x = self.transform(x)
         if self.act_bits is not None:
             from ..formats.activation import fake_quant_per_token
 
             x = fake_quant_per_token(x, self.act_bits, self.act_symmetric)
         return quant_linear(x, self.qweight, self.scales, self.zeros, self.bits, self.kernel_group_size,
-                            self.in_features, perm=self.perm, in_scale=self.in_scale, bias=self.bias)
+                            self.in_features, perm=self.perm, in_scale=self.in_scale, bias=self.bias, rot=rot)
 
     def extra_repr(self) -> str:
         g = {-1: "per channel", 0: "per tensor"}.get(self.group_size, f"group {self.group_size}")

@@ -54,6 +54,17 @@ class PairwiseInput(nn.Module):
             c = self._coeffs[key] = (inv, partner, cos.float(), sin.float(), blocks)
         return c
 
+    def rot_spec(self, device: torch.device):
+        """The transform in the form the packed-matmul kernels take (`kernels.quant.rot_spec`), once per device."""
+        key = ("spec", device.type, device.index)
+        spec = self._coeffs.get(key)
+        if spec is None:
+            from ..kernels.quant import rot_spec
+
+            inv, partner, cos, sin, _ = self.coefficients(device)
+            spec = self._coeffs[key] = rot_spec(inv, partner, cos, sin, group=self.group)
+        return spec
+
     def _load_from_state_dict(self, *args, **kwargs):
         self._coeffs = {}
         super()._load_from_state_dict(*args, **kwargs)

@@ -1,0 +1,192 @@
+"""End-to-end decode speed of an 8B-shaped Llama (random weights) in lowbit's decode loop:
+bf16 against packed W4 / W3 / W2 (group 128) and W4 with pairwise rotations on every linear,
+at batch 1 and 16, side by side in one process. Random codes and scales are fine for speed.
+
+    python benchmarks/decode_e2e.py --out $OUT/e2e.json                 # the H200 run
+    python benchmarks/decode_e2e.py --shape tiny --new 8 --prompt 8    # a CPU check of the script
+
+Reports per variant: weight bytes, prefill tokens/s, decode tokens/s (per sequence and total),
+the share of the weight-bandwidth bound reached (weights read once per step at the copy bandwidth
+measured in the same run), peak GPU memory, and the first compile+capture time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from lowbit.decode import measure_speed  # noqa: E402
+from lowbit.formats.packing import padded_width  # noqa: E402
+from lowbit.nn import QuantizedLinear  # noqa: E402
+from lowbit.transforms.modules import replace_module  # noqa: E402
+from lowbit.transforms.online import PairwiseInput  # noqa: E402
+
+SHAPES = {
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
+    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1000, max_position_embeddings=512),
+}
+VARIANTS = {"bf16": None, "w4": (4, False), "w3": (3, False), "w2": (2, False), "w4-pair": (4, True)}
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+           "mlp.up_proj", "mlp.down_proj")
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes/s of a large device-to-device copy (read + write counted)."""
+    if device.type != "cuda":
+        return float("nan")
+    a = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    return 2 * a.numel() * 20 / (time.perf_counter() - t0)
+
+
+def random_pairwise(n: int, krot: int, group: int, gen: torch.Generator) -> PairwiseInput:
+    """Random disjoint pairs per group (a fresh permutation per rotation) and random angles."""
+    m = PairwiseInput.empty(n, krot, group)
+    pairs = []
+    for s in range(0, n, group):
+        e = min(s + group, n)
+        per = torch.stack([torch.randperm(e - s, generator=gen)[: (e - s) // 2 * 2] + s for _ in range(krot)])
+        pairs.append(per.view(krot, -1, 2))
+    m.rot_pairs.copy_(torch.cat(pairs, 1).to(torch.int16))
+    m.rot_theta.copy_((torch.rand(m.rot_theta.shape, generator=gen) - 0.5).half())
+    m.channel_scales.copy_((0.5 + torch.rand(n, generator=gen)).half())
+    return m
+
+
+def random_quantized(lin: nn.Linear, bits: int, group: int, transform, device, gen) -> QuantizedLinear:
+    """A QuantizedLinear of lin's shape with random codes, scales and zeros (asymmetric)."""
+    q = QuantizedLinear(lin.in_features, lin.out_features, bits, group, False, lin.bias is not None,
+                        transform=transform, dtype=torch.bfloat16, device=device)
+    words = padded_width(lin.in_features) * bits // 32
+    q.qweight.copy_(torch.randint(-2**31, 2**31 - 1, (lin.out_features, words), dtype=torch.int32, device=device))
+    q.scales.copy_((torch.rand(q.scales.shape, device=device) * 2e-3 + 1e-3).half())
+    q.zeros.copy_(torch.randint(0, 2**bits, q.zeros.shape, device=device, dtype=torch.uint8))
+    return q
+
+
+def build(shape: dict, variant: str, device, shared: dict, gen: torch.Generator) -> nn.Module:
+    """The model of one variant; embeddings, norms and lm_head are shared between variants."""
+    from accelerate import init_empty_weights
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**shape, tie_word_embeddings=False)
+    with init_empty_weights(include_buffers=False):
+        model = LlamaForCausalLM(cfg)
+    spec = VARIANTS[variant]
+    pair_cache: dict[int, PairwiseInput] = {}
+    for i, blk in enumerate(model.model.layers):
+        for name in LINEARS:
+            lin = blk.get_submodule(name)
+            if spec is None:
+                w = torch.empty(lin.out_features, lin.in_features, device=device, dtype=torch.bfloat16)
+                lin.weight = nn.Parameter(w.normal_(0, 0.02), requires_grad=False)
+                continue
+            bits, pair = spec
+            tr = None
+            if pair:
+                n = lin.in_features
+                if n not in pair_cache:
+                    pair_cache[n] = random_pairwise(n, 8, 128, gen).to(device)
+                tr = pair_cache[n]
+            replace_module(blk, name, random_quantized(lin, bits, 128, tr, device, gen))
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            key = f"{i}.{norm}"
+            if key not in shared:
+                shared[key] = torch.ones(cfg.hidden_size, device=device, dtype=torch.bfloat16)
+            blk.get_submodule(norm).weight = nn.Parameter(shared[key], requires_grad=False)
+    for key, mod, rows in (("embed", model.model.embed_tokens, cfg.vocab_size), ("head", model.lm_head, cfg.vocab_size)):
+        if key not in shared:
+            shared[key] = torch.empty(rows, cfg.hidden_size, device=device, dtype=torch.bfloat16).normal_(0, 0.02)
+        mod.weight = nn.Parameter(shared[key], requires_grad=False)
+    if "norm" not in shared:
+        shared["norm"] = torch.ones(cfg.hidden_size, device=device, dtype=torch.bfloat16)
+    model.model.norm.weight = nn.Parameter(shared["norm"], requires_grad=False)
+    model.model.rotary_emb.to(device)
+    return model.eval()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="8b", choices=list(SHAPES))
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    bw = copy_bandwidth(device)
+    print(f"device {torch.cuda.get_device_name(0) if device.type == 'cuda' else platform.processor()}, "
+          f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    shared: dict = {}
+    batches = tuple(int(b) for b in args.batches.split(","))
+    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "shape": args.shape,
+              "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "copy_bandwidth": bw, "prompt": args.prompt, "new": args.new,
+              "command": " ".join(sys.argv), "variants": {}}
+    for variant in args.variants.split(","):
+        t0 = time.perf_counter()
+        try:
+            model = build(SHAPES[args.shape], variant, device, shared, gen)
+            built = time.perf_counter() - t0
+            r = measure_speed(model, batches, args.prompt, args.new)
+            del model
+        except Exception as e:  # recorded, the other variants still run
+            result["variants"][variant] = {"error": f"{type(e).__name__}: {e}"}
+            print(f"{variant}: FAILED {type(e).__name__}: {e}", flush=True)
+            continue
+        finally:
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        r["build_s"] = built
+        r["total_s"] = time.perf_counter() - t0
+        bound = bw / r["weight_bytes"] if not math.isnan(bw) else float("nan")
+        for row in r["rows"]:
+            row["bound_tok_s"] = bound
+            row["of_bound"] = row["decode_tok_s"] / bound if bound == bound else float("nan")
+        result["variants"][variant] = r
+        print(f"{variant}: weights {r['weight_bytes'] / 1e9:.2f} GB, " + ", ".join(
+            f"b{row['batch']}: decode {row['decode_tok_s']:.1f} tok/s ({row['of_bound']:.0%} of bound), "
+            f"prefill {row['prefill_tok_s']:.0f} tok/s" for row in r["rows"]) + f" [{r['total_s']:.0f} s]", flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=1))
+    base = result["variants"].get("bf16", {}).get("rows")
+    print("\n| variant | GB | " + " | ".join(f"b{b} tok/s | b{b} vs bf16 | b{b} % bound" for b in batches) + " |")
+    print("|---|---|" + "---|---|---|" * len(batches))
+    for v, r in result["variants"].items():
+        if "error" in r:
+            print(f"| {v} | error: {r['error'][:60]} |")
+            continue
+        cells = []
+        for i, row in enumerate(r["rows"]):
+            ratio = row["decode_tok_s"] / base[i]["decode_tok_s"] if base else float("nan")
+            cells.append(f"{row['decode_tok_s']:.1f} | {ratio:.2f}x | {row['of_bound']:.0%}")
+        print(f"| {v} | {r['weight_bytes'] / 1e9:.2f} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

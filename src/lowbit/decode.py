@@ -1,0 +1,386 @@
+"""lowbit's own decode loop: a static KV cache, fused linears and one CUDA graph per decode step.
+
+transformers' eager decode launches over a thousand small kernels per token (an 8B Llama in bf16
+reaches about 10 % of the weight-bandwidth bound), and its compiled static-cache path is fragile;
+the kernels for packed weights would be hidden behind that. `DecodeModel` re-uses a loaded model's
+own modules (packed `QuantizedLinear` or float `nn.Linear`, norms, embeddings, RoPE) in a compact
+forward written for generation:
+
+- q/k/v and gate/up fused into one matmul each when their formats allow (same bits, groups,
+  act-order permutation, no online transform); the fused module holds the concatenated packed
+  tensors, so the weight bytes are not duplicated for long (the originals are dropped);
+- a static KV cache [layers, batch, kv heads, max_len, head dim] written in place at the step's
+  positions, attention through `scaled_dot_product_attention` with a position mask (GQA native);
+- RMSNorm, residual add + RMSNorm, RoPE and SiLU-gate compiled by torch.compile into one kernel
+  each on CUDA (one compiled graph shared by all layers: they take only tensors);
+- `Generator` runs the prompt (prefill) eagerly, then captures one decode step (embed, all layers,
+  norm, lm_head, greedy argmax, position += 1) in a CUDA graph and replays it per token.
+
+Families: Llama, Mistral (sliding window), Qwen2 (q/k/v bias), Qwen3 (q/k norms). Others (Gemma 3)
+raise DecodeError; `lowbit generate` then uses transformers' `generate`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .nn.quantized import QuantizedLinear
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class DecodeError(ValueError):
+    """The model cannot run in lowbit's decode loop."""
+
+
+# ---- the elementwise pieces (compiled on CUDA) ---------------------------------------------------
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' RMSNorm: statistics in fp32, the weight applied in the input dtype."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return w * h.to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + r, rms_norm(x + r)): the residual add fused with the next norm."""
+    s = x + r
+    return s, rms_norm(s, w, eps)
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate-half RoPE of q [B, T, H, D] and k [B, T, Hkv, D] with cos / sin [T, D]."""
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+
+    def rot(t):
+        h = t.shape[-1] // 2
+        return torch.cat((-t[..., h:], t[..., :h]), dim=-1)
+
+    return q * c + rot(q) * s, k * c + rot(k) * s
+
+
+def silu_mul(gu: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for the fused [gate | up] output."""
+    g, u = gu.chunk(2, dim=-1)
+    return F.silu(g) * u
+
+
+class _Ops:
+    """The elementwise functions, compiled once per process on CUDA (eager elsewhere)."""
+
+    def __init__(self, compiled: bool):
+        if compiled:
+            c = torch.compile
+            self.rms_norm, self.add_rms_norm = c(rms_norm, dynamic=False), c(add_rms_norm, dynamic=False)
+            self.rope, self.silu_mul = c(rope, dynamic=False), c(silu_mul, dynamic=False)
+        else:
+            self.rms_norm, self.add_rms_norm, self.rope, self.silu_mul = rms_norm, add_rms_norm, rope, silu_mul
+
+
+# ---- fusing linears that share an input ---------------------------------------------------------
+
+def _same_format(mods: list[nn.Module]) -> bool:
+    a = mods[0]
+    if all(type(m) is nn.Linear for m in mods):
+        return all((m.bias is None) == (a.bias is None) and m.weight.dtype == a.weight.dtype for m in mods)
+    if not all(isinstance(m, QuantizedLinear) for m in mods):
+        return False
+    for m in mods:
+        if (m.bits, m.group_size, m.symmetric, m.kind, m.in_features) != (a.bits, a.group_size, a.symmetric, a.kind,
+                                                                           a.in_features):
+            return False
+        if m.transform is not None or m.act_bits is not None or (m.bias is None) != (a.bias is None):
+            return False
+        for t, ta in ((m.perm, a.perm), (m.in_scale, a.in_scale)):
+            if (t is None) != (ta is None) or (t is not None and not torch.equal(t, ta)):
+                return False
+    return True
+
+
+@torch.no_grad()
+def fuse_linears(mods: list[nn.Module]) -> list[nn.Module]:
+    """One module computing [m_0(x) | m_1(x) | ...] when the formats allow it, else the modules."""
+    if len(mods) == 1 or not _same_format(mods):
+        return mods
+    a = mods[0]
+    out = sum(m.out_features for m in mods)
+    if type(a) is nn.Linear:
+        f = nn.Linear(a.in_features, out, bias=a.bias is not None, device="meta")
+        f.weight = nn.Parameter(torch.cat([m.weight for m in mods]), requires_grad=False)
+        if a.bias is not None:
+            f.bias = nn.Parameter(torch.cat([m.bias for m in mods]), requires_grad=False)
+        return [f]
+    f = QuantizedLinear(a.in_features, out, a.bits, a.group_size, a.symmetric, a.bias is not None, a.kind,
+                        a.perm is not None, a.in_scale is not None, None, device="meta")
+    f.qweight = torch.cat([m.qweight for m in mods])
+    f.scales = torch.cat([m.scales for m in mods])
+    f.zeros = None if a.zeros is None else torch.cat([m.zeros for m in mods])
+    f.perm, f.in_scale = a.perm, a.in_scale
+    if a.bias is not None:
+        f.bias = nn.Parameter(torch.cat([m.bias for m in mods]), requires_grad=False)
+    return [f]
+
+
+def _apply(mods: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    return mods[0](x) if len(mods) == 1 else torch.cat([m(x) for m in mods], dim=-1)
+
+
+# ---- the model ---------------------------------------------------------------------------------
+
+@dataclass
+class _Layer:
+    in_norm: torch.Tensor
+    post_norm: torch.Tensor
+    qkv: list[nn.Module]
+    o: nn.Module
+    gate_up: list[nn.Module]
+    down: nn.Module
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+
+
+class DecodeModel:
+    """A causal LM re-assembled for generation (see the module docstring). Holds the model's modules;
+    the original model should not be used afterwards (its q/k/v and gate/up may have been fused)."""
+
+    def __init__(self, model: nn.Module, max_len: int, batch: int = 1, compile: bool | None = None):
+        cfg = model.config.get_text_config(decoder=True)
+        if cfg.model_type not in SUPPORTED:
+            raise DecodeError(f"lowbit's decode loop supports {', '.join(SUPPORTED)}, not {cfg.model_type!r}")
+        if getattr(cfg, "hidden_act", "silu") != "silu":
+            raise DecodeError(f"activation {cfg.hidden_act!r} is not supported by the decode loop (silu only)")
+        inner = model.model
+        self.device = model.get_input_embeddings().weight.device
+        self.dtype = model.get_input_embeddings().weight.dtype
+        self.embed = model.get_input_embeddings()
+        self.lm_head = model.get_output_embeddings()
+        self.norm_w = inner.norm.weight
+        self.eps = float(cfg.rms_norm_eps)
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.window = getattr(cfg, "sliding_window", None) if cfg.model_type == "mistral" else None
+        self.max_len, self.batch = max_len, batch
+        self.layers: list[_Layer] = []
+        for blk in inner.layers:
+            at, mlp = blk.self_attn, blk.mlp
+            self.layers.append(_Layer(
+                blk.input_layernorm.weight, blk.post_attention_layernorm.weight,
+                fuse_linears([at.q_proj, at.k_proj, at.v_proj]), at.o_proj,
+                fuse_linears([mlp.gate_proj, mlp.up_proj]), mlp.down_proj,
+                getattr(getattr(at, "q_norm", None), "weight", None), getattr(getattr(at, "k_norm", None), "weight", None)))
+        del inner.layers  # the fused modules replace the originals (frees the unfused copies)
+        pos = torch.arange(max_len, device=self.device)
+        probe = torch.zeros(1, device=self.device, dtype=self.dtype)
+        cos, sin = inner.rotary_emb(probe, pos[None])
+        self.cos, self.sin = cos[0], sin[0]  # [max_len, head_dim], in the model dtype as transformers has them
+        shape = (len(self.layers), batch, self.kv_heads, max_len, self.head_dim)
+        self.k_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self.v_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self.key_pos = torch.arange(max_len, device=self.device)
+        self.ops = _Ops(self.device.type == "cuda" if compile is None else compile)
+
+    def weight_bytes(self) -> int:
+        """Bytes of every weight the decode step reads (packed codes, scales, norms, embeddings, lm_head)."""
+        seen, n = set(), 0
+        mods = [self.embed, self.lm_head] + [m for L in self.layers for m in (*L.qkv, L.o, *L.gate_up, L.down)]
+        tensors = [t for m in mods for t in [*m.parameters(), *m.buffers()]]
+        tensors += [t for L in self.layers for t in (L.in_norm, L.post_norm, L.q_norm, L.k_norm) if t is not None]
+        for t in tensors + [self.norm_w]:
+            if id(t) not in seen:
+                seen.add(id(t))
+                n += t.numel() * t.element_size()
+        return n
+
+    @torch.no_grad()
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, last_only: bool = True) -> torch.Tensor:
+        """Logits for tokens `ids` [B, T] at positions `pos` [T] (a device tensor), the cache updated in place."""
+        B, T = ids.shape
+        ops = self.ops
+        x = self.embed(ids)
+        cos, sin = self.cos.index_select(0, pos), self.sin.index_select(0, pos)
+        allowed = self.key_pos[None, :] <= pos[:, None]  # [T, max_len]
+        if self.window is not None:
+            allowed = allowed & (self.key_pos[None, :] > pos[:, None] - self.window)
+        mask = allowed[None, None]
+        r = None
+        h = ops.rms_norm(x, self.layers[0].in_norm, self.eps)
+        for i, L in enumerate(self.layers):
+            if r is not None:
+                x, h = ops.add_rms_norm(x, r, L.in_norm, self.eps)
+            qkv = _apply(L.qkv, h)
+            q, k, v = qkv.split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
+                                 self.kv_heads * self.head_dim], dim=-1)
+            q = q.view(B, T, self.heads, self.head_dim)
+            k = k.view(B, T, self.kv_heads, self.head_dim)
+            if L.q_norm is not None:
+                q, k = ops.rms_norm(q, L.q_norm, self.eps), ops.rms_norm(k, L.k_norm, self.eps)
+            q, k = ops.rope(q, k, cos, sin)
+            self.k_cache[i].index_copy_(2, pos, k.transpose(1, 2))
+            self.v_cache[i].index_copy_(2, pos, v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2))
+            a = F.scaled_dot_product_attention(q.transpose(1, 2), self.k_cache[i], self.v_cache[i], attn_mask=mask,
+                                               enable_gqa=self.kv_heads != self.heads)
+            a = L.o(a.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
+            x, h = ops.add_rms_norm(x, a, L.post_norm, self.eps)
+            r = L.down(ops.silu_mul(_apply(L.gate_up, h)))
+        x = x + r
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(ops.rms_norm(x, self.norm_w, self.eps))
+
+    def reset(self) -> None:
+        """Empty the KV cache."""
+        self.k_cache.zero_()
+        self.v_cache.zero_()
+
+
+# ---- generation --------------------------------------------------------------------------------
+
+@dataclass
+class GenerationStats:
+    """Token counts and times of one generation."""
+
+    batch: int
+    prompt_tokens: int
+    new_tokens: int
+    prefill_s: float
+    decode_s: float
+    graph: bool
+
+    @property
+    def prefill_tok_s(self) -> float:
+        """Prompt tokens (all sequences) per second of prefill."""
+        return self.batch * self.prompt_tokens / max(self.prefill_s, 1e-12)
+
+    @property
+    def decode_tok_s(self) -> float:
+        """New tokens per second per sequence (batch 1: the usual tokens/s)."""
+        return max(self.new_tokens - 1, 0) / max(self.decode_s, 1e-12)
+
+    def to_dict(self) -> dict:
+        """Plain dict with the rates."""
+        return {**self.__dict__, "prefill_tok_s": self.prefill_tok_s, "decode_tok_s": self.decode_tok_s}
+
+
+class Generator:
+    """Greedy generation on a DecodeModel: eager prefill, then one decode step per CUDA-graph replay
+    (on CUDA; eager steps elsewhere)."""
+
+    def __init__(self, dm: DecodeModel, use_graph: bool | None = None):
+        self.dm = dm
+        self.use_graph = dm.device.type == "cuda" if use_graph is None else use_graph
+        self.ids = torch.zeros(dm.batch, 1, dtype=torch.long, device=dm.device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=dm.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def _step(self) -> None:
+        logits = self.dm.forward(self.ids, self.pos)
+        self.ids.copy_(logits[:, -1].argmax(-1, keepdim=True))
+        self.pos.add_(1)
+
+    def _capture(self) -> None:
+        # warm up on a side stream (compiles, autotunes, sizes workspaces), then capture one step;
+        # the warm-up wrote into the cache at the current position, which the real steps overwrite
+        saved_ids, saved_pos = self.ids.clone(), self.pos.clone()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                self._step()
+                self.ids.copy_(saved_ids)
+                self.pos.copy_(saved_pos)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            self._step()
+        self.ids.copy_(saved_ids)
+        self.pos.copy_(saved_pos)
+        self.graph = g
+
+    def _sync(self) -> None:
+        if self.dm.device.type == "cuda":
+            torch.cuda.synchronize(self.dm.device)
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, new_tokens: int, on_token: Callable[[torch.Tensor], None] | None = None
+                 ) -> tuple[torch.Tensor, GenerationStats]:
+        """Greedy continuation of `prompt` [B, T] by `new_tokens` tokens: (tokens [B, new], stats).
+        `on_token(ids [B])` is called with every new token (that forces a sync per token)."""
+        dm = self.dm
+        B, T = prompt.shape
+        if B != dm.batch:
+            raise DecodeError(f"the decode model was set up for batch {dm.batch}, got {B}")
+        if T + new_tokens > dm.max_len:
+            raise DecodeError(f"prompt {T} + {new_tokens} new tokens exceed max_len {dm.max_len}")
+        dm.reset()
+        prompt = prompt.to(dm.device)
+        self._sync()
+        t0 = time.perf_counter()
+        logits = dm.forward(prompt, torch.arange(T, device=dm.device))
+        self.ids.copy_(logits[:, -1].argmax(-1, keepdim=True))
+        self.pos.fill_(T)
+        self._sync()
+        prefill = time.perf_counter() - t0
+        out = torch.empty(B, new_tokens, dtype=torch.long, device=dm.device)
+        out[:, 0] = self.ids[:, 0]
+        if on_token is not None:
+            on_token(out[:, 0])
+        if self.use_graph and self.graph is None and new_tokens > 1:
+            self._capture()
+        self._sync()
+        t1 = time.perf_counter()
+        for i in range(1, new_tokens):
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self._step()
+            out[:, i] = self.ids[:, 0]
+            if on_token is not None:
+                on_token(out[:, i])
+        self._sync()
+        decode = time.perf_counter() - t1
+        return out, GenerationStats(B, T, new_tokens, prefill, decode, self.graph is not None)
+
+
+# ---- speed measurement (`lowbit speed`, benchmarks) -------------------------------------------------
+
+def measure_speed(model: nn.Module, batches: tuple[int, ...] = (1, 4, 16), prompt_len: int = 128,
+                  new_tokens: int = 128, seed: int = 0, compile: bool | None = None, repeats: int = 2) -> dict:
+    """Prefill and decode rates of `model` in lowbit's decode loop at each batch size, with the
+    weight bytes and (CUDA) peak memory. The model is consumed (re-assembled for decoding)."""
+    device = model.get_input_embeddings().weight.device
+    vocab = model.get_input_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    dm = None
+    for b in batches:
+        if dm is None:
+            dm = DecodeModel(model, prompt_len + new_tokens, b, compile=compile)
+        else:  # same modules, a new cache for this batch size
+            dm.batch = b
+            shape = (len(dm.layers), b, dm.kv_heads, dm.max_len, dm.head_dim)
+            dm.k_cache = dm.v_cache = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            dm.k_cache = torch.zeros(shape, device=device, dtype=dm.dtype)
+            dm.v_cache = torch.zeros(shape, device=device, dtype=dm.dtype)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        gen = Generator(dm)
+        prompt = torch.randint(0, vocab, (b, prompt_len), generator=g)
+        best, prefill = None, []
+        for _ in range(repeats):  # the first run compiles and captures; keep the best of each phase
+            _, st = gen.generate(prompt, new_tokens)
+            prefill.append(st.prefill_s)
+            best = st if best is None or st.decode_s < best.decode_s else best
+        best.prefill_s = min(prefill)
+        row = {**best.to_dict(), "peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20
+               if device.type == "cuda" else None}
+        rows.append(row)
+        del gen
+    return {"weight_bytes": dm.weight_bytes(), "rows": rows}

@@ -1,0 +1,110 @@
+"""lowbit's decode loop: the same logits as transformers' forward, for float and packed models."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import tiny_model, tiny_tokens
+from lowbit import checkpoint
+from lowbit.compat import cache_kwargs
+from lowbit.decode import DecodeError, DecodeModel, Generator, fuse_linears
+from lowbit.nn import QuantizedLinear, pack_model
+from lowbit.pipeline import quantize_model
+from lowbit.recipe import Recipe
+
+
+def _hf_greedy(model, prompt, n):
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    out, logits_all = [], []
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(input_ids=ids, **cache_kwargs(model, cache)).logits[:, -1]
+            logits_all.append(logits)
+            ids = logits.argmax(-1, keepdim=True)
+            out.append(ids)
+    return torch.cat(out, 1), torch.stack(logits_all, 1)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_decode_model_matches_transformers(family):
+    model = tiny_model(family)
+    if family == "mistral":
+        model.config.sliding_window = 6  # a window shorter than the sequence, so the mask matters
+        model = type(model)(model.config).eval()
+        model.load_state_dict(tiny_model(family).state_dict())
+    prompt = tiny_tokens(2, 9)
+    ref_tokens, ref_logits = _hf_greedy(model, prompt, 5)
+    dm = DecodeModel(copy.deepcopy(model), max_len=16, batch=2)
+    with torch.no_grad():
+        logits = dm.forward(prompt, torch.arange(9), last_only=False)
+        torch.testing.assert_close(logits[:, -1], ref_logits[:, 0], rtol=1e-4, atol=1e-4)
+    tokens, stats = Generator(dm).generate(prompt, 5)
+    assert torch.equal(tokens, ref_tokens)
+    assert stats.new_tokens == 5 and not stats.graph and stats.decode_tok_s > 0
+
+
+def test_packed_model_decodes_like_its_float_twin(tmp_path):
+    model = tiny_model("qwen2")
+    res = quantize_model(model, Recipe(method="gptq", bits=4, group_size=16), tiny_tokens(), batch_size=4,
+                         progress=False)
+    path = checkpoint.save(model, res, tmp_path / "ck", dtype="fp32")
+    packed = checkpoint.load(path)
+    floats = checkpoint.load(path, dequantize=True)
+    prompt = tiny_tokens(1, 7)
+    ref_tokens, _ = _hf_greedy(floats, prompt, 6)
+    dm = DecodeModel(packed, max_len=16)
+    assert all(isinstance(m, QuantizedLinear) for L in dm.layers for m in (*L.qkv, *L.gate_up, L.down, L.o))
+    assert all(len(L.qkv) == 1 and len(L.gate_up) == 1 for L in dm.layers)  # fused: same format, same perm
+    tokens, _ = Generator(dm).generate(prompt, 6)
+    assert torch.equal(tokens, ref_tokens)
+
+
+def test_fusing_keeps_the_outputs():
+    model = tiny_model("llama")
+    res = quantize_model(model, Recipe(method="rtn", bits=3, group_size=32), tiny_tokens(), progress=False)
+    pack_model(model, res)
+    at = model.model.layers[0].self_attn
+    mods = [at.q_proj, at.k_proj, at.v_proj]
+    x = torch.randn(3, 64)
+    fused = fuse_linears(mods)
+    assert len(fused) == 1 and fused[0].out_features == sum(m.out_features for m in mods)
+    torch.testing.assert_close(fused[0](x), torch.cat([m(x) for m in mods], -1))
+    mods[1].act_bits = 8  # a different format: not fused
+    assert len(fuse_linears(mods)) == 3
+
+
+def test_unsupported_family_is_refused():
+    with pytest.raises(DecodeError, match="gemma3_text"):
+        DecodeModel(tiny_model("gemma3_text"), max_len=8)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("pairwise", [False, True])
+def test_cuda_graph_decode_with_packed_kernels(tmp_path, pairwise):
+    from lowbit.blockwise import PairwiseConfig
+
+    model = tiny_model("llama")
+    recipe = Recipe(method="rtn", bits=4, group_size=32,
+                    pairwise=PairwiseConfig(epochs1=1, krot=2, group=32) if pairwise else None)
+    res = quantize_model(model, recipe, tiny_tokens(), batch_size=4, progress=False)
+    path = checkpoint.save(model, res, tmp_path / "ck")
+    prompt = tiny_tokens(2, 7)
+    eager = DecodeModel(checkpoint.load(path, device="cuda", dtype=torch.bfloat16), max_len=32, batch=2,
+                        compile=False)
+    ref, _ = Generator(eager, use_graph=False).generate(prompt, 12)
+    dm = DecodeModel(checkpoint.load(path, device="cuda", dtype=torch.bfloat16), max_len=32, batch=2)
+    tokens, stats = Generator(dm).generate(prompt, 12)
+    assert stats.graph and torch.equal(tokens.cpu(), ref.cpu())
+    # the packed kernels against the dequantized float model, same dtype
+    floats = checkpoint.load(path, device="cuda", dtype=torch.bfloat16, dequantize=True)
+    with torch.no_grad():
+        a = DecodeModel(floats, max_len=32, batch=2, compile=False).forward(prompt.cuda(), torch.arange(7).cuda())
+        b = eager.forward(prompt.cuda(), torch.arange(7).cuda())
+    assert ((a.float() - b.float()).norm() / a.float().norm()) < 2e-2
