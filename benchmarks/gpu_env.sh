@@ -5,7 +5,7 @@
 # SmolLM2-135M-Instruct.Q4_1.gguf, checked by sha256 below.
 export LOWBIT_HOME=/tmp/lb PYTHONUNBUFFERED=1
 if [ "${1:-}" = stage ]; then
-  mkdir -p /tmp/lb-stage /tmp/site && cp .carry/a/part_* .carry/a/text.tar.gz /tmp/lb-stage/ && ls -la /tmp/lb-stage
+  mkdir -p /tmp/lb-stage /tmp/site && cp .carry/a/part_* /tmp/lb-stage/ && ls -la /tmp/lb-stage
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/a/*.whl
 fi
 export PYTHONPATH=/tmp/site:$PWD/src
@@ -13,8 +13,8 @@ if [ "${1:-}" != stage ]; then
   gguf_path=$LOWBIT_HOME/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   if [ ! -f "$gguf_path" ]; then
     mkdir -p "$(dirname "$gguf_path")"
-    cat /tmp/lb-stage/part_aa .carry/b/part_ab .carry/b/part_ac > "$gguf_path"
-    tar xzf /tmp/lb-stage/text.tar.gz -C $LOWBIT_HOME
+    cat /tmp/lb-stage/part_aa .carry/b/part_a* > "$gguf_path"
+    tar xzf .carry/b/text.tar.gz -C $LOWBIT_HOME
   fi
   echo "sha256 expected b179c9523d0e6a0f, got $(sha256sum "$gguf_path" | cut -c1-16)"
   python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
