@@ -142,6 +142,8 @@ def test_configs_are_valid_for_the_target_shapes():
 
 def test_auto_path_reads_thresholds_at_call_time(monkeypatch):
     assert Q.auto_path(1) == "gemv" and Q.auto_path(3) == "mm" and Q.auto_path(4096) == "dequant"
+    assert Q.auto_path(1, rot=True) == "rotate+gemv"  # fused rotation off by default (slower on the H200)
+    monkeypatch.setattr(Q, "ROT_FUSED_MAX_TOKENS", 1)
     assert Q.auto_path(1, rot=True) == "gemv_rot" and Q.auto_path(1, rot=True, perm=True) == "rotate+gemv"
     assert Q.auto_path(3, rot=True) == "rotate+mm"
     monkeypatch.setattr(Q, "GEMV_MAX_TOKENS", 0)
@@ -329,9 +331,10 @@ def test_dequant_interpreter(bits, interpreter):
 
 @interpreter_only
 @pytest.mark.parametrize("givens", [False, True])
-def test_fused_rotation_interpreter(givens, interpreter):
+def test_fused_rotation_interpreter(givens, interpreter, monkeypatch):
     """gemv_rot against the reference rotation followed by the reference layer; with perm or several
     tokens the transform runs first (rotate+...)."""
+    monkeypatch.setattr(Q, "ROT_FUSED_MAX_TOKENS", 1)
     n = 320                                    # 2.5 rotation groups of 128: a partial last group
     scale, partner, cos, sin = random_params(n, K=3, group=128, seed=5)
     rot = Q.rot_spec(scale, partner, cos, sin, 128, givens=givens)
@@ -440,7 +443,8 @@ def test_gpu_paths_match_reference(bits, dtype):
 
 @cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_dispatcher_and_fused_rotation(dtype):
+def test_gpu_dispatcher_and_fused_rotation(dtype, monkeypatch):
+    monkeypatch.setattr(Q, "ROT_FUSED_MAX_TOKENS", 1)
     n = 4096
     scale, partner, cos, sin = random_params(n, K=8, group=128, seed=1, device="cuda")
     rot = Q.rot_spec(scale, partner, cos, sin, 128)

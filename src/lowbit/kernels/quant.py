@@ -55,7 +55,7 @@ DECODE_MAX_TOKENS = int(os.environ.get("LOWBIT_QUANT_DECODE_MAX_TOKENS", "16"))
 DEQUANT_MIN_TOKENS = int(os.environ.get("LOWBIT_QUANT_DEQUANT_MIN_TOKENS", "256"))
 #: tokens up to which a rotated layer runs the rotation fused into the GEMV; beyond, the pairwise
 #: transform kernel runs first
-ROT_FUSED_MAX_TOKENS = int(os.environ.get("LOWBIT_QUANT_ROT_FUSED_MAX_TOKENS", "1"))
+ROT_FUSED_MAX_TOKENS = int(os.environ.get("LOWBIT_QUANT_ROT_FUSED_MAX_TOKENS", "0"))
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -196,20 +196,21 @@ def gemv_config(K: int, N: int, bits: int, group_size: int, sms: int, rot_group:
         stages = 3 if block_r // block_n >= 2 else 1
         return dict(split=cs, block_r=block_r, block_n=block_n, num_warps=4, num_stages=stages, x_in_loop=False,
                     prefetch=2)
+    # H200 sweep (benchmarks/results/kernels/quant-h200.json): sub-tiles of 32 rows, two per program,
+    # unpipelined when there are >= 3 programs per SM (4096x14336: 14.8 us against 21.1 for 16-row
+    # sub-tiles x 8 pipelined); fewer programs than that: split the input more finely, pipeline
     cs = _split_for(K, 1024)
     if gs < K:
         cs = max(cs, 32)
-    # about 8 KB of packed words and at most 128 codes per thread (4 warps) per sub-tile and plane
-    block_n = max(8, min(32, _pow2_floor(max(1, min(16384 // cs, 8192 * 8 // (cs * bits))))))
-    splits = -(-K // cs)
-    block_r = block_n
-    for mult in (16, 8, 4, 2, 1):
-        br = block_n * mult
-        if splits * -(-N // br) * t >= 2.5 * sms:
-            block_r = br
-            break
-    block_r = max(block_n, min(block_r, _next_pow2(N)))
-    stages = 3 if block_r // block_n >= 2 else 1
+    block_n = 32 if bits <= 4 else 16
+    block_r = min(2 * block_n, max(block_n, _next_pow2(N)))
+
+    def programs(split):
+        return -(-K // split) * -(-N // block_r) * t
+
+    if programs(cs) < 3 * sms and cs >= 1024 and gs <= 512:
+        cs //= 2
+    stages = 1 if programs(cs) >= 3 * sms else 3
     return dict(split=cs, block_r=block_r, block_n=block_n, num_warps=4, num_stages=stages, x_in_loop=False,
                 prefetch=0)
 
@@ -235,8 +236,8 @@ def mm_config(M: int, K: int, N: int, bits: int, group_size: int, sms: int, elem
     k_tiles = -(-K // bk)
     tiles = -(-N // bn) * -(-M // bm)
     splits = 1
-    if decode:
-        splits = max(1, min(16, k_tiles // 2, -(-int(2.5 * sms) // tiles)))
+    if decode:  # H200 sweep: about 4 programs per SM, a power of two (14336x4096: 8 splits 28.2 us, 6: 38.6)
+        splits = max(1, min(16, k_tiles // 2, _next_pow2(-(-4 * sms // tiles))))
     return dict(block_m=bm, block_n=bn, block_k=bk, splits=splits, num_warps=warps, num_stages=stages)
 
 
