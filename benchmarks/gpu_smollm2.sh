@@ -6,8 +6,8 @@
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/packed}; RECIPE=${RECIPE:-best}; CK=${CK:-/tmp/ck-smollm2}
 mkdir -p "$OUT"
-lb() { python3 -c "from lowbit.cli import app; app()" "$@"; }
-[ -d "$CK" ] || timeout ${QTIME:-200} lb quantize smollm2 --recipe "$RECIPE" --device cuda --no-eval --quiet --out "$CK" > "$OUT/smollm2-quantize.log" 2>&1
+LB=(python3 -c "from lowbit.cli import app; app()")
+[ -d "$CK" ] || timeout ${QTIME:-200} "${LB[@]}" quantize smollm2 --recipe "$RECIPE" --device cuda --no-eval --quiet --out "$CK" > "$OUT/smollm2-quantize.log" 2>&1
 tail -3 "$OUT/smollm2-quantize.log"
 timeout ${PTIME:-150} python3 - "$CK" > "$OUT/smollm2-ppl.json" 2> "$OUT/smollm2-ppl.err" <<'PY'
 import json, sys, time, torch
@@ -27,4 +27,4 @@ for name, deq, dt in (("packed-fp32", False, torch.float32), ("dequantized-fp32"
 print(json.dumps(r))
 PY
 cat "$OUT/smollm2-ppl.json"; tail -2 "$OUT/smollm2-ppl.err"
-timeout ${STIME:-150} lb speed "$CK" --device cuda --out "$OUT/smollm2-speed.json" 2>&1 | tail -12
+timeout ${STIME:-150} "${LB[@]}" speed "$CK" --device cuda --out "$OUT/smollm2-speed.json" 2>&1 | tail -12

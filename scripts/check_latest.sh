@@ -14,7 +14,9 @@ rm -rf "$VENV"
 pip=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 "${pip[@]}" --upgrade pip
 "${pip[@]}" "torch==${LOWBIT_TORCH:-2.13.0}"
-"${pip[@]}" --upgrade --upgrade-strategy eager -e ".[dev]"
+pin=$(mktemp); echo "torch==${LOWBIT_TORCH:-2.13.0}" > "$pin"  # the eager upgrade must not swap torch
+"${pip[@]}" -c "$pin" --upgrade --upgrade-strategy eager -e ".[dev]"
+rm -f "$pin"
 "$VENV/bin/lowbit" fetch >/dev/null
 echo "== newest allowed versions =="
 "$VENV/bin/python" -m pip list --disable-pip-version-check --format=freeze 2>/dev/null \
