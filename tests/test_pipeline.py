@@ -54,27 +54,28 @@ def test_replay_memo_changes_nothing():
     assert torch.allclose(results[0], results[1], atol=1e-5)
 
 
-def test_replay_is_really_used(caplog):
-    from lowbit.pipeline import Replay
+def test_replay_is_really_used(caplog, monkeypatch):
+    from lowbit import walk
 
     calls = {"n": 0}
-    orig = Replay._replayer
+    orig = walk._Replayed.forward
 
-    def spy(self, mod, lin):
-        f = orig(self, mod, lin)
+    def spy(self, *a, **k):
+        calls["n"] += 1
+        return orig(self, *a, **k)
 
-        def g(*a, **k):
-            calls["n"] += 1
-            return f(*a, **k)
-        return g
-
-    Replay._replayer = spy
-    try:
-        quantize_model(tiny_model("llama"), Recipe(method="gptq", bits=4, group_size=16), tiny_tokens(8, 32),
-                       batch_size=4, progress=False)
-    finally:
-        Replay._replayer = orig
+    monkeypatch.setattr(walk._Replayed, "forward", spy)
+    model = tiny_model("llama")
+    quantize_model(model, Recipe(method="gptq", bits=4, group_size=16), tiny_tokens(8, 32), batch_size=4,
+                   progress=False)
     assert calls["n"] > 0 and "disagrees" not in caplog.text
+    # the wrappers are gone afterwards: the user's modules are their own again
+    assert all(type(m).__name__ != "_Replayed" for m in model.modules())
+
+
+def test_flush_denormal_is_restored():
+    quantize_model(tiny_model("llama"), Recipe(method="rtn", bits=4, group_size=16), tiny_tokens(), progress=False)
+    assert torch.tensor([1e-40], dtype=torch.float32).item() != 0.0  # denormals survive again
 
 
 def test_true_sequential_off_still_works():

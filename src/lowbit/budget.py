@@ -120,34 +120,23 @@ def measure(model, recipe, tokens: torch.Tensor, *, batch_size: int = 8, device=
             progress: bool = False) -> list[Sensitivity]:
     """Loss proxy (see the module doc) and storage cost of every decoder-block linear at every
     candidate width."""
-    from tqdm.auto import tqdm
+    from .walk import Walker
 
-    from .models import get_adapter
-    from .pipeline import _module_name, capture_inputs, collect_stats, run_block
-
-    adapter = get_adapter(model)
-    layers = adapter.layers(model)
-    prefix = _module_name(model, layers)
-    home = next(model.parameters()).device
-    device = torch.device(device) if device is not None else home
+    walker = Walker(model, tokens, batch_size=batch_size, device=device, replay_memo=False, progress=progress,
+                    desc="sensitivity")
     fisher = None
     if recipe.budget_metric == "fisher":
-        names = [f"{prefix}.{i}.{n}" for i, layer in enumerate(layers) for g in adapter.linear_groups(layer)
-                 for n in g]
-        fisher = output_fisher(model, names, tokens, batch_size=batch_size, device=device)
-    xs, calls = capture_inputs(model, layers, tokens, batch_size, device)
+        names = [f"{walker.prefix}.{i}.{n}" for i, layer in enumerate(walker.layers)
+                 for g in walker.adapter.linear_groups(layer) for n in g]
+        fisher = output_fisher(model, names, tokens, batch_size=batch_size, device=walker.device)
     out: list[Sensitivity] = []
-    for i in tqdm(range(len(layers)), desc="sensitivity", unit="block", disable=not progress):
-        block = layers[i].to(device)
-        for names in adapter.linear_groups(block):
-            names = [n for n in names if not any(s in f"{prefix}.{i}.{n}" for s in recipe.skip)]
-            if not names:
-                continue
-            stats = collect_stats(block, names, xs, calls[i])
+    for blk in walker.blocks():
+        for names in blk.groups(recipe.skip):
+            stats = blk.stats(names)
             for name in names:
-                w = block.get_submodule(name).weight.data.float()
+                w = blk.block.get_submodule(name).weight.data.float()
                 H = stats[name].H.float()
-                full = f"{prefix}.{i}.{name}"
+                full = blk.name(name)
                 sens = Sensitivity(full, w.numel())
                 for bits in recipe.budget_bits:
                     solver, fmt, kw = _proxy(recipe, bits)
@@ -155,8 +144,6 @@ def measure(model, recipe, tokens: torch.Tensor, *, batch_size: int = 8, device=
                     f = None if fisher is None else fisher[full]
                     sens.options[bits] = (_weighted_loss(w, qw.dequantize(), H, f), qw.storage_bits())
                 out.append(sens)
-        xs = run_block(block, xs, calls[i])
-        layers[i].to(home)
     return out
 
 

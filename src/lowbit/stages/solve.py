@@ -1,0 +1,98 @@
+"""The solver stage: each group of linears sharing an input gets its statistics on the quantized
+stream (with QEP, the corrected target against the FP stream) and is quantized in place."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..qep import QEPStat, qep_target
+from ..solvers import ROW_INDEPENDENT, QuantizedWeight, get_solver
+from .base import Run, Stage
+from .pairwise import _groups
+
+log = logging.getLogger("lowbit")
+
+
+class SolveStage(Stage):
+    """Quantize every linear of the block with the recipe's solver (per-linear widths from a budget)."""
+
+    def __init__(self, qep: bool = False):
+        self.needs_fp = qep  # QEP's C compares the quantized stream with the FP stream
+        self._solver = None
+
+    def on_block(self, run: Run, blk) -> None:
+        r = run.recipe
+        if self._solver is None:
+            self._solver = get_solver(r.method)
+        fmt, kwargs, qep = r.format, r.solver_kwargs(), r.qep
+        for names in _groups(blk, r):
+            names = [n for n in names if n not in blk.done]
+            if not names:
+                continue
+            stats = {}
+            if r.needs_hessian or qep is not None:
+                # the FP inputs are needed only where QEP corrects (alpha > 0): by default not for
+                # down_proj, whose C would be the costliest accumulator
+                corrects = qep is not None and any(qep.for_type(blk.layer_type(n))[0] > 0 for n in names)
+                stats = blk.stats(names, with_fp=corrects)
+            plan = {n: run.bits_plan[blk.name(n)] for n in names if blk.name(n) in run.bits_plan}
+            for name, qw in solve_group(blk.block, names, stats, self._solver, fmt, kwargs, r, blk.layer_type,
+                                        plan).items():
+                if qw.info.get("damp_retries"):
+                    log.warning("%s: Cholesky failed; succeeded with damping %g after %d retries", blk.name(name),
+                                qw.info["damp"], qw.info["damp_retries"])
+                lin = blk.block.get_submodule(name)
+                lin.weight.data.copy_(qw.dequantize().to(lin.weight.dtype))
+                run.result.weights[blk.name(name)] = qw.to("cpu")
+                blk.done.add(name)
+
+
+def solve_group(block, names: list[str], stats: dict[str, QEPStat], solver, fmt, kwargs: dict, recipe, layer_type,
+                plan: dict[str, int] | None = None) -> dict[str, QuantizedWeight]:
+    """Quantize one group of linears. With QEP, each weight is first replaced by its corrected
+    target W*. Linears sharing their input statistics (q/k/v, gate/up) are solved as one
+    row-stacked matrix when the solver treats rows independently (same result, fewer passes).
+    `plan` overrides the bit width per linear (1 = the onebit solver)."""
+    targets: dict[str, torch.Tensor] = {}
+    for name in names:
+        w = block.get_submodule(name).weight.data
+        st = stats.get(name)
+        if recipe.qep is not None and st is not None:
+            alpha, damp = recipe.qep.for_type(layer_type(name))
+            if alpha > 0:
+                w = qep_target(w.float(), st.C, st.factor(damp), alpha)
+        targets[name] = w
+    plan = plan or {}
+
+    def spec(name):  # (method, format) of one linear
+        if name not in plan:
+            return recipe.method, fmt
+        from ..budget import candidate
+
+        return candidate(recipe, plan[name])
+
+    bundles: dict[tuple, list[str]] = {}
+    for name in names:
+        method, f = spec(name)
+        key = (id(stats[name]), method, f) if name in stats and method in ROW_INDEPENDENT else (id(name),)
+        bundles.setdefault(key, []).append(name)
+    out: dict[str, QuantizedWeight] = {}
+    for members in bundles.values():
+        st = stats.get(members[0])
+        H = st.H if st is not None else None
+        W = torch.cat([targets[n] for n in members]) if len(members) > 1 else targets[members[0]]
+        method, f = spec(members[0])
+        if method == recipe.method and f == fmt:
+            qw = solver(W, fmt, H, **kwargs)
+        else:
+            qw = get_solver(method)(W, f, H, **recipe.solver_kwargs(method))
+        r0 = 0
+        for n in members:
+            r1 = r0 + targets[n].shape[0]
+            out[n] = qw if len(members) == 1 else QuantizedWeight(
+                qw.codes[r0:r1].clone(), qw.scale[r0:r1].clone(), qw.zero[r0:r1].clone(), qw.fmt,
+                None if qw.g_idx is None else qw.g_idx.clone(), dict(qw.info))
+            r0 = r1
+    return out

@@ -1,0 +1,444 @@
+"""The one walker: it goes over a model block by block and owns everything about that walk.
+
+Calibration tokens are embedded once (`capture_inputs`); then for every decoder block the walker
+moves the block to the device and hands a `Block` to the stages, which quantize it in place. A
+`Block` keeps:
+- the quantized stream `xs` (the inputs this block receives from the already-quantized blocks
+  before it) and, when a stage needs it, the FP stream `fp` and an FP copy of the block, taken
+  before any stage touches it;
+- the replay caches (`Replay`): once the linears of attention or the MLP other than its output
+  linear are final, that output linear's input no longer changes, so later passes over the block
+  compute the sub-module as `linear(cached input)` instead of re-running it;
+- `stats(names)`: H = sum x x^T of the named linears on the quantized stream (and QEP's C against
+  the FP stream), by running the block until those linears have seen their inputs;
+- `fp_targets()`: the FP block's outputs on the FP stream (the targets of block-wise training).
+When the stages are done, `finish` maps both streams through the block (block i + 1's inputs) and
+records the block's output error; the block goes back to where it lived.
+
+Nothing else in lowbit loops over blocks: the pipeline's stages and the bit-budget sensitivity pass
+both run through here.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager, nullcontext
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .models import get_adapter
+from .qep import QEPStat
+
+log = logging.getLogger("lowbit")
+
+Call = tuple[tuple, dict]
+
+
+class WalkError(RuntimeError):
+    """The model cannot be walked as asked."""
+
+
+class _Stop(Exception):
+    """Raised inside a forward pass to end it early."""
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def module_name(model: nn.Module, target: nn.Module) -> str:
+    """Dotted name of `target` inside `model`."""
+    for name, mod in model.named_modules():
+        if mod is target:
+            return name
+    raise WalkError("decoder layers are not a submodule of the model")
+
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder block: records its inputs and passes hidden states through."""
+
+    def __init__(self, inner: nn.Module, idx: int, sink: Callable, last: bool):
+        super().__init__()
+        self.inner = inner
+        self.idx, self.sink, self.last = idx, sink, last
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.sink(self.idx, hidden_states, args, kwargs)
+        if self.last:
+            raise _Stop
+        return hidden_states
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["inner"], name)
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, layers: nn.ModuleList, tokens: torch.Tensor, batch_size: int,
+                   device: torch.device) -> tuple[list[torch.Tensor], list[list[Call]]]:
+    """Hidden states entering block 0 (per batch) and the extra arguments every block receives."""
+    hidden: list[torch.Tensor] = []
+    calls: list[list[Call]] = [[] for _ in layers]
+
+    def sink(idx, h, args, kwargs):
+        if idx == 0:
+            hidden.append(h.detach().to(device))
+        calls[idx].append((_to(args, device), _to(kwargs, device)))
+
+    originals = list(layers)
+    for j, m in enumerate(originals):
+        layers[j] = _Recorder(m, j, sink, last=j == len(originals) - 1)
+    try:
+        in_device = next(model.parameters()).device
+        for b in range(0, tokens.shape[0], batch_size):
+            try:
+                model(input_ids=tokens[b : b + batch_size].to(in_device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        for j, m in enumerate(originals):
+            layers[j] = m
+    return hidden, calls
+
+
+def block_output(out):
+    """The hidden states of a decoder block's (or sub-module's) output."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class _Replayed(nn.Module):
+    """Stands in for a sub-module (attention, MLP) while a Replay is active: returns
+    linear(cached input) for the current batch; the first call checks it against the real forward."""
+
+    def __init__(self, replay: Replay, inner: nn.Module, lin_name: str):
+        super().__init__()
+        self.inner = inner
+        self._replay, self._lin_name = replay, lin_name
+
+    def forward(self, *args, **kwargs):
+        r, name = self._replay, self._lin_name
+        if name in r.disabled:  # turned off earlier in this pass: the real forward
+            return self.inner(*args, **kwargs)
+        b = r.batch
+        cache, done = r.cache[name], r.computed.setdefault(name, set())
+        if b not in done:  # the linear is final now: keep its output instead of its input
+            cache[b] = r.block.get_submodule(name)(cache[b])
+            done.add(b)
+        y = cache[b]
+        if name not in r.templates:  # verify once per block against the real forward
+            ref = self.inner(*args, **kwargs)
+            out = block_output(ref)
+            extras = ref[1:] if isinstance(ref, tuple) else None
+            if out.shape != y.shape or not torch.allclose(out, y, rtol=1e-3, atol=1e-5) or (
+                    extras is not None and any(e is not None for e in extras)):
+                log.warning("replay of %s disagrees with its forward; recomputing it instead", name)
+                r.disabled.add(name)
+                return ref
+            r.templates[name] = extras
+            return ref
+        extras = r.templates[name]
+        return y if extras is None else (y, *extras)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["inner"], name)
+
+
+class Replay:
+    """Short-cuts sub-modules (attention, MLP) while a block is being quantized.
+
+    Once every linear of such a sub-module except its output linear is quantized, the output
+    linear's input no longer changes; it is cached per batch when its group is collected, and
+    later passes compute the sub-module's output as `linear(cached)` instead of re-running
+    attention or the MLP. The first replayed batch of every block is checked against the real
+    forward; a mismatch turns replay off for that module (slower, never wrong). While `active`,
+    the sub-modules are swapped for `_Replayed` wrappers and put back on exit.
+    """
+
+    def __init__(self, block: nn.Module, pairs: tuple[tuple[str, str], ...], enabled: bool = True):
+        self.block = block
+        self.pairs = {lin: mod for mod, lin in pairs} if enabled else {}
+        self.cache: dict[str, list[torch.Tensor]] = {}
+        self.disabled: set[str] = set()
+        self.computed: dict[str, set[int]] = {}
+        self.templates: dict[str, tuple | None] = {}
+        self.batch = 0
+
+    def wants(self, linear: str, quantized: set[str]) -> bool:
+        """Whether to cache this linear's inputs now (its sub-module's other linears are final)."""
+        mod = self.pairs.get(linear)
+        if mod is None or linear in self.disabled:
+            return False
+        others = {n for n, m in self.block.get_submodule(mod).named_modules() if isinstance(m, nn.Linear)}
+        return {f"{mod}.{n}" for n in others} - {linear} <= quantized
+
+    def record(self, linear: str, b: int, x: torch.Tensor) -> None:
+        """Keep batch b's input of `linear`."""
+        lst = self.cache.setdefault(linear, [])
+        if b == len(lst):
+            lst.append(x.detach())
+
+    @contextmanager
+    def active(self, n_batches: int):
+        """Swap in the replaying wrappers of the sub-modules whose cached inputs are complete."""
+        from .transforms.modules import replace_module
+
+        swapped = []
+        for lin, mod_name in self.pairs.items():
+            if lin in self.disabled or len(self.cache.get(lin, [])) != n_batches:
+                continue
+            mod = self.block.get_submodule(mod_name)
+            replace_module(self.block, mod_name, _Replayed(self, mod, lin))
+            swapped.append((mod_name, mod))
+        try:
+            yield
+        finally:
+            for mod_name, mod in swapped:
+                replace_module(self.block, mod_name, mod)
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, xs: list[torch.Tensor], calls: list[Call], replay: Replay | None = None
+              ) -> list[torch.Tensor]:
+    """Map a stream (list of batches) through one block."""
+    outs = []
+    with replay.active(len(xs)) if replay else nullcontext():
+        for b, (x, (a, kw)) in enumerate(zip(xs, calls)):
+            if replay:
+                replay.batch = b
+            outs.append(block_output(block(x, *a, **kw)))
+    return outs
+
+
+@torch.no_grad()
+def _forward_until(block: nn.Module, names: list[str], x: torch.Tensor, call: Call, on_input: Callable) -> None:
+    """Run `block` on one batch, calling on_input(name, tensor) with the input of every named
+    linear, and stop as soon as all of them have been seen."""
+    seen: set[str] = set()
+    target = set(names)
+
+    def make_hook(name):
+        def hook(mod, args):
+            on_input(name, args[0])
+            seen.add(name)
+            if seen >= target:
+                raise _Stop
+        return hook
+
+    handles = [block.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
+    a, kw = call
+    try:
+        block(x, *a, **kw)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    missing = target - seen
+    if missing:
+        raise WalkError(f"linears never ran during the block's forward pass: {sorted(missing)}")
+
+
+@torch.no_grad()
+def collect_stats(block: nn.Module, names: list[str], xs: list[torch.Tensor], calls: list[Call],
+                  replay: Replay | None = None, quantized: set[str] = frozenset(), *,
+                  fp_block: nn.Module | None = None, fp_xs: list[torch.Tensor] | None = None,
+                  fp_replay: Replay | None = None) -> dict[str, QEPStat]:
+    """Run the block on a stream until every named linear has seen its input; return their
+    H = sum xq xq^T and, with an FP block and stream, C = sum (x - xq) xq^T (QEP).
+
+    Batch by batch, the FP block first runs on the FP stream up to the named linears, then the
+    (partly quantized) block on the quantized stream; only one batch of FP inputs is alive at a
+    time. Linears fed the same tensor (q, k and v) share one accumulator. With `replay`, inputs
+    of output linears are cached for later passes.
+    """
+    stats: dict[str, QEPStat] = {}
+    keep = {n for n in names if replay is not None and replay.wants(n, quantized)}
+    if fp_block is not None and fp_replay is not None:
+        final = {n for n, m in fp_block.named_modules() if isinstance(m, nn.Linear)}
+        fp_keep = {n for n in names if fp_replay.wants(n, final)}
+    else:
+        fp_keep = set()
+    with ExitStack() as stack:
+        for r in (replay, fp_replay):
+            if r is not None:
+                stack.enter_context(r.active(len(xs)))
+        for b, (x, call) in enumerate(zip(xs, calls)):
+            fp_in: dict[str, torch.Tensor] = {}
+            if fp_block is not None:
+                if fp_replay is not None:
+                    fp_replay.batch = b
+
+                def grab(name, t):
+                    if name in fp_keep:
+                        fp_replay.record(name, b, t)
+                    fp_in[name] = t
+
+                _forward_until(fp_block, names, fp_xs[b], call, grab)
+            if replay is not None:
+                replay.batch = b
+            by_tensor: dict[int, tuple[torch.Tensor, QEPStat]] = {}  # holds t: ids stay unique
+            updated: set[int] = set()
+
+            def accumulate(name, t):
+                if name in keep:
+                    replay.record(name, b, t)
+                ref = fp_in.get(name)
+                mod = block.get_submodule(name)
+                if hasattr(mod, "transform_input"):  # statistics live in the linear's own input space
+                    t = mod.transform_input(t)
+                    ref = None if ref is None else mod.transform_input(ref)
+                st = stats.get(name) or by_tensor.get(id(t), (None, None))[1] or QEPStat(t.shape[-1], t.device)
+                stats[name] = st
+                by_tensor[id(t)] = (t, st)
+                if id(st) not in updated:  # once per batch, even when several linears share it
+                    st.add(t, ref)
+                    updated.add(id(st))
+
+            _forward_until(block, names, x, call, accumulate)
+    return stats
+
+
+def rel_err(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """Relative Frobenius error of stream a against stream b."""
+    num = sum(float((x - y).float().pow(2).sum()) for x, y in zip(a, b))
+    den = sum(float(y.float().pow(2).sum()) for y in b)
+    return (num / max(den, 1e-30)) ** 0.5
+
+
+class Block:
+    """One decoder block while the walker is on it (see the module docstring)."""
+
+    def __init__(self, walker: Walker, i: int, block: nn.Module):
+        self.walker, self.i, self.block = walker, i, block
+        self.calls = walker.calls[i]
+        self.done: set[str] = set()  # linears quantized so far (relative names)
+        self.fp_block = copy.deepcopy(block) if walker.fp is not None else None
+        memo = walker.replay_memo
+        pairs = walker.adapter.output_linears
+        self.replay = Replay(block, pairs, enabled=memo)
+        self.fp_replay = Replay(self.fp_block, pairs, enabled=memo) if self.fp_block is not None else None
+        self._fp_out: list[torch.Tensor] | None = None
+
+    @property
+    def xs(self) -> list[torch.Tensor]:
+        """The quantized stream entering this block."""
+        return self.walker.xs
+
+    @property
+    def fp(self) -> list[torch.Tensor] | None:
+        """The FP stream entering this block (None when no stage asked for it)."""
+        return self.walker.fp
+
+    def name(self, rel: str) -> str:
+        """Full dotted name of a linear named relative to the block."""
+        return f"{self.walker.prefix}.{self.i}.{rel}"
+
+    def groups(self, skip: tuple[str, ...] = ()) -> list[list[str]]:
+        """The block's linears by shared input, in execution order, without the skipped ones."""
+        groups = [[n for n in g if not any(s in self.name(n) for s in skip)]
+                  for g in self.walker.adapter.linear_groups(self.block)]
+        return [g for g in groups if g]
+
+    def layer_type(self, rel: str) -> str:
+        """'qkv', 'o', 'gate_up' or 'down'."""
+        return self.walker.adapter.layer_type(rel)
+
+    def stats(self, names: list[str], with_fp: bool = False) -> dict[str, QEPStat]:
+        """H (and with `with_fp` QEP's C) of the named linears, on the block as it is now."""
+        if with_fp and self.fp_block is None:
+            raise WalkError("QEP statistics need the FP stream; the walker was started without it")
+        return collect_stats(self.block, names, self.xs, self.calls, self.replay, self.done,
+                             fp_block=self.fp_block if with_fp else None, fp_xs=self.fp if with_fp else None,
+                             fp_replay=self.fp_replay if with_fp else None)
+
+    def fp_targets(self) -> list[torch.Tensor]:
+        """The FP block's outputs on the FP stream (computed once)."""
+        if self.fp_block is None:
+            raise WalkError("block-wise training needs the FP stream; the walker was started without it")
+        if self._fp_out is None:
+            self._fp_out = run_block(self.fp_block, self.fp, self.calls)
+        return self._fp_out
+
+    def modules_changed(self) -> None:
+        """Tell the block its linears were replaced or retrained: cached replays are stale."""
+        self.replay = Replay(self.block, self.walker.adapter.output_linears, enabled=self.walker.replay_memo)
+
+    def finish(self) -> None:
+        """Map both streams through the finished block; record its output error."""
+        w = self.walker
+        if w.streams:
+            w.xs = run_block(self.block, w.xs, self.calls, self.replay)
+        if w.fp is not None:
+            w.fp = self._fp_out if self._fp_out is not None else run_block(self.fp_block, w.fp, self.calls,
+                                                                           self.fp_replay)
+            if w.track_error:
+                w.block_errors.append(rel_err(w.xs, w.fp))
+        self.replay = self.fp_replay = self.fp_block = self._fp_out = None
+
+
+class Walker:
+    """Walks `model`'s decoder blocks with calibration `tokens` (see the module docstring).
+
+    streams: run the calibration tokens at all (data-free solvers need none); fp_stream: keep the FP
+    stream and an FP copy of each block beside the quantized ones (QEP, block-wise training, errors).
+    """
+
+    def __init__(self, model: nn.Module, tokens: torch.Tensor | None, *, batch_size: int = 8,
+                 device: str | torch.device | None = None, streams: bool = True, fp_stream: bool = False,
+                 track_error: bool = False, replay_memo: bool = True, progress: bool = True, desc: str = "quantize"):
+        self.model = model
+        self.adapter = get_adapter(model)
+        self.layers = self.adapter.layers(model)
+        self.prefix = module_name(model, self.layers)
+        self.home = next(model.parameters()).device
+        self.device = torch.device(device) if device is not None else self.home
+        self.batch_size, self.replay_memo, self.progress, self.desc = batch_size, replay_memo, progress, desc
+        self.streams = streams or track_error or fp_stream
+        self.track_error = track_error
+        self.tokens = tokens
+        self.xs: list[torch.Tensor] = []
+        self.calls: list[list[Call]] = [[] for _ in self.layers]
+        self.fp: list[torch.Tensor] | None = None
+        self.fp_stream = fp_stream or track_error
+        self.block_errors: list[float] = []
+        self._captured = False
+
+    def capture(self) -> None:
+        """Embed the calibration tokens once (both streams start equal)."""
+        if self._captured:
+            return
+        if self.streams:
+            if self.tokens is None:
+                raise WalkError("this walk needs calibration tokens")
+            self.xs, self.calls = capture_inputs(self.model, self.layers, self.tokens, self.batch_size, self.device)
+        self.fp = [x.clone() for x in self.xs] if self.fp_stream else None
+        self._captured = True
+
+    def blocks(self) -> Iterator[Block]:
+        """Each block in turn, on the device; `finish` runs when the caller's work on it is done."""
+        self.capture()
+        bar = tqdm(range(len(self.layers)), desc=self.desc, unit="block", disable=not self.progress)
+        for i in bar:
+            blk = Block(self, i, self.layers[i].to(self.device))
+            try:
+                yield blk
+                blk.finish()
+                if self.track_error:
+                    bar.set_postfix(rel_err=f"{self.block_errors[-1]:.4f}")
+            finally:
+                self.layers[i].to(self.home)
