@@ -38,8 +38,13 @@ def test_every_solver_runs_on_a_rotated_model(label, family):
     assert res.rotation is not None and res.rotation["kind"] == recipe.rotation.kind
     assert len(res.weights) == 14
     out = _logits(model, toks)
-    assert torch.isfinite(out).all() and 0 < _rel(out, ref) < 1.0
-    assert all(e == e and e < 10 for e in res.block_errors)
+    # the same recipe without the rotation: a rotation that broke the model (a wrong fold) would lose
+    # badly against it; on these outlier-heavy tiny models rotating is 5-28 % better (and never worse)
+    plain = tiny_model(family)
+    quantize_model(plain, recipe.with_(rotation=None), toks, batch_size=4, progress=False)
+    base = _rel(_logits(plain, toks), ref)
+    assert torch.isfinite(out).all() and 0 < _rel(out, ref) < 1.05 * base
+    assert all(0 < e < 0.6 for e in res.block_errors)
 
 
 def _outlier_model(seed=0):

@@ -159,6 +159,7 @@ def save(model: torch.nn.Module, result: QuantizationResult, out: str | Path, to
         files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
                  for p in sorted(tmp.iterdir()) if p.is_file()}
         manifest = {"format": FORMAT, "lowbit_version": __version__, "recipe": result.recipe.to_dict(),
+                    "recipe_identity": result.recipe.identity,
                     "dtype": str(dtype).removeprefix("torch."),
                     "modules": modules, "aliases": aliases, "files": files,
                     "rotation": result.rotation, **(extra or {})}

@@ -70,45 +70,18 @@ def _protocol(calib: str, n_calib: int, seq_len: int, seed: int, data: str, wind
 def _recipe(recipe: str, method, bits, group_size, sym, clip, act_order, damp, qep=None, qep_alpha=None,
             qep_damp=None, pairwise: dict | None = None, rotation: dict | None = None,
             extreme: dict | None = None):
-    from .blockwise import PairwiseConfig
-    from .qep import QEPConfig
-    from .recipe import get_recipe
+    """The preset / label / file `recipe` with the command-line overrides, validated once."""
+    from .recipe import get_recipe, with_overrides
 
-    r = get_recipe(recipe)
-    pairwise = pairwise or {}
-    on = pairwise.pop("on", None)
-    settings = {k: v for k, v in pairwise.items() if v is not None}
-    if on is False:
-        r = r.with_(name="", pairwise=None)
-    elif on or settings:
-        r = r.with_(name="", pairwise={**(r.pairwise or PairwiseConfig()).to_dict(), **settings})
-    rotation = dict(rotation or {})
-    kind = rotation.pop("kind", None)
-    act = {k: rotation.pop(k) for k in ("act_bits", "act_symmetric") if rotation.get(k) is not None}
-    rotation = {k: v for k, v in rotation.items() if v is not None}
-    if kind == "none":
-        r = r.with_(name="", rotation=None)
-    elif kind is not None or rotation:
-        base = r.rotation.to_dict() if r.rotation is not None else {"r4": r.pairwise is None}
-        r = r.with_(name="", rotation={**base, **({"kind": kind} if kind else {}), **rotation})
-    if act:
-        r = r.with_(name="", **act)
-    over = {k: v for k, v in dict(method=method, bits=bits, group_size=group_size, symmetric=sym, clip=clip,
-                                 act_order=act_order, damp=damp, **(extreme or {})).items() if v is not None}
-    if over.get("method", "").removeprefix("qep(").removesuffix(")") == "onebit" and "bits" not in over:
-        over.update(bits=1, group_size=-1)
-    if over.get("method", "").startswith("qep("):
-        qep = True
-    if qep is False:
-        over["qep"] = None
-    elif qep or qep_alpha is not None or qep_damp is not None:
-        cfg = (r.qep or QEPConfig()).to_dict()
-        if qep_alpha is not None:
-            cfg["alpha"] = qep_alpha
-        if qep_damp is not None:
-            cfg["damp"] = qep_damp
-        over["qep"] = cfg
-    return r.with_(name="", **over) if over else r
+    base = get_recipe(recipe)
+    fields = dict(method=method, bits=bits, group_size=group_size, symmetric=sym, clip=clip, act_order=act_order,
+                  damp=damp, **(extreme or {}))
+    if all(v is None for v in fields.values()) and qep is None and qep_alpha is None and qep_damp is None and \
+            not any(v is not None for v in (pairwise or {}).values()) and \
+            not any(v is not None for v in (rotation or {}).values()):
+        return base  # no override: keep the preset's name
+    return with_overrides(base, pairwise=pairwise, rotation=rotation, qep=qep, qep_alpha=qep_alpha,
+                          qep_damp=qep_damp, **fields)
 
 
 def _ppl_table(title: str, sets, rows: list[tuple[str, dict]]) -> Table:
@@ -220,7 +193,7 @@ def quantize(
         proto = _protocol(calib, n_calib, seq_len, seed, data, windows, batch_size)
         checkpoint.check_output(out, overwrite)
         dtype = checkpoint.store_dtype(store)
-        console.print(f"recipe: {json.dumps(r.to_dict())}", highlight=False, markup=False)
+        console.print(f"recipe {r.label} [{r.identity}]: {json.dumps(r.to_dict())}", highlight=False, markup=False)
         model_, tok, result, job = quantize_job(model, r, proto, eval_fp=evaluate, eval_quant=evaluate,
                                                 device=device, progress=not quiet, track_error=track_error,
                                                 store_dtype=dtype)

@@ -150,6 +150,16 @@ class Recipe:
         raw = "raw" if self.budget_metric == "layer" else ""
         return f"budget{self.budget:g}{raw}-{label}" if self.budget is not None else label
 
+    @property
+    def identity(self) -> str:
+        """A hash of the full configuration (every field but the display name): two recipes with the
+        same identity quantize the same way; labels omit damping, QQA steps, rotation seeds..."""
+        import hashlib
+
+        d = self.to_dict()
+        d.pop("name", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
     def solver_kwargs(self, method: str | None = None) -> dict:
         """Keyword arguments for the solver function (of `method`, default the recipe's)."""
         method = method or self.method
@@ -239,7 +249,7 @@ _LABEL = re.compile(r"(?:(?P<rot>had|orth|bern|spin)(?P<rsteps>\d+)?-)?"
                     r"(?P<clip>-clip)?(?P<static>-static)?(?:-a(?P<alpha>[\d.]+))?(?:-l(?P<damp>[\d.]+))?")
 
 
-def parse_label(label: str) -> Recipe | None:
+def parse_label(label: str) -> Recipe | None:  # noqa: C901
     """The recipe a label names (the inverse of Recipe.label), e.g. gptq-w3-g64-clip or
     qep-gptq-w3-g64-a0.25-l0.01 (QEP with alpha 0.25 and damping 0.01 for every layer type).
     A global rotation is a prefix (had-, orth-, bern-, spin- = learned, spin100- = 100 steps); activation
@@ -273,8 +283,8 @@ def parse_label(label: str) -> Recipe | None:
                       clip=bool(m["clip"]), static_groups=bool(m["static"]), qep=qep, pairwise=pairwise,
                       rotation=rotation, act_bits=int(m["abits"]) if m["abits"] else None,
                       act_symmetric=bool(m["asym"]))
-    except RecipeError:
-        return None
+    except (RecipeError, ValueError) as e:  # the label is well formed: say what is wrong with it
+        raise RecipeError(f"recipe label {label!r}: {e}") from None
 
 
 def get_recipe(name_or_path: str) -> Recipe:
@@ -313,6 +323,59 @@ def get_recipe(name_or_path: str) -> Recipe:
         return Recipe.from_dict(data)
     raise RecipeError(f"unknown recipe {name_or_path!r}: presets are {', '.join(PRESETS)}; or a label such as "
                       "qep-gptq-w3-g64-clip; or a .json/.yaml file")
+
+
+def with_overrides(base: Recipe, *, pairwise: dict | None = None, rotation: dict | None = None,
+                   qep: bool | None = None, qep_alpha: float | None = None, qep_damp: float | None = None,
+                   **fields) -> Recipe:
+    """`base` with every override applied at once and validated once, so that a combination valid
+    only as a whole (adding pairwise rotations while turning R4 off) is accepted.
+
+    None means "keep". `pairwise`: settings to merge, `on` True / False adds / removes the stage.
+    `rotation`: settings to merge, `kind` "none" removes it; `act_bits` / `act_symmetric` in it are
+    recipe fields. `qep` True / False adds / removes QEP (as does a method written `qep(gptq)`);
+    `qep_alpha` / `qep_damp` set every layer type. Other keywords are Recipe fields."""
+    d = base.to_dict()
+    d["name"] = ""
+    pw = dict(pairwise or {})
+    on = pw.pop("on", None)
+    pw = {k: v for k, v in pw.items() if v is not None}
+    if on is False:
+        d["pairwise"] = None
+    elif on or pw:
+        d["pairwise"] = {**(d["pairwise"] or PairwiseConfig().to_dict()), **pw}
+    rot = dict(rotation or {})
+    kind = rot.pop("kind", None)
+    for k in ("act_bits", "act_symmetric"):
+        if rot.get(k) is not None:
+            d[k] = rot[k]
+        rot.pop(k, None)
+    rot = {k: v for k, v in rot.items() if v is not None}
+    if kind == "none":
+        d["rotation"] = None
+    elif kind is not None or rot:
+        cur = d["rotation"] or {"r4": d["pairwise"] is None}
+        d["rotation"] = {**cur, **({"kind": kind} if kind else {}), **rot}
+    over = {k: v for k, v in fields.items() if v is not None}
+    method = over.get("method")
+    if isinstance(method, str) and method.startswith("qep(") and method.endswith(")"):
+        over["method"], qep = method[4:-1], True if qep is None else qep
+    if over.get("method") == "onebit" and "bits" not in over:
+        over.update(bits=1, group_size=-1)
+    if qep is False:
+        d["qep"] = None
+    elif qep or qep_alpha is not None or qep_damp is not None:
+        cfg = d["qep"] or QEPConfig().to_dict()
+        if qep_alpha is not None:
+            cfg["alpha"] = qep_alpha
+        if qep_damp is not None:
+            cfg["damp"] = qep_damp
+        d["qep"] = cfg
+    for k in ("skip", "budget_bits"):
+        if k in over:
+            over[k] = list(over[k])
+    d.update(over)
+    return Recipe.from_dict(d)
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:

@@ -25,21 +25,28 @@ import torch
 from torch.nn import functional as F
 
 #: token count from which `mode="auto"` takes the tensor-core path (see `pairwise_rotate_triton`)
-MMA_MIN_TOKENS = int(os.environ.get("LOWBIT_PAIRWISE_MMA_MIN_TOKENS", "1024"))
+MMA_MIN_TOKENS = 1024
 #: the same when the per-group blocks are given (cached, as `RotatedLinear` keeps them): on the
 #: H100 (bf16, graph) the tensor-core path with cached blocks beat the gather kernel at 256 tokens at
 #: every width (576: 5.6 vs 6.0 us, 4096: 6.4 vs 10.2, 8192: 8.0 vs 15.7) and lost at 16
-MMA_MIN_TOKENS_CACHED = int(os.environ.get("LOWBIT_PAIRWISE_MMA_MIN_TOKENS_CACHED", "256"))
+MMA_MIN_TOKENS_CACHED = 256
 #: token count up to which `pairwise_linear` fuses the transform into the matmul (decode): 1. On
 #: the H100 (bf16, cold weights, CUDA graph) the split-K kernel at one token costs -2 % / +3 % over
 #: the plain matmul at 4096 / 8192 wide (rotate-then-matmul +19 % / +6 %); from 2 tokens on both
 #: fused kernels re-read or re-rotate too much and the unfused path is faster (BENCHMARKS.md)
-DECODE_MAX_TOKENS = int(os.environ.get("LOWBIT_PAIRWISE_DECODE_MAX_TOKENS", "1"))
+DECODE_MAX_TOKENS = 1
 #: token count up to which `pairwise_linear_triton` (kernel "auto") takes the split-K kernel, one
 #: token per program (`rotated_gemv_splitk_kernel`; each token re-reads the weight, so 1); from
 #: there the row-block kernel with tiles of 16 tokens on tl.dot
-SPLITK_MAX_TOKENS = int(os.environ.get("LOWBIT_PAIRWISE_SPLITK_MAX_TOKENS", "1"))
+SPLITK_MAX_TOKENS = 1
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def setting(name: str) -> int:
+    """A dispatch threshold, read when it is used: the environment variable LOWBIT_PAIRWISE_<NAME> if set, else
+    the module default (tests may set the module attribute)."""
+    v = os.environ.get("LOWBIT_PAIRWISE_" + name)
+    return int(v) if v is not None else globals()[name]
 
 
 def pairwise_rotate_ref(x: torch.Tensor, scale: torch.Tensor, partner: torch.Tensor,
@@ -200,7 +207,7 @@ def _kernel_input(who: str, hint: str, x, scale, partner, cos, sin, group: int):
 
 def mma_min_tokens(cached: bool) -> int:
     """Token count from which `pairwise_rotate_triton` (mode "auto") takes the tensor-core path."""
-    return MMA_MIN_TOKENS_CACHED if cached else MMA_MIN_TOKENS
+    return setting("MMA_MIN_TOKENS_CACHED") if cached else setting("MMA_MIN_TOKENS")
 
 
 def pairwise_rotate_triton(x: torch.Tensor, scale: torch.Tensor, partner: torch.Tensor, cos: torch.Tensor,
@@ -496,7 +503,7 @@ def fused_linear_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                        for t in (x, weight, bias, scale, cos, sin)):
         return False
-    return 1 <= math.prod(x.shape[:-1]) <= DECODE_MAX_TOKENS
+    return 1 <= math.prod(x.shape[:-1]) <= setting("DECODE_MAX_TOKENS")
 
 
 def pairwise_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -558,7 +565,7 @@ def pairwise_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         elif split_ch is not None or block_r is not None or prefetch is not None:
             kernel = "splitk"
         else:
-            kernel = "splitk" if T <= SPLITK_MAX_TOKENS else "rows"
+            kernel = "splitk" if T <= setting("SPLITK_MAX_TOKENS") else "rows"
     if kernel == "splitk" and n == 0:
         kernel = "rows"      # no split to launch; the row kernel writes the bias (or zeros)
     if kernel == "splitk":

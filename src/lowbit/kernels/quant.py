@@ -47,17 +47,24 @@ from lowbit.kernels.pairwise import (GemvCoefficients, GemvWorkspace, gemv_coeff
 
 #: tokens up to which "auto" runs the register GEMV (one token per program: it re-reads the weight
 #: for every token, so 1)
-GEMV_MAX_TOKENS = int(os.environ.get("LOWBIT_QUANT_GEMV_MAX_TOKENS", "1"))
+GEMV_MAX_TOKENS = 1
 #: tokens up to which "auto" runs the decode tiling of the tl.dot kernel (16-token tiles, split-K)
-DECODE_MAX_TOKENS = int(os.environ.get("LOWBIT_QUANT_DECODE_MAX_TOKENS", "16"))
+DECODE_MAX_TOKENS = 16
 #: tokens from which "auto" dequantizes the weight and calls cuBLAS (torch.mm) instead of the fused
 #: tl.dot kernel; to be set from `benchmarks/kernel_quant.py` (prefill section)
-DEQUANT_MIN_TOKENS = int(os.environ.get("LOWBIT_QUANT_DEQUANT_MIN_TOKENS", "256"))
+DEQUANT_MIN_TOKENS = 256
 #: tokens up to which a rotated layer runs the rotation fused into the GEMV; beyond, the pairwise
 #: transform kernel runs first
-ROT_FUSED_MAX_TOKENS = int(os.environ.get("LOWBIT_QUANT_ROT_FUSED_MAX_TOKENS", "0"))
+ROT_FUSED_MAX_TOKENS = 0
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def setting(name: str) -> int:
+    """A dispatch threshold, read when it is used: the environment variable LOWBIT_QUANT_<NAME> if set, else
+    the module default (tests may set the module attribute)."""
+    v = os.environ.get("LOWBIT_QUANT_" + name)
+    return int(v) if v is not None else globals()[name]
 
 #: the path of the last `quant_linear` / `quant_linear_triton` call: "ref", "gemv", "gemv_rot",
 #: "mm", "dequant", with "rotate+" in front when the pairwise transform ran as its own kernel
@@ -424,7 +431,7 @@ def _launch_gemv(tk, x2, qweight, scales, zeros, bits, gs, K, N, perm, in_scale,
 def _launch_mm(tk, x2, qweight, scales, zeros, bits, gs, K, N, perm, in_scale, bias, out, ws, sms,
                block_m=None, block_n=None, block_k=None, splits=None, num_warps=None, num_stages=None):
     M = x2.shape[0]
-    decode = M <= DECODE_MAX_TOKENS
+    decode = M <= setting("DECODE_MAX_TOKENS")
     cfg = mm_config(M if decode else min(M, 128), K, N, bits, 0 if gs >= K else gs, sms, x2.element_size(), decode)
     bm, bn, bk = block_m or cfg["block_m"], block_n or cfg["block_n"], block_k or cfg["block_k"]
     for name, v in (("block_m", bm), ("block_n", bn), ("block_k", bk)):
@@ -461,12 +468,12 @@ def auto_path(tokens: int, rot: bool = False, perm: bool = False) -> str:
     """The path "auto" takes for `tokens` tokens (thresholds read now): "gemv" / "gemv_rot" up to
     GEMV_MAX_TOKENS (a fused rotation up to ROT_FUSED_MAX_TOKENS, without perm), "mm" below
     DEQUANT_MIN_TOKENS, "dequant" from there; "rotate+<path>" when the rotation runs on its own."""
-    if rot and tokens <= ROT_FUSED_MAX_TOKENS and tokens <= GEMV_MAX_TOKENS and not perm:
+    if rot and tokens <= setting("ROT_FUSED_MAX_TOKENS") and tokens <= setting("GEMV_MAX_TOKENS") and not perm:
         return "gemv_rot"
     pre = "rotate+" if rot else ""
-    if tokens <= GEMV_MAX_TOKENS:
+    if tokens <= setting("GEMV_MAX_TOKENS"):
         return pre + "gemv"
-    if tokens < DEQUANT_MIN_TOKENS:
+    if tokens < setting("DEQUANT_MIN_TOKENS"):
         return pre + "mm"
     return pre + "dequant"
 
@@ -534,7 +541,7 @@ def quant_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tenso
         _launch_gemv(tk, x2, qweight, scales, zeros, bits, gs, K, N, perm, in_scale, bias,
                      rot if fused_rot else None, out, ws, sms, **tiles)
     elif base == "mm":
-        if perm is not None and T > DECODE_MAX_TOKENS:
+        if perm is not None and T > setting("DECODE_MAX_TOKENS"):
             x2, perm = x2.index_select(1, perm), None
         _launch_mm(tk, x2, qweight, scales, zeros, bits, gs, K, N, perm, in_scale, bias, out, ws, sms, **tiles)
     else:

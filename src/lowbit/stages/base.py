@@ -42,25 +42,76 @@ class Stage:
         """Whole-model work after the walk."""
 
 
-def stages_for(recipe) -> list[Stage]:
-    """The stages of `recipe`, in the order they run."""
-    from .actquant import ActQuantStage
-    from .budget import BudgetStage
-    from .onebit_ft import OneBitFinetuneStage
-    from .pairwise import PairwiseStage
-    from .rotation import RotationStage
-    from .solve import SolveStage
+@dataclass(frozen=True)
+class BudgetConfig:
+    """Per-linear bit widths for an average cost (`lowbit.budget`)."""
 
-    stages: list[Stage] = []
+    bits_per_weight: float
+    candidates: tuple[int, ...] = (1, 2, 3, 4)
+    metric: str = "fisher"
+
+
+@dataclass(frozen=True)
+class SolveConfig:
+    """The solver pass: which solver, in which format, with QEP or not."""
+
+    method: str
+    qep: bool = False
+
+
+@dataclass(frozen=True)
+class OneBitFTConfig:
+    """Block-wise training of 1-bit layers' g and h."""
+
+    epochs: int
+    lr: float
+
+
+@dataclass(frozen=True)
+class ActQuantConfig:
+    """Dynamic per-token activation fake quantization at inference."""
+
+    bits: int
+    symmetric: bool = False
+
+
+#: the stage that runs each stage config type (`register_stage` adds one)
+STAGES: dict[type, type[Stage]] = {}
+
+
+def register_stage(config_type: type):
+    """Class decorator: `config_type` configs are run by the decorated Stage (built as Stage(config))."""
+    def deco(cls):
+        STAGES[config_type] = cls
+        return cls
+    return deco
+
+
+def stage_configs(recipe) -> list:
+    """The recipe as its ordered list of stage configs."""
+    out: list = []
     if recipe.rotation is not None:
-        stages.append(RotationStage(recipe.rotation))
+        out.append(recipe.rotation)
     if recipe.budget is not None:
-        stages.append(BudgetStage())
+        out.append(BudgetConfig(recipe.budget, recipe.budget_bits, recipe.budget_metric))
     if recipe.pairwise is not None:
-        stages.append(PairwiseStage(recipe.pairwise))
-    stages.append(SolveStage(qep=recipe.qep is not None))
+        out.append(recipe.pairwise)
+    out.append(SolveConfig(recipe.method, recipe.qep is not None))
     if recipe.onebit_ft_epochs > 0:
-        stages.append(OneBitFinetuneStage(recipe.onebit_ft_epochs, recipe.onebit_ft_lr))
+        out.append(OneBitFTConfig(recipe.onebit_ft_epochs, recipe.onebit_ft_lr))
     if recipe.act_bits is not None:
-        stages.append(ActQuantStage(recipe.act_bits, recipe.act_symmetric))
+        out.append(ActQuantConfig(recipe.act_bits, recipe.act_symmetric))
+    return out
+
+
+def stages_for(recipe) -> list[Stage]:
+    """The stages of `recipe`, in the order they run, looked up by config type."""
+    from . import actquant, budget, onebit_ft, pairwise, rotation, solve  # noqa: F401  (register them)
+
+    stages = []
+    for cfg in stage_configs(recipe):
+        cls = STAGES.get(type(cfg))
+        if cls is None:
+            raise TypeError(f"no stage is registered for {type(cfg).__name__}")
+        stages.append(cls(cfg))
     return stages

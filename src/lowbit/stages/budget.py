@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from .base import Run, Stage
+from .base import BudgetConfig, Run, Stage, register_stage
 
 
+@register_stage(BudgetConfig)
 class BudgetStage(Stage):
     """`lowbit.budget.plan` (sensitivity + allocation) into `run.bits_plan`; the solve stage reads it."""
 
     needs_inputs = True
+
+    def __init__(self, cfg: BudgetConfig):
+        self.cfg = cfg  # the recipe's budget fields; `plan` reads them from the recipe
 
     def before_model(self, run: Run) -> None:
         from ..budget import plan

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from ..blockwise import finetune_binary
-from .base import Run, Stage
+from .base import OneBitFTConfig, Run, Stage, register_stage
 
 
+@register_stage(OneBitFTConfig)
 class OneBitFinetuneStage(Stage):
     """Train g and h of the block's 1-bit linears against the FP block output."""
 
     needs_inputs = needs_fp = True
 
-    def __init__(self, epochs: int, lr: float):
-        self.epochs, self.lr = epochs, lr
+    def __init__(self, cfg: OneBitFTConfig):
+        self.epochs, self.lr = cfg.epochs, cfg.lr
 
     def check(self, run: Run, walker) -> None:
         from ..pipeline import PipelineError

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from ..blockwise import PairwiseConfig, fit_block
-from .base import Run, Stage
+from .base import Run, Stage, register_stage
 
 
+@register_stage(PairwiseConfig)
 class PairwiseStage(Stage):
     """Fit every linear's transform (and with stage 2 its codes) on the quantized stream."""
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from ..rotation import RotationConfig, rotate_model
-from .base import Run, Stage
+from .base import Run, Stage, register_stage
 
 
+@register_stage(RotationConfig)
 class RotationStage(Stage):
     """Rotate the model once (`lowbit.rotation.rotate_model`); every solver then sees rotated weights."""
 

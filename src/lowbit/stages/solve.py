@@ -9,17 +9,18 @@ import torch
 
 from ..qep import QEPStat, qep_target
 from ..solvers import ROW_INDEPENDENT, QuantizedWeight, get_solver
-from .base import Run, Stage
+from .base import Run, SolveConfig, Stage, register_stage
 from .pairwise import _groups
 
 log = logging.getLogger("lowbit")
 
 
+@register_stage(SolveConfig)
 class SolveStage(Stage):
     """Quantize every linear of the block with the recipe's solver (per-linear widths from a budget)."""
 
-    def __init__(self, qep: bool = False):
-        self.needs_fp = qep  # QEP's C compares the quantized stream with the FP stream
+    def __init__(self, cfg: SolveConfig):
+        self.needs_fp = cfg.qep  # QEP's C compares the quantized stream with the FP stream
         self._solver = None
 
     def on_block(self, run: Run, blk) -> None:
