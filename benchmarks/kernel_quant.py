@@ -600,6 +600,8 @@ def _prefill_one(ctx, K, N, T, with_bf16=True):
 
 
 GEMV_SWEEP = dict(split=(512, 1024, 2048), block_n=(8, 16, 32), rows=(2, 8), num_stages=(1, 3), num_warps=(4,))
+#: 1-3 bits (--sweep-bits): more codes per word, so taller programs and wider splits are tried
+GEMV_SWEEP_LOW = dict(split=(1024, 2048, 4096), block_n=(16, 32), rows=(2, 4, 8), num_stages=(1, 3), num_warps=(4,))
 MM_SWEEP = [dict(block_n=bn, block_k=bk, splits=sp, num_stages=st)
             for bn, bk, sp, st in ((64, 128, 1, 3), (64, 128, 2, 3), (64, 128, 4, 3), (64, 128, 8, 3),
                                    (128, 128, 1, 3), (128, 128, 2, 3), (128, 128, 4, 3), (32, 128, 4, 3),
@@ -621,12 +623,21 @@ def sweep_items(ctx):
             gemv = [c for c in gemv if c["block_n"] == 16 and c["split"] in (1024, 2048)]
             mm = MM_SWEEP[:4]
     items = []
-    for K, N in shapes:
-        items.append((f"sweep/{K}x{N}/gemv/heuristic", functools.partial(_sweep_one, ctx, K, N, 1, "gemv", None)))
-        items += [(f"sweep/{K}x{N}/gemv/" + _key(c), functools.partial(_sweep_one, ctx, K, N, 1, "gemv", c))
-                  for c in gemv]
-        items.append((f"sweep/{K}x{N}/mm/heuristic", functools.partial(_sweep_one, ctx, K, N, 16, "mm", None)))
-        items += [(f"sweep/{K}x{N}/mm/" + _key(c), functools.partial(_sweep_one, ctx, K, N, 16, "mm", c)) for c in mm]
+    for bits in [int(b) for b in str(ctx.args.sweep_bits).split(",") if b.strip()]:
+        tag = "" if bits == 4 else f"b{bits}/"
+        if bits != 4 and not ctx.interpret:
+            gemv = [dict(split=s, block_n=bn, block_r=bn * r, num_stages=st, num_warps=w)
+                    for s, bn, r, st, w in itertools.product(*GEMV_SWEEP_LOW.values())]
+        for K, N in (shapes if bits == 4 or ctx.interpret else BIG[1:]):
+            items.append((f"sweep/{K}x{N}/gemv/{tag}heuristic",
+                          functools.partial(_sweep_one, ctx, K, N, 1, "gemv", None, bits)))
+            items += [(f"sweep/{K}x{N}/gemv/{tag}" + _key(c), functools.partial(_sweep_one, ctx, K, N, 1, "gemv", c, bits))
+                      for c in gemv]
+            if bits != 4:
+                continue
+            items.append((f"sweep/{K}x{N}/mm/heuristic", functools.partial(_sweep_one, ctx, K, N, 16, "mm", None)))
+            items += [(f"sweep/{K}x{N}/mm/" + _key(c), functools.partial(_sweep_one, ctx, K, N, 16, "mm", c))
+                      for c in mm]
     return items
 
 
@@ -637,30 +648,30 @@ def _key(c: dict) -> str:
 _SWEEP_CACHE: dict = {}
 
 
-def _sweep_one(ctx, K, N, T, path, cfg):
+def _sweep_one(ctx, K, N, T, path, cfg, bits=4):
     torch = ctx.torch
     Q = ctx.Q
     dtype = torch.bfloat16
-    key = (K, N, T)
+    key = (K, N, T, bits)
     if key not in _SWEEP_CACHE:          # one layer ring per shape and token count for the whole sweep
         _SWEEP_CACHE.clear()
         if not ctx.interpret:
             torch.cuda.empty_cache()
-        lay = make_layer(ctx, N, K, 4, 128, True, seed=K + N + 3)
+        lay = make_layer(ctx, N, K, bits, 128, True, seed=K + N + 3)
         x = torch.randn(T, K, device=ctx.dev).to(dtype)
         r = ring_size(layer_bytes(lay), ctx.interpret)
         _SWEEP_CACHE[key] = (lay, x, [lay] + [clone_layer(lay) for _ in range(r - 1)], reference(ctx, lay, x))
     lay, x, ring, ref = _SWEEP_CACHE[key]
     sms = 4 if ctx.interpret else ctx.props.multi_processor_count
     if cfg is None:
-        used = (Q.gemv_config(K, N, 4, 128, sms, 0, T) if path == "gemv"
+        used = (Q.gemv_config(K, N, bits, 128, sms, 0, T) if path == "gemv"
                 else Q.mm_config(T, K, N, 4, 128, sms, 2, True))
         tiles = {}
     else:
         used, tiles = dict(cfg), dict(cfg)
     res = _checked_time(ctx, path, functools.partial(_ours, Q, x, dtype, path, None, tiles), ring, ref, dtype,
-                        family=(path, 4, "bfloat16"))
-    res.update(K=K, N=N, tokens=T, path=path, config=used, heuristic=cfg is None)
+                        family=(path, bits, "bfloat16"))
+    res.update(K=K, N=N, tokens=T, bits=bits, path=path, config=used, heuristic=cfg is None)
     if "us" in res:
         res["gbps"] = (layer_bytes(lay) + x.numel() * 2) / res["us"] / 1e3
     return res
@@ -781,7 +792,7 @@ def _run_child_until_done(args, section: str, deadline: float, state_path: Path,
             break
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", section, "--state", str(state_path),
                "--deadline", str(deadline), "--rep-ms", str(args.rep_ms), "--copy-gbps", str(args.copy_gbps or 0),
-               "--worker", worker, "--failed", str(args.failed or "")]
+               "--worker", worker, "--failed", str(args.failed or ""), "--sweep-bits", args.sweep_bits]
         if args.quick:
             cmd.append("--quick")
         if args.interpret:
@@ -853,7 +864,7 @@ def summarize(out: dict) -> dict:
     for k, r in sw.items():
         if "us" not in r:
             continue
-        shape_path = "/".join(k.split("/")[1:3])
+        shape_path = "/".join(k.split("/")[1:3]) + f"/b{r.get('bits', 4)}"
         b = best.setdefault(shape_path, dict(best=None, heuristic=None))
         if b["best"] is None or r["us"] < b["best"]["us"]:
             b["best"] = dict(us=r["us"], config=r["config"], gbps=r.get("gbps"))
@@ -949,6 +960,8 @@ def main() -> None:
     ap.add_argument("--interpret", action="store_true", help="CPU, Triton interpreter, tiny shapes (checks the script)")
     ap.add_argument("--sections", default=",".join(SECTIONS), help="comma list of " + ", ".join(SECTIONS))
     ap.add_argument("--budget-s", type=float, default=330.0, help="seconds after which no new item starts")
+    ap.add_argument("--sweep-bits", default="4",
+                    help="comma list of weight widths whose 1-token GEMV tiles the sweep tries (4: also the mm tiles)")
     ap.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition time per measurement")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--state", default=None, help=argparse.SUPPRESS)
