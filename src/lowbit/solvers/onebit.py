@@ -109,7 +109,7 @@ def qqa_signs(w, S, g, h, H, *, steps: int = 100, replicas: int = 16, chunk_rows
 
 def onebit(w: torch.Tensor, fmt=None, H: torch.Tensor | None = None, *, iters: int = 8, damp: float = 0.01,
            act_order: bool = True, block_size: int = 128, use_qqa: bool = False, qqa_steps: int = 100,
-           qqa_replicas: int = 16, svid_only: bool = False, seed: int = 0, **_) -> BinaryWeight:
+           qqa_replicas: int = 16, svid_only: bool = False, seed: int = 0) -> BinaryWeight:
     """Fit a OneBit layer to w [out, in] under H (see the module docstring). Without H, or with
     svid_only, the SVID initialisation itself is returned."""
     W = w.detach().float()
