@@ -162,10 +162,10 @@ def test_budget_metric_label_and_weighting():
     with pytest.raises(Exception, match="budget_metric"):
         Recipe(method="gptq", bits=2, budget=2.0, budget_metric="hessian")
     # a linear whose outputs the loss ignores costs nothing under the Fisher weighting
-    from lowbit.budget import _weighted_loss
+    from lowbit.solvers.linalg import layer_loss
 
     w = torch.randn(4, 8)
     wq = w + 0.1 * torch.randn(4, 8)
     H = torch.eye(8)
-    assert _weighted_loss(w, wq, H, torch.zeros(4)) == 0.0
-    assert _weighted_loss(w, wq, H, torch.ones(4)) == pytest.approx(float(((w - wq) ** 2).sum()), rel=1e-5)
+    assert layer_loss(w, wq, H, torch.zeros(4)) == 0.0
+    assert layer_loss(w, wq, H, torch.ones(4)) == pytest.approx(float(((w - wq) ** 2).sum()), rel=1e-5)

@@ -26,11 +26,14 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from .formats import IntFormat, qparams, quantize
+from .formats import IntFormat, core, qparams, quantize
 from .formats.uniform import _store_scale
 from .solvers import QuantizedWeight
 from .transforms.modules import RotatedLinear, replace_module
 from .transforms.pairwise import PAIRINGS, PairwiseRotation, apply_blocks, block_matrices, coefficients_at, pair_index
+
+
+STE_SCALE_FLOOR = 1e-8  # trained scales stay positive
 
 
 @dataclass(frozen=True)
@@ -70,10 +73,6 @@ class PairwiseConfig:
         return asdict(self)
 
 
-def _round_ste(x: torch.Tensor) -> torch.Tensor:
-    return x + (torch.round(x) - x).detach()
-
-
 def _grouped(w: torch.Tensor, fmt: IntFormat) -> tuple[torch.Tensor, int]:
     """[out, n] -> [out, G, g], zero-padded (0 always lies in the asymmetric range)."""
     n = w.shape[1]
@@ -88,16 +87,13 @@ def fake_quant_minmax(w: torch.Tensor, fmt: IntFormat) -> torch.Tensor:
     wg, n = _grouped(w, fmt)
     dims = (0, 1, 2) if fmt.group_size == 0 else (-1,)
     maxq = fmt.maxq
-    if fmt.symmetric:
-        scale = (2 * wg.abs().amax(dims, keepdim=True) / maxq).clamp(min=1e-8)
+    if fmt.symmetric:  # from max |w| (not max(|lo|, |hi|)): ties split the gradient differently
+        scale = core.step_size(2 * wg.abs().amax(dims, keepdim=True), maxq, floor=STE_SCALE_FLOOR)
         zero = torch.full_like(scale, maxq / 2)
     else:
-        lo = wg.amin(dims, keepdim=True).clamp(max=0)
-        hi = wg.amax(dims, keepdim=True).clamp(min=0)
-        scale = ((hi - lo) / maxq).clamp(min=1e-8)
-        zero = _round_ste(-lo / scale).clamp(0, maxq)
-    q = torch.clamp(_round_ste(wg / scale + zero), 0, maxq)
-    return ((q - zero) * scale).reshape(w.shape[0], -1)[:, :n]
+        scale, zero = core.minmax_params(wg.amin(dims, keepdim=True), wg.amax(dims, keepdim=True), maxq, False,
+                                         floor=STE_SCALE_FLOOR, ste=True)
+    return core.fake_quantize(wg, scale, zero, maxq, ste=True).reshape(w.shape[0], -1)[:, :n]
 
 
 class _Stage1(nn.Module):
@@ -144,14 +140,13 @@ class _Stage2(nn.Module):
     def _zero(self) -> torch.Tensor:
         if self.fmt.symmetric:  # fixed at the middle (maxq / 2) by the format
             return self.zero.detach()
-        return _round_ste(self.zero).clamp(0, self.fmt.maxq)
+        return core.round_ste(self.zero).clamp(0, self.fmt.maxq)
 
     def dequant(self) -> torch.Tensor:
         wg, n = _grouped(self.weight, self.fmt)
-        s = self.scale.clamp(min=1e-8)[..., None]
+        s = self.scale.clamp(min=STE_SCALE_FLOOR)[..., None]
         z = self._zero()[..., None]
-        q = torch.clamp(_round_ste(wg / s + z), 0, self.fmt.maxq)
-        return ((q - z) * s).reshape(wg.shape[0], -1)[:, :n]
+        return core.fake_quantize(wg, s, z, self.fmt.maxq, ste=True).reshape(wg.shape[0], -1)[:, :n]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = None if self.lin.bias is None else self.lin.bias.float()

@@ -107,14 +107,6 @@ def output_fisher(model, names: list[str], tokens: torch.Tensor, *, batch_size: 
     return {n: (a / max(count, 1)).float() for n, a in acc.items()}
 
 
-def _weighted_loss(w: torch.Tensor, wq: torch.Tensor, H: torch.Tensor, fisher: torch.Tensor | None) -> float:
-    if fisher is None:
-        return layer_loss(w, wq, H)
-    d = (w - wq).double()
-    rows = torch.einsum("oi,ij,oj->o", d, H.double(), d)
-    return float((rows * fisher.to(rows.device, torch.float64)).sum())
-
-
 @torch.no_grad()
 def measure(model, recipe, tokens: torch.Tensor, *, batch_size: int = 8, device=None,
             progress: bool = False) -> list[Sensitivity]:
@@ -142,7 +134,7 @@ def measure(model, recipe, tokens: torch.Tensor, *, batch_size: int = 8, device=
                     solver, fmt, kw = _proxy(recipe, bits)
                     qw = solver(w, fmt, H, **kw)
                     f = None if fisher is None else fisher[full]
-                    sens.options[bits] = (_weighted_loss(w, qw.dequantize(), H, f), qw.storage_bits())
+                    sens.options[bits] = (layer_loss(w, qw.dequantize(), H, f), qw.storage_bits())
                 out.append(sens)
     return out
 

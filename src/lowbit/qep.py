@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .solvers.linalg import damped_cholesky as _damped_cholesky
+
 LAYER_TYPES = ("qkv", "o", "gate_up", "down")
 
 
@@ -105,17 +107,8 @@ class QEPStat:
 
 
 def damped_cholesky(H: torch.Tensor, damp: float, max_tries: int = 6) -> torch.Tensor:
-    """Lower Cholesky factor of H + damp * mean(diag H) I, raising damping tenfold on failure."""
-    H = H.double()
-    mean_diag = H.diagonal().mean().clamp_min(1e-12)
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    d = max(damp, 1e-8)
-    for _ in range(max_tries):
-        L, info = torch.linalg.cholesky_ex(H + d * mean_diag * eye)
-        if int(info) == 0:
-            return L
-        d *= 10
-    raise ValueError("QEP: H is not positive definite even with heavy damping; check the calibration data")
+    """Lower Cholesky factor of H + damp * mean(diag H) I (see solvers.linalg.damped_cholesky)."""
+    return _damped_cholesky(H, damp, max_tries, "QEP")[0]
 
 
 def qep_target(w: torch.Tensor, C: torch.Tensor, L: torch.Tensor, alpha: float) -> torch.Tensor:

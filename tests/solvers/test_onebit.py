@@ -54,3 +54,11 @@ def test_least_squares_fits_are_stationary():
         h2 = h.clone()
         h2[3] *= 1 + eps
         assert total_loss(w, S, g, h2, H) >= base * (1 - 1e-7)
+
+
+def test_misspelled_option_is_rejected():
+    from lowbit.solvers import onebit
+
+    w = torch.randn(4, 8)
+    with pytest.raises(TypeError, match="iter"):
+        onebit(w, None, torch.eye(8), iter=3)  # the option is `iters`

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from . import core
+
 
 def fake_quant_per_token(x: torch.Tensor, bits: int, symmetric: bool = False, clip: float = 1.0) -> torch.Tensor:
     """Quantize-dequantize every row of x's last dim to `bits` (STE gradient); `clip` shrinks the range."""
@@ -18,14 +20,11 @@ def fake_quant_per_token(x: torch.Tensor, bits: int, symmetric: bool = False, cl
     maxq = 2**bits - 1
     xf = x.float()
     if symmetric:
-        amax = xf.abs().amax(-1, keepdim=True) * clip
-        scale = (2 * amax / maxq).clamp(min=1e-8)
+        scale = core.step_size(2 * (xf.abs().amax(-1, keepdim=True) * clip), maxq, floor=1e-8)
         zero = maxq / 2
     else:
         lo = xf.amin(-1, keepdim=True).clamp(max=0) * clip
         hi = xf.amax(-1, keepdim=True).clamp(min=0) * clip
-        scale = ((hi - lo) / maxq).clamp(min=1e-8)
-        zero = torch.round(-lo / scale)
-    q = torch.clamp(torch.round(xf / scale + zero), 0, maxq)
-    y = (scale * (q - zero)).to(x.dtype)
+        scale, zero = core.minmax_params(lo, hi, maxq, False, floor=1e-8)
+    y = core.fake_quantize(xf, scale, zero, maxq).to(x.dtype)
     return x + (y - x).detach()

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import core
+
 PER_CHANNEL = -1
 PER_TENSOR = 0
 
@@ -69,24 +71,16 @@ def group_index(in_features: int, fmt: IntFormat) -> torch.Tensor:
     return torch.arange(in_features) // fmt.group_width(in_features)
 
 
+SCALE_FLOOR, SCALE_CEIL = 1e-6, 6.0e4  # float16 storage; the floor keeps all-zero groups finite
+
+
 def _params_from_range(lo: torch.Tensor, hi: torch.Tensor, fmt: IntFormat) -> tuple[torch.Tensor, torch.Tensor]:
-    maxq = fmt.maxq
-    if fmt.symmetric:
-        amax = torch.maximum(lo.abs(), hi.abs())
-        scale = 2 * amax / maxq
-        scale = _store_scale(scale)
-        zero = torch.full_like(scale, maxq / 2)
-    else:
-        lo = torch.minimum(lo, torch.zeros_like(lo))
-        hi = torch.maximum(hi, torch.zeros_like(hi))
-        scale = _store_scale((hi - lo) / maxq)
-        zero = torch.clamp(torch.round(-lo / scale), 0, maxq)
-    return scale, zero
+    return core.minmax_params(lo, hi, fmt.maxq, fmt.symmetric, floor=SCALE_FLOOR, ceil=SCALE_CEIL, half=True)
 
 
 def _store_scale(scale: torch.Tensor) -> torch.Tensor:
-    # float16 storage; a floor keeps all-zero groups finite.
-    return scale.clamp(min=1e-6, max=6.0e4).half().float()
+    """A scale as it is stored: clamped and rounded to float16 (returned as float32)."""
+    return scale.clamp(min=SCALE_FLOOR, max=SCALE_CEIL).half().float()
 
 
 def _grouped(w: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,20 +117,20 @@ def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, fmt: IntF
     """Codes (uint8) of w given per-group scale and zero."""
     n = w.shape[1]
     s, z = expand(scale, n, fmt, g_idx), expand(zero, n, fmt, g_idx)
-    return torch.clamp(torch.round(w.float() / s + z), 0, fmt.maxq).to(torch.uint8)
+    return core.quantize(w.float(), s, z, fmt.maxq).to(torch.uint8)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, fmt: IntFormat,
                g_idx: torch.Tensor | None = None) -> torch.Tensor:
     """Float32 weights scale * (code - zero)."""
     n = codes.shape[1]
-    return expand(scale, n, fmt, g_idx) * (codes.float() - expand(zero, n, fmt, g_idx))
+    return core.dequantize(codes.float(), expand(scale, n, fmt, g_idx), expand(zero, n, fmt, g_idx))
 
 
 def quantize_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One column [out] with its group's [out] scale and zero: (codes, dequantized)."""
-    q = torch.clamp(torch.round(w / scale + zero), 0, maxq)
-    return q, scale * (q - zero)
+    q = core.quantize(w, scale, zero, maxq)
+    return q, core.dequantize(q, scale, zero)
 
 
 def qparams(w: torch.Tensor, fmt: IntFormat, clip_search: bool = False, grid: int = 20,
@@ -147,22 +141,17 @@ def qparams(w: torch.Tensor, fmt: IntFormat, clip_search: bool = False, grid: in
     group, the one with the smallest sum |w - Q(w)|^norm.
     """
     lo, hi = _group_range(w, fmt)
-    scale, zero = _params_from_range(lo, hi, fmt)
     if not clip_search or fmt.group_size == PER_TENSOR:
-        return scale, zero
+        return _params_from_range(lo, hi, fmt)
     wg, mask = _grouped(w, fmt.group_width(w.shape[1]))
-    best = torch.full_like(scale, torch.inf)
-    for i in range(grid):
-        r = 1 - max_shrink * i / grid
-        s, z = _params_from_range(lo * r, hi * r, fmt)
-        q = torch.clamp(torch.round(wg / s[..., None] + z[..., None]), 0, fmt.maxq)
-        err = (s[..., None] * (q - z[..., None]) - wg).abs().pow(norm)
-        err = torch.where(mask, err, 0).sum(-1)
-        better = err < best
-        best = torch.where(better, err, best)
-        scale = torch.where(better, s, scale)
-        zero = torch.where(better, z, zero)
-    return scale, zero
+
+    def error(params: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        s, z = params[0][..., None], params[1][..., None]
+        err = (core.fake_quantize(wg, s, z, fmt.maxq) - wg).abs().pow(norm)
+        return torch.where(mask, err, 0).sum(-1)
+
+    return core.clip_search([1 - max_shrink * i / grid for i in range(grid)],
+                            lambda r: _params_from_range(lo * r, hi * r, fmt), error)
 
 
 def fake_quantize(w: torch.Tensor, fmt: IntFormat, clip_search: bool = False) -> torch.Tensor:

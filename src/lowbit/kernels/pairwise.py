@@ -24,6 +24,8 @@ from typing import NamedTuple
 import torch
 from torch.nn import functional as F
 
+from ..transforms.pairwise import _check_shapes, eye_tiled as _eye_tiled, pairwise_rotate_ref
+
 #: token count from which `mode="auto"` takes the tensor-core path (see `pairwise_rotate_triton`)
 MMA_MIN_TOKENS = 1024
 #: the same when the per-group blocks are given (cached, as `RotatedLinear` keeps them): on the
@@ -49,18 +51,6 @@ def setting(name: str) -> int:
     return int(v) if v is not None else globals()[name]
 
 
-def pairwise_rotate_ref(x: torch.Tensor, scale: torch.Tensor, partner: torch.Tensor,
-                        cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Plain-torch pairwise rotation transform; differentiable in x, scale, cos and sin."""
-    _check_shapes(x, scale, partner, cos, sin)
-    ct = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for gradcheck
-    y = x.to(ct) * scale.to(ct)
-    idx = partner.long()
-    for k in range(partner.shape[0]):
-        y = cos[k].to(ct) * y + sin[k].to(ct) * y.index_select(-1, idx[k])
-    return y.to(x.dtype)
-
-
 def validate_partner(partner: torch.Tensor, group: int = 128) -> None:
     """Raise ValueError unless every partner[k] is an involution that stays inside its aligned group."""
     if partner.dim() != 2:
@@ -75,17 +65,6 @@ def validate_partner(partner: torch.Tensor, group: int = 128) -> None:
             raise ValueError(f"partner[{k}] is not an involution (partner[partner[c]] != c somewhere)")
         if not torch.equal(p[k] // group, ch // group):
             raise ValueError(f"partner[{k}] pairs channels of different groups of {group}")
-
-
-def _check_shapes(x, scale, partner, cos, sin) -> None:
-    n = x.shape[-1]
-    if partner.dim() != 2 or partner.shape[1] != n:
-        raise ValueError(f"partner must be [K, {n}] for x [..., {n}], got {tuple(partner.shape)}")
-    if tuple(scale.shape) != (n,):
-        raise ValueError(f"scale must be [{n}], got {tuple(scale.shape)}")
-    if cos.shape != partner.shape or sin.shape != partner.shape:
-        raise ValueError(f"cos and sin must be {tuple(partner.shape)} like partner, got "
-                         f"{tuple(cos.shape)} and {tuple(sin.shape)}")
 
 
 def _triton():
@@ -160,19 +139,6 @@ def mma_config(tokens: int, n: int, group: int, sms: int, elem_size: int = 2,
     while need(bt, stages) > smem and bt > 16:
         bt //= 2
     return dict(block_t=bt, programs=per_sm * sms, num_warps=8, num_stages=stages)
-
-
-def _eye_tiled(group: int, n: int, device) -> torch.Tensor:
-    key = (group, n, str(device))
-    e = _EYE.get(key)
-    if e is None:
-        ng = -(-n // group)
-        e = torch.eye(group, dtype=torch.float32, device=device).repeat(1, ng)[:, :n].contiguous()
-        _EYE[key] = e
-    return e
-
-
-_EYE: dict = {}
 
 
 def pairwise_blocks(scale: torch.Tensor, partner: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .base import QuantizedWeight, layer_loss
-from .gptq import SolverError, gptq
+from .base import QuantizedWeight, SolverError
+from .gptq import gptq
+from .linalg import layer_loss
 from .onebit import onebit
 from .qqa import qqa
 from .rtn import rtn

@@ -9,6 +9,10 @@ import torch
 from ..formats import IntFormat, dequantize
 
 
+class SolverError(RuntimeError):
+    """A solver cannot produce a result for these inputs."""
+
+
 @dataclass
 class QuantizedWeight:
     """A quantized [out, in] weight: uint8 codes, per-group scale/zero, optional column->group map."""
@@ -35,9 +39,3 @@ class QuantizedWeight:
         """A copy on `device`."""
         return QuantizedWeight(self.codes.to(device), self.scale.to(device), self.zero.to(device), self.fmt,
                                None if self.g_idx is None else self.g_idx.to(device), self.info)
-
-
-def layer_loss(w: torch.Tensor, wq: torch.Tensor, H: torch.Tensor) -> float:
-    """The layer objective tr((W - Wq) H (W - Wq)^T), with H = X X^T summed over tokens."""
-    d = (w - wq).double()
-    return float(torch.einsum("oi,ij,oj->", d, H.double(), d))

@@ -13,31 +13,13 @@ import torch
 
 from ..formats import IntFormat, qparams
 from ..formats.uniform import quantize_column
-from .base import QuantizedWeight
-
-
-class SolverError(RuntimeError):
-    """A solver cannot produce a result for these inputs."""
+from .base import QuantizedWeight, SolverError
+from .linalg import error_feedback, inverse_cholesky
 
 
 def inverse_hessian_factor(H: torch.Tensor, damp: float, max_tries: int = 6) -> tuple[torch.Tensor, float, int]:
-    """Upper Cholesky factor of (H + damp * mean(diag H) I)^-1, raising damping tenfold on failure.
-
-    Returns the factor, the damping that worked and the number of retries.
-    """
-    H = H.double()
-    mean_diag = H.diagonal().mean()
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    d = damp
-    for tries in range(max_tries):
-        try:
-            L = torch.linalg.cholesky(H + d * mean_diag * eye)
-            U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
-            return U, d, tries
-        except torch.linalg.LinAlgError:
-            d *= 10
-    raise SolverError(f"GPTQ: the Hessian is not positive definite even with damping {d / 10:g}; "
-                      "check the calibration data for NaN or constant inputs")
+    """Upper Cholesky factor of (H + damp * mean(diag H) I)^-1 (see linalg.inverse_cholesky)."""
+    return inverse_cholesky(H, damp, max_tries, "GPTQ")
 
 
 def gptq(w: torch.Tensor, fmt: IntFormat, H: torch.Tensor, *, damp: float = 0.01, act_order: bool = True,
@@ -76,31 +58,20 @@ def gptq(w: torch.Tensor, fmt: IntFormat, H: torch.Tensor, *, damp: float = 0.01
     orig = perm if perm is not None else torch.arange(n, device=W.device)
     static_group = (orig // width) if fmt.group_size > 0 else torch.zeros(n, dtype=torch.long, device=W.device)
     maxq = fmt.maxq
-    for i1 in range(0, n, block_size):
-        i2 = min(i1 + block_size, n)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.empty_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if dynamic:
-                k = col // width
-                if col % width == 0:
-                    cols = W1[:, i : i + width]
-                    if i + width > i2 - i1:  # the group runs past this block: apply pending updates
-                        j2 = min(i1 + i + width, n)
-                        rest = W[:, i2:j2] - Err1[:, :i] @ U[i1 : i1 + i, i2:j2]
-                        cols = torch.cat([cols, rest], 1)
-                    s, z = qparams(cols, col_fmt, clip_search=clip)
-                    scale[:, k], zero[:, k] = s[:, 0], z[:, 0]
-            else:
-                k = int(static_group[col])
-            q, dq = quantize_column(W1[:, i], scale[:, k], zero[:, k], maxq)
-            codes[:, col] = q.to(torch.uint8)
-            err = (W1[:, i] - dq) / U1[i, i]
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+
+    def quantize_one(col: int, w_col: torch.Tensor, ahead) -> torch.Tensor:
+        if dynamic:
+            k = col // width
+            if col % width == 0:  # a group starts: its parameters from its error-corrected columns
+                s, z = qparams(ahead(width), col_fmt, clip_search=clip)
+                scale[:, k], zero[:, k] = s[:, 0], z[:, 0]
+        else:
+            k = int(static_group[col])
+        q, dq = quantize_column(w_col, scale[:, k], zero[:, k], maxq)
+        codes[:, col] = q.to(torch.uint8)
+        return dq
+
+    error_feedback(W, U, quantize_one, block_size)
 
     g_idx = None
     if perm is not None:

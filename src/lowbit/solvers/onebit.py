@@ -22,8 +22,9 @@ from __future__ import annotations
 import torch
 
 from ..formats.binary import BinaryFormat, BinaryWeight, fp16_exact
-from .gptq import SolverError, inverse_hessian_factor
-from .qqa import QQAConfig, anneal_binary, row_losses
+from .base import SolverError
+from .linalg import error_feedback, inverse_cholesky, row_losses
+from .qqa import QQAConfig, anneal_binary
 
 
 def svid(w: torch.Tensor, iters: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,21 +72,16 @@ def gptq_signs(w: torch.Tensor, g: torch.Tensor, h: torch.Tensor, H: torch.Tenso
     out, n = W.shape
     perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(n, device=W.device)
     W, Hp, hp = W[:, perm], H[perm][:, perm], h[perm]
-    U = inverse_hessian_factor(Hp, damp)[0].float()
+    U = inverse_cholesky(Hp, damp, what="onebit")[0].float()
     S = torch.empty_like(W)
-    for i1 in range(0, n, block_size):
-        i2 = min(i1 + block_size, n)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.empty_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            lvl = g * hp[i1 + i]
-            s = torch.where(W1[:, i] * lvl >= 0, 1.0, -1.0)
-            S[:, i1 + i] = s
-            err = (W1[:, i] - s * lvl) / U1[i, i]
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+
+    def sign_of(col: int, w_col: torch.Tensor, ahead) -> torch.Tensor:
+        lvl = g * hp[col]
+        s = torch.where(w_col * lvl >= 0, 1.0, -1.0)
+        S[:, col] = s
+        return s * lvl
+
+    error_feedback(W, U, sign_of, block_size)
     return S[:, torch.argsort(perm)]
 
 
@@ -113,7 +109,7 @@ def qqa_signs(w, S, g, h, H, *, steps: int = 100, replicas: int = 16, chunk_rows
 
 def onebit(w: torch.Tensor, fmt=None, H: torch.Tensor | None = None, *, iters: int = 8, damp: float = 0.01,
            act_order: bool = True, block_size: int = 128, use_qqa: bool = False, qqa_steps: int = 100,
-           qqa_replicas: int = 16, svid_only: bool = False, seed: int = 0, **_) -> BinaryWeight:
+           qqa_replicas: int = 16, svid_only: bool = False, seed: int = 0) -> BinaryWeight:
     """Fit a OneBit layer to w [out, in] under H (see the module docstring). Without H, or with
     svid_only, the SVID initialisation itself is returned."""
     W = w.detach().float()

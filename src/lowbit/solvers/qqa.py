@@ -30,6 +30,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..formats import expand, group_index
+from .base import QuantizedWeight, SolverError
+from .gptq import gptq
+from .linalg import row_losses
+from .rtn import rtn
+
 
 @dataclass(frozen=True)
 class QQAConfig:
@@ -219,11 +225,6 @@ def group_layout(n: int, num_groups: int, g_idx: torch.Tensor) -> torch.Tensor:
     return idx
 
 
-def row_losses(E: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
-    """Per-row layer loss e H e^T for E [..., n]."""
-    return ((E @ H) * E).sum(-1)
-
-
 def refit_scales(w: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, H: torch.Tensor,
                  layout: torch.Tensor, ridge: float = 1e-9) -> torch.Tensor:
     """Per-group scales minimising the H-weighted loss with codes and (integer) zeros fixed.
@@ -315,10 +316,6 @@ def qqa(w: torch.Tensor, fmt, H: torch.Tensor, *, init: str = "gptq", damp: floa
     refitting each row's group scales by H-weighted least squares with codes and zeros fixed.
     Every change is kept per row only when it lowers that row's loss, so the result is never
     worse than the start. Rows are independent given H: they are annealed in chunks."""
-    from ..formats import expand, group_index
-    from .base import QuantizedWeight
-    from .gptq import SolverError, gptq
-    from .rtn import rtn
 
     if H is None:
         raise SolverError("QQA needs input statistics H; none were collected for this layer")

@@ -28,10 +28,49 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels.pairwise import _eye_tiled
-from ..kernels.pairwise import pairwise_rotate_ref as rotate_ref
-
 PAIRINGS = ("random", "weight", "activation")
+
+
+def _check_shapes(x, scale, partner, cos, sin) -> None:
+    n = x.shape[-1]
+    if partner.dim() != 2 or partner.shape[1] != n:
+        raise ValueError(f"partner must be [K, {n}] for x [..., {n}], got {tuple(partner.shape)}")
+    if tuple(scale.shape) != (n,):
+        raise ValueError(f"scale must be [{n}], got {tuple(scale.shape)}")
+    if cos.shape != partner.shape or sin.shape != partner.shape:
+        raise ValueError(f"cos and sin must be {tuple(partner.shape)} like partner, got "
+                         f"{tuple(cos.shape)} and {tuple(sin.shape)}")
+
+
+def pairwise_rotate_ref(x: torch.Tensor, scale: torch.Tensor, partner: torch.Tensor,
+                        cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Plain-torch pairwise rotation transform; differentiable in x, scale, cos and sin."""
+    _check_shapes(x, scale, partner, cos, sin)
+    ct = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for gradcheck
+    y = x.to(ct) * scale.to(ct)
+    idx = partner.long()
+    for k in range(partner.shape[0]):
+        y = cos[k].to(ct) * y + sin[k].to(ct) * y.index_select(-1, idx[k])
+    return y.to(x.dtype)
+
+
+rotate_ref = pairwise_rotate_ref
+
+
+def eye_tiled(group: int, n: int, device) -> torch.Tensor:
+    """Identity blocks [group, n] tiled along the columns (cached per shape and device)."""
+    key = (group, n, str(device))
+    e = _EYE.get(key)
+    if e is None:
+        ng = -(-n // group)
+        e = torch.eye(group, dtype=torch.float32, device=device).repeat(1, ng)[:, :n].contiguous()
+        _EYE[key] = e
+    return e
+
+
+_EYE: dict = {}
+
+
 
 
 def group_bounds(n: int, group: int) -> list[tuple[int, int]]:
@@ -141,7 +180,7 @@ def block_matrices(scale: torch.Tensor, partner: torch.Tensor, cos: torch.Tensor
     costs G multiply-adds per channel instead of K passes over memory (differentiable)."""
     n = scale.numel()
     ng = -(-n // group)
-    eye = _eye_tiled(group, n, scale.device)
+    eye = eye_tiled(group, n, scale.device)
     b = rotate_ref(eye, scale.float(), partner, cos.float(), sin.float())  # row i: e_i of every group
     b = torch.nn.functional.pad(b, (0, ng * group - n))
     return b.reshape(group, ng, group).transpose(0, 1)
