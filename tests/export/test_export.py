@@ -159,3 +159,19 @@ def test_overwrite_rules(tmp_path):
         export(path, "gptq", tmp_path / "mine", overwrite=True)
     with pytest.raises(ExportError, match="not found"):
         export(tmp_path / "nothing", "gptq", tmp_path / "o2")
+
+
+def test_cli_export(tmp_path):
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+
+    path = _ckpt(tmp_path, method="rtn", bits=4, group_size=16)
+    r = CliRunner().invoke(app, ["export", str(path), "--format", "gptq", "--out", str(tmp_path / "g")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "g" / "model.safetensors").is_file()
+    r = CliRunner().invoke(app, ["export", str(path), "--format", "gptq", "--out", str(tmp_path / "g")])
+    assert r.exit_code == 2 and "--overwrite" in r.output
+    r = CliRunner().invoke(app, ["export", str(path), "--format", "compressed-tensors", "--scale-dtype", "fp8",
+                                 "--out", str(tmp_path / "c")])
+    assert r.exit_code == 2 and "fp16 or fp32" in r.output
