@@ -612,13 +612,13 @@ def speed(
 @app.command("export")
 def export_(
     checkpoint: str = typer.Argument(..., help="A lowbit checkpoint folder."),
-    fmt: str = typer.Option(..., "--format", "-f", help="compressed-tensors | gptq | paroquant"),
+    fmt: str = typer.Option(..., "--format", "-f", help="compressed-tensors | gptq"),
     out: str = typer.Option(..., "--out", help="Folder to write (atomically)."),
     scale_dtype: str = typer.Option("fp16", help="compressed-tensors: dtype of weight_scale (fp16, or fp32: "
                                                  "loaders that dequantize in the scale's dtype are then exact)."),
     overwrite: bool = typer.Option(False, help="Replace OUT if it is an earlier lowbit export."),
 ) -> None:
-    """Write a lowbit checkpoint in a format other tools load (transformers, vLLM, GPTQModel, ParoQuant);
+    """Write a lowbit checkpoint in a format other tools load (transformers, vLLM, GPTQModel);
     refuses, naming the module and the reason, anything the format cannot hold exactly."""
     _setup(True, 0, None)
     try:
