@@ -7,7 +7,8 @@ Layout of a checkpoint folder (format lowbit/2):
   what the module holds in memory: `<name>.qweight` (int32 bit planes), `<name>.scales` (fp16
   [out, groups]), `<name>.zeros` (uint8, asymmetric only), `<name>.perm` (int32, act order),
   `<name>.in_scale` (fp16, 1-bit layers), `<name>.bias`, `<name>.transform.*` (online pairwise
-  rotation); every other parameter in bf16 (default) / fp16 / fp32; buffers as they are;
+  rotation); every other parameter in bf16 (default) / fp16 / fp32; buffers as they are; and one guard
+  tensor under the first quantized linear's `.weight` name (see GUARD);
 - the tokenizer files;
 - lowbit.json, written last: the format version, each quantized module's format and the
   sha256 and size of every file. A folder without it, or whose files do not match it, is
@@ -57,6 +58,19 @@ def store_dtype(name: str | torch.dtype) -> torch.dtype:
         return STORE_DTYPES[name]
     except KeyError:
         raise CheckpointError(f"unknown storage dtype {name!r}; use one of {', '.join(STORE_DTYPES)}") from None
+
+
+#: stored under the first quantized linear's `.weight` name: a tensor of the wrong shape, so that a plain
+#: transformers load (which skips an unknown quant_method and would fill the linears with random weights)
+#: stops with a size-mismatch error instead; lowbit's loaders drop it. Its bytes say what to do.
+GUARD = torch.frombuffer(bytearray(b"lowbit checkpoint: `import lowbit` before from_pretrained, or lowbit.load(path)"),
+                         dtype=torch.uint8)
+
+
+def drop_guard(manifest: dict, raw: dict[str, torch.Tensor]) -> None:
+    """Remove the plain-load guard tensor from a checkpoint's state dict, in place."""
+    for name in manifest.get("modules", {}):
+        raw.pop(f"{name}.weight", None)
 
 
 def round_unquantized(model: torch.nn.Module, result: QuantizationResult, dtype: torch.dtype) -> None:
@@ -140,6 +154,8 @@ def save(model: torch.nn.Module, result: QuantizationResult, out: str | Path, to
             if key in params and t.is_floating_point():
                 t = t.to(dtype)
             tensors[key] = t.contiguous()
+        if qmods:  # plain transformers (lowbit not imported) must fail loudly, never fill in random weights
+            tensors[f"{next(iter(qmods))}.weight"] = GUARD
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
 
         config = model.config
@@ -149,6 +165,9 @@ def save(model: torch.nn.Module, result: QuantizationResult, out: str | Path, to
         if len(set(widths.values())) > 1 or result.bits_plan:  # mixed precision: every linear's width
             qcfg["mixed_bits"] = widths
             qcfg["kinds"] = {name: m["kind"] for name, m in modules.items()}
+        # what lowbit's transformers quantizer (lowbit.export.hf) needs to build the packed modules
+        qcfg["modules"] = modules
+        qcfg["rotation"] = result.rotation
         config.quantization_config = qcfg
         try:
             config.save_pretrained(tmp)
@@ -262,6 +281,7 @@ def load_state(path: str | Path, verify: bool = True) -> tuple[dict, dict[str, t
         raise CheckpointError(f"{path / WEIGHTS} cannot be read: {e}") from e
     if manifest["format"] == "lowbit/1":
         _v1_to_v2(manifest, raw, path)
+    drop_guard(manifest, raw)
     return manifest, raw
 
 

@@ -1,4 +1,4 @@
-"""The `lowbit` command: fetch | quantize | eval | bench."""
+"""The `lowbit` command: fetch | quantize | eval | bench | export | ..."""
 
 from __future__ import annotations
 
@@ -607,6 +607,36 @@ def speed(
                       f"{row['decode_tok_s']:.1f}", f"{row['decode_tok_s'] * row['batch']:.1f}",
                       "-" if row["peak_mem_mb"] is None else f"{row['peak_mem_mb']:.0f}")
     out_console.print(t)
+
+
+@app.command("export")
+def export_(
+    checkpoint: str = typer.Argument(..., help="A lowbit checkpoint folder."),
+    fmt: str = typer.Option(..., "--format", "-f", help="compressed-tensors | gptq"),
+    out: str = typer.Option(..., "--out", help="Folder to write (atomically)."),
+    scale_dtype: str = typer.Option("fp16", help="compressed-tensors: dtype of weight_scale (fp16, or fp32: "
+                                                 "loaders that dequantize in the scale's dtype are then exact)."),
+    overwrite: bool = typer.Option(False, help="Replace OUT if it is an earlier lowbit export."),
+) -> None:
+    """Write a lowbit checkpoint in a format other tools load (transformers, vLLM, GPTQModel);
+    refuses, naming the module and the reason, anything the format cannot hold exactly."""
+    _setup(True, 0, None)
+    try:
+        import torch
+
+        from .checkpoint import checkpoint_bytes
+        from .export import ExportError, export
+
+        options = {}
+        if fmt == "compressed-tensors":
+            dt = {"fp16": torch.float16, "fp32": torch.float32}.get(scale_dtype)
+            if dt is None:
+                raise ExportError(f"--scale-dtype must be fp16 or fp32, got {scale_dtype!r}")
+            options["scale_dtype"] = dt
+        path = export(checkpoint, fmt, out, overwrite=overwrite, **options)
+    except (*_user_errors(), ExportError) as e:
+        _fail(e)
+    out_console.print(f"exported {checkpoint} as {fmt}: {path} ({checkpoint_bytes(path) / 1e6:.1f} MB)")
 
 
 @app.command("presets")

@@ -1,0 +1,72 @@
+"""Export sizes and logits agreement on the real SmolLM2-135M: quantize once (RTN W4 asym g64, no act order,
+so that every format can hold it), save, export to each format, reload each export with its reader and
+compare logits with lowbit's own packed model on the first evaluation windows. Prints a markdown table.
+
+    python benchmarks/export_sizes.py [--out out/export-bench] [--windows 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="out/export-bench")
+    ap.add_argument("--recipe", default="rtn-w4-g64")
+    ap.add_argument("--windows", type=int, default=2)
+    args = ap.parse_args()
+    import lowbit
+    from lowbit import checkpoint
+    from lowbit.data import eval_windows, load_text, tokenize
+    from lowbit.export import export
+    from lowbit.jobs import Protocol, quantize_job
+
+    out = Path(args.out)
+    ck = out / "lowbit"
+    if not checkpoint.is_checkpoint(ck):
+        model, tok, result, job = quantize_job("smollm2", lowbit.get_recipe(args.recipe),
+                                               Protocol(n_calib=16, eval_sets=()), eval_fp=False, eval_quant=False,
+                                               progress=False)
+        checkpoint.round_unquantized(model, result, torch.bfloat16)
+        checkpoint.save(model, result, ck, tok, overwrite=True)
+    ref_model, tok = checkpoint.load(ck, dtype=torch.float32, with_tokenizer=True)
+    ids = eval_windows(tokenize(tok, load_text("sotu-modern")), args.windows, 512)
+    with torch.no_grad():
+        ref = ref_model(input_ids=ids).logits
+    rows = [("lowbit/2", checkpoint.checkpoint_bytes(ck), 0.0, "lowbit.load")]
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(ck, dtype=torch.float32)
+    with torch.no_grad():
+        rows.append(("lowbit/2 via transformers", checkpoint.checkpoint_bytes(ck),
+                     float((m(input_ids=ids).logits - ref).abs().max()), "AutoModelForCausalLM + import lowbit"))
+    for fmt in ("compressed-tensors", "gptq"):
+        t = time.time()
+        p = export(ck, fmt, out / fmt, overwrite=True)
+        secs = time.time() - t
+        diff = float("nan")
+        reader = "-"
+        if fmt == "compressed-tensors":
+            from transformers import CompressedTensorsConfig
+
+            m = AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32,
+                                                     quantization_config=CompressedTensorsConfig(dequantize=True))
+            with torch.no_grad():
+                diff = float((m(input_ids=ids).logits - ref).abs().max())
+            reader = "transformers + compressed-tensors (dequantize)"
+        rows.append((f"{fmt} ({secs:.1f} s)", checkpoint.checkpoint_bytes(p), diff, reader))
+    lines = ["| checkpoint | bytes | MB | max abs logit diff vs lowbit | read by |", "|---|---|---|---|---|"]
+    for name, b, d, r in rows:
+        lines.append(f"| {name} | {b} | {b / 1e6:.1f} | {d:.2e} | {r} |")
+    print("\n".join(lines))
+    (out / "export_sizes.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

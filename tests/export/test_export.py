@@ -1,0 +1,177 @@
+"""Exports read back by the real libraries (transformers + compressed-tensors) or by an independent decoder
+of the documented layout (GPTQ), compared with lowbit's own packed model."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_model, tiny_tokens
+from lowbit import checkpoint
+from lowbit.export import ExportError, export, exportable_formats
+from lowbit.nn import QuantizedLinear
+from lowbit.pipeline import quantize_model
+from lowbit.recipe import Recipe
+
+
+def _ckpt(tmp_path, family="llama", name="ck", **kw):
+    model = tiny_model(family)
+    res = quantize_model(model, Recipe(**kw), tiny_tokens(), batch_size=4, progress=False)
+    return checkpoint.save(model, res, tmp_path / name, dtype="fp32")
+
+
+def _lowbit_logits(path, toks):
+    with torch.no_grad():
+        return checkpoint.load(path, dtype=torch.float32)(input_ids=toks).logits
+
+
+CASES = [
+    ("llama", dict(method="rtn", bits=4, group_size=16)),
+    ("qwen2", dict(method="gptq", bits=8, group_size=-1, act_order=False)),   # biases, per channel
+    ("llama", dict(method="gptq", bits=3, group_size=32, static_groups=True)),  # act order, contiguous groups
+    ("qwen3", dict(method="rtn", bits=2, group_size=32)),
+]
+
+
+@pytest.mark.parametrize("family,kw", CASES)
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float16])
+def test_compressed_tensors_reads_back_in_transformers(tmp_path, family, kw, scale_dtype):
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    path = _ckpt(tmp_path, family, **kw)
+    out = export(path, "compressed-tensors", tmp_path / "ct", scale_dtype=scale_dtype)
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "compressed-tensors" and cfg["format"] == "pack-quantized"
+    assert cfg["config_groups"]["group_0"]["weights"]["num_bits"] == kw["bits"]
+    assert "lm_head" in cfg["ignore"]
+    toks = tiny_tokens(2, 16)
+    ref = _lowbit_logits(path, toks)
+    # transformers 5.25 + compressed-tensors 0.20.1: asymmetric pack-quantized loads through the dequantize
+    # route (the compressed route builds unpacked zero points and refuses the packed ones it wrote itself)
+    m = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
+                                             quantization_config=CompressedTensorsConfig(dequantize=True))
+    with torch.no_grad():
+        got = m(input_ids=toks).logits
+    if scale_dtype == torch.float32:  # the loader dequantizes in the scales' dtype: fp32 is exact
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    else:
+        torch.testing.assert_close(got, ref, rtol=1e-2, atol=2e-2)
+    # and the compressed-tensors decompressor itself gives lowbit's weights
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    sd = load_file(str(out / "model.safetensors"))
+    lb = checkpoint.load(path, dtype=torch.float32)
+    name = "model.layers.1.mlp.down_proj"
+    q = lb.get_submodule(name)
+    shape = tuple(sd[f"{name}.weight_shape"].tolist())
+    codes = unpack_from_int32(sd[f"{name}.weight_packed"], kw["bits"], torch.Size(shape)).float()
+    zp = unpack_from_int32(sd[f"{name}.weight_zero_point"], kw["bits"],
+                           torch.Size((shape[0], sd[f"{name}.weight_scale"].shape[1])), packed_dim=0).float()
+    gs = shape[1] if kw["group_size"] <= 0 else kw["group_size"]
+    idx = torch.arange(shape[1]) // gs
+    w = (codes - zp[:, idx]) * sd[f"{name}.weight_scale"].float()[:, idx]
+    assert torch.equal(w, q.dequantize())
+
+
+def _gptq_unpack(packed: torch.Tensor, bits: int, n: int, dim: int) -> torch.Tensor:
+    """Independent GPTQ decoder: element i of the bit stream along `dim` sits at bit i * bits (numpy-free,
+    one bit at a time)."""
+    p = packed if dim == 0 else packed.T
+    words = p.to(torch.int64) & 0xFFFFFFFF
+    out = torch.zeros(n, p.shape[1], dtype=torch.int64)
+    for i in range(n):
+        for b in range(bits):
+            pos = i * bits + b
+            out[i] |= ((words[pos // 32] >> (pos % 32)) & 1) << b
+    return out if dim == 0 else out.T
+
+
+@pytest.mark.parametrize("family,kw", CASES)
+def test_gptq_layout_decodes_to_lowbit_weights(tmp_path, family, kw):
+    path = _ckpt(tmp_path, family, **kw)
+    if kw["bits"] not in (2, 3, 4, 8):
+        pytest.skip("width GPTQ does not pack")
+    out = export(path, "gptq", tmp_path / "gptq")
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "gptq" and cfg["bits"] == kw["bits"] and cfg["sym"] is False
+    sd = load_file(str(out / "model.safetensors"))
+    lb = checkpoint.load(path, dtype=torch.float32)
+    v1 = cfg["checkpoint_format"] == "gptq"
+    for name, q in [(n, m) for n, m in lb.named_modules() if isinstance(m, QuantizedLinear)]:
+        codes = _gptq_unpack(sd[f"{name}.qweight"], kw["bits"], q.in_features, 0)  # [in, out]
+        zeros = _gptq_unpack(sd[f"{name}.qzeros"], kw["bits"], q.out_features, 1) + (1 if v1 else 0)  # [G, out]
+        g = sd[f"{name}.g_idx"].long()
+        w = sd[f"{name}.scales"].float()[g] * (codes - zeros[g]).float()
+        assert torch.equal(w.T, q.dequantize()), name
+        assert (f"{name}.bias" in sd) == (q.bias is not None)
+    assert cfg["desc_act"] == any(m.perm is not None for m in lb.modules() if isinstance(m, QuantizedLinear))
+
+
+def test_gptq_act_order_is_expressed_by_g_idx(tmp_path):
+    path = _ckpt(tmp_path, "llama", method="gptq", bits=4, group_size=16)  # act order, scattered groups
+    assert exportable_formats(path)["compressed-tensors"] is not None  # no g_idx in compressed-tensors 0.20
+    out = export(path, "gptq", tmp_path / "gptq")
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["desc_act"] is True
+    sd = load_file(str(out / "model.safetensors"))
+    g = sd["model.layers.0.self_attn.q_proj.g_idx"]
+    assert not torch.equal(g, torch.arange(64, dtype=torch.int32) // 16)
+    assert torch.equal(torch.bincount(g.long()), torch.full((4,), 16))
+
+
+@pytest.mark.parametrize("kw,fmt,match", [
+    (dict(method="rtn", bits=4, group_size=16, symmetric=True), "compressed-tensors", "symmetric grid"),
+    (dict(method="rtn", bits=4, group_size=16, symmetric=True), "gptq", "symmetric grid"),
+    (dict(method="rtn", bits=5, group_size=16), "gptq", "5-bit"),
+    (dict(method="rtn", bits=4, group_size=24), "compressed-tensors", "does not divide"),
+    (dict(method="onebit", bits=1, group_size=-1), "gptq", "OneBit"),
+    (dict(method="rtn", bits=4, group_size=16), "onnx", "unknown export format"),
+])
+def test_refusals_name_the_feature_and_write_nothing(tmp_path, kw, fmt, match):
+    path = _ckpt(tmp_path, **kw)
+    with pytest.raises(ExportError, match=match) as e:
+        export(path, fmt, tmp_path / "out")
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_pairwise_rotations_are_refused_by_the_plain_formats(tmp_path):
+    from lowbit.blockwise import PairwiseConfig
+
+    path = _ckpt(tmp_path, method="rtn", bits=4, group_size=16, pairwise=PairwiseConfig(krot=2, group=32, epochs1=1))
+    for fmt in ("compressed-tensors", "gptq"):
+        with pytest.raises(ExportError, match="pairwise rotation"):
+            export(path, fmt, tmp_path / fmt)
+
+
+def test_overwrite_rules(tmp_path):
+    path = _ckpt(tmp_path, method="rtn", bits=4, group_size=16)
+    out = export(path, "gptq", tmp_path / "o")
+    with pytest.raises(ExportError, match="--overwrite"):
+        export(path, "gptq", out)
+    export(path, "compressed-tensors", out, overwrite=True)
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "compressed-tensors"
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    with pytest.raises(ExportError, match="not a lowbit export"):
+        export(path, "gptq", tmp_path / "mine", overwrite=True)
+    with pytest.raises(ExportError, match="not found"):
+        export(tmp_path / "nothing", "gptq", tmp_path / "o2")
+
+
+def test_cli_export(tmp_path):
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+
+    path = _ckpt(tmp_path, method="rtn", bits=4, group_size=16)
+    r = CliRunner().invoke(app, ["export", str(path), "--format", "gptq", "--out", str(tmp_path / "g")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "g" / "model.safetensors").is_file()
+    r = CliRunner().invoke(app, ["export", str(path), "--format", "gptq", "--out", str(tmp_path / "g")])
+    assert r.exit_code == 2 and "--overwrite" in r.output
+    r = CliRunner().invoke(app, ["export", str(path), "--format", "compressed-tensors", "--scale-dtype", "fp8",
+                                 "--out", str(tmp_path / "c")])
+    assert r.exit_code == 2 and "fp16 or fp32" in r.output
