@@ -98,23 +98,27 @@ def bits_per_weight(result: QuantizationResult) -> float:
 
 def quantize_job(model_spec: str, recipe: Recipe, protocol: Protocol, *, eval_fp: bool = True,
                  eval_quant: bool = True, device: str = "cpu", progress: bool = True,
-                 track_error: bool = False, model=None, tokenizer=None, store_dtype: torch.dtype | None = None):
+                 track_error: bool = False, model=None, tokenizer=None, store_dtype: torch.dtype | None = None,
+                 dtype: torch.dtype = torch.float32, dist=None):
     """Load (unless given), evaluate FP, quantize, evaluate; returns (model, tokenizer, result, job).
 
     With `store_dtype`, the parameters a checkpoint keeps unquantized are rounded to that dtype
-    before the final evaluation, so the perplexity reported is the saved model's."""
+    before the final evaluation, so the perplexity reported is the saved model's. With `dist`, this rank
+    quantizes with its share of the calibration batches (`lowbit.distributed`)."""
     if model is None:
-        model, tokenizer = load_model(model_spec, device=device)
+        model, tokenizer = load_model(model_spec, dtype=dtype, device=device)
     torch.manual_seed(protocol.seed)
     job = JobResult(recipe=recipe.to_dict(), device=str(device), n_params=sum(p.numel() for p in model.parameters()))
     if eval_fp:
         job.ppl_fp = evaluate(model, tokenizer, protocol, progress)
     tokens = calibration_tokens(tokenizer, protocol)
+    if dist is not None:
+        tokens = dist.shard(tokens, protocol.batch_size)
     if str(device).startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     result = quantize_model(model, recipe, tokens, batch_size=protocol.batch_size, device=device,
-                            progress=progress, track_error=track_error)
+                            progress=progress, track_error=track_error, dist=dist)
     job.quant_seconds = time.perf_counter() - t0
     job.peak_rss_mb = peak_rss_mb()
     if str(device).startswith("cuda"):
