@@ -135,3 +135,18 @@ def test_stream_source_errors(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ModelLoadError, match="no model.safetensors"):
         StreamSource(tmp_path)
+
+
+def test_stream_refuses_nan_block(tmp_path):
+    from lowbit.checkpoint import PartialCheckpoint
+    from lowbit.loading import ModelLoadError, StreamSource
+    from lowbit.pipeline import quantize_streamed
+    from lowbit.recipe import get_recipe
+
+    m = tiny_model("llama", layers=2)
+    with torch.no_grad():
+        m.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    m.save_pretrained(tmp_path / "m")
+    with pytest.raises(ModelLoadError, match=r"layers\.1\.mlp\.up_proj\.weight contains NaN"):
+        quantize_streamed(StreamSource(tmp_path / "m"), get_recipe("rtn-w4-g32"), tiny_tokens(2, 16),
+                          PartialCheckpoint(tmp_path / "o", {}, False), dtype=torch.float32, progress=False)

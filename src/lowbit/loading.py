@@ -216,12 +216,13 @@ class StreamSource:
                         break
                 if t is None:
                     t = self.get(key)  # raises naming it
+                t = t.to(device)  # checked where it lands (on a GPU: fast)
                 if t.is_floating_point():
                     if not torch.isfinite(t).all():
                         bad = "NaN" if torch.isnan(t).any() else "inf"
                         raise ModelLoadError(f"parameter {key} contains {bad} values; the model is corrupt")
                     t = t.to(dtype)
-                new = torch.nn.Parameter(t.to(device), requires_grad=p.requires_grad)
+                new = torch.nn.Parameter(t, requires_grad=p.requires_grad)
                 for hmod, hname in holders:
                     hmod._parameters[hname] = new
                 done.add(id(new))
