@@ -122,43 +122,63 @@ def save(model: torch.nn.Module, result: QuantizationResult, out: str | Path, to
     (timings, memory, perplexities of the run) goes to report.json, outside the manifest."""
     dtype = store_dtype(dtype)
     out = check_output(out, overwrite)
+    from .nn import quantized_modules
+
+    tensors, modules = quantized_tensors(quantized_modules(model, result), dtype)
+    aliases: dict[str, str] = {}
+    skip = {f"{n}.{k}" for n in result.weights for k in ("weight", "bias")}
+    tensors.update(plain_tensors(model, model.state_dict(keep_vars=True).items(), skip, dtype, {}, aliases))
+    if modules:  # plain transformers (lowbit not imported) must fail loudly, never fill in random weights
+        tensors[f"{next(iter(modules))}.weight"] = GUARD
+    return write_folder(out, lambda f: save_file(tensors, str(f), metadata={"format": FORMAT}), model.config,
+                        result, modules, aliases, dtype, tokenizer, extra, report)
+
+
+def quantized_tensors(qmods: dict, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """The stored tensors and manifest entries of packed QuantizedLinear modules (by full name)."""
+    tensors, modules = {}, {}
+    for name, q in qmods.items():
+        for key, t in q.state_dict().items():
+            if key == "bias":
+                t = t.to(dtype)
+            tensors[f"{name}.{key}"] = t.detach().contiguous()
+        modules[name] = {**q.format_dict(), "transform": None if q.transform is None else q.transform.spec()}
+    return tensors, modules
+
+
+def plain_tensors(model: torch.nn.Module, items, skip: set[str], dtype: torch.dtype, seen: dict[int, str],
+                  aliases: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The stored form of state-dict `items` kept unquantized: parameters in `dtype` on the CPU, buffers as
+    they are, tied tensors once (`aliases` maps the others to it; `seen` holds data pointers across calls)."""
+    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    tensors = {}
+    for key, t in items:
+        if key in skip:
+            continue
+        ptr = t.data_ptr()
+        if ptr in seen:  # tied weights are stored once
+            aliases[key] = seen[ptr]
+            continue
+        seen[ptr] = key
+        t = t.detach().cpu()
+        if key in params and t.is_floating_point():
+            t = t.to(dtype)
+        tensors[key] = t.contiguous()
+    return tensors
+
+
+def write_folder(out: Path, write_weights, config, result: QuantizationResult, modules: dict, aliases: dict,
+                 dtype: torch.dtype, tokenizer=None, extra: dict | None = None, report: dict | None = None,
+                 replace: bool = True) -> Path:
+    """Write a checkpoint folder under a temporary name (weights through `write_weights(path)`, then
+    config, tokenizer, manifest, report) and rename it to `out`."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        from .nn import quantized_modules
-
-        tensors, modules = {}, {}
-        qmods = quantized_modules(model, result)
-        for name, q in qmods.items():
-            for key, t in q.state_dict().items():
-                if key == "bias":
-                    t = t.to(dtype)
-                tensors[f"{name}.{key}"] = t.detach().contiguous()
-            modules[name] = {**q.format_dict(), "transform": None if q.transform is None else q.transform.spec()}
-        seen: dict[int, str] = {}
-        aliases = {}
-        quantized = {f"{n}.{k}" for n in result.weights for k in ("weight", "bias")}
-        params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
-        for key, t in model.state_dict(keep_vars=True).items():
-            if key in quantized:
-                continue
-            ptr = t.data_ptr()
-            if ptr in seen:  # tied weights are stored once
-                aliases[key] = seen[ptr]
-                continue
-            seen[ptr] = key
-            t = t.detach().cpu()
-            if key in params and t.is_floating_point():
-                t = t.to(dtype)
-            tensors[key] = t.contiguous()
-        if qmods:  # plain transformers (lowbit not imported) must fail loudly, never fill in random weights
-            tensors[f"{next(iter(qmods))}.weight"] = GUARD
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
-
-        config = model.config
+        write_weights(tmp / WEIGHTS)
         qcfg = {"quant_method": "lowbit", "bits": result.recipe.bits, "group_size": result.recipe.group_size,
                 "sym": result.recipe.symmetric, "recipe": result.recipe.to_dict(), "lowbit_version": __version__}
         widths = {name: m["bits"] for name, m in modules.items()}
@@ -352,3 +372,198 @@ def load(path: str | Path, device: str | torch.device = "cpu", with_tokenizer: b
     if with_tokenizer:
         return model, AutoTokenizer.from_pretrained(path)
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing a checkpoint piece by piece (streamed quantization) and resuming an interrupted run.
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def _read_header(path: Path) -> tuple[int, dict]:
+    """(byte offset of the data, header dict) of a safetensors file."""
+    import struct
+
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        return 8 + n, json.loads(f.read(n))
+
+
+def merge_safetensors(parts: list[Path], dest: Path, metadata: dict[str, str]) -> None:
+    """Write the union of the tensors of several safetensors files to `dest`, copying bytes tensor by
+    tensor (never more than a chunk in memory), with exactly the bytes `save_file` writes for the same
+    tensors: its order (dtype, then name) is taken from `save` itself on empty stand-ins."""
+    import struct
+
+    from safetensors.torch import save
+
+    where: dict[str, tuple[Path, int, dict]] = {}
+    for part in parts:
+        base, header = _read_header(part)
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if name in where:
+                raise CheckpointError(f"tensor {name} is written twice ({where[name][0].name}, {part.name})")
+            if info["dtype"] not in _ST_DTYPES:
+                raise CheckpointError(f"tensor {name}: dtype {info['dtype']} cannot be merged")
+            where[name] = (part, base, info)
+    stand_ins = {n: torch.empty(0, dtype=_ST_DTYPES[i["dtype"]]) for n, (_, _, i) in where.items()}
+    _, order_header = _read_header_bytes(save(stand_ins, metadata=metadata))
+    order = [n for n in order_header if n != "__metadata__"]
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for n in order:
+        info = where[n][2]
+        size = info["data_offsets"][1] - info["data_offsets"][0]
+        header[n] = {"dtype": info["dtype"], "shape": info["shape"], "data_offsets": [offset, offset + size]}
+        offset += size
+    hb = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    hb += b" " * ((8 - len(hb) % 8) % 8)
+    tmp = dest.with_name(dest.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(hb)))
+        f.write(hb)
+        handles: dict[Path, object] = {}
+        try:
+            for n in order:
+                part, base, info = where[n]
+                src = handles.get(part) or handles.setdefault(part, open(part, "rb"))
+                a, b = info["data_offsets"]
+                src.seek(base + a)
+                left = b - a
+                while left:
+                    chunk = src.read(min(left, 1 << 24))
+                    if not chunk:
+                        raise CheckpointError(f"{part} is truncated")
+                    f.write(chunk)
+                    left -= len(chunk)
+        finally:
+            for h in handles.values():
+                h.close()
+    os.replace(tmp, dest)
+
+
+def _read_header_bytes(data: bytes) -> tuple[int, dict]:
+    import struct
+
+    n = struct.unpack("<Q", data[:8])[0]
+    return 8 + n, json.loads(data[8 : 8 + n])
+
+
+def partial_dir(out: str | Path) -> Path:
+    """Where a streamed run keeps its finished pieces until the checkpoint is assembled."""
+    out = Path(out).expanduser()
+    return out.parent / f".{out.name}.partial"
+
+
+class PartialCheckpoint:
+    """A checkpoint being written block by block, and everything a killed run needs to go on.
+
+    The folder beside `out` holds one safetensors file per finished block (its packed linears and
+    its other tensors in their stored form), one for the parts outside the blocks, `state.json`
+    (the run's fingerprint, the finished blocks and their manifest entries) and, per rank, the
+    calibration streams after the last block whose state was saved. Every file is written under a
+    temporary name and renamed, so a kill at any moment leaves the last consistent state. `assemble`
+    merges the pieces into the same bytes `save` writes for the whole model.
+    """
+
+    def __init__(self, out: str | Path, fingerprint: dict, resume: bool, rank: int = 0):
+        self.out = Path(out).expanduser()
+        self.dir = partial_dir(self.out)
+        self.rank = rank
+        self.fingerprint = json.loads(json.dumps(fingerprint))
+        self.state = {"fingerprint": self.fingerprint, "rest": None, "blocks": {}, "streams_after": -1}
+        state_file = self.dir / "state.json"
+        if resume and state_file.is_file():
+            try:
+                old = json.loads(state_file.read_text())
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{state_file} is corrupt ({e}); remove {self.dir} and start again") from None
+            if old.get("fingerprint") != self.fingerprint:
+                diff = sorted(k for k in set(old.get("fingerprint", {})) | set(self.fingerprint)
+                              if old.get("fingerprint", {}).get(k) != self.fingerprint.get(k))
+                raise CheckpointError(f"--resume: the interrupted run in {self.dir} used other settings ({', '.join(diff)}); "
+                                      "run the same command, or drop --resume to start over")
+            self.state = old
+        elif rank == 0:
+            if self.dir.exists():
+                shutil.rmtree(self.dir)
+            self.dir.mkdir(parents=True)
+            self._save_state()
+
+    @property
+    def resumed_blocks(self) -> int:
+        """Blocks whose output streams were saved: the walk goes on after them."""
+        return int(self.state["streams_after"]) + 1
+
+    def _save_state(self) -> None:
+        from .fileio import write_json
+
+        write_json(self.dir / "state.json", self.state)
+
+    def _write(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        tmp = self.dir / f"{name}.tmp"
+        save_file(tensors, str(tmp), metadata={"format": FORMAT})
+        os.replace(tmp, self.dir / name)
+
+    def write_rest(self, tensors: dict[str, torch.Tensor], aliases: dict[str, str]) -> None:
+        """The tensors outside the decoder blocks (embeddings, final norm, lm_head)."""
+        if self.rank == 0:
+            self._write("rest.safetensors", tensors)
+            self.state["rest"] = {"aliases": aliases}
+            self._save_state()
+
+    def write_block(self, i: int, tensors: dict[str, torch.Tensor], modules: dict[str, dict], info: dict) -> None:
+        """One finished block: its stored tensors and manifest entries (`info`: what the report needs)."""
+        if self.rank == 0:
+            self._write(f"block_{i:05d}.safetensors", tensors)
+            self.state["blocks"][str(i)] = {"modules": modules, **info}
+            self._save_state()
+
+    def save_streams(self, i: int, payload: dict) -> None:
+        """The walk's state after block i (streams, errors, RNG): this rank's file, then the shared state."""
+        tmp = self.dir / f"streams.{self.rank}.pt.tmp"
+        torch.save(payload, tmp)
+        os.replace(tmp, self.dir / f"streams.{self.rank}.pt")
+
+    def mark_streams(self, i: int) -> None:
+        """Record (rank 0, once every rank's streams are on disk) that the walk can go on after block i."""
+        if self.rank == 0:
+            self.state["streams_after"] = i
+            self._save_state()
+
+    def load_streams(self, device) -> dict | None:
+        """This rank's saved walk state, or None when the run starts from the first block."""
+        if self.resumed_blocks == 0:
+            return None
+        f = self.dir / f"streams.{self.rank}.pt"
+        try:
+            return torch.load(f, map_location=device, weights_only=False)
+        except (OSError, RuntimeError, EOFError) as e:
+            raise CheckpointError(f"--resume: {f} cannot be read ({e}); remove {self.dir} and start again") from None
+
+    def block_info(self) -> list[dict]:
+        """The recorded entries of the finished blocks, in block order."""
+        return [self.state["blocks"][k] for k in sorted(self.state["blocks"], key=int)]
+
+    def assemble(self, n_blocks: int, config, result: QuantizationResult, tokenizer=None, extra: dict | None = None,
+                 dtype: torch.dtype = torch.bfloat16, report: dict | None = None, overwrite: bool = False) -> Path:
+        """Merge the pieces into the checkpoint folder at `out` (atomically) and remove the partial folder."""
+        missing = [i for i in range(n_blocks) if str(i) not in self.state["blocks"]]
+        if missing or self.state["rest"] is None:
+            raise CheckpointError(f"{self.dir}: blocks {missing[:5]} or the non-block tensors were never written")
+        modules = {n: m for b in self.block_info() for n, m in b["modules"].items()}
+        parts = [self.dir / "rest.safetensors", *(self.dir / f"block_{i:05d}.safetensors" for i in range(n_blocks))]
+        out = self.out
+        if out.exists() and not overwrite and not (out.is_dir() and not any(out.iterdir())):
+            raise CheckpointError(f"{out} already exists; pass --overwrite to replace it")
+        if modules:  # the same guard tensor save() writes
+            save_file({f"{next(iter(modules))}.weight": GUARD}, str(self.dir / "guard.safetensors"))
+            parts.append(self.dir / "guard.safetensors")
+        write_folder(out, lambda f: merge_safetensors(parts, f, {"format": FORMAT}), config, result, modules,
+                     self.state["rest"]["aliases"], dtype, tokenizer, extra, report)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return out

@@ -49,8 +49,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .solvers import SolverError
 
     from .compat import CompatError
+    from .distributed import DistributedError
 
-    return (AssetError, CheckpointError, CompatError, DataError, DeviceError, FormatError, ModelLoadError,
+    return (AssetError, CheckpointError, CompatError, DataError, DistributedError, DeviceError, FormatError, ModelLoadError,
             UnsupportedModelError, PipelineError, RecipeError, RotationError, SolverError, FileNotFoundError)
 
 
@@ -82,6 +83,47 @@ def _recipe(recipe: str, method, bits, group_size, sym, clip, act_order, damp, q
         return base  # no override: keep the preset's name
     return with_overrides(base, pairwise=pairwise, rotation=rotation, qep=qep, qep_alpha=qep_alpha,
                           qep_damp=qep_damp, **fields)
+
+
+def _distributed(device: str):
+    """This process's place in a torchrun launch (None when run alone)."""
+    from .distributed import from_env
+
+    return from_env(device)
+
+
+def _choose_stream(model: str, stream, evaluate: bool, resume: bool, device: str, dist, recipe) -> bool:
+    """Whether to stream the model block by block (see --stream); an explicit --stream that cannot be honoured
+    is an error naming why."""
+    from pathlib import Path
+
+    from .pipeline import PipelineError, stream_blockers
+
+    p = Path(model).expanduser()
+    is_folder = p.is_dir() and ((p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file())
+    if stream is None:
+        wanted = resume or dist is not None or device.startswith("cuda")
+        stream = wanted and is_folder and not evaluate and not stream_blockers(recipe)
+        if wanted and not stream and is_folder:
+            why = "--eval" if evaluate else "; ".join(stream_blockers(recipe))
+            console.print(f"note: loading {model} whole (not streamed) because of {why}", highlight=False)
+        if resume and not stream:
+            raise PipelineError("--resume needs a streamed run: a safetensors model folder, --no-eval and a recipe "
+                                "that streams")
+        return stream
+    if not stream:
+        if resume:
+            raise PipelineError("--resume needs a streamed run; drop --no-stream")
+        return False
+    if not is_folder:
+        raise PipelineError(f"--stream reads a folder of safetensors files; {model} is not one (drop --stream)")
+    if evaluate:
+        raise PipelineError("--stream does not evaluate (the model is never in memory whole): add --no-eval, "
+                            "then `lowbit eval` the checkpoint")
+    blockers = stream_blockers(recipe)
+    if blockers:
+        raise PipelineError(f"streaming cannot run {'; '.join(blockers)} yet; drop --stream to load the model whole")
+    return True
 
 
 def _ppl_table(title: str, sets, rows: list[tuple[str, dict]]) -> Table:
@@ -171,13 +213,28 @@ def quantize(
     overwrite: bool = typer.Option(False, help="Replace an existing checkpoint at --out."),
     store: str = typer.Option("bf16", "--store-dtype", help="dtype of the tensors kept unquantized in the "
                               "checkpoint (embeddings, norms, lm_head): bf16, fp16 or fp32 (exact)."),
-    device: str = typer.Option("cpu", help="Where blocks are quantized: cpu, cuda, cuda:1 ..."),
+    device: str = typer.Option("cpu", help="Where blocks are quantized: cpu, cuda, cuda:1 ... (under torchrun, cuda "
+                               "means each rank's own GPU)."),
+    dtype: str = typer.Option("auto", help="Model dtype while quantizing: auto (fp32 on the CPU; bf16 on a GPU when "
+                              "streamed), fp32, bf16 or fp16. Statistics (H, QEP's C) stay float64."),
+    stream: Optional[bool] = typer.Option(None, "--stream/--no-stream", help="Read each block from the model's "
+                                          "safetensors files only when it is quantized and write it out at once, so "
+                                          "the model is never in memory whole (default: on for --device cuda, "
+                                          "--resume and torchrun when MODEL is a safetensors folder and --no-eval)."),
+    resume: bool = typer.Option(False, help="Go on from an interrupted streamed run of the same command (its state is "
+                                "kept beside --out); the checkpoint is byte-identical to an uninterrupted run's."),
+    state_every: float = typer.Option(0.0, help="Streamed runs: save the calibration streams for --resume at most "
+                                      "every this many seconds (0: after every block)."),
     seed: int = typer.Option(0, help="Seed for calibration sampling."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
-    """Quantize MODEL with a recipe, evaluate it before and after, and write a checkpoint."""
+    """Quantize MODEL with a recipe, evaluate it before and after, and write a checkpoint.
+
+    Several processes: `torchrun --nproc-per-node N -m lowbit quantize ...` splits the calibration batches
+    across them (NCCL on GPUs, gloo on the CPU) and sums the statistics; rank 0 writes the checkpoint."""
     _setup(quiet, seed, threads)
+    dist = None
     try:
         from . import checkpoint
         from .jobs import quantize_job
@@ -191,22 +248,53 @@ def quantize(
                          onebit_svid_only=onebit_svid, onebit_ft_epochs=onebit_ft, onebit_ft_lr=onebit_ft_lr,
                          budget_bits=tuple(int(b) for b in budget_bits.split(",")) if budget_bits else None))
         proto = _protocol(calib, n_calib, seq_len, seed, data, windows, batch_size)
-        checkpoint.check_output(out, overwrite)
-        dtype = checkpoint.store_dtype(store)
-        console.print(f"recipe {r.label} [{r.identity}]: {json.dumps(r.to_dict())}", highlight=False, markup=False)
-        model_, tok, result, job = quantize_job(model, r, proto, eval_fp=evaluate, eval_quant=evaluate,
-                                                device=device, progress=not quiet, track_error=track_error,
-                                                store_dtype=dtype)
-        path = checkpoint.save(model_.cpu(), result, out, tok, overwrite=overwrite, dtype=dtype,
-                               extra={"protocol": proto.to_dict(), "source_model": model},
-                               report={"job": job.to_dict()})
+        dist = _distributed(device)
+        if dist is not None:
+            device = str(dist.device(device))
+        streamed = _choose_stream(model, stream, evaluate, resume, device, dist, r)
+        if not (resume and checkpoint.partial_dir(out).is_dir()):
+            checkpoint.check_output(out, overwrite)
+        store_dt = checkpoint.store_dtype(store)
+        main = dist is None or dist.is_main
+        if main:
+            console.print(f"recipe {r.label} [{r.identity}]: {json.dumps(r.to_dict())}", highlight=False, markup=False)
+        extra = {"protocol": proto.to_dict(), "source_model": model}
+        if streamed:
+            from .jobs import resolve_dtype, stream_quantize_job
+
+            model_dtype = resolve_dtype(dtype, device, True)
+            if main:
+                console.print(f"streaming {model} block by block on {device} in {str(model_dtype)[6:]}"
+                              + (f" over {dist.world} processes" if dist else ""), highlight=False)
+            result, job, path = stream_quantize_job(model, r, proto, out, dtype=model_dtype, store_dtype=store_dt,
+                                                    device=device, progress=not quiet and main,
+                                                    track_error=track_error, resume=resume, overwrite=overwrite,
+                                                    extra=extra, state_every_s=state_every, dist=dist)
+        else:
+            from .jobs import resolve_dtype
+
+            model_, tok, result, job = quantize_job(model, r, proto, eval_fp=evaluate and main,
+                                                    eval_quant=evaluate and main, device=device,
+                                                    progress=not quiet and main, track_error=track_error,
+                                                    store_dtype=store_dt, dtype=resolve_dtype(dtype, device, False),
+                                                    dist=dist)
+            path = None
+            if main:
+                path = checkpoint.save(model_.cpu(), result, out, tok, overwrite=overwrite, dtype=store_dt,
+                                       extra=extra, report={"job": job.to_dict()})
+        if not main:
+            return
         size = checkpoint.checkpoint_bytes(path)
+        n_linears = len(checkpoint.read_manifest(path, verify=False)["modules"])
     except _user_errors() as e:
         _fail(e)
+    finally:
+        if dist is not None:
+            dist.close()
     if evaluate:
         out_console.print(_ppl_table(f"{model} -> {r.label}", proto.eval_sets,
                                      [("fp", job.ppl_fp), (r.label, job.ppl)]))
-    out_console.print(f"quantized {len(result.weights)} linears in {job.quant_seconds:.1f} s, "
+    out_console.print(f"quantized {n_linears} linears in {job.quant_seconds:.1f} s, "
                       f"{job.bits_per_weight:.3f} bits/weight, peak RSS {job.peak_rss_mb:.0f} MiB")
     if result.budget_report:
         out_console.print(f"budget {result.budget_report['budget']}: linears per width "

@@ -98,23 +98,27 @@ def bits_per_weight(result: QuantizationResult) -> float:
 
 def quantize_job(model_spec: str, recipe: Recipe, protocol: Protocol, *, eval_fp: bool = True,
                  eval_quant: bool = True, device: str = "cpu", progress: bool = True,
-                 track_error: bool = False, model=None, tokenizer=None, store_dtype: torch.dtype | None = None):
+                 track_error: bool = False, model=None, tokenizer=None, store_dtype: torch.dtype | None = None,
+                 dtype: torch.dtype = torch.float32, dist=None):
     """Load (unless given), evaluate FP, quantize, evaluate; returns (model, tokenizer, result, job).
 
     With `store_dtype`, the parameters a checkpoint keeps unquantized are rounded to that dtype
-    before the final evaluation, so the perplexity reported is the saved model's."""
+    before the final evaluation, so the perplexity reported is the saved model's. With `dist`, this rank
+    quantizes with its share of the calibration batches (`lowbit.distributed`)."""
     if model is None:
-        model, tokenizer = load_model(model_spec, device=device)
+        model, tokenizer = load_model(model_spec, dtype=dtype, device=device)
     torch.manual_seed(protocol.seed)
     job = JobResult(recipe=recipe.to_dict(), device=str(device), n_params=sum(p.numel() for p in model.parameters()))
     if eval_fp:
         job.ppl_fp = evaluate(model, tokenizer, protocol, progress)
     tokens = calibration_tokens(tokenizer, protocol)
+    if dist is not None:
+        tokens = dist.shard(tokens, protocol.batch_size)
     if str(device).startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     result = quantize_model(model, recipe, tokens, batch_size=protocol.batch_size, device=device,
-                            progress=progress, track_error=track_error)
+                            progress=progress, track_error=track_error, dist=dist)
     job.quant_seconds = time.perf_counter() - t0
     job.peak_rss_mb = peak_rss_mb()
     if str(device).startswith("cuda"):
@@ -129,3 +133,77 @@ def quantize_job(model_spec: str, recipe: Recipe, protocol: Protocol, *, eval_fp
     if eval_quant:
         job.ppl = evaluate(model, tokenizer, protocol, progress)
     return model, tokenizer, result, job
+
+
+def resolve_dtype(name: str, device: str | torch.device, streamed: bool) -> torch.dtype:
+    """The model dtype for `--dtype` (auto: float32 on the CPU, the protocol's; bf16 on GPUs when streamed)."""
+    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if name == "auto":
+        return torch.bfloat16 if streamed and torch.device(device).type == "cuda" else torch.float32
+    if name not in table:
+        from .loading import ModelLoadError
+
+        raise ModelLoadError(f"--dtype must be auto, fp32, bf16 or fp16, got {name!r}")
+    return table[name]
+
+
+def stream_quantize_job(folder: str, recipe: Recipe, protocol: Protocol, out, *, dtype: torch.dtype,
+                        store_dtype: torch.dtype = torch.bfloat16, device: str = "cpu", progress: bool = True,
+                        track_error: bool = False, resume: bool = False, overwrite: bool = False,
+                        extra: dict | None = None, tokens: torch.Tensor | None = None, tokenizer=None,
+                        max_blocks: int | None = None, state_every_s: float = 0.0, dist=None):
+    """Quantize the safetensors folder `folder` block by block (`lowbit.pipeline.quantize_streamed`) into the
+    checkpoint `out`; with `resume`, go on from an interrupted run of the same settings. Calibration windows
+    come from the protocol (with the folder's tokenizer) unless `tokens` are given. Returns (result, job,
+    path or None when `max_blocks` stopped the walk early)."""
+    from pathlib import Path
+
+    from . import __version__
+    from .checkpoint import PartialCheckpoint, is_checkpoint
+    from .loading import StreamSource, check_device
+    from .pipeline import quantize_streamed
+
+    check_device(device)
+    source = StreamSource(folder)
+    if tokens is None:
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(source.folder)
+        tokens = calibration_tokens(tokenizer, protocol)
+    world = 1 if dist is None else dist.world
+    fingerprint = {"model": str(source.folder.resolve()), "recipe": recipe.to_dict(), "identity": recipe.identity,
+                   "protocol": protocol.to_dict(), "n_tokens": list(tokens.shape), "dtype": str(dtype),
+                   "store_dtype": str(store_dtype), "device": torch.device(device).type, "world": world,
+                   "track_error": track_error, "lowbit_version": __version__}
+    rank = 0 if dist is None else dist.rank
+    partial = PartialCheckpoint(out, fingerprint, resume, rank)
+    if dist is not None:
+        dist.barrier()  # rank 0 has (re)created the partial folder
+        tokens = dist.shard(tokens, protocol.batch_size)
+    torch.manual_seed(protocol.seed)
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    model, result, info = quantize_streamed(source, recipe, tokens, partial, dtype=dtype, store_dtype=store_dtype,
+                                            batch_size=protocol.batch_size, device=device, progress=progress,
+                                            track_error=track_error, max_blocks=max_blocks,
+                                            state_every_s=state_every_s, dist=dist)
+    job = JobResult(recipe=recipe.to_dict(), device=str(device),
+                    n_params=sum(p.numel() for p in model.parameters()))
+    job.quant_seconds = time.perf_counter() - t0
+    job.peak_rss_mb = peak_rss_mb()
+    if torch.device(device).type == "cuda":
+        job.peak_gpu_mb = torch.cuda.max_memory_allocated(device) / 2**20
+    job.bits_per_weight = info["bits"] / max(info["weights"], 1)
+    job.block_errors = result.block_errors
+    job.block_fits = result.block_fits
+    path = None
+    if info["complete"] and rank == 0:
+        out = Path(out).expanduser()
+        path = partial.assemble(info["n_blocks"], model.config, result, tokenizer, extra, store_dtype,
+                                report={"job": job.to_dict(), "block_seconds": result.block_seconds},
+                                overwrite=overwrite or (resume and is_checkpoint(out)))
+    if dist is not None:
+        dist.barrier()
+    return result, job, path

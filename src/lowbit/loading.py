@@ -119,3 +119,124 @@ def _offline() -> bool:
     import os
 
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+class StreamSource:
+    """A model folder's safetensors files, read one tensor at a time (nothing is loaded up front).
+
+    `skeleton()` builds the model on the meta device; `materialize(model, prefix, device, dtype)`
+    reads the tensors of one sub-module (a decoder block, or everything outside the blocks) from the
+    files onto the device, and `release` turns them back into meta tensors.
+    """
+
+    def __init__(self, folder: str | Path):
+        import json
+
+        self.folder = Path(folder).expanduser()
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError) as e:
+                raise ModelLoadError(f"{index} cannot be read: {e}") from None
+            self.files = {k: self.folder / v for k, v in weight_map.items()}
+        else:
+            single = self.folder / "model.safetensors"
+            if not single.is_file():
+                raise ModelLoadError(f"{self.folder} has no model.safetensors (or index): streaming reads safetensors "
+                                     "folders; drop --stream to load the model whole")
+            self.files = {}
+            from safetensors import safe_open
+
+            with safe_open(str(single), framework="pt") as f:
+                self.files = {k: single for k in f.keys()}
+        missing = sorted({str(p.name) for p in self.files.values() if not p.is_file()})
+        if missing:
+            raise ModelLoadError(f"{self.folder}: shard files missing: {missing[:3]}")
+        self._open: dict[Path, object] = {}
+
+    def _handle(self, path: Path):
+        from safetensors import safe_open
+
+        h = self._open.get(path)
+        if h is None:
+            h = self._open[path] = safe_open(str(path), framework="pt")
+        return h
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor, read from its file."""
+        path = self.files.get(name)
+        if path is None:
+            raise ModelLoadError(f"tensor {name} is not in {self.folder}; this folder cannot be streamed "
+                                 "(drop --stream to load it through transformers)")
+        return self._handle(path).get_tensor(name)
+
+    def skeleton(self, dtype: torch.dtype):
+        """(model on the meta device, its config): no weights are read."""
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        try:
+            cfg = AutoConfig.from_pretrained(self.folder)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"{self.folder / 'config.json'} cannot be read: {e}") from None
+        get_adapter_for_config(cfg)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        model.tie_weights()  # on the meta device the tie is not made by from_config
+        get_adapter(model)
+        return model.eval(), cfg
+
+    @torch.no_grad()
+    def materialize(self, model: torch.nn.Module, module: torch.nn.Module, device, dtype: torch.dtype,
+                    skip_prefix: str | None = None) -> None:
+        """Read `module`'s parameters (and persistent buffers present in the files) onto `device`, floats in
+        `dtype`, leaving out anything under `skip_prefix`; tied parameters get the same tensor; non-finite
+        weights are refused."""
+        names = {id(m): n for n, m in model.named_modules()}
+        base = names[id(module)]
+        full = (lambda n: f"{base}.{n}" if base else n)
+        ties: dict[int, list[tuple[torch.nn.Module, str]]] = {}
+        for mod_name, mod in model.named_modules(remove_duplicate=False):
+            for pname, p in mod._parameters.items():
+                if p is not None:
+                    ties.setdefault(id(p), []).append((mod, pname))
+        done: set[int] = set()
+        for mod_name, mod in module.named_modules():
+            for pname, p in list(mod._parameters.items()):
+                key = full(f"{mod_name}.{pname}" if mod_name else pname)
+                if p is None or id(p) in done or (skip_prefix and key.startswith(skip_prefix + ".")):
+                    continue
+                holders = ties.get(id(p), [(mod, pname)])
+                t = None
+                for hmod, hname in holders:  # a tied parameter may be stored under any of its names
+                    hkey = f"{names[id(hmod)]}.{hname}" if names.get(id(hmod)) else hname
+                    if hkey in self.files:
+                        t = self.get(hkey)
+                        break
+                if t is None:
+                    t = self.get(key)  # raises naming it
+                t = t.to(device)  # checked where it lands (on a GPU: fast)
+                if t.is_floating_point():
+                    if not torch.isfinite(t).all():
+                        bad = "NaN" if torch.isnan(t).any() else "inf"
+                        raise ModelLoadError(f"parameter {key} contains {bad} values; the model is corrupt")
+                    t = t.to(dtype)
+                new = torch.nn.Parameter(t, requires_grad=p.requires_grad)
+                for hmod, hname in holders:
+                    hmod._parameters[hname] = new
+                done.add(id(new))
+            for bname, b in list(mod._buffers.items()):
+                key = full(f"{mod_name}.{bname}" if mod_name else bname)
+                if b is None or (skip_prefix and key.startswith(skip_prefix + ".")):
+                    continue
+                if key in self.files:
+                    b = self.get(key)
+                elif b.is_meta:
+                    raise ModelLoadError(f"buffer {key} is not in {self.folder}")
+                mod._buffers[bname] = b.to(device)
+
+    @staticmethod
+    def release(module: torch.nn.Module) -> None:
+        """Turn a module's parameters back into meta tensors (frees their memory)."""
+        module.to("meta")

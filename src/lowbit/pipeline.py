@@ -40,6 +40,7 @@ class QuantizationResult:
     rotation: dict | None = None  # what `rotate_model` folded in / put online (None = no rotation)
     bits_plan: dict[str, int] = field(default_factory=dict)  # per-linear bits chosen for a budget
     budget_report: dict = field(default_factory=dict)
+    block_seconds: list[float] = field(default_factory=list)  # wall time of each block walked
 
 
 def check_finite(model: nn.Module) -> None:
@@ -77,12 +78,13 @@ def flush_denormal():
 @torch.no_grad()
 def quantize_model(model: nn.Module, recipe: Recipe, tokens: torch.Tensor, *, batch_size: int = 8,
                    device: str | torch.device | None = None, progress: bool = True,
-                   track_error: bool = False, replay_memo: bool = True) -> QuantizationResult:
+                   track_error: bool = False, replay_memo: bool = True, dist=None) -> QuantizationResult:
     """Quantize every decoder-block linear of `model` in place (weights become their dequantized
     values) and return the codes. `tokens` is a [N, T] LongTensor of calibration windows.
 
     `replay_memo` caches the inputs of attention's and the MLP's output linears for the rest
     of a block's passes (memory: one [tokens, width] tensor each) instead of recomputing them.
+    With `dist` (`lowbit.distributed.Dist`), `tokens` are this rank's share of the calibration windows.
     """
     from .stages import Run, stages_for
 
@@ -98,12 +100,13 @@ def quantize_model(model: nn.Module, recipe: Recipe, tokens: torch.Tensor, *, ba
         result = QuantizationResult(recipe, {}, layers_prefix=prefix)
         run = Run(model, recipe, tokens, result, batch_size, device, progress)
         stages = stages_for(recipe)
+        _check_distributed(recipe, dist)
         for st in stages:
             st.before_model(run)
         walker = Walker(model, tokens, batch_size=batch_size, device=device, streams=recipe.needs_inputs,
                         fp_stream=any(st.needs_fp for st in stages), track_error=track_error,
                         replay_memo=recipe.true_sequential and replay_memo, progress=progress,
-                        desc=f"quantize {recipe.label}")
+                        desc=f"quantize {recipe.label}", dist=dist)
         walker.capture()
         for st in stages:
             st.check(run, walker)
@@ -111,7 +114,161 @@ def quantize_model(model: nn.Module, recipe: Recipe, tokens: torch.Tensor, *, ba
             for st in stages:
                 st.on_block(run, blk)
         result.block_errors = walker.block_errors
+        result.block_seconds = walker.block_seconds
         for st in stages:
             st.after_model(run)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _check_distributed(recipe: Recipe, dist) -> None:
+    """Refuse, by name, the steps that do not split their calibration batches across ranks yet."""
+    if dist is None or dist.world <= 1:
+        return
+    blockers = []
+    if recipe.pairwise is not None:
+        blockers.append("pairwise rotations (block-wise training)")
+    if recipe.onebit_ft_epochs > 0:
+        blockers.append("1-bit fine-tuning (block-wise training)")
+    if recipe.budget is not None:
+        blockers.append("bit budgets (sensitivity pass)")
+    if recipe.rotation is not None and recipe.rotation.kind == "learned":
+        blockers.append("learned rotations")
+    if blockers:
+        raise PipelineError(f"{', '.join(blockers)} cannot run on several processes yet; run it in one process")
+
+
+def stream_blockers(recipe: Recipe) -> list[str]:
+    """The recipe's steps that need the whole model in memory (empty: the recipe can be streamed)."""
+    out = []
+    if recipe.rotation is not None:
+        out.append("global rotations (they fold into the embeddings, every block and lm_head before the walk)")
+    if recipe.budget is not None:
+        out.append("bit budgets (their sensitivity pass walks the whole FP model first)")
+    if recipe.act_bits is not None:
+        out.append("activation quantization")
+    return out
+
+
+class StreamIO:
+    """Blocks read from the model files when the walk reaches them, written to the partial checkpoint when
+    finished, and freed (see `quantize_streamed`)."""
+
+    def __init__(self, walker: Walker, source, partial, result: QuantizationResult, dtype: torch.dtype,
+                 store: torch.dtype, state_every_s: float):
+        self.walker, self.source, self.partial, self.result = walker, source, partial, result
+        self.dtype, self.store, self.state_every_s = dtype, store, state_every_s
+        self._last_state = time.perf_counter()
+
+    def load(self, i: int) -> nn.Module:
+        w = self.walker
+        self.source.materialize(w.model, w.layers[i], w.device, self.dtype)
+        return w.layers[i]
+
+    def finished(self, blk) -> None:
+        from types import SimpleNamespace
+
+        from .checkpoint import plain_tensors, quantized_tensors
+        from .nn import quantized_modules
+
+        w, res, i = self.walker, self.result, blk.i
+        pre = f"{w.prefix}.{i}."
+        names = [n for n in res.weights if n.startswith(pre)]
+        sub = SimpleNamespace(recipe=res.recipe, weights={n: res.weights[n] for n in names},
+                              transforms={n: t for n, t in res.transforms.items() if n.startswith(pre)})
+        tensors, modules = quantized_tensors(quantized_modules(w.model, sub), self.store)
+        skip = {f"{n}.{k}" for n in names for k in ("weight", "bias")}
+        items = [(pre + k, v) for k, v in w.layers[i].state_dict(keep_vars=True).items()]
+        tensors.update(plain_tensors(w.model, items, skip, self.store, {}, {}))
+        bits, n_w = 0.0, 0
+        for n in names:
+            qw = res.weights.pop(n)
+            out_f, in_f = qw.codes.shape
+            bits += qw.storage_bits()
+            rot = res.transforms.pop(n, None)
+            if rot is not None:
+                bits += 8 * rot.nbytes()
+            n_w += out_f * in_f
+        self.partial.write_block(i, tensors, modules, {"bits": bits, "weights": n_w})
+        last = i == len(w.layers) - 1
+        if last or time.perf_counter() - self._last_state >= self.state_every_s:
+            self.partial.save_streams(i, {"xs": w.xs, "fp": w.fp, "errors": list(w.block_errors),
+                                          "fits": list(res.block_fits), "rng": torch.get_rng_state()})
+            if w.dist is not None:
+                w.dist.barrier()
+            self.partial.mark_streams(i)
+            self._last_state = time.perf_counter()
+
+    def unload(self, i: int) -> None:
+        self.source.release(self.walker.layers[i])
+
+
+@torch.no_grad()
+def quantize_streamed(source, recipe: Recipe, tokens: torch.Tensor, partial, *, dtype: torch.dtype,
+                      store_dtype: torch.dtype = torch.bfloat16, batch_size: int = 8,
+                      device: str | torch.device = "cpu", progress: bool = True, track_error: bool = False,
+                      max_blocks: int | None = None, state_every_s: float = 0.0, dist=None):
+    """Quantize a model that is never in memory whole: the skeleton lives on the meta device, each
+    block is read from `source` (a `lowbit.loading.StreamSource`) onto `device` in `dtype` when the walk
+    reaches it, quantized, written to `partial` (a `lowbit.checkpoint.PartialCheckpoint`) and freed;
+    the parts outside the blocks are read for the calibration capture, written and freed the same way.
+    A `partial` opened with resume goes on after the last block whose streams were saved (its state is
+    saved after every block, or every `state_every_s` seconds). Returns (model skeleton, result, info)
+    where info holds the storage bits and weights of every block written; the checkpoint is not assembled
+    (`partial.assemble`), so a `max_blocks` walk can stop early."""
+    from .stages import Run, stages_for
+
+    blockers = stream_blockers(recipe)
+    if blockers:
+        raise PipelineError(f"streaming cannot run {'; '.join(blockers)} yet; drop --stream to load the model whole")
+    t0 = time.perf_counter()
+    device = torch.device(device)
+    with flush_denormal():
+        model, _ = source.skeleton(dtype)
+        adapter = get_adapter(model)
+        layers = adapter.layers(model)
+        prefix = module_name(model, layers)
+        _check_group_size(layers, adapter, recipe, prefix)
+        result = QuantizationResult(recipe, {}, layers_prefix=prefix)
+        stages = stages_for(recipe)
+        _check_distributed(recipe, dist)
+        run = Run(model, recipe, tokens, result, batch_size, device, progress)
+        source.materialize(model, model, device, dtype, skip_prefix=prefix)
+        walker = Walker(model, tokens, batch_size=batch_size, device=device, streams=recipe.needs_inputs,
+                        fp_stream=any(st.needs_fp for st in stages), track_error=track_error,
+                        replay_memo=recipe.true_sequential, progress=progress, desc=f"quantize {recipe.label}",
+                        io=lambda w: StreamIO(w, source, partial, result, dtype, store_dtype, state_every_s),
+                        dist=dist)
+        walker.capture()
+        for st in stages:
+            st.check(run, walker)
+        if partial.state["rest"] is None:
+            from .checkpoint import plain_tensors
+
+            aliases: dict[str, str] = {}
+            items = [(k, v) for k, v in model.state_dict(keep_vars=True).items() if not k.startswith(prefix + ".")]
+            partial.write_rest(plain_tensors(model, items, set(), store_dtype, {}, aliases), aliases)
+        for name, mod in model.named_modules():  # the embeddings, final norm and lm_head are no longer needed
+            if mod is not layers and not name.startswith(prefix + ".") and mod._parameters:
+                for pname, p in mod._parameters.items():
+                    if p is not None and not p.is_meta:
+                        mod._parameters[pname] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+        start = partial.resumed_blocks
+        saved = partial.load_streams(device)
+        if saved is not None:
+            walker.xs, walker.fp = saved["xs"], saved["fp"]
+            walker.block_errors = list(saved["errors"])
+            result.block_fits = list(saved["fits"])
+            torch.set_rng_state(saved["rng"])
+        stop = len(layers) if max_blocks is None else min(len(layers), start + max_blocks)
+        for blk in walker.blocks(start, stop):
+            for st in stages:
+                st.on_block(run, blk)
+        result.block_errors = walker.block_errors
+        result.block_seconds = walker.block_seconds
+        for st in stages:
+            st.after_model(run)
+    result.seconds = time.perf_counter() - t0
+    info = partial.block_info()
+    return model, result, {"complete": stop == len(layers), "n_blocks": len(layers),
+                           "bits": sum(b["bits"] for b in info), "weights": sum(b["weights"] for b in info)}

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
 
@@ -359,12 +360,16 @@ class Block:
         return self.walker.adapter.layer_type(rel)
 
     def stats(self, names: list[str], with_fp: bool = False) -> dict[str, QEPStat]:
-        """H (and with `with_fp` QEP's C) of the named linears, on the block as it is now."""
+        """H (and with `with_fp` QEP's C) of the named linears, on the block as it is now (summed over every
+        rank's batches when the walk is distributed)."""
         if with_fp and self.fp_block is None:
             raise WalkError("QEP statistics need the FP stream; the walker was started without it")
-        return collect_stats(self.block, names, self.xs, self.calls, self.replay, self.done,
-                             fp_block=self.fp_block if with_fp else None, fp_xs=self.fp if with_fp else None,
-                             fp_replay=self.fp_replay if with_fp else None)
+        stats = collect_stats(self.block, names, self.xs, self.calls, self.replay, self.done,
+                              fp_block=self.fp_block if with_fp else None, fp_xs=self.fp if with_fp else None,
+                              fp_replay=self.fp_replay if with_fp else None)
+        if self.walker.dist is not None:
+            self.walker.dist.all_reduce_stats([stats[n] for n in names], with_c=with_fp)
+        return stats
 
     def fp_targets(self) -> list[torch.Tensor]:
         """The FP block's outputs on the FP stream (computed once)."""
@@ -387,8 +392,29 @@ class Block:
             w.fp = self._fp_out if self._fp_out is not None else run_block(self.fp_block, w.fp, self.calls,
                                                                            self.fp_replay)
             if w.track_error:
-                w.block_errors.append(rel_err(w.xs, w.fp))
+                w.block_errors.append(rel_err(w.xs, w.fp) if w.dist is None else w.dist.rel_err(w.xs, w.fp))
         self.replay = self.fp_replay = self.fp_block = self._fp_out = None
+
+
+class BlockIO:
+    """Where blocks come from and go to during a walk; the default moves them to the device and back.
+
+    A streamed walk (`lowbit.pipeline.quantize_streamed`) reads each block from the model files in
+    `load`, writes it to the checkpoint in `finished` and frees it in `unload`."""
+
+    def __init__(self, walker: Walker):
+        self.walker = walker
+
+    def load(self, i: int) -> nn.Module:
+        """Block i, on the walker's device."""
+        return self.walker.layers[i].to(self.walker.device)
+
+    def finished(self, blk: Block) -> None:
+        """Block i is quantized and both streams have gone through it."""
+
+    def unload(self, i: int) -> None:
+        """Block i leaves the device (also after an error)."""
+        self.walker.layers[i].to(self.walker.home)
 
 
 class Walker:
@@ -396,12 +422,18 @@ class Walker:
 
     streams: run the calibration tokens at all (data-free solvers need none); fp_stream: keep the FP
     stream and an FP copy of each block beside the quantized ones (QEP, block-wise training, errors).
+    io: a `BlockIO` factory (default: blocks already in memory); dist: a `lowbit.distributed.Dist` when
+    the calibration batches are split across ranks (statistics and errors are summed over them).
     """
 
     def __init__(self, model: nn.Module, tokens: torch.Tensor | None, *, batch_size: int = 8,
                  device: str | torch.device | None = None, streams: bool = True, fp_stream: bool = False,
-                 track_error: bool = False, replay_memo: bool = True, progress: bool = True, desc: str = "quantize"):
+                 track_error: bool = False, replay_memo: bool = True, progress: bool = True, desc: str = "quantize",
+                 io: Callable[[Walker], BlockIO] = BlockIO, dist=None):
         self.model = model
+        self.io = io(self)
+        self.dist = dist
+        self.block_seconds: list[float] = []
         self.adapter = get_adapter(model)
         self.layers = self.adapter.layers(model)
         self.prefix = module_name(model, self.layers)
@@ -429,16 +461,22 @@ class Walker:
         self.fp = [x.clone() for x in self.xs] if self.fp_stream else None
         self._captured = True
 
-    def blocks(self) -> Iterator[Block]:
-        """Each block in turn, on the device; `finish` runs when the caller's work on it is done."""
+    def blocks(self, start: int = 0, stop: int | None = None) -> Iterator[Block]:
+        """Blocks start..stop-1 in turn, on the device; `finish` runs when the caller's work on one is done
+        (a walk that starts later expects `xs` / `fp` to hold the streams entering block `start`)."""
         self.capture()
-        bar = tqdm(range(len(self.layers)), desc=self.desc, unit="block", disable=not self.progress)
+        stop = len(self.layers) if stop is None else min(stop, len(self.layers))
+        bar = tqdm(range(start, stop), desc=self.desc, unit="block", disable=not self.progress,
+                   initial=0, total=stop - start)
         for i in bar:
-            blk = Block(self, i, self.layers[i].to(self.device))
+            t0 = time.perf_counter()
+            blk = Block(self, i, self.io.load(i))
             try:
                 yield blk
                 blk.finish()
+                self.io.finished(blk)
                 if self.track_error:
                     bar.set_postfix(rel_err=f"{self.block_errors[-1]:.4f}")
             finally:
-                self.layers[i].to(self.home)
+                self.io.unload(i)
+            self.block_seconds.append(time.perf_counter() - t0)

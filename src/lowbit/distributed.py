@@ -1,0 +1,111 @@
+"""Data-parallel quantization over several processes (torchrun): calibration batches are split across
+ranks, every rank walks the same blocks on its own batches, and the statistics the solvers read
+(H and QEP's C, block errors) are summed over the ranks, so every rank solves the same problem and the
+result equals one process's up to the order of float sums. NCCL between GPUs, gloo on the CPU.
+
+    torchrun --nproc-per-node 2 -m lowbit quantize MODEL --out DIR ...   (rank 0 writes)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+class DistributedError(RuntimeError):
+    """The distributed run cannot go ahead as asked."""
+
+
+@dataclass
+class Dist:
+    """This process's place in a data-parallel run."""
+
+    rank: int
+    world: int
+    local_rank: int
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this rank writes files and prints results."""
+        return self.rank == 0
+
+    def device(self, spec: str) -> torch.device:
+        """This rank's device for `--device spec` (cuda -> cuda:LOCAL_RANK)."""
+        dev = torch.device(spec)
+        if dev.type == "cuda" and dev.index is None:
+            return torch.device("cuda", self.local_rank)
+        return dev
+
+    def shard(self, tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """This rank's calibration windows: batches rank, rank + world, ... of the single-process batching
+        (each batch is the same as in a one-process run; only the order of the sums changes)."""
+        n_batches = -(-tokens.shape[0] // batch_size)
+        if n_batches < self.world:
+            raise DistributedError(f"{n_batches} calibration batches cannot be split over {self.world} processes; "
+                                   "use more windows, a smaller --batch-size or fewer processes")
+        mine = [tokens[b * batch_size : (b + 1) * batch_size] for b in range(self.rank, n_batches, self.world)]
+        return torch.cat(mine)
+
+    def all_reduce_stats(self, stats, with_c: bool = True) -> None:
+        """Sum QEPStat accumulators (H, with `with_c` C, token counts) over the ranks, in place; shared ones once."""
+        import torch.distributed as dist
+
+        seen: set[int] = set()
+        for st in stats:
+            if id(st) in seen:
+                continue
+            seen.add(id(st))
+            dist.all_reduce(st.H)
+            if with_c:
+                dist.all_reduce(st.C)
+            n = torch.tensor([st.tokens], dtype=torch.float64, device=st.H.device)
+            dist.all_reduce(n)
+            st.tokens = int(n.item())
+            st._factors.clear()
+
+    def rel_err(self, a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+        """Relative Frobenius error of stream a against b over every rank's batches."""
+        import torch.distributed as dist
+
+        num = sum(float((x - y).float().pow(2).sum()) for x, y in zip(a, b))
+        den = sum(float(y.float().pow(2).sum()) for y in b)
+        dev = a[0].device if a else torch.device("cpu")
+        t = torch.tensor([num, den], dtype=torch.float64, device=dev)
+        dist.all_reduce(t)
+        return (float(t[0]) / max(float(t[1]), 1e-30)) ** 0.5
+
+    def barrier(self) -> None:
+        """Wait for every rank."""
+        import torch.distributed as dist
+
+        dist.barrier()
+
+    def close(self) -> None:
+        """Leave the process group."""
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def from_env(device: str) -> Dist | None:
+    """Join the process group torchrun describes in the environment (WORLD_SIZE > 1), or None for a
+    single-process run. NCCL for CUDA devices, gloo otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    import torch.distributed as dist
+
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+    if backend == "nccl":
+        if torch.cuda.device_count() <= local:
+            raise DistributedError(f"rank {rank} wants cuda:{local} but this machine has {torch.cuda.device_count()} "
+                                   "GPU(s); use --nproc-per-node <= the GPU count")
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return Dist(rank, world, local, backend)
