@@ -38,3 +38,24 @@ def test_reconstruction_and_bits():
     assert q.storage_bits() == 32 * 8 * 16 + 32 * 16
     with pytest.raises(ValueError, match="multiple"):
         ldlq(W[:, :60], None, VectorFormat())
+
+
+def test_vq_e8_runs_through_the_pipeline_with_rotation_and_qep():
+    from conftest import tiny_model, tiny_tokens
+    from lowbit.pipeline import quantize_model
+    from lowbit.qep import QEPConfig
+    from lowbit.recipe import Recipe
+    from lowbit.solvers.ldlq import VectorQuantizedWeight
+
+    model = tiny_model("llama")
+    toks = tiny_tokens()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    res = quantize_model(model, Recipe(method="vq_e8", bits=2, group_size=-1, rotation="hadamard", qep=QEPConfig()),
+                         toks, batch_size=4, progress=False)
+    assert res.weights and all(isinstance(q, VectorQuantizedWeight) for q in res.weights.values())
+    for name, q in res.weights.items():
+        w = model.get_submodule(name).weight
+        assert torch.equal(w.detach(), q.dequantize().to(w.dtype))
+        assert not torch.equal(w.detach(), before[name + ".weight"])
+        out, n = w.shape
+        assert q.storage_bits() / (out * n) == pytest.approx(2 + 16 / n)

@@ -36,6 +36,10 @@ class VectorQuantizedWeight:
         out, g = self.codes.shape
         return self.fmt.storage_bits(out, g * self.fmt.dim)
 
+    def to(self, device) -> VectorQuantizedWeight:
+        return VectorQuantizedWeight(self.codes.to(device), self.scale.to(device), self.fmt,
+                                     None if self.book is None else self.book.to(device), self.info)
+
 
 def row_scale(w: torch.Tensor, fmt: cb.VectorFormat, rho: float) -> torch.Tensor:
     """Per-row scale mapping a row's RMS to `rho` times the codebook RMS (E8) or to `rho` (k-means)."""
@@ -87,3 +91,10 @@ def ldlq(w: torch.Tensor, H: torch.Tensor | None, fmt: cb.VectorFormat, rho: flo
             coef = torch.linalg.solve_triangular(U[j:j + d, j:j + d], U[j:j + d, j + d:], upper=True)
             W[:, j + d:] -= E @ coef
     return VectorQuantizedWeight(codes, s, fmt, None if fmt.kind == "e8" else book)
+
+
+def vq_e8(W: torch.Tensor, fmt=None, H: torch.Tensor | None = None, damp: float = 0.01, rho: float = 0.9,
+          **_ignored) -> VectorQuantizedWeight:
+    """Solver-registry entry: E8 vector LDLQ at 2 bits (+16/n for row scales). The recipe's scalar
+    format (`fmt`) and its scalar-only options (clip, groups, act order) do not apply and are ignored."""
+    return ldlq(W, H, cb.VectorFormat(), rho=rho, damp=damp)
