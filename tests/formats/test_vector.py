@@ -64,3 +64,14 @@ def test_kmeans_beats_its_initialisation_and_keeps_k_entries():
     assert dist(c) < dist(c0)
     c_small = cb.kmeans(x[:5], 8, iters=3)  # fewer vectors than entries still gives 8
     assert c_small.shape == (8, 4)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), spread=st.floats(0.3, 3.0))
+def test_fast_e8_encode_equals_exhaustive_search(seed, spread):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(300, 8, generator=g) * spread  # large spreads put many rows outside the ball
+    b = e8.codebook()
+    fast = e8.decode(e8.encode(x))
+    brute = e8.decode(e8.nearest(x, b))
+    assert torch.allclose((x - fast).pow(2).sum(1), (x - brute).pow(2).sum(1), atol=1e-4)

@@ -92,8 +92,15 @@ def book_for(fmt: VectorFormat, book: torch.Tensor | None, device) -> torch.Tens
 
 
 def encode(x: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
-    """Codes (int32) of the nearest entries of `book` to the rows of x [n, d]."""
+    """Codes (int32) of the nearest entries of `book` to the rows of x [n, d] (the E8 ball through
+    lattice decoding)."""
+    if _is_e8(book):
+        return e8.encode(x)
     return e8.nearest(x, book).to(torch.int32)
+
+
+def _is_e8(book: torch.Tensor) -> bool:
+    return book.shape == (e8.SIZE, e8.DIM) and torch.equal(book.cpu(), e8._codebook_cpu())
 
 
 def decode(codes: torch.Tensor, book: torch.Tensor) -> torch.Tensor:

@@ -79,9 +79,61 @@ def nearest(x: torch.Tensor, book: torch.Tensor, chunk: int = 4096) -> torch.Ten
     return out
 
 
+def _round_d8(x: torch.Tensor) -> torch.Tensor:
+    """Nearest point of D8 (integer vectors with even sum): round, and if the sum is odd re-round
+    the coordinate that was rounded worst the other way (Conway and Sloane)."""
+    f = x.round()
+    odd = (f.sum(1) % 2) != 0
+    if odd.any():
+        err = x - f
+        i = err.abs().argmax(1)
+        step = torch.where(err.gather(1, i[:, None]) >= 0, 1.0, -1.0)
+        f[odd] = f[odd].scatter_add(1, i[odd, None], step[odd])
+    return f
+
+
+def lattice_nearest(x: torch.Tensor) -> torch.Tensor:
+    """Nearest point of the whole E8 lattice to every row of x [n, 8]: the closer of the nearest
+    points of D8 and of D8 + 1/2."""
+    a = _round_d8(x)
+    b = _round_d8(x - 0.5) + 0.5
+    pick_a = ((x - a) ** 2).sum(1) <= ((x - b) ** 2).sum(1)
+    return torch.where(pick_a[:, None], a, b)
+
+
+@functools.lru_cache(maxsize=4)
+def _key_table(device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    keys = _key(codebook(device))
+    sk, order = keys.sort()
+    return sk, order
+
+
+def _key(p: torch.Tensor) -> torch.Tensor:
+    """An int64 key of a point with coordinates in (1/2)Z, |coordinate| < 8."""
+    v = (2 * p).round().long() + 16
+    k = torch.zeros(p.shape[0], dtype=torch.int64, device=p.device)
+    for j in range(DIM):
+        k = k * 32 + v[:, j].clamp(0, 31)
+    return k
+
+
 def encode(x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """Codes (int32 in [0, 65536)) of the nearest codebook points to x [n, 8] (already scaled)."""
-    return nearest(x, codebook(x.device), chunk).to(torch.int32)
+    """Codes (int32 in [0, 65536)) of the nearest codebook points to x [n, 8] (already scaled).
+
+    Exact and fast: the nearest E8 point is found by lattice decoding; when it lies in the codebook
+    ball it is also the nearest codebook point, and only the other rows (outside the ball) are
+    searched exhaustively."""
+    x = x.float()
+    p = lattice_nearest(x)
+    sk, order = _key_table(str(x.device))
+    k = _key(p)
+    pos = torch.searchsorted(sk, k).clamp_max(sk.numel() - 1)
+    found = (sk[pos] == k) & (p.abs().max(1).values < 7.5)
+    out = order[pos].clone()
+    miss = (~found).nonzero().flatten()
+    if miss.numel():
+        out[miss] = nearest(x[miss], codebook(x.device), chunk)
+    return out.to(torch.int32)
 
 
 def decode(codes: torch.Tensor) -> torch.Tensor:
