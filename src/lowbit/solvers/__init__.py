@@ -6,17 +6,19 @@ from collections.abc import Callable
 
 from .base import QuantizedWeight, SolverError
 from .gptq import gptq
+from .ldlq import vq_e8
 from .linalg import layer_loss
 from .onebit import onebit
 from .qqa import qqa
 from .rtn import rtn
 
-SOLVERS: dict[str, Callable[..., QuantizedWeight]] = {"rtn": rtn, "gptq": gptq, "qqa": qqa, "onebit": onebit}
-NEEDS_HESSIAN = {"gptq", "qqa", "onebit"}
+SOLVERS: dict[str, Callable[..., QuantizedWeight]] = {"rtn": rtn, "gptq": gptq, "qqa": qqa, "onebit": onebit,
+                                                  "vq_e8": vq_e8}
+NEEDS_HESSIAN = {"gptq", "qqa", "onebit", "vq_e8"}
 # onebit is not row-independent: its column scales h are shared by all rows
 # solvers whose result for a row depends only on that row (and H): linears sharing H may be
 # stacked into one call
-ROW_INDEPENDENT = {"rtn", "gptq", "qqa"}
+ROW_INDEPENDENT = {"rtn", "gptq", "qqa"}  # vq_e8 is, but solve_group splits only scalar results
 
 
 def get_solver(name: str) -> Callable[..., QuantizedWeight]:

