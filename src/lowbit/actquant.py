@@ -17,9 +17,9 @@ from .models import get_adapter
 def enable_act_quant_module(mod: nn.Module, bits: int, symmetric: bool = False, clip: float = 1.0) -> bool:
     """Make one linear fake-quantize its input per token (after its online transform, if any);
     False when it already does."""
-    from .nn.quantized import QuantizedLinear
+    from .nn import QUANTIZED_MODULES
 
-    if isinstance(mod, QuantizedLinear):  # a field of the packed module: applied in its forward
+    if isinstance(mod, QUANTIZED_MODULES):  # a field of the packed module: applied in its forward
         if mod.act_bits is not None:
             return False
         mod.act_bits, mod.act_symmetric = bits, symmetric
@@ -44,11 +44,11 @@ def enable_act_quant_module(mod: nn.Module, bits: int, symmetric: bool = False, 
 
 def enable_act_quant(model: nn.Module, bits: int, symmetric: bool = False, clip: float = 1.0) -> int:
     """Fake-quantize the inputs of every decoder-block linear; returns how many were set up."""
-    from .nn.quantized import QuantizedLinear
+    from .nn import QUANTIZED_MODULES
 
     count = 0
     for blk in get_adapter(model).layers(model):
         for _, mod in blk.named_modules():
-            if isinstance(mod, (nn.Linear, QuantizedLinear)):
+            if isinstance(mod, (nn.Linear, *QUANTIZED_MODULES)):
                 count += enable_act_quant_module(mod, bits, symmetric, clip)
     return count

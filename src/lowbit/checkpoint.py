@@ -7,7 +7,10 @@ Layout of a checkpoint folder (format lowbit/2):
   what the module holds in memory: `<name>.qweight` (int32 bit planes), `<name>.scales` (fp16
   [out, groups]), `<name>.zeros` (uint8, asymmetric only), `<name>.perm` (int32, act order),
   `<name>.in_scale` (fp16, 1-bit layers), `<name>.bias`, `<name>.transform.*` (online pairwise
-  rotation); every other parameter in bf16 (default) / fp16 / fp32; buffers as they are; and one guard
+  rotation); a vector-quantized linear (kind "vector", `VectorQuantizedLinear`) as `<name>.codes` (uint8 /
+  int16), `<name>.scales` (fp16 [out]), `<name>.codebook` (fp16, k-means books only: the E8 codebook is
+  regenerated, its name and hash are in the manifest entry), `<name>.bias`, `<name>.transform.*`;
+  every other parameter in bf16 (default) / fp16 / fp32; buffers as they are; and one guard
   tensor under the first quantized linear's `.weight` name (see GUARD);
 - the tokenizer files;
 - lowbit.json, written last: the format version, each quantized module's format and the
@@ -135,7 +138,8 @@ def save(model: torch.nn.Module, result: QuantizationResult, out: str | Path, to
 
 
 def quantized_tensors(qmods: dict, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-    """The stored tensors and manifest entries of packed QuantizedLinear modules (by full name)."""
+    """The stored tensors and manifest entries of packed quantized modules (QuantizedLinear,
+    VectorQuantizedLinear), by full name."""
     tensors, modules = {}, {}
     for name, q in qmods.items():
         for key, t in q.state_dict().items():
@@ -316,7 +320,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", with_tokenizer: b
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .nn import QuantizedLinear, dequantize_model
+    from .nn import dequantize_model, module_from_format
     from .transforms.online import from_spec
 
     path = Path(path)
@@ -331,7 +335,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", with_tokenizer: b
     for name, m in manifest["modules"].items():
         try:
             transform = from_spec(m.get("transform"), m["in_features"])
-            q = QuantizedLinear.from_format(m, transform, dtype=dtype, device="meta")
+            q = module_from_format(m, transform, dtype=dtype, device="meta")
         except (KeyError, ValueError) as e:
             raise CheckpointError(f"{path}: module {name} has a bad format entry: {e}") from None
         try:

@@ -30,7 +30,7 @@ class Source:
     path: Path
     manifest: dict
     config: dict  # config.json without quantization_config
-    modules: dict  # name -> QuantizedLinear (CPU)
+    modules: dict  # name -> QuantizedLinear / VectorQuantizedLinear (CPU)
     other: dict[str, torch.Tensor]  # every tensor that is not part of a quantized module, as stored
     notes: list[str] = field(default_factory=list)
 
@@ -38,7 +38,7 @@ class Source:
 def read_source(path: str | Path) -> Source:
     """The checkpoint's quantized modules (packed) and its other tensors, files checked against the manifest."""
     from ..checkpoint import CheckpointError, load_state
-    from ..nn import QuantizedLinear
+    from ..nn import module_from_format
     from ..transforms.online import from_spec
 
     path = Path(path).expanduser()
@@ -51,7 +51,10 @@ def read_source(path: str | Path) -> Source:
     dtype = getattr(torch, manifest.get("dtype", "float32"))
     modules = {}
     for name, m in manifest["modules"].items():
-        q = QuantizedLinear.from_format(m, from_spec(m.get("transform"), m["in_features"]), dtype=dtype)
+        try:
+            q = module_from_format(m, from_spec(m.get("transform"), m["in_features"]), dtype=dtype)
+        except (KeyError, ValueError) as e:
+            raise ExportError(f"{path}: module {name} has a bad format entry: {e}") from None
         sd = {k[len(name) + 1:]: raw.pop(k) for k in [k for k in raw if k.startswith(name + ".")]}
         q.load_state_dict(sd)
         modules[name] = q
@@ -76,6 +79,10 @@ def check_common(src: Source, fmt: str, allow_pairwise: bool = False) -> None:
         src.notes.append("R3 (Hadamard on keys after RoPE) dropped: it is exact in floating point and only "
                          "matters with a quantized KV cache, which the export does not carry")
     for name, q in src.modules.items():
+        if q.kind == "vector":
+            refuse(fmt, f"{name} holds vector codes ({q.codebook_name}, {q.code_bits} bits per {q.dim} weights)",
+                   "the format stores scalar integer codes only; load it with lowbit.load (or transformers "
+                   "after `import lowbit`)")
         if q.kind == "binary" or q.in_scale is not None:
             refuse(fmt, f"{name} is a 1-bit OneBit layer (sign codes with per-input scales h)",
                    "no integer format has a per-input-channel scale; serve it with lowbit (its vLLM plugin)")

@@ -1,6 +1,6 @@
 """lowbit's quantization config and HfQuantizer for transformers: after `import lowbit`,
 `AutoModelForCausalLM.from_pretrained(<lowbit checkpoint>)` builds the packed `QuantizedLinear` modules
-(the same model `lowbit.load` gives).
+(the same model `lowbit.load` gives), and `VectorQuantizedLinear` for vector-code layers.
 
 The checkpoint's config.json carries `quantization_config = {"quant_method": "lowbit", "modules": {name:
 format}, "rotation": ..., "recipe": ...}`: before the weights are read the quantizer swaps every listed
@@ -51,7 +51,7 @@ def _classes():
         def _process_model_before_weight_loading(self, model, **kwargs):
             import torch
 
-            from ..nn import QuantizedLinear
+            from ..nn import module_from_format
             from ..transforms.modules import replace_module
             from ..transforms.online import from_spec
 
@@ -60,7 +60,7 @@ def _classes():
             dtype = ref.dtype if ref is not None else torch.float32
             for name, m in cfg.modules.items():
                 transform = from_spec(m.get("transform"), m["in_features"])
-                q = QuantizedLinear.from_format(m, transform, dtype=dtype, device="meta")
+                q = module_from_format(m, transform, dtype=dtype, device="meta")
                 replace_module(model, name, q)
             rotation = getattr(cfg, "rotation", None)
             if rotation:

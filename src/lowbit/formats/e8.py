@@ -23,6 +23,8 @@ DIM = 8
 CODE_BITS = 16
 SIZE = 2 ** CODE_BITS
 _MAX_NORM2 = 12.0
+#: the codebook's name in checkpoints (with `identity()`, the hash of its points, checked on load)
+NAME = "e8-2^16"
 
 
 def _points(half: bool) -> list[tuple[float, ...]]:
@@ -63,6 +65,31 @@ def _codebook_cpu() -> torch.Tensor:
 def codebook(device=None) -> torch.Tensor:
     """The [65536, 8] float32 codebook (a fresh copy on `device`)."""
     return _codebook_cpu().to(device)
+
+
+@functools.lru_cache(maxsize=1)
+def identity() -> str:
+    """The first 16 hex digits of the sha256 of the float32 codebook: a checkpoint records it, and a
+    generator that no longer gives the same points (order included) is caught on load."""
+    import hashlib
+
+    return hashlib.sha256(_codebook_cpu().numpy().tobytes()).hexdigest()[:16]
+
+
+_TABLES: dict = {}
+
+
+def table(device=None, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """The codebook as one shared [65536, 8] tensor per (device, dtype) (fp16: exact, the points are
+    halves below 4), for the decode kernels; made on first use (do it before a CUDA graph capture)."""
+    device = torch.device(device if device is not None else "cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (device, dtype)
+    t = _TABLES.get(key)
+    if t is None:
+        t = _TABLES[key] = _codebook_cpu().to(device=device, dtype=dtype).contiguous()
+    return t
 
 
 def nearest(x: torch.Tensor, book: torch.Tensor, chunk: int = 4096) -> torch.Tensor:

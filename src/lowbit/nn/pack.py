@@ -1,4 +1,5 @@
-"""Turning a quantized model's float linears into packed QuantizedLinear modules, and back."""
+"""Turning a quantized model's float linears into packed QuantizedLinear / VectorQuantizedLinear modules,
+and back; building an empty one from its checkpoint manifest entry."""
 
 from __future__ import annotations
 
@@ -8,6 +9,21 @@ from torch import nn
 from ..transforms.modules import HadamardLinear, RotatedLinear, replace_module
 from ..transforms.online import HadamardInput, PairwiseInput
 from .quantized import QuantizedLinear
+from .vector import VectorQuantizedLinear
+
+#: the module classes a quantized linear is held as (scalar / 1-bit codes, vector codes)
+QUANTIZED_MODULES = (QuantizedLinear, VectorQuantizedLinear)
+
+
+def module_class(kind: str) -> type[nn.Module]:
+    """The module class of a quantized layer kind ("int", "binary": QuantizedLinear; "vector")."""
+    return VectorQuantizedLinear if kind == "vector" else QuantizedLinear
+
+
+def module_from_format(f: dict, transform: nn.Module | None = None, dtype: torch.dtype = torch.float32,
+                       device=None) -> nn.Module:
+    """An empty module of a manifest entry's format (its buffers are then loaded)."""
+    return module_class(f.get("kind", "int")).from_format(f, transform, dtype=dtype, device=device)
 
 
 def _transform_of(mod: nn.Module, rot=None) -> nn.Module | None:
@@ -18,15 +34,16 @@ def _transform_of(mod: nn.Module, rot=None) -> nn.Module | None:
     return None
 
 
-def quantized_modules(model: nn.Module, result) -> dict[str, QuantizedLinear]:
-    """A QuantizedLinear (on the CPU) for every linear the pipeline quantized, without changing `model`."""
+def quantized_modules(model: nn.Module, result) -> dict[str, nn.Module]:
+    """A QuantizedLinear / VectorQuantizedLinear (on the CPU) for every linear the pipeline quantized,
+    without changing `model`."""
     out = {}
     act_sym = bool(getattr(result.recipe, "act_symmetric", False))
     for name, qw in result.weights.items():
         mod = model.get_submodule(name)
         bias = None if mod.bias is None else mod.bias.detach().cpu()
-        q = QuantizedLinear.from_weight(qw.to("cpu"), bias, _transform_of(mod, result.transforms.get(name)),
-                                        dtype=mod.weight.dtype)
+        cls = module_class(getattr(qw, "kind", "int"))
+        q = cls.from_weight(qw.to("cpu"), bias, _transform_of(mod, result.transforms.get(name)), dtype=mod.weight.dtype)
         if getattr(mod, "_lowbit_act_bits", None) is not None:
             q.act_bits, q.act_symmetric = mod._lowbit_act_bits, act_sym
         out[name] = q
@@ -44,11 +61,11 @@ def pack_model(model: nn.Module, result) -> nn.Module:
 
 @torch.no_grad()
 def dequantize_model(model: nn.Module) -> nn.Module:
-    """Replace every QuantizedLinear by the float module it stands for (nn.Linear, RotatedLinear or
-    HadamardLinear with the dequantized weight), in place: for analyses that need float weights."""
+    """Replace every QuantizedLinear / VectorQuantizedLinear by the float module it stands for (nn.Linear,
+    RotatedLinear or HadamardLinear with the dequantized weight), in place: for analyses that need float weights."""
     from ..transforms.online import PairwiseInput as _P
 
-    for name, q in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]:
+    for name, q in [(n, m) for n, m in model.named_modules() if isinstance(m, QUANTIZED_MODULES)]:
         dtype = q.bias.dtype if q.bias is not None else next(
             (p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device="meta")

@@ -1,0 +1,81 @@
+"""Triton kernels of the vector-code linear (imported only when triton is available).
+
+Layout: `lowbit.formats.packed_vector` (codes [N, G] uint8 / int16 bit patterns, G = K / DIM groups
+of DIM input columns; fp16 row scales [N]; an fp16 codebook [B, DIM], the E8 table 1 MB, which
+stays in L2 across the programs). `lowbit.kernels.vector` launches:
+
+- `vq_gemv_kernel`: one token per program (axis 2), BLOCK_N output rows (axis 0) and one split of
+  the groups (axis 1). The program streams its rows' codes in tiles of BLOCK_G groups, gathers the
+  DIM-wide codebook rows of every code from global memory, multiplies them with the matching
+  DIM-wide slices of x (loaded once per tile, fp32) and reduces; the row scale is applied once to
+  the sum. One split: scale, bias and the cast to x's dtype are done in the kernel; several: the
+  scaled partial sums go to a float32 [T, SPLITS, N] buffer that the launcher sums in split order
+  (deterministic).
+- `vq_dequant_kernel`: codes -> dense [N, K] in the output dtype (scale * entry in fp32, rounded
+  once), for dequantize + cuBLAS at many tokens.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from lowbit.kernels._quant_triton import _sum_combine
+
+# tl.reduce with tl.sum's combine rather than tl.sum (see _quant_triton: the interpreter tests
+# reload this module under TRITON_INTERPRET=1)
+
+
+@triton.jit
+def _gather(codes_ptr, book_ptr, rows, groups, stride_c, rmask, gmask, DIM: tl.constexpr):
+    """Codebook entries [BLOCK_N, BLOCK_G, DIM] (fp32) of the codes at (rows, groups); masked codes read entry 0."""
+    m = rmask[:, None] & gmask[None, :]
+    c = tl.load(codes_ptr + rows[:, None] * stride_c + groups[None, :], mask=m, other=0)
+    idx = c.to(tl.int32) & 0xFFFF                      # int16 holds the 16-bit pattern
+    d = tl.arange(0, DIM)
+    return tl.load(book_ptr + idx[:, :, None] * DIM + d[None, None, :]).to(tl.float32)
+
+
+@triton.jit
+def vq_gemv_kernel(x_ptr, codes_ptr, s_ptr, book_ptr, bias_ptr, out_ptr, part_ptr, G, N, G_SPLIT,
+                   stride_c, stride_x, stride_o, DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+                   SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    t = tl.program_id(2)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    d = tl.arange(0, DIM)
+    g_lo = pid_s * G_SPLIT
+    g_hi = tl.minimum(g_lo + G_SPLIT, G)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for g0 in range(g_lo, g_hi, BLOCK_G):
+        groups = g0 + tl.arange(0, BLOCK_G)
+        gmask = groups < g_hi
+        w = _gather(codes_ptr, book_ptr, rows, groups, stride_c, rmask, gmask, DIM)
+        xv = tl.load(x_ptr + t * stride_x + groups[:, None] * DIM + d[None, :], mask=gmask[:, None],
+                     other=0.0).to(tl.float32)
+        prod = tl.reduce(w * xv[None, :, :], 2, _sum_combine)
+        acc += tl.reduce(prod, 1, _sum_combine)
+    acc = acc * tl.load(s_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    if SPLITS == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + t * stride_o + rows, acc.to(out_ptr.dtype.element_ty), mask=rmask)
+    else:
+        tl.store(part_ptr + (t * SPLITS + pid_s) * N + rows, acc, mask=rmask)
+
+
+@triton.jit
+def vq_dequant_kernel(codes_ptr, s_ptr, book_ptr, out_ptr, G, N, stride_c, stride_o, DIM: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    groups = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    rmask = rows < N
+    gmask = groups < G
+    w = _gather(codes_ptr, book_ptr, rows, groups, stride_c, rmask, gmask, DIM)
+    w = w * tl.load(s_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[:, None, None]
+    d = tl.arange(0, DIM)
+    ptr = out_ptr + rows[:, None, None] * stride_o + groups[None, :, None] * DIM + d[None, None, :]
+    m = rmask[:, None, None] & gmask[None, :, None] & (d[None, None, :] < DIM)
+    tl.store(ptr, w.to(out_ptr.dtype.element_ty), mask=m)

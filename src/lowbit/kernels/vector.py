@@ -1,0 +1,237 @@
+"""Matmul with vector-code weights: y = x W^T + bias for the layout of `lowbit.formats.packed_vector`.
+
+W[n, dim*j : dim*(j+1)] = scales[n] * book[codes[n, j]]. The reference twin is
+`formats.packed_vector.vq_linear_ref`; the Triton kernels are in `_vector_triton`.
+
+Entry points, following the conventions of `kernels.quant`:
+
+- `vq_linear` (dispatcher): Triton for CUDA tensors (CPU ones under TRITON_INTERPRET=1), the
+  reference elsewhere; LOWBIT_KERNELS=ref forces the reference; a CUDA input without triton raises
+  (never a quiet fallback). It calls the torch custom op `lowbit::vq_linear` (torch.compile and CUDA
+  graph capture take it whole); when autograd needs a gradient the reference runs instead.
+- `vq_linear_triton` (launcher, no autograd): path "gemv" (`vq_gemv_kernel`: codes decoded on the
+  fly, one token per program), "dequant" (`vq_dequantize_triton`, then cuBLAS), "auto": gemv up to
+  GEMV_MAX_TOKENS tokens, dequant beyond; the threshold is read at every call (`setting`).
+
+The path taken is recorded in `last_path` and counted in `path_counts`.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from lowbit.formats.packed_vector import vq_linear_ref
+from lowbit.kernels.quant import _interpreting, _next_pow2, _pow2, _sms, _use_triton
+
+#: tokens up to which "auto" runs the GEMV (it reads the codes once per token); beyond, the weight is
+#: dequantized and multiplied by cuBLAS. A guess until `benchmarks/kernel_vq.py` times the crossover
+GEMV_MAX_TOKENS = 4
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def setting(name: str) -> int:
+    """A dispatch threshold, read when it is used: LOWBIT_VQ_<NAME> if set, else the module attribute."""
+    v = os.environ.get("LOWBIT_VQ_" + name)
+    return int(v) if v is not None else globals()[name]
+
+
+#: the path of the last call: "ref", "gemv" or "dequant"
+last_path: str | None = None
+path_counts: collections.Counter = collections.Counter()
+
+
+def _record(path: str) -> None:
+    global last_path
+    last_path = path
+    path_counts[path] += 1
+
+
+def reset_path_counts() -> None:
+    global last_path
+    last_path = None
+    path_counts.clear()
+
+
+def _triton():
+    try:
+        from lowbit.kernels import _vector_triton
+    except ImportError:
+        return None
+    return _vector_triton
+
+
+def _check(x: Tensor, codes: Tensor, scales: Tensor, book: Tensor, bias: Tensor | None) -> tuple[int, int, int]:
+    """Shape / dtype checks (no device sync); returns (K, N, dim)."""
+    if codes.dim() != 2 or codes.dtype not in (torch.uint8, torch.int16):
+        raise ValueError(f"codes must be a 2-d uint8 or int16 tensor, got {codes.dtype} {tuple(codes.shape)}")
+    if book.dim() != 2 or book.dtype not in _FLOATS:
+        raise ValueError(f"book must be a float [entries, dim] tensor, got {book.dtype} {tuple(book.shape)}")
+    N, G = codes.shape
+    dim = book.shape[1]
+    K = G * dim
+    if x.shape[-1] != K:
+        raise ValueError(f"x has {x.shape[-1]} features, the layer {K} ({G} codes of dimension {dim})")
+    if tuple(scales.shape) != (N,) or scales.dtype not in _FLOATS:
+        raise ValueError(f"scales must be float [{N}], got {scales.dtype} {tuple(scales.shape)}")
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"bias must be [{N}], got {tuple(bias.shape)}")
+    return K, N, dim
+
+
+def _check_kernel(who: str, x: Tensor, codes: Tensor, scales: Tensor, book: Tensor, bias: Tensor | None,
+                  dim: int) -> None:
+    if x.dtype not in _FLOATS:
+        raise ValueError(f"{who}: x must be float32, float16 or bfloat16, got {x.dtype}")
+    if not _pow2(dim):
+        raise ValueError(f"{who}: the kernels take codebook dimensions that are powers of two, got {dim} "
+                         "(use vq_linear_ref)")
+    if codes.stride(-1) != 1 or not book.is_contiguous() or not scales.is_contiguous():
+        raise ValueError(f"{who}: codes (unit stride along groups), book and scales must be contiguous")
+    if bias is not None and not bias.is_contiguous():
+        raise ValueError(f"{who}: bias must be contiguous")
+    for name, t in (("codes", codes), ("scales", scales), ("book", book), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{who}: {name} is on {t.device}, x on {x.device}")
+
+
+@functools.lru_cache(maxsize=4096)
+def gemv_config(G: int, N: int, dim: int, sms: int, tokens: int = 1) -> dict:
+    """Tiles of `vq_gemv_kernel`: dict(block_n, block_g, splits, num_warps). 16 rows x 256 input
+    columns per tile (16 x 32 codes of dimension 8); the groups split so that there are about 4
+    programs per SM, each split at least 4 tiles long. Guesses: `benchmarks/kernel_vq.py --sweep`."""
+    block_n = 16
+    block_g = max(1, min(_next_pow2(G), 256 // dim))
+    tiles = -(-G // block_g)
+    programs = -(-N // block_n) * max(1, tokens)
+    splits = max(1, min(tiles // 4, -(-4 * sms // programs)))
+    return dict(block_n=block_n, block_g=block_g, splits=splits, num_warps=4)
+
+
+def _launch_gemv(tk, x2, codes, scales, book, bias, out, K, N, dim, sms, block_n=None, block_g=None,
+                 splits=None, num_warps=None):
+    T = x2.shape[0]
+    G = K // dim
+    cfg = gemv_config(G, N, dim, sms, T)
+    bn, bg = block_n or cfg["block_n"], block_g or cfg["block_g"]
+    for name, v in (("block_n", bn), ("block_g", bg)):
+        if not _pow2(v):
+            raise ValueError(f"{name} must be a power of two, got {v}")
+    tiles = -(-G // bg)
+    sp = max(1, min(splits or cfg["splits"], tiles))
+    g_split = -(-tiles // sp) * bg
+    sp = -(-G // g_split)                                    # no empty split
+    n_r = -(-N // bn)
+    if T > 65535 or sp > 65535:
+        raise ValueError(f"{T} tokens, {sp} splits: the grid's axes 1 and 2 take 65535 at most")
+    part = torch.empty((T, sp, N), dtype=torch.float32, device=x2.device) if sp > 1 else out
+    tk.vq_gemv_kernel[(n_r, sp, T)](
+        x2, codes, scales, book, bias if bias is not None else out, out, part, G, N, g_split,
+        codes.stride(0), x2.stride(0), out.stride(0), DIM=dim, BLOCK_N=bn, BLOCK_G=bg, SPLITS=sp,
+        HAS_BIAS=bias is not None, num_warps=num_warps or cfg["num_warps"])
+    if sp > 1:
+        y = part.sum(1)
+        if bias is not None:
+            y += bias.float()
+        out.copy_(y)
+
+
+def vq_dequantize_triton(codes: Tensor, scales: Tensor, book: Tensor, dtype: torch.dtype = torch.bfloat16, *,
+                         out: Tensor | None = None, block_n: int = 32, block_g: int | None = None,
+                         num_warps: int = 4) -> Tensor:
+    """The dense weight [N, K] in `dtype`, one Triton launch (`out`: a contiguous [N, K] tensor to write)."""
+    tk = _triton()
+    if tk is None:
+        raise RuntimeError("vq_dequantize_triton needs triton (pip install triton); use "
+                           "formats.packed_vector.dequantize_codes")
+    if not (codes.is_cuda or _interpreting()):
+        raise ValueError("vq_dequantize_triton needs CUDA tensors (or TRITON_INTERPRET=1)")
+    probe = torch.empty(0, codes.shape[1] * book.shape[1], dtype=dtype, device=codes.device)
+    K, N, dim = _check(probe, codes, scales, book, None)
+    _check_kernel("vq_dequantize_triton", probe, codes, scales, book, None, dim)
+    if out is None:
+        out = torch.empty(N, K, dtype=dtype, device=codes.device)
+    elif out.shape != (N, K) or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {dtype} [{N}, {K}] tensor")
+    if N == 0 or K == 0:
+        return out
+    G = K // dim
+    bg = block_g or max(1, min(_next_pow2(G), 256 // dim))
+    tk.vq_dequant_kernel[(-(-N // block_n), -(-G // bg))](codes, scales, book, out, G, N, codes.stride(0),
+                                                          out.stride(0), DIM=dim, BLOCK_N=block_n, BLOCK_G=bg,
+                                                          num_warps=num_warps)
+    return out
+
+
+def vq_linear_triton(x: Tensor, codes: Tensor, scales: Tensor, book: Tensor, bias: Tensor | None = None, *,
+                     path: str = "auto", out: Tensor | None = None, **tiles) -> Tensor:
+    """y = x W^T + bias with the Triton kernels (no autograd); x [..., K], y [..., N] in x's dtype.
+
+    path "gemv" (tiles: block_n, block_g, splits, num_warps; `gemv_config`), "dequant" or "auto"
+    (gemv up to GEMV_MAX_TOKENS tokens). `out`: a contiguous [tokens, N] tensor of x's dtype to write."""
+    tk = _triton()
+    if tk is None:
+        raise RuntimeError("vq_linear_triton needs triton (pip install triton); use vq_linear_ref or vq_linear")
+    if not (x.is_cuda or _interpreting()):
+        raise ValueError("vq_linear_triton needs CUDA tensors (or TRITON_INTERPRET=1)")
+    K, N, dim = _check(x, codes, scales, book, bias)
+    _check_kernel("vq_linear_triton", x, codes, scales, book, bias, dim)
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    T = x2.shape[0]
+    if path == "auto":
+        path = "gemv" if T <= setting("GEMV_MAX_TOKENS") else "dequant"
+    if path not in ("gemv", "dequant"):
+        raise ValueError(f"path must be 'auto', 'gemv' or 'dequant', got {path!r}")
+    if out is None:
+        out = torch.empty((T, N), dtype=x.dtype, device=x.device)
+    elif out.shape != (T, N) or out.dtype != x.dtype or not out.is_contiguous() or out.device != x.device:
+        raise ValueError(f"out must be a contiguous {x.dtype} [{T}, {N}] tensor on {x.device}")
+    if T and N and K:
+        if path == "gemv":
+            _launch_gemv(tk, x2, codes, scales, book, bias, out, K, N, dim, _sms(x), **tiles)
+        else:
+            w = vq_dequantize_triton(codes, scales, book, x.dtype, **tiles)
+            if bias is not None:
+                torch.addmm(bias.to(out.dtype), x2, w.t(), out=out)
+            else:
+                torch.mm(x2, w.t(), out=out)
+    elif T and N:
+        out.zero_()
+        if bias is not None:
+            out += bias.to(out.dtype)
+    _record(path)
+    return out.reshape(*x.shape[:-1], N)
+
+
+def _dispatch(x, codes, scales, book, bias):
+    if not _use_triton(x):
+        _check(x, codes, scales, book, bias)
+        _record("ref")
+        return vq_linear_ref(x, codes, scales, book, bias)
+    return vq_linear_triton(x, codes, scales, book, bias)
+
+
+@torch.library.custom_op("lowbit::vq_linear", mutates_args=())
+def _vq_linear_op(x: Tensor, codes: Tensor, scales: Tensor, book: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return _dispatch(x, codes, scales, book, bias)
+
+
+@_vq_linear_op.register_fake
+def _(x, codes, scales, book, bias):
+    return x.new_empty((*x.shape[:-1], codes.shape[0]))
+
+
+def vq_linear(x: Tensor, codes: Tensor, scales: Tensor, book: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Dispatcher of the vector-code linear y = x W^T + bias (module docstring); y in x's dtype."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, scales, bias)):
+        _record("ref")
+        return vq_linear_ref(x, codes, scales, book, bias)
+    return torch.ops.lowbit.vq_linear(x, codes, scales, book, bias)
