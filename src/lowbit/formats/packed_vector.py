@@ -26,11 +26,12 @@ def code_dtype(code_bits: int) -> torch.dtype:
 
 def store_codes(codes: torch.Tensor, code_bits: int) -> torch.Tensor:
     """Codes (any integer dtype, values in [0, 2^code_bits)) in their storage dtype."""
+    dtype = code_dtype(code_bits)
     c = codes.to(torch.int32)
     if c.numel() and (int(c.min()) < 0 or int(c.max()) >= 2 ** code_bits):
         raise ValueError(f"codes must lie in [0, 2^{code_bits})")
-    if code_bits <= 8:
-        return c.to(torch.uint8)
+    if dtype == torch.uint8:
+        return c.to(dtype)
     return torch.where(c >= 2 ** 15, c - 2 ** 16, c).to(torch.int16)
 
 

@@ -48,7 +48,7 @@ def vq_gemv_kernel(x_ptr, codes_ptr, s_ptr, book_ptr, bias_ptr, out_ptr, part_pt
     d = tl.arange(0, DIM)
     g_lo = pid_s * G_SPLIT
     g_hi = tl.minimum(g_lo + G_SPLIT, G)
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc = tl.full([BLOCK_N], 0.0, tl.float32)          # (tl.zeros is a jit helper: not under the reloaded interpreter)
     for g0 in range(g_lo, g_hi, BLOCK_G):
         groups = g0 + tl.arange(0, BLOCK_G)
         gmask = groups < g_hi

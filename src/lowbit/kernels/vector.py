@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from lowbit.formats.packed_vector import vq_linear_ref
-from lowbit.kernels.quant import _interpreting, _next_pow2, _pow2, _sms, _use_triton
+from lowbit.kernels.quant import _interpreting, _next_pow2, _pow2, _sms
 
 #: tokens up to which "auto" runs the GEMV (it reads the codes once per token); beyond, the weight is
 #: dequantized and multiplied by cuBLAS. A guess until `benchmarks/kernel_vq.py` times the crossover
@@ -65,6 +65,19 @@ def _triton():
     except ImportError:
         return None
     return _vector_triton
+
+
+def _use_triton(x: Tensor) -> bool:
+    """Triton for CUDA tensors (CPU ones under TRITON_INTERPRET=1) unless LOWBIT_KERNELS=ref; a CUDA
+    tensor without triton raises."""
+    if os.environ.get("LOWBIT_KERNELS", "") == "ref":
+        return False
+    if x.is_cuda:
+        if _triton() is None:
+            raise RuntimeError("lowbit vq_linear: CUDA input but triton does not import (pip install triton); "
+                               "set LOWBIT_KERNELS=ref to run the plain-torch reference on purpose")
+        return True
+    return _interpreting() and _triton() is not None
 
 
 def _check(x: Tensor, codes: Tensor, scales: Tensor, book: Tensor, bias: Tensor | None) -> tuple[int, int, int]:
