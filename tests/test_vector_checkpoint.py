@@ -182,3 +182,26 @@ def test_cli_quantize_and_eval_vq(tiny_dir, tmp_path):
                             "--windows", "4", "--quiet"])
     assert r.exit_code == 0, r.output
     assert f"{ppl:.2f}" in r.output   # the checkpoint reproduces the in-memory perplexity
+
+
+def test_decode_loop_fuses_vector_layers_and_decodes_like_the_float_twin(tmp_path):
+    from test_decode import _hf_greedy
+
+    from lowbit.decode import DecodeModel, Generator, fuse_linears
+
+    model, res = _quantized("qwen2")
+    path = checkpoint.save(model, res, tmp_path / "ck", dtype="fp32")
+    at = checkpoint.load(path).model.layers[0].self_attn
+    mods = [at.q_proj, at.k_proj, at.v_proj]
+    x = torch.randn(3, 64)
+    fused = fuse_linears(mods)
+    assert len(fused) == 1 and isinstance(fused[0], VectorQuantizedLinear)
+    assert torch.equal(fused[0](x), torch.cat([m(x) for m in mods], -1))
+    mods[1].act_bits = 8                                    # another format: not fused
+    assert len(fuse_linears(mods)) == 3
+    prompt = tiny_tokens(1, 7)
+    ref, _ = _hf_greedy(checkpoint.load(path, dequantize=True), prompt, 6)
+    dm = DecodeModel(checkpoint.load(path), max_len=16)
+    assert all(len(L.qkv) == 1 and isinstance(L.qkv[0], VectorQuantizedLinear) for L in dm.layers)
+    tokens, _ = Generator(dm).generate(prompt, 6)
+    assert torch.equal(tokens, ref)

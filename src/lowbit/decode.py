@@ -3,11 +3,11 @@
 transformers' eager decode launches over a thousand small kernels per token (an 8B Llama in bf16
 reaches about 10 % of the weight-bandwidth bound), and its compiled static-cache path is fragile;
 the kernels for packed weights would be hidden behind that. `DecodeModel` re-uses a loaded model's
-own modules (packed `QuantizedLinear` or float `nn.Linear`, norms, embeddings, RoPE) in a compact
-forward written for generation:
+own modules (packed `QuantizedLinear` / `VectorQuantizedLinear` or float `nn.Linear`, norms,
+embeddings, RoPE) in a compact forward written for generation:
 
 - q/k/v and gate/up fused into one matmul each when their formats allow (same bits, groups,
-  act-order permutation, no online transform); the fused module holds the concatenated packed
+  act-order permutation, or same vector codebook; no online transform); the fused module holds the concatenated packed
   tensors, so the weight bytes are not duplicated for long (the originals are dropped);
 - a static KV cache [layers, batch, kv heads, max_len, head dim] written in place at the step's
   positions, attention through `scaled_dot_product_attention` with a position mask (GQA native);
@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .nn.quantized import QuantizedLinear
+from .nn.vector import VectorQuantizedLinear
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -89,6 +90,8 @@ def _same_format(mods: list[nn.Module]) -> bool:
     a = mods[0]
     if all(type(m) is nn.Linear for m in mods):
         return all((m.bias is None) == (a.bias is None) and m.weight.dtype == a.weight.dtype for m in mods)
+    if all(isinstance(m, VectorQuantizedLinear) for m in mods):
+        return _same_vector_format(mods)
     if not all(isinstance(m, QuantizedLinear) for m in mods):
         return False
     for m in mods:
@@ -103,6 +106,18 @@ def _same_format(mods: list[nn.Module]) -> bool:
     return True
 
 
+def _same_vector_format(mods: list[VectorQuantizedLinear]) -> bool:
+    a = mods[0]
+    for m in mods:
+        if (m.codebook_name, m.dim, m.code_bits, m.in_features) != (a.codebook_name, a.dim, a.code_bits, a.in_features):
+            return False
+        if m.transform is not None or m.act_bits is not None or (m.bias is None) != (a.bias is None):
+            return False
+        if m.codebook is not None and not torch.equal(m.codebook, a.codebook):
+            return False
+    return True
+
+
 @torch.no_grad()
 def fuse_linears(mods: list[nn.Module]) -> list[nn.Module]:
     """One module computing [m_0(x) | m_1(x) | ...] when the formats allow it, else the modules."""
@@ -113,6 +128,15 @@ def fuse_linears(mods: list[nn.Module]) -> list[nn.Module]:
     if type(a) is nn.Linear:
         f = nn.Linear(a.in_features, out, bias=a.bias is not None, device="meta")
         f.weight = nn.Parameter(torch.cat([m.weight for m in mods]), requires_grad=False)
+        if a.bias is not None:
+            f.bias = nn.Parameter(torch.cat([m.bias for m in mods]), requires_grad=False)
+        return [f]
+    if isinstance(a, VectorQuantizedLinear):
+        f = VectorQuantizedLinear(a.in_features, out, a.codebook_name, a.dim, a.code_bits, a.bias is not None,
+                                  device="meta")
+        f.codes = torch.cat([m.codes for m in mods])
+        f.scales = torch.cat([m.scales for m in mods])
+        f.codebook = a.codebook
         if a.bias is not None:
             f.bias = nn.Parameter(torch.cat([m.bias for m in mods]), requires_grad=False)
         return [f]
