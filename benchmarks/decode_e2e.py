@@ -1,6 +1,10 @@
 """End-to-end decode speed of an 8B-shaped Llama (random weights) in lowbit's decode loop:
-bf16 against packed W4 / W3 / W2 (group 128) and W4 with pairwise rotations on every linear,
-at batch 1 and 16, side by side in one process. Random codes and scales are fine for speed.
+bf16 against packed W4 / W3 / W2 (group 128), W4 with pairwise rotations on every linear and E8
+vector codes (vq-e8: 16-bit codes per 8 weights, fp16 row scales, the same 2 bits/weight as W2),
+at batch 1 and 16, side by side in one process. Random codes and scales are fine for speed (for
+vq-e8 uniformly random codes gather from the whole 1 MB table: no kinder to caches than real ones).
+
+    python benchmarks/decode_e2e.py --variants bf16,w2,vq-e8 --out $OUT/e2e-vq.json   # W2 against E8
 
     python benchmarks/decode_e2e.py --out $OUT/e2e.json                 # the H200 run
     python benchmarks/decode_e2e.py --shape tiny --new 8 --prompt 8    # a CPU check of the script
@@ -29,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from lowbit.decode import measure_speed  # noqa: E402
 from lowbit.formats.packing import padded_width  # noqa: E402
-from lowbit.nn import QuantizedLinear  # noqa: E402
+from lowbit.nn import QuantizedLinear, VectorQuantizedLinear  # noqa: E402
 from lowbit.transforms.modules import replace_module  # noqa: E402
 from lowbit.transforms.online import PairwiseInput  # noqa: E402
 
@@ -39,7 +43,8 @@ SHAPES = {
     "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1000, max_position_embeddings=512),
 }
-VARIANTS = {"bf16": None, "w4": (4, False), "w3": (3, False), "w2": (2, False), "w4-pair": (4, True)}
+VARIANTS = {"bf16": None, "w4": (4, False), "w3": (3, False), "w2": (2, False), "w4-pair": (4, True),
+            "vq-e8": "vq-e8"}
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
            "mlp.up_proj", "mlp.down_proj")
 
@@ -85,6 +90,15 @@ def random_quantized(lin: nn.Linear, bits: int, group: int, transform, device, g
     return q
 
 
+def random_vector(lin: nn.Linear, device, gen) -> VectorQuantizedLinear:
+    """A VectorQuantizedLinear (E8 codes) of lin's shape with random codes and row scales."""
+    q = VectorQuantizedLinear(lin.in_features, lin.out_features, bias=lin.bias is not None, dtype=torch.bfloat16,
+                              device=device)
+    q.codes.copy_(torch.randint(-2**15, 2**15, q.codes.shape, generator=gen, dtype=torch.int16).to(device))
+    q.scales.copy_((torch.rand(q.scales.shape, generator=gen) * 2e-3 + 1e-3).half().to(device))
+    return q
+
+
 def build(shape: dict, variant: str, device, shared: dict, gen: torch.Generator) -> nn.Module:
     """The model of one variant; embeddings, norms and lm_head are shared between variants."""
     from accelerate import init_empty_weights
@@ -101,6 +115,9 @@ def build(shape: dict, variant: str, device, shared: dict, gen: torch.Generator)
             if spec is None:
                 w = torch.empty(lin.out_features, lin.in_features, device=device, dtype=torch.bfloat16)
                 lin.weight = nn.Parameter(w.normal_(0, 0.02), requires_grad=False)
+                continue
+            if spec == "vq-e8":
+                replace_module(blk, name, random_vector(lin, device, gen))
                 continue
             bits, pair = spec
             tr = None
