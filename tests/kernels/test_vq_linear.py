@@ -34,7 +34,8 @@ TOL_INTERP = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2.5e-2} 
 
 
 def relerr(out, ref) -> float:
-    return float((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
+    out, ref = out.double().cpu(), ref.double().cpu()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 class Layer:
