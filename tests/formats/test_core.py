@@ -73,3 +73,17 @@ def test_clip_search_keeps_first_where_errors_are_not_finite():
 
     best = core.clip_search([1.0, 0.5], cand, lambda p: torch.tensor([float("nan"), 0.0]) + p[0])
     assert best[0].tolist() == [1.0, 0.5] and best[1] is None
+
+
+def test_float_minimum_form():
+    """Ranges stored as a float minimum: value = lo + scale * code, codes round((x - lo) / scale)."""
+    x = torch.tensor([[-1.0, -0.3, 0.4, 2.0]])
+    lo, scale = torch.tensor([[-1.0]]), torch.tensor([[3.0 / 3]])
+    q = core.quantize(x, scale, None, 3, lo=lo)
+    assert q.tolist() == [[0.0, 1.0, 1.0, 3.0]]
+    assert torch.equal(core.dequantize(q, scale, lo=lo), torch.tensor([[-1.0, 0.0, 0.0, 2.0]]))
+    assert torch.equal(core.code_space(x, scale, lo=lo), x + 1)
+    with pytest.raises(ValueError, match="not both"):
+        core.quantize(x, scale, 1.0, 3, lo=lo)
+    with pytest.raises(ValueError, match="not both"):
+        core.dequantize(q, scale, 1.0, lo=lo)

@@ -171,14 +171,31 @@ def test_pairwise_linear_on_cpu_is_rotate_then_linear(monkeypatch):
         pairwise_linear(x, w, b, *params, group=64, mode="bogus")
 
 
-def test_gemv_config_fills_the_gpu():
-    for n_out, bo, ch in ((4096, 32, 4), (8192, 64, 2), (2048, 16, 4), (576, 8, 4)):
-        cfg = pw.gemv_config(1, 4096, n_out, 128, 132)
-        assert (cfg["block_t"], cfg["block_o"], cfg["chunk"]) == (1, bo, ch), (n_out, cfg)
-        assert cfg["block_o"] * cfg["chunk"] * 128 * 2 <= 32768 and cfg["num_stages"] == 3
-    cfg = pw.gemv_config(16, 4096, 4096, 128, 132)
-    assert cfg["block_t"] == 16 and cfg["block_o"] >= 16
-    assert pw.gemv_config(1, 576, 576, 128, 132)["chunk"] == 2   # 4.5 groups: few masked groups
+def _pow2(v: int) -> bool:
+    return v >= 1 and v & (v - 1) == 0
+
+
+CONFIG_SHAPES = [(n_in, n_out) for n_in in (96, 144, 576, 1536, 4096, 11008) for n_out in (40, 576, 2048, 4096, 8192)]
+
+
+def test_gemv_config_is_valid_and_fills_the_gpu():
+    """Whatever tile the fused decode kernel gets: power-of-two tiles, whole groups per chunk and never
+    more than the input has, a weight tile within 32 KB (one group may exceed it), shared memory of
+    the pipeline within the H100's 227 KB; and more SMs never give taller (fewer) programs."""
+    for (n_in, n_out), tokens, group, elem in itertools.product(CONFIG_SHAPES, (1, 2, 16, 40), (32, 64, 128), (2, 4)):
+        ng = -(-n_in // group)
+        prev_bo = None
+        for sms in (4, 66, 108, 132):
+            cfg = pw.gemv_config(tokens, n_in, n_out, group, sms, elem)
+            bo, ch, bt = cfg["block_o"], cfg["chunk"], cfg["block_t"]
+            assert _pow2(bo) and bo >= 8 and _pow2(ch) and ch <= min(4, ng), (n_in, n_out, tokens, cfg)
+            assert bt == (1 if tokens <= 1 else 16) and cfg["num_stages"] in (2, 3)
+            assert ch == 1 or bo * ch * group * elem <= 32768, cfg
+            assert (cfg["num_stages"] - 1) * bo * ch * group * elem <= 227 << 10, cfg
+            assert prev_bo is None or bo <= prev_bo, (n_in, n_out, tokens, sms, cfg)
+            prev_bo = bo
+            programs = -(-n_out // bo) * (tokens if bt == 1 else -(-tokens // bt))
+            assert programs >= 1
 
 
 def test_gemv_coefficients_formats():
@@ -204,38 +221,43 @@ def test_gemv_coefficients_formats():
         pw.gemv_coefficients(scale, partner, cos * 1.1, sin, 128, givens=True)
 
 
-def test_gemv_splitk_config_two_programs_per_sm():
-    """The tiles of the H100 sweep at one token (132 SMs), about 2.5-5 programs per SM elsewhere."""
-    for n, cs, rb, bo in ((4096, 512, 64, 8), (8192, 512, 256, 8), (2048, 512, 32, 16), (576, 512, 32, 16)):
-        cfg = pw.gemv_splitk_config(1, n, n, 128, 132)
-        assert (cfg["split_ch"], cfg["block_r"], cfg["block_o"]) == (cs, rb, bo), (n, cfg)
-    for n_in, n_out in ((4096, 4096), (8192, 8192), (2048, 2048), (4096, 1536), (1536, 576), (11008, 4096)):
-        for tokens in (1, 2, 4):
-            cfg = pw.gemv_splitk_config(tokens, n_in, n_out, 128, 132)
-            cs, rb = cfg["split_ch"], cfg["block_r"]
-            assert cs % 128 == 0 and (cs // 128) & (cs // 128 - 1) == 0 and cs <= 512
-            programs = -(-n_in // cs) * -(-n_out // rb) * tokens
-            assert 2.5 * 132 <= programs <= 5 * 132 or rb == 32, (n_in, n_out, tokens, cfg, programs)
-            assert cfg["block_o"] <= rb and cfg["num_stages"] in (1, 3)
-    # 4.5 groups, group 32 / 64: whole groups per split, at least one
-    assert pw.gemv_splitk_config(1, 144, 40, 32, 132)["split_ch"] == 128     # 4 of 4.5 groups
-    assert pw.gemv_splitk_config(1, 576, 40, 64, 4)["split_ch"] == 512
-    assert pw.gemv_splitk_config(1, 96, 40, 128, 4)["split_ch"] == 128      # one partial group
+def test_gemv_splitk_config_is_valid_for_the_shape():
+    """Split-K tiles: a power-of-two count of whole groups per split, never more groups than the input
+    has (no fully masked split) and the splits cover K; power-of-two row blocks no wider than the
+    output needs, sub-tiles dividing them; more SMs never give fewer programs."""
+    for (n_in, n_out), tokens, group in itertools.product(CONFIG_SHAPES, (1, 2, 4), (32, 64, 128)):
+        ng = -(-n_in // group)
+        prev = 0
+        for sms in (4, 66, 132):
+            cfg = pw.gemv_splitk_config(tokens, n_in, n_out, group, sms)
+            cs, rb, bo = cfg["split_ch"], cfg["block_r"], cfg["block_o"]
+            assert cs % group == 0 and _pow2(cs // group) and cs // group <= ng, (n_in, group, cfg)
+            splits = -(-n_in // cs)
+            assert splits * cs >= n_in and (splits - 1) * cs < n_in
+            assert _pow2(rb) and rb <= max(32, 2 * n_out) and _pow2(bo) and bo <= rb and rb % bo == 0, cfg
+            assert cfg["num_stages"] in (1, 3) and cfg["prefetch"] >= 0
+            programs = splits * -(-n_out // rb) * tokens
+            assert programs >= prev, (n_in, n_out, tokens, sms, cfg)
+            prev = programs
 
 
 def test_mma_config_fits_shared_memory():
-    """The H100's sweep choices, and fewer stages / smaller tiles where a block has less shared memory."""
-    h100 = pw.mma_config(4096, 2048, 128, 132, 2)
-    assert (h100["block_t"], h100["num_stages"], h100["programs"]) == (128, 4, 132)
-    assert pw.mma_config(4096, 4096, 128, 132, 2)["programs"] == 264
-    assert pw.mma_config(4096, 8192, 128, 132, 2)["programs"] == 4 * 132
-    a100 = pw.mma_config(4096, 2048, 128, 108, 2, smem=163 << 10)
-    assert (a100["block_t"], a100["num_stages"]) == (128, 3)
-    ada = pw.mma_config(4096, 2048, 128, 128, 2, smem=99 << 10)
-    assert (ada["block_t"], ada["num_stages"]) == (64, 2)
-    for smem in (99 << 10, 163 << 10, 227 << 10):
-        c = pw.mma_config(4096, 4096, 128, 132, 2, smem=smem)
-        assert (c["num_stages"] - 1) * c["block_t"] * 128 * 2 + 4 * 128 * 128 <= smem
+    """The tensor-core tiles fit the block's shared memory (the pipeline's x tiles and the group's
+    fp32 block), with power-of-two token tiles and at least two stages; a smaller budget never
+    gives a bigger pipeline; wider layers never get fewer programs, and programs fill every SM."""
+    for group, elem in itertools.product((64, 128), (2, 4)):
+        for n in (576, 2048, 4096, 8192, 14336):
+            prev_pipe = None
+            for smem in (227 << 10, 163 << 10, 99 << 10):
+                c = pw.mma_config(4096, n, group, 132, elem, smem=smem)
+                bt, st = c["block_t"], c["num_stages"]
+                assert _pow2(bt) and 16 <= bt <= 128 and st >= 2 and c["num_warps"] in (4, 8), c
+                assert (st - 1) * bt * group * elem + 4 * group * group <= smem, (group, elem, n, smem, c)
+                assert c["programs"] % 132 == 0 and c["programs"] >= 132
+                assert prev_pipe is None or (st - 1) * bt <= prev_pipe
+                prev_pipe = (st - 1) * bt
+        programs = [pw.mma_config(4096, n, group, 132, 2)["programs"] for n in (576, 2048, 4096, 8192, 14336)]
+        assert programs == sorted(programs)
 
 
 def test_rotated_linear_keeps_workspaces_across_to():
@@ -462,7 +484,7 @@ def test_rotated_linear_on_cuda_fuses_decode(monkeypatch):
         assert bool(calls) == fused, (tokens, calls)
         torch.testing.assert_close(out, ref, rtol=5e-2, atol=5e-2 * ref.abs().max().item())
 
-    assert pw.DECODE_MAX_TOKENS == 1           # the default: fused at one token
+    monkeypatch.setattr(pw, "DECODE_MAX_TOKENS", 1)    # fused at one token (whatever the tuned default)
     check(1, True)
     (ws,) = gpu._gemv_workspaces.values()      # one token: the split-K kernel with the layer's workspace
     assert ws.counters is not None and not ws.counters.any()

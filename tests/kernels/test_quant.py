@@ -140,9 +140,26 @@ def test_configs_are_valid_for_the_target_shapes():
             Q._groups_per_tile(m["block_k"], gs if 0 < gs < K else K, K)
 
 
+def test_auto_path_is_ordered_by_tokens():
+    """With the tuned defaults, whatever they are: more tokens never go back to a smaller-token
+    path (gemv, then mm, then dequant), and rotated layers take the same path with the rotation."""
+    rank = {"gemv": 0, "gemv_rot": 0, "mm": 1, "dequant": 2}
+    last = -1
+    for t in range(1, 5000):
+        p = Q.auto_path(t)
+        assert rank[p] >= last, (t, p)
+        last = rank[p]
+        r = Q.auto_path(t, rot=True, perm=True)
+        assert r == "rotate+" + p, (t, r)
+    assert last == 2   # large prefills dequantize and call cuBLAS
+
+
 def test_auto_path_reads_thresholds_at_call_time(monkeypatch):
+    monkeypatch.setattr(Q, "GEMV_MAX_TOKENS", 1)
+    monkeypatch.setattr(Q, "DEQUANT_MIN_TOKENS", 256)
+    monkeypatch.setattr(Q, "ROT_FUSED_MAX_TOKENS", 0)
     assert Q.auto_path(1) == "gemv" and Q.auto_path(3) == "mm" and Q.auto_path(4096) == "dequant"
-    assert Q.auto_path(1, rot=True) == "rotate+gemv"  # fused rotation off by default (slower on the H200)
+    assert Q.auto_path(1, rot=True) == "rotate+gemv"
     monkeypatch.setattr(Q, "ROT_FUSED_MAX_TOKENS", 1)
     assert Q.auto_path(1, rot=True) == "gemv_rot" and Q.auto_path(1, rot=True, perm=True) == "rotate+gemv"
     assert Q.auto_path(3, rot=True) == "rotate+mm"

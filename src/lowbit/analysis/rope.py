@@ -21,6 +21,7 @@ import math
 import torch
 
 from ..fileio import save_figure
+from ..formats import core
 from ..kv.quantizers import fake_quant
 from ..kv.rope import apply_rope, hook_position_embeddings, rope_cos_sin
 
@@ -29,8 +30,8 @@ def sym_quant(x: torch.Tensor, bits: int, dim: int | None = None) -> torch.Tenso
     """Symmetric round-to-nearest with scale max|x| / (2^(b-1) - 1) over `dim` (None: whole tensor)."""
     qmax = 2 ** (bits - 1) - 1
     amax = x.abs().amax() if dim is None else x.abs().amax(dim=dim, keepdim=True)
-    scale = (amax / qmax).clamp_min(1e-12)
-    return torch.clamp(torch.round(x / scale), -qmax, qmax) * scale
+    scale = core.step_size(amax, qmax, floor=1e-12)
+    return core.dequantize(core.quantize(x, scale, None, qmax, qmin=-qmax), scale)
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,8 @@ shrink factors. Pure tensor code with no notion of layout: callers (weight forma
 training, activations, the KV cache, analyses) group their tensors and broadcast the parameters.
 
 Conventions: codes are floats in [qmin, maxq] (qmin = 0 unless a signed grid is asked for);
-value = scale * (code - zero), or scale * code without a zero point. Symmetric ranges put the
+value = scale * (code - zero), or scale * code without a zero point, or lo + scale * code for
+a range stored as its float minimum (the KV cache's groups). Symmetric ranges put the
 2^b levels at +-(j + 1/2) * scale around 0 (zero = maxq / 2); asymmetric ones cover [lo, hi]
 with 0 included and an integer zero point.
 """
@@ -46,23 +47,39 @@ def minmax_params(lo: torch.Tensor, hi: torch.Tensor, maxq: int, symmetric: bool
     return scale, zero_point(lo, scale, maxq, ste=ste)
 
 
+def code_space(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | float | None = None, *,
+               lo: torch.Tensor | None = None) -> torch.Tensor:
+    """x in units of the step before rounding: x / scale + zero (x / scale without a zero point),
+    or (x - lo) / scale for a range stored as a float minimum `lo` (then `zero` must be None)."""
+    if lo is not None:
+        if zero is not None:
+            raise ValueError("give a zero point or a float minimum lo, not both")
+        return (x - lo) / scale
+    return x / scale if zero is None else x / scale + zero
+
+
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | float | None, maxq: int, *,
-             qmin: int = 0, ste: bool = False) -> torch.Tensor:
-    """Float codes clamp(round(x / scale + zero), qmin, maxq); `ste` passes the gradient through
-    the rounding (not through the clamp)."""
-    t = x / scale if zero is None else x / scale + zero
+             qmin: int = 0, ste: bool = False, lo: torch.Tensor | None = None) -> torch.Tensor:
+    """Float codes clamp(round(x / scale + zero), qmin, maxq) (with `lo`: round((x - lo) / scale));
+    `ste` passes the gradient through the rounding (not through the clamp)."""
+    t = code_space(x, scale, zero, lo=lo)
     return torch.clamp(round_ste(t) if ste else torch.round(t), qmin, maxq)
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | float | None = None) -> torch.Tensor:
-    """Levels scale * (q - zero) (scale * q without a zero point)."""
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | float | None = None, *,
+               lo: torch.Tensor | None = None) -> torch.Tensor:
+    """Levels scale * (q - zero) (scale * q without a zero point; lo + scale * q with a float minimum)."""
+    if lo is not None:
+        if zero is not None:
+            raise ValueError("give a zero point or a float minimum lo, not both")
+        return lo + scale * q
     return scale * q if zero is None else scale * (q - zero)
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | float | None, maxq: int, *,
-                  qmin: int = 0, ste: bool = False) -> torch.Tensor:
+                  qmin: int = 0, ste: bool = False, lo: torch.Tensor | None = None) -> torch.Tensor:
     """Quantize then dequantize."""
-    return dequantize(quantize(x, scale, zero, maxq, qmin=qmin, ste=ste), scale, zero)
+    return dequantize(quantize(x, scale, zero, maxq, qmin=qmin, ste=ste, lo=lo), scale, zero, lo=lo)
 
 
 def _select(better: torch.Tensor, new, old):

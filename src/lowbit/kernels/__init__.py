@@ -1,7 +1,9 @@
 """Triton kernels, each with a plain-torch reference twin and a dispatcher.
 
-The dispatcher runs the Triton kernel when the input is on CUDA and triton imports, the reference
-otherwise; `LOWBIT_KERNELS=ref` forces the reference everywhere.
+The dispatcher runs the Triton kernel when the input is on CUDA, the reference for CPU inputs;
+`LOWBIT_KERNELS=ref` forces the reference everywhere. A CUDA input whose kernel module did not
+import raises (naming the import error) instead of quietly taking the slow reference; under
+LOWBIT_KERNELS=ref it runs the reference with a warning once per process (`_common`).
 """
 
 from lowbit.kernels.pairwise import (

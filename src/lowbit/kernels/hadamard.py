@@ -17,6 +17,7 @@ import os
 import torch
 
 from ..transforms.hadamard import _factor_matrix, factor
+from ._common import forced_reference, import_failure, load_kernels, missing_kernels, warn_reference_once
 from ..transforms.hadamard import fwht_ref as _fwht_ref
 
 #: widest power-of-two row the kernel holds in registers (32 KiB of fp32 per row; the reshapes
@@ -31,11 +32,8 @@ def fwht_ref(x: torch.Tensor, normalized: bool = True, transpose: bool = False) 
 
 
 def _triton():
-    try:
-        from lowbit.kernels import _hadamard_triton
-    except ImportError:
-        return None
-    return _hadamard_triton
+    """The kernel module, or None when it does not import (see `_common.load_kernels`)."""
+    return load_kernels("_hadamard_triton")
 
 
 def _interpreting() -> bool:
@@ -61,7 +59,8 @@ def _pow2(x2: torch.Tensor, scale: float) -> torch.Tensor:
 def fwht_triton(x: torch.Tensor, normalized: bool = True, transpose: bool = False) -> torch.Tensor:
     """Fast Walsh-Hadamard transform with the Triton kernel (no autograd)."""
     if _triton() is None:
-        raise RuntimeError("fwht_triton needs triton (pip install triton); use fwht_ref or fwht instead")
+        raise RuntimeError(f"fwht_triton needs the Triton kernels ({import_failure('_hadamard_triton')}); "
+                           "use fwht_ref instead")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
     if not (x.is_cuda or _interpreting()):
@@ -79,13 +78,26 @@ def fwht_triton(x: torch.Tensor, normalized: bool = True, transpose: bool = Fals
     return torch.einsum("...ab,ac->...cb", y, a.T if transpose else a).reshape(x.shape).to(x.dtype)
 
 
+def _use_kernel(x: torch.Tensor) -> bool:
+    """Whether `fwht` runs the kernel for x (only the choice; no shape checks). CUDA inputs whose
+    kernels did not import raise, unless LOWBIT_KERNELS=ref (then a warning, once)."""
+    if not x.is_cuda or (torch.is_grad_enabled() and x.requires_grad) or factor(x.shape[-1])[1] > MAX_N:
+        return False  # the designed reference paths
+    if _triton() is None:
+        if not forced_reference():
+            raise missing_kernels("fwht", "_hadamard_triton")
+        warn_reference_once("fwht", "_hadamard_triton")
+    return not forced_reference()
+
+
 def fwht(x: torch.Tensor, normalized: bool = True, transpose: bool = False) -> torch.Tensor:
-    """Dispatcher: the Triton kernel for CUDA inputs when triton imports, the reference otherwise.
+    """Dispatcher: the Triton kernel for CUDA inputs, the reference for CPU ones.
 
     LOWBIT_KERNELS=ref forces the reference; so does a gradient need (the kernel has no backward)
-    and a power-of-two part wider than MAX_N. Kernel errors propagate (no silent fallback).
+    and a power-of-two part wider than MAX_N. A CUDA input when the kernel module did not import
+    raises (LOWBIT_KERNELS=ref runs the reference instead, with a warning once). Kernel errors
+    propagate (no silent fallback).
     """
-    if (os.environ.get("LOWBIT_KERNELS", "") == "ref" or not x.is_cuda or _triton() is None
-            or (torch.is_grad_enabled() and x.requires_grad) or factor(x.shape[-1])[1] > MAX_N):
+    if not _use_kernel(x):
         return fwht_ref(x, normalized, transpose)
     return fwht_triton(x, normalized, transpose)

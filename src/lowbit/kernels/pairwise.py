@@ -25,6 +25,7 @@ import torch
 from torch.nn import functional as F
 
 from ..transforms.pairwise import _check_shapes, eye_tiled as _eye_tiled, pairwise_rotate_ref
+from ._common import forced_reference, import_failure, load_kernels, missing_kernels, warn_reference_once
 
 #: token count from which `mode="auto"` takes the tensor-core path (see `pairwise_rotate_triton`)
 MMA_MIN_TOKENS = 1024
@@ -68,12 +69,8 @@ def validate_partner(partner: torch.Tensor, group: int = 128) -> None:
 
 
 def _triton():
-    """The kernel module, or None when triton does not import."""
-    try:
-        from lowbit.kernels import _pairwise_triton
-    except ImportError:
-        return None
-    return _pairwise_triton
+    """The kernel module, or None when it does not import (see `_common.load_kernels`)."""
+    return load_kernels("_pairwise_triton")
 
 
 def _interpreting() -> bool:
@@ -156,7 +153,7 @@ def _kernel_input(who: str, hint: str, x, scale, partner, cos, sin, group: int):
     [tokens, n] view or copy, SM count: 4 under the interpreter)."""
     tk = _triton()
     if tk is None:
-        raise RuntimeError(f"{who} needs triton (pip install triton); {hint}")
+        raise RuntimeError(f"{who} needs the Triton kernels ({import_failure('_pairwise_triton')}); {hint}")
     _check_shapes(x, scale, partner, cos, sin)
     if x.dtype not in _FLOATS:
         raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
@@ -238,17 +235,30 @@ def pairwise_rotate_triton(x: torch.Tensor, scale: torch.Tensor, partner: torch.
 
 def pairwise_rotate(x: torch.Tensor, scale: torch.Tensor, partner: torch.Tensor, cos: torch.Tensor,
                     sin: torch.Tensor, group: int = 128, blocks: torch.Tensor | None = None) -> torch.Tensor:
-    """Dispatcher: the Triton kernels for CUDA inputs when triton imports, the reference otherwise.
+    """Dispatcher: the Triton kernels for CUDA inputs, the reference for CPU ones.
 
-    LOWBIT_KERNELS=ref forces the reference. When autograd needs a gradient (grad enabled and an
-    input requires it) the differentiable reference runs, since the kernels have no backward.
+    LOWBIT_KERNELS=ref forces the reference. A CUDA input when the kernel module did not import
+    raises (LOWBIT_KERNELS=ref runs the reference instead, with a warning once). When autograd
+    needs a gradient (grad enabled and an input requires it) the differentiable reference runs,
+    since the kernels have no backward.
     Errors raised by the kernels propagate (no silent fallback). `blocks` (from `pairwise_blocks`)
     spares the tensor-core path rebuilding the per-group matrices when the transform is fixed.
     """
-    if (os.environ.get("LOWBIT_KERNELS", "") == "ref" or not x.is_cuda or _triton() is None
-            or (torch.is_grad_enabled() and any(t.requires_grad for t in (x, scale, cos, sin)))):
+    if not _use_kernels(x, scale, cos, sin):
         return pairwise_rotate_ref(x, scale, partner, cos, sin)
     return pairwise_rotate_triton(x, scale, partner, cos, sin, group=group, blocks=blocks)
+
+
+def _use_kernels(x, *params) -> bool:
+    """Whether `pairwise_rotate` runs the kernels for x (only the choice). CUDA inputs whose kernels
+    did not import raise, unless LOWBIT_KERNELS=ref (then a warning, once)."""
+    if not x.is_cuda or (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params))):
+        return False  # the designed reference paths
+    if _triton() is None:
+        if not forced_reference():
+            raise missing_kernels("pairwise_rotate", "_pairwise_triton")
+        warn_reference_once("pairwise_rotate", "_pairwise_triton")
+    return not forced_reference()
 
 
 # ---- the decode layer: F.linear(pairwise_rotate(x), W, b) with the transform fused ---------------

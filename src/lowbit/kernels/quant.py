@@ -42,6 +42,8 @@ from torch import Tensor
 
 from lowbit.formats.packed import quant_linear_ref
 from lowbit.formats.packing import padded_width
+from lowbit.kernels._common import (forced_reference, import_failure, load_kernels, missing_kernels,
+                                   warn_reference_once)
 from lowbit.kernels.pairwise import (GemvCoefficients, GemvWorkspace, gemv_coefficients, pairwise_rotate,
                                      pairwise_rotate_ref)
 
@@ -86,12 +88,8 @@ def reset_path_counts() -> None:
 
 
 def _triton():
-    """The kernel module, or None when triton does not import."""
-    try:
-        from lowbit.kernels import _quant_triton
-    except ImportError:
-        return None
-    return _quant_triton
+    """The kernel module, or None when it does not import (see `_common.load_kernels`)."""
+    return load_kernels("_quant_triton")
 
 
 def _interpreting() -> bool:
@@ -339,7 +337,8 @@ def dequantize_triton(qweight: Tensor, scales: Tensor, zeros: Tensor | None, bit
     Triton launch. `out` (a contiguous [N, K] tensor of `dtype`) is written instead of a new one."""
     tk = _triton()
     if tk is None:
-        raise RuntimeError("dequantize_triton needs triton (pip install triton); use formats.packed.dequantize_words")
+        raise RuntimeError(f"dequantize_triton needs the Triton kernels ({import_failure('_quant_triton')}); "
+                           "use formats.packed.dequantize_words")
     if not (qweight.is_cuda or _interpreting()):
         raise ValueError("dequantize_triton needs CUDA tensors (or TRITON_INTERPRET=1)")
     probe = torch.empty(0, in_features, dtype=dtype, device=qweight.device)
@@ -496,8 +495,8 @@ def quant_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tenso
     """
     tk = _triton()
     if tk is None:
-        raise RuntimeError("quant_linear_triton needs triton (pip install triton); use quant_linear_ref "
-                           "or quant_linear instead")
+        raise RuntimeError(f"quant_linear_triton needs the Triton kernels ({import_failure('_quant_triton')}); "
+                           "use quant_linear_ref or quant_linear instead")
     if not (x.is_cuda or _interpreting()):
         raise ValueError("quant_linear_triton needs CUDA tensors (or TRITON_INTERPRET=1)")
     K, N, gs = _check(x, qweight, scales, zeros, bits, group_size, in_features, perm, in_scale, bias)
@@ -566,15 +565,14 @@ def _reference(x, qweight, scales, zeros, bits, group_size, in_features, perm, i
 
 def _use_triton(x: Tensor) -> bool:
     """Triton for CUDA tensors (CPU ones under TRITON_INTERPRET=1) unless LOWBIT_KERNELS=ref; a
-    CUDA tensor without triton raises."""
-    if os.environ.get("LOWBIT_KERNELS", "") == "ref":
-        return False
+    CUDA tensor whose kernels did not import raises (under LOWBIT_KERNELS=ref: a warning, once)."""
     if x.is_cuda:
         if _triton() is None:
-            raise RuntimeError("lowbit quant_linear: CUDA input but triton does not import (pip install triton); "
-                               "set LOWBIT_KERNELS=ref to run the plain-torch reference on purpose")
-        return True
-    return _interpreting() and _triton() is not None
+            if not forced_reference():
+                raise missing_kernels("quant_linear", "_quant_triton")
+            warn_reference_once("quant_linear", "_quant_triton")
+        return not forced_reference()
+    return not forced_reference() and _interpreting() and _triton() is not None
 
 
 def _dispatch(x, qweight, scales, zeros, bits, group_size, in_features, perm, in_scale, bias, rot):

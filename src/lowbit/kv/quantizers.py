@@ -46,6 +46,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..formats import core
+
 AXES = ("token", "channel", "tensor")
 LEVELS = ("uniform", "normal")
 
@@ -241,33 +243,33 @@ def int_encode(x: torch.Tensor, bits: int, axis: str, group: int, symmetric: boo
         amax0, lo0, hi0 = rg.abs().amax(-1), None, None
     else:
         lo0, hi0 = rg.amin(-1), rg.amax(-1)
-    best = None
-    for r in (CLIP_GRID if clip else (1.0,)):
+
+    def candidate(r: float):
+        """(codes, scale fp16, minimum fp16 or None) for the range shrunk by r around its middle."""
         if symmetric:
-            scale = (2 * r * amax0 / maxq).clamp(1e-7, 6.0e4).half()
-            lo = None
-            t = rg / scale.float()[..., None] + maxq / 2
+            scale = core.step_size(2 * r * amax0, maxq, floor=1e-7, ceil=6.0e4).half()
+            lo, zero = None, maxq / 2
         else:
             mid, half = (lo0 + hi0) / 2, (hi0 - lo0) / 2 * r
             lo = (mid - half).clamp(-6.0e4, 6.0e4).half()
-            scale = (2 * half / maxq).clamp(1e-7, 6.0e4).half()
-            t = (rg - lo.float()[..., None]) / scale.float()[..., None]
-        codes = (torch.bucketize(t.contiguous(), (lv[1:] + lv[:-1]) / 2) if lv is not None
-                 else torch.round(t)).clamp(0, maxq)
-        if not clip:
-            best = (codes, scale, lo)
-            break
+            scale = core.step_size(2 * half, maxq, floor=1e-7, ceil=6.0e4).half()
+            zero = None
+        s_, lo_ = scale.float()[..., None], (None if lo is None else lo.float()[..., None])
+        if lv is None:
+            codes = core.quantize(rg, s_, zero, maxq, lo=lo_)
+        else:  # nearest of the non-uniform levels in code space
+            codes = torch.bucketize(core.code_space(rg, s_, zero, lo=lo_).contiguous(),
+                                    (lv[1:] + lv[:-1]) / 2).clamp(0, maxq)
+        return codes, scale, lo
+
+    def error(params) -> torch.Tensor:
+        codes, scale, lo = params
         c = lv[codes.long()] if lv is not None else codes
-        s_ = scale.float()[..., None]
-        y = s_ * (c - maxq / 2) if symmetric else lo.float()[..., None] + s_ * c
-        err = (y - rg).pow(2).sum(-1)
-        if best is None:
-            best, best_err = (codes, scale, lo), err
-            continue
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = (torch.where(better[..., None], codes, best[0]), torch.where(better, scale, best[1]),
-                None if symmetric else torch.where(better, lo, best[2]))
+        y = core.dequantize(c, scale.float()[..., None], None if lo is not None else maxq / 2,
+                            lo=None if lo is None else lo.float()[..., None])
+        return (y - rg).pow(2).sum(-1)
+
+    best = core.clip_search(CLIP_GRID, candidate, error) if clip else candidate(1.0)
     codes, scale, lo = best
     codes = codes.to(torch.uint8).reshape(*rows.shape[:-1], ng * g)[..., :L]
     return codes, scale, lo
@@ -284,8 +286,8 @@ def int_decode(codes: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor | None
         c = normal_levels(bits, g).to(codes.device)[codes.long()]
     s = scale.float().repeat_interleave(g, -1)[..., :L]
     if lo is None:
-        return s * (c - (2 ** bits - 1) / 2)
-    return lo.float().repeat_interleave(g, -1)[..., :L] + s * c
+        return core.dequantize(c, s, (2 ** bits - 1) / 2)
+    return core.dequantize(c, s, lo=lo.float().repeat_interleave(g, -1)[..., :L])
 
 
 def fake_quant(x: torch.Tensor, bits: int, axis: str = "token", group: int = 0, symmetric: bool = False,

@@ -1,0 +1,54 @@
+"""What the kernel dispatchers share: loading a Triton kernel module (remembering why it failed)
+and the answer for a CUDA input when it did not load.
+
+CUDA inputs never go to the plain-torch reference because of a failed import: the dispatchers
+raise `missing_kernels`, unless LOWBIT_KERNELS=ref asks for the reference on purpose, and then
+they say so once per process (`warn_reference_once`). CPU inputs use the reference by design.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+
+_FAILED: dict[str, str] = {}  # kernel module -> "ImportError: ..." of its failed import
+_WARNED: set[str] = set()     # dispatchers that already warned
+
+
+def load_kernels(name: str):
+    """The module lowbit.kernels.<name>, or None when it does not import (the reason is kept, and
+    the import is not retried)."""
+    if name in _FAILED:
+        return None
+    try:
+        return importlib.import_module(f"lowbit.kernels.{name}")
+    except ImportError as e:
+        _FAILED[name] = f"{type(e).__name__}: {e}"
+        return None
+
+
+def import_failure(name: str) -> str:
+    """Why lowbit.kernels.<name> did not import ('unavailable' when no failure was recorded)."""
+    return _FAILED.get(name, "unavailable")
+
+
+def forced_reference() -> bool:
+    """LOWBIT_KERNELS=ref: the plain-torch reference everywhere, on purpose."""
+    return os.environ.get("LOWBIT_KERNELS", "") == "ref"
+
+
+def missing_kernels(who: str, name: str) -> RuntimeError:
+    """The one-line error for a CUDA input whose Triton kernels did not import."""
+    return RuntimeError(f"{who}: CUDA input but the Triton kernels did not import ({import_failure(name)}); "
+                        "install triton, or set LOWBIT_KERNELS=ref to run the slow plain-torch reference on purpose")
+
+
+def warn_reference_once(who: str, name: str) -> None:
+    """Under LOWBIT_KERNELS=ref, say once per process and dispatcher that CUDA inputs run the
+    reference because the kernels did not import."""
+    if who in _WARNED:
+        return
+    _WARNED.add(who)
+    warnings.warn(f"{who}: the Triton kernels did not import ({import_failure(name)}); CUDA inputs run the slow "
+                  "plain-torch reference (LOWBIT_KERNELS=ref)", RuntimeWarning, stacklevel=3)
