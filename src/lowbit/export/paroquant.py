@@ -67,6 +67,9 @@ def check_paroquant(src: Source) -> None:
             continue
         if rot.pairs.shape[0] > MAX_KROT:
             refuse(FMT, f"{name} has {rot.pairs.shape[0]} rotations", f"the reference's kernel runs at most {MAX_KROT}")
+        if not bool(torch.isfinite((1 / rot.scale.float()).half()).all()):
+            refuse(FMT, f"{name} has a channel scale whose inverse overflows fp16",
+                   "ParoQuant stores 1 / s in fp16")
         a, b = rot.pairs[..., 0][rot.mask], rot.pairs[..., 1][rot.mask]
         if bool((a // GROUP != b // GROUP).any()):
             refuse(FMT, f"{name} rotates pairs across {GROUP}-channel blocks (rotation group {rot.group})",
