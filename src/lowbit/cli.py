@@ -700,7 +700,7 @@ def speed(
 @app.command("export")
 def export_(
     checkpoint: str = typer.Argument(..., help="A lowbit checkpoint folder."),
-    fmt: str = typer.Option(..., "--format", "-f", help="compressed-tensors | gptq"),
+    fmt: str = typer.Option(..., "--format", "-f", help="compressed-tensors | gptq | paroquant"),
     out: str = typer.Option(..., "--out", help="Folder to write (atomically)."),
     scale_dtype: str = typer.Option("fp16", help="compressed-tensors: dtype of weight_scale (fp16, or fp32: "
                                                  "loaders that dequantize in the scale's dtype are then exact)."),

@@ -1,4 +1,4 @@
-"""Export lowbit checkpoints to layouts other tools load: compressed-tensors, GPTQ.
+"""Export lowbit checkpoints to layouts other tools load: compressed-tensors, GPTQ, ParoQuant.
 
 `export(checkpoint, fmt, out)` reads a lowbit checkpoint (its packed `QuantizedLinear` modules),
 checks that every quantized linear can be expressed in `fmt` without changing a single weight, and

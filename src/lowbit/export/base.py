@@ -183,11 +183,12 @@ def write_folder(src: Source, out: str | Path, tensors: dict[str, torch.Tensor],
 def _writers() -> dict[str, Callable]:
     from .compressed_tensors import write_compressed_tensors
     from .gptq import write_gptq
+    from .paroquant import write_paroquant
 
-    return {"compressed-tensors": write_compressed_tensors, "gptq": write_gptq}
+    return {"compressed-tensors": write_compressed_tensors, "gptq": write_gptq, "paroquant": write_paroquant}
 
 
-FORMATS = ("compressed-tensors", "gptq")
+FORMATS = ("compressed-tensors", "gptq", "paroquant")
 
 
 def export(checkpoint: str | Path, fmt: str, out: str | Path, overwrite: bool = False, **options) -> Path:
@@ -205,10 +206,12 @@ def exportable_formats(checkpoint: str | Path) -> dict[str, str | None]:
     """For every format, None when `checkpoint` exports to it, else the refusal."""
     from .compressed_tensors import check_compressed_tensors
     from .gptq import check_gptq
+    from .paroquant import check_paroquant
 
     src = read_source(checkpoint)
     res: dict[str, str | None] = {}
-    for fmt, check in (("compressed-tensors", check_compressed_tensors), ("gptq", check_gptq)):
+    for fmt, check in (("compressed-tensors", check_compressed_tensors), ("gptq", check_gptq),
+                       ("paroquant", check_paroquant)):
         try:
             check(src)
             res[fmt] = None
