@@ -298,6 +298,9 @@ GEMV_CASES = [
     (72, 1536, 8, 128, True, dict(bias=True), dict(split=1024, block_r=32, block_n=8)),   # N % block_r != 0
     (96, 256, 5, 64, False, dict(perm=True, bias=True), dict(split=64, block_r=32, block_n=16, num_stages=3)),
     (64, 320, 7, 0, True, {}, dict(split=128, block_r=64, block_n=16)),      # per channel, 3 planes
+    # default tiles of 1-3 bits on a layer big enough for them (one split wider than K, 2 x 16-row programs)
+    (256, 1536, 3, 128, True, dict(bias=True), {}),
+    (288, 700, 2, 0, False, dict(perm=True), {}),
 ]
 
 
@@ -306,6 +309,9 @@ GEMV_CASES = [
 def test_gemv_interpreter(case, interpreter):
     n_out, n_in, bits, gs, asym, extras, tiles = GEMV_CASES[case]
     lay = Layer(n_out, n_in, bits, gs, asym, seed=case, **extras)
+    if not tiles and bits <= 3:  # the case is there to run the low-bit default tiles: check it does
+        c = Q.gemv_config(n_in, n_out, bits, gs, Q._sms(torch.empty(0)), 0, 1)
+        assert (c["block_n"], c["block_r"]) == (16, 32) and c["split"] >= n_in, c
     for dtype in (torch.bfloat16, torch.float16) if case % 2 else (torch.float32, torch.bfloat16):
         check(lay, 1, dtype, "gemv", **tiles)
     check(lay, 3, torch.float16, "gemv", **tiles)                              # one token per program

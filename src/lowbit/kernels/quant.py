@@ -204,6 +204,14 @@ def gemv_config(K: int, N: int, bits: int, group_size: int, sms: int, rot_group:
     # H200 sweep (benchmarks/results/kernels/quant-h200.json): sub-tiles of 32 rows, two per program,
     # unpipelined when there are >= 3 programs per SM (4096x14336: 14.8 us against 21.1 for 16-row
     # sub-tiles x 8 pipelined); fewer programs than that: split the input more finely, pipeline
+    if bits <= 3:
+        # H100 sweep of 1-3-bit weights (`kernel_quant.py --sweep-bits 2,3`, BENCHMARKS.md): more codes per
+        # word want one tall split (up to 4096 columns) and short programs of 2 x 16 rows, unpipelined:
+        # 3-bit 4096x14336 19.8 us against 33.4 with the 4-bit tiles, 2-bit 12.3 against 13.0. Only
+        # measured where this gives >= 2 programs per SM; smaller layers keep the general tiles below.
+        cs = min(4096, max(32, _next_pow2(K)))
+        if -(-K // cs) * -(-N // 32) * t >= 2 * sms:
+            return dict(split=cs, block_r=32, block_n=16, num_warps=4, num_stages=1, x_in_loop=False, prefetch=0)
     cs = _split_for(K, 1024)
     if gs < K:
         cs = max(cs, 32)
