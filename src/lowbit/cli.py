@@ -153,8 +153,8 @@ def quantize(
     model: str = typer.Argument("smollm2", help=MODEL_HELP),
     out: str = typer.Option(..., "--out", "-o", help="Output checkpoint folder (written atomically)."),
     recipe: str = typer.Option("best", help="Preset name (see `lowbit presets`) or a .json/.yaml recipe file."),
-    method: Optional[str] = typer.Option(None, help="Solver: rtn, gptq, qqa, onebit or vq_e8 (2-bit E8 vector codes), or qep(...) around one "
-                                         "(overrides the recipe)."),
+    method: Optional[str] = typer.Option(None, help="Solver: rtn, gptq, qqa, onebit or vq_e8 (2-bit E8 "
+                                         "vector codes), or qep(...) around one (overrides the recipe)."),
     budget: Optional[float] = typer.Option(None, help="Average bits/weight (scales, zeros and 1-bit vectors counted): "
                                            "per-linear widths chosen from --budget-bits by measured sensitivity."),
     budget_bits: Optional[str] = typer.Option(None, help="Candidate widths for --budget, e.g. 1,2,3,4 (1 = onebit)."),
