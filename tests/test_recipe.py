@@ -25,3 +25,14 @@ def test_errors():
         Recipe.from_dict({"bitz": 3})
     with pytest.raises(RecipeError, match="unknown recipe"):
         get_recipe("no-such-preset")
+
+
+def test_best_presets_per_width():
+    """best-w3 / best-w2 / best-w1 name the recommended 3-, 2- and 1-bit recipes (BENCHMARKS.md), as
+    best does for 4 bits; the 2-bit one is the E8 vector recipe measured under the protocol."""
+    for name, bits, method in (("best", 4, "gptq"), ("best-w3", 3, "gptq"), ("best-w2", 2, "vq_e8"),
+                               ("best-w1", 1, "onebit")):
+        r = get_recipe(name)
+        assert (r.bits, r.method, r.label) == (bits, method, name) and r.qep is not None
+    assert get_recipe("best-w2").rotation.kind == "hadamard" and get_recipe("best-w3").rotation.kind == "hadamard"
+    assert len({get_recipe(n).identity for n in ("best", "best-w3", "best-w2", "best-w1")}) == 4

@@ -287,6 +287,23 @@ def parse_label(label: str) -> Recipe | None:  # noqa: C901
         raise RecipeError(f"recipe label {label!r}: {e}") from None
 
 
+def _best_presets() -> dict[str, Recipe]:
+    """The recommended recipe at 3, 2 and 1 bits, as `best` is at 4 (SmolLM2 under the protocol,
+    PPL sotu-modern / moby, FP 27.13 / 47.25; BENCHMARKS.md)."""
+    return {
+        # Hadamard rotation + QEP + GPTQ with the clipping search: 33.71 / 66.17 at 3.5 bits/weight (H100)
+        "best-w3": parse_label("had-qep-gptq-w3-g64-clip").with_(name="best-w3"),
+        # Hadamard rotation + QEP + E8 vector codes (vector LDLQ): 59.14 / 142.99 at 2.02 bits/weight (H100),
+        # against 104.20 / 370.70 for the best scalar recipe at 2.5 bits
+        "best-w2": Recipe(method="vq_e8", bits=2, group_size=-1, rotation="hadamard", qep=QEPConfig(),
+                          name="best-w2"),
+        # OneBit layers, QEP, QQA polish of the signs, 3 epochs of block-wise g/h training, 25 QQA steps:
+        # 707 / 8.6e3 at 1.05 bits/weight (H100): far from usable, the best 1-bit lowbit has
+        "best-w1": Recipe(method="onebit", bits=1, group_size=-1, onebit_qqa=True, qep=QEPConfig(),
+                          onebit_ft_epochs=3, qqa_steps=25, name="best-w1"),
+    }
+
+
 def get_recipe(name_or_path: str) -> Recipe:
     """A preset by name, a label such as qep-gptq-w3-g64-clip, or a .json / .yaml file."""
     if name_or_path in PRESETS:
@@ -387,3 +404,6 @@ def save_recipe(recipe: Recipe, path: str | Path) -> None:
         p.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     else:
         p.write_text(json.dumps(recipe.to_dict(), indent=2))
+
+
+PRESETS.update(_best_presets())
