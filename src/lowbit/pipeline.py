@@ -221,8 +221,11 @@ def quantize_streamed(source, recipe: Recipe, tokens: torch.Tensor, partial, *, 
     blockers = stream_blockers(recipe)
     if blockers:
         raise PipelineError(f"streaming cannot run {'; '.join(blockers)} yet; drop --stream to load the model whole")
+    from .loading import frugal_heap, trim_heap
+
     t0 = time.perf_counter()
     device = torch.device(device)
+    frugal_heap()
     with flush_denormal():
         model, _ = source.skeleton(dtype)
         adapter = get_adapter(model)
@@ -253,6 +256,7 @@ def quantize_streamed(source, recipe: Recipe, tokens: torch.Tensor, partial, *, 
                 for pname, p in mod._parameters.items():
                     if p is not None and not p.is_meta:
                         mod._parameters[pname] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+        trim_heap()
         start = partial.resumed_blocks
         saved = partial.load_streams(device)
         if saved is not None:
