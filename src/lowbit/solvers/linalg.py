@@ -18,11 +18,21 @@ from .base import SolverError
 MIN_RETRY_DAMP = 1e-8  # the damping of the first retry when the requested one is 0
 
 
+def _cholesky(A: torch.Tensor, upper: bool = False) -> torch.Tensor:
+    """Cholesky factor of A; on the CPU computed in A's memory (LAPACK works in place; the same values)."""
+    if A.device.type != "cpu":
+        return torch.linalg.cholesky(A, upper=upper)
+    L, info = torch.linalg.cholesky_ex(A, upper=upper, out=(A, torch.empty(0, dtype=torch.int32)))
+    if int(info) > 0:
+        raise torch.linalg.LinAlgError(f"the leading minor of order {int(info)} is not positive-definite")
+    return L
+
+
 def _damped(H: torch.Tensor, damp: float, inverse: bool, max_tries: int,
             what: str) -> tuple[torch.Tensor, float, int]:
-    """Lower Cholesky factor of H + d * mean(diag H) I, or (`inverse`) the upper one of its inverse. At most
-    three [n, n] float64 matrices are alive at once (H, and two of: damped H, its factor, the inverse):
-    for wide linears (MLP 8192: 512 MiB each) these dominate a CPU run's peak memory."""
+    """Lower Cholesky factor of H + d * mean(diag H) I, or (`inverse`) the upper one of its inverse. Besides
+    H, one [n, n] float64 matrix is alive on the CPU (the damped H, factored and inverted in place) and at
+    most two elsewhere: for wide linears (MLP 8192: 512 MiB each) these dominate a CPU run's peak memory."""
     H = H.double()
     mean_diag = H.diagonal().mean().clamp_min(1e-12)
     d = tried = damp
@@ -30,13 +40,13 @@ def _damped(H: torch.Tensor, damp: float, inverse: bool, max_tries: int,
         A = H.clone()
         A.diagonal().add_(d * mean_diag)  # the same values as H + d * mean_diag * I, without the identity
         try:
-            L = torch.linalg.cholesky(A)
+            L = _cholesky(A)
             del A
             if not inverse:
                 return L, d, tries
-            Hinv = torch.cholesky_inverse(L)
+            Hinv = torch.cholesky_inverse(L, out=L) if L.device.type == "cpu" else torch.cholesky_inverse(L)
             del L
-            return torch.linalg.cholesky(Hinv, upper=True), d, tries
+            return _cholesky(Hinv, upper=True), d, tries
         except torch.linalg.LinAlgError:
             tried, d = d, max(d * 10, MIN_RETRY_DAMP)
     raise SolverError(f"{what}: the Hessian is not positive definite even with damping {tried:g}; "
