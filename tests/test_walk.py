@@ -111,5 +111,5 @@ def test_streams_placement_is_checked(monkeypatch):
 
     monkeypatch.setenv("LOWBIT_STREAMS", "disk")
     w = Walker(tiny_model("llama"), tiny_tokens(2, 8), batch_size=2, progress=False)
-    with pytest.raises(WalkError, match="'host' or the 'device', not 'disk'"):
+    with pytest.raises(WalkError, match="LOWBIT_STREAMS=disk: calibration streams live on the 'host' or the 'device'"):
         w.capture()

@@ -496,7 +496,7 @@ class Walker:
 
         forced = self.streams_on or os.environ.get(STREAMS_ENV) or None
         if forced not in (None, "host", "device"):
-            raise WalkError(f"calibration streams can live on the 'host' or the 'device', not {forced!r}")
+            raise WalkError(f"{STREAMS_ENV}={forced}: calibration streams live on the 'host' or the 'device'")
         cfg = getattr(self.model, "config", None)
         width = getattr(cfg, "hidden_size", None) or 0
         dtype = next(self.model.parameters()).dtype
