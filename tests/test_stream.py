@@ -150,3 +150,12 @@ def test_stream_refuses_nan_block(tmp_path):
     with pytest.raises(ModelLoadError, match=r"layers\.1\.mlp\.up_proj\.weight contains NaN"):
         quantize_streamed(StreamSource(tmp_path / "m"), get_recipe("rtn-w4-g32"), tiny_tokens(2, 16),
                           PartialCheckpoint(tmp_path / "o", {}, False), dtype=torch.float32, progress=False)
+
+
+def test_cli_bad_streams_placement_is_one_line(tiny_dir, tmp_path):
+    r = _cli("quantize", str(tiny_dir), "--out", str(tmp_path / "o"), "--stream", "--no-eval", "--recipe",
+             "gptq-w4-g32", "--calib", str(tiny_dir / "text.txt"), "--n-calib", "2", "--seq-len", "16",
+             env_extra={"LOWBIT_STREAMS": "disk"})
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith("error: LOWBIT_STREAMS=disk:") and "Traceback" not in r.stderr, r.stderr

@@ -63,3 +63,53 @@ def test_qep_stats_need_the_fp_stream():
     blk = next(w.blocks())
     with pytest.raises(WalkError, match="FP stream"):
         blk.stats(["mlp.down_proj"], with_fp=True)
+
+
+@pytest.mark.parametrize("label", ["qep-gptq-w3-g32", "pair-gptq-w4-g32"])
+def test_streams_in_host_memory_give_the_same_result(monkeypatch, capsys, label):
+    """Calibration streams kept on the host (moved to the device a batch at a time) quantize exactly as on the
+    device; on the CPU the host placement is forced through LOWBIT_STREAMS, and the walk says where they live."""
+    from lowbit.pipeline import quantize_model
+    from lowbit.recipe import get_recipe
+    from lowbit.walk import HostStream
+
+    toks = tiny_tokens(8, 16)
+    rec = get_recipe(label)
+
+    def run(where):
+        monkeypatch.setenv("LOWBIT_STREAMS", where)
+        model = tiny_model("llama", layers=2)
+        kinds = []
+        orig = Walker.blocks
+
+        def spy(self, *a, **kw):
+            for blk in orig(self, *a, **kw):
+                kinds.append((type(blk.xs), type(blk.fp)))
+                yield blk
+
+        monkeypatch.setattr(Walker, "blocks", spy)
+        torch.manual_seed(0)
+        res = quantize_model(model, rec, toks, batch_size=2, progress=False, track_error=True)
+        monkeypatch.setattr(Walker, "blocks", orig)
+        return model, res, kinds, capsys.readouterr().err
+
+    m_dev, r_dev, k_dev, err_dev = run("device")
+    m_host, r_host, k_host, err_host = run("host")
+    assert k_dev == [(list, list)] * 2 and k_host == [(HostStream, HostStream)] * 2  # the host path was taken
+    assert "calibration streams (2 x " in err_host and "in host memory" in err_host and "as asked" in err_host
+    assert r_host.block_errors == r_dev.block_errors
+    assert r_host.weights.keys() == r_dev.weights.keys()
+    for n, qw in r_dev.weights.items():
+        other = r_host.weights[n]
+        assert torch.equal(qw.codes, other.codes) and torch.equal(qw.scale, other.scale), n
+    for a, b in zip(m_dev.state_dict().values(), m_host.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_streams_placement_is_checked(monkeypatch):
+    from lowbit.walk import WalkError
+
+    monkeypatch.setenv("LOWBIT_STREAMS", "disk")
+    w = Walker(tiny_model("llama"), tiny_tokens(2, 8), batch_size=2, progress=False)
+    with pytest.raises(WalkError, match="LOWBIT_STREAMS=disk: calibration streams live on the 'host' or the 'device'"):
+        w.capture()

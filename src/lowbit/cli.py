@@ -47,12 +47,14 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .recipe import RecipeError
     from .rotation import RotationError
     from .solvers import SolverError
+    from .walk import WalkError
 
     from .compat import CompatError
     from .distributed import DistributedError
 
     return (AssetError, CheckpointError, CompatError, DataError, DistributedError, DeviceError, FormatError, ModelLoadError,
-            UnsupportedModelError, PipelineError, RecipeError, RotationError, SolverError, FileNotFoundError)
+            UnsupportedModelError, PipelineError, RecipeError, RotationError, SolverError, WalkError,
+            FileNotFoundError)
 
 
 def _protocol(calib: str, n_calib: int, seq_len: int, seed: int, data: str, windows: int, batch_size: int):

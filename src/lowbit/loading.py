@@ -235,8 +235,51 @@ class StreamSource:
                 elif b.is_meta:
                     raise ModelLoadError(f"buffer {key} is not in {self.folder}")
                 mod._buffers[bname] = b.to(device)
+        self.close()
+
+    def close(self) -> None:
+        """Unmap the files: the pages read through a mapping count in this process's resident memory for
+        as long as it stays open, so a walk that kept them would end up holding the whole file."""
+        self._open.clear()
 
     @staticmethod
     def release(module: torch.nn.Module) -> None:
-        """Turn a module's parameters back into meta tensors (frees their memory)."""
+        """Turn a module's parameters back into meta tensors (frees their memory) and hand the freed heap
+        back to the system."""
         module.to("meta")
+        trim_heap()
+
+
+def _libc():
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt, libc.malloc_trim  # glibc only
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def trim_heap() -> None:
+    """Return freed heap memory to the system (glibc's malloc_trim; elsewhere nothing): blocks read and
+    freed one after another otherwise leave their pages in the process, and its resident size creeps up."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+HEAP_MMAP_THRESHOLD = 256 << 10
+
+
+def frugal_heap() -> None:
+    """Serve every allocation from HEAP_MMAP_THRESHOLD up by its own mapping, returned to the system when
+    freed (glibc; elsewhere nothing). glibc's default threshold grows to 32 MiB after the first large
+    frees, and then the weights, Hessians and activations of one block after another are carved from a
+    heap that keeps their pages: a streamed CPU run's peak RSS grew by about the model's float32 size."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(-3, HEAP_MMAP_THRESHOLD)  # M_MMAP_THRESHOLD (fixing it also stops its growth)

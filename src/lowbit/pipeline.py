@@ -19,7 +19,7 @@ from .models import get_adapter
 from .recipe import Recipe
 from .solvers import QuantizedWeight
 from .transforms import PairwiseRotation
-from .walk import Replay, Walker, capture_inputs, collect_stats, module_name, run_block  # noqa: F401  (re-exported)
+from .walk import Replay, Walker, capture_inputs, collect_stats, module_name, plain_stream, run_block  # noqa: F401
 
 
 class PipelineError(RuntimeError):
@@ -192,8 +192,9 @@ class StreamIO:
         self.partial.write_block(i, tensors, modules, {"bits": bits, "weights": n_w})
         last = i == len(w.layers) - 1
         if last or time.perf_counter() - self._last_state >= self.state_every_s:
-            self.partial.save_streams(i, {"xs": w.xs, "fp": w.fp, "errors": list(w.block_errors),
-                                          "fits": list(res.block_fits), "rng": torch.get_rng_state()})
+            self.partial.save_streams(i, {"xs": plain_stream(w.xs), "fp": plain_stream(w.fp),
+                                          "errors": list(w.block_errors), "fits": list(res.block_fits),
+                                          "rng": torch.get_rng_state()})
             if w.dist is not None:
                 w.dist.barrier()
             self.partial.mark_streams(i)
@@ -221,8 +222,11 @@ def quantize_streamed(source, recipe: Recipe, tokens: torch.Tensor, partial, *, 
     blockers = stream_blockers(recipe)
     if blockers:
         raise PipelineError(f"streaming cannot run {'; '.join(blockers)} yet; drop --stream to load the model whole")
+    from .loading import frugal_heap, trim_heap
+
     t0 = time.perf_counter()
     device = torch.device(device)
+    frugal_heap()
     with flush_denormal():
         model, _ = source.skeleton(dtype)
         adapter = get_adapter(model)
@@ -253,10 +257,11 @@ def quantize_streamed(source, recipe: Recipe, tokens: torch.Tensor, partial, *, 
                 for pname, p in mod._parameters.items():
                     if p is not None and not p.is_meta:
                         mod._parameters[pname] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+        trim_heap()
         start = partial.resumed_blocks
         saved = partial.load_streams(device)
         if saved is not None:
-            walker.xs, walker.fp = saved["xs"], saved["fp"]
+            walker.xs, walker.fp = walker.adopt(saved["xs"]), walker.adopt(saved["fp"])
             walker.block_errors = list(saved["errors"])
             result.block_fits = list(saved["fits"])
             torch.set_rng_state(saved["rng"])

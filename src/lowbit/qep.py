@@ -81,9 +81,16 @@ class QEPStat:
 
     def __init__(self, n: int, device):
         self.H = torch.zeros(n, n, dtype=torch.float64, device=device)
-        self.C = torch.zeros(n, n, dtype=torch.float64, device=device)
+        self._C: torch.Tensor | None = None  # made on first use: without QEP it would be an unused [n, n]
         self.tokens = 0
         self._factors: dict[float, torch.Tensor] = {}
+
+    @property
+    def C(self) -> torch.Tensor:
+        """sum (x - xq) xq^T (zeros when no FP-stream inputs were added)."""
+        if self._C is None:
+            self._C = torch.zeros_like(self.H)
+        return self._C
 
     def add(self, xq: torch.Tensor, x: torch.Tensor | None = None) -> None:
         """Add a batch of quantized-stream inputs xq and the matching FP-stream inputs x."""
@@ -91,13 +98,13 @@ class QEPStat:
         self.H += (xq.T @ xq).double()
         if x is not None:
             d = x.reshape(-1, x.shape[-1]).float() - xq
-            self.C += (d.T @ xq).double()
+            self.C.add_((d.T @ xq).double())
         self.tokens += xq.shape[0]
         self._factors.clear()
 
     def nbytes(self) -> int:
         """Bytes held by the accumulators (constant in the number of tokens)."""
-        return sum(t.numel() * t.element_size() for t in (self.H, self.C, *self._factors.values()))
+        return sum(t.numel() * t.element_size() for t in (self.H, self._C, *self._factors.values()) if t is not None)
 
     def factor(self, damp: float) -> torch.Tensor:
         """Cholesky factor of H + damp * mean(diag H) I (cached per damping)."""

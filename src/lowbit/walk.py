@@ -88,14 +88,16 @@ class _Recorder(nn.Module):
 
 @torch.no_grad()
 def capture_inputs(model: nn.Module, layers: nn.ModuleList, tokens: torch.Tensor, batch_size: int,
-                   device: torch.device) -> tuple[list[torch.Tensor], list[list[Call]]]:
-    """Hidden states entering block 0 (per batch) and the extra arguments every block receives."""
+                   device: torch.device, keep: Callable[[torch.Tensor], torch.Tensor] | None = None
+                   ) -> tuple[list[torch.Tensor], list[list[Call]]]:
+    """Hidden states entering block 0 (per batch; `keep` stores each, default: on `device`) and the extra
+    arguments every block receives."""
     hidden: list[torch.Tensor] = []
     calls: list[list[Call]] = [[] for _ in layers]
 
     def sink(idx, h, args, kwargs):
         if idx == 0:
-            hidden.append(h.detach().to(device))
+            hidden.append(h.detach().to(device) if keep is None else keep(h.detach()))
         calls[idx].append((_to(args, device), _to(kwargs, device)))
 
     originals = list(layers)
@@ -213,15 +215,16 @@ class Replay:
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, xs: list[torch.Tensor], calls: list[Call], replay: Replay | None = None
-              ) -> list[torch.Tensor]:
-    """Map a stream (list of batches) through one block."""
+def run_block(block: nn.Module, xs: list[torch.Tensor], calls: list[Call], replay: Replay | None = None,
+              keep: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """Map a stream (list of batches) through one block (`keep` stores each output batch, default: as is)."""
     outs = []
     with replay.active(len(xs)) if replay else nullcontext():
         for b, (x, (a, kw)) in enumerate(zip(xs, calls)):
             if replay:
                 replay.batch = b
-            outs.append(block_output(block(x, *a, **kw)))
+            y = block_output(block(x, *a, **kw))
+            outs.append(y if keep is None else keep(y))
     return outs
 
 
@@ -376,7 +379,8 @@ class Block:
         if self.fp_block is None:
             raise WalkError("block-wise training needs the FP stream; the walker was started without it")
         if self._fp_out is None:
-            self._fp_out = run_block(self.fp_block, self.fp, self.calls)
+            w = self.walker
+            self._fp_out = w.stream(run_block(self.fp_block, self.fp, self.calls, keep=w.keep))
         return self._fp_out
 
     def modules_changed(self) -> None:
@@ -387,13 +391,44 @@ class Block:
         """Map both streams through the finished block; record its output error."""
         w = self.walker
         if w.streams:
-            w.xs = run_block(self.block, w.xs, self.calls, self.replay)
+            w.xs = w.stream(run_block(self.block, w.xs, self.calls, self.replay, keep=w.keep))
         if w.fp is not None:
-            w.fp = self._fp_out if self._fp_out is not None else run_block(self.fp_block, w.fp, self.calls,
-                                                                           self.fp_replay)
+            w.fp = self._fp_out if self._fp_out is not None else w.stream(
+                run_block(self.fp_block, w.fp, self.calls, self.fp_replay, keep=w.keep))
             if w.track_error:
                 w.block_errors.append(rel_err(w.xs, w.fp) if w.dist is None else w.dist.rel_err(w.xs, w.fp))
         self.replay = self.fp_replay = self.fp_block = self._fp_out = None
+
+
+class HostStream(list):
+    """A calibration stream kept in host memory (pinned when the device is a GPU): indexing or iterating it
+    gives each batch moved to `device`, so the walk's code sees device tensors one batch at a time."""
+
+    def __init__(self, batches, device: torch.device):
+        super().__init__(batches)
+        self.device = device
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return HostStream(super().__getitem__(i), self.device)
+        return super().__getitem__(i).to(self.device, non_blocking=True)
+
+    def __iter__(self):
+        for t in super().__iter__():
+            yield t.to(self.device, non_blocking=True)
+
+    def batches(self) -> list[torch.Tensor]:
+        """The host tensors themselves."""
+        return list(super().__iter__())
+
+
+STREAMS_ENV = "LOWBIT_STREAMS"  # host | device: force where the calibration streams live
+STREAMS_MARGIN = 0.5  # the streams go on the device when twice their bytes fit in this share of its free memory
+
+
+def plain_stream(xs: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
+    """A stream as a plain list of its stored tensors (to save it)."""
+    return xs.batches() if isinstance(xs, HostStream) else xs
 
 
 class BlockIO:
@@ -429,7 +464,7 @@ class Walker:
     def __init__(self, model: nn.Module, tokens: torch.Tensor | None, *, batch_size: int = 8,
                  device: str | torch.device | None = None, streams: bool = True, fp_stream: bool = False,
                  track_error: bool = False, replay_memo: bool = True, progress: bool = True, desc: str = "quantize",
-                 io: Callable[[Walker], BlockIO] = BlockIO, dist=None):
+                 io: Callable[[Walker], BlockIO] = BlockIO, dist=None, streams_on: str | None = None):
         self.model = model
         self.io = io(self)
         self.dist = dist
@@ -449,6 +484,60 @@ class Walker:
         self.fp_stream = fp_stream or track_error
         self.block_errors: list[float] = []
         self._captured = False
+        self.streams_on = streams_on  # "device", "host" or None: chosen from the sizes in capture()
+        self.keep: Callable[[torch.Tensor], torch.Tensor] | None = None  # stores a batch of a stream on the host
+        self._copy: Callable[[torch.Tensor], torch.Tensor] = torch.clone  # a stored batch, copied (the FP stream)
+
+    def _place_streams(self) -> None:
+        """Where the calibration streams live: on the device when both fit (with room for the block's work),
+        else in host memory (pinned for a GPU), moved to the device a batch at a time. Says which, in one line."""
+        import os
+        import sys
+
+        forced = self.streams_on or os.environ.get(STREAMS_ENV) or None
+        if forced not in (None, "host", "device"):
+            raise WalkError(f"{STREAMS_ENV}={forced}: calibration streams live on the 'host' or the 'device'")
+        cfg = getattr(self.model, "config", None)
+        width = getattr(cfg, "hidden_size", None) or 0
+        dtype = next(self.model.parameters()).dtype
+        n = 2 if self.fp_stream else 1
+        need = self.tokens.numel() * width * torch.empty(0, dtype=dtype).element_size() * n
+        if forced is not None:
+            where, why = forced, f"as asked ({STREAMS_ENV} or streams_on)"
+        elif self.device.type != "cuda":
+            where, why = "device", "the device is host memory"
+        else:
+            free, _ = torch.cuda.mem_get_info(self.device)
+            where = "device" if 2 * need <= STREAMS_MARGIN * free else "host"
+            why = f"{free / 2**30:.1f} GiB free on {self.device}"
+        self.streams_on = where
+        if where == "host":
+            pin = self.device.type == "cuda"
+
+            def pinned(t: torch.Tensor) -> torch.Tensor:
+                return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
+
+            self.keep = pinned if pin else (lambda t: t.to("cpu"))
+            if pin:
+                self._copy = pinned
+        if self.progress or where == "host" or self.device.type == "cuda":
+            place = (f"on {self.device}" if where == "device" else
+                     "in pinned host memory, a batch at a time on the device" if self.device.type == "cuda" else
+                     "in host memory")
+            print(f"calibration streams ({n} x {need / n / 2**20:.0f} MiB): {place} ({why})", file=sys.stderr,
+                  flush=True)
+
+    def stream(self, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+        """A stream as the walk keeps it: the list itself on the device, a HostStream on the host."""
+        return HostStream(batches, self.device) if self.streams_on == "host" else batches
+
+    def adopt(self, batches: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
+        """A stream loaded from elsewhere (a resumed run's saved state), stored where this walk keeps streams."""
+        if batches is None:
+            return None
+        if self.streams_on == "host":
+            return self.stream([self.keep(t) for t in batches])
+        return [t.to(self.device) for t in batches]
 
     def capture(self) -> None:
         """Embed the calibration tokens once (both streams start equal)."""
@@ -457,8 +546,11 @@ class Walker:
         if self.streams:
             if self.tokens is None:
                 raise WalkError("this walk needs calibration tokens")
-            self.xs, self.calls = capture_inputs(self.model, self.layers, self.tokens, self.batch_size, self.device)
-        self.fp = [x.clone() for x in self.xs] if self.fp_stream else None
+            self._place_streams()
+            xs, self.calls = capture_inputs(self.model, self.layers, self.tokens, self.batch_size, self.device,
+                                            keep=self.keep)
+            self.xs = self.stream(xs)
+        self.fp = self.stream([self._copy(x) for x in plain_stream(self.xs)]) if self.fp_stream else None
         self._captured = True
 
     def blocks(self, start: int = 0, stop: int | None = None) -> Iterator[Block]:

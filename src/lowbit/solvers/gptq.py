@@ -33,7 +33,7 @@ def gptq(w: torch.Tensor, fmt: IntFormat, H: torch.Tensor, *, damp: float = 0.01
         raise SolverError(f"H has shape {tuple(H.shape)}, expected ({n}, {n})")
     if not torch.isfinite(W).all() or not torch.isfinite(H).all():
         raise SolverError("GPTQ: weight or Hessian contains NaN/inf")
-    H = H.detach().clone().float()
+    H = H.detach().to(torch.float32, copy=True)  # one copy (H may be float32 already: never alias it)
     dead = H.diagonal() == 0
     H[dead, dead] = 1
     W[:, dead] = 0
@@ -51,7 +51,9 @@ def gptq(w: torch.Tensor, fmt: IntFormat, H: torch.Tensor, *, damp: float = 0.01
     perm = torch.argsort(H.diagonal(), descending=True) if act_order else None
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
+    H = H.double()  # the float32-rounded values, as the factorisation takes them; the float32 copy is freed
     U, used_damp, retries = inverse_hessian_factor(H, damp)
+    del H
     U = U.float()
 
     codes = torch.empty(out, n, dtype=torch.uint8, device=W.device)
