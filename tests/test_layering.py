@@ -38,7 +38,8 @@ def test_lower_layers_do_not_import_upper_ones(layer, forbidden):
 
 def test_each_layer_imports_alone():
     mods = ["lowbit.formats.core", "lowbit.transforms.pairwise", "lowbit.transforms", "lowbit.kernels.pairwise",
-            "lowbit.kernels", "lowbit.solvers", "lowbit.nn.quantized", "lowbit.kernels.vector", "lowbit.nn.vector"]
+            "lowbit.kernels", "lowbit.solvers", "lowbit.nn.quantized", "lowbit.kernels.vector", "lowbit.nn.vector",
+            "lowbit.export.vllm_plugin"]
     code = "import importlib, sys\nfor m in sys.argv[1:]:\n" \
            "    for k in [k for k in sys.modules if k.startswith('lowbit')]: del sys.modules[k]\n" \
            "    importlib.import_module(m)\n"
