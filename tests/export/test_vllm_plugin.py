@@ -150,7 +150,7 @@ STACKED = [("qkv_proj", "q_proj", "q"), ("qkv_proj", "k_proj", "k"), ("qkv_proj"
 
 
 def _layers(vllm, config, model, block=0):
-    """The vLLM layers of one decoder block, {vLLM prefix: (layer, [checkpoint parts])}."""
+    """The vLLM layers of one decoder block, {vLLM prefix: layer}."""
     cfg = model.config
     head = cfg.hidden_size // cfg.num_attention_heads
     h, i = cfg.hidden_size, cfg.intermediate_size
@@ -160,9 +160,8 @@ def _layers(vllm, config, model, block=0):
             f"{p}.mlp.gate_up_proj": (h, [i, i]), f"{p}.mlp.down_proj": (i, [h])}
     out = {}
     for prefix, (n_in, outs) in spec.items():
-        layer = StubLinear(config, prefix, n_in, outs)
-        layer._sizes = outs
-        out[prefix] = layer
+        first = config.modules.get(vllm_plugin.part_names(prefix)[0], {})
+        out[prefix] = StubLinear(config, prefix, n_in, outs, bias=first.get("bias", False))
     return out
 
 
@@ -184,8 +183,8 @@ def _load(layers, tensors):
     return used
 
 
-def _ckpt(tmp_path, **kw):
-    model = tiny_model("llama")
+def _ckpt(tmp_path, family="llama", **kw):
+    model = tiny_model(family)
     res = quantize_model(model, Recipe(**kw), tiny_tokens(), batch_size=4, progress=False)
     g = torch.Generator().manual_seed(1)
     for rot in res.transforms.values():  # angles far from 0 and uneven scales: a dropped or misread transform shows
@@ -216,7 +215,10 @@ def _check_block(vllm, path, qcfg, model):
             want = torch.cat([ref.get_submodule(n)(xi) for n in parts], dim=-1)
             got = layer(xi)
         assert got.shape == want.shape
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        if layer.bias is None:
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        else:  # lowbit adds the bias inside the kernel, the plugin after it (vLLM's layer holds it)
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     return layers
 
 
@@ -250,11 +252,16 @@ def test_entry_point_is_declared():
     assert pp["project"]["entry-points"]["vllm.general_plugins"]["lowbit"] == "lowbit.export.vllm_plugin:register"
 
 
-@pytest.mark.parametrize("kw", [dict(method="gptq", bits=4, group_size=16),     # scalar 4-bit, act order (perm)
-                                dict(method="onebit", bits=1, group_size=-1)])   # 1-bit: in_scale
-def test_layers_match_lowbit_load(tmp_path, vllm, kw):
-    path, qcfg, model = _ckpt(tmp_path, **kw)
-    _check_block(vllm, path, qcfg, model)
+@pytest.mark.parametrize("family,kw", [
+    ("llama", dict(method="gptq", bits=4, group_size=16)),               # scalar 4-bit, act order (perm)
+    ("llama", dict(method="onebit", bits=1, group_size=-1)),             # 1-bit: row scales and in_scale
+    ("qwen2", dict(method="rtn", bits=3, group_size=-1, symmetric=True)),  # q/k/v biases (the layer's own)
+])
+def test_layers_match_lowbit_load(tmp_path, vllm, family, kw):
+    path, qcfg, model = _ckpt(tmp_path, family, **kw)
+    layers = _check_block(vllm, path, qcfg, model)
+    qkv = layers["model.layers.0.self_attn.qkv_proj"]
+    assert (qkv.bias is not None) == (family == "qwen2")
 
 
 def test_pairwise_rotated_layers_match(tmp_path, vllm):
@@ -295,6 +302,24 @@ def test_unlisted_layers_are_unquantized_and_non_linears_get_none(tmp_path, vllm
     layer = StubLinear(config, "lm_head", 64, [96])
     assert type(layer.quant_method).__name__ == "UnquantizedLinearMethod"
     assert config.get_quant_method(nn.Embedding(4, 4), "model.embed_tokens") is None
+
+
+def test_vllm_mapper_renames_the_modules(tmp_path, vllm):
+    path, qcfg, model = _ckpt(tmp_path, method="rtn", bits=4, group_size=16)
+    config = vllm["vllm.model_executor.layers.quantization"].registry["lowbit"].from_config(qcfg)
+
+    class Mapper:  # vLLM's WeightsMapper.apply_dict, for a prefix mapping
+        def apply_dict(self, values):
+            return {"language_model." + k: v for k, v in values.items()}
+
+    config.apply_vllm_mapper(Mapper())
+    assert config.guard_name.startswith("language_model.model.layers.")
+    layer = StubLinear(config, "language_model.model.layers.0.mlp.down_proj", model.config.intermediate_size,
+                       [model.config.hidden_size])
+    assert type(layer.quant_method).__name__ == "LowbitLinearMethod"
+    layer = StubLinear(config, "model.layers.0.mlp.down_proj", model.config.intermediate_size,
+                       [model.config.hidden_size])
+    assert type(layer.quant_method).__name__ == "UnquantizedLinearMethod"
 
 
 def test_refusals(tmp_path, vllm):

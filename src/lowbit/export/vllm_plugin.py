@@ -293,6 +293,11 @@ def _classes():
         def from_config(cls, config: dict) -> LowbitConfig:
             return cls(config)
 
+        def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
+            """Rename the checkpoint's linears as the vLLM model names them (multimodal wrappers etc.)."""
+            self.modules = hf_to_vllm_mapper.apply_dict(self.modules)
+            self.guard_name = next(iter(self.modules), None)
+
         def get_quant_method(self, layer: nn.Module, prefix: str):
             if not isinstance(layer, LinearBase):
                 return None
