@@ -149,7 +149,7 @@ STACKED = [("qkv_proj", "q_proj", "q"), ("qkv_proj", "k_proj", "k"), ("qkv_proj"
            ("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1)]
 
 
-def _layers(vllm, config, model, block=0):
+def _layers(vllm, config, model, block=0, dtype=torch.float32):
     """The vLLM layers of one decoder block, {vLLM prefix: layer}."""
     cfg = model.config
     head = cfg.hidden_size // cfg.num_attention_heads
@@ -161,16 +161,17 @@ def _layers(vllm, config, model, block=0):
     out = {}
     for prefix, (n_in, outs) in spec.items():
         first = config.modules.get(vllm_plugin.part_names(prefix)[0], {})
-        out[prefix] = StubLinear(config, prefix, n_in, outs, bias=first.get("bias", False))
+        out[prefix] = StubLinear(config, prefix, n_in, outs, bias=first.get("bias", False), dtype=dtype)
     return out
 
 
 def _load(layers, tensors):
-    """Llama's load_weights over the layers: every checkpoint tensor under one of them, by name."""
+    """Llama's load_weights over the layers: every checkpoint tensor under one of them, by name; returns
+    the checkpoint names loaded."""
     params = {f"{pre}.{n}": p for pre, layer in layers.items() for n, p in layer.named_parameters()}
     used = set()
-    for name, t in tensors.items():
-        shard = None
+    for key, t in tensors.items():
+        name, shard = key, None
         for fused, part, sid in STACKED:
             if f".{part}." in name:
                 name, shard = name.replace(f".{part}.", f".{fused}."), sid
@@ -179,7 +180,7 @@ def _load(layers, tensors):
             continue
         p = params[name]
         (p.weight_loader(p, t) if shard is None else p.weight_loader(p, t, shard))
-        used.add(name)
+        used.add(key)
     return used
 
 
@@ -197,28 +198,33 @@ def _ckpt(tmp_path, family="llama", **kw):
     return path, qcfg, model
 
 
-def _check_block(vllm, path, qcfg, model):
+def _check_block(vllm, path, qcfg, model, dtype=torch.float32):
     cls = vllm["vllm.model_executor.layers.quantization"].registry["lowbit"]
     config = cls.from_config(qcfg)
     tensors = load_file(str(path / "model.safetensors"))
-    ref = checkpoint.load(path, dtype=torch.float32)
-    layers = _layers(vllm, config, model)
-    _load(layers, tensors)
+    ref = checkpoint.load(path, dtype=dtype)
+    layers = _layers(vllm, config, model, dtype=dtype)
+    used = _load(layers, tensors)
+    # every tensor stored under block 0's linears found a parameter (the guard tensor included)
+    block0 = {n for n in tensors if n.startswith("model.layers.0.") and "_proj." in n}
+    assert block0 and used == block0
     g = torch.Generator().manual_seed(0)
     for prefix, layer in layers.items():
         assert type(layer.quant_method).__name__ == "LowbitLinearMethod"
         layer.quant_method.process_weights_after_loading(layer)
         assert not any(n.startswith(("qweight", "scales", "transform")) for n, _ in layer.named_parameters())
         parts = vllm_plugin.part_names(prefix)
-        xi = torch.randn(3, 5, layer.lowbit_parts[0].in_features, generator=g)
+        xi = torch.randn(3, 5, layer.lowbit_parts[0].in_features, generator=g).to(dtype)
         with torch.no_grad():
             want = torch.cat([ref.get_submodule(n)(xi) for n in parts], dim=-1)
             got = layer(xi)
         assert got.shape == want.shape
+        assert got.dtype == dtype
         if layer.bias is None:
             torch.testing.assert_close(got, want, rtol=0, atol=0)
         else:  # lowbit adds the bias inside the kernel, the plugin after it (vLLM's layer holds it)
-            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+            tol = 1e-6 if dtype == torch.float32 else 1e-2
+            torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     return layers
 
 
@@ -262,6 +268,19 @@ def test_layers_match_lowbit_load(tmp_path, vllm, family, kw):
     layers = _check_block(vllm, path, qcfg, model)
     qkv = layers["model.layers.0.self_attn.qkv_proj"]
     assert (qkv.bias is not None) == (family == "qwen2")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_layers_match(tmp_path, vllm, dtype):
+    """vLLM's usual params_dtype: the lowbit modules are built in it, as lowbit.load(dtype=...) builds them."""
+    path, qcfg, model = _ckpt(tmp_path, "qwen2", method="gptq", bits=4, group_size=16)
+    _check_block(vllm, path, qcfg, model, dtype=dtype)
+
+
+def test_vector_code_layers_match(tmp_path, vllm):
+    path, qcfg, model = _ckpt(tmp_path, method="vq_e8", bits=2, group_size=-1)
+    assert {m["kind"] for m in qcfg["modules"].values()} == {"vector"}
+    _check_block(vllm, path, qcfg, model)
 
 
 def test_pairwise_rotated_layers_match(tmp_path, vllm):
@@ -313,7 +332,7 @@ def test_vllm_mapper_renames_the_modules(tmp_path, vllm):
             return {"language_model." + k: v for k, v in values.items()}
 
     config.apply_vllm_mapper(Mapper())
-    assert config.guard_name.startswith("language_model.model.layers.")
+    assert all(n.startswith("language_model.model.layers.") for n in config.modules)
     layer = StubLinear(config, "language_model.model.layers.0.mlp.down_proj", model.config.intermediate_size,
                        [model.config.hidden_size])
     assert type(layer.quant_method).__name__ == "LowbitLinearMethod"
@@ -358,3 +377,6 @@ def test_missing_and_misshapen_tensors_are_refused(tmp_path, vllm):
     p = layers["model.layers.0.mlp.down_proj"].qweight
     with pytest.raises(VllmPluginError, match="checkpoint shape"):
         p.weight_loader(p, torch.zeros(3, 3, dtype=torch.int32))
+    w = layers["model.layers.0.mlp.down_proj"].weight  # a float weight where the manifest says quantized
+    with pytest.raises(VllmPluginError, match="down_proj: the checkpoint has a float `.weight`"):
+        w.weight_loader(w, torch.zeros(64, 96))

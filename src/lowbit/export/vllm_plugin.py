@@ -270,7 +270,6 @@ def _classes():
             self.config = config
             self.modules = parse_config(config)
             self.act = act_quant(config)
-            self.guard_name = next(iter(self.modules))
 
         def __repr__(self) -> str:
             return f"LowbitConfig({len(self.modules)} quantized linears)"
@@ -296,7 +295,6 @@ def _classes():
         def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
             """Rename the checkpoint's linears as the vLLM model names them (multimodal wrappers etc.)."""
             self.modules = hf_to_vllm_mapper.apply_dict(self.modules)
-            self.guard_name = next(iter(self.modules), None)
 
         def get_quant_method(self, layer: nn.Module, prefix: str):
             if not isinstance(layer, LinearBase):
@@ -326,11 +324,17 @@ def _classes():
 
                 p.weight_loader = loader
                 _set_param(layer, name, p)
-            if any(n == self.config.guard_name for n, _ in self.parts):
-                # the guard tensor a lowbit checkpoint stores under its first quantized linear's `.weight`
-                g = nn.Parameter(torch.empty_like(GUARD), requires_grad=False)
-                g.weight_loader = lambda param, loaded, shard_id=None: None
-                layer.register_parameter("weight", g)
+            # the guard tensor a lowbit checkpoint stores under its first quantized linear's `.weight` (which
+            # one config.json does not tell: its modules are sorted): every lowbit layer takes it, and drops it
+            g = nn.Parameter(torch.empty_like(GUARD), requires_grad=False)
+
+            def guard_loader(param, loaded, shard_id=None):
+                if loaded.shape != GUARD.shape or loaded.dtype != GUARD.dtype or not torch.equal(loaded.cpu(), GUARD):
+                    raise VllmPluginError(f"{self.prefix}: the checkpoint has a float `.weight` "
+                                          f"{tuple(loaded.shape)} for a linear its manifest lists as quantized")
+
+            g.weight_loader = guard_loader
+            layer.register_parameter("weight", g)
 
         def process_weights_after_loading(self, layer) -> None:
             plan: LayerPlan = layer.lowbit_plan
@@ -342,8 +346,7 @@ def _classes():
             layer.lowbit_parts = plan.build(params, self.config.act)
             for n in plan.layout:
                 _del_param(layer, n)
-            if "weight" in layer._parameters and any(n == self.config.guard_name for n, _ in self.parts):
-                del layer._parameters["weight"]
+            del layer._parameters["weight"]
 
         def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
             return run_parts(layer.lowbit_parts, x, bias)
