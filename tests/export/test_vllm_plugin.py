@@ -268,6 +268,7 @@ def test_layers_match_lowbit_load(tmp_path, vllm, family, kw):
     layers = _check_block(vllm, path, qcfg, model)
     qkv = layers["model.layers.0.self_attn.qkv_proj"]
     assert (qkv.bias is not None) == (family == "qwen2")
+    _check_traces_whole(qkv)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -292,6 +293,17 @@ def test_pairwise_rotated_layers_match(tmp_path, vllm):
     layers = _check_block(vllm, path, qcfg, model)
     layer = layers["model.layers.0.self_attn.qkv_proj"]
     assert all(float(m.transform.rot_theta.float().abs().max()) > 0.1 for m in layer.lowbit_parts)
+    _check_traces_whole(layer)
+
+
+def _check_traces_whole(layer):
+    """vLLM compiles the model with Dynamo in one graph: apply must trace without a graph break
+    (lowbit's kernels are custom ops with fake implementations). CPU, backend aot_eager only."""
+    x = torch.randn(2, 3, layer.lowbit_parts[0].in_features, generator=torch.Generator().manual_seed(2))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(layer.forward, fullgraph=True, backend="aot_eager")(x)
+        assert torch.equal(got, layer(x))
 
 
 def test_mixed_widths_in_one_fused_layer(tmp_path, vllm):
