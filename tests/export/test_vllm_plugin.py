@@ -370,6 +370,13 @@ def test_refusals(tmp_path, vllm):
         c.get_quant_method(LinearBase(), "model.layers.0.self_attn.qkv_proj")
     with pytest.raises(VllmPluginError, match="r3"):
         cls.from_config({**qcfg, "rotation": {"kind": "hadamard", "r3": True}})
+    with pytest.raises(VllmPluginError, match="down_proj: left unquantized .* R4"):
+        mods = {k: v for k, v in qcfg["modules"].items() if k != "model.layers.0.mlp.down_proj"}
+        c = cls.from_config({**qcfg, "modules": mods, "rotation": {"kind": "hadamard", "r4": True}})
+        c.get_quant_method(LinearBase(), "model.layers.0.mlp.down_proj")
+    mods = {k: v for k, v in qcfg["modules"].items() if k != "model.layers.0.mlp.down_proj"}
+    c = cls.from_config({**qcfg, "modules": mods})      # without R4 a float down_proj is fine
+    assert type(c.get_quant_method(LinearBase(), "model.layers.0.mlp.down_proj")).__name__ == "UnquantizedLinearMethod"
     with pytest.raises(VllmPluginError, match="lists no modules"):
         cls.from_config({"quant_method": "lowbit", "bits": 4})
     with pytest.raises(VllmPluginError, match="down_proj.*checkpoint's parts"):

@@ -269,6 +269,7 @@ def _classes():
             super().__init__()
             self.config = config
             self.modules = parse_config(config)
+            self.r4 = bool((config.get("rotation") or {}).get("r4"))
             self.act = act_quant(config)
 
         def __repr__(self) -> str:
@@ -302,6 +303,10 @@ def _classes():
             packed = {**PACKED, **(getattr(self, "packed_modules_mapping", None) or {})}
             parts = layer_parts(self.modules, prefix, packed)
             if parts is None:
+                if self.r4 and prefix.rpartition(".")[2] == "down_proj":
+                    # lowbit runs R4 (online Hadamard) before an unquantized down_proj outside the linear
+                    raise VllmPluginError(f"{prefix}: left unquantized in a checkpoint with the online Hadamard R4, "
+                                          "which the vLLM plugin cannot apply to a float layer (use lowbit.load)")
                 return UnquantizedLinearMethod()
             return LowbitLinearMethod(self, prefix, parts)
 
