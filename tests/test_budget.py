@@ -159,7 +159,7 @@ def test_budget_metric_label_and_weighting():
     r = get_recipe("budget2.5-gptq-w2-g64")
     assert r.budget_metric == "fisher" and r.label == "budget2.5-gptq-w2-g64"
     assert get_recipe(r.label) == r
-    with pytest.raises(Exception, match="budget_metric"):
+    with pytest.raises(Exception, match="metric must be one of 'fisher', 'layer'"):
         Recipe(method="gptq", bits=2, budget=2.0, budget_metric="hessian")
     # a linear whose outputs the loss ignores costs nothing under the Fisher weighting
     from lowbit.solvers.linalg import layer_loss

@@ -29,7 +29,7 @@ def test_identity_is_a_hash_of_the_full_config():
     a = get_recipe("qep-gptq-w3-g64-clip")
     assert a.identity == Recipe.from_dict(a.to_dict()).identity
     assert a.identity == a.with_(name="renamed").identity  # the display name is not part of it
-    others = [a.with_(damp=0.1), a.with_(qqa_steps=5), with_overrides(a, qep_damp=0.5),
+    others = [a.with_(damp=0.1), with_overrides(a, method="qqa", qqa_steps=5), with_overrides(a, qep_damp=0.5),
               with_overrides(a, pairwise={"krot": 4}), with_overrides(a, rotation={"kind": "hadamard", "seed": 3})]
     ids = {a.identity, *(o.identity for o in others)}
     assert len(ids) == 1 + len(others)

@@ -36,6 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
+from .configs import act_quant_of
 from .formats import IntFormat, unpack
 from .formats.binary import BinaryWeight
 from .pipeline import QuantizationResult
@@ -367,11 +368,11 @@ def load(path: str | Path, device: str | torch.device = "cpu", with_tokenizer: b
         install_r3(model)
     if dequantize:
         dequantize_model(model)
-    act_bits = manifest.get("recipe", {}).get("act_bits")
+    act_bits, act_sym = act_quant_of(manifest.get("recipe"))
     if act_bits is not None:
         from .actquant import enable_act_quant
 
-        enable_act_quant(model, act_bits, manifest["recipe"].get("act_symmetric", False))
+        enable_act_quant(model, act_bits, act_sym)
     model = model.to(device).eval()
     if with_tokenizer:
         return model, AutoTokenizer.from_pretrained(path)

@@ -4,113 +4,112 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
+from functools import partial
 from pathlib import Path
 
 from .blockwise import PairwiseConfig
+from .configs import RecipeError, config_from
 from .formats import IntFormat
 from .qep import QEPConfig
 from .rotation import KINDS, RotationConfig
-from .solvers import NEEDS_HESSIAN, SOLVERS
+from .solvers import CONFIGS, GPTQConfig, SolverConfig, config_type
+from .stages.base import ActQuantConfig, BudgetConfig, OneBitFTConfig, SolveConfig
 
 
-class RecipeError(ValueError):
-    """A recipe is malformed."""
+#: keys of the flat recipes of earlier versions that now live in a typed config, with their defaults.
+#: They are still accepted as keywords, JSON/YAML keys and attributes: a solver option goes into the
+#: method's config (`SolverConfig.FLAT`), an option of a method not chosen is refused unless it has its
+#: default (which an old full JSON file carries for every method).
+_FLAT_SOLVER = {"damp": 0.01, "act_order": True, "static_groups": False, "block_size": 128, "qqa_steps": 100,
+                "qqa_replicas": 16, "qqa_rounds": 2, "qqa_init": "gptq", "onebit_iters": 8, "onebit_qqa": False,
+                "onebit_svid_only": False}
+_FLAT_STAGES = {"act_bits": None, "act_symmetric": False, "onebit_ft_epochs": 0, "onebit_ft_lr": 1e-3,
+                "budget_bits": (1, 2, 3, 4), "budget_metric": "fisher"}
+_UNSET = object()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Recipe:
-    """Weight format + solver + how the pipeline walks the model."""
+    """How to quantize a model: the weight format, the solver (`method` and its typed config) and the
+    stage configs around it (see `stages`). Frozen; validated once, as a whole, when built.
+
+    Keywords: the fields below; `method` may be written `qep(gptq)` (= with the default QEP);
+    `solver`, `rotation`, `pairwise`, `qep`, `bit_budget`, `onebit_ft`, `act_quant` also take a dict
+    of settings (and the optional stages true / false). The flat keywords of earlier versions
+    (`damp`, `qqa_steps`, `onebit_qqa`, `budget`, `budget_bits`, `act_bits`, `onebit_ft_epochs`, ...)
+    are mapped into these configs and read back as attributes."""
 
     method: str = "gptq"
     bits: int = 4
     group_size: int = 64
     symmetric: bool = False
-    clip: bool = False  # search a per-group range shrink (both solvers)
-    damp: float = 0.01  # GPTQ: relative Hessian damping
-    act_order: bool = True  # GPTQ: columns by decreasing diag(H)
-    static_groups: bool = False  # GPTQ: group params fixed from the unquantized weight
-    block_size: int = 128  # GPTQ: lazy-update block
+    clip: bool = False  # search a per-group range shrink (rtn, gptq, qqa, and pairwise's fake quantizer)
+    solver: SolverConfig = GPTQConfig()  # the options of `method` (its registered config type)
     true_sequential: bool = True  # re-collect inputs after each group of linears is quantized
-    skip: tuple[str, ...] = field(default_factory=tuple)  # substrings of linear names left in FP
-    qep: QEPConfig | None = None  # error-propagation correction around the solver (None = off)
-    pairwise: PairwiseConfig | None = None  # learned pairwise rotations, block by block (None = off)
-    rotation: RotationConfig | None = None  # global rotations folded in before quantizing (None = off)
-    act_bits: int | None = None  # dynamic per-token fake quantization of decoder-linear inputs (None = off)
-    act_symmetric: bool = False
-    qqa_steps: int = 100  # QQA: annealing steps per round and row chunk (the time knob)
-    qqa_replicas: int = 16  # QQA: replicas annealed at once
-    qqa_rounds: int = 2  # QQA: alternations codes -> scales
-    qqa_init: str = "gptq"  # QQA: start solution (gptq or rtn)
-    onebit_iters: int = 8  # onebit: alternations signs -> (g, h)
-    onebit_qqa: bool = False  # onebit: refine the signs by QQA after the GPTQ-style pass
-    onebit_svid_only: bool = False  # onebit: the SVID initialisation only (no calibration fit)
-    onebit_ft_epochs: int = 0  # onebit: epochs of block-wise training of g and h (0 = off)
-    onebit_ft_lr: float = 1e-3
-    budget: float | None = None  # average bits/weight: per-linear bits chosen from budget_bits
-    budget_bits: tuple[int, ...] = (1, 2, 3, 4)  # candidates for the budget (1 = onebit)
-    budget_metric: str = "fisher"  # budget: layer losses weighted by output Fisher ("fisher") or raw ("layer")
+    skip: tuple[str, ...] = ()  # substrings of linear names left in FP
+    rotation: RotationConfig | None = None  # global rotations folded in before quantizing
+    bit_budget: BudgetConfig | None = None  # per-linear widths for an average bits/weight
+    pairwise: PairwiseConfig | None = None  # learned pairwise rotations, block by block
+    qep: QEPConfig | None = None  # error-propagation correction around the solver
+    onebit_ft: OneBitFTConfig | None = None  # block-wise training of 1-bit layers' g and h
+    act_quant: ActQuantConfig | None = None  # dynamic per-token fake quantization of linear inputs
     name: str = ""
 
-    def __post_init__(self) -> None:
-        m = re.fullmatch(r"qep\((\w+)\)", self.method)
+    def __init__(self, method: str | None = None, bits: int = 4, group_size: int = 64, symmetric: bool = False,
+                 clip: bool = False, solver=None, true_sequential: bool = True, skip=(), rotation=None,
+                 bit_budget=None, pairwise=None, qep=None, onebit_ft=None, act_quant=None, name: str = "", *,
+                 budget=_UNSET, **flat) -> None:
+        unknown = sorted(set(flat) - set(_FLAT_SOLVER) - set(_FLAT_STAGES))
+        if unknown:
+            raise RecipeError(f"unknown recipe keys: {unknown}")
+        if method is None:
+            method = solver.method if isinstance(solver, SolverConfig) else "gptq"
+        if not isinstance(method, str):
+            raise RecipeError(f"method must be a string, got {method!r}")
+        m = re.fullmatch(r"qep\((\w+)\)", method)
         if m:  # "qep(gptq)" = gptq wrapped in QEP with the default settings
-            object.__setattr__(self, "method", m.group(1))
-            if self.qep is None:
-                object.__setattr__(self, "qep", QEPConfig())
-        self._coerce("qep", QEPConfig)
-        self._coerce("pairwise", PairwiseConfig)
-        if isinstance(self.rotation, str):  # "hadamard", "learned", ...
-            if self.rotation not in KINDS:
-                raise RecipeError(f"unknown rotation {self.rotation!r}; use one of {', '.join(KINDS)}")
-            object.__setattr__(self, "rotation", RotationConfig(kind=self.rotation))
-        self._coerce("rotation", RotationConfig)
+            method, qep = m.group(1), QEPConfig() if qep is None else qep
+        cls = config_type(method)
+        set_ = partial(object.__setattr__, self)
+        for k, v in (("method", method), ("bits", bits), ("group_size", group_size), ("symmetric", symmetric),
+                     ("clip", clip), ("true_sequential", true_sequential), ("skip", tuple(skip)), ("name", name)):
+            set_(k, v)
+        set_("solver", _solver_config(cls, solver, flat))
+        set_("rotation", _optional("rotation", RotationConfig, rotation))
+        set_("pairwise", _optional("pairwise", PairwiseConfig, pairwise))
+        set_("qep", _optional("qep", QEPConfig, qep))
+        set_("bit_budget", _budget(_optional("bit_budget", BudgetConfig, bit_budget), budget, flat))
+        set_("onebit_ft", _onebit_ft(_optional("onebit_ft", OneBitFTConfig, onebit_ft), flat))
+        set_("act_quant", _act_quant(_optional("act_quant", ActQuantConfig, act_quant), flat))
+        self._validate()
+
+    def _validate(self) -> None:
+        """The checks across configs (each config has checked its own fields)."""
+        self.format  # validates bits / group size
         if self.rotation is not None and self.pairwise is not None and self.rotation.r4:
             raise RecipeError("pairwise rotations replace down_proj's input transform, which the online "
                               "Hadamard R4 also needs; set rotation r4 = false to combine them")
-        if self.act_bits is not None and not 2 <= self.act_bits <= 16:
-            raise RecipeError(f"act_bits must be 2-16 or None, got {self.act_bits}")
         if self.pairwise is not None and self.pairwise.epochs2 > 0 and self.qep is not None:
             raise RecipeError("pairwise stage 2 trains the codes itself and replaces the solver; "
                               "use QEP with stage 1 only (epochs2 = 0)")
-        if self.method not in SOLVERS:
-            raise RecipeError(f"unknown method {self.method!r}; available: {', '.join(sorted(SOLVERS))}")
-        self.format  # validates bits / group size
-        if not 0 <= self.damp < 10:
-            raise RecipeError(f"damp must be in [0, 10), got {self.damp}")
-        if self.block_size < 1:
-            raise RecipeError(f"block_size must be >= 1, got {self.block_size}")
-        object.__setattr__(self, "skip", tuple(self.skip))
-        object.__setattr__(self, "budget_bits", tuple(sorted(int(b) for b in self.budget_bits)))
-        if self.qqa_init not in ("gptq", "rtn"):
-            raise RecipeError(f"qqa_init must be gptq or rtn, got {self.qqa_init!r}")
-        if self.qqa_steps < 1 or self.qqa_replicas < 1 or self.qqa_rounds < 1 or self.onebit_iters < 0:
-            raise RecipeError("qqa_steps, qqa_replicas and qqa_rounds must be >= 1, onebit_iters >= 0")
-        if self.pairwise is not None and (self.method == "onebit" or self.budget is not None):
+        if self.pairwise is not None and (self.method == "onebit" or self.bit_budget is not None):
             raise RecipeError("pairwise rotations are not supported with 1-bit layers or a bit budget (the "
                               "checkpoint keeps input transforms for integer layers only)")
-        if self.budget is not None:
-            if not self.budget_bits or any(not 1 <= b <= 8 for b in self.budget_bits):
-                raise RecipeError(f"budget_bits must be bit widths 1-8, got {self.budget_bits}")
-            if self.budget_metric not in ("fisher", "layer"):
-                raise RecipeError(f"budget_metric must be fisher or layer, got {self.budget_metric!r}")
-            if self.method == "onebit":
-                raise RecipeError("a bit budget needs an integer solver (rtn, gptq, qqa) for the wider linears")
-            if not 1 <= self.budget <= 8.5:
-                raise RecipeError(f"budget must be 1-8.5 bits/weight, got {self.budget}")
+        if self.bit_budget is not None and self.method == "onebit":
+            raise RecipeError("a bit budget needs an integer solver (rtn, gptq, qqa) for the wider linears")
+        if self.onebit_ft is not None and self.method != "onebit" and \
+                (self.bit_budget is None or 1 not in self.bit_budget.bits):
+            raise RecipeError("1-bit fine-tuning (onebit_ft) trains 1-bit layers: use method onebit or a bit "
+                              "budget with 1-bit candidates")
 
-    def _coerce(self, name: str, cls) -> None:
-        """Accept True / False / a dict of settings for an optional config field."""
-        v = getattr(self, name)
-        if isinstance(v, bool):
-            object.__setattr__(self, name, cls() if v else None)
-        elif isinstance(v, dict):
-            try:
-                object.__setattr__(self, name, cls(**v))
-            except (TypeError, ValueError) as e:
-                raise RecipeError(f"bad {name} settings: {e}") from None
-        elif v is not None and not isinstance(v, cls):
-            raise RecipeError(f"{name} must be a {cls.__name__}, a dict, true/false or null, got {v!r}")
+    def stages(self) -> tuple:
+        """The recipe as its ordered stage configs, in the order they run: rotation, bit budget,
+        pairwise, the solver (with or without QEP), 1-bit fine-tuning, activation quantization
+        (all but the solver only when set)."""
+        out = (self.rotation, self.bit_budget, self.pairwise, SolveConfig(self.method, self.qep is not None),
+               self.onebit_ft, self.act_quant)
+        return tuple(c for c in out if c is not None)
 
     @property
     def format(self) -> IntFormat:
@@ -120,13 +119,50 @@ class Recipe:
     @property
     def needs_hessian(self) -> bool:
         """Whether the solver reads input statistics."""
-        return self.method in NEEDS_HESSIAN
+        return self.solver.needs_hessian
 
     @property
     def needs_inputs(self) -> bool:
         """Whether the pipeline must run the calibration stream (solver statistics or QEP)."""
-        return (self.needs_hessian or self.qep is not None or self.pairwise is not None or self.budget is not None
-                or self.onebit_ft_epochs > 0)
+        return (self.needs_hessian or self.qep is not None or self.pairwise is not None or self.bit_budget is not None
+                or self.onebit_ft is not None)
+
+    # the flat attributes of earlier versions, read from the typed configs
+    @property
+    def budget(self) -> float | None:
+        """The bit budget's target bits/weight (None: no budget)."""
+        return None if self.bit_budget is None else self.bit_budget.target
+
+    @property
+    def budget_bits(self) -> tuple[int, ...]:
+        return _FLAT_STAGES["budget_bits"] if self.bit_budget is None else self.bit_budget.bits
+
+    @property
+    def budget_metric(self) -> str:
+        return _FLAT_STAGES["budget_metric"] if self.bit_budget is None else self.bit_budget.metric
+
+    @property
+    def act_bits(self) -> int | None:
+        return None if self.act_quant is None else self.act_quant.bits
+
+    @property
+    def act_symmetric(self) -> bool:
+        return False if self.act_quant is None else self.act_quant.symmetric
+
+    @property
+    def onebit_ft_epochs(self) -> int:
+        return 0 if self.onebit_ft is None else self.onebit_ft.epochs
+
+    @property
+    def onebit_ft_lr(self) -> float:
+        return _FLAT_STAGES["onebit_ft_lr"] if self.onebit_ft is None else self.onebit_ft.lr
+
+    def __getattr__(self, key: str):  # damp, qqa_steps, onebit_qqa, ...: the solver's field, else the default
+        if key in _FLAT_SOLVER:
+            solver = self.__dict__.get("solver")
+            field_ = None if solver is None else type(solver).FLAT.get(key)
+            return _FLAT_SOLVER[key] if field_ is None else getattr(solver, field_)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {key!r}")
 
     @property
     def label(self) -> str:
@@ -152,8 +188,9 @@ class Recipe:
 
     @property
     def identity(self) -> str:
-        """A hash of the full configuration (every field but the display name): two recipes with the
-        same identity quantize the same way; labels omit damping, QQA steps, rotation seeds..."""
+        """A hash of the full canonical configuration (`to_dict`, every field but the display name): two
+        recipes with the same identity quantize the same way; labels omit damping, QQA steps, rotation
+        seeds..."""
         import hashlib
 
         d = self.to_dict()
@@ -161,35 +198,40 @@ class Recipe:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def solver_kwargs(self, method: str | None = None) -> dict:
-        """Keyword arguments for the solver function (of `method`, default the recipe's)."""
-        method = method or self.method
-        gptq = {"damp": self.damp, "act_order": self.act_order, "static_groups": self.static_groups,
-                "block_size": self.block_size, "clip": self.clip}
-        if method == "gptq":
-            return gptq
-        if method == "qqa":
-            return {**gptq, "init": self.qqa_init, "steps": self.qqa_steps, "replicas": self.qqa_replicas,
-                    "rounds": self.qqa_rounds}
-        if method == "onebit":
-            return {"iters": self.onebit_iters, "damp": self.damp, "act_order": self.act_order,
-                    "block_size": self.block_size, "use_qqa": self.onebit_qqa, "qqa_steps": self.qqa_steps,
-                    "qqa_replicas": self.qqa_replicas, "svid_only": self.onebit_svid_only}
-        return {"clip": self.clip}
+        """Keyword arguments for the solver function of `method` (default the recipe's). Another
+        method (a bit budget's 1-bit linears, its proxies) gets its config derived from the recipe's
+        (`SolverConfig.derived_from`: the options they share, defaults for the rest)."""
+        if method is None or method == self.method:
+            return self.solver.kwargs(self.clip)
+        return config_type(method).derived_from(self.solver).kwargs(self.clip)
 
     def to_dict(self) -> dict:
-        """Plain dict (JSON-safe)."""
-        d = asdict(self)
+        """The canonical nested form (JSON-safe): format, method and its solver config, stage configs."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["skip"] = list(self.skip)
+        for k in ("solver", "rotation", "bit_budget", "pairwise", "qep", "onebit_ft", "act_quant"):
+            d[k] = None if d[k] is None else d[k].to_dict()
+        return d
+
+    def to_flat_dict(self) -> dict:
+        """The flat form of earlier versions (what `to_dict` wrote before typed configs)."""
+        d = {k: getattr(self, k) for k in ("method", "bits", "group_size", "symmetric", "clip", "damp", "act_order",
+                                           "static_groups", "block_size", "true_sequential")}
+        d["skip"] = list(self.skip)
+        for k in ("qep", "pairwise", "rotation"):
+            d[k] = None if getattr(self, k) is None else getattr(self, k).to_dict()
+        d.update({k: getattr(self, k) for k in ("act_bits", "act_symmetric", "qqa_steps", "qqa_replicas", "qqa_rounds",
+                                                "qqa_init", "onebit_iters", "onebit_qqa", "onebit_svid_only",
+                                                "onebit_ft_epochs", "onebit_ft_lr", "budget")})
         d["budget_bits"] = list(self.budget_bits)
-        d["qep"] = None if self.qep is None else self.qep.to_dict()
-        d["pairwise"] = None if self.pairwise is None else self.pairwise.to_dict()
-        d["rotation"] = None if self.rotation is None else self.rotation.to_dict()
+        d["budget_metric"] = self.budget_metric
+        d["name"] = self.name
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Recipe:
-        """Inverse of to_dict; unknown keys are an error."""
-        known = {f.name for f in fields(cls)}
+        """Inverse of to_dict; the flat form of earlier versions is read too; unknown keys are an error."""
+        known = {f.name for f in fields(cls)} | set(_FLAT_SOLVER) | set(_FLAT_STAGES) | {"budget"}
         extra = set(d) - known
         if extra:
             raise RecipeError(f"unknown recipe keys: {sorted(extra)}")
@@ -199,8 +241,103 @@ class Recipe:
             raise RecipeError(f"bad recipe value: {e}") from None
 
     def with_(self, **kw) -> Recipe:
-        """A copy with some fields changed."""
-        return replace(self, **kw)
+        """A copy with some fields (or flat keywords) changed; a changed method keeps the solver options
+        the two methods share."""
+        cur = {f.name: getattr(self, f.name) for f in fields(self)}
+        method = kw.get("method")
+        if isinstance(method, str) and "solver" not in kw:
+            m = re.fullmatch(r"qep\((\w+)\)", method)
+            method = m.group(1) if m else method
+            if method != self.method and method in CONFIGS:
+                cur["solver"] = CONFIGS[method].derived_from(self.solver)
+        return Recipe(**{**cur, **kw})
+
+
+def _optional(name: str, cls, v):
+    """An optional config from an instance, a dict of settings, true / false or None (a rotation also
+    from its kind)."""
+    if name == "rotation" and isinstance(v, str):  # "hadamard", "learned", ...
+        if v not in KINDS:
+            raise RecipeError(f"unknown rotation {v!r}; use one of {', '.join(KINDS)}")
+        return RotationConfig(kind=v)
+    if isinstance(v, bool):
+        return cls() if v else None
+    if isinstance(v, dict):
+        try:
+            return config_from(cls, v, name)
+        except RecipeError:
+            raise
+        except (TypeError, ValueError) as e:
+            raise RecipeError(f"bad {name} settings: {e}") from None
+    if v is not None and not isinstance(v, cls):
+        raise RecipeError(f"{name} must be a {cls.__name__}, a dict, true/false or null, got {v!r}")
+    return v
+
+
+def _given(flat: dict, key: str) -> bool:
+    """Whether a flat keyword was passed with a value other than its default."""
+    return key in flat and flat[key] != (_FLAT_STAGES | _FLAT_SOLVER)[key]
+
+
+def _solver_config(cls, solver, flat: dict) -> SolverConfig:
+    """The method's config from `solver` (None: defaults; a dict; an instance of `cls`) and the flat keys."""
+    if solver is None:
+        solver = cls()
+    elif isinstance(solver, dict):
+        solver = config_from(cls, solver, f"{cls.method} solver")
+    elif not isinstance(solver, cls):
+        raise RecipeError(f"solver must be a {cls.__name__} for method {cls.method!r}, got {solver!r}")
+    changes = {}
+    for key in flat.keys() & _FLAT_SOLVER.keys():
+        if key in cls.FLAT:
+            changes[cls.FLAT[key]] = flat[key]
+        elif _given(flat, key):
+            raise RecipeError(f"{key} is not an option of method {cls.method!r}")
+    return replace(solver, **changes) if changes else solver
+
+
+def _budget(cfg: BudgetConfig | None, budget, flat: dict) -> BudgetConfig | None:
+    """The bit budget from `bit_budget` and the flat `budget` (a number; None removes it),
+    `budget_bits`, `budget_metric`."""
+    if isinstance(budget, (BudgetConfig, dict)):
+        cfg, budget = _optional("budget", BudgetConfig, budget), _UNSET
+    if budget is None:
+        cfg = None
+    elif budget is not _UNSET:
+        cfg = BudgetConfig(budget) if cfg is None else replace(cfg, target=budget)
+    changes = {f: flat[k] for k, f in (("budget_bits", "bits"), ("budget_metric", "metric")) if k in flat}
+    if cfg is None:
+        for k in ("budget_bits", "budget_metric"):
+            if _given(flat, k):
+                raise RecipeError(f"{k} applies to a bit budget: set budget too")
+        return None
+    return replace(cfg, **changes) if changes else cfg
+
+
+def _onebit_ft(cfg: OneBitFTConfig | None, flat: dict) -> OneBitFTConfig | None:
+    """1-bit fine-tuning from `onebit_ft` and the flat `onebit_ft_epochs` (0 = off), `onebit_ft_lr`."""
+    if "onebit_ft_epochs" not in flat and "onebit_ft_lr" not in flat:
+        return cfg
+    epochs = flat.get("onebit_ft_epochs", 0 if cfg is None else cfg.epochs)
+    lr = flat.get("onebit_ft_lr", _FLAT_STAGES["onebit_ft_lr"] if cfg is None else cfg.lr)
+    if not epochs:
+        if _given(flat, "onebit_ft_lr") and "onebit_ft_epochs" not in flat:
+            raise RecipeError("onebit_ft_lr applies to 1-bit fine-tuning: set onebit_ft_epochs > 0 too")
+        return None
+    return OneBitFTConfig(epochs, lr)
+
+
+def _act_quant(cfg: ActQuantConfig | None, flat: dict) -> ActQuantConfig | None:
+    """Activation quantization from `act_quant` and the flat `act_bits` (None = off), `act_symmetric`."""
+    if "act_bits" not in flat and "act_symmetric" not in flat:
+        return cfg
+    bits = flat.get("act_bits", None if cfg is None else cfg.bits)
+    sym = flat.get("act_symmetric", False if cfg is None else cfg.symmetric)
+    if bits is None:
+        if _given(flat, "act_symmetric") and "act_bits" not in flat:
+            raise RecipeError("act_symmetric applies to activation quantization: set act_bits too")
+        return None
+    return ActQuantConfig(bits, sym)
 
 
 def _preset(**kw) -> Recipe:
@@ -256,34 +393,35 @@ def parse_label(label: str) -> Recipe | None:  # noqa: C901
     bits follow the weight bits (w4a8: 8-bit per-token asymmetric inputs, w4a4s: symmetric), e.g.
     had-gptq-w4a8-g64."""
     m = _LABEL.fullmatch(label)
-    if not m or m["method"] not in SOLVERS:
+    if not m:
         return None
+    if m["method"] not in CONFIGS:  # well formed but for the method: say so rather than "unknown recipe"
+        raise RecipeError(f"recipe label {label!r}: unknown method {m['method']!r}; available: "
+                          f"{', '.join(sorted(CONFIGS))}")
+    if (m["alpha"] or m["damp"]) and not m["qep"]:
+        raise RecipeError(f"recipe label {label!r}: -a (QEP alpha) and -l (QEP damping) need qep- before the method")
+    if m["rsteps"] and m["rot"] != "spin":
+        raise RecipeError(f"recipe label {label!r}: a step count follows spin (learned rotations) only")
     g = {"pc": -1, "pt": 0}.get(m["g"]) if m["g"] in ("pc", "pt") else int(m["g"][1:])
-    qep = None
-    if m["qep"]:
-        kw = {}
-        if m["alpha"]:
-            kw["alpha"] = float(m["alpha"])
-        if m["damp"]:
-            kw["damp"] = float(m["damp"])
-        qep = QEPConfig(**kw)
-    elif m["alpha"] or m["damp"]:
-        return None
-    pairwise = None
-    if m["pair"]:
-        pairwise = PairwiseConfig(epochs2=5 if m["pair"] == "pair2-" else 0)
-    rotation = None
-    if m["rot"]:  # with pairwise rotations, R4 is left out (both transform down_proj's input)
-        if m["rsteps"] and m["rot"] != "spin":
-            return None
-        steps = {"steps": int(m["rsteps"])} if m["rsteps"] else {}
-        rotation = RotationConfig(kind=_ROT_TAGS[m["rot"]], r4=pairwise is None, **steps)
-    try:
+    try:  # the label is well formed: any error below says what is wrong with it
+        qep = None
+        if m["qep"]:
+            kw = {}
+            if m["alpha"]:
+                kw["alpha"] = float(m["alpha"])
+            if m["damp"]:
+                kw["damp"] = float(m["damp"])
+            qep = QEPConfig(**kw)
+        pairwise = PairwiseConfig(epochs2=5 if m["pair"] == "pair2-" else 0) if m["pair"] else None
+        rotation = None
+        if m["rot"]:  # with pairwise rotations, R4 is left out (both transform down_proj's input)
+            steps = {"steps": int(m["rsteps"])} if m["rsteps"] else {}
+            rotation = RotationConfig(kind=_ROT_TAGS[m["rot"]], r4=pairwise is None, **steps)
         return Recipe(method=m["method"], bits=int(m["bits"]), symmetric=bool(m["sym"]), group_size=g,
-                      clip=bool(m["clip"]), static_groups=bool(m["static"]), qep=qep, pairwise=pairwise,
-                      rotation=rotation, act_bits=int(m["abits"]) if m["abits"] else None,
-                      act_symmetric=bool(m["asym"]))
-    except (RecipeError, ValueError) as e:  # the label is well formed: say what is wrong with it
+                      clip=bool(m["clip"]), qep=qep, pairwise=pairwise, rotation=rotation,
+                      act_bits=int(m["abits"]) if m["abits"] else None, act_symmetric=bool(m["asym"]),
+                      **({"static_groups": True} if m["static"] else {}))
+    except ValueError as e:  # RecipeError, FormatError, RotationError, a config's ValueError
         raise RecipeError(f"recipe label {label!r}: {e}") from None
 
 
@@ -344,55 +482,50 @@ def get_recipe(name_or_path: str) -> Recipe:
 
 def with_overrides(base: Recipe, *, pairwise: dict | None = None, rotation: dict | None = None,
                    qep: bool | None = None, qep_alpha: float | None = None, qep_damp: float | None = None,
-                   **fields) -> Recipe:
+                   **overrides) -> Recipe:
     """`base` with every override applied at once and validated once, so that a combination valid
     only as a whole (adding pairwise rotations while turning R4 off) is accepted.
 
     None means "keep". `pairwise`: settings to merge, `on` True / False adds / removes the stage.
     `rotation`: settings to merge, `kind` "none" removes it; `act_bits` / `act_symmetric` in it are
-    recipe fields. `qep` True / False adds / removes QEP (as does a method written `qep(gptq)`);
-    `qep_alpha` / `qep_damp` set every layer type. Other keywords are Recipe fields."""
-    d = base.to_dict()
-    d["name"] = ""
-    pw = dict(pairwise or {})
+    recipe keywords. `qep` True / False adds / removes QEP (as does a method written `qep(gptq)`);
+    `qep_alpha` / `qep_damp` set every layer type. Other keywords are Recipe keywords, flat ones
+    (`damp`, `qqa_steps`, `budget`, ...) included; a changed method keeps the solver options the two
+    methods share, and `onebit` without `bits` means bits 1, one group per channel."""
+    kw = {f.name: getattr(base, f.name) for f in fields(base)}
+    kw["name"] = ""
+    over = {k: v for k, v in overrides.items() if v is not None}
+    pw = {k: v for k, v in (pairwise or {}).items() if v is not None}
     on = pw.pop("on", None)
-    pw = {k: v for k, v in pw.items() if v is not None}
     if on is False:
-        d["pairwise"] = None
+        kw["pairwise"] = None
     elif on or pw:
-        d["pairwise"] = {**(d["pairwise"] or PairwiseConfig().to_dict()), **pw}
-    rot = dict(rotation or {})
+        kw["pairwise"] = {**(base.pairwise or PairwiseConfig()).to_dict(), **pw}
+    rot = {k: v for k, v in (rotation or {}).items() if v is not None}
+    over.update({k: rot.pop(k) for k in ("act_bits", "act_symmetric") if k in rot})
     kind = rot.pop("kind", None)
-    for k in ("act_bits", "act_symmetric"):
-        if rot.get(k) is not None:
-            d[k] = rot[k]
-        rot.pop(k, None)
-    rot = {k: v for k, v in rot.items() if v is not None}
     if kind == "none":
-        d["rotation"] = None
+        kw["rotation"] = None
     elif kind is not None or rot:
-        cur = d["rotation"] or {"r4": d["pairwise"] is None}
-        d["rotation"] = {**cur, **({"kind": kind} if kind else {}), **rot}
-    over = {k: v for k, v in fields.items() if v is not None}
+        cur = base.rotation.to_dict() if base.rotation is not None else {"r4": kw["pairwise"] is None}
+        kw["rotation"] = {**cur, **({"kind": kind} if kind else {}), **rot}
     method = over.get("method")
     if isinstance(method, str) and method.startswith("qep(") and method.endswith(")"):
         over["method"], qep = method[4:-1], True if qep is None else qep
     if over.get("method") == "onebit" and "bits" not in over:
         over.update(bits=1, group_size=-1)
+    if over.get("method", base.method) != base.method and over["method"] in CONFIGS:
+        kw["solver"] = CONFIGS[over["method"]].derived_from(base.solver)  # the shared options are kept
     if qep is False:
-        d["qep"] = None
+        kw["qep"] = None
     elif qep or qep_alpha is not None or qep_damp is not None:
-        cfg = d["qep"] or QEPConfig().to_dict()
+        cfg = (base.qep or QEPConfig()).to_dict()
         if qep_alpha is not None:
             cfg["alpha"] = qep_alpha
         if qep_damp is not None:
             cfg["damp"] = qep_damp
-        d["qep"] = cfg
-    for k in ("skip", "budget_bits"):
-        if k in over:
-            over[k] = list(over[k])
-    d.update(over)
-    return Recipe.from_dict(d)
+        kw["qep"] = cfg
+    return Recipe(**{**kw, **over})
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:

@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 from safetensors.torch import save_file
 
+from ..configs import act_quant_of
+
 log = logging.getLogger("lowbit")
 
 MARKER = "lowbit_export.json"  # written into every export: what it came from (lets --overwrite replace it)
@@ -72,8 +74,9 @@ def check_common(src: Source, fmt: str, allow_pairwise: bool = False) -> None:
     if rot.get("post_norm_rotation"):
         refuse(fmt, "the global rotation rotates Gemma 3's post-norm outputs online (RotatedPostNorm)",
                "the standard architecture has no place for it; quantize without --rotate")
-    if (src.manifest.get("recipe") or {}).get("act_bits") is not None:
-        refuse(fmt, f"activations are quantized ({src.manifest['recipe']['act_bits']} bits, dynamic per token)",
+    act_bits, _ = act_quant_of(src.manifest.get("recipe"))
+    if act_bits is not None:
+        refuse(fmt, f"activations are quantized ({act_bits} bits, dynamic per token)",
                "the format stores weight-only quantization; quantize without --act-bits")
     if rot.get("r3"):
         src.notes.append("R3 (Hadamard on keys after RoPE) dropped: it is exact in floating point and only "

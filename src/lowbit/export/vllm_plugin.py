@@ -34,6 +34,8 @@ import logging
 import torch
 from torch import nn
 
+from ..configs import act_quant_of
+
 log = logging.getLogger("lowbit")
 
 METHOD = "lowbit"
@@ -110,8 +112,7 @@ def layer_parts(modules: dict, prefix: str,
 
 def act_quant(config: dict) -> tuple[int | None, bool]:
     """(act_bits, act_symmetric) of the checkpoint's recipe."""
-    recipe = config.get("recipe") or {}
-    return recipe.get("act_bits"), bool(recipe.get("act_symmetric", False))
+    return act_quant_of(config.get("recipe"))
 
 
 def part_module(entry: dict, dtype: torch.dtype, device=None) -> nn.Module:

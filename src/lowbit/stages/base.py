@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
+
+from ..configs import RecipeError, check_fields, config_dict
 
 
 @dataclass
@@ -44,11 +47,25 @@ class Stage:
 
 @dataclass(frozen=True)
 class BudgetConfig:
-    """Per-linear bit widths for an average cost (`lowbit.budget`)."""
+    """Per-linear bit widths for an average cost (`lowbit.budget`): `target` bits/weight (scales,
+    zeros and 1-bit vectors counted), the candidate widths (1 = onebit), and how layer losses are
+    compared: weighted by the output Fisher ("fisher") or raw ("layer")."""
 
-    bits_per_weight: float
-    candidates: tuple[int, ...] = (1, 2, 3, 4)
-    metric: str = "fisher"
+    target: float
+    bits: tuple[int, ...] = (1, 2, 3, 4)
+    metric: Literal["fisher", "layer"] = "fisher"
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        object.__setattr__(self, "bits", tuple(sorted(self.bits)))
+        if not self.bits or any(not 1 <= b <= 8 for b in self.bits):
+            raise RecipeError(f"budget bits must be bit widths 1-8, got {self.bits}")
+        if not 1 <= self.target <= 8.5:
+            raise RecipeError(f"budget must be 1-8.5 bits/weight, got {self.target}")
+
+    def to_dict(self) -> dict:
+        """JSON-safe dict."""
+        return config_dict(self)
 
 
 @dataclass(frozen=True)
@@ -61,18 +78,36 @@ class SolveConfig:
 
 @dataclass(frozen=True)
 class OneBitFTConfig:
-    """Block-wise training of 1-bit layers' g and h."""
+    """Block-wise training of 1-bit layers' g and h against the FP block output (after the solver)."""
 
     epochs: int
-    lr: float
+    lr: float = 1e-3
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.epochs < 1 or self.lr <= 0:
+            raise RecipeError(f"1-bit fine-tuning needs epochs >= 1 and lr > 0, got {self.epochs}, {self.lr}")
+
+    def to_dict(self) -> dict:
+        """JSON-safe dict."""
+        return config_dict(self)
 
 
 @dataclass(frozen=True)
 class ActQuantConfig:
-    """Dynamic per-token activation fake quantization at inference."""
+    """Dynamic per-token activation fake quantization of the decoder-linear inputs at inference."""
 
     bits: int
     symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if not 2 <= self.bits <= 16:
+            raise RecipeError(f"act_bits must be 2-16 or None, got {self.bits}")
+
+    def to_dict(self) -> dict:
+        """JSON-safe dict."""
+        return config_dict(self)
 
 
 #: the stage that runs each stage config type (`register_stage` adds one)
@@ -88,20 +123,8 @@ def register_stage(config_type: type):
 
 
 def stage_configs(recipe) -> list:
-    """The recipe as its ordered list of stage configs."""
-    out: list = []
-    if recipe.rotation is not None:
-        out.append(recipe.rotation)
-    if recipe.budget is not None:
-        out.append(BudgetConfig(recipe.budget, recipe.budget_bits, recipe.budget_metric))
-    if recipe.pairwise is not None:
-        out.append(recipe.pairwise)
-    out.append(SolveConfig(recipe.method, recipe.qep is not None))
-    if recipe.onebit_ft_epochs > 0:
-        out.append(OneBitFTConfig(recipe.onebit_ft_epochs, recipe.onebit_ft_lr))
-    if recipe.act_bits is not None:
-        out.append(ActQuantConfig(recipe.act_bits, recipe.act_symmetric))
-    return out
+    """The recipe as its ordered list of stage configs (`Recipe.stages`)."""
+    return list(recipe.stages())
 
 
 def stages_for(recipe) -> list[Stage]:

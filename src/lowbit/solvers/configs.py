@@ -1,0 +1,190 @@
+"""One frozen config per solver, registered by method name (`register_config`): the registry that
+`lowbit.recipe` validates `method` against and the solver stage calls through.
+
+A config's fields are the solver's options (checked once, in `__post_init__`: types and `Literal`
+choices from the annotations, then the config's own ranges); `kwargs()` turns them into the solver
+function's keyword arguments. A recipe holds the config of its method (`Recipe.solver`).
+
+Adding a solver: its module (the function `(W, fmt, H, **options) -> QuantizedWeight`), its config
+here under `@register_config(name, solver=..., needs_hessian=...)`, and its test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import ClassVar, Literal
+
+from ..configs import RecipeError, check_fields, config_dict
+from .gptq import gptq
+from .ldlq import vq_e8
+from .onebit import onebit
+from .qqa import qqa
+from .rtn import rtn
+
+#: method name -> its config type, in registration order
+CONFIGS: dict[str, type[SolverConfig]] = {}
+
+
+def register_config(method: str, *, solver: Callable, needs_hessian: bool = False, row_independent: bool = False,
+                    takes_clip: bool = False):
+    """Class decorator: register a frozen solver config for `method`, solved by `solver`.
+
+    `needs_hessian`: the solver reads input statistics H (the walker runs the calibration streams);
+    `row_independent`: a row's result depends only on that row and H (linears sharing H may be
+    stacked into one call); `takes_clip`: the recipe's range search (`Recipe.clip`) is passed as `clip`."""
+    def deco(cls):
+        if method in CONFIGS:
+            raise ValueError(f"solver {method!r} is already registered ({CONFIGS[method].__name__})")
+        cls.method, cls.solver = method, staticmethod(solver)
+        cls.needs_hessian, cls.row_independent, cls.takes_clip = needs_hessian, row_independent, takes_clip
+        CONFIGS[method] = cls
+        return cls
+    return deco
+
+
+def config_type(method: str) -> type[SolverConfig]:
+    """The config type registered for `method` (a RecipeError names the known methods)."""
+    if method not in CONFIGS:
+        raise RecipeError(f"unknown method {method!r}; available: {', '.join(sorted(CONFIGS))}")
+    return CONFIGS[method]
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    """Base of the solver configs (no fields)."""
+
+    method: ClassVar[str] = ""
+    solver: ClassVar[Callable]
+    needs_hessian: ClassVar[bool] = False
+    row_independent: ClassVar[bool] = False
+    takes_clip: ClassVar[bool] = False
+    #: solver keyword for a field, where the names differ
+    KWARGS: ClassVar[dict[str, str]] = {}
+    #: the keys of earlier (flat) recipes that set a field of this config: flat key -> field
+    FLAT: ClassVar[dict[str, str]] = {}
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        self.validate()
+
+    def validate(self) -> None:
+        """Range checks beyond the annotations (raise RecipeError)."""
+
+    def kwargs(self, clip: bool = False) -> dict:
+        """Keyword arguments for the solver function."""
+        out = {self.KWARGS.get(f.name, f.name): getattr(self, f.name) for f in fields(self)}
+        return {**out, "clip": clip} if self.takes_clip else out
+
+    def to_dict(self) -> dict:
+        """JSON-safe dict."""
+        return config_dict(self)
+
+    @classmethod
+    def derived_from(cls, other: SolverConfig | None) -> SolverConfig:
+        """This method's config taking the fields it shares by name with `other` (another method's
+        config), defaults for the rest: the options of a budget's other widths, or of a changed method."""
+        if other is None:
+            return cls()
+        names = {f.name for f in fields(cls)}
+        return cls(**{f.name: getattr(other, f.name) for f in fields(other) if f.name in names})
+
+
+def _gptq_checks(cfg) -> None:
+    if not 0 <= cfg.damp < 10:
+        raise RecipeError(f"damp must be in [0, 10), got {cfg.damp}")
+    if cfg.block_size < 1:
+        raise RecipeError(f"block_size must be >= 1, got {cfg.block_size}")
+
+
+@register_config("rtn", solver=rtn, row_independent=True, takes_clip=True)
+@dataclass(frozen=True)
+class RTNConfig(SolverConfig):
+    """Round to nearest: no options beyond the recipe's range search."""
+
+
+@register_config("gptq", solver=gptq, needs_hessian=True, row_independent=True, takes_clip=True)
+@dataclass(frozen=True)
+class GPTQConfig(SolverConfig):
+    """GPTQ: Hessian damping (relative to mean(diag H)), activation order, static groups, lazy-update block."""
+
+    damp: float = 0.01
+    act_order: bool = True  # columns by decreasing diag(H)
+    static_groups: bool = False  # group parameters fixed from the unquantized weight
+    block_size: int = 128
+
+    FLAT: ClassVar[dict[str, str]] = {"damp": "damp", "act_order": "act_order", "static_groups": "static_groups",
+                                      "block_size": "block_size"}
+
+    def validate(self) -> None:
+        _gptq_checks(self)
+
+
+@register_config("qqa", solver=qqa, needs_hessian=True, row_independent=True, takes_clip=True)
+@dataclass(frozen=True)
+class QQASolverConfig(SolverConfig):
+    """QQA from a GPTQ (or RTN) start: annealing steps per round and row chunk (the time knob), replicas
+    annealed at once, rounds of codes -> scales. (The annealer's own settings: `solvers.qqa.QQAConfig`.)"""
+
+    damp: float = 0.01
+    act_order: bool = True
+    static_groups: bool = False
+    block_size: int = 128
+    steps: int = 100
+    replicas: int = 16
+    rounds: int = 2
+    init: Literal["gptq", "rtn"] = "gptq"
+
+    FLAT: ClassVar[dict[str, str]] = {**GPTQConfig.FLAT, "qqa_steps": "steps", "qqa_replicas": "replicas",
+                                      "qqa_rounds": "rounds", "qqa_init": "init"}
+
+    def validate(self) -> None:
+        _gptq_checks(self)
+        if self.steps < 1 or self.replicas < 1 or self.rounds < 1:
+            raise RecipeError("QQA steps, replicas and rounds must be >= 1, got "
+                              f"{self.steps}, {self.replicas}, {self.rounds}")
+
+
+@register_config("onebit", solver=onebit, needs_hessian=True)
+@dataclass(frozen=True)
+class OneBitConfig(SolverConfig):
+    """1-bit layers W ~ diag(g) S diag(h): alternations signs -> (g, h), optional QQA polish of the signs,
+    or the SVID initialisation alone; GPTQ-style sign feedback with its damping / order / block."""
+
+    iters: int = 8
+    qqa: bool = False  # refine the signs by QQA after the alternation
+    qqa_steps: int = 100
+    qqa_replicas: int = 16
+    svid_only: bool = False  # the SVID initialisation only (no calibration fit)
+    damp: float = 0.01
+    act_order: bool = True
+    block_size: int = 128
+
+    KWARGS: ClassVar[dict[str, str]] = {"qqa": "use_qqa"}
+    FLAT: ClassVar[dict[str, str]] = {"onebit_iters": "iters", "onebit_qqa": "qqa", "qqa_steps": "qqa_steps",
+                                      "qqa_replicas": "qqa_replicas", "onebit_svid_only": "svid_only", "damp": "damp",
+                                      "act_order": "act_order", "block_size": "block_size"}
+
+    def validate(self) -> None:
+        _gptq_checks(self)
+        if self.iters < 0 or self.qqa_steps < 1 or self.qqa_replicas < 1:
+            raise RecipeError(f"onebit iters must be >= 0 and its QQA steps / replicas >= 1, got {self.iters}, "
+                              f"{self.qqa_steps}, {self.qqa_replicas}")
+
+
+@register_config("vq_e8", solver=vq_e8, needs_hessian=True)
+@dataclass(frozen=True)
+class VQE8Config(SolverConfig):
+    """E8 vector codes by LDLQ: Hessian damping and the row-scale shrink `rho` (the recipe's scalar
+    format, groups and clipping do not apply)."""
+
+    damp: float = 0.01
+    rho: float = 0.9
+
+    FLAT: ClassVar[dict[str, str]] = {"damp": "damp"}
+
+    def validate(self) -> None:
+        if not 0 <= self.damp < 10:
+            raise RecipeError(f"damp must be in [0, 10), got {self.damp}")
+        if self.rho <= 0:
+            raise RecipeError(f"rho must be > 0, got {self.rho}")
