@@ -170,3 +170,29 @@ def test_quantize_extreme_methods(tiny_dir, tmp_path, extra, check):
                             "--windows", "4", "--quiet"])
     assert r.exit_code == 0, r.output
     assert f"{report['job']['ppl'][str(tiny_dir / 'text.txt')]:.2f}" in r.output
+
+
+def test_recipe_options_are_collected_into_one_dict():
+    from lowbit.cli import _recipe, _recipe_overrides
+
+    opts = dict(pairwise=True, r4=False, pair_epochs=1, damp=0.05, budget_bits="1,2", act_bits=None, rotate=None)
+    assert _recipe_overrides(opts) == {"pairwise": {"on": True, "epochs1": 1}, "rotation": {"r4": False},
+                                       "damp": 0.05, "budget_bits": (1, 2)}
+    assert _recipe("had-gptq-w4-g64", {}).name == "" and _recipe("best", {}).label == "best"  # no override: as is
+    r = _recipe("had-gptq-w4-g64", _recipe_overrides(dict(pairwise=True, r4=False)))
+    assert r.pairwise is not None and r.rotation.r4 is False and r.rotation.kind == "hadamard"
+
+
+def test_quantize_accepts_a_recipe_valid_only_as_a_whole(tiny_dir, tmp_path):
+    """issue 18: `--recipe had-gptq-w4-g64 --pairwise --no-r4` is valid once both overrides are applied
+    (pairwise rotations need R4 off); each alone is refused or incomplete, so validation happens once."""
+    out = tmp_path / "q"
+    argv = ["quantize", str(tiny_dir), "--out", str(out), "--recipe", "had-gptq-w4-g64", "-g", "16", "--pairwise",
+            "--pair-epochs", "1", "--rot-group", "32", "--batch-size", "4", "--no-eval", *_args(tiny_dir)]
+    r = runner.invoke(app, [*argv, "--no-r4"])
+    assert r.exit_code == 0, r.output
+    recipe = json.loads((out / "lowbit.json").read_text())["recipe"]
+    assert recipe["rotation"]["r4"] is False and recipe["rotation"]["kind"] == "hadamard"
+    assert recipe["pairwise"]["epochs1"] == 1 and recipe["solver"]["damp"] == 0.01
+    r = runner.invoke(app, [*argv[:3], str(tmp_path / "q2"), *argv[4:]])  # without --no-r4: refused, saying why
+    assert r.exit_code == 2 and "R4" in r.output and "Traceback" not in r.output

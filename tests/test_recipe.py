@@ -1,6 +1,19 @@
+import inspect
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
-from lowbit.recipe import PRESETS, Recipe, RecipeError, get_recipe, save_recipe
+from lowbit.configs import act_quant_of
+from lowbit.qep import QEPConfig
+from lowbit.recipe import PRESETS, Recipe, RecipeError, get_recipe, parse_label, save_recipe, with_overrides
+from lowbit.rotation import RotationConfig
+from lowbit.solvers import (CONFIGS, NEEDS_HESSIAN, ROW_INDEPENDENT, SOLVERS, GPTQConfig, OneBitConfig, QQASolverConfig,
+                            RTNConfig, SolverConfig, VQE8Config, config_type, get_solver, register_config)
+from lowbit.stages.base import ActQuantConfig, BudgetConfig, OneBitFTConfig, SolveConfig
 
 
 def test_presets_valid_and_labelled():
@@ -36,3 +49,178 @@ def test_best_presets_per_width():
         assert (r.bits, r.method, r.label) == (bits, method, name) and r.qep is not None
     assert get_recipe("best-w2").rotation.kind == "hadamard" and get_recipe("best-w3").rotation.kind == "hadamard"
     assert len({get_recipe(n).identity for n in ("best", "best-w3", "best-w2", "best-w1")}) == 4
+
+
+# --- typed configs (issue 18 part 2) ---------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+#: every preset, a label of every family and the recipe files, as lowbit 5909418 (flat recipes) expanded them
+MAIN = json.loads((ROOT / "tests/data/recipes_flat_5909418.json").read_text())
+LABELS = [n for n in MAIN if n not in PRESETS and not n.endswith(".json")]
+
+
+def _effective(method, kwargs):
+    """The solver's keyword arguments as its function sees them (its defaults filled in, ignored ones dropped)."""
+    params = inspect.signature(SOLVERS[method]).parameters.values()
+    base = {p.name: p.default for p in params if p.default is not p.empty and p.kind is not p.VAR_KEYWORD}
+    return {**base, **{k: v for k, v in kwargs.items() if k in base}}
+
+
+@pytest.mark.parametrize("name", list(MAIN))
+def test_every_expansion_equals_the_flat_recipe_of_before(name):
+    """Field for field (the flat view), label, and the solver calls (the recipe's method and, for integer
+    solvers, the onebit / gptq calls a bit budget makes) as before typed configs; the old flat JSON reads
+    back to the same recipe."""
+    ref = MAIN[name]
+    r = get_recipe(str(ROOT / name) if name.endswith(".json") else name)
+    assert r.to_flat_dict() == ref["flat"] and r.label == ref["label"]
+    for method, kwargs in ref["solver_kwargs"].items():
+        assert _effective(method, r.solver_kwargs(method)) == _effective(method, kwargs), method
+    assert Recipe.from_dict(ref["flat"]) == r
+
+
+@pytest.mark.parametrize("name", [*PRESETS, *LABELS])
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_every_preset_and_label_round_trips(tmp_path, name, suffix):
+    r = get_recipe(name)
+    p = tmp_path / f"r{suffix}"
+    save_recipe(r, p)
+    back = get_recipe(str(p))
+    assert back == r and back.identity == r.identity and back.label == r.label
+    assert Recipe.from_dict(json.loads(json.dumps(r.to_dict()))) == r
+    if not r.name:
+        assert get_recipe(r.label) == r  # the label is a shorthand that expands into the same config
+
+
+def test_canonical_form_is_nested_and_typed():
+    r = get_recipe("budget2.5-qep-qqa-w2-g64").with_(qqa_steps=25)
+    d = r.to_dict()
+    assert d["solver"] == QQASolverConfig(steps=25).to_dict() and d["bit_budget"] == {"target": 2.5,
+                                                                                       "bits": [1, 2, 3, 4],
+                                                                                       "metric": "fisher"}
+    assert not {"damp", "qqa_steps", "budget", "budget_bits", "act_bits", "onebit_ft_epochs"} & set(d)
+    assert isinstance(r.solver, QQASolverConfig) and isinstance(r.bit_budget, BudgetConfig)
+    # the flat attributes of earlier versions read the typed configs
+    assert (r.qqa_steps, r.damp, r.budget, r.budget_bits, r.onebit_iters) == (25, 0.01, 2.5, (1, 2, 3, 4), 8)
+    one = get_recipe("qep-onebit-qqa-ft3")
+    assert one.solver == OneBitConfig(qqa=True) and one.onebit_ft == OneBitFTConfig(3)
+    assert one.solver_kwargs()["use_qqa"] is True and "clip" not in one.solver_kwargs()
+
+
+def test_flat_keywords_map_into_the_method_config():
+    assert Recipe(method="qqa", qqa_steps=25).solver == QQASolverConfig(steps=25)
+    assert Recipe(method="onebit", bits=1, group_size=-1, qqa_steps=25).solver == OneBitConfig(qqa_steps=25)
+    assert Recipe(solver=QQASolverConfig(rounds=3)).method == "qqa"  # the method follows the config type
+    assert Recipe(method="gptq", damp=0.1, act_bits=8).act_quant == ActQuantConfig(8)
+    with pytest.raises(RecipeError, match="qqa_steps is not an option of method 'gptq'"):
+        Recipe(method="gptq", qqa_steps=5)  # would be silently unused
+    with pytest.raises(RecipeError, match="set budget too"):
+        Recipe(budget_bits=(2, 3))
+    with pytest.raises(RecipeError, match="onebit_ft"):
+        Recipe(method="gptq", onebit_ft_epochs=2)  # no 1-bit layer to train
+    with pytest.raises(RecipeError, match="solver must be a GPTQConfig"):
+        Recipe(method="gptq", solver=QQASolverConfig())
+    with pytest.raises(RecipeError, match="unknown qqa solver settings"):
+        Recipe.from_dict({"method": "qqa", "solver": {"stepz": 3}})
+
+
+def test_literal_and_type_errors_are_one_line():
+    cases = [(lambda: QQASolverConfig(init="sa"), "QQASolverConfig.init must be one of 'gptq', 'rtn', got 'sa'"),
+             (lambda: Recipe(method="qqa", qqa_init="sa"), "init must be one of 'gptq', 'rtn'"),
+             (lambda: Recipe.from_dict({"method": "qqa", "solver": {"init": "x"}}), "init must be one of"),
+             (lambda: BudgetConfig(2.0, metric="hessian"), "BudgetConfig.metric must be one of 'fisher', 'layer'"),
+             (lambda: GPTQConfig(damp="0.1"), "GPTQConfig.damp must be float, got '0.1'"),
+             (lambda: GPTQConfig(act_order=1), "GPTQConfig.act_order must be bool"),
+             (lambda: OneBitConfig(iters=2.5), "OneBitConfig.iters must be int"),
+             (lambda: BudgetConfig(2.0, bits=(1, "2")), "BudgetConfig.bits must be"),
+             (lambda: GPTQConfig(damp=20), "damp must be in"),
+             (lambda: QQASolverConfig(steps=0), "steps"),
+             (lambda: ActQuantConfig(1), "act_bits must be 2-16"),
+             (lambda: BudgetConfig(0.5), "budget must be 1-8.5")]
+    for make, msg in cases:
+        with pytest.raises(RecipeError) as e:
+            make()
+        assert msg in str(e.value) and "\n" not in str(e.value)
+    assert GPTQConfig(damp=1).damp == 1.0 and isinstance(GPTQConfig(damp=1).damp, float)  # JSON ints are floats
+
+
+def test_registry():
+    assert list(CONFIGS) == ["rtn", "gptq", "qqa", "onebit", "vq_e8"]
+    assert [CONFIGS[m] for m in CONFIGS] == [RTNConfig, GPTQConfig, QQASolverConfig, OneBitConfig, VQE8Config]
+    assert all(config_type(m).method == m and get_solver(m) is SOLVERS[m] is CONFIGS[m].solver for m in CONFIGS)
+    assert NEEDS_HESSIAN == {"gptq", "qqa", "onebit", "vq_e8"} and ROW_INDEPENDENT == {"rtn", "gptq", "qqa"}
+    with pytest.raises(RecipeError, match="unknown method 'nope'; available: gptq, onebit, qqa, rtn, vq_e8"):
+        config_type("nope")
+    with pytest.raises(ValueError, match="already registered"):
+        register_config("gptq", solver=SOLVERS["rtn"])(RTNConfig)
+
+
+def test_a_new_solver_is_a_function_and_a_registered_config():
+    """What a new method needs: its solver function and a config registered for it; the recipe, labels,
+    JSON and the solver stage then find it (issue 18: at most 3 files)."""
+    from dataclasses import dataclass
+
+    from lowbit.solvers import rtn
+
+    calls = []
+
+    def halfway(W, fmt, H=None, *, shrink: float = 1.0, clip: bool = False):
+        calls.append(shrink)
+        return rtn(W * shrink, fmt, H, clip=clip)
+
+    @register_config("halfway", solver=halfway, row_independent=True, takes_clip=True)
+    @dataclass(frozen=True)
+    class HalfwayConfig(SolverConfig):
+        shrink: float = 1.0
+
+    try:
+        r = Recipe(method="halfway", bits=3, solver={"shrink": 0.5})
+        assert r.label == "halfway-w3-g64" and parse_label("halfway-w3-g64-clip").solver == HalfwayConfig()
+        assert Recipe.from_dict(r.to_dict()) == r and r.solver_kwargs() == {"shrink": 0.5, "clip": False}
+        from conftest import tiny_model, tiny_tokens
+
+        from lowbit.pipeline import quantize_model
+
+        quantize_model(tiny_model("llama"), r.with_(group_size=16), tiny_tokens(2, 16), batch_size=2, progress=False)
+        assert calls and set(calls) == {0.5}
+    finally:
+        CONFIGS.pop("halfway")
+
+
+def test_stages_are_the_ordered_stage_configs():
+    r = get_recipe("had-qep-gptq-w4a8-g32").with_(budget=3.0, onebit_ft_epochs=1)
+    assert [type(c) for c in r.stages()] == [RotationConfig, BudgetConfig, SolveConfig, OneBitFTConfig,
+                                             ActQuantConfig]
+    assert r.stages()[2] == SolveConfig("gptq", qep=True)
+    assert get_recipe("rtn-w4-g64").stages() == (SolveConfig("rtn"),)
+
+
+def test_identity_hashes_the_full_canonical_config():
+    a = get_recipe("qep-qqa-w2-g64")
+    assert a.identity == Recipe.from_dict(json.loads(json.dumps(a.to_dict()))).identity
+    assert a.identity == Recipe(method="qqa", bits=2, qep=QEPConfig(), solver=QQASolverConfig()).identity
+    changed = [a.with_(damp=0.02), a.with_(qqa_steps=25), a.with_(clip=True), a.with_(rotation=RotationConfig(seed=1)),
+               a.with_(rotation=RotationConfig(seed=2)), with_overrides(a, qep_alpha=0.25), a.with_(budget=2.5),
+               a.with_(budget=2.5, budget_metric="layer"), a.with_(act_bits=8)]
+    assert len({a.identity, *(c.identity for c in changed)}) == 1 + len(changed)
+    code = "from lowbit.recipe import get_recipe; print(get_recipe('qep-qqa-w2-g64').identity)"
+    for seed in ("0", "1"):  # the same in another process, whatever the hash seed
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip()
+        assert out == a.identity
+
+
+def test_labels_say_what_is_wrong():
+    for label, msg in (("qep-gptq-w4-g64-a2", "alpha must lie in"), ("gptqq-w4-g64", "unknown method 'gptqq'"),
+                       ("gptq-w4-g64-a0.5", "need qep-"), ("had100-gptq-w4-g64", "spin"),
+                       ("rtn-w4-g64-static", "static_groups is not an option of method 'rtn'"),
+                       ("gptq-w4a1-g64", "act_bits must be 2-16")):
+        with pytest.raises(RecipeError, match=msg) as e:
+            get_recipe(label)
+        assert f"recipe label {label!r}" in str(e.value)
+
+
+def test_act_quant_is_read_from_both_manifest_forms():
+    assert act_quant_of(get_recipe("had-gptq-w4a4s-g64").to_dict()) == (4, True)
+    assert act_quant_of(MAIN["had-gptq-w4a8-g64"]["flat"]) == (8, False)
+    assert act_quant_of(get_recipe("gptq-w4-g64").to_dict()) == (None, False) == act_quant_of({})

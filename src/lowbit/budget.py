@@ -11,7 +11,7 @@
    takes argmin loss + lambda cost), then the leftover budget buys the upgrades with the best
    loss decrease per bit that still fit. The result never exceeds the budget.
 
-How the losses of different linears are compared (`recipe.budget_metric`):
+How the losses of different linears are compared (`recipe.bit_budget.metric`):
 - "fisher" (default): each output channel's error is weighted by the mean squared gradient of
   the model's next-token loss with respect to that channel (one backward pass of the FP model
   over the calibration windows, `output_fisher`): sum_o F_o (dW H dW^T)_oo, the diagonal Fisher
@@ -117,7 +117,7 @@ def measure(model, recipe, tokens: torch.Tensor, *, batch_size: int = 8, device=
     walker = Walker(model, tokens, batch_size=batch_size, device=device, replay_memo=False, progress=progress,
                     desc="sensitivity")
     fisher = None
-    if recipe.budget_metric == "fisher":
+    if recipe.bit_budget.metric == "fisher":
         names = [f"{walker.prefix}.{i}.{n}" for i, layer in enumerate(walker.layers)
                  for g in walker.adapter.linear_groups(layer) for n in g]
         fisher = output_fisher(model, names, tokens, batch_size=batch_size, device=walker.device)
@@ -130,7 +130,7 @@ def measure(model, recipe, tokens: torch.Tensor, *, batch_size: int = 8, device=
                 H = stats[name].H.float()
                 full = blk.name(name)
                 sens = Sensitivity(full, w.numel())
-                for bits in recipe.budget_bits:
+                for bits in recipe.bit_budget.bits:
                     solver, fmt, kw = _proxy(recipe, bits)
                     qw = solver(w, fmt, H, **kw)
                     f = None if fisher is None else fisher[full]
@@ -195,6 +195,6 @@ def allocate(sens: list[Sensitivity], budget: float) -> tuple[dict[str, int], di
 
 def plan(model, recipe, tokens: torch.Tensor, *, batch_size: int = 8, device=None,
          progress: bool = False) -> tuple[dict[str, int], dict]:
-    """measure + allocate for recipe.budget."""
+    """measure + allocate for the recipe's bit budget."""
     sens = measure(model, recipe, tokens, batch_size=batch_size, device=device, progress=progress)
-    return allocate(sens, recipe.budget)
+    return allocate(sens, recipe.bit_budget.target)

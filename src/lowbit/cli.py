@@ -70,21 +70,49 @@ def _protocol(calib: str, n_calib: int, seq_len: int, seed: int, data: str, wind
                     n_eval=windows, batch_size=batch_size)
 
 
-def _recipe(recipe: str, method, bits, group_size, sym, clip, act_order, damp, qep=None, qep_alpha=None,
-            qep_damp=None, pairwise: dict | None = None, rotation: dict | None = None,
-            extreme: dict | None = None):
-    """The preset / label / file `recipe` with the command-line overrides, validated once."""
+#: quantize's recipe options -> the keyword of `recipe.with_overrides` they set ("group.key": a key of the
+#: `pairwise` / `rotation` settings). An option left unset (None) keeps the recipe's value.
+RECIPE_OPTIONS = {
+    "method": "method", "bits": "bits", "group_size": "group_size", "sym": "symmetric", "clip": "clip",
+    "act_order": "act_order", "damp": "damp", "qep": "qep", "qep_alpha": "qep_alpha", "qep_damp": "qep_damp",
+    "budget": "budget", "budget_bits": "budget_bits", "qqa_steps": "qqa_steps", "qqa_replicas": "qqa_replicas",
+    "onebit_qqa": "onebit_qqa", "onebit_svid": "onebit_svid_only", "onebit_ft": "onebit_ft_epochs",
+    "onebit_ft_lr": "onebit_ft_lr", "act_bits": "act_bits", "act_sym": "act_symmetric",
+    "pairwise": "pairwise.on", "pair_epochs": "pairwise.epochs1", "pair_stage2": "pairwise.epochs2",
+    "pairing": "pairwise.pairing", "pair_samples": "pairwise.samples", "krot": "pairwise.krot",
+    "rot_group": "pairwise.group", "rotate": "rotation.kind", "rot_seed": "rotation.seed", "r2": "rotation.r2",
+    "r3": "rotation.r3", "r4": "rotation.r4", "rot_steps": "rotation.steps", "rot_lr": "rotation.lr",
+}
+
+
+def _recipe_overrides(options: dict) -> dict:
+    """The command-line recipe options that were given, collected into one dict for `with_overrides`."""
+    out: dict = {}
+    for opt, key in RECIPE_OPTIONS.items():
+        v = options.get(opt)
+        if v is None:
+            continue
+        if opt == "budget_bits":
+            from .recipe import RecipeError
+
+            try:
+                v = tuple(int(b) for b in v.split(",") if b.strip())
+            except ValueError:
+                raise RecipeError(f"--budget-bits must be comma-separated bit widths, got {v!r}") from None
+        group, _, sub = key.rpartition(".")
+        (out.setdefault(group, {}) if group else out)[sub] = v
+    return out
+
+
+def _recipe(recipe: str, overrides: dict | None = None):
+    """The preset / label / file `recipe` with the command-line overrides (`_recipe_overrides`), built
+    and validated once, as a whole."""
     from .recipe import get_recipe, with_overrides
 
     base = get_recipe(recipe)
-    fields = dict(method=method, bits=bits, group_size=group_size, symmetric=sym, clip=clip, act_order=act_order,
-                  damp=damp, **(extreme or {}))
-    if all(v is None for v in fields.values()) and qep is None and qep_alpha is None and qep_damp is None and \
-            not any(v is not None for v in (pairwise or {}).values()) and \
-            not any(v is not None for v in (rotation or {}).values()):
+    if not overrides:
         return base  # no override: keep the preset's name
-    return with_overrides(base, pairwise=pairwise, rotation=rotation, qep=qep, qep_alpha=qep_alpha,
-                          qep_damp=qep_damp, **fields)
+    return with_overrides(base, **overrides)
 
 
 def _distributed(device: str):
@@ -235,20 +263,14 @@ def quantize(
 
     Several processes: `torchrun --nproc-per-node N -m lowbit quantize ...` splits the calibration batches
     across them (NCCL on GPUs, gloo on the CPU) and sums the statistics; rank 0 writes the checkpoint."""
+    options = dict(locals())
     _setup(quiet, seed, threads)
     dist = None
     try:
         from . import checkpoint
         from .jobs import quantize_job
 
-        r = _recipe(recipe, method, bits, group_size, sym, clip, act_order, damp, qep, qep_alpha, qep_damp,
-                    dict(on=pairwise, epochs1=pair_epochs, epochs2=pair_stage2, pairing=pairing,
-                         samples=pair_samples, krot=krot, group=rot_group),
-                    dict(kind=rotate, seed=rot_seed, r2=r2, r3=r3, r4=r4, steps=rot_steps, lr=rot_lr,
-                         act_bits=act_bits, act_symmetric=act_sym),
-                    dict(budget=budget, qqa_steps=qqa_steps, qqa_replicas=qqa_replicas, onebit_qqa=onebit_qqa,
-                         onebit_svid_only=onebit_svid, onebit_ft_epochs=onebit_ft, onebit_ft_lr=onebit_ft_lr,
-                         budget_bits=tuple(int(b) for b in budget_bits.split(",")) if budget_bits else None))
+        r = _recipe(recipe, _recipe_overrides(options))
         proto = _protocol(calib, n_calib, seq_len, seed, data, windows, batch_size)
         dist = _distributed(device)
         if dist is not None:
@@ -399,7 +421,7 @@ def analyze_propagation(
         from .loading import load_model
         from .qep import QEPConfig
 
-        r = _recipe(recipe, None, None, None, None, None, None, None)
+        r = _recipe(recipe)
         kw = {k: v for k, v in dict(alpha=qep_alpha, damp=qep_damp).items() if v is not None}
         cfg = QEPConfig(**{**(r.qep.to_dict() if r.qep else {}), **kw}) if (kw or r.qep) else None
         proto = _protocol(calib, n_calib, seq_len, seed, data, windows, batch_size)

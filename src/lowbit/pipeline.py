@@ -128,9 +128,9 @@ def _check_distributed(recipe: Recipe, dist) -> None:
     blockers = []
     if recipe.pairwise is not None:
         blockers.append("pairwise rotations (block-wise training)")
-    if recipe.onebit_ft_epochs > 0:
+    if recipe.onebit_ft is not None:
         blockers.append("1-bit fine-tuning (block-wise training)")
-    if recipe.budget is not None:
+    if recipe.bit_budget is not None:
         blockers.append("bit budgets (sensitivity pass)")
     if recipe.rotation is not None and recipe.rotation.kind == "learned":
         blockers.append("learned rotations")
@@ -143,9 +143,9 @@ def stream_blockers(recipe: Recipe) -> list[str]:
     out = []
     if recipe.rotation is not None:
         out.append("global rotations (they fold into the embeddings, every block and lm_head before the walk)")
-    if recipe.budget is not None:
+    if recipe.bit_budget is not None:
         out.append("bit budgets (their sensitivity pass walks the whole FP model first)")
-    if recipe.act_bits is not None:
+    if recipe.act_quant is not None:
         out.append("activation quantization")
     return out
 

@@ -276,7 +276,8 @@ def _optional(name: str, cls, v):
 
 def _given(flat: dict, key: str) -> bool:
     """Whether a flat keyword was passed with a value other than its default."""
-    return key in flat and flat[key] != (_FLAT_STAGES | _FLAT_SOLVER)[key]
+    v = flat.get(key, _UNSET)
+    return v is not _UNSET and (tuple(v) if isinstance(v, list) else v) != (_FLAT_STAGES | _FLAT_SOLVER)[key]
 
 
 def _solver_config(cls, solver, flat: dict) -> SolverConfig:

@@ -87,7 +87,11 @@ class SolverConfig:
         if other is None:
             return cls()
         names = {f.name for f in fields(cls)}
-        return cls(**{f.name: getattr(other, f.name) for f in fields(other) if f.name in names})
+        shared = {f.name: getattr(other, f.name) for f in fields(other) if f.name in names}
+        # options that the flat recipes of earlier versions shared under one key (qqa_steps: QQA's steps
+        # and onebit's sign-polish steps) carry over as they did there
+        shared.update({cls.FLAT[k]: getattr(other, f) for k, f in other.FLAT.items() if k in cls.FLAT})
+        return cls(**shared)
 
 
 def _gptq_checks(cfg) -> None:
