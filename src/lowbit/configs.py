@@ -63,7 +63,9 @@ def _type_ok(value, tp) -> tuple[bool, object]:
 def _describe(tp) -> str:
     if typing.get_origin(tp) is typing.Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    if typing.get_origin(tp) is not None:  # tuple[int, ...], X | None
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", None) or str(tp)
 
 
 def check_fields(cfg) -> None:

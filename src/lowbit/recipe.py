@@ -9,7 +9,7 @@ from functools import partial
 from pathlib import Path
 
 from .blockwise import PairwiseConfig
-from .configs import RecipeError, config_from
+from .configs import RecipeError, check_fields, config_from
 from .formats import IntFormat
 from .qep import QEPConfig
 from .rotation import KINDS, RotationConfig
@@ -86,6 +86,7 @@ class Recipe:
 
     def _validate(self) -> None:
         """The checks across configs (each config has checked its own fields)."""
+        check_fields(self)  # the plain fields' types
         self.format  # validates bits / group size
         if self.rotation is not None and self.pairwise is not None and self.rotation.r4:
             raise RecipeError("pairwise rotations replace down_proj's input transform, which the online "
