@@ -174,6 +174,10 @@ class Recipe:
             return {"iters": self.onebit_iters, "damp": self.damp, "act_order": self.act_order,
                     "block_size": self.block_size, "use_qqa": self.onebit_qqa, "qqa_steps": self.qqa_steps,
                     "qqa_replicas": self.qqa_replicas, "svid_only": self.onebit_svid_only}
+        if method == "vq_e8_qqa":  # E8 LDLQ, then QQA on its codes with the recipe's QQA schedule
+            from .solvers.vq_qqa import VectorQQAConfig
+            return {"damp": self.damp, "qqa": VectorQQAConfig(steps=self.qqa_steps, replicas=self.qqa_replicas,
+                                                              rounds=self.qqa_rounds)}
         return {"clip": self.clip}
 
     def to_dict(self) -> dict:

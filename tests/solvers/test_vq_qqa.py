@@ -68,3 +68,28 @@ def test_solver_entry_and_bad_config():
         vq_e8_qqa(W)
     with pytest.raises(ValueError, match="candidates"):
         VectorQQAConfig(candidates=1)
+
+
+def test_recipe_runs_it_and_the_checkpoint_round_trips(tmp_path):
+    from conftest import tiny_model, tiny_tokens
+    from lowbit import checkpoint
+    from lowbit.nn import VectorQuantizedLinear
+    from lowbit.pipeline import quantize_model
+    from lowbit.qep import QEPConfig
+    from lowbit.recipe import Recipe
+
+    kw = dict(bits=2, group_size=-1, rotation="hadamard", qep=QEPConfig(), qqa_steps=10, qqa_replicas=4,
+              qqa_rounds=1)
+    toks = tiny_tokens()
+    base = quantize_model(tiny_model("llama", layers=1), Recipe(method="vq_e8", **kw), toks, batch_size=4,
+                          progress=False)
+    model = tiny_model("llama", layers=1)
+    res = quantize_model(model, Recipe(method="vq_e8_qqa", **kw), toks, batch_size=4, progress=False)
+    assert set(res.weights) == set(base.weights)
+    assert all(q.kind == "vector" and q.info["qqa_loss"] <= q.info["qqa_start_loss"] for q in res.weights.values())
+    path = checkpoint.save(model, res, tmp_path / "ck")
+    loaded = checkpoint.load(path, dtype=torch.float32)
+    assert sum(isinstance(m, VectorQuantizedLinear) for m in loaded.modules()) == len(res.weights)
+    x = toks[:1]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=2e-2, atol=2e-2)

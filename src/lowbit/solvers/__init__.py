@@ -11,10 +11,11 @@ from .linalg import layer_loss
 from .onebit import onebit
 from .qqa import qqa
 from .rtn import rtn
+from .vq_qqa import vq_e8_qqa
 
 SOLVERS: dict[str, Callable[..., QuantizedWeight]] = {"rtn": rtn, "gptq": gptq, "qqa": qqa, "onebit": onebit,
-                                                  "vq_e8": vq_e8}
-NEEDS_HESSIAN = {"gptq", "qqa", "onebit", "vq_e8"}
+                                                  "vq_e8": vq_e8, "vq_e8_qqa": vq_e8_qqa}
+NEEDS_HESSIAN = {"gptq", "qqa", "onebit", "vq_e8", "vq_e8_qqa"}
 # onebit is not row-independent: its column scales h are shared by all rows
 # solvers whose result for a row depends only on that row (and H): linears sharing H may be
 # stacked into one call
