@@ -32,7 +32,7 @@ class VectorQQAConfig:
     steps: int = 100             # annealing steps per row chunk and round
     replicas: int = 16
     rounds: int = 2              # alternations codes -> row scales
-    chunk_rows: int = 128
+    chunk_rows: int = 512         # rows annealed at once (independent problems; memory ~ replicas x rows x n)
     lr: float = 1.0
     temperature: float = 0.0
     diversity: float = 0.2
