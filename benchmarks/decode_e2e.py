@@ -44,7 +44,10 @@ SHAPES = {
                  num_key_value_heads=2, vocab_size=1000, max_position_embeddings=512),
 }
 VARIANTS = {"bf16": None, "w4": (4, False), "w3": (3, False), "w2": (2, False), "w4-pair": (4, True),
-            "vq-e8": "vq-e8"}
+            "vq-e8": "vq-e8", "w4-head": (4, False), "w2-head": (2, False)}
+# "-head" variants: the lm_head (128256 x 4096, 1.05 GB read per token in bf16) packed too, at the
+# decoder linears' width and group 128 (not a default variant: what quantizing the head would buy)
+DEFAULT_VARIANTS = ("bf16", "w4", "w3", "w2", "w4-pair", "vq-e8")
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
            "mlp.up_proj", "mlp.down_proj")
 
@@ -133,6 +136,9 @@ def build(shape: dict, variant: str, device, shared: dict, gen: torch.Generator)
                 shared[key] = torch.ones(cfg.hidden_size, device=device, dtype=torch.bfloat16)
             blk.get_submodule(norm).weight = nn.Parameter(shared[key], requires_grad=False)
     for key, mod, rows in (("embed", model.model.embed_tokens, cfg.vocab_size), ("head", model.lm_head, cfg.vocab_size)):
+        if key == "head" and variant.endswith("-head"):
+            model.lm_head = random_quantized(model.lm_head, spec[0], 128, None, device, gen)
+            continue
         if key not in shared:
             shared[key] = torch.empty(rows, cfg.hidden_size, device=device, dtype=torch.bfloat16).normal_(0, 0.02)
         mod.weight = nn.Parameter(shared[key], requires_grad=False)
@@ -143,14 +149,63 @@ def build(shape: dict, variant: str, device, shared: dict, gen: torch.Generator)
     return model.eval()
 
 
+KERNEL_KINDS = (("packed GEMV", ("gemv_kernel",)), ("packed mm", ("mm_kernel",)),
+                ("vector", ("vq_", "vector")), ("pairwise", ("rotat", "pairwise")),
+                ("cuBLAS", ("gemm", "cutlass", "nvjet", "sm90_xmma", "gemv2", "gemvx")),
+                ("attention", ("flash", "fmha", "attention", "sdpa")), ("compiled elementwise", ("triton_",)))
+
+
+def profile_step(model: nn.Module, prompt_len: int, steps: int = 16) -> dict:
+    """One batch-1 decode step broken down by kernel: the graph replay's time per step, and the device
+    time of the same step's kernels run eagerly under torch.profiler, summed by kind (the kernels are
+    the graph's; what the graph saves is the launch gaps). kernel_sum_us below graph_step_us = idle
+    time between kernels inside the graph."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from lowbit.decode import DecodeModel, Generator
+
+    vocab = model.get_input_embeddings().weight.shape[0]
+    dm = DecodeModel(model, prompt_len + 2 * steps + 8, 1)
+    gen = Generator(dm)
+    prompt = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(1))
+    gen.generate(prompt, 4)                                        # compile, capture
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        gen.graph.replay()
+    torch.cuda.synchronize()
+    graph_us = (time.perf_counter() - t0) / steps * 1e6
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            gen._step()
+        torch.cuda.synchronize()
+    kinds: dict[str, float] = {}
+    names: dict[str, float] = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "self_device_time_total", None)
+        if t is None:
+            t = getattr(ev, "self_cuda_time_total", 0.0)
+        if not t:
+            continue
+        low = ev.key.lower()
+        kind = next((k for k, pats in KERNEL_KINDS if any(p in low for p in pats)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + t / steps
+        names[ev.key[:80]] = names.get(ev.key[:80], 0.0) + t / steps
+    top = dict(sorted(names.items(), key=lambda kv: -kv[1])[:12])
+    return {"graph_step_us": graph_us, "kernel_sum_us": sum(kinds.values()),
+            "kernel_us": dict(sorted(kinds.items(), key=lambda kv: -kv[1])), "top_kernels_us": top}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="8b", choices=list(SHAPES))
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"of {', '.join(VARIANTS)}")
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", action="store_true",
+                    help="also break one batch-1 decode step down by kernel (CUDA: torch.profiler over eager steps)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
@@ -186,6 +241,15 @@ def main() -> None:
             row["bound_tok_s"] = bound
             row["of_bound"] = row["decode_tok_s"] / bound if bound == bound else float("nan")
         result["variants"][variant] = r
+        if args.profile and device.type == "cuda":
+            model = build(SHAPES[args.shape], variant, device, shared, gen)
+            r["profile"] = profile_step(model, args.prompt)
+            del model
+            gc.collect()
+            torch.cuda.empty_cache()
+            p = r["profile"]
+            print(f"{variant}: step {p['graph_step_us']:.0f} us in the graph, kernels {p['kernel_sum_us']:.0f} us: "
+                  + ", ".join(f"{k} {v:.0f}" for k, v in p["kernel_us"].items()), flush=True)
         print(f"{variant}: weights {r['weight_bytes'] / 1e9:.2f} GB, " + ", ".join(
             f"b{row['batch']}: decode {row['decode_tok_s']:.1f} tok/s ({row['of_bound']:.0%} of bound), "
             f"prefill {row['prefill_tok_s']:.0f} tok/s" for row in r["rows"]) + f" [{r['total_s']:.0f} s]", flush=True)

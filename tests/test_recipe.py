@@ -12,7 +12,8 @@ from lowbit.qep import QEPConfig
 from lowbit.recipe import PRESETS, Recipe, RecipeError, get_recipe, parse_label, save_recipe, with_overrides
 from lowbit.rotation import RotationConfig
 from lowbit.solvers import (CONFIGS, NEEDS_HESSIAN, ROW_INDEPENDENT, SOLVERS, GPTQConfig, OneBitConfig, QQASolverConfig,
-                            RTNConfig, SolverConfig, VQE8Config, config_type, get_solver, register_config)
+                            RTNConfig, SolverConfig, VQE8Config, VQE8QQAConfig, config_type, get_solver,
+                            register_config)
 from lowbit.stages.base import ActQuantConfig, BudgetConfig, OneBitFTConfig, SolveConfig
 
 
@@ -124,6 +125,17 @@ def test_flat_keywords_map_into_the_method_config():
         Recipe.from_dict({"method": "qqa", "solver": {"stepz": 3}})
 
 
+def test_vector_qqa_takes_the_qqa_schedule():
+    """vq_e8_qqa's solver call as the flat recipe made it: damping, and QQA steps / replicas / rounds."""
+    from lowbit.solvers.vq_qqa import VectorQQAConfig
+
+    r = Recipe(method="vq_e8_qqa", bits=2, group_size=-1, qqa_steps=10, qqa_replicas=4, qqa_rounds=1)
+    assert r.solver == VQE8QQAConfig(steps=10, replicas=4, rounds=1) and (r.qqa_steps, r.qqa_rounds) == (10, 1)
+    assert _effective("vq_e8_qqa", r.solver_kwargs()) == _effective(
+        "vq_e8_qqa", {"damp": 0.01, "qqa": VectorQQAConfig(steps=10, replicas=4, rounds=1)})
+    assert Recipe.from_dict(r.to_flat_dict()) == r and Recipe.from_dict(r.to_dict()) == r
+
+
 def test_literal_and_type_errors_are_one_line():
     cases = [(lambda: QQASolverConfig(init="sa"), "QQASolverConfig.init must be one of 'gptq', 'rtn', got 'sa'"),
              (lambda: Recipe(method="qqa", qqa_init="sa"), "init must be one of 'gptq', 'rtn'"),
@@ -145,11 +157,12 @@ def test_literal_and_type_errors_are_one_line():
 
 
 def test_registry():
-    assert list(CONFIGS) == ["rtn", "gptq", "qqa", "onebit", "vq_e8"]
-    assert [CONFIGS[m] for m in CONFIGS] == [RTNConfig, GPTQConfig, QQASolverConfig, OneBitConfig, VQE8Config]
+    assert list(CONFIGS) == ["rtn", "gptq", "qqa", "onebit", "vq_e8", "vq_e8_qqa"]
+    assert [CONFIGS[m] for m in CONFIGS] == [RTNConfig, GPTQConfig, QQASolverConfig, OneBitConfig, VQE8Config,
+                                             VQE8QQAConfig]
     assert all(config_type(m).method == m and get_solver(m) is SOLVERS[m] is CONFIGS[m].solver for m in CONFIGS)
-    assert NEEDS_HESSIAN == {"gptq", "qqa", "onebit", "vq_e8"} and ROW_INDEPENDENT == {"rtn", "gptq", "qqa"}
-    with pytest.raises(RecipeError, match="unknown method 'nope'; available: gptq, onebit, qqa, rtn, vq_e8"):
+    assert NEEDS_HESSIAN == {"gptq", "qqa", "onebit", "vq_e8", "vq_e8_qqa"} and ROW_INDEPENDENT == {"rtn", "gptq", "qqa"}
+    with pytest.raises(RecipeError, match="unknown method 'nope'; available: gptq, onebit, qqa, rtn, vq_e8, vq_e8_qqa"):
         config_type("nope")
     with pytest.raises(ValueError, match="already registered"):
         register_config("gptq", solver=SOLVERS["rtn"])(RTNConfig)

@@ -9,13 +9,14 @@ from collections.abc import Callable
 
 from .base import QuantizedWeight, SolverError
 from .configs import CONFIGS, GPTQConfig, OneBitConfig, QQASolverConfig, RTNConfig, SolverConfig, VQE8Config, \
-    config_type, register_config
+    VQE8QQAConfig, config_type, register_config
 from .gptq import gptq
 from .ldlq import vq_e8
 from .linalg import layer_loss
 from .onebit import onebit
 from .qqa import qqa
 from .rtn import rtn
+from .vq_qqa import vq_e8_qqa
 
 SOLVERS: dict[str, Callable[..., QuantizedWeight]] = {m: c.solver for m, c in CONFIGS.items()}
 NEEDS_HESSIAN = {m for m, c in CONFIGS.items() if c.needs_hessian}
@@ -33,5 +34,5 @@ def get_solver(name: str) -> Callable[..., QuantizedWeight]:
 
 
 __all__ = ["CONFIGS", "SOLVERS", "NEEDS_HESSIAN", "ROW_INDEPENDENT", "GPTQConfig", "OneBitConfig", "QQASolverConfig",
-           "QuantizedWeight", "RTNConfig", "SolverConfig", "SolverError", "VQE8Config", "config_type", "get_solver",
-           "gptq", "layer_loss", "onebit", "qqa", "register_config", "rtn", "vq_e8"]
+           "QuantizedWeight", "RTNConfig", "SolverConfig", "SolverError", "VQE8Config", "VQE8QQAConfig", "config_type",
+           "get_solver", "gptq", "layer_loss", "onebit", "qqa", "register_config", "rtn", "vq_e8", "vq_e8_qqa"]

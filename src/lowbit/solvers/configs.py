@@ -21,6 +21,7 @@ from .ldlq import vq_e8
 from .onebit import onebit
 from .qqa import qqa
 from .rtn import rtn
+from .vq_qqa import VectorQQAConfig, vq_e8_qqa
 
 #: method name -> its config type, in registration order
 CONFIGS: dict[str, type[SolverConfig]] = {}
@@ -192,3 +193,30 @@ class VQE8Config(SolverConfig):
             raise RecipeError(f"damp must be in [0, 10), got {self.damp}")
         if self.rho <= 0:
             raise RecipeError(f"rho must be > 0, got {self.rho}")
+
+
+@register_config("vq_e8_qqa", solver=vq_e8_qqa, needs_hessian=True)
+@dataclass(frozen=True)
+class VQE8QQAConfig(SolverConfig):
+    """E8 vector LDLQ (damping, `rho`), then QQA on its codes and row scales: annealing steps per row chunk
+    and round, replicas, rounds of codes -> row scales (the annealer's other knobs: `VectorQQAConfig`)."""
+
+    damp: float = 0.01
+    rho: float = 0.9
+    steps: int = 100
+    replicas: int = 16
+    rounds: int = 2
+
+    FLAT: ClassVar[dict[str, str]] = {"damp": "damp", "qqa_steps": "steps", "qqa_replicas": "replicas",
+                                      "qqa_rounds": "rounds"}
+
+    def validate(self) -> None:
+        if not 0 <= self.damp < 10 or self.rho <= 0:
+            raise RecipeError(f"damp must be in [0, 10) and rho > 0, got {self.damp}, {self.rho}")
+        if self.steps < 0 or self.replicas < 1 or self.rounds < 1:
+            raise RecipeError(f"vector QQA needs steps >= 0, replicas and rounds >= 1, got {self.steps}, "
+                              f"{self.replicas}, {self.rounds}")
+
+    def kwargs(self, clip: bool = False) -> dict:
+        return {"damp": self.damp, "rho": self.rho,
+                "qqa": VectorQQAConfig(steps=self.steps, replicas=self.replicas, rounds=self.rounds)}
