@@ -373,9 +373,6 @@ def _eval_tasks(model: str, tasks: str, limit, num_fewshot, include_path: list[s
             raise LmEvalError(f"--out {out}: its folder does not exist")
         if quiet:
             logging.getLogger("lm_eval").setLevel(logging.ERROR)
-            import os
-
-            os.environ.setdefault("TQDM_DISABLE", "1")
         res = evaluate(model, tasks.split(","), limit=limit, batch_size=batch_size, device=device,
                        dequantize=dequantize, include_path=include_path, num_fewshot=num_fewshot)
     except (*_user_errors(), LmEvalError) as e:
