@@ -123,6 +123,32 @@ def test_loglikelihood_and_rolling_match_the_logits(ck):
     assert got < rolled[1] - 1e-3  # shorter contexts score worse here: the windows are really cut
 
 
+@torch.no_grad()
+def _direct_greedy(model, tok, context: str, n: int, until: str) -> str:
+    """n greedy tokens after `context` (a full forward per token, no cache), cut at `until`."""
+    ids = tok(context, add_special_tokens=False).input_ids
+    out = []
+    for _ in range(n):
+        nxt = int(model(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax())
+        out.append(nxt)
+    return tok.decode(out).split(until)[0]
+
+
+def test_generate_until_is_greedy_decoding(ck):
+    """generate_until (transformers' generate on the packed model), two prompts of different lengths in one
+    left-padded batch, against a greedy loop over full forward passes."""
+    from lm_eval.api.instance import Instance
+
+    path, _ = ck
+    model, tok = _load(path)
+    lm = adapter.wrap(model, tok, batch_size=2)
+    prompts = ["the state of the union is", "the law"]
+    kw = {"until": ["\n"], "max_gen_toks": 6, "do_sample": False}
+    got = lm.generate_until([Instance("generate_until", {}, (p, dict(kw)), i) for i, p in enumerate(prompts)])
+    assert got == [_direct_greedy(model, tok, p, 6, "\n") for p in prompts]
+    assert all(g for g in got)
+
+
 def test_packed_and_dequantized_loads_give_the_same_answers(ck):
     path, _ = ck
     kw = dict(tasks=["lowbit_cloze", "lowbit_passages"], batch_size=4, log_samples=True, limit=10)
