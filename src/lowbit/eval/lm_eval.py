@@ -21,11 +21,9 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
-
-log = logging.getLogger("lowbit")
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 LM_EVAL_VERSION = "0.4.13"  # the version tested (constraints.txt)
@@ -96,9 +94,9 @@ def _hush() -> None:
 
 
 def _is_packed(model: torch.nn.Module) -> bool:
-    from ..nn import QuantizedLinear
+    from ..nn import QUANTIZED_MODULES
 
-    return any(isinstance(m, QuantizedLinear) for m in model.modules())
+    return any(isinstance(m, QUANTIZED_MODULES) for m in model.modules())
 
 
 def wrap(model: torch.nn.Module, tokenizer, batch_size: int = 1, max_length: int | None = None,
