@@ -336,23 +336,80 @@ def eval_(
     data: str = typer.Option("sotu-modern,moby", help="Comma-separated corpora: names, .txt/.jsonl files or folders."),
     windows: int = typer.Option(64, help="Evaluation windows per corpus."),
     seq_len: int = typer.Option(512, help="Tokens per window."),
-    batch_size: int = typer.Option(8, help="Windows per forward pass."),
+    batch_size: int = typer.Option(8, help="Windows per forward pass (with --tasks: requests per forward pass)."),
+    tasks: Optional[str] = typer.Option(None, help="Comma-separated lm-evaluation-harness tasks to run instead of "
+                                        "perplexity: lowbit's offline lowbit_cloze and lowbit_passages, tasks in "
+                                        "--include-path, or lm-eval's catalogue (hellaswag, arc_easy, ...: their data "
+                                        "comes from the Hugging Face hub). Needs `pip install lm-eval`."),
+    limit: Optional[float] = typer.Option(None, help="--tasks: at most this many examples per task (below 1: a "
+                                          "fraction of each task)."),
+    num_fewshot: Optional[int] = typer.Option(None, help="--tasks: few-shot examples (default: each task's own)."),
+    include_path: Optional[list[str]] = typer.Option(None, help="--tasks: a folder of lm-eval task YAMLs "
+                                                     "(repeatable)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="--tasks: write lm-eval's results here as JSON "
+                                      "(atomically)."),
+    dequantize: bool = typer.Option(False, help="Load a lowbit checkpoint's linears as float (dequantized) instead "
+                                    "of packed."),
     device: str = typer.Option("cpu", help="cpu, cuda, ..."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
-    """Perplexity of a model or a lowbit checkpoint (first N non-overlapping windows)."""
+    """Perplexity of a model or a lowbit checkpoint (first N non-overlapping windows), or with --tasks the
+    lm-evaluation-harness tasks, run in this process on the loaded model."""
     _setup(quiet, 0, threads)
+    from .eval.lm_eval import LmEvalError
+
+    if tasks is not None:
+        _eval_tasks(model, tasks, limit, num_fewshot, include_path or [], out, batch_size, dequantize, device, quiet)
+        return
     try:
         from .jobs import evaluate
         from .loading import load_model
 
+        for opt, v in (("--limit", limit), ("--num-fewshot", num_fewshot), ("--include-path", include_path),
+                       ("--out", out)):
+            if v is not None:
+                raise LmEvalError(f"{opt} goes with --tasks (perplexity runs print a table)")
         proto = _protocol("sotu-calib", 0, seq_len, 0, data, windows, batch_size)
-        m, tok = load_model(model, device=device)
+        m, tok = load_model(model, device=device, dequantize=dequantize)
         ppl = evaluate(m, tok, proto, progress=not quiet)
-    except _user_errors() as e:
+    except (*_user_errors(), LmEvalError) as e:
         _fail(e)
     out_console.print(_ppl_table(model, proto.eval_sets, [(model, ppl)]))
+
+
+def _eval_tasks(model: str, tasks: str, limit, num_fewshot, include_path: list[str], out, batch_size: int,
+                dequantize: bool, device: str, quiet: bool) -> None:
+    """`lowbit eval --tasks`: lm-eval tasks on the model, a table of their metrics, the results as JSON."""
+    from pathlib import Path
+
+    from .eval.lm_eval import LmEvalError, evaluate, metric_rows
+    from .fileio import write_json
+
+    try:
+        if limit is not None and limit >= 1:
+            if limit != int(limit):
+                raise LmEvalError(f"--limit {limit}: a count (>= 1) must be whole; a fraction is below 1")
+            limit = int(limit)
+        if out is not None and not Path(out).expanduser().parent.is_dir():
+            raise LmEvalError(f"--out {out}: its folder does not exist")
+        if quiet:
+            logging.getLogger("lm_eval").setLevel(logging.ERROR)
+        res = evaluate(model, tasks.split(","), limit=limit, batch_size=batch_size, device=device,
+                       dequantize=dequantize, include_path=include_path, num_fewshot=num_fewshot)
+    except (*_user_errors(), LmEvalError) as e:
+        _fail(e)
+    t = Table(title=escape(f"{model}: lm-eval"))
+    for col, just in (("task", "left"), ("metric", "left"), ("value", "right"), ("stderr", "right"), ("n", "right")):
+        t.add_column(col, justify=just)
+    for task, metric, value, stderr in metric_rows(res):
+        n = res.get("n-samples", {}).get(task, {}).get("effective", "")
+        t.add_row(escape(task), escape(metric), "-" if value is None else f"{value:.4f}",
+                  "" if stderr is None else f"{stderr:.4f}", str(n))
+    out_console.print(t)
+    if out is not None:
+        write_json(Path(out).expanduser(), res)
+        out_console.print(f"results: {out}", highlight=False)
 
 
 @app.command()

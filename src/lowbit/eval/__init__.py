@@ -1,4 +1,4 @@
-"""Evaluation: perplexity (attention fidelity and lm-eval adapters come later)."""
+"""Evaluation: perplexity; lm-evaluation-harness tasks in `lowbit.eval.lm_eval` (imported on demand)."""
 
 from .perplexity import PerplexityResult, perplexity
 
