@@ -290,3 +290,14 @@ def test_calibration_attention_is_sdpa_with_the_causal_flag(tmp_path):
     layers = get_adapter(model).layers(model)
     _, calls = capture_inputs(model, layers, tiny_tokens(4, 16), 2, torch.device("cpu"))
     assert all(kw.get("attention_mask") is None for c in calls for _, kw in c)
+
+
+def test_cli_gpu_memory_says_its_plan_in_one_line(tiny_dir, tmp_path):
+    common = ["--stream", "--no-eval", "--recipe", "qep-gptq-w4-g32", "--calib", str(tiny_dir / "text.txt"),
+              "--n-calib", "4", "--seq-len", "16", "--batch-size", "2", "-q"]
+    r = _cli("quantize", str(tiny_dir), "--out", str(tmp_path / "o"), "--gpu-memory", "0.000001", *common)
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("calibration streams")]
+    assert len(lines) == 1 and "target 1e-06 GiB" in lines[0] and "replay caches off" in lines[0], r.stderr
+    bad = _cli("quantize", str(tiny_dir), "--out", str(tmp_path / "p"), "--gpu-memory", "0", *common)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: the device memory target")
