@@ -83,7 +83,8 @@ def child(args) -> None:
            "n_calib": args.n_calib, "wall_s": wall, "block_seconds": bs,
            "median_block_s": sorted(bs)[len(bs) // 2] if bs else None,
            "median_compute_s": sorted(compute)[len(compute) // 2] if compute else None, "compute_seconds": compute,
-           "phase_seconds": per_block, "phase_peak_gb": phases["peak"], "gpu_memory_target": args.gpu_memory,
+           "phase_seconds": per_block, "phase_peak_gb": phases["peak"], "phase_start_gb": phases["base"],
+           "gpu_memory_target": args.gpu_memory,
            "memory_plan": {k: (v / 2**30 if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
                            for k, v in job.memory_plan.items()},
            "peak_gpu_gb": max([torch.cuda.max_memory_allocated() / 2**30, *phases["peak"].values()])
@@ -98,14 +99,21 @@ def child(args) -> None:
 
 def _instrument(device: str) -> dict:
     """Time the walk's phases per block (GPU synchronised at their edges) and keep each phase's peak GPU memory
-    (the peak counter is reset after each phase; the run's peak is the largest of them)."""
+    (the peak counter is reset after each phase, so a phase's peak covers the time since the previous phase
+    ended; the run's peak is the largest of them) and the memory allocated when it starts (the resident part:
+    streams, caches, the block). solve:factor is GPTQ's inverse Cholesky factor inside solve: its peak runs from
+    the solve's start to the factor's end, solve's from there on."""
     import torch
 
     from lowbit import pipeline, walk
     from lowbit.stages import solve as solve_mod
 
+    import importlib
+
+    gptq_mod = importlib.import_module("lowbit.solvers.gptq")  # (lowbit.solvers.gptq is also the function's name)
+
     cuda = device == "cuda"
-    out = {"blocks": [], "peak": {}, "cur": {}}
+    out = {"blocks": [], "peak": {}, "base": {}, "cur": {}}
 
     def wrap(owner, attr, name):
         fn = getattr(owner, attr)
@@ -113,6 +121,7 @@ def _instrument(device: str) -> dict:
         def timed(*a, **kw):
             if cuda:
                 torch.cuda.synchronize()
+                out["base"][name] = max(out["base"].get(name, 0.0), torch.cuda.memory_allocated() / 2**30)
             t = time.perf_counter()
             try:
                 return fn(*a, **kw)
@@ -132,6 +141,7 @@ def _instrument(device: str) -> dict:
     wrap(pipeline.StreamIO, "load", "load")
     wrap(walk.Block, "stats", "stats")
     wrap(solve_mod, "solve_group", "solve")
+    wrap(gptq_mod, "inverse_hessian_factor", "solve:factor")  # GPTQ's damped Cholesky / inverse (inside solve)
     wrap(walk.Block, "finish", "finish")
     wrap(pipeline.StreamIO, "finished", "write")
     return out
@@ -143,7 +153,8 @@ def run_child(model: Path, recipe: str, out_dir: Path, work: Path, blocks: int |
     js = out_dir / f"{shape}-{recipe}-{blocks or 'all'}{tag}.json"
     cmd = [sys.executable, __file__, "--child", "--model", str(model), "--recipe", recipe, "--out",
            str(work / f"out-{shape}-{recipe}"), "--json", str(js), "--shape", shape, "--n-calib", str(args.n_calib),
-           "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--state-every", str(args.state_every)]
+           "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--state-every", str(args.state_every),
+           "--device", args.device]
     if blocks:
         cmd += ["--blocks", str(blocks)]
     if gpu_memory is not None:
@@ -200,12 +211,15 @@ def summary(part: str, results: list[dict]) -> dict:
                      "peak_rss_gb": round(r["peak_rss_gb"], 2),
                      "phase_peak_gb": {k: round(v, 2) for k, v in (r.get("phase_peak_gb") or {}).items()},
                      "streams": [plan.get("streams_on"), plan.get("fp_on")], "replay_caches": plan.get("replay_caches"),
+                     "attention": plan.get("attention"),
                      "extrapolated_full_model_s": r.get("extrapolated_full_model_s") and round(
                          r["extrapolated_full_model_s"])})
     out = {"part": part, "runs": runs}
     for r in results:
         if "recipe" not in r:
             out.update(r)
+    if "plans" in out:  # the estimate in GiB on the device: with a 12 GiB target / unbounded
+        out["plans"] = {k: [v["12GiB"]["device_gib"], v["unbounded"]["device_gib"]] for k, v in out["plans"].items()}
     return out
 
 

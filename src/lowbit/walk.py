@@ -647,7 +647,8 @@ class Walker:
         if self.replay_memo and not caches:
             self.replay_memo = False
         self.memory_plan = {**sizes, "target": target, "streams_on": xs_on, "fp_on": self.fp_on,
-                            "replay_caches": self.replay_memo}
+                            "replay_caches": self.replay_memo,
+                            "attention": getattr(getattr(self.model, "config", None), "_attn_implementation", None)}
         pin = self.device.type == "cuda"
 
         def pinned(t: torch.Tensor) -> torch.Tensor:
