@@ -10,6 +10,7 @@ extrapolated per block.
     python benchmarks/scale_7b.py --part shapes           # 1 block of 70B and of 405B shape (405B: when it fits)
     python benchmarks/scale_7b.py --part pair             # 2 blocks of pair-gptq-w4-g128
     python benchmarks/scale_7b.py --part plan             # the walk's memory estimate of every shape (no GPU)
+    python benchmarks/scale_7b.py --part all              # peak, then shapes
 
 Every quantization runs in its own process (so host RSS is that run's alone); --blocks N limits the walk.
 Each child times the phases of every block with the GPU synchronised at their edges (load: read the block;
@@ -223,9 +224,54 @@ def summary(part: str, results: list[dict]) -> dict:
     return out
 
 
+def run_part(part: str, args, work: Path, out_dir: Path) -> list[dict]:
+    """The runs of one --part."""
+    results = []
+    if part in ("build", "peak", "gptq", "qep", "pair"):
+        build(work / "llama-7b", "7b")
+    g = args.gpu_memory
+    if part == "peak":
+        target = 12.0 if g is None else g
+        blocks = args.blocks or 4
+        for recipe in ("gptq-w4-g128", "qep-gptq-w4-g128"):
+            results.append(run_child(work / "llama-7b", recipe, out_dir, work, blocks, "7b", args, target))
+        results.append(run_child(work / "llama-7b", "gptq-w4-g128", out_dir, work, blocks, "7b", args, None))
+        results.append(_overhead(results[0], results[1]))
+        results.append({"plans": plans(args.n_calib, args.seq_len, args.batch_size)})
+    elif part == "gptq":
+        results.append(run_child(work / "llama-7b", "gptq-w4-g128", out_dir, work, args.blocks, "7b", args, g))
+    elif part == "qep":
+        for recipe in ("gptq-w4-g128", "qep-gptq-w4-g128"):
+            results.append(run_child(work / "llama-7b", recipe, out_dir, work, args.blocks or 8, "7b", args, g))
+        results.append(_overhead(results[0], results[1]))
+    elif part == "pair":
+        results.append(run_child(work / "llama-7b", "pair-gptq-w4-g128", out_dir, work, args.blocks or 2, "7b", args,
+                                 g))
+    elif part == "shapes":
+        import torch
+
+        est = plans(args.n_calib, args.seq_len, args.batch_size)
+        total = torch.cuda.mem_get_info()[1] / 2**30 if torch.cuda.is_available() else 0.0
+        for shape in ("70b", "405b"):
+            need = est[f"{shape}/gptq"]["unbounded"]["device_gib"] if g is None else min(
+                g, est[f"{shape}/gptq"]["unbounded"]["device_gib"])
+            floor = est[f"{shape}/gptq"]["block"] + est[f"{shape}/gptq"]["work"]  # streams on the host
+            if floor > 0.97 * total:
+                results.append({"recipe": "gptq-w4-g128", "shape": shape, "error": f"skipped: the block and its solve "
+                                f"need about {floor:.0f} GiB, this GPU has {total:.0f} GiB"})
+                continue
+            folder = work / f"llama-{shape}-1block"
+            build(folder, shape, layers=1, vocab=32000)
+            results.append(run_child(folder, "gptq-w4-g128", out_dir, work, 1, shape, args, g))
+            results[-1]["estimated_gib"] = need
+    elif part == "plan":
+        results.append({"plans": plans(args.n_calib, args.seq_len, args.batch_size)})
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", default="gptq", choices=["build", "peak", "gptq", "qep", "shapes", "pair", "plan"])
+    ap.add_argument("--part", default="gptq", choices=["build", "peak", "gptq", "qep", "shapes", "pair", "plan", "all"])
     ap.add_argument("--gpu-memory", type=float, default=None, help="GiB target of the walk (lowbit --gpu-memory); "
                     "--part peak: the bounded runs' target (default 12)")
     ap.add_argument("--blocks", type=int, default=None)
@@ -248,45 +294,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     results = []
     t0 = time.perf_counter()
-    if args.part in ("build", "peak", "gptq", "qep", "pair"):
-        build(work / "llama-7b", "7b")
-    g = args.gpu_memory
-    if args.part == "peak":
-        target = 12.0 if g is None else g
-        blocks = args.blocks or 4
-        for recipe in ("gptq-w4-g128", "qep-gptq-w4-g128"):
-            results.append(run_child(work / "llama-7b", recipe, out_dir, work, blocks, "7b", args, target))
-        results.append(run_child(work / "llama-7b", "gptq-w4-g128", out_dir, work, blocks, "7b", args, None))
-        results.append(_overhead(results[0], results[1]))
-        results.append({"plans": plans(args.n_calib, args.seq_len, args.batch_size)})
-    elif args.part == "gptq":
-        results.append(run_child(work / "llama-7b", "gptq-w4-g128", out_dir, work, args.blocks, "7b", args, g))
-    elif args.part == "qep":
-        for recipe in ("gptq-w4-g128", "qep-gptq-w4-g128"):
-            results.append(run_child(work / "llama-7b", recipe, out_dir, work, args.blocks or 8, "7b", args, g))
-        results.append(_overhead(results[0], results[1]))
-    elif args.part == "pair":
-        results.append(run_child(work / "llama-7b", "pair-gptq-w4-g128", out_dir, work, args.blocks or 2, "7b", args,
-                                 g))
-    elif args.part == "shapes":
-        import torch
-
-        est = plans(args.n_calib, args.seq_len, args.batch_size)
-        total = torch.cuda.mem_get_info()[1] / 2**30 if torch.cuda.is_available() else 0.0
-        for shape in ("70b", "405b"):
-            need = est[f"{shape}/gptq"]["unbounded"]["device_gib"] if g is None else min(
-                g, est[f"{shape}/gptq"]["unbounded"]["device_gib"])
-            floor = est[f"{shape}/gptq"]["block"] + est[f"{shape}/gptq"]["work"]  # streams on the host
-            if floor > 0.97 * total:
-                results.append({"recipe": "gptq-w4-g128", "shape": shape, "error": f"skipped: the block and its solve "
-                                f"need about {floor:.0f} GiB, this GPU has {total:.0f} GiB"})
-                continue
-            folder = work / f"llama-{shape}-1block"
-            build(folder, shape, layers=1, vocab=32000)
-            results.append(run_child(folder, "gptq-w4-g128", out_dir, work, 1, shape, args, g))
-            results[-1]["estimated_gib"] = need
-    elif args.part == "plan":
-        results.append({"plans": plans(args.n_calib, args.seq_len, args.batch_size)})
+    for part in (("peak", "shapes") if args.part == "all" else (args.part,)):
+        results += run_part(part, args, work, out_dir)
     results.append({"part_wall_s": round(time.perf_counter() - t0, 1)})
     (out_dir / f"scale_{args.part}.json").write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
