@@ -159,3 +159,145 @@ def test_cli_bad_streams_placement_is_one_line(tiny_dir, tmp_path):
     assert r.returncode == 2
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert lines[-1].startswith("error: LOWBIT_STREAMS=disk:") and "Traceback" not in r.stderr, r.stderr
+
+
+def _skeleton(hidden, inter, heads, kv):
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads, num_key_value_heads=kv,
+                      num_hidden_layers=1, vocab_size=1000)
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+
+
+def test_memory_plan_of_the_7b_shape():
+    """Issue 19's 7.4 B Llama (hidden 4096, MLP 14336), 128 x 2048 tokens in bf16 on a GPU: one stream is 2 GiB,
+    a block 0.41 GiB; the replay caches (o_proj's and down_proj's inputs: 2 + 7 GiB per stream) are what pushes
+    it past 12 GiB. With a 12 GiB target GPTQ keeps its stream on the device without the caches, QEP moves the
+    FP stream to the host; both estimates are then under the target. With room, everything stays."""
+    from lowbit.walk import plan_walk, walk_memory
+
+    m = _skeleton(4096, 14336, 32, 8)
+    gib = 2**30
+    for fp, n in ((False, 1), (True, 2)):
+        sz = walk_memory(m, 128, 2048, 8, fp_stream=fp, replay=True)
+        assert sz["stream"] == 2 * gib
+        assert sz["block"] == (2 if fp else 1) * 2 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336 + 2 * 4096)
+        assert sz["caches"] == (2 if fp else 1) * 128 * 2048 * 2 * (4096 + 14336)
+        assert 6.9 * gib < sz["work"] < 9 * gib  # the down_proj solve: 36 bytes x 14336^2, and float32 weights
+        xs_on, fp_on, caches = plan_walk(sz, n, 12 * gib, on_cpu=False)
+        assert (xs_on, fp_on, caches) == (("device", "host", False) if fp else ("device", "device", False))
+        on_dev = sz["block"] + sz["work"] + sz["stream"] * [xs_on, fp_on][:n].count("device")
+        assert on_dev <= 12 * gib
+        assert plan_walk(sz, n, 60 * gib, on_cpu=False) == ("device", "device", True)
+        assert plan_walk(sz, n, 4 * gib, on_cpu=False) == ("host", "host", False)
+        assert plan_walk(sz, n, None, on_cpu=True) == ("device", "device", True)  # host memory: as before
+
+
+def test_memory_target_drops_the_replay_caches_with_the_same_checkpoint(tmp_path, monkeypatch, capsys):
+    """A device-memory target too small for the replay caches turns them off (nothing is cached: the tracked bytes
+    are zero) and, with the streams forced into host memory, writes the same checkpoint as the default walk."""
+    from lowbit.jobs import Protocol, stream_quantize_job
+    from lowbit.recipe import get_recipe
+    from lowbit.walk import HostStream, Replay
+
+    rec = get_recipe("qep-gptq-w3-g32")
+    tiny_model("llama", layers=3).save_pretrained(tmp_path / "m")
+    toks = tiny_tokens(8, 32)
+    cached = []
+    orig = Replay.record
+    monkeypatch.setattr(Replay, "record", lambda self, lin, b, x: (cached.append(x.numel() * x.element_size()),
+                                                                   orig(self, lin, b, x))[1])
+    kinds = []
+    orig_finish = __import__("lowbit.walk").walk.Block.finish
+
+    def finish(self):
+        kinds.append((type(self.xs), type(self.fp)))
+        orig_finish(self)
+
+    monkeypatch.setattr(__import__("lowbit.walk").walk.Block, "finish", finish)
+
+    def run(out, **kw):
+        cached.clear(), kinds.clear()
+        torch.manual_seed(0)
+        _, job, path = stream_quantize_job(str(tmp_path / "m"), rec, Protocol(batch_size=4), tmp_path / out,
+                                           dtype=torch.float32, tokens=toks, progress=False, track_error=True, **kw)
+        return job, sum(cached), list(kinds), capsys.readouterr().err
+
+    job_a, bytes_a, kinds_a, _ = run("a")
+    assert bytes_a > 0 and job_a.memory_plan["replay_caches"] is True and kinds_a[0] == (list, list)
+    job_b, bytes_b, _, err = run("b", memory_target=1e-6)
+    assert bytes_b == 0 and job_b.memory_plan["replay_caches"] is False
+    assert "replay caches off" in err and "target 1e-06 GiB" in err
+    monkeypatch.setenv("LOWBIT_STREAMS", "host")
+    job_c, bytes_c, kinds_c, err = run("c", memory_target=1e-6)
+    assert bytes_c == 0 and kinds_c[0] == (HostStream, HostStream) and "in host memory" in err
+    assert job_a.block_errors == job_b.block_errors == job_c.block_errors
+    assert same_checkpoint(tmp_path / "a", tmp_path / "b") == [] and same_checkpoint(tmp_path / "a", tmp_path / "c") == []
+
+
+@pytest.mark.parametrize("where", ["device", "host"])
+def test_finish_maps_each_stream_in_place(monkeypatch, where):
+    """A finished block maps the streams batch by batch into the same list (the same host tensors for a host
+    stream): while batch b goes through the block, the inputs of batches < b are already freed, so one stream
+    (not the one before the block and the one after it) is alive."""
+    import weakref
+
+    from lowbit.walk import HostStream, Walker
+
+    monkeypatch.setenv("LOWBIT_STREAMS", where)
+    w = Walker(tiny_model("llama", layers=2), tiny_tokens(8, 16), batch_size=2, fp_stream=True, progress=False)
+    w.capture()
+    blk = next(w.blocks())
+    xs, fp = w.xs, w.fp
+    ptrs = [t.data_ptr() for t in plain_stream_of(xs)]
+    old = [weakref.ref(t) for t in plain_stream_of(xs)]
+    seen = []
+
+    def pre(mod, args, kwargs):
+        if where == "device":
+            seen.append(sum(r() is not None for r in old))
+
+    h = blk.block.register_forward_pre_hook(pre, with_kwargs=True)
+    blk.finish()
+    h.remove()
+    assert w.xs is xs and w.fp is fp
+    if where == "device":
+        assert seen[:4] == [4, 3, 2, 1]  # batch b's input is dropped once its output is stored
+    else:
+        assert isinstance(xs, HostStream) and [t.data_ptr() for t in xs.batches()] == ptrs
+
+
+def plain_stream_of(xs):
+    from lowbit.walk import plain_stream
+
+    return plain_stream(xs)
+
+
+def test_calibration_attention_is_sdpa_with_the_causal_flag(tmp_path):
+    """The streamed skeleton runs sdpa attention (never eager: no [batch, heads, T, T] probabilities), and a
+    Llama's blocks get no materialised mask, so a GPU takes the flash / memory-efficient kernels."""
+    from lowbit.loading import StreamSource
+    from lowbit.models import get_adapter
+    from lowbit.walk import capture_inputs
+
+    tiny_model("llama", layers=2).save_pretrained(tmp_path / "m")
+    src = StreamSource(tmp_path / "m")
+    model, _ = src.skeleton(torch.float32)
+    assert model.config._attn_implementation == "sdpa"
+    src.materialize(model, model, "cpu", torch.float32)
+    layers = get_adapter(model).layers(model)
+    _, calls = capture_inputs(model, layers, tiny_tokens(4, 16), 2, torch.device("cpu"))
+    assert all(kw.get("attention_mask") is None for c in calls for _, kw in c)
+
+
+def test_cli_gpu_memory_says_its_plan_in_one_line(tiny_dir, tmp_path):
+    common = ["--stream", "--no-eval", "--recipe", "qep-gptq-w4-g32", "--calib", str(tiny_dir / "text.txt"),
+              "--n-calib", "4", "--seq-len", "16", "--batch-size", "2", "-q"]
+    r = _cli("quantize", str(tiny_dir), "--out", str(tmp_path / "o"), "--gpu-memory", "0.000001", *common)
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("calibration streams")]
+    assert len(lines) == 1 and "target 1e-06 GiB" in lines[0] and "replay caches off" in lines[0], r.stderr
+    bad = _cli("quantize", str(tiny_dir), "--out", str(tmp_path / "p"), "--gpu-memory", "0", *common)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: the device memory target")

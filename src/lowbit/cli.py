@@ -255,6 +255,11 @@ def quantize(
                                 "kept beside --out); the checkpoint is byte-identical to an uninterrupted run's."),
     state_every: float = typer.Option(0.0, help="Streamed runs: save the calibration streams for --resume at most "
                                       "every this many seconds (0: after every block)."),
+    gpu_memory: Optional[float] = typer.Option(None, help="GiB of device memory the walk may plan for: the "
+                                               "calibration streams and replay caches leave the GPU (for pinned "
+                                               "host memory, a batch at a time on the device) when the estimate "
+                                               "exceeds it (default: $LOWBIT_GPU_MEMORY, else 85 % of the free "
+                                               "memory). The results are the same."),
     seed: int = typer.Option(0, help="Seed for calibration sampling."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
@@ -293,7 +298,8 @@ def quantize(
             result, job, path = stream_quantize_job(model, r, proto, out, dtype=model_dtype, store_dtype=store_dt,
                                                     device=device, progress=not quiet and main,
                                                     track_error=track_error, resume=resume, overwrite=overwrite,
-                                                    extra=extra, state_every_s=state_every, dist=dist)
+                                                    extra=extra, state_every_s=state_every, dist=dist,
+                                                    memory_target=gpu_memory)
         else:
             from .jobs import resolve_dtype
 
@@ -301,7 +307,7 @@ def quantize(
                                                     eval_quant=evaluate and main, device=device,
                                                     progress=not quiet and main, track_error=track_error,
                                                     store_dtype=store_dt, dtype=resolve_dtype(dtype, device, False),
-                                                    dist=dist)
+                                                    dist=dist, memory_target=gpu_memory)
             path = None
             if main:
                 path = checkpoint.save(model_.cpu(), result, out, tok, overwrite=overwrite, dtype=store_dt,

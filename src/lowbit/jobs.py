@@ -75,6 +75,7 @@ class JobResult:
     block_fits: list[dict] = field(default_factory=list)  # block-wise optimisation: losses, reverted stages
     device: str = "cpu"
     n_params: int = 0  # parameters of the model (tied weights once)
+    memory_plan: dict = field(default_factory=dict)  # streamed runs: the walk's device-memory estimate and choices
 
     def to_dict(self) -> dict:
         """Plain dict."""
@@ -99,7 +100,7 @@ def bits_per_weight(result: QuantizationResult) -> float:
 def quantize_job(model_spec: str, recipe: Recipe, protocol: Protocol, *, eval_fp: bool = True,
                  eval_quant: bool = True, device: str = "cpu", progress: bool = True,
                  track_error: bool = False, model=None, tokenizer=None, store_dtype: torch.dtype | None = None,
-                 dtype: torch.dtype = torch.float32, dist=None):
+                 dtype: torch.dtype = torch.float32, dist=None, memory_target: float | None = None):
     """Load (unless given), evaluate FP, quantize, evaluate; returns (model, tokenizer, result, job).
 
     With `store_dtype`, the parameters a checkpoint keeps unquantized are rounded to that dtype
@@ -118,7 +119,7 @@ def quantize_job(model_spec: str, recipe: Recipe, protocol: Protocol, *, eval_fp
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     result = quantize_model(model, recipe, tokens, batch_size=protocol.batch_size, device=device,
-                            progress=progress, track_error=track_error, dist=dist)
+                            progress=progress, track_error=track_error, dist=dist, memory_target=memory_target)
     job.quant_seconds = time.perf_counter() - t0
     job.peak_rss_mb = peak_rss_mb()
     if str(device).startswith("cuda"):
@@ -151,11 +152,13 @@ def stream_quantize_job(folder: str, recipe: Recipe, protocol: Protocol, out, *,
                         store_dtype: torch.dtype = torch.bfloat16, device: str = "cpu", progress: bool = True,
                         track_error: bool = False, resume: bool = False, overwrite: bool = False,
                         extra: dict | None = None, tokens: torch.Tensor | None = None, tokenizer=None,
-                        max_blocks: int | None = None, state_every_s: float = 0.0, dist=None):
+                        max_blocks: int | None = None, state_every_s: float = 0.0, dist=None,
+                        memory_target: float | None = None):
     """Quantize the safetensors folder `folder` block by block (`lowbit.pipeline.quantize_streamed`) into the
     checkpoint `out`; with `resume`, go on from an interrupted run of the same settings. Calibration windows
     come from the protocol (with the folder's tokenizer) unless `tokens` are given. Returns (result, job,
-    path or None when `max_blocks` stopped the walk early)."""
+    path or None when `max_blocks` stopped the walk early). `memory_target`: GiB of device memory the walk plans
+    for (`lowbit.walk.plan_walk`; None: $LOWBIT_GPU_MEMORY, else most of the free memory)."""
     from pathlib import Path
 
     from . import __version__
@@ -188,7 +191,7 @@ def stream_quantize_job(folder: str, recipe: Recipe, protocol: Protocol, out, *,
     model, result, info = quantize_streamed(source, recipe, tokens, partial, dtype=dtype, store_dtype=store_dtype,
                                             batch_size=protocol.batch_size, device=device, progress=progress,
                                             track_error=track_error, max_blocks=max_blocks,
-                                            state_every_s=state_every_s, dist=dist)
+                                            state_every_s=state_every_s, dist=dist, memory_target=memory_target)
     job = JobResult(recipe=recipe.to_dict(), device=str(device),
                     n_params=sum(p.numel() for p in model.parameters()))
     job.quant_seconds = time.perf_counter() - t0
@@ -198,6 +201,7 @@ def stream_quantize_job(folder: str, recipe: Recipe, protocol: Protocol, out, *,
     job.bits_per_weight = info["bits"] / max(info["weights"], 1)
     job.block_errors = result.block_errors
     job.block_fits = result.block_fits
+    job.memory_plan = info.get("memory_plan", {})
     path = None
     if info["complete"] and rank == 0:
         out = Path(out).expanduser()

@@ -78,13 +78,15 @@ def flush_denormal():
 @torch.no_grad()
 def quantize_model(model: nn.Module, recipe: Recipe, tokens: torch.Tensor, *, batch_size: int = 8,
                    device: str | torch.device | None = None, progress: bool = True,
-                   track_error: bool = False, replay_memo: bool = True, dist=None) -> QuantizationResult:
+                   track_error: bool = False, replay_memo: bool = True, dist=None,
+                   memory_target: float | None = None) -> QuantizationResult:
     """Quantize every decoder-block linear of `model` in place (weights become their dequantized
     values) and return the codes. `tokens` is a [N, T] LongTensor of calibration windows.
 
     `replay_memo` caches the inputs of attention's and the MLP's output linears for the rest
     of a block's passes (memory: one [tokens, width] tensor each) instead of recomputing them.
     With `dist` (`lowbit.distributed.Dist`), `tokens` are this rank's share of the calibration windows.
+    `memory_target` (GiB) bounds what the walk plans to keep on the device (`lowbit.walk.plan_walk`).
     """
     from .stages import Run, stages_for
 
@@ -106,7 +108,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, tokens: torch.Tensor, *, ba
         walker = Walker(model, tokens, batch_size=batch_size, device=device, streams=recipe.needs_inputs,
                         fp_stream=any(st.needs_fp for st in stages), track_error=track_error,
                         replay_memo=recipe.true_sequential and replay_memo, progress=progress,
-                        desc=f"quantize {recipe.label}", dist=dist)
+                        desc=f"quantize {recipe.label}", dist=dist, memory_target=memory_target)
         walker.capture()
         for st in stages:
             st.check(run, walker)
@@ -208,7 +210,8 @@ class StreamIO:
 def quantize_streamed(source, recipe: Recipe, tokens: torch.Tensor, partial, *, dtype: torch.dtype,
                       store_dtype: torch.dtype = torch.bfloat16, batch_size: int = 8,
                       device: str | torch.device = "cpu", progress: bool = True, track_error: bool = False,
-                      max_blocks: int | None = None, state_every_s: float = 0.0, dist=None):
+                      max_blocks: int | None = None, state_every_s: float = 0.0, dist=None,
+                      memory_target: float | None = None):
     """Quantize a model that is never in memory whole: the skeleton lives on the meta device, each
     block is read from `source` (a `lowbit.loading.StreamSource`) onto `device` in `dtype` when the walk
     reaches it, quantized, written to `partial` (a `lowbit.checkpoint.PartialCheckpoint`) and freed;
@@ -242,7 +245,7 @@ def quantize_streamed(source, recipe: Recipe, tokens: torch.Tensor, partial, *, 
                         fp_stream=any(st.needs_fp for st in stages), track_error=track_error,
                         replay_memo=recipe.true_sequential, progress=progress, desc=f"quantize {recipe.label}",
                         io=lambda w: StreamIO(w, source, partial, result, dtype, store_dtype, state_every_s),
-                        dist=dist)
+                        dist=dist, memory_target=memory_target)
         walker.capture()
         for st in stages:
             st.check(run, walker)
@@ -261,7 +264,7 @@ def quantize_streamed(source, recipe: Recipe, tokens: torch.Tensor, partial, *, 
         start = partial.resumed_blocks
         saved = partial.load_streams(device)
         if saved is not None:
-            walker.xs, walker.fp = walker.adopt(saved["xs"]), walker.adopt(saved["fp"])
+            walker.xs, walker.fp = walker.adopt(saved["xs"]), walker.adopt(saved["fp"], fp=True)
             walker.block_errors = list(saved["errors"])
             result.block_fits = list(saved["fits"])
             torch.set_rng_state(saved["rng"])
@@ -275,5 +278,5 @@ def quantize_streamed(source, recipe: Recipe, tokens: torch.Tensor, partial, *, 
             st.after_model(run)
     result.seconds = time.perf_counter() - t0
     info = partial.block_info()
-    return model, result, {"complete": stop == len(layers), "n_blocks": len(layers),
+    return model, result, {"complete": stop == len(layers), "n_blocks": len(layers), "memory_plan": walker.memory_plan,
                            "bits": sum(b["bits"] for b in info), "weights": sum(b["weights"] for b in info)}

@@ -229,6 +229,26 @@ def run_block(block: nn.Module, xs: list[torch.Tensor], calls: list[Call], repla
 
 
 @torch.no_grad()
+def advance_stream(block: nn.Module, xs: list[torch.Tensor], calls: list[Call], replay: Replay | None = None) -> None:
+    """Map a stream through one block in place: batch b's output replaces batch b as soon as it is computed, so
+    one stream (and one batch) is alive instead of the stream before the block and the one after it. The same
+    values as `run_block`."""
+    batches = iter(xs)  # (no zip / enumerate tuples: they would keep the previous input alive)
+    with replay.active(len(xs)) if replay else nullcontext():
+        for b in range(len(xs)):
+            if replay:
+                replay.batch = b
+            x = next(batches)
+            a, kw = calls[b]
+            y = block_output(block(x, *a, **kw))
+            del x
+            if isinstance(xs, HostStream):
+                xs.put(b, y)
+            else:
+                xs[b] = y
+
+
+@torch.no_grad()
 def _forward_until(block: nn.Module, names: list[str], x: torch.Tensor, call: Call, on_input: Callable) -> None:
     """Run `block` on one batch, calling on_input(name, tensor) with the input of every named
     linear, and stop as soon as all of them have been seen."""
@@ -281,6 +301,7 @@ def collect_stats(block: nn.Module, names: list[str], xs: list[torch.Tensor], ca
         for r in (replay, fp_replay):
             if r is not None:
                 stack.enter_context(r.active(len(xs)))
+        fp_iter = iter(fp_xs) if fp_block is not None else None
         for b, (x, call) in enumerate(zip(xs, calls)):
             fp_in: dict[str, torch.Tensor] = {}
             if fp_block is not None:
@@ -292,7 +313,7 @@ def collect_stats(block: nn.Module, names: list[str], xs: list[torch.Tensor], ca
                         fp_replay.record(name, b, t)
                     fp_in[name] = t
 
-                _forward_until(fp_block, names, fp_xs[b], call, grab)
+                _forward_until(fp_block, names, next(fp_iter), call, grab)
             if replay is not None:
                 replay.batch = b
             by_tensor: dict[int, tuple[torch.Tensor, QEPStat]] = {}  # holds t: ids stay unique
@@ -380,7 +401,7 @@ class Block:
             raise WalkError("block-wise training needs the FP stream; the walker was started without it")
         if self._fp_out is None:
             w = self.walker
-            self._fp_out = w.stream(run_block(self.fp_block, self.fp, self.calls, keep=w.keep))
+            self._fp_out = w.stream(run_block(self.fp_block, self.fp, self.calls, keep=w.keep_fp), fp=True)
         return self._fp_out
 
     def modules_changed(self) -> None:
@@ -391,10 +412,12 @@ class Block:
         """Map both streams through the finished block; record its output error."""
         w = self.walker
         if w.streams:
-            w.xs = w.stream(run_block(self.block, w.xs, self.calls, self.replay, keep=w.keep))
+            advance_stream(self.block, w.xs, self.calls, self.replay)
         if w.fp is not None:
-            w.fp = self._fp_out if self._fp_out is not None else w.stream(
-                run_block(self.fp_block, w.fp, self.calls, self.fp_replay, keep=w.keep))
+            if self._fp_out is not None:
+                w.fp = self._fp_out
+            else:
+                advance_stream(self.fp_block, w.fp, self.calls, self.fp_replay)
             if w.track_error:
                 w.block_errors.append(rel_err(w.xs, w.fp) if w.dist is None else w.dist.rel_err(w.xs, w.fp))
         self.replay = self.fp_replay = self.fp_block = self._fp_out = None
@@ -402,7 +425,8 @@ class Block:
 
 class HostStream(list):
     """A calibration stream kept in host memory (pinned when the device is a GPU): indexing or iterating it
-    gives each batch moved to `device`, so the walk's code sees device tensors one batch at a time."""
+    gives each batch moved to `device`, so the walk's code sees device tensors one batch at a time. Iterating
+    on a GPU copies batch b + 1 on a side CUDA stream while batch b is worked on (two batches on the device)."""
 
     def __init__(self, batches, device: torch.device):
         super().__init__(batches)
@@ -414,8 +438,34 @@ class HostStream(list):
         return super().__getitem__(i).to(self.device, non_blocking=True)
 
     def __iter__(self):
-        for t in super().__iter__():
-            yield t.to(self.device, non_blocking=True)
+        host = list(super().__iter__())
+        if self.device.type != "cuda" or not host:
+            for t in host:
+                yield t.to(self.device, non_blocking=True)
+            return
+        main = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+
+        def fetch(t: torch.Tensor) -> torch.Tensor:
+            with torch.cuda.stream(side):
+                return t.to(self.device, non_blocking=True)
+
+        nxt = fetch(host[0])
+        for k in range(len(host)):
+            cur = nxt
+            main.wait_stream(side)  # batch k has arrived before the main stream uses it
+            cur.record_stream(main)  # and its memory is not reused by the side stream until the main one is done
+            nxt = fetch(host[k + 1]) if k + 1 < len(host) else None
+            yield cur
+            del cur
+
+    def put(self, i: int, t: torch.Tensor) -> None:
+        """Store `t` as batch i (into the same host memory when shapes and dtypes agree: no new pinned pages)."""
+        old = super().__getitem__(i)
+        if old.shape == t.shape and old.dtype == t.dtype and old.device.type == "cpu" and old is not t:
+            old.copy_(t)
+        else:
+            super().__setitem__(i, t.to("cpu"))
 
     def batches(self) -> list[torch.Tensor]:
         """The host tensors themselves."""
@@ -423,7 +473,70 @@ class HostStream(list):
 
 
 STREAMS_ENV = "LOWBIT_STREAMS"  # host | device: force where the calibration streams live
-STREAMS_MARGIN = 0.5  # the streams go on the device when twice their bytes fit in this share of its free memory
+MEMORY_ENV = "LOWBIT_GPU_MEMORY"  # GiB: the device memory a walk may plan for (streams, replay caches, the block)
+MEMORY_SHARE = 0.85  # without a target, a GPU walk plans for this share of the memory free when it starts
+
+
+def walk_memory(model: nn.Module, n_windows: int, seq_len: int, batch_size: int, *, fp_stream: bool, replay: bool,
+                device_type: str = "cuda") -> dict[str, int]:
+    """Estimated device bytes of a walk, by part (the layer shapes of block 0; meta tensors are fine):
+    stream: one calibration stream [tokens, hidden] in the model dtype; block: the block's weights (twice
+    with the FP copy QEP and block-wise training keep); caches: the replay caches (inputs of the attention
+    and MLP output linears, on both streams with the FP one); work: the widest linear's GPTQ solve (the
+    statistics' float64 H, GPTQ's float32 copy and, on a GPU, three float64 [n, n] in the inverse Cholesky
+    factor; on the CPU one, factored in place) or its statistics pass with one batch's activations (attention
+    probabilities when the attention is eager), whichever is larger."""
+    n_tokens, batch_tokens = n_windows * seq_len, min(batch_size, n_windows) * seq_len
+    adapter = get_adapter(model)
+    layers = adapter.layers(model)
+    blk = layers[0]
+    params = list(blk.parameters())
+    es = params[0].element_size() if params else 4
+    cfg = getattr(model, "config", None)
+    width = getattr(cfg, "hidden_size", None) or 0
+    linears = {n: m for n, m in blk.named_modules() if isinstance(m, nn.Linear)}
+    n_max = max((m.in_features for m in linears.values()), default=0)
+    inter = max((m.out_features for m in linears.values()), default=0)
+    block = sum(p.numel() for p in params) * es * (2 if fp_stream else 1)
+    caches = 0
+    if replay:
+        for _, lin in adapter.output_linears:
+            m = linears.get(lin)
+            if m is not None:
+                caches += n_tokens * m.in_features * es * (2 if fp_stream else 1)
+    # the solve: H (float64) held by the statistics, GPTQ's float32 copy, the factorisation (on a GPU the damped H /
+    # its factor, and cholesky_inverse's result and working copy; on the CPU one, in place), plus float32 copies of
+    # the widest weight (the row-stacked gate/up: the weight, its permuted copy, the dequantized result)
+    solve = (8 + 4 + (24 if device_type == "cuda" else 8)) * n_max * n_max + 12 * 2 * inter * width
+    # a statistics pass: H, one float32 product and float32 inputs, beside one batch's activations
+    acts = batch_tokens * (4 * width + 3 * inter) * es
+    heads = getattr(cfg, "num_attention_heads", 0) or 0
+    if getattr(cfg, "_attn_implementation", None) == "eager":  # scores, their float32 softmax, probabilities
+        acts += batch_tokens * heads * seq_len * (es + 4 + es)
+    stats = (8 + 4) * n_max * n_max + 4 * batch_tokens * n_max + acts
+    return {"stream": n_tokens * width * es, "block": block, "caches": caches, "work": max(solve, stats)}
+
+
+def plan_walk(sizes: dict[str, int], n_streams: int, target: float | None, on_cpu: bool,
+              forced: str | None = None) -> tuple[str, str, bool]:
+    """(quantized stream's place, FP stream's place, keep the replay caches) for the estimated `sizes` of
+    `walk_memory` and a device budget `target` in bytes (None: no limit). The first of these that fits wins:
+    everything on the device; the streams there without the caches; the FP stream in host memory; both
+    there. A CPU device is host memory: its streams stay, and only the caches follow the budget."""
+    s, base = sizes["stream"], sizes["block"] + sizes["work"]
+    if target is None:
+        target = float("inf")
+    if on_cpu or forced is not None:
+        where = forced or "device"
+        on_dev = n_streams * s if where == "device" else 0
+        return where, where, base + on_dev + sizes["caches"] <= target
+    if base + n_streams * s + sizes["caches"] <= target:
+        return "device", "device", True
+    if base + n_streams * s <= target:
+        return "device", "device", False
+    if n_streams == 2 and base + s <= target:
+        return "device", "host", False
+    return "host", "host", False
 
 
 def plain_stream(xs: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
@@ -464,7 +577,8 @@ class Walker:
     def __init__(self, model: nn.Module, tokens: torch.Tensor | None, *, batch_size: int = 8,
                  device: str | torch.device | None = None, streams: bool = True, fp_stream: bool = False,
                  track_error: bool = False, replay_memo: bool = True, progress: bool = True, desc: str = "quantize",
-                 io: Callable[[Walker], BlockIO] = BlockIO, dist=None, streams_on: str | None = None):
+                 io: Callable[[Walker], BlockIO] = BlockIO, dist=None, streams_on: str | None = None,
+                 memory_target: float | None = None):
         self.model = model
         self.io = io(self)
         self.dist = dist
@@ -485,58 +599,96 @@ class Walker:
         self.block_errors: list[float] = []
         self._captured = False
         self.streams_on = streams_on  # "device", "host" or None: chosen from the sizes in capture()
-        self.keep: Callable[[torch.Tensor], torch.Tensor] | None = None  # stores a batch of a stream on the host
+        self.fp_on: str | None = None  # where the FP stream lives (chosen with streams_on)
+        self.memory_target = memory_target  # GiB of device memory to plan for (None: $LOWBIT_GPU_MEMORY / free)
+        self.memory_plan: dict = {}  # the estimate and the choices of capture()
+        self.keep: Callable[[torch.Tensor], torch.Tensor] | None = None  # stores a quantized-stream batch on the host
+        self.keep_fp: Callable[[torch.Tensor], torch.Tensor] | None = None  # the same for the FP stream
         self._copy: Callable[[torch.Tensor], torch.Tensor] = torch.clone  # a stored batch, copied (the FP stream)
 
     def _place_streams(self) -> None:
-        """Where the calibration streams live: on the device when both fit (with room for the block's work),
-        else in host memory (pinned for a GPU), moved to the device a batch at a time. Says which, in one line."""
+        """Where the calibration streams and the replay caches live (`plan_walk` on `walk_memory`'s estimate):
+        on the device when they fit the memory target (`memory_target` GiB, else $LOWBIT_GPU_MEMORY, else
+        MEMORY_SHARE of the GPU's free memory) with the block's work, else in host memory (pinned for a GPU),
+        moved to the device a batch at a time: the FP stream first, then the quantized one; the replay caches
+        are kept only when everything fits with them (recomputing is the same values, a little slower).
+        $LOWBIT_STREAMS forces the streams' place. Says what it chose, in one line."""
         import os
         import sys
 
         forced = self.streams_on or os.environ.get(STREAMS_ENV) or None
         if forced not in (None, "host", "device"):
             raise WalkError(f"{STREAMS_ENV}={forced}: calibration streams live on the 'host' or the 'device'")
-        cfg = getattr(self.model, "config", None)
-        width = getattr(cfg, "hidden_size", None) or 0
-        dtype = next(self.model.parameters()).dtype
+        target_gib = self.memory_target
+        if target_gib is None and os.environ.get(MEMORY_ENV):
+            try:
+                target_gib = float(os.environ[MEMORY_ENV])
+            except ValueError:
+                raise WalkError(f"{MEMORY_ENV}={os.environ[MEMORY_ENV]}: give the device memory target in GiB, "
+                                "e.g. 12") from None
+        if target_gib is not None and not target_gib > 0:
+            raise WalkError(f"the device memory target must be a positive number of GiB, got {target_gib}")
         n = 2 if self.fp_stream else 1
-        need = self.tokens.numel() * width * torch.empty(0, dtype=dtype).element_size() * n
-        if forced is not None:
-            where, why = forced, f"as asked ({STREAMS_ENV} or streams_on)"
-        elif self.device.type != "cuda":
-            where, why = "device", "the device is host memory"
-        else:
+        n_win, seq = self.tokens.shape[0], self.tokens.shape[-1]
+        sizes = walk_memory(self.model, n_win, seq, self.batch_size, fp_stream=self.fp_stream,
+                            replay=self.replay_memo, device_type=self.device.type)
+        target = None if target_gib is None else target_gib * 2**30
+        why = "" if target_gib is None else f"target {target_gib:g} GiB"
+        if target is None and self.device.type == "cuda" and forced is None:
             free, _ = torch.cuda.mem_get_info(self.device)
-            where = "device" if 2 * need <= STREAMS_MARGIN * free else "host"
+            target = MEMORY_SHARE * free
             why = f"{free / 2**30:.1f} GiB free on {self.device}"
-        self.streams_on = where
-        if where == "host":
-            pin = self.device.type == "cuda"
+        xs_on, fp_on, caches = plan_walk(sizes, n, target, self.device.type != "cuda", forced)
+        if forced is not None:
+            why = f"as asked ({STREAMS_ENV} or streams_on)" + (f", {why}" if why else "")
+        elif self.device.type != "cuda":
+            why = "the device is host memory" + (f", {why}" if why else "")
+        self.streams_on, self.fp_on = xs_on, (fp_on if self.fp_stream else None)
+        if self.replay_memo and not caches:
+            self.replay_memo = False
+        self.memory_plan = {**sizes, "target": target, "streams_on": xs_on, "fp_on": self.fp_on,
+                            "replay_caches": self.replay_memo,
+                            "attention": getattr(getattr(self.model, "config", None), "_attn_implementation", None)}
+        pin = self.device.type == "cuda"
 
-            def pinned(t: torch.Tensor) -> torch.Tensor:
-                return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
+        def pinned(t: torch.Tensor) -> torch.Tensor:
+            return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
 
-            self.keep = pinned if pin else (lambda t: t.to("cpu"))
-            if pin:
-                self._copy = pinned
-        if self.progress or where == "host" or self.device.type == "cuda":
-            place = (f"on {self.device}" if where == "device" else
-                     "in pinned host memory, a batch at a time on the device" if self.device.type == "cuda" else
-                     "in host memory")
-            print(f"calibration streams ({n} x {need / n / 2**20:.0f} MiB): {place} ({why})", file=sys.stderr,
-                  flush=True)
+        to_host = pinned if pin else (lambda t: t.to("cpu"))
+        if xs_on == "host":
+            self.keep = to_host
+        if fp_on == "host" and self.fp_stream:
+            self.keep_fp = to_host
+            self._copy = pinned if pin else torch.clone
+        elif xs_on == "host":  # the FP stream on the device, copied from a host quantized stream
+            self._copy = lambda t: t.to(self.device, copy=True)
+        if self.progress or "host" in (xs_on, self.fp_on) or self.device.type == "cuda" or target_gib is not None:
+            gpu = self.device.type == "cuda"
+            host = "in pinned host memory, a batch at a time on the device" if gpu else "in host memory"
+            if self.fp_on in (None, xs_on):
+                place = f"on {self.device}" if xs_on == "device" else host
+            else:
+                place = (f"quantized on {self.device}, FP {host}" if xs_on == "device" else
+                         f"FP on {self.device}, quantized {host}")
+            cache = "" if not self.replay_memo and not sizes["caches"] else (
+                f"; replay caches {'on' if self.replay_memo else 'off'} ({sizes['caches'] / 2**30:.1f} GiB)")
+            est = (f"; device estimate: block {sizes['block'] / 2**30:.1f} + work {sizes['work'] / 2**30:.1f} GiB"
+                   if target_gib is not None or gpu else "")
+            print(f"calibration streams ({n} x {sizes['stream'] / 2**20:.0f} MiB): {place} ({why}){cache}{est}",
+                  file=sys.stderr, flush=True)
 
-    def stream(self, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    def stream(self, batches: list[torch.Tensor], fp: bool = False) -> list[torch.Tensor]:
         """A stream as the walk keeps it: the list itself on the device, a HostStream on the host."""
-        return HostStream(batches, self.device) if self.streams_on == "host" else batches
+        on = self.fp_on if fp else self.streams_on
+        return HostStream(batches, self.device) if on == "host" else batches
 
-    def adopt(self, batches: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
+    def adopt(self, batches: list[torch.Tensor] | None, fp: bool = False) -> list[torch.Tensor] | None:
         """A stream loaded from elsewhere (a resumed run's saved state), stored where this walk keeps streams."""
         if batches is None:
             return None
-        if self.streams_on == "host":
-            return self.stream([self.keep(t) for t in batches])
+        keep = self.keep_fp if fp else self.keep
+        if (self.fp_on if fp else self.streams_on) == "host":
+            return self.stream([keep(t) for t in batches], fp)
         return [t.to(self.device) for t in batches]
 
     def capture(self) -> None:
@@ -550,7 +702,7 @@ class Walker:
             xs, self.calls = capture_inputs(self.model, self.layers, self.tokens, self.batch_size, self.device,
                                             keep=self.keep)
             self.xs = self.stream(xs)
-        self.fp = self.stream([self._copy(x) for x in plain_stream(self.xs)]) if self.fp_stream else None
+        self.fp = self.stream([self._copy(x) for x in plain_stream(self.xs)], fp=True) if self.fp_stream else None
         self._captured = True
 
     def blocks(self, start: int = 0, stop: int | None = None) -> Iterator[Block]:

@@ -51,7 +51,7 @@ def gptq(w: torch.Tensor, fmt: IntFormat, H: torch.Tensor, *, damp: float = 0.01
     perm = torch.argsort(H.diagonal(), descending=True) if act_order else None
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
-    H = H.double()  # the float32-rounded values, as the factorisation takes them; the float32 copy is freed
+    # the float32-rounded values, widened to float64 inside the factorisation (exactly; only the float32 copy stays)
     U, used_damp, retries = inverse_hessian_factor(H, damp)
     del H
     U = U.float()

@@ -32,12 +32,15 @@ def _damped(H: torch.Tensor, damp: float, inverse: bool, max_tries: int,
             what: str) -> tuple[torch.Tensor, float, int]:
     """Lower Cholesky factor of H + d * mean(diag H) I, or (`inverse`) the upper one of its inverse. Besides
     H, one [n, n] float64 matrix is alive on the CPU (the damped H, factored and inverted in place) and at
-    most two elsewhere: for wide linears (MLP 8192: 512 MiB each) these dominate a CPU run's peak memory."""
-    H = H.double()
-    mean_diag = H.diagonal().mean().clamp_min(1e-12)
+    most three elsewhere (a CUDA cholesky_inverse copies its input twice): for wide linears (MLP 8192: 512 MiB
+    each) these dominate the peak memory. H may be float32 (GPTQ's rounded copy): it is widened exactly, once
+    per try, so that only its float32 values stay alive beside the factorisation (half the bytes)."""
+    wide = H.double() if H.dtype != torch.float64 else None  # a float32 H (GPTQ's), widened exactly once per try
+    mean_diag = (H if wide is None else wide).diagonal().mean().clamp_min(1e-12)
     d = tried = damp
     for tries in range(max_tries):
-        A = H.clone()
+        A = wide if wide is not None else H.clone() if H.dtype == torch.float64 else H.double()
+        wide = None
         A.diagonal().add_(d * mean_diag)  # the same values as H + d * mean_diag * I, without the identity
         try:
             L = _cholesky(A)
