@@ -131,9 +131,10 @@ def test_streamed_vq_equals_in_memory(tmp_path):
     res = quantize_model(model, rec, toks, batch_size=4, progress=False)
     checkpoint.save(model, res, tmp_path / "a")
     torch.manual_seed(0)
-    _, _, path = stream_quantize_job(str(tmp_path / "m"), rec, Protocol(batch_size=4), tmp_path / "b",
-                                     dtype=torch.float32, tokens=toks, progress=False)
+    _, job, path = stream_quantize_job(str(tmp_path / "m"), rec, Protocol(batch_size=4), tmp_path / "b",
+                                       dtype=torch.float32, tokens=toks, progress=False)
     assert same_checkpoint(tmp_path / "a", path) == []
+    assert 2.0 < job.bits_per_weight < 2.6            # every weight counted, not one per code
     assert _count(checkpoint.load(path), VectorQuantizedLinear) == 14
 
 
@@ -205,3 +206,13 @@ def test_decode_loop_fuses_vector_layers_and_decodes_like_the_float_twin(tmp_pat
     assert all(len(L.qkv) == 1 and isinstance(L.qkv[0], VectorQuantizedLinear) for L in dm.layers)
     tokens, _ = Generator(dm).generate(prompt, 6)
     assert torch.equal(tokens, ref)
+
+
+def test_bits_per_weight_counts_every_weight_of_a_vector_code():
+    from lowbit.jobs import bits_per_weight
+
+    model, res = _quantized(layers=1)
+    numel = sum(q.dequantize().numel() for q in res.weights.values())
+    stored = sum(q.storage_bits() for q in res.weights.values())
+    assert bits_per_weight(res) == pytest.approx(stored / numel)
+    assert 2.0 < bits_per_weight(res) < 2.6          # 16-bit codes per 8 weights + fp16 row scales

@@ -87,8 +87,7 @@ def bits_per_weight(result: QuantizationResult) -> float:
     (pairs, angles, channel scales) included."""
     total_bits, total_w = 0.0, 0
     for name, qw in result.weights.items():
-        out, n = qw.codes.shape
-        w = out * n
+        w = qw.numel()
         total_bits += qw.storage_bits()
         rot = result.transforms.get(name)
         if rot is not None:

@@ -185,12 +185,11 @@ class StreamIO:
         bits, n_w = 0.0, 0
         for n in names:
             qw = res.weights.pop(n)
-            out_f, in_f = qw.codes.shape
             bits += qw.storage_bits()
             rot = res.transforms.pop(n, None)
             if rot is not None:
                 bits += 8 * rot.nbytes()
-            n_w += out_f * in_f
+            n_w += qw.numel()
         self.partial.write_block(i, tensors, modules, {"bits": bits, "weights": n_w})
         last = i == len(w.layers) - 1
         if last or time.perf_counter() - self._last_state >= self.state_every_s:

@@ -53,6 +53,10 @@ class BinaryWeight:
         """Float32 weight g_r * s_rc * h_c."""
         return self.g.float()[:, None] * self.signs() * self.h.float()[None, :]
 
+    def numel(self) -> int:
+        """Weights this quantizes (out x in)."""
+        return self.codes.numel()
+
     def storage_bits(self) -> float:
         """Total bits this weight takes in a checkpoint."""
         out, n = self.codes.shape

@@ -30,6 +30,10 @@ class QuantizedWeight:
         """Float32 weight."""
         return dequantize(self.codes, self.scale, self.zero, self.fmt, self.g_idx)
 
+    def numel(self) -> int:
+        """Weights this quantizes (out x in)."""
+        return self.codes.numel()
+
     def storage_bits(self) -> float:
         """Total accounted bits: codes, one fp16 scale and zero per group, the int32 group map."""
         out, n = self.codes.shape

@@ -37,6 +37,10 @@ class VectorQuantizedWeight:
         out, g = self.codes.shape
         return self.fmt.storage_bits(out, g * self.fmt.dim)
 
+    def numel(self) -> int:
+        """Weights this quantizes (out x in): one code per `dim` of them."""
+        return self.codes.numel() * self.fmt.dim
+
     def to(self, device) -> VectorQuantizedWeight:
         return VectorQuantizedWeight(self.codes.to(device), self.scale.to(device), self.fmt,
                                      None if self.book is None else self.book.to(device), self.info)
