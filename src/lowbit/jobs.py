@@ -12,7 +12,7 @@ import torch
 from .data import calibration_windows, eval_windows, load_text, tokenize
 from .eval import perplexity
 from .loading import load_model
-from .pipeline import QuantizationResult, quantize_model
+from .pipeline import QuantizationResult, quantize_model, stored_bits
 from .recipe import Recipe
 
 
@@ -87,12 +87,8 @@ def bits_per_weight(result: QuantizationResult) -> float:
     (pairs, angles, channel scales) included."""
     total_bits, total_w = 0.0, 0
     for name, qw in result.weights.items():
-        w = qw.numel()
-        total_bits += qw.storage_bits()
-        rot = result.transforms.get(name)
-        if rot is not None:
-            total_bits += 8 * rot.nbytes()
-        total_w += w
+        total_bits += stored_bits(qw, result.transforms.get(name))
+        total_w += qw.numel()
     return total_bits / max(total_w, 1)
 
 

@@ -75,6 +75,12 @@ def flush_denormal():
         torch.set_flush_denormal(False)
 
 
+def stored_bits(qw, transform=None) -> float:
+    """Bits a quantized linear takes in a checkpoint: its codes, scales, zeros and group map
+    (`storage_bits`), plus its input transform's parameters (pairs, angles, channel scales)."""
+    return qw.storage_bits() + (8 * transform.nbytes() if transform is not None else 0)
+
+
 @torch.no_grad()
 def quantize_model(model: nn.Module, recipe: Recipe, tokens: torch.Tensor, *, batch_size: int = 8,
                    device: str | torch.device | None = None, progress: bool = True,
@@ -185,10 +191,7 @@ class StreamIO:
         bits, n_w = 0.0, 0
         for n in names:
             qw = res.weights.pop(n)
-            bits += qw.storage_bits()
-            rot = res.transforms.pop(n, None)
-            if rot is not None:
-                bits += 8 * rot.nbytes()
+            bits += stored_bits(qw, res.transforms.pop(n, None))
             n_w += qw.numel()
         self.partial.write_block(i, tensors, modules, {"bits": bits, "weights": n_w})
         last = i == len(w.layers) - 1
