@@ -86,6 +86,11 @@ def test_bits_accounting_is_what_the_checkpoint_stores():
     assert q.storage_bits() == expected
     m = VectorQuantizedLinear.from_weight(q)
     assert m.codes.dtype == torch.uint8 and m.storage_bits() == expected
+    # k < 8: the codes still take a byte each on disk, and are counted so
+    q6 = vq_kmeans(W, None, H, d=4, k=6, iters=2, refits=0)
+    m6 = VectorQuantizedLinear.from_weight(q6)
+    assert m6.codes.dtype == torch.uint8 and q6.storage_bits() == m6.storage_bits() == \
+        64 * 32 * 8 + 64 * 16 + 64 * 4 * 16
 
 
 def test_checkpoint_round_trip_through_lowbit_load(tmp_path):
