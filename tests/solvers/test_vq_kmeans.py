@@ -133,3 +133,11 @@ def test_method_runs_through_the_pipeline_and_recipe():
     qs = list(res.weights.values())
     assert qs and all(q.kind == "vector" and q.fmt.code_bits == 3 and q.fmt.dim == 4 for q in qs)
     assert all(q.info["kmeans_loss"] <= q.info["kmeans_start_loss"] for q in qs)
+
+
+def test_preset():
+    from lowbit.recipe import PRESETS, get_recipe
+
+    r = get_recipe("vq-km-d8-k8")
+    assert r is PRESETS["vq-km-d8-k8"] and r.label == "vq-km-d8-k8" and r.method == "vq_kmeans"
+    assert r.solver == VQKMeansConfig(d=8, k=8) and r.qep is not None and r.rotation.kind == "hadamard"
