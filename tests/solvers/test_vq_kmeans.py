@@ -141,3 +141,15 @@ def test_preset():
     r = get_recipe("vq-km-d8-k8")
     assert r is PRESETS["vq-km-d8-k8"] and r.label == "vq-km-d8-k8" and r.method == "vq_kmeans"
     assert r.solver == VQKMeansConfig(d=8, k=8) and r.qep is not None and r.rotation.kind == "hadamard"
+
+
+def test_preset_shape_runs_through_rotation_and_qep():
+    """The preset's stages (Hadamard rotation, QEP, vq_kmeans) on the tiny model, with a small codebook for time."""
+    from lowbit.recipe import get_recipe
+
+    r = get_recipe("vq-km-d8-k8").with_(solver={"d": 8, "k": 4, "iters": 3, "refits": 1}, name="")
+    model = tiny_model("llama", layers=1)
+    res = quantize_model(model, r, tiny_tokens(2, 16), batch_size=2, progress=False)
+    qs = list(res.weights.values())
+    assert qs and all(q.kind == "vector" and q.book.shape == (16, 8) for q in qs)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
