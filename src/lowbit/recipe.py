@@ -378,6 +378,10 @@ PRESETS: dict[str, Recipe] = {
     "qep-onebit-qqa": _preset(method="onebit", bits=1, group_size=-1, onebit_qqa=True, qep=QEPConfig()),
     "qep-onebit-qqa-ft3": _preset(method="onebit", bits=1, group_size=-1, onebit_qqa=True, qep=QEPConfig(),
                                   onebit_ft_epochs=3),
+    # learned vector codes (issue 20): Hadamard rotation + QEP + a k-means codebook of 256 entries of dimension
+    # 8 per layer, 1 bit/weight of codes (+ fp16 row scales and codebook: ~1.09 bits/weight on SmolLM2)
+    "vq-km-d8-k8": _preset(method="vq_kmeans", bits=1, group_size=-1, rotation="hadamard", qep=QEPConfig(),
+                           solver={"d": 8, "k": 8}, name="vq-km-d8-k8"),
 }
 
 

@@ -47,6 +47,9 @@ def test_bits_per_weight_counts_every_overhead():
     assert f.bits_per_weight(64, 256) == pytest.approx(2 + 16 / 256)
     k = cb.VectorFormat("kmeans", dim=8, code_bits=8)
     assert k.bits_per_weight(576, 1536) == pytest.approx(1 + 16 / 1536 + 256 * 8 * 16 / (576 * 1536))
+    # codes of fewer than 8 bits are stored one per byte (not bit-packed) and counted so
+    k6 = cb.VectorFormat("kmeans", dim=4, code_bits=6)
+    assert k6.stored_code_bits == 8 and k6.bits_per_weight(64, 128) == pytest.approx(2 + 16 / 128 + 64 * 4 * 16 / (64 * 128))
     with pytest.raises(ValueError, match="multiple"):
         f.bits_per_weight(4, 12)
     with pytest.raises(ValueError, match="E8"):

@@ -37,10 +37,16 @@ class VectorFormat:
         if n % self.dim:
             raise ValueError(f"{n} input columns are not a multiple of the vector dimension {self.dim}")
 
+    @property
+    def stored_code_bits(self) -> int:
+        """Bits one code takes in a checkpoint: a whole uint8 up to 8 bits, an int16 above
+        (`packed_vector.code_dtype`; codes are not bit-packed, so 6-bit codes take 8 bits)."""
+        return 8 if self.code_bits <= 8 else 16
+
     def storage_bits(self, out: int, n: int) -> int:
-        """Every stored bit of one [out, n] layer: codes, row scales, a learned codebook."""
+        """Every stored bit of one [out, n] layer: codes (at their stored width), row scales, a learned codebook."""
         self.check_shape(out, n)
-        bits = out * (n // self.dim) * self.code_bits + out * self.scale_bits
+        bits = out * (n // self.dim) * self.stored_code_bits + out * self.scale_bits
         if self.kind == "kmeans":
             bits += (2 ** self.code_bits) * self.dim * self.book_bits
         return bits

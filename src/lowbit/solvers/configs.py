@@ -21,6 +21,7 @@ from .ldlq import vq_e8
 from .onebit import onebit
 from .qqa import qqa
 from .rtn import rtn
+from .vq_kmeans import vq_kmeans
 from .vq_qqa import VectorQQAConfig, vq_e8_qqa
 
 #: method name -> its config type, in registration order
@@ -220,3 +221,28 @@ class VQE8QQAConfig(SolverConfig):
     def kwargs(self, clip: bool = False) -> dict:
         return {"damp": self.damp, "rho": self.rho,
                 "qqa": VectorQQAConfig(steps=self.steps, replicas=self.replicas, rounds=self.rounds)}
+
+
+@register_config("vq_kmeans", solver=vq_kmeans, needs_hessian=True)
+@dataclass(frozen=True)
+class VQKMeansConfig(SolverConfig):
+    """Vector codes with a learned codebook per layer: `d` input columns per code, 2^k entries (k/d bits per
+    weight + an fp16 codebook and row scales), k-means `iters`, `refits` rounds of codebook / scales / codes
+    against the layer objective, LDLQ damping, the k-means seed (the recipe's scalar format does not apply)."""
+
+    d: int = 8
+    k: int = 8
+    iters: int = 25
+    refits: int = 2
+    damp: float = 0.01
+    seed: int = 0
+
+    FLAT: ClassVar[dict[str, str]] = {"damp": "damp"}
+
+    def validate(self) -> None:
+        if not 1 <= self.d <= 16 or not 1 <= self.k <= 8 or 2 ** self.k * self.d > 2048:
+            raise RecipeError(f"vq_kmeans needs 1 <= d <= 16, 1 <= k <= 8 (codes stored as one byte) and "
+                              f"2^k * d <= 2048, got d={self.d}, k={self.k}")
+        if self.iters < 0 or self.refits < 0 or self.seed < 0 or not 0 <= self.damp < 10:
+            raise RecipeError(f"vq_kmeans needs iters, refits, seed >= 0 and damp in [0, 10), got iters={self.iters}, "
+                              f"refits={self.refits}, seed={self.seed}, damp={self.damp}")
