@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from lowbit.jobs import Protocol, calibration_tokens, evaluate
+from lowbit.jobs import Protocol, bits_per_weight, calibration_tokens, evaluate
 from lowbit.loading import load_model
 from lowbit.pipeline import quantize_model
 from lowbit.qep import QEPConfig
@@ -36,7 +36,7 @@ RECIPES = {
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--recipes", default=",".join(RECIPES))
+    ap.add_argument("--recipes", default=",".join(RECIPES), help="names above or presets (lowbit.recipe.PRESETS)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--n-calib", type=int, default=128)
     ap.add_argument("--n-eval", type=int, default=64)
@@ -52,13 +52,12 @@ def main():
     for name in a.recipes.split(","):
         model = copy.deepcopy(base).to(a.device)
         bits, secs = 16.0, 0.0
-        if RECIPES[name] is not None:
+        recipe = RECIPES[name] if name in RECIPES else PRESETS[name]
+        if recipe is not None:
             t0 = time.perf_counter()
-            res = quantize_model(model, RECIPES[name], toks, device=a.device, progress=False)
+            res = quantize_model(model, recipe, toks, device=a.device, progress=False)
             secs = time.perf_counter() - t0
-            total = sum(q.storage_bits() for q in res.weights.values())
-            numel = sum(q.codes.shape[0] * q.dequantize().shape[1] for q in res.weights.values())
-            bits = total / numel
+            bits = bits_per_weight(res)
         ppl = evaluate(model, tok, proto, progress=False)
         row = {"recipe": name, "bits_per_weight": bits, "quant_seconds": secs, **ppl, **proto.to_dict()}
         print(f"{name:32s} {bits:7.3f} " + " ".join(f"{ppl[e]:12.2f}" for e in evals) + f"  {secs:7.1f}", flush=True)
