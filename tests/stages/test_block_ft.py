@@ -204,3 +204,28 @@ def test_e2e_runs_and_does_not_increase_the_validation_loss():
     m2, r2 = _q(KINDS["int"].with_(e2e_ft=E2EFTConfig(4, lr=1e4, batch=2)))
     assert r2.block_fits[0]["reverted"]
     assert all(torch.equal(a, b) for a, b in zip(m0.state_dict().values(), m2.state_dict().values()))
+
+
+def test_cli_quantize_with_block_and_e2e_ft_reloads(tiny_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "q"
+    data = ["--calib", str(tiny_dir / "text.txt"), "--data", str(tiny_dir / "text.txt"), "--n-calib", "8",
+            "--seq-len", "32", "--windows", "4", "--quiet", "--batch-size", "2"]
+    r = runner.invoke(app, ["quantize", str(tiny_dir), "--out", str(out), "--method", "vq_e8", "--bits", "2",
+                            "--group-size", "-1", "--block-ft", "2", "--block-ft-lr", "5e-3", "--block-ft-norms",
+                            "5e-3", "--e2e-steps", "4", "--e2e-lr", "1e-3", "--e2e-batch", "2", *data])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "lowbit.json").read_text())
+    report = json.loads((out / "report.json").read_text())
+    assert manifest["recipe"]["block_ft"]["epochs"] == 2 and manifest["recipe"]["e2e_ft"]["steps"] == 4
+    r = runner.invoke(app, ["eval", str(out), "--data", str(tiny_dir / "text.txt"), "--seq-len", "32",
+                            "--windows", "4", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert f"{report['job']['ppl'][str(tiny_dir / 'text.txt')]:.2f}" in r.output  # the reloaded model is the same
+    r = runner.invoke(app, ["quantize", str(tiny_dir), "--out", str(tmp_path / "s"), "--stream", "--no-eval",
+                            "--recipe", "rtn-w4-g32", "--e2e-steps", "2", *data])
+    assert r.exit_code == 2 and "end-to-end fine-tuning" in r.output and "Traceback" not in r.output
