@@ -40,7 +40,7 @@ def norm_params(module: nn.Module) -> list[str]:
     """Names (relative to `module`) of the weights of its normalisation layers (RMSNorm / LayerNorm)."""
     out = []
     for name, mod in module.named_modules():
-        if "norm" in type(mod).__name__.lower() and isinstance(getattr(mod, "weight", None), torch.Tensor):
+        if "norm" in type(mod).__name__.lower() and isinstance(getattr(mod, "weight", None), nn.Parameter):
             out.append(f"{name}.weight" if name else "weight")
     return out
 
