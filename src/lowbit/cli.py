@@ -82,6 +82,9 @@ RECIPE_OPTIONS = {
     "pairing": "pairwise.pairing", "pair_samples": "pairwise.samples", "krot": "pairwise.krot",
     "rot_group": "pairwise.group", "rotate": "rotation.kind", "rot_seed": "rotation.seed", "r2": "rotation.r2",
     "r3": "rotation.r3", "r4": "rotation.r4", "rot_steps": "rotation.steps", "rot_lr": "rotation.lr",
+    "block_ft": "block_ft.epochs", "block_ft_lr": "block_ft.lr", "block_ft_norms": "block_ft.norm_lr",
+    "block_ft_samples": "block_ft.samples", "e2e_steps": "e2e_ft.steps", "e2e_lr": "e2e_ft.lr",
+    "e2e_batch": "e2e_ft.batch",
 }
 
 
@@ -232,6 +235,23 @@ def quantize(
                                            "bits (W4A8: 8, W4A4: 4)."),
     act_sym: Optional[bool] = typer.Option(None, "--act-sym/--act-asym", help="Symmetric activation levels "
                                            "(default asymmetric)."),
+    block_ft: Optional[int] = typer.Option(None, "--block-ft", help="Epochs of block-wise fine-tuning after the "
+                                           "solver: every quantized linear's scales (group scales, vector row "
+                                           "scales, 1-bit g/h; codes fixed) trained against the FP block output "
+                                           "(0 = off)."),
+    block_ft_lr: Optional[float] = typer.Option(None, "--block-ft-lr", help="Learning rate of block fine-tuning "
+                                                "(default 1e-3)."),
+    block_ft_norms: Optional[float] = typer.Option(None, "--block-ft-norms", help="Block fine-tuning: learning rate "
+                                                   "of the block's norm weights (default 0 = not trained)."),
+    block_ft_samples: Optional[int] = typer.Option(None, "--block-ft-samples", help="Block fine-tuning: calibration "
+                                                   "windows used (0 = all; the last 1/8 validate)."),
+    e2e_steps: Optional[int] = typer.Option(None, "--e2e-steps", help="Steps of end-to-end distillation (KL to the FP "
+                                            "logits) of the same parameters after quantizing (0 = off; not with "
+                                            "--stream or torchrun)."),
+    e2e_lr: Optional[float] = typer.Option(None, "--e2e-lr", help="Learning rate of end-to-end distillation "
+                                           "(default 1e-4)."),
+    e2e_batch: Optional[int] = typer.Option(None, "--e2e-batch", help="Calibration windows per end-to-end step "
+                                            "(default 4)."),
     calib: str = typer.Option("sotu-calib", help="Calibration corpus: a name, .txt/.jsonl file or folder."),
     n_calib: int = typer.Option(128, help="Number of calibration windows."),
     seq_len: int = typer.Option(512, help="Tokens per calibration / evaluation window."),

@@ -138,6 +138,10 @@ def _check_distributed(recipe: Recipe, dist) -> None:
         blockers.append("pairwise rotations (block-wise training)")
     if recipe.onebit_ft is not None:
         blockers.append("1-bit fine-tuning (block-wise training)")
+    if recipe.block_ft is not None:
+        blockers.append("block fine-tuning (block-wise training)")
+    if recipe.e2e_ft is not None:
+        blockers.append("end-to-end fine-tuning")
     if recipe.bit_budget is not None:
         blockers.append("bit budgets (sensitivity pass)")
     if recipe.rotation is not None and recipe.rotation.kind == "learned":
@@ -155,6 +159,8 @@ def stream_blockers(recipe: Recipe) -> list[str]:
         out.append("bit budgets (their sensitivity pass walks the whole FP model first)")
     if recipe.act_quant is not None:
         out.append("activation quantization")
+    if recipe.e2e_ft is not None:
+        out.append("end-to-end fine-tuning (it trains the whole model at once)")
     return out
 
 

@@ -94,6 +94,68 @@ class OneBitFTConfig:
 
 
 @dataclass(frozen=True)
+class BlockFTConfig:
+    """Block-wise fine-tuning after the solver: every quantized linear's continuous parameters (scalar group
+    scales, vector row scales and learned codebooks, 1-bit g / h; codes fixed) and, with `norm_lr` > 0, the
+    block's norm weights are trained against the FP block output on the quantized stream (Adam, `epochs`
+    over the first `samples` calibration windows, 0 = all; the best validation epoch is kept, none = revert)."""
+
+    epochs: int
+    lr: float = 1e-3
+    norm_lr: float = 0.0
+    samples: int = 0
+    val_fraction: float = 0.125
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.epochs < 1 or self.lr <= 0 or self.norm_lr < 0 or self.samples < 0:
+            raise RecipeError(f"block fine-tuning needs epochs >= 1, lr > 0, norm_lr >= 0 and samples >= 0, got "
+                              f"{self.epochs}, {self.lr}, {self.norm_lr}, {self.samples}")
+        if not 0 < self.val_fraction < 1:
+            raise RecipeError(f"block fine-tuning val_fraction must be in (0, 1), got {self.val_fraction}")
+
+    @property
+    def tag(self) -> str:
+        return f"-bft{self.epochs}"
+
+    def to_dict(self) -> dict:
+        """JSON-safe dict."""
+        return config_dict(self)
+
+
+@dataclass(frozen=True)
+class E2EFTConfig:
+    """End-to-end distillation after the walk: `steps` Adam steps (batches of `batch` calibration windows) on
+    the same continuous parameters as `BlockFTConfig`, minimising KL(FP logits || quantized logits); validated
+    every `eval_every` steps (0: steps / 4) on the last `val_fraction` of the windows, the best kept, none =
+    revert."""
+
+    steps: int
+    lr: float = 1e-4
+    batch: int = 4
+    norm_lr: float = 0.0
+    eval_every: int = 0
+    val_fraction: float = 0.125
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.steps < 1 or self.lr <= 0 or self.batch < 1 or self.norm_lr < 0 or self.eval_every < 0:
+            raise RecipeError(f"end-to-end fine-tuning needs steps >= 1, lr > 0, batch >= 1, norm_lr >= 0 and "
+                              f"eval_every >= 0, got {self.steps}, {self.lr}, {self.batch}, {self.norm_lr}, "
+                              f"{self.eval_every}")
+        if not 0 < self.val_fraction < 1:
+            raise RecipeError(f"end-to-end fine-tuning val_fraction must be in (0, 1), got {self.val_fraction}")
+
+    @property
+    def tag(self) -> str:
+        return f"-e2e{self.steps}"
+
+    def to_dict(self) -> dict:
+        """JSON-safe dict."""
+        return config_dict(self)
+
+
+@dataclass(frozen=True)
 class ActQuantConfig:
     """Dynamic per-token activation fake quantization of the decoder-linear inputs at inference."""
 
@@ -129,7 +191,7 @@ def stage_configs(recipe) -> list:
 
 def stages_for(recipe) -> list[Stage]:
     """The stages of `recipe`, in the order they run, looked up by config type."""
-    from . import actquant, budget, onebit_ft, pairwise, rotation, solve  # noqa: F401  (register them)
+    from . import actquant, block_ft, budget, e2e_ft, onebit_ft, pairwise, rotation, solve  # noqa: F401  (register them)
 
     stages = []
     for cfg in stage_configs(recipe):

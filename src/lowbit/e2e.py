@@ -1,0 +1,122 @@
+"""End-to-end knowledge distillation of a quantized model's continuous parameters (codes fixed).
+
+After the walk, the same parameters block fine-tuning trains (`lowbit.finetune.Trainable`: scalar group
+scales, vector row scales / codebooks, 1-bit g and h, optionally the norm weights) are trained for a few
+Adam steps to make the quantized model's next-token distribution match the FP model's: the loss is
+KL(FP || quantized) over every position of the calibration windows. The FP side is kept as the decoder's
+final hidden states (after the final norm), taken before any block was quantized (`teacher_states`), so
+the teacher's logits are lm_head of them: one [tokens, hidden] tensor on the host, not the logits.
+Validation (the last windows, never trained on) runs at the start, every `eval_every` steps and at the
+end; the best point is kept and everything reverts to the start when none beats it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from .finetune import Trainable, norm_params
+from .models import get_adapter
+
+
+class _Student(nn.Module):
+    """logits = lm_head(decoder(input_ids).last_hidden_state) of `model` (its submodule `model`)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        adapter = get_adapter(model)
+        # not registered as submodules: they are reached through `model` (one name per parameter)
+        object.__setattr__(self, "_decoder", adapter.decoder(model))
+        object.__setattr__(self, "_head", model.get_output_embeddings())
+
+    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._decoder(input_ids=ids, use_cache=False).last_hidden_state
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._head(self.hidden(ids))
+
+
+@torch.no_grad()
+def teacher_states(model: nn.Module, tokens: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """The decoder's final hidden states (after its final norm) on `tokens`, per batch, on the host."""
+    st = _Student(model)
+    dev = next(model.parameters()).device
+    return [st.hidden(tokens[b:b + batch_size].to(dev)).to("cpu")
+            for b in range(0, tokens.shape[0], batch_size)]
+
+
+def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(teacher || student)."""
+    s = F.log_softmax(student_logits.float().flatten(0, -2), -1)
+    t = F.log_softmax(teacher_logits.float().flatten(0, -2), -1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean")
+
+
+def distill(model: nn.Module, weights: dict, tokens: torch.Tensor, teacher: list[torch.Tensor],
+            teacher_batch: int, *, steps: int, lr: float = 1e-4, batch: int = 4, norm_lr: float = 0.0,
+            eval_every: int = 0, val_fraction: float = 0.125, progress: bool = False) -> dict:
+    """Train the continuous parameters of `model`'s quantized linears (`weights`: full name -> quantized weight,
+    on the model's device) against the FP final hidden states `teacher` (`teacher_states` of `tokens` in batches
+    of `teacher_batch`). The model itself is not modified. Returns {"losses": (start, best, step), "reverted",
+    "weights", "norms"} like `finetune.finetune_block` (validation KL at storage precision; step 0 = the start)."""
+    n = tokens.shape[0]
+    if n < 2:
+        raise ValueError(f"end-to-end fine-tuning needs at least 2 calibration windows (train + validation), got {n}")
+    n_val = min(n - 1, max(1, round(n * val_fraction)))
+    train, val = list(range(n - n_val)), list(range(n - n_val, n))
+    dev = next(model.parameters()).device
+    st = _Student(model)
+    head = st._head
+    t_all = torch.cat(teacher)
+    norms = [f"model.{p}" for p in norm_params(model) if p.startswith(_layers_prefix(model))] if norm_lr > 0 else []
+    ft = Trainable(st, {f"model.{k}": v for k, v in weights.items()}, norms)
+    opt = torch.optim.Adam(ft.param_groups(lr, norm_lr))
+    eval_every = eval_every or max(1, steps // 4)
+
+    def loss_on(idx: list[int], stored: bool = False) -> torch.Tensor:
+        ids = tokens[idx].to(dev)
+        logits = functional_call(st, ft.tensors(stored), (ids,), strict=False)
+        with torch.no_grad():
+            t = head(t_all[idx].to(dev, next(head.parameters()).dtype))
+        return _kl(logits, t)
+
+    def validate() -> float:
+        with torch.no_grad():
+            chunks = [val[i:i + batch] for i in range(0, len(val), batch)]
+            return sum(float(loss_on(c, True)) * len(c) for c in chunks) / len(val)
+
+    start = best = validate()
+    best_state, best_step = ft.snapshot(), 0
+    pos = 0
+    bar = tqdm(range(1, steps + 1), desc="end-to-end fine-tune", leave=False, disable=not progress)
+    with torch.enable_grad():
+        for step in bar:
+            idx = [train[(pos + j) % len(train)] for j in range(min(batch, len(train)))]
+            pos += len(idx)
+            opt.zero_grad(set_to_none=True)
+            loss = loss_on(idx)
+            if torch.isfinite(loss):
+                loss.backward()
+                opt.step()
+            if step % eval_every == 0 or step == steps:
+                v = validate()
+                if v < best:
+                    best, best_step, best_state = v, step, ft.snapshot()
+                bar.set_postfix(val=f"{v:.3e}", best=f"{best:.3e}", start=f"{start:.3e}")
+    if best_step == 0:
+        return {"losses": (start, start, 0), "reverted": True, "weights": dict(weights), "norms": {}}
+    ft.restore(best_state)
+    new, nrm = ft.export()
+    return {"losses": (start, best, best_step), "reverted": False,
+            "weights": {k[len("model."):]: v for k, v in new.items()},
+            "norms": {k[len("model."):]: v for k, v in nrm.items()}}
+
+
+def _layers_prefix(model: nn.Module) -> str:
+    from .walk import module_name
+
+    return module_name(model, get_adapter(model).layers(model)) + "."

@@ -1,0 +1,60 @@
+"""End-to-end distillation after the walk (`lowbit.e2e`): the FP model's final hidden states are taken before
+any block changes, and after the walk the quantized linears' continuous parameters are trained against them."""
+
+from __future__ import annotations
+
+from .base import E2EFTConfig, Run, Stage, register_stage
+
+
+@register_stage(E2EFTConfig)
+class E2EFinetuneStage(Stage):
+    """KL to the FP logits on the calibration windows, a few Adam steps; the best validation point is kept."""
+
+    needs_inputs = True
+
+    def __init__(self, cfg: E2EFTConfig):
+        self.cfg = cfg
+        self._teacher = None
+
+    def before_model(self, run: Run) -> None:
+        from ..e2e import teacher_states
+
+        if run.tokens is None or run.tokens.shape[0] < 2:
+            from ..pipeline import PipelineError
+
+            raise PipelineError("end-to-end fine-tuning needs at least 2 calibration windows (train + validation)")
+        model = run.model
+        home = next(model.parameters()).device
+        device = run.device or home
+        model.to(device)
+        try:
+            self._teacher = teacher_states(model, run.tokens, run.batch_size)
+        finally:
+            model.to(home)
+
+    def after_model(self, run: Run) -> None:
+        import torch
+
+        from ..e2e import distill
+
+        cfg, res, model = self.cfg, run.result, run.model
+        home = next(model.parameters()).device
+        device = run.device or home
+        model.to(device)
+        try:
+            weights = {n: qw.to(device) for n, qw in res.weights.items()}
+            ft = distill(model, weights, run.tokens, self._teacher, run.batch_size, steps=cfg.steps, lr=cfg.lr,
+                         batch=cfg.batch, norm_lr=cfg.norm_lr, eval_every=cfg.eval_every,
+                         val_fraction=cfg.val_fraction, progress=run.progress)
+            res.block_fits.append({"e2e_ft": ft["losses"], "reverted": ft["reverted"]})
+            if not ft["reverted"]:
+                with torch.no_grad():
+                    for name, qw in ft["weights"].items():
+                        lin = model.get_submodule(name)
+                        lin.weight.data.copy_(qw.dequantize().to(lin.weight.dtype))
+                        res.weights[name] = qw.to("cpu")
+                    for name, t in ft["norms"].items():
+                        model.get_parameter(name).data.copy_(t)
+        finally:
+            self._teacher = None
+            model.to(home)

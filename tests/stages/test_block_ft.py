@@ -1,0 +1,231 @@
+"""Block-wise fine-tuning (BlockFTConfig, lowbit.finetune) and end-to-end distillation (E2EFTConfig, lowbit.e2e):
+scales move, codes stay, the best validation point is kept or everything reverts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_model, tiny_tokens
+from lowbit.configs import RecipeError
+from lowbit.finetune import finetune_block, split_batches
+from lowbit.recipe import Recipe, get_recipe, with_overrides
+from lowbit.stages.base import BlockFTConfig, E2EFTConfig
+from lowbit.walk import capture_inputs, run_block
+
+KINDS = {
+    "int": Recipe(method="rtn", bits=2, group_size=32),
+    "vector": Recipe(method="vq_e8", bits=2, group_size=-1),
+    "binary": get_recipe("onebit"),
+}
+
+
+def _q(recipe, n=16, **kw):
+    from lowbit.pipeline import quantize_model
+
+    model = tiny_model("llama")
+    return model, quantize_model(model, recipe, tiny_tokens(n, 32), batch_size=4, progress=False, **kw)
+
+
+def _block0_problem(recipe):
+    """Block 0 of a model quantized with `recipe`, its quantized weights (relative names), the inputs entering
+    it (the same on both streams at block 0), the FP block's outputs and the extra arguments."""
+    fp = tiny_model("llama")
+    toks = tiny_tokens(16, 32)
+    xs, calls = capture_inputs(fp, fp.model.layers, toks, 4, torch.device("cpu"))
+    targets = run_block(fp.model.layers[0], xs, calls[0])
+    model, res = _q(recipe)
+    pre = "model.layers.0."
+    weights = {n[len(pre):]: qw for n, qw in res.weights.items() if n.startswith(pre)}
+    return model.model.layers[0], weights, xs, targets, calls[0]
+
+
+def _mse(block, xs, targets, calls, idx) -> float:
+    return sum(float(torch.nn.functional.mse_loss(run_block(block, [xs[b]], [calls[b]])[0], targets[b]))
+               for b in idx) / len(idx)
+
+
+def _codes(qw):
+    return qw.codes
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_block_ft_lowers_the_block_output_error_and_keeps_the_codes(kind):
+    block, weights, xs, targets, calls = _block0_problem(KINDS[kind])
+    train, _ = split_batches(len(xs), 4)
+    before = _mse(block, xs, targets, calls, train)
+    params = {n: p.clone() for n, p in block.named_parameters()}
+    ft = finetune_block(block, weights, xs, targets, calls, epochs=3, lr=1e-2)
+    assert not ft["reverted"] and ft["losses"][1] < ft["losses"][0] and ft["losses"][2] >= 1
+    assert all(torch.equal(p, params[n]) for n, p in block.named_parameters())  # the block itself is untouched
+    for n, qw in ft["weights"].items():
+        assert getattr(qw, "kind", "int") == getattr(weights[n], "kind", "int")
+        assert torch.equal(qw.codes, weights[n].codes)
+        block.get_submodule(n).weight.data.copy_(qw.dequantize())
+    assert _mse(block, xs, targets, calls, train) < before
+
+
+def test_block_ft_trains_the_norms_when_asked():
+    block, weights, xs, targets, calls = _block0_problem(KINDS["int"])
+    ft = finetune_block(block, weights, xs, targets, calls, epochs=2, lr=1e-2, norm_lr=1e-2)
+    assert set(ft["norms"]) == {"input_layernorm.weight", "post_attention_layernorm.weight"}
+    assert not torch.equal(ft["norms"]["input_layernorm.weight"], block.input_layernorm.weight)
+    assert finetune_block(block, weights, xs, targets, calls, epochs=1, lr=1e-2)["norms"] == {}
+
+
+def test_a_diverging_run_is_reverted_and_changes_nothing():
+    block, weights, xs, targets, calls = _block0_problem(KINDS["int"])
+    ft = finetune_block(block, weights, xs, targets, calls, epochs=2, lr=1e4)
+    assert ft["reverted"] and ft["losses"][2] == 0
+    assert all(ft["weights"][n] is weights[n] for n in weights)
+    # through the pipeline: the same model and weights as without fine-tuning
+    r = KINDS["int"]
+    m0, r0 = _q(r)
+    m1, r1 = _q(r.with_(block_ft=BlockFTConfig(2, lr=1e4, norm_lr=1e4)))
+    assert all(f["reverted"] for f in r1.block_fits) and len(r1.block_fits) == 2
+    assert all(torch.equal(a, b) for a, b in zip(m0.state_dict().values(), m1.state_dict().values()))
+    assert all(torch.equal(r0.weights[n].scale, r1.weights[n].scale) for n in r0.weights)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_pipeline_block_ft_lowers_block_error_and_the_next_block_sees_it(kind):
+    r = KINDS[kind]
+    m0, r0 = _q(r, track_error=True)
+    m1, r1 = _q(r.with_(block_ft=BlockFTConfig(3, lr=1e-2)), track_error=True)
+    assert [list(f) for f in r1.block_fits] == [["block_ft", "reverted"]] * 2
+    assert r1.block_errors[0] < r0.block_errors[0]
+    pre = "model.layers.0."
+    for n in r0.weights:
+        if n.startswith(pre):  # block 0 saw the same inputs: same codes, trained scales
+            assert torch.equal(r0.weights[n].codes, r1.weights[n].codes)
+    lin = m1.model.layers[1].mlp.up_proj  # the model holds the fine-tuned weights
+    assert torch.equal(lin.weight, r1.weights["model.layers.1.mlp.up_proj"].dequantize())
+
+
+def test_recipe_round_trip_label_identity_and_overrides():
+    r = get_recipe("best-w2").with_(name="", block_ft={"epochs": 2, "lr": 5e-3, "norm_lr": 5e-3},
+                                    e2e_ft=E2EFTConfig(10, batch=2))
+    assert r.label == "had-qep-vq_e8-w2-pc-bft2-e2e10"
+    d = json.loads(json.dumps(r.to_dict()))
+    assert d["block_ft"] == {"epochs": 2, "lr": 5e-3, "norm_lr": 5e-3, "samples": 0, "val_fraction": 0.125}
+    back = Recipe.from_dict(d)
+    assert back == r and back.identity == r.identity
+    assert Recipe.from_dict(r.to_flat_dict()) == r
+    base = get_recipe("best-w2")
+    assert "block_ft" not in base.to_dict() and "e2e_ft" not in base.to_dict()  # identities of older recipes kept
+    assert len({base.identity, r.identity, r.with_(e2e_ft=None).identity}) == 3
+    from lowbit.stages import stages_for
+
+    assert [type(st).__name__ for st in stages_for(r)] == ["RotationStage", "SolveStage", "BlockFinetuneStage",
+                                                           "E2EFinetuneStage"]
+    assert [type(c).__name__ for c in r.stages()] == ["RotationConfig", "SolveConfig", "BlockFTConfig",
+                                                       "E2EFTConfig"]
+    o = with_overrides(base, block_ft={"epochs": 3, "lr": None}, e2e_ft={"steps": 5})
+    assert o.block_ft == BlockFTConfig(3) and o.e2e_ft == E2EFTConfig(5)
+    assert with_overrides(o, block_ft={"lr": 0.1}).block_ft == BlockFTConfig(3, 0.1)
+    assert with_overrides(o, block_ft={"epochs": 0}, e2e_ft={"steps": 0}) == base.with_(name="")
+
+
+def test_cli_options_map_into_the_recipe():
+    from lowbit.cli import _recipe, _recipe_overrides
+
+    opts = {"block_ft": 2, "block_ft_lr": 5e-3, "block_ft_norms": 5e-3, "block_ft_samples": 64, "e2e_steps": 20,
+            "e2e_lr": 1e-5, "e2e_batch": 2}
+    r = _recipe("best-w2", _recipe_overrides(opts))
+    assert r.block_ft == BlockFTConfig(2, 5e-3, 5e-3, 64) and r.e2e_ft == E2EFTConfig(20, 1e-5, 2)
+
+
+@pytest.mark.parametrize("make,msg", [
+    (lambda: get_recipe("onebit").with_(onebit_ft_epochs=1, block_ft=BlockFTConfig(1)), "not both"),
+    (lambda: BlockFTConfig(0), "epochs >= 1"),
+    (lambda: BlockFTConfig(1, lr=-1), "lr > 0"),
+    (lambda: E2EFTConfig(0), "steps >= 1"),
+    (lambda: Recipe(block_ft={"epochs": 1, "bogus": 2}), "unknown block_ft settings"),
+    (lambda: with_overrides(get_recipe("best"), block_ft={"lr": 1e-3}), "set epochs too (--block-ft)"),
+    (lambda: with_overrides(get_recipe("best"), e2e_ft={"lr": 1e-3}), "set steps too (--e2e-steps)"),
+    (lambda: Recipe(method="rtn", pairwise={"epochs2": 1}, block_ft=BlockFTConfig(1)), "pairwise stage 2"),
+])
+def test_refusals_are_one_line_recipe_errors(make, msg):
+    with pytest.raises(RecipeError, match=msg.replace("(", r"\(").replace(")", r"\)")) as e:
+        make()
+    assert "\n" not in str(e.value)
+
+
+def test_runs_that_cannot_work_are_refused_by_name():
+    from types import SimpleNamespace
+
+    from lowbit.pipeline import PipelineError, _check_distributed, stream_blockers
+
+    r = KINDS["int"].with_(block_ft=BlockFTConfig(1), e2e_ft=E2EFTConfig(2))
+    assert any("end-to-end" in b for b in stream_blockers(r))
+    assert stream_blockers(KINDS["int"].with_(block_ft=BlockFTConfig(1))) == []  # block FT streams
+    with pytest.raises(PipelineError, match="block fine-tuning.*end-to-end fine-tuning cannot run on several"):
+        _check_distributed(r, SimpleNamespace(world=2))
+    with pytest.raises(PipelineError, match="at least 2 calibration batches"):
+        _q(KINDS["int"].with_(block_ft=BlockFTConfig(1)), n=4)  # one batch of 4
+    with pytest.raises(PipelineError, match="at least 2 calibration batches"):
+        _q(KINDS["int"].with_(block_ft=BlockFTConfig(1, samples=4)))
+
+
+def test_streamed_block_ft_equals_in_memory(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lowbit import checkpoint
+    from lowbit.jobs import Protocol, stream_quantize_job
+    from lowbit.pipeline import quantize_model
+
+    from test_stream import same_checkpoint
+
+    rec = KINDS["int"].with_(block_ft=BlockFTConfig(2, lr=1e-2, norm_lr=1e-2))
+    tiny_model("llama").save_pretrained(tmp_path / "m")
+    toks = tiny_tokens(8, 32)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    res = quantize_model(model, rec, toks, batch_size=4, progress=False)
+    checkpoint.save(model, res, tmp_path / "a")
+    r2, _, _ = stream_quantize_job(str(tmp_path / "m"), rec, Protocol(batch_size=4), tmp_path / "b",
+                                   dtype=torch.float32, tokens=toks, progress=False)
+    assert r2.block_fits == res.block_fits and not any(f["reverted"] for f in res.block_fits)
+    assert same_checkpoint(tmp_path / "a", tmp_path / "b") == []
+
+
+def test_e2e_runs_and_does_not_increase_the_validation_loss():
+    r = KINDS["int"].with_(e2e_ft=E2EFTConfig(8, lr=1e-2, batch=2, eval_every=2))
+    m, res = _q(r)
+    (fit,) = res.block_fits
+    start, best, step = fit["e2e_ft"]
+    assert not fit["reverted"] and best < start and step >= 2
+    lin = m.model.layers[0].self_attn.q_proj
+    assert torch.equal(lin.weight, res.weights["model.layers.0.self_attn.q_proj"].dequantize())
+    m0, r0 = _q(KINDS["int"])
+    assert all(torch.equal(r0.weights[n].codes, res.weights[n].codes) for n in r0.weights)  # codes fixed
+    # diverging: reverted, the model is exactly the one without it
+    m2, r2 = _q(KINDS["int"].with_(e2e_ft=E2EFTConfig(4, lr=1e4, batch=2)))
+    assert r2.block_fits[0]["reverted"]
+    assert all(torch.equal(a, b) for a, b in zip(m0.state_dict().values(), m2.state_dict().values()))
+
+
+def test_cli_quantize_with_block_and_e2e_ft_reloads(tiny_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "q"
+    data = ["--calib", str(tiny_dir / "text.txt"), "--data", str(tiny_dir / "text.txt"), "--n-calib", "8",
+            "--seq-len", "32", "--windows", "4", "--quiet", "--batch-size", "2"]
+    r = runner.invoke(app, ["quantize", str(tiny_dir), "--out", str(out), "--method", "vq_e8", "--bits", "2",
+                            "--group-size", "-1", "--block-ft", "2", "--block-ft-lr", "5e-3", "--block-ft-norms",
+                            "5e-3", "--e2e-steps", "4", "--e2e-lr", "1e-3", "--e2e-batch", "2", *data])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "lowbit.json").read_text())
+    report = json.loads((out / "report.json").read_text())
+    assert manifest["recipe"]["block_ft"]["epochs"] == 2 and manifest["recipe"]["e2e_ft"]["steps"] == 4
+    r = runner.invoke(app, ["eval", str(out), "--data", str(tiny_dir / "text.txt"), "--seq-len", "32",
+                            "--windows", "4", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert f"{report['job']['ppl'][str(tiny_dir / 'text.txt')]:.2f}" in r.output  # the reloaded model is the same
+    r = runner.invoke(app, ["quantize", str(tiny_dir), "--out", str(tmp_path / "s"), "--stream", "--no-eval",
+                            "--recipe", "rtn-w4-g32", "--e2e-steps", "2", *data])
+    assert r.exit_code == 2 and "end-to-end fine-tuning" in r.output and "Traceback" not in r.output
