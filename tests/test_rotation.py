@@ -106,7 +106,7 @@ def test_bernoulli_changes_the_model():
 
 
 def test_config_errors():
-    with pytest.raises(RotationError, match="unknown rotation kind"):
+    with pytest.raises(RotationError, match="RotationConfig.kind must be one of .hadamard., .*got .givens."):
         RotationConfig(kind="givens")
 
 

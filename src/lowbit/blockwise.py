@@ -30,7 +30,8 @@ from .formats import IntFormat, core, qparams, quantize
 from .formats.uniform import _store_scale
 from .solvers import QuantizedWeight
 from .transforms.modules import RotatedLinear, replace_module
-from .transforms.pairwise import PAIRINGS, PairwiseRotation, apply_blocks, block_matrices, coefficients_at, pair_index
+from .configs import check_fields
+from .transforms.pairwise import Pairing, PairwiseRotation, apply_blocks, block_matrices, coefficients_at, pair_index
 
 
 STE_SCALE_FLOOR = 1e-8  # trained scales stay positive
@@ -42,7 +43,7 @@ class PairwiseConfig:
 
     krot: int = 8  # rotations per linear
     group: int = 128  # channels per rotation group (independent of quantization groups)
-    pairing: str = "random"  # random (seeded) | weight (by column max |W|) | activation (by E[x^2])
+    pairing: Pairing = "random"  # random (seeded) | weight (by column max |W|) | activation (by E[x^2])
     seed: int = 0
     epochs1: int = 5  # stage 1: angles + channel scales (the reference's newer release: 5 + 5)
     epochs2: int = 0  # stage 2: weights + quantizer scales / zeros (0 = off: the solver quantizes)
@@ -54,8 +55,7 @@ class PairwiseConfig:
     val_fraction: float = 0.125  # share of the used batches held out for validation
 
     def __post_init__(self) -> None:
-        if self.pairing not in PAIRINGS:
-            raise ValueError(f"pairing must be one of {', '.join(PAIRINGS)}, got {self.pairing!r}")
+        check_fields(self)  # the annotations: pairing one of `Pairing`, ints, floats
         if not 1 <= self.krot <= 16:
             raise ValueError(f"krot must be 1-16, got {self.krot}")
         if self.group < 2 or self.group & (self.group - 1):

@@ -12,23 +12,15 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .cli_options import (MODEL_HELP, RECIPE_OPTIONS, Data, OptionError, Precision, RecipeChoice, Session, opt,
+                          recipe_overrides)
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress Hugging Face causal LMs to low-bit weights and measure what it costs.")
 console = Console(stderr=True, soft_wrap=True)  # an error stays one line
 out_console = Console()
 
-MODEL_HELP = ("A hub id, a local model folder, a .gguf file, a lowbit checkpoint folder, or `smollm2` "
-              "(the default real model, fetched by `lowbit fetch`).")
-
-
-def _setup(quiet: bool, seed: int, threads: Optional[int]) -> None:
-    import torch
-
-    logging.basicConfig(level=logging.ERROR if quiet else logging.WARNING, format="%(levelname)s: %(message)s")
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    torch.manual_seed(seed)
-    if threads:
-        torch.set_num_threads(threads)
+__all__ = ["MODEL_HELP", "RECIPE_OPTIONS", "OptionError", "app", "main"]
 
 
 def _fail(e: Exception) -> None:
@@ -57,65 +49,15 @@ def _user_errors() -> tuple[type[Exception], ...]:
             FileNotFoundError)
 
 
-def _protocol(calib: str, n_calib: int, seq_len: int, seed: int, data: str, windows: int, batch_size: int):
-    from .data import DataError
-    from .jobs import Protocol
-
-    for opt, v, lo in (("--n-calib", n_calib, 0), ("--seq-len", seq_len, 2), ("--windows", windows, 1),
-                       ("--batch-size", batch_size, 1)):
-        if v < lo:
-            raise DataError(f"{opt} must be >= {lo}, got {v}")
-    sets = tuple(s.strip() for s in data.split(",") if s.strip())
-    return Protocol(calib=calib, n_calib=n_calib, seq_len=seq_len, seed=seed, eval_sets=sets,
-                    n_eval=windows, batch_size=batch_size)
-
-
-#: quantize's recipe options -> the keyword of `recipe.with_overrides` they set ("group.key": a key of the
-#: `pairwise` / `rotation` settings). An option left unset (None) keeps the recipe's value.
-RECIPE_OPTIONS = {
-    "method": "method", "bits": "bits", "group_size": "group_size", "sym": "symmetric", "clip": "clip",
-    "act_order": "act_order", "damp": "damp", "qep": "qep", "qep_alpha": "qep_alpha", "qep_damp": "qep_damp",
-    "budget": "budget", "budget_bits": "budget_bits", "qqa_steps": "qqa_steps", "qqa_replicas": "qqa_replicas",
-    "onebit_qqa": "onebit_qqa", "onebit_svid": "onebit_svid_only", "onebit_ft": "onebit_ft_epochs",
-    "onebit_ft_lr": "onebit_ft_lr", "act_bits": "act_bits", "act_sym": "act_symmetric",
-    "pairwise": "pairwise.on", "pair_epochs": "pairwise.epochs1", "pair_stage2": "pairwise.epochs2",
-    "pairing": "pairwise.pairing", "pair_samples": "pairwise.samples", "krot": "pairwise.krot",
-    "rot_group": "pairwise.group", "rotate": "rotation.kind", "rot_seed": "rotation.seed", "r2": "rotation.r2",
-    "r3": "rotation.r3", "r4": "rotation.r4", "rot_steps": "rotation.steps", "rot_lr": "rotation.lr",
-    "block_ft": "block_ft.epochs", "block_ft_lr": "block_ft.lr", "block_ft_norms": "block_ft.norm_lr",
-    "block_ft_samples": "block_ft.samples", "e2e_steps": "e2e_ft.steps", "e2e_lr": "e2e_ft.lr",
-    "e2e_batch": "e2e_ft.batch",
-}
-
-
 def _recipe_overrides(options: dict) -> dict:
     """The command-line recipe options that were given, collected into one dict for `with_overrides`."""
-    out: dict = {}
-    for opt, key in RECIPE_OPTIONS.items():
-        v = options.get(opt)
-        if v is None:
-            continue
-        if opt == "budget_bits":
-            from .recipe import RecipeError
-
-            try:
-                v = tuple(int(b) for b in v.split(",") if b.strip())
-            except ValueError:
-                raise RecipeError(f"--budget-bits must be comma-separated bit widths, got {v!r}") from None
-        group, _, sub = key.rpartition(".")
-        (out.setdefault(group, {}) if group else out)[sub] = v
-    return out
+    return recipe_overrides(options)
 
 
 def _recipe(recipe: str, overrides: dict | None = None):
     """The preset / label / file `recipe` with the command-line overrides (`_recipe_overrides`), built
     and validated once, as a whole."""
-    from .recipe import get_recipe, with_overrides
-
-    base = get_recipe(recipe)
-    if not overrides:
-        return base  # no override: keep the preset's name
-    return with_overrides(base, **overrides)
+    return RecipeChoice(recipe=recipe, overrides=overrides or {}).build()
 
 
 def _distributed(device: str):
@@ -183,9 +125,9 @@ def fetch() -> None:
 
 @app.command()
 def quantize(
-    model: str = typer.Argument("smollm2", help=MODEL_HELP),
+    model: str = opt("model"),
     out: str = typer.Option(..., "--out", "-o", help="Output checkpoint folder (written atomically)."),
-    recipe: str = typer.Option("best", help="Preset name (see `lowbit presets`) or a .json/.yaml recipe file."),
+    recipe: str = opt("recipe"),
     method: Optional[str] = typer.Option(None, help="Solver: rtn, gptq, qqa, onebit or vq_e8 (2-bit E8 "
                                          "vector codes), or qep(...) around one (overrides the recipe)."),
     budget: Optional[float] = typer.Option(None, help="Average bits/weight (scales, zeros and 1-bit vectors counted): "
@@ -252,21 +194,21 @@ def quantize(
                                            "(default 1e-4)."),
     e2e_batch: Optional[int] = typer.Option(None, "--e2e-batch", help="Calibration windows per end-to-end step "
                                             "(default 4)."),
-    calib: str = typer.Option("sotu-calib", help="Calibration corpus: a name, .txt/.jsonl file or folder."),
-    n_calib: int = typer.Option(128, help="Number of calibration windows."),
-    seq_len: int = typer.Option(512, help="Tokens per calibration / evaluation window."),
-    data: str = typer.Option("sotu-modern,moby", help="Comma-separated evaluation corpora."),
-    windows: int = typer.Option(64, help="Evaluation windows per corpus."),
+    calib: str = opt("calib"),
+    n_calib: int = opt("n_calib"),
+    seq_len: int = opt("seq_len", help="Tokens per calibration / evaluation window."),
+    data: str = opt("data"),
+    windows: int = opt("windows"),
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Evaluate before and after quantizing."),
-    batch_size: int = typer.Option(8, help="Windows per forward pass."),
+    batch_size: int = opt("batch_size"),
     track_error: bool = typer.Option(False, help="Also run the FP stream and report each block's output error."),
     overwrite: bool = typer.Option(False, help="Replace an existing checkpoint at --out."),
     store: str = typer.Option("bf16", "--store-dtype", help="dtype of the tensors kept unquantized in the "
                               "checkpoint (embeddings, norms, lm_head): bf16, fp16 or fp32 (exact)."),
-    device: str = typer.Option("cpu", help="Where blocks are quantized: cpu, cuda, cuda:1 ... (under torchrun, cuda "
-                               "means each rank's own GPU)."),
-    dtype: str = typer.Option("auto", help="Model dtype while quantizing: auto (fp32 on the CPU; bf16 on a GPU when "
-                              "streamed), fp32, bf16 or fp16. Statistics (H, QEP's C) stay float64."),
+    device: str = opt("device", help="Where blocks are quantized: cpu, cuda, cuda:1 ... (under torchrun, cuda "
+                      "means each rank's own GPU)."),
+    dtype: str = opt("dtype", "auto", help="Model dtype while quantizing: auto (fp32 on the CPU; bf16 on a GPU when "
+                     "streamed), fp32, bf16 or fp16. Statistics (H, QEP's C) stay float64."),
     stream: Optional[bool] = typer.Option(None, "--stream/--no-stream", help="Read each block from the model's "
                                           "safetensors files only when it is quantized and write it out at once, so "
                                           "the model is never in memory whole (default: on for --device cuda, "
@@ -280,23 +222,23 @@ def quantize(
                                                "host memory, a batch at a time on the device) when the estimate "
                                                "exceeds it (default: $LOWBIT_GPU_MEMORY, else 85 % of the free "
                                                "memory). The results are the same."),
-    seed: int = typer.Option(0, help="Seed for calibration sampling."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads for torch."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    seed: int = opt("seed"),
+    threads: Optional[int] = opt("threads"),
+    quiet: bool = opt("quiet"),
 ) -> None:
     """Quantize MODEL with a recipe, evaluate it before and after, and write a checkpoint.
 
     Several processes: `torchrun --nproc-per-node N -m lowbit quantize ...` splits the calibration batches
     across them (NCCL on GPUs, gloo on the CPU) and sums the statistics; rank 0 writes the checkpoint."""
     options = dict(locals())
-    _setup(quiet, seed, threads)
+    Session.from_cli(options).setup()
     dist = None
     try:
         from . import checkpoint
         from .jobs import quantize_job
 
-        r = _recipe(recipe, _recipe_overrides(options))
-        proto = _protocol(calib, n_calib, seq_len, seed, data, windows, batch_size)
+        r = RecipeChoice.from_cli(options).build()
+        proto = Data.from_cli(options).protocol()
         dist = _distributed(device)
         if dist is not None:
             device = str(dist.device(device))
@@ -358,11 +300,11 @@ def quantize(
 
 @app.command("eval")
 def eval_(
-    model: str = typer.Argument("smollm2", help=MODEL_HELP),
-    data: str = typer.Option("sotu-modern,moby", help="Comma-separated corpora: names, .txt/.jsonl files or folders."),
-    windows: int = typer.Option(64, help="Evaluation windows per corpus."),
-    seq_len: int = typer.Option(512, help="Tokens per window."),
-    batch_size: int = typer.Option(8, help="Windows per forward pass (with --tasks: requests per forward pass)."),
+    model: str = opt("model"),
+    data: str = opt("data"),
+    windows: int = opt("windows"),
+    seq_len: int = opt("seq_len"),
+    batch_size: int = opt("batch_size", help="Windows per forward pass (with --tasks: requests per forward pass)."),
     tasks: Optional[str] = typer.Option(None, help="Comma-separated lm-evaluation-harness tasks to run instead of "
                                         "perplexity: lowbit's offline lowbit_cloze and lowbit_passages, tasks in "
                                         "--include-path, or lm-eval's catalogue (hellaswag, arc_easy, ...: their data "
@@ -376,13 +318,14 @@ def eval_(
                                       "(atomically)."),
     dequantize: bool = typer.Option(False, help="Load a lowbit checkpoint's linears as float (dequantized) instead "
                                     "of packed."),
-    device: str = typer.Option("cpu", help="cpu, cuda, ..."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads for torch."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    device: str = opt("device"),
+    threads: Optional[int] = opt("threads"),
+    quiet: bool = opt("quiet"),
 ) -> None:
     """Perplexity of a model or a lowbit checkpoint (first N non-overlapping windows), or with --tasks the
     lm-evaluation-harness tasks, run in this process on the loaded model."""
-    _setup(quiet, 0, threads)
+    options = dict(locals())
+    Session.from_cli(options).setup()
     from .eval.lm_eval import LmEvalError
 
     if tasks is not None:
@@ -396,7 +339,7 @@ def eval_(
                        ("--out", out)):
             if v is not None:
                 raise LmEvalError(f"{opt} goes with --tasks (perplexity runs print a table)")
-        proto = _protocol("sotu-calib", 0, seq_len, 0, data, windows, batch_size)
+        proto = Data.from_cli(options, n_calib=0).protocol()
         m, tok = load_model(model, device=device, dequantize=dequantize)
         ppl = evaluate(m, tok, proto, progress=not quiet)
     except (*_user_errors(), LmEvalError) as e:
@@ -440,31 +383,32 @@ def _eval_tasks(model: str, tasks: str, limit, num_fewshot, include_path: list[s
 
 @app.command()
 def bench(
-    model: str = typer.Argument("smollm2", help=MODEL_HELP),
+    model: str = opt("model"),
     recipes: str = typer.Option("rtn-w4-g64,gptq-w4-g64,rtn-w3-g64,gptq-w3-g64,rtn-w2-g64,gptq-w2-g64,rtn-w4-pc,gptq-w4-pc",
                                 help="Comma-separated presets or recipe files."),
-    out_dir: str = typer.Option("out/bench", help="Where bench.json and bench.md are written."),
-    data: str = typer.Option("sotu-modern,moby", help="Comma-separated evaluation corpora."),
-    calib: str = typer.Option("sotu-calib", help="Calibration corpus."),
-    n_calib: int = typer.Option(128, help="Number of calibration windows."),
-    seq_len: int = typer.Option(512, help="Tokens per window."),
-    windows: int = typer.Option(64, help="Evaluation windows per corpus."),
-    batch_size: int = typer.Option(8, help="Windows per forward pass."),
+    out_dir: str = opt("out_dir", "out/bench", help="Where bench.json and bench.md are written."),
+    data: str = opt("data"),
+    calib: str = opt("calib"),
+    n_calib: int = opt("n_calib"),
+    seq_len: int = opt("seq_len"),
+    windows: int = opt("windows"),
+    batch_size: int = opt("batch_size"),
     no_fp: bool = typer.Option(False, "--no-fp", help="Skip the FP reference row."),
     resume: bool = typer.Option(False, help="Keep the rows already in OUT_DIR/bench.json and run only the rest."),
-    device: str = typer.Option("cpu", help="cpu, cuda, ..."),
-    seed: int = typer.Option(0, help="Seed for calibration sampling."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads for torch."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the final table."),
+    device: str = opt("device"),
+    seed: int = opt("seed"),
+    threads: Optional[int] = opt("threads"),
+    quiet: bool = opt("quiet", help="Only the final table."),
 ) -> None:
     """Run several recipes under the shared protocol: PPL per eval set, time, peak memory."""
-    _setup(quiet, seed, threads)
+    options = dict(locals())
+    Session.from_cli(options).setup()
     try:
         from .bench import markdown, run_bench
         from .recipe import get_recipe
 
         rs = [get_recipe(x.strip()) for x in recipes.split(",") if x.strip()]
-        proto = _protocol(calib, n_calib, seq_len, seed, data, windows, batch_size)
+        proto = Data.from_cli(options).protocol()
         rows = run_bench(model, rs, proto, out_dir, device=device, include_fp=not no_fp,
                          echo=(lambda s: None) if quiet else console.print, resume=resume)
     except (*_user_errors(), RuntimeError) as e:
@@ -479,35 +423,36 @@ app.add_typer(analyze_app, name="analyze")
 
 @analyze_app.command("propagation")
 def analyze_propagation(
-    model: str = typer.Argument("smollm2", help=MODEL_HELP),
-    recipe: str = typer.Option("gptq-w3-g64", help="Base recipe (preset, label or file); run without and with QEP."),
+    model: str = opt("model"),
+    recipe: str = opt("recipe", "gptq-w3-g64", help="Base recipe (preset, label or file); run without and with QEP."),
     qep_alpha: Optional[float] = typer.Option(None, help="QEP strength for every layer type (default: the QEP defaults)."),
     qep_damp: Optional[float] = typer.Option(None, help="QEP damping relative to mean(diag H)."),
-    out_dir: str = typer.Option("out/propagation", help="Where propagation.json and propagation.png are written."),
-    calib: str = typer.Option("sotu-calib", help="Calibration corpus."),
-    n_calib: int = typer.Option(128, help="Number of calibration windows."),
-    seq_len: int = typer.Option(512, help="Tokens per window."),
+    out_dir: str = opt("out_dir", "out/propagation", help="Where propagation.json and propagation.png are written."),
+    calib: str = opt("calib"),
+    n_calib: int = opt("n_calib"),
+    seq_len: int = opt("seq_len"),
     evaluate: bool = typer.Option(False, "--eval/--no-eval", help="Also evaluate both quantized models."),
-    data: str = typer.Option("sotu-modern,moby", help="Evaluation corpora (with --eval)."),
-    windows: int = typer.Option(64, help="Evaluation windows per corpus (with --eval)."),
-    batch_size: int = typer.Option(8, help="Windows per forward pass."),
-    device: str = typer.Option("cpu", help="cpu, cuda, ..."),
-    seed: int = typer.Option(0, help="Seed for calibration sampling."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads for torch."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    data: str = opt("data", help="Evaluation corpora (with --eval)."),
+    windows: int = opt("windows", help="Evaluation windows per corpus (with --eval)."),
+    batch_size: int = opt("batch_size"),
+    device: str = opt("device"),
+    seed: int = opt("seed"),
+    threads: Optional[int] = opt("threads"),
+    quiet: bool = opt("quiet"),
 ) -> None:
     """Relative output error of every block on the quantized stream against the FP stream, for a
     recipe without and with QEP: printed, and drawn to a PNG."""
-    _setup(quiet, seed, threads)
+    options = dict(locals())
+    Session.from_cli(options).setup()
     try:
         from .analysis import propagation as prop
         from .loading import load_model
         from .qep import QEPConfig
 
-        r = _recipe(recipe)
+        r = RecipeChoice.from_cli(options, overrides=False).build()  # QEP's settings are applied below
         kw = {k: v for k, v in dict(alpha=qep_alpha, damp=qep_damp).items() if v is not None}
         cfg = QEPConfig(**{**(r.qep.to_dict() if r.qep else {}), **kw}) if (kw or r.qep) else None
-        proto = _protocol(calib, n_calib, seq_len, seed, data, windows, batch_size)
+        proto = Data.from_cli(options).protocol()
         m, tok = load_model(model, device="cpu", dequantize=True)
         runs = prop.propagation(m, tok, r, proto, qep=cfg, device=device, evaluate_ppl=evaluate,
                                 progress=not quiet)
@@ -528,23 +473,24 @@ def analyze_propagation(
 
 @analyze_app.command("outliers")
 def analyze_outliers(
-    model: str = typer.Argument("smollm2", help=MODEL_HELP),
+    model: str = opt("model"),
     rotate: str = typer.Option("hadamard", help="Rotation compared with the original: hadamard, orthogonal, "
                                "bernoulli (learned uses its Hadamard initialisation)."),
     rot_seed: int = typer.Option(0, help="Seed of the rotation."),
     r4: bool = typer.Option(True, "--r4/--no-r4", help="Online Hadamard before down_proj."),
-    out_dir: str = typer.Option("out/outliers", help="Where outliers.json and outliers.png are written."),
-    calib: str = typer.Option("sotu-calib", help="Corpus the activations come from."),
-    n_calib: int = typer.Option(4, help="Windows."),
-    seq_len: int = typer.Option(256, help="Tokens per window."),
-    batch_size: int = typer.Option(4, help="Windows per forward pass."),
-    seed: int = typer.Option(0, help="Seed for window sampling."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads for torch."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the table."),
+    out_dir: str = opt("out_dir", "out/outliers", help="Where outliers.json and outliers.png are written."),
+    calib: str = opt("calib", help="Corpus the activations come from."),
+    n_calib: int = opt("n_calib", 4, help="Windows."),
+    seq_len: int = opt("seq_len", 256),
+    batch_size: int = opt("batch_size", 4),
+    seed: int = opt("seed", help="Seed for window sampling."),
+    threads: Optional[int] = opt("threads"),
+    quiet: bool = opt("quiet", help="Only the table."),
 ) -> None:
     """Per block, the outliers of every linear input (per-channel max |x| and RMS, max/RMS,
     kurtosis) before and after a global rotation: a table, outliers.json and outliers.png."""
-    _setup(quiet, seed, threads)
+    options = dict(locals())
+    Session.from_cli(options).setup()
     try:
         from .analysis import outliers as ol
         from .jobs import calibration_tokens
@@ -552,7 +498,7 @@ def analyze_outliers(
         from .rotation import RotationConfig
 
         cfg = RotationConfig(kind=rotate, seed=rot_seed, r4=r4)
-        proto = _protocol(calib, n_calib, seq_len, seed, "sotu-modern", 1, batch_size)
+        proto = Data.from_cli(options, data="sotu-modern", windows=1).protocol()
         m, tok = load_model(model, device="cpu", dequantize=True)
         res = ol.outliers(m, calibration_tokens(tok, proto), cfg, batch_size)
         js, png = ol.save(res, out_dir, f"{model}: linear inputs before / after {rotate} rotation")
@@ -569,20 +515,20 @@ def analyze_outliers(
 
 @analyze_app.command("rope")
 def analyze_rope(
-    model: str = typer.Argument("smollm2", help=MODEL_HELP),
-    data: str = typer.Option("sotu-modern", help="Corpus whose keys are captured."),
-    windows: int = typer.Option(1, help="Windows of real text."),
-    seq_len: int = typer.Option(1024, help="Tokens per window (positions up to this)."),
+    model: str = opt("model"),
+    data: str = opt("data", "sotu-modern", help="Corpus whose keys are captured."),
+    windows: int = opt("windows", 1, help="Windows of real text."),
+    seq_len: int = opt("seq_len", 1024, help="Tokens per window (positions up to this)."),
     bits: str = typer.Option("8,4,3,2", help="Bit widths for the real-key study."),
     draws: int = typer.Option(10000, help="Gaussian draws for the repeated seed experiment."),
-    out_dir: str = typer.Option("out/rope", help="Where rope.json and rope.png are written."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads for torch."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    out_dir: str = opt("out_dir", "out/rope", help="Where rope.json and rope.png are written."),
+    threads: Optional[int] = opt("threads"),
+    quiet: bool = opt("quiet"),
 ) -> None:
     """Keys quantized before vs after RoPE: (a) the Gaussian seed experiment, once and over many
     draws with confidence intervals; (b) real keys per grouping and position; (c) attention-score
     error and KL. Prints tables, writes rope.json and rope.png."""
-    _setup(quiet, 0, threads)
+    Session.from_cli(locals()).setup()
     try:
         from pathlib import Path
 
@@ -626,20 +572,20 @@ def analyze_rope(
 
 @analyze_app.command("attention")
 def analyze_attention(
-    model: str = typer.Argument("smollm2", help=MODEL_HELP),
-    data: str = typer.Option("sotu-modern", help="Corpus whose activations are captured."),
-    windows: int = typer.Option(1, help="Windows of real text."),
-    seq_len: int = typer.Option(1024, help="Tokens per window."),
+    model: str = opt("model"),
+    data: str = opt("data", "sotu-modern", help="Corpus whose activations are captured."),
+    windows: int = opt("windows", 1, help="Windows of real text."),
+    seq_len: int = opt("seq_len", 1024),
     configs: str = typer.Option("", help="Comma-separated labels of lowbit.analysis.rope.ATTENTION_CONFIGS "
                                 "(default: all of them)."),
-    out_dir: str = typer.Option("out/attention", help="Where attention.json and attention.png are written."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads for torch."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    out_dir: str = opt("out_dir", "out/attention", help="Where attention.json and attention.png are written."),
+    threads: Optional[int] = opt("threads"),
+    quiet: bool = opt("quiet"),
 ) -> None:
     """Attention fidelity per layer under KV-cache formats (keys and values quantized as the cache
     stores them): relative error of the scores q.k, KL of the causal attention probabilities and
     relative error of the attention output. Prints a table, writes attention.json and attention.png."""
-    _setup(quiet, 0, threads)
+    Session.from_cli(locals()).setup()
     try:
         from pathlib import Path
 
@@ -675,33 +621,26 @@ def analyze_attention(
     out_console.print(f"written: {out_dir}/attention.json, {out_dir}/attention.png")
 
 
-def _load_for_run(model: str, device: str, dtype: str, dequantize: bool = False):
-    import torch
-
+def _load_for_run(model: str, prec: Precision, dequantize: bool = False):
     from .loading import check_device, load_model
 
-    dev = check_device(device)
-    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(dtype)
-    if dt is None:
-        from .loading import ModelLoadError
-
-        raise ModelLoadError(f"--dtype must be bf16, fp16 or fp32, got {dtype!r}")
-    return load_model(model, dtype=dt, device=dev, dequantize=dequantize)
+    return load_model(model, dtype=prec.torch_dtype, device=check_device(prec.device), dequantize=dequantize)
 
 
 @app.command()
 def generate(
-    model: str = typer.Argument(..., help=MODEL_HELP),
+    model: str = opt("model", ...),
     prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Tokens to generate (greedy)."),
     chat: bool = typer.Option(False, help="Wrap the prompt in the tokenizer's chat template."),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1 ..."),
-    dtype: str = typer.Option("bf16", help="dtype of activations and unquantized weights: bf16, fp16, fp32."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads for torch."),
+    device: str = opt("device"),
+    dtype: str = opt("dtype"),
+    threads: Optional[int] = opt("threads"),
 ) -> None:
     """Stream a greedy continuation of PROMPT and print tokens/s (lowbit's decode loop: static KV
     cache, packed kernels, one CUDA graph per token on GPU)."""
-    _setup(True, 0, threads)
+    options = dict(locals())
+    Session.from_cli(options, quiet=True).setup()
     try:
         import torch
 
@@ -709,7 +648,7 @@ def generate(
 
         if max_new_tokens < 1:
             raise DecodeError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-        m, tok = _load_for_run(model, device, dtype)
+        m, tok = _load_for_run(model, Precision.from_cli(options))
         if chat:
             ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                           return_tensors="pt")
@@ -753,20 +692,21 @@ def generate(
 
 @app.command()
 def speed(
-    model: str = typer.Argument(..., help=MODEL_HELP),
+    model: str = opt("model", ...),
     batches: str = typer.Option("1,4,16", help="Comma-separated batch sizes."),
     prompt_len: int = typer.Option(128, help="Prompt tokens (random ids)."),
     new_tokens: int = typer.Option(128, help="Tokens generated per sequence."),
     fp: bool = typer.Option(True, "--fp/--no-fp", help="Also measure the float model (the checkpoint dequantized) "
                             "in the same decode loop."),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1 ..."),
-    dtype: str = typer.Option("bf16", help="dtype of activations and unquantized weights: bf16, fp16, fp32."),
+    device: str = opt("device"),
+    dtype: str = opt("dtype"),
     out: Optional[str] = typer.Option(None, help="Also write the numbers to this JSON file."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads for torch."),
+    threads: Optional[int] = opt("threads"),
 ) -> None:
     """Prefill and decode tokens/s at several batch sizes, and memory, of a model (a lowbit checkpoint
     runs its packed kernels) next to its float twin, in lowbit's decode loop."""
-    _setup(True, 0, threads)
+    options = dict(locals())
+    Session.from_cli(options, quiet=True).setup()
     try:
         import gc
 
@@ -779,9 +719,10 @@ def speed(
         bs = tuple(int(b) for b in batches.split(",") if b.strip())
         if not bs or min(bs) < 1 or prompt_len < 1 or new_tokens < 2:
             raise DecodeError("--batches must be >= 1, --prompt-len >= 1 and --new-tokens >= 2")
+        prec = Precision.from_cli(options)
         results = {}
         for label, deq in (("model", False), ("fp", True)) if fp else (("model", False),):
-            m, _ = _load_for_run(model, device, dtype, dequantize=deq)
+            m, _ = _load_for_run(model, prec, dequantize=deq)
             results[label] = measure_speed(m, bs, prompt_len, new_tokens)
             results[label]["peak_rss_mb"] = peak_rss_mb()
             del m
@@ -815,7 +756,7 @@ def export_(
 ) -> None:
     """Write a lowbit checkpoint in a format other tools load (transformers, vLLM, GPTQModel);
     refuses, naming the module and the reason, anything the format cannot hold exactly."""
-    _setup(True, 0, None)
+    Session(quiet=True).setup()
     try:
         import torch
 

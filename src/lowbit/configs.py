@@ -68,15 +68,16 @@ def _describe(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp)
 
 
-def check_fields(cfg) -> None:
+def check_fields(cfg, error: type[RecipeError] = RecipeError) -> None:
     """Validate (and normalise: int -> float, list -> tuple) every field of a frozen dataclass
-    against its annotation; a mismatch is a one-line RecipeError naming the config and field."""
+    against its annotation; a mismatch is a one-line RecipeError (or `error`, a subclass of it that
+    also carries a module's own error type) naming the config and field."""
     hints = _hints(type(cfg))
     for f in fields(cfg):
         v = getattr(cfg, f.name)
         ok, v2 = _type_ok(v, hints[f.name])
         if not ok:
-            raise RecipeError(f"{type(cfg).__name__}.{f.name} must be {_describe(hints[f.name])}, got {v!r}")
+            raise error(f"{type(cfg).__name__}.{f.name} must be {_describe(hints[f.name])}, got {v!r}")
         if v2 is not v:
             object.__setattr__(cfg, f.name, v2)
 

@@ -30,11 +30,13 @@ rotated weights are fake-quantized by RTN with a straight-through gradient; weig
 from __future__ import annotations
 
 import logging
+import typing
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
+from .configs import RecipeError, check_fields
 from .formats import IntFormat, fake_quantize
 from .formats.activation import fake_quant_per_token
 from .kernels.hadamard import fwht
@@ -44,7 +46,9 @@ from .transforms.modules import HadamardLinear, replace_module
 
 log = logging.getLogger("lowbit")
 
-KINDS = ("hadamard", "orthogonal", "bernoulli", "learned")
+#: R1 / R2 matrices: hadamard (randomized) | orthogonal | bernoulli | learned
+RotationKind = typing.Literal["hadamard", "orthogonal", "bernoulli", "learned"]
+KINDS = typing.get_args(RotationKind)
 _TAGS = {"hadamard": "had", "orthogonal": "orth", "bernoulli": "bern", "learned": "spin"}
 
 
@@ -52,11 +56,16 @@ class RotationError(ValueError):
     """A model or a rotation setting cannot be rotated as asked."""
 
 
+class RotationConfigError(RotationError, RecipeError):
+    """A RotationConfig field is malformed: both a RotationError (what callers of this module catch)
+    and a RecipeError (what recipe checks raise)."""
+
+
 @dataclass(frozen=True)
 class RotationConfig:
     """Which global rotations to fold into the model before quantization."""
 
-    kind: str = "hadamard"  # R1 / R2 matrices: hadamard (randomized) | orthogonal | bernoulli | learned
+    kind: RotationKind = "hadamard"  # R1 / R2 matrices: hadamard (randomized) | orthogonal | bernoulli | learned
     seed: int = 0
     r2: bool = True  # per-head rotation between v_proj and o_proj
     r3: bool = False  # online Hadamard on keys after RoPE (matters only to KV-cache quantization)
@@ -70,8 +79,7 @@ class RotationConfig:
     seq_len: int = 256  # learned: tokens per window used
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise RotationError(f"unknown rotation kind {self.kind!r}; use one of {', '.join(KINDS)}")
+        check_fields(self, RotationConfigError)  # the annotations: kind one of `RotationKind`, ints, floats
         if self.steps < 0 or self.samples < 1 or self.seq_len < 2 or self.lr <= 0:
             raise RotationError("learned rotations need steps >= 0, samples >= 1, seq_len >= 2 and lr > 0")
 

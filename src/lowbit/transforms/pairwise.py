@@ -24,11 +24,14 @@ channel, +sin t on its second), so that y = cos * x + sin * x[partner].
 from __future__ import annotations
 
 import random
+import typing
 from dataclasses import dataclass
 
 import torch
 
-PAIRINGS = ("random", "weight", "activation")
+#: how channels are paired: random (seeded) | weight (by column max |W|) | activation (by E[x^2])
+Pairing = typing.Literal["random", "weight", "activation"]
+PAIRINGS = typing.get_args(Pairing)
 
 
 def _check_shapes(x, scale, partner, cos, sin) -> None:
