@@ -248,3 +248,36 @@ def test_act_quant_is_read_from_both_manifest_forms():
     assert act_quant_of(get_recipe("had-gptq-w4a4s-g64").to_dict()) == (4, True)
     assert act_quant_of(MAIN["had-gptq-w4a8-g64"]["flat"]) == (8, False)
     assert act_quant_of(get_recipe("gptq-w4-g64").to_dict()) == (None, False) == act_quant_of({})
+
+
+@pytest.mark.parametrize("kw,what", [({"clip": True}, "clip"), ({"group_size": 32}, "group_size"),
+                                     ({"symmetric": True}, "symmetric"), ({"budget": 1.5}, "bit_budget"),
+                                     ({"bits": 3}, "set bits 2")])
+def test_vector_methods_refuse_the_scalar_options(kw, what):
+    base = {"method": "vq_e8", "bits": 2, "group_size": -1}
+    for method in ("vq_e8", "vq_e8_qqa"):
+        with pytest.raises(RecipeError, match=what) as e:
+            Recipe(**{**base, "method": method, **kw})
+        assert "\n" not in str(e.value)
+    Recipe(**base)  # the plain form is accepted
+
+
+def test_vq_kmeans_nominal_bits_follow_k_over_d():
+    assert Recipe(method="vq_kmeans", bits=1, group_size=-1, solver={"d": 8, "k": 8}).bits == 1
+    assert Recipe(method="vq_kmeans", bits=2, group_size=-1, solver={"d": 4, "k": 6}).bits == 2
+    with pytest.raises(RecipeError, match="set bits 2, got 1"):
+        Recipe(method="vq_kmeans", bits=1, group_size=-1, solver={"d": 4, "k": 6})
+
+
+def test_changing_the_method_keeps_only_options_of_the_same_meaning():
+    km = Recipe(method="vq_kmeans", bits=1, group_size=-1, solver={"iters": 3, "damp": 0.05})
+    ob = km.with_(method="onebit")
+    assert ob.solver.iters == OneBitConfig().iters  # k-means iterations are not onebit alternations
+    assert ob.solver.damp == 0.05  # the Hessian damping means the same in both
+
+
+def test_switching_to_a_vector_method_drops_the_scalar_options():
+    r = with_overrides(PRESETS["best"], method="vq_e8")  # best: gptq w4 g64 with clip
+    assert (r.method, r.bits, r.group_size, r.clip, r.symmetric) == ("vq_e8", 2, -1, False, False)
+    with pytest.raises(RecipeError, match="do not apply: clip"):
+        with_overrides(PRESETS["best"], method="vq_e8", clip=True)  # asked for explicitly: refused

@@ -92,6 +92,7 @@ class Recipe:
         """The checks across configs (each config has checked its own fields)."""
         check_fields(self)  # the plain fields' types
         self.format  # validates bits / group size
+        self._check_vector()
         if self.rotation is not None and self.pairwise is not None and self.rotation.r4:
             raise RecipeError("pairwise rotations replace down_proj's input transform, which the online "
                               "Hadamard R4 also needs; set rotation r4 = false to combine them")
@@ -113,6 +114,21 @@ class Recipe:
         if self.block_ft is not None and self.pairwise is not None and self.pairwise.epochs2 > 0:
             raise RecipeError("block fine-tuning (block_ft) after pairwise stage 2 is not supported: stage 2 already "
                               "trains the weights and scales block by block (use epochs2 = 0)")
+
+    def _check_vector(self) -> None:
+        """Methods that store vector codes take no scalar format: refuse the options that would be ignored."""
+        nominal = self.solver.vector_bits()
+        if nominal is None:
+            return
+        ignored = [k for k, on in (("clip", self.clip), ("symmetric", self.symmetric),
+                                   ("group_size", self.group_size != -1), ("bit_budget", self.bit_budget is not None))
+                   if on]
+        if ignored:
+            raise RecipeError(f"method {self.method!r} stores vector codes; scalar options do not apply: "
+                              f"{', '.join(ignored)} (use group_size -1, no clip, no symmetric, no bit budget)")
+        if self.bits != nominal:
+            raise RecipeError(f"method {self.method!r} with these settings stores {nominal}-bit codes: set bits "
+                              f"{nominal}, got {self.bits}")
 
     def stages(self) -> tuple:
         """The recipe as its ordered stage configs, in the order they run: rotation, bit budget,
@@ -521,7 +537,8 @@ def with_overrides(base: Recipe, *, pairwise: dict | None = None, rotation: dict
     `qep_alpha` / `qep_damp` set every layer type. `block_ft` / `e2e_ft`: settings to merge into block-wise /
     end-to-end fine-tuning (`epochs` / `steps` 0 removes it; other settings need it on). Other keywords are Recipe keywords, flat ones
     (`damp`, `qqa_steps`, `budget`, ...) included; a changed method keeps the solver options the two
-    methods share, and `onebit` without `bits` means bits 1, one group per channel."""
+    methods share, and `onebit` without `bits` means bits 1, one group per channel; a vector method
+    (vq_e8, vq_kmeans, ...) without them takes its nominal bits, one group, no clip and no symmetric."""
     kw = {f.name: getattr(base, f.name) for f in fields(base)}
     kw["name"] = ""
     over = {k: v for k, v in overrides.items() if v is not None}
@@ -548,6 +565,11 @@ def with_overrides(base: Recipe, *, pairwise: dict | None = None, rotation: dict
         over.update(bits=1, group_size=-1)
     if over.get("method", base.method) != base.method and over["method"] in CONFIGS:
         kw["solver"] = CONFIGS[over["method"]].derived_from(base.solver)  # the shared options are kept
+        nominal = kw["solver"].vector_bits()
+        if nominal is not None:  # a vector method: the base's scalar options do not carry over
+            over.setdefault("bits", nominal)
+            for k, v in (("clip", False), ("symmetric", False), ("group_size", -1)):
+                over.setdefault(k, v)
     if qep is False:
         kw["qep"] = None
     elif qep or qep_alpha is not None or qep_damp is not None:

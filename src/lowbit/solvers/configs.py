@@ -65,6 +65,8 @@ class SolverConfig:
     KWARGS: ClassVar[dict[str, str]] = {}
     #: the keys of earlier (flat) recipes that set a field of this config: flat key -> field
     FLAT: ClassVar[dict[str, str]] = {}
+    #: fields whose name another method uses with another meaning: never taken from or given to another config
+    PRIVATE: ClassVar[frozenset[str]] = frozenset()
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -72,6 +74,12 @@ class SolverConfig:
 
     def validate(self) -> None:
         """Range checks beyond the annotations (raise RecipeError)."""
+
+    def vector_bits(self) -> int | None:
+        """For methods that store vector codes, the recipe's nominal `bits` (the recipe's scalar format,
+        groups, clipping and bit budget do not apply to them, and `Recipe` refuses them); None for
+        scalar-code methods."""
+        return None
 
     def kwargs(self, clip: bool = False) -> dict:
         """Keyword arguments for the solver function."""
@@ -88,7 +96,7 @@ class SolverConfig:
         config), defaults for the rest: the options of a budget's other widths, or of a changed method."""
         if other is None:
             return cls()
-        names = {f.name for f in fields(cls)}
+        names = {f.name for f in fields(cls)} - cls.PRIVATE - other.PRIVATE
         shared = {f.name: getattr(other, f.name) for f in fields(other) if f.name in names}
         # options that the flat recipes of earlier versions shared under one key (qqa_steps: QQA's steps
         # and onebit's sign-polish steps) carry over as they did there
@@ -189,6 +197,9 @@ class VQE8Config(SolverConfig):
 
     FLAT: ClassVar[dict[str, str]] = {"damp": "damp"}
 
+    def vector_bits(self) -> int:
+        return 2
+
     def validate(self) -> None:
         if not 0 <= self.damp < 10:
             raise RecipeError(f"damp must be in [0, 10), got {self.damp}")
@@ -210,6 +221,9 @@ class VQE8QQAConfig(SolverConfig):
 
     FLAT: ClassVar[dict[str, str]] = {"damp": "damp", "qqa_steps": "steps", "qqa_replicas": "replicas",
                                       "qqa_rounds": "rounds"}
+
+    def vector_bits(self) -> int:
+        return 2
 
     def validate(self) -> None:
         if not 0 <= self.damp < 10 or self.rho <= 0:
@@ -238,6 +252,10 @@ class VQKMeansConfig(SolverConfig):
     seed: int = 0
 
     FLAT: ClassVar[dict[str, str]] = {"damp": "damp"}
+    PRIVATE: ClassVar[frozenset[str]] = frozenset({"iters", "seed"})  # k-means iterations, not onebit's
+
+    def vector_bits(self) -> int:
+        return -(-self.k // self.d)  # bits of codes per weight, rounded up
 
     def validate(self) -> None:
         if not 1 <= self.d <= 16 or not 1 <= self.k <= 8 or 2 ** self.k * self.d > 2048:

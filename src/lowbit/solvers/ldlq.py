@@ -95,8 +95,8 @@ def ldlq(w: torch.Tensor, H: torch.Tensor | None, fmt: cb.VectorFormat, rho: flo
     return VectorQuantizedWeight(codes, s, fmt, None if fmt.kind == "e8" else book)
 
 
-def vq_e8(W: torch.Tensor, fmt=None, H: torch.Tensor | None = None, damp: float = 0.01, rho: float = 0.9,
-          **_ignored) -> VectorQuantizedWeight:
+def vq_e8(W: torch.Tensor, fmt=None, H: torch.Tensor | None = None, damp: float = 0.01, rho: float = 0.9
+          ) -> VectorQuantizedWeight:
     """Solver-registry entry: E8 vector LDLQ at 2 bits (+16/n for row scales). The recipe's scalar
-    format (`fmt`) and its scalar-only options (clip, groups, act order) do not apply and are ignored."""
+    format (`fmt`) does not apply (`Recipe` refuses scalar-only options with vector methods)."""
     return ldlq(W, H, cb.VectorFormat(), rho=rho, damp=damp)

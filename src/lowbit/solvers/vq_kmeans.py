@@ -84,11 +84,11 @@ def refit_scales(W: torch.Tensor, V: torch.Tensor, H: torch.Tensor, old: torch.T
 
 
 def vq_kmeans(W: torch.Tensor, fmt=None, H: torch.Tensor | None = None, d: int = 8, k: int = 8, iters: int = 25,
-              refits: int = 2, damp: float = 0.01, seed: int = 0, **_ignored) -> VectorQuantizedWeight:
+              refits: int = 2, damp: float = 0.01, seed: int = 0) -> VectorQuantizedWeight:
     """Solver-registry entry: k-means vector codes (d columns per code, 2^k entries per layer) with LDLQ
     feedback and `refits` rounds of codebook / scale / code refits (see the module docstring). The recipe's
-    scalar format (`fmt`) and scalar-only options do not apply and are ignored. Without H, the identity
-    stands in (nearest-entry codes, plain least-squares refits)."""
+    scalar format (`fmt`) does not apply (`Recipe` refuses scalar-only options with vector methods).
+    Without H, the identity stands in (nearest-entry codes, plain least-squares refits)."""
     out, n = W.shape
     vf = cb.VectorFormat("kmeans", dim=d, code_bits=k)
     vf.check_shape(out, n)

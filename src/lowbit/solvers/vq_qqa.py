@@ -129,7 +129,7 @@ def qqa_vector(w: torch.Tensor, q: VectorQuantizedWeight, H: torch.Tensor, cfg: 
 
 
 def vq_e8_qqa(W: torch.Tensor, fmt=None, H: torch.Tensor | None = None, damp: float = 0.01, rho: float = 0.9,
-              qqa: VectorQQAConfig | None = None, **_ignored) -> VectorQuantizedWeight:
+              qqa: VectorQQAConfig | None = None) -> VectorQuantizedWeight:
     """E8 vector LDLQ, then QQA on its codes and row scales (H is required)."""
     if H is None:
         raise ValueError("vq_e8_qqa needs input statistics H")
