@@ -11,11 +11,12 @@ from lowbit.kernels import _common
 from lowbit.kernels import hadamard as H
 from lowbit.kernels import pairwise as P
 from lowbit.kernels import quant as Q
+from lowbit.kernels import vector as V
 
 FAILURE = "ModuleNotFoundError: No module named 'triton'"
 # (dispatch choice, kernel module, name in the messages)
 CHOOSERS = [(H._use_kernel, "_hadamard_triton", "fwht"), (P._use_kernels, "_pairwise_triton", "pairwise_rotate"),
-            (Q._use_triton, "_quant_triton", "quant_linear")]
+            (Q._use_triton, "_quant_triton", "quant_linear"), (V._use_triton, "_vector_triton", "vq_linear")]
 IDS = [c[2] for c in CHOOSERS]
 
 

@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from ..transforms.hadamard import _factor_matrix, factor
+from ..transforms.hadamard import factor_matrix, factor
 from ._common import forced_reference, import_failure, load_kernels, missing_kernels, warn_reference_once
 from ..transforms.hadamard import fwht_ref as _fwht_ref
 
@@ -74,7 +74,7 @@ def fwht_triton(x: torch.Tensor, normalized: bool = True, transpose: bool = Fals
         return _pow2(x.reshape(-1, n), scale).reshape(x.shape)
     # the m x m factor in fp32 after the kernel: keep the kernel's output in fp32 too
     y = _pow2(x.reshape(-1, p).float(), scale).reshape(*x.shape[:-1], m, p)
-    a = _factor_matrix(m, kind, 0, str(x.device), torch.float32)
+    a = factor_matrix(m, kind, 0, str(x.device), torch.float32)
     return torch.einsum("...ab,ac->...cb", y, a.T if transpose else a).reshape(x.shape).to(x.dtype)
 
 

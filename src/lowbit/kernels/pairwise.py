@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 from torch.nn import functional as F
 
-from ..transforms.pairwise import _check_shapes, eye_tiled as _eye_tiled, pairwise_rotate_ref
+from ..transforms.pairwise import check_shapes, eye_tiled as _eye_tiled, pairwise_rotate_ref
 from ._common import forced_reference, import_failure, load_kernels, missing_kernels, warn_reference_once
 
 #: token count from which `mode="auto"` takes the tensor-core path (see `pairwise_rotate_triton`)
@@ -154,7 +154,7 @@ def _kernel_input(who: str, hint: str, x, scale, partner, cos, sin, group: int):
     tk = _triton()
     if tk is None:
         raise RuntimeError(f"{who} needs the Triton kernels ({import_failure('_pairwise_triton')}); {hint}")
-    _check_shapes(x, scale, partner, cos, sin)
+    check_shapes(x, scale, partner, cos, sin)
     if x.dtype not in _FLOATS:
         raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
     if group < 1 or group & (group - 1):

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from lowbit.formats.packed_vector import vq_linear_ref
+from lowbit.kernels._common import forced_reference, load_kernels, missing_kernels, warn_reference_once
 from lowbit.kernels.quant import _interpreting, _next_pow2, _pow2, _sms
 
 #: tokens up to which "auto" runs the GEMV (it reads the codes once per token); beyond, the weight is
@@ -60,24 +61,20 @@ def reset_path_counts() -> None:
 
 
 def _triton():
-    try:
-        from lowbit.kernels import _vector_triton
-    except ImportError:
-        return None
-    return _vector_triton
+    """The kernel module, or None when it does not import (see `_common.load_kernels`)."""
+    return load_kernels("_vector_triton")
 
 
 def _use_triton(x: Tensor) -> bool:
-    """Triton for CUDA tensors (CPU ones under TRITON_INTERPRET=1) unless LOWBIT_KERNELS=ref; a CUDA
-    tensor without triton raises."""
-    if os.environ.get("LOWBIT_KERNELS", "") == "ref":
-        return False
+    """Triton for CUDA tensors (CPU ones under TRITON_INTERPRET=1) unless LOWBIT_KERNELS=ref; a
+    CUDA tensor whose kernels did not import raises (under LOWBIT_KERNELS=ref: a warning, once)."""
     if x.is_cuda:
         if _triton() is None:
-            raise RuntimeError("lowbit vq_linear: CUDA input but triton does not import (pip install triton); "
-                               "set LOWBIT_KERNELS=ref to run the plain-torch reference on purpose")
-        return True
-    return _interpreting() and _triton() is not None
+            if not forced_reference():
+                raise missing_kernels("vq_linear", "_vector_triton")
+            warn_reference_once("vq_linear", "_vector_triton")
+        return not forced_reference()
+    return not forced_reference() and _interpreting() and _triton() is not None
 
 
 def _check(x: Tensor, codes: Tensor, scales: Tensor, book: Tensor, bias: Tensor | None) -> tuple[int, int, int]:

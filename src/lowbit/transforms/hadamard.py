@@ -185,7 +185,7 @@ def fwht_pow2(x: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def _factor_matrix(m: int, kind: str, seed: int, device: str, dtype: torch.dtype) -> torch.Tensor:
+def factor_matrix(m: int, kind: str, seed: int, device: str, dtype: torch.dtype) -> torch.Tensor:
     return small_factor(m, kind, seed).to(device=device, dtype=dtype)
 
 
@@ -200,7 +200,7 @@ def fwht_ref(x: torch.Tensor, normalized: bool = True, seed: int = 0, transpose:
     if p > 1:
         y = fwht_pow2(y)
     if m > 1:
-        a = _factor_matrix(m, kind, seed, str(x.device), ct)
+        a = factor_matrix(m, kind, seed, str(x.device), ct)
         y = torch.einsum("...ab,ac->...cb", y, a.T if transpose else a)
     y = y.reshape(x.shape)
     if normalized:

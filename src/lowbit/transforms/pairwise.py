@@ -34,7 +34,7 @@ Pairing = typing.Literal["random", "weight", "activation"]
 PAIRINGS = typing.get_args(Pairing)
 
 
-def _check_shapes(x, scale, partner, cos, sin) -> None:
+def check_shapes(x, scale, partner, cos, sin) -> None:
     n = x.shape[-1]
     if partner.dim() != 2 or partner.shape[1] != n:
         raise ValueError(f"partner must be [K, {n}] for x [..., {n}], got {tuple(partner.shape)}")
@@ -48,7 +48,7 @@ def _check_shapes(x, scale, partner, cos, sin) -> None:
 def pairwise_rotate_ref(x: torch.Tensor, scale: torch.Tensor, partner: torch.Tensor,
                         cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Plain-torch pairwise rotation transform; differentiable in x, scale, cos and sin."""
-    _check_shapes(x, scale, partner, cos, sin)
+    check_shapes(x, scale, partner, cos, sin)
     ct = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for gradcheck
     y = x.to(ct) * scale.to(ct)
     idx = partner.long()
