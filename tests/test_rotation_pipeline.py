@@ -44,7 +44,9 @@ def test_every_solver_runs_on_a_rotated_model(label, family):
     quantize_model(plain, recipe.with_(rotation=None), toks, batch_size=4, progress=False)
     base = _rel(_logits(plain, toks), ref)
     assert torch.isfinite(out).all() and 0 < _rel(out, ref) < 1.05 * base
-    assert all(0 < e < 0.6 for e in res.block_errors)
+    # relative block-output errors measured here: W4 0.06-0.26, W3 per channel 0.18-0.41
+    bound = 0.6 if recipe.bits == 3 else 0.35
+    assert all(0 < e < bound for e in res.block_errors), res.block_errors
 
 
 def _outlier_model(seed=0):
@@ -85,7 +87,8 @@ def test_activation_quantization_w4a8_and_w4a4():
         quantize_model(m, get_recipe(label), toks, batch_size=4, progress=False)
         errs[label] = _rel(_logits(m, toks), ref)
     assert errs["gptq-w4-g16"] <= errs["gptq-w4a8-g16"] * 1.05 < errs["gptq-w4a4-g16"]
-    assert all(e < 1 for e in errs.values()), errs
+    # measured: 0.160 / 0.160 / 0.467 / 0.379; the Hadamard rotation is what makes 4-bit inputs usable
+    assert errs["had-gptq-w4a4-g16"] < 0.9 * errs["gptq-w4a4-g16"] < 0.6, errs
 
 
 @pytest.mark.parametrize("family,label", [("llama", "had-gptq-w4-g16"), ("gemma3_text", "had-rtn-w4a8-g16"),
