@@ -73,6 +73,23 @@ def test_replay_is_really_used(caplog, monkeypatch):
     assert all(type(m).__name__ != "_Replayed" for m in model.modules())
 
 
+def test_replay_falls_back_when_a_module_does_more_than_its_last_linear(caplog):
+    """An MLP that scales down_proj's output cannot be replayed from down_proj's cache: the first batch's
+    check catches it, the real forward runs instead, and the result equals a run without replay."""
+    toks = tiny_tokens(8, 32)
+    results = []
+    for memo in (True, False):
+        model = tiny_model("llama")
+        for blk in model.model.layers:
+            blk.mlp.register_forward_hook(lambda m, a, out: out * 1.5)
+        caplog.clear()
+        quantize_model(model, Recipe(method="gptq", bits=4, group_size=16), toks, batch_size=4, progress=False,
+                       replay_memo=memo)
+        results.append(_logits(model, toks))
+        assert ("disagrees with its forward" in caplog.text) == memo
+    assert torch.allclose(results[0], results[1], atol=1e-5)
+
+
 def test_flush_denormal_is_restored():
     quantize_model(tiny_model("llama"), Recipe(method="rtn", bits=4, group_size=16), tiny_tokens(), progress=False)
     assert torch.tensor([1e-40], dtype=torch.float32).item() != 0.0  # denormals survive again
