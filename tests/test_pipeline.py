@@ -91,8 +91,17 @@ def test_replay_falls_back_when_a_module_does_more_than_its_last_linear(caplog):
 
 
 def test_flush_denormal_is_restored():
+    from lowbit.pipeline import flushing_denormals
+
     quantize_model(tiny_model("llama"), Recipe(method="rtn", bits=4, group_size=16), tiny_tokens(), progress=False)
     assert torch.tensor([1e-40], dtype=torch.float32).item() != 0.0  # denormals survive again
+    torch.set_flush_denormal(True)  # a caller that flushes keeps flushing
+    try:
+        quantize_model(tiny_model("llama"), Recipe(method="rtn", bits=4, group_size=16), tiny_tokens(), progress=False)
+        assert flushing_denormals()
+    finally:
+        torch.set_flush_denormal(False)
+    assert not flushing_denormals()
 
 
 def test_true_sequential_off_still_works():

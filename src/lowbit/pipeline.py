@@ -64,15 +64,21 @@ def _check_group_size(layers, adapter, recipe: Recipe, prefix: str) -> None:
                                         "use a group size <= the width, or -1 for one group per output channel")
 
 
+def flushing_denormals() -> bool:
+    """Whether the CPU flushes denormals now (torch has no getter: a denormal times one survives or not)."""
+    return (torch.tensor([1e-40], dtype=torch.float32) * 1.0).item() == 0.0
+
+
 @contextmanager
 def flush_denormal():
     """Flush denormals while quantizing (GPTQ's updates create denormals that slow CPUs tenfold), and
-    put the default (off) back afterwards."""
+    put the caller's setting back afterwards."""
+    before = flushing_denormals()
     torch.set_flush_denormal(True)
     try:
         yield
     finally:
-        torch.set_flush_denormal(False)
+        torch.set_flush_denormal(before)
 
 
 def stored_bits(qw, transform=None) -> float:
