@@ -32,9 +32,9 @@ RECIPES = {
     "vq-e8-had-qep-qqa": Recipe(method="vq_e8_qqa", bits=2, group_size=-1, rotation="hadamard", qep=QEPConfig()),
     "vq-e8-qep": Recipe(method="vq_e8", bits=2, group_size=-1, qep=QEPConfig()),
     "qep-gptq-w2-g64-clip-static": PRESETS["qep-gptq-w2-g64-clip-static"],
-    # block fine-tuning of best-w2 at smaller learning rates (best-w2-ft uses 5e-3 for scales and norms)
+    # block fine-tuning of best-w2 at other learning rates (the preset best-w2-ft: 2e-4 for scales and norms)
+    "best-w2-ft-lr5e-3": PRESETS["best-w2"].with_(block_ft=BlockFTConfig(epochs=2, lr=5e-3, norm_lr=5e-3)),
     "best-w2-ft-lr1e-3": PRESETS["best-w2"].with_(block_ft=BlockFTConfig(epochs=2, lr=1e-3, norm_lr=1e-3)),
-    "best-w2-ft-lr2e-4": PRESETS["best-w2"].with_(block_ft=BlockFTConfig(epochs=2, lr=2e-4, norm_lr=2e-4)),
     "best-w2-ft-lr2e-4-scales": PRESETS["best-w2"].with_(block_ft=BlockFTConfig(epochs=2, lr=2e-4)),
 }
 
