@@ -51,4 +51,15 @@ def warn_reference_once(who: str, name: str) -> None:
         return
     _WARNED.add(who)
     warnings.warn(f"{who}: the Triton kernels did not import ({import_failure(name)}); CUDA inputs run the slow "
-                  "plain-torch reference (LOWBIT_KERNELS=ref)", RuntimeWarning, stacklevel=3)
+                  "plain-torch reference (LOWBIT_KERNELS=ref)", RuntimeWarning, stacklevel=4)
+
+
+def cuda_kernels(tk, who: str, name: str) -> bool:
+    """For a CUDA input: whether dispatcher `who` runs its kernels (`tk`: the loaded module lowbit.kernels.<name>,
+    or None when it did not import). A failed import raises `missing_kernels`, unless LOWBIT_KERNELS=ref asks
+    for the reference (then False, with a warning once); under LOWBIT_KERNELS=ref always False."""
+    if tk is None:
+        if not forced_reference():
+            raise missing_kernels(who, name)
+        warn_reference_once(who, name)
+    return not forced_reference()

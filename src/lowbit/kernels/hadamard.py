@@ -17,7 +17,7 @@ import os
 import torch
 
 from ..transforms.hadamard import factor_matrix, factor
-from ._common import forced_reference, import_failure, load_kernels, missing_kernels, warn_reference_once
+from ._common import cuda_kernels, import_failure, load_kernels
 from ..transforms.hadamard import fwht_ref as _fwht_ref
 
 #: widest power-of-two row the kernel holds in registers (32 KiB of fp32 per row; the reshapes
@@ -83,11 +83,7 @@ def _use_kernel(x: torch.Tensor) -> bool:
     kernels did not import raise, unless LOWBIT_KERNELS=ref (then a warning, once)."""
     if not x.is_cuda or (torch.is_grad_enabled() and x.requires_grad) or factor(x.shape[-1])[1] > MAX_N:
         return False  # the designed reference paths
-    if _triton() is None:
-        if not forced_reference():
-            raise missing_kernels("fwht", "_hadamard_triton")
-        warn_reference_once("fwht", "_hadamard_triton")
-    return not forced_reference()
+    return cuda_kernels(_triton(), "fwht", "_hadamard_triton")
 
 
 def fwht(x: torch.Tensor, normalized: bool = True, transpose: bool = False) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch
 from torch.nn import functional as F
 
 from ..transforms.pairwise import check_shapes, eye_tiled as _eye_tiled, pairwise_rotate_ref
-from ._common import forced_reference, import_failure, load_kernels, missing_kernels, warn_reference_once
+from ._common import cuda_kernels, import_failure, load_kernels
 
 #: token count from which `mode="auto"` takes the tensor-core path (see `pairwise_rotate_triton`)
 MMA_MIN_TOKENS = 1024
@@ -254,11 +254,7 @@ def _use_kernels(x, *params) -> bool:
     did not import raise, unless LOWBIT_KERNELS=ref (then a warning, once)."""
     if not x.is_cuda or (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params))):
         return False  # the designed reference paths
-    if _triton() is None:
-        if not forced_reference():
-            raise missing_kernels("pairwise_rotate", "_pairwise_triton")
-        warn_reference_once("pairwise_rotate", "_pairwise_triton")
-    return not forced_reference()
+    return cuda_kernels(_triton(), "pairwise_rotate", "_pairwise_triton")
 
 
 # ---- the decode layer: F.linear(pairwise_rotate(x), W, b) with the transform fused ---------------

@@ -42,8 +42,7 @@ from torch import Tensor
 
 from lowbit.formats.packed import quant_linear_ref
 from lowbit.formats.packing import padded_width
-from lowbit.kernels._common import (forced_reference, import_failure, load_kernels, missing_kernels,
-                                   warn_reference_once)
+from lowbit.kernels._common import cuda_kernels, forced_reference, import_failure, load_kernels
 from lowbit.kernels.pairwise import (GemvCoefficients, GemvWorkspace, gemv_coefficients, pairwise_rotate,
                                      pairwise_rotate_ref)
 
@@ -575,11 +574,7 @@ def _use_triton(x: Tensor) -> bool:
     """Triton for CUDA tensors (CPU ones under TRITON_INTERPRET=1) unless LOWBIT_KERNELS=ref; a
     CUDA tensor whose kernels did not import raises (under LOWBIT_KERNELS=ref: a warning, once)."""
     if x.is_cuda:
-        if _triton() is None:
-            if not forced_reference():
-                raise missing_kernels("quant_linear", "_quant_triton")
-            warn_reference_once("quant_linear", "_quant_triton")
-        return not forced_reference()
+        return cuda_kernels(_triton(), "quant_linear", "_quant_triton")
     return not forced_reference() and _interpreting() and _triton() is not None
 
 

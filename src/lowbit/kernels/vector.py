@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from lowbit.formats.packed_vector import vq_linear_ref
-from lowbit.kernels._common import forced_reference, load_kernels, missing_kernels, warn_reference_once
+from lowbit.kernels._common import cuda_kernels, forced_reference, load_kernels
 from lowbit.kernels.quant import _interpreting, _next_pow2, _pow2, _sms
 
 #: tokens up to which "auto" runs the GEMV (it reads the codes once per token); beyond, the weight is
@@ -69,11 +69,7 @@ def _use_triton(x: Tensor) -> bool:
     """Triton for CUDA tensors (CPU ones under TRITON_INTERPRET=1) unless LOWBIT_KERNELS=ref; a
     CUDA tensor whose kernels did not import raises (under LOWBIT_KERNELS=ref: a warning, once)."""
     if x.is_cuda:
-        if _triton() is None:
-            if not forced_reference():
-                raise missing_kernels("vq_linear", "_vector_triton")
-            warn_reference_once("vq_linear", "_vector_triton")
-        return not forced_reference()
+        return cuda_kernels(_triton(), "vq_linear", "_vector_triton")
     return not forced_reference() and _interpreting() and _triton() is not None
 
 
