@@ -29,6 +29,10 @@ _FLAT_STAGES = {"act_bits": None, "act_symmetric": False, "onebit_ft_epochs": 0,
 _UNSET = object()
 
 
+#: the scalar-format options and the only values they may take with a vector method (vq_e8, vq_kmeans, ...)
+VECTOR_SCALAR_OPTIONS = {"clip": False, "symmetric": False, "group_size": -1}
+
+
 @dataclass(frozen=True, init=False)
 class Recipe:
     """How to quantize a model: the weight format, the solver (`method` and its typed config) and the
@@ -120,9 +124,8 @@ class Recipe:
         nominal = self.solver.vector_bits()
         if nominal is None:
             return
-        ignored = [k for k, on in (("clip", self.clip), ("symmetric", self.symmetric),
-                                   ("group_size", self.group_size != -1), ("bit_budget", self.bit_budget is not None))
-                   if on]
+        ignored = [k for k, v in VECTOR_SCALAR_OPTIONS.items() if getattr(self, k) != v]
+        ignored += ["bit_budget"] if self.bit_budget is not None else []
         if ignored:
             raise RecipeError(f"method {self.method!r} stores vector codes; scalar options do not apply: "
                               f"{', '.join(ignored)} (use group_size -1, no clip, no symmetric, no bit budget)")
@@ -569,7 +572,7 @@ def with_overrides(base: Recipe, *, pairwise: dict | None = None, rotation: dict
         nominal = kw["solver"].vector_bits()
         if nominal is not None:  # a vector method: the base's scalar options do not carry over
             over.setdefault("bits", nominal)
-            for k, v in (("clip", False), ("symmetric", False), ("group_size", -1)):
+            for k, v in VECTOR_SCALAR_OPTIONS.items():
                 over.setdefault(k, v)
     if qep is False:
         kw["qep"] = None
