@@ -14,10 +14,19 @@ if [ -f /tmp/lb-stage/shakespeare.txt ]; then export EXTRA=${EXTRA:-/tmp/lb-stag
 if [ "${1:-}" != stage ]; then
   gguf_path=$LOWBIT_HOME/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   if [ ! -f "$gguf_path" ]; then
+    if [ ! -f /tmp/lb-stage/part_aa ]; then
+      echo "gpu_env: /tmp/lb-stage/part_aa is missing (the machine went cold after the stage call): stage again" >&2
+      return 1 2>/dev/null || exit 1
+    fi
     mkdir -p "$(dirname "$gguf_path")"
-    cat /tmp/lb-stage/part_aa .carry/b/part_a* > "$gguf_path"
+    cat /tmp/lb-stage/part_aa .carry/b/part_a* > "$gguf_path.part" && mv "$gguf_path.part" "$gguf_path"
     tar xzf .carry/b/text.tar.gz -C $LOWBIT_HOME
   fi
-  echo "sha256 expected b179c9523d0e6a0f, got $(sha256sum "$gguf_path" | cut -c1-16)"
+  sha=$(sha256sum "$gguf_path" | cut -c1-16)
+  echo "sha256 expected b179c9523d0e6a0f, got $sha"
+  if [ "$sha" != b179c9523d0e6a0f ]; then
+    rm -f "$gguf_path"; echo "gpu_env: the joined model is corrupt (removed): stage again" >&2
+    return 1 2>/dev/null || exit 1
+  fi
   python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
 fi

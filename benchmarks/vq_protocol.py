@@ -23,7 +23,7 @@ from lowbit.loading import load_model
 from lowbit.pipeline import quantize_model
 from lowbit.qep import QEPConfig
 from lowbit.recipe import PRESETS, Recipe
-from lowbit.stages.base import BlockFTConfig
+from lowbit.stages.base import BlockFTConfig, E2EFTConfig
 
 RECIPES = {
     "fp": None,
@@ -36,6 +36,12 @@ RECIPES = {
     "best-w2-ft-lr5e-3": PRESETS["best-w2"].with_(block_ft=BlockFTConfig(epochs=2, lr=5e-3, norm_lr=5e-3)),
     "best-w2-ft-lr1e-3": PRESETS["best-w2"].with_(block_ft=BlockFTConfig(epochs=2, lr=1e-3, norm_lr=1e-3)),
     "best-w2-ft-lr2e-4-scales": PRESETS["best-w2"].with_(block_ft=BlockFTConfig(epochs=2, lr=2e-4)),
+    # end-to-end distillation (KL to the FP logits) after the walk, on top of block fine-tuning or alone
+    "best-w2-ft-e2e64": PRESETS["best-w2-ft"].with_(e2e_ft=E2EFTConfig(steps=64)),
+    "best-w2-ft-e2e64-lr1e-5": PRESETS["best-w2-ft"].with_(e2e_ft=E2EFTConfig(steps=64, lr=1e-5)),
+    "best-w2-e2e64": PRESETS["best-w2"].with_(e2e_ft=E2EFTConfig(steps=64)),
+    "best-w2-ft-e2e256": PRESETS["best-w2-ft"].with_(e2e_ft=E2EFTConfig(steps=256)),
+    "best-w2-e2e256": PRESETS["best-w2"].with_(e2e_ft=E2EFTConfig(steps=256)),
 }
 
 

@@ -52,7 +52,16 @@ def test_best_presets_per_width():
     assert len({get_recipe(n).identity for n in ("best", "best-w3", "best-w2", "best-w1")}) == 4
     ft = get_recipe("best-w2-ft")  # best-w2 with block-wise fine-tuning of its row scales and norms
     assert ft.label == "best-w2-ft" and ft.with_(block_ft=None, name="best-w2") == get_recipe("best-w2")
+    e2e = get_recipe("best-w2-e2e")  # best-w2-ft with end-to-end distillation after the walk
+    assert e2e.label == "best-w2-e2e" and e2e.e2e_ft.steps == 64
+    assert e2e.with_(e2e_ft=None, name="best-w2-ft") == ft
     assert (ft.block_ft.epochs, ft.block_ft.lr, ft.block_ft.norm_lr) == (2, 2e-4, 2e-4)  # 5e-3 made it worse
+
+
+def test_with_drops_a_preset_name_unless_given():
+    changed = get_recipe("best").with_(bits=3)
+    assert changed.label != "best" and "w3" in changed.label
+    assert get_recipe("best").with_(name="mine").label == "mine"
 
 
 # --- typed configs (issue 18 part 2) ---------------------------------------------------------------------
