@@ -33,6 +33,11 @@ def import_failure(name: str) -> str:
     return _FAILED.get(name, "unavailable")
 
 
+def interpreting() -> bool:
+    """TRITON_INTERPRET set: the Triton kernels run on CPU tensors through the interpreter (tests, CI)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def forced_reference() -> bool:
     """LOWBIT_KERNELS=ref: the plain-torch reference everywhere, on purpose."""
     return os.environ.get("LOWBIT_KERNELS", "") == "ref"

@@ -12,12 +12,12 @@ as [m, 2^k], the kernel transforms the 2^k axis and the small m x m factor is on
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
 from ..transforms.hadamard import factor_matrix, factor
 from ._common import cuda_kernels, import_failure, load_kernels
+from ._common import interpreting as _interpreting
 from ..transforms.hadamard import fwht_ref as _fwht_ref
 
 #: widest power-of-two row the kernel holds in registers (32 KiB of fp32 per row; the reshapes
@@ -34,10 +34,6 @@ def fwht_ref(x: torch.Tensor, normalized: bool = True, transpose: bool = False) 
 def _triton():
     """The kernel module, or None when it does not import (see `_common.load_kernels`)."""
     return load_kernels("_hadamard_triton")
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _pow2(x2: torch.Tensor, scale: float) -> torch.Tensor:

@@ -25,7 +25,8 @@ import torch
 from torch.nn import functional as F
 
 from ..transforms.pairwise import check_shapes, eye_tiled as _eye_tiled, pairwise_rotate_ref
-from ._common import cuda_kernels, import_failure, load_kernels
+from ._common import cuda_kernels, forced_reference, import_failure, load_kernels
+from ._common import interpreting as _interpreting
 
 #: token count from which `mode="auto"` takes the tensor-core path (see `pairwise_rotate_triton`)
 MMA_MIN_TOKENS = 1024
@@ -71,10 +72,6 @@ def validate_partner(partner: torch.Tensor, group: int = 128) -> None:
 def _triton():
     """The kernel module, or None when it does not import (see `_common.load_kernels`)."""
     return load_kernels("_pairwise_triton")
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @functools.lru_cache(maxsize=None)
@@ -464,7 +461,7 @@ def fused_linear_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     """Whether `pairwise_linear` (mode "auto") takes the fused kernel: CUDA tensors (or
     TRITON_INTERPRET=1) with triton importable, LOWBIT_KERNELS != "ref", fp32 / fp16 / bf16 x with
     the weight (and bias) of the same dtype, no gradient needed, 1 to DECODE_MAX_TOKENS tokens."""
-    if os.environ.get("LOWBIT_KERNELS", "") == "ref" or not (x.is_cuda or _interpreting()) or _triton() is None:
+    if forced_reference() or not (x.is_cuda or _interpreting()) or _triton() is None:
         return False
     if x.dtype not in _FLOATS or weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
         return False

@@ -43,6 +43,7 @@ from torch import Tensor
 from lowbit.formats.packed import quant_linear_ref
 from lowbit.formats.packing import padded_width
 from lowbit.kernels._common import cuda_kernels, forced_reference, import_failure, load_kernels
+from lowbit.kernels._common import interpreting as _interpreting
 from lowbit.kernels.pairwise import (GemvCoefficients, GemvWorkspace, gemv_coefficients, pairwise_rotate,
                                      pairwise_rotate_ref)
 
@@ -89,10 +90,6 @@ def reset_path_counts() -> None:
 def _triton():
     """The kernel module, or None when it does not import (see `_common.load_kernels`)."""
     return load_kernels("_quant_triton")
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _pow2(v: int) -> bool:

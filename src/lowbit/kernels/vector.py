@@ -28,7 +28,8 @@ from torch import Tensor
 
 from lowbit.formats.packed_vector import vq_linear_ref
 from lowbit.kernels._common import cuda_kernels, forced_reference, load_kernels
-from lowbit.kernels.quant import _interpreting, _next_pow2, _pow2, _sms
+from lowbit.kernels._common import interpreting as _interpreting
+from lowbit.kernels.quant import _next_pow2, _pow2, _sms
 
 #: tokens up to which "auto" runs the GEMV (it reads the codes once per token); beyond, the weight is
 #: dequantized and multiplied by cuBLAS. A guess until `benchmarks/kernel_vq.py` times the crossover
