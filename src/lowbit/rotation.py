@@ -31,14 +31,15 @@ from __future__ import annotations
 
 import logging
 import typing
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
+from .actquant import act_quant
 from .configs import RecipeError, check_fields
 from .formats import IntFormat, fake_quantize
-from .formats.activation import fake_quant_per_token
 from .kernels.hadamard import fwht
 from .models import get_adapter
 from .transforms.hadamard import orthogonality_error, rotation_matrix
@@ -398,23 +399,13 @@ def learn_rotations(model: nn.Module, q1: torch.Tensor, r2: list[torch.Tensor] |
     q = q1.float().to(device)
     rs = None if r2 is None else [a.float().to(device) for a in r2]
     windows = tokens[: cfg.samples, : cfg.seq_len].to(device)
-    handles, patched = [], []
-    if act_bits is not None:  # as at inference: after an online transform where there is one (R4)
-        def aq(mod, args):
-            return (fake_quant_per_token(args[0], act_bits, act_symmetric),) + tuple(args[1:])
-        for n in quantized:
-            mod = model.get_submodule(n)
-            if hasattr(mod, "transform_input"):
-                inner = mod.transform_input
-                mod.transform_input = lambda x, inner=inner: fake_quant_per_token(inner(x), act_bits, act_symmetric)
-                patched.append(mod)
-            else:
-                handles.append(mod.register_forward_pre_hook(aq))
+    # activations quantized as at inference (after an online transform where there is one: R4), only here
+    aq = nullcontext() if act_bits is None else act_quant(map(model.get_submodule, quantized), act_bits, act_symmetric)
     losses: list[float] = []
     was_training = model.training
     model.eval()
     try:
-        with torch.enable_grad():  # the pipeline runs under no_grad
+        with aq, torch.enable_grad():  # the pipeline runs under no_grad
             for step in tqdm(range(cfg.steps), desc="learn rotations", disable=not progress):
                 q.requires_grad_(True)
                 if rs is not None:
@@ -441,10 +432,6 @@ def learn_rotations(model: nn.Module, q1: torch.Tensor, r2: list[torch.Tensor] |
                     if rs is not None:
                         rs = [cayley_step(a.detach(), a.grad, cfg.lr) for a in rs]
     finally:
-        for h in handles:
-            h.remove()
-        for mod in patched:
-            del mod.transform_input
         model.train(was_training)
     q = nearest_orthogonal(q.detach())
     rs = None if rs is None else [nearest_orthogonal(a.detach()) for a in rs]

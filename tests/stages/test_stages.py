@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from conftest import tiny_model, tiny_tokens
+from lowbit.actquant import act_quant_setting
 from lowbit.blockwise import PairwiseConfig
 from lowbit.qep import QEPConfig
 from lowbit.recipe import Recipe, get_recipe
@@ -61,7 +62,7 @@ def test_onebit_finetune_stage_trains_g_and_h():
 def test_act_quant_stage_sets_up_every_decoder_linear():
     m, _ = _q(get_recipe("rtn-w4-g64").with_(group_size=32, act_bits=8))
     lins = [mod for mod in m.model.layers.modules() if isinstance(mod, torch.nn.Linear)]
-    assert lins and all(getattr(mod, "_lowbit_act_bits", None) == 8 for mod in lins)
+    assert lins and all(act_quant_setting(mod) == (8, False, 1.0) for mod in lins)
 
 
 def test_a_new_stage_plugs_into_the_walker():

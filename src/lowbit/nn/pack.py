@@ -37,15 +37,17 @@ def _transform_of(mod: nn.Module, rot=None) -> nn.Module | None:
 def quantized_modules(model: nn.Module, result) -> dict[str, nn.Module]:
     """A QuantizedLinear / VectorQuantizedLinear (on the CPU) for every linear the pipeline quantized,
     without changing `model`."""
+    from ..actquant import act_quant_setting, enable_act_quant_module
+
     out = {}
-    act_sym = bool(getattr(result.recipe, "act_symmetric", False))
     for name, qw in result.weights.items():
         mod = model.get_submodule(name)
         bias = None if mod.bias is None else mod.bias.detach().cpu()
         cls = module_class(getattr(qw, "kind", "int"))
         q = cls.from_weight(qw.to("cpu"), bias, _transform_of(mod, result.transforms.get(name)), dtype=mod.weight.dtype)
-        if getattr(mod, "_lowbit_act_bits", None) is not None:
-            q.act_bits, q.act_symmetric = mod._lowbit_act_bits, act_sym
+        act = act_quant_setting(mod)
+        if act is not None:
+            enable_act_quant_module(q, *act)
         out[name] = q
     return out
 

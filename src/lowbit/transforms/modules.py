@@ -6,10 +6,30 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..formats.activation import fake_quant_per_token
 from .pairwise import PairwiseRotation, apply_blocks, block_matrices
 
 
-class RotatedLinear(nn.Linear):
+class ActQuantInput:
+    """Optional dynamic per-token fake quantization of a transformed linear's input, after the transform
+    (what the integer matmul would read); off while `act_bits` is None. Set with
+    `lowbit.actquant.enable_act_quant_module`; the packed modules carry the same `act_bits` / `act_symmetric`."""
+
+    act_bits: int | None = None
+    act_symmetric: bool = False
+    act_clip: float = 1.0  # fraction of each token's range kept (1: no clipping)
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x fake-quantized per token to `act_bits` (x itself when off)."""
+        if self.act_bits is None:
+            return x
+        return fake_quant_per_token(x, self.act_bits, self.act_symmetric, self.act_clip)
+
+    def act_repr(self) -> str:
+        return "" if self.act_bits is None else f", act_bits={self.act_bits}"
+
+
+class RotatedLinear(ActQuantInput, nn.Linear):
     """y = W' (R D^-1 x) + b: a linear whose stored weight W' lives in a rotated input space.
 
     The transform's per-channel coefficients are kept as buffers; `transform_input` runs the
@@ -76,19 +96,22 @@ class RotatedLinear(nn.Linear):
         return kb
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
-        """x' = R D^-1 x: the fused Triton kernel on CUDA; on CPU the equivalent block-diagonal
-        matmul, which is faster there than K passes over memory."""
+        """x' = R D^-1 x (then the activation quantizer, if on): the fused Triton kernel on CUDA; on CPU
+        the equivalent block-diagonal matmul, which is faster there than K passes over memory."""
         if x.is_cuda:
             from ..kernels.pairwise import pairwise_rotate
 
-            return pairwise_rotate(x, self.inv_scale, self.partner, self.cos, self.sin, group=self.rot.group,
-                                   blocks=self._cuda_blocks())
-        return apply_blocks(x, self.blocks())
+            x = pairwise_rotate(x, self.inv_scale, self.partner, self.cos, self.sin, group=self.rot.group,
+                                blocks=self._cuda_blocks())
+        else:
+            x = apply_blocks(x, self.blocks())
+        return self.quantize_input(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # decode on CUDA (up to DECODE_MAX_TOKENS tokens, no gradient): the transform fused into the
-        # matmul, one launch; otherwise the transform (kernel with cached blocks on CUDA), then F.linear
-        if x.is_cuda:
+        # matmul, one launch (not with activation quantization, which sits between the two); otherwise the
+        # transform (kernel with cached blocks on CUDA), then F.linear
+        if x.is_cuda and self.act_bits is None:
             from ..kernels.pairwise import GemvWorkspace, fused_linear_applies, gemv_coefficients, pairwise_linear
 
             args = (self.inv_scale, self.partner, self.cos, self.sin)
@@ -107,7 +130,7 @@ class RotatedLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         K = self.rot.pairs.shape[0]
-        return f"{super().extra_repr()}, rotations={K}, group={self.rot.group}"
+        return f"{super().extra_repr()}, rotations={K}, group={self.rot.group}{self.act_repr()}"
 
 
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -116,7 +139,7 @@ def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
 
 
-class HadamardLinear(nn.Linear):
+class HadamardLinear(ActQuantInput, nn.Linear):
     """y = W' (x H) + b with H the normalized Hadamard matrix of the input width: the online
     rotation of a global-rotation recipe (R4, before down_proj). The stored weight is W' = W H,
     so the product is unchanged. `transform_input` is the FWHT dispatcher (Triton on CUDA)."""
@@ -136,13 +159,13 @@ class HadamardLinear(nn.Linear):
         return new
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
-        """x H (fast Walsh-Hadamard transform)."""
+        """x H (fast Walsh-Hadamard transform), then the activation quantizer if on."""
         from ..kernels.hadamard import fwht
 
-        return fwht(x)
+        return self.quantize_input(fwht(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.transform_input(x), self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, online_hadamard=True"
+        return f"{super().extra_repr()}, online_hadamard=True{self.act_repr()}"
