@@ -7,6 +7,7 @@ vq-e8 uniformly random codes gather from the whole 1 MB table: no kinder to cach
     python benchmarks/decode_e2e.py --variants bf16,w2,vq-e8 --out $OUT/e2e-vq.json   # W2 against E8
 
     python benchmarks/decode_e2e.py --out $OUT/e2e.json                 # the H200 run
+    python benchmarks/decode_e2e.py --variants bf16,w4,w4+pdl           # "+pdl": GEMVs as dependent launches
     python benchmarks/decode_e2e.py --shape tiny --new 8 --prompt 8    # a CPU check of the script
 
 Reports per variant: weight bytes, prefill tokens/s, decode tokens/s (per sequence and total),
@@ -17,9 +18,11 @@ measured in the same run), peak GPU memory, and the first compile+capture time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -45,6 +48,8 @@ SHAPES = {
 }
 VARIANTS = {"bf16": None, "w4": (4, False), "w3": (3, False), "w2": (2, False), "w4-pair": (4, True),
             "vq-e8": "vq-e8", "w4-head": (4, False), "w2-head": (2, False)}
+# A variant name may end in "+pdl": the same model, its packed GEMVs launched as programmatic dependent
+# launches (LOWBIT_QUANT_GEMV_PDL=1 while it is built, captured and timed).
 # "-head" variants: the lm_head (128256 x 4096, 1.05 GB read per token in bf16) packed too, at the
 # decoder linears' width and group 128 (not a default variant: what quantizing the head would buy)
 DEFAULT_VARIANTS = ("bf16", "w4", "w3", "w2", "w4-pair", "vq-e8")
@@ -102,8 +107,24 @@ def random_vector(lin: nn.Linear, device, gen) -> VectorQuantizedLinear:
     return q
 
 
+@contextlib.contextmanager
+def launch_options(variant: str):
+    """Environment of a variant: "+pdl" sets LOWBIT_QUANT_GEMV_PDL=1 (read when the GEMVs are
+    launched, i.e. captured), restored after."""
+    key, old = "LOWBIT_QUANT_GEMV_PDL", os.environ.get("LOWBIT_QUANT_GEMV_PDL")
+    os.environ[key] = "1" if variant.endswith("+pdl") else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
 def build(shape: dict, variant: str, device, shared: dict, gen: torch.Generator) -> nn.Module:
     """The model of one variant; embeddings, norms and lm_head are shared between variants."""
+    variant = variant.removesuffix("+pdl")
     from accelerate import init_empty_weights
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -221,10 +242,13 @@ def main() -> None:
               "command": " ".join(sys.argv), "variants": {}}
     for variant in args.variants.split(","):
         t0 = time.perf_counter()
+        if variant.removesuffix("+pdl") not in VARIANTS:
+            raise SystemExit(f"unknown variant {variant!r}: one of {', '.join(VARIANTS)} (optionally +pdl)")
         try:
-            model = build(SHAPES[args.shape], variant, device, shared, gen)
-            built = time.perf_counter() - t0
-            r = measure_speed(model, batches, args.prompt, args.new)
+            with launch_options(variant):
+                model = build(SHAPES[args.shape], variant, device, shared, gen)
+                built = time.perf_counter() - t0
+                r = measure_speed(model, batches, args.prompt, args.new)
             del model
         except Exception as e:  # recorded, the other variants still run
             result["variants"][variant] = {"error": f"{type(e).__name__}: {e}"}
@@ -242,8 +266,9 @@ def main() -> None:
             row["of_bound"] = row["decode_tok_s"] / bound if bound == bound else float("nan")
         result["variants"][variant] = r
         if args.profile and device.type == "cuda":
-            model = build(SHAPES[args.shape], variant, device, shared, gen)
-            r["profile"] = profile_step(model, args.prompt)
+            with launch_options(variant):
+                model = build(SHAPES[args.shape], variant, device, shared, gen)
+                r["profile"] = profile_step(model, args.prompt)
             del model
             gc.collect()
             torch.cuda.empty_cache()

@@ -10,7 +10,7 @@ conversions, loads, shuffles, HGMMA / HMMA) with elements per thread of one sub-
 instructions per weight element can be read off. Keys: kernel (gemv, mm, dequant), K, N, bits,
 gs (0 = per channel), asym (0/1), perm (0/1), rot (rotation group, 0 = none; else 8 Givens
 rotations fused), dtype (bf16, fp16), M (tokens, mm), and the tiles of the kernel
-(gemv: split, block_r, block_n, stages, warps, xloop, prefetch; mm: block_m, block_n, block_k, splits, stages,
+(gemv: split, block_r, block_n, stages, warps, xloop, prefetch, pdl; mm: block_m, block_n, block_k, splits, stages,
 warps; dequant: block_n, block_k, warps); unset tiles come from the launchers' heuristics (132 SMs).
 """
 
@@ -87,7 +87,8 @@ def compile_one(spec: dict, sass_dir: str | None = None) -> dict:
                      HAS_BIAS=False, ROT_K=8 if int(spec.get("rot", 0)) else 0, ROT_G=int(spec.get("rot", 0)) or 1,
                      GIVENS=bool(int(spec.get("rot", 0))), MASK_K=K % cs != 0, MASK_N=N % br != 0,
                      STAGES=stages, X_IN_LOOP=bool(int(spec.get("xloop", 0))) and stages > 1,
-                     PREFETCH=int(spec.get("prefetch", 2 if int(spec.get("rot", 0)) else 0)), EMU=False)
+                     PREFETCH=int(spec.get("prefetch", 2 if int(spec.get("rot", 0)) else 0)),
+                     PDL=bool(int(spec.get("pdl", 0))), EMU=False)
         ints = dict(K=K, N=N, KP32=kp32, G=-(-K // gs), stride_q=kp32 * bits, stride_s=-(-K // gs),
                     stride_z=-(-K // gs), stride_xm=K, stride_om=N)
         elems = bn * cs // (32 * warps)

@@ -116,3 +116,18 @@ def test_cuda_graph_decode_with_packed_kernels(tmp_path, pairwise):
         a = dm(False, torch.float32).forward(prompt.cuda(), pos)
         b = dm(False, torch.float32, dequantize=True).forward(prompt.cuda(), pos)
     assert rel(a, b) < 5e-3
+
+
+@pytest.mark.parametrize("B,V", [(1, 128256), (3, 5000), (2, 1000), (4, 151936), (2, 4096)])
+def test_greedy_is_argmax_with_its_ties(B, V):
+    """The two-stage argmax of the decode step gives argmax's index, the first maximum, also where
+    many values tie (logits rounded to quarters in bf16) and where V is not a multiple of the chunk."""
+    from lowbit.decode import greedy
+
+    g = torch.Generator().manual_seed(B * V)
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(B, V, generator=g).to(dtype)
+        if dtype == torch.bfloat16:
+            x = (x * 4).round() / 4
+        x[0, -1] = x.max() + 1          # a maximum in the tail past the last whole chunk
+        assert torch.equal(greedy(x), x.argmax(-1, keepdim=True))

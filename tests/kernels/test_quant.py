@@ -128,11 +128,12 @@ def test_reference_keeps_dtype_and_leading_shape():
 
 def test_configs_are_valid_for_the_target_shapes():
     shapes = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 1024), (576, 576), (576, 1536), (1536, 576),
-              (576, 192)]
+              (576, 192), (4096, 28672), (3072, 28672)]
     for (K, N), bits, gs, rot in itertools.product(shapes, (1, 2, 3, 4, 8), (32, 128, 0), (0, 128)):
         c = Q.gemv_config(K, N, bits, gs, 132, rot, 1)
         assert all(Q._pow2(c[k]) for k in ("split", "block_r", "block_n")) and c["block_n"] <= c["block_r"]
         assert c["split"] >= 32 and (not rot or c["split"] % rot == 0)
+        assert rot or 0 <= c["prefetch"] <= c["block_r"] // c["block_n"]      # (the launcher clamps it)
         Q._groups_per_tile(c["split"], gs if 0 < gs < K else K, K)          # whole groups per split
         for M in (2, 16, 40, 2048):
             m = Q.mm_config(M, K, N, bits, gs, 132, 2, M <= 16)
@@ -419,6 +420,53 @@ def test_split_workspace_is_left_clean_and_reused(interpreter):
     assert y.shape == (1, 100)
 
 
+def test_pdl_is_asked_for_at_call_time_and_only_where_it_can_run(monkeypatch):
+    """A programmatic dependent launch needs CUDA and sm_90+: never on CPU tensors, whatever is asked;
+    the GEMV_PDL setting (environment or module attribute) is read when the launcher runs."""
+    x = torch.zeros(1, 8)
+    monkeypatch.setattr(Q, "GEMV_PDL", 1)
+    assert Q._pdl(x, None) is False and Q._pdl(x, True) is False
+
+    class FakeCuda:
+        is_cuda = True
+        device = "cuda:0"
+    for major, want, env, expect in ((9, None, None, True), (8, None, None, False), (9, False, None, False),
+                                     (9, None, "0", False), (10, True, "0", True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, m=major: (m, 0))
+        if env is None:
+            monkeypatch.delenv("LOWBIT_QUANT_GEMV_PDL", raising=False)
+        else:
+            monkeypatch.setenv("LOWBIT_QUANT_GEMV_PDL", env)
+        assert Q._pdl(FakeCuda(), want) is expect, (major, want, env)
+
+
+@interpreter_only
+def test_gemv_launch_passes_pdl_only_when_on(interpreter, monkeypatch):
+    """The launcher hands `launch_pdl` and the PDL constexpr to the kernel exactly when `_pdl` says so,
+    and a dependent launch requests all of its sub-tiles into L2 unless prefetch is given."""
+    lay = Layer(64, 256, 4, 64, True, seed=3)
+    x = torch.randn(1, 256, dtype=torch.float16)
+    seen = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append(kw)
+            return launch
+    tk = type("TK", (), {"gemv_kernel": Spy()})()
+    ws = Q.workspace("cpu")
+    out = torch.empty(1, 64, dtype=torch.float16)
+    for pdl, prefetch in ((False, None), (True, None), (True, 0)):
+        monkeypatch.setattr(Q, "_pdl", lambda x, p, pdl=pdl: pdl)
+        Q._launch_gemv(tk, x, lay.qweight, lay.scales, lay.zeros, 4, 64, 256, 64, None, None, None, None, out, ws,
+                       4, split=64, block_r=32, block_n=8, prefetch=prefetch)
+    plain, dep, dep0 = seen
+    assert "launch_pdl" not in plain and plain["PDL"] is False
+    assert dep["launch_pdl"] is True and dep["PDL"] is True and dep0["PDL"] is True
+    # prefetch is inline PTX: 0 off CUDA whatever is asked (this input is a CPU tensor)
+    assert plain["PREFETCH"] == dep["PREFETCH"] == dep0["PREFETCH"] == 0
+
+
 @interpreter_only
 def test_kernel_argument_errors(interpreter):
     lay = Layer(64, 192, 4, 64, True)
@@ -516,6 +564,42 @@ def test_gpu_cuda_graph_capture_and_replay():
             torch.testing.assert_close(o, r, rtol=0, atol=0)   # deterministic split-K: bit-identical
     assert not Q.workspace(x1.device).counters.any()
     del eager
+
+
+@cuda
+def test_gpu_pdl_chain_in_a_cuda_graph_matches_plain_launches():
+    """GEMVs launched as programmatic dependent launches, each reading what the kernel before it
+    wrote (a multiply, then GEMV -> GEMV), captured in a CUDA graph and replayed: bit-identical to
+    plain launches. A dependent GEMV that read x before its producer finished would differ."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm_90+")
+    dtype = torch.bfloat16
+    a = Layer(4096, 4096, 4, 128, True, device="cuda", seed=5)
+    b = Layer(4096, 4096, 2, 64, False, bias=True, device="cuda", seed=6)
+    c = Layer(1024, 4096, 3, 128, True, device="cuda", seed=7)
+    x = torch.randn(1, 4096, device="cuda", dtype=dtype)
+    w = torch.rand(4096, device="cuda", dtype=dtype) + 0.5
+
+    def step(pdl):
+        h = x * w
+        for lay in (a, b, c):
+            h = Q.quant_linear_triton(h, *lay.args(), **lay.kwargs(dtype), path="gemv", pdl=pdl)  # ~N(0, 1)
+        return h
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step(True), step(False)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = step(True)
+    for _ in range(5):
+        x.normal_()
+        g.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, step(False), rtol=0, atol=0)
+    assert not Q.workspace("cuda").counters.any()
 
 
 @cuda

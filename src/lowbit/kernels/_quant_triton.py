@@ -250,6 +250,15 @@ def _prefetch_lines(base, col0, last, NL: tl.constexpr):
 
 
 @triton.jit
+def _grid_dependency():
+    """Wait until the previous kernel of the stream has finished and its writes are visible
+    (griddepcontrol.wait; at once when this launch is not a dependent one), then let the next one
+    launch (griddepcontrol.launch_dependents). Inline PTX for sm_90+: CUDA only."""
+    tl.inline_asm_elementwise("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;\n\tmov.u32 $0, 0;", "=r", [],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _cta_barrier(anchor, EMU: tl.constexpr):
     """bar.sync of the whole program, as inline PTX on the GPU: tl.debug_barrier inside a loop stops
     Triton from software-pipelining it. `anchor` (an int32 tensor with one value per thread at most:
@@ -283,7 +292,7 @@ def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, isc_ptr, bias_ptr, out_pt
                 HAS_Z: tl.constexpr, HAS_PERM: tl.constexpr, HAS_ISC: tl.constexpr, HAS_BIAS: tl.constexpr,
                 ROT_K: tl.constexpr, ROT_G: tl.constexpr, GIVENS: tl.constexpr,
                 MASK_K: tl.constexpr, MASK_N: tl.constexpr, STAGES: tl.constexpr, X_IN_LOOP: tl.constexpr,
-                PREFETCH: tl.constexpr, EMU: tl.constexpr):
+                PREFETCH: tl.constexpr, PDL: tl.constexpr, EMU: tl.constexpr):
     """out[t, n] = sum_k x'[t, k] W[n, k] (+ bias[n]), one token per program.
 
     Grid (SPLITS, cdiv(N, BLOCK_R), tokens). Program (s, r, t): columns [s * CS, (s + 1) * CS),
@@ -295,7 +304,12 @@ def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, isc_ptr, bias_ptr, out_pt
     its per-plane scaling is redone per sub-tile; without it x is made first and that is hoisted).
     PREFETCH (CUDA only): the first PREFETCH sub-tiles' words are requested into L2 before x is made
     (`_prefetch_words`), the other way to overlap a rotation with the weights' DRAM latency,
-    without X_IN_LOOP's registers. The chunk is
+    without X_IN_LOOP's registers. PDL (CUDA, sm_90+, launched with programmatic dependent launch):
+    the program may start while the previous kernel of the stream still runs; it requests its
+    weights into L2 (PREFETCH) and only then waits for that kernel (griddepcontrol.wait: its
+    writes, x among them, are visible after it) before it reads x or writes anything; it lets the
+    next kernel launch at once (griddepcontrol.launch_dependents: a kernel launched so waits the
+    same way). The chunk is
     NG groups of CS / NG columns (NG = CS / GS when the quantization groups are at most CS wide,
     else 1: the chunk lies inside one group; GS 0 = per channel). SPLITS 1: the program stores
     the output; otherwise its fp32 partial sums go to part[t, s, rows] and, per sub-tile, the last
@@ -311,6 +325,8 @@ def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, isc_ptr, bias_ptr, out_pt
     x_row = x_ptr + pid_t.to(tl.int64) * stride_xm
     if PREFETCH > 0:
         _prefetch_words(qw_ptr, pid_r * BLOCK_R, N, stride_q, k0, KP32, PREFETCH * BLOCK_N, CS, BITS)
+    if PDL:
+        _grid_dependency()
     if not X_IN_LOOP:
         x = _load_x_chunk(x_row, perm_ptr, isc_ptr, rsc_ptr, rpar_ptr, rcos_ptr, rsin_ptr, k0, K, NG, GSZ,
                           HAS_PERM, HAS_ISC, ROT_K, ROT_G, GIVENS, MASK_K)

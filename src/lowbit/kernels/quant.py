@@ -58,6 +58,9 @@ DEQUANT_MIN_TOKENS = 256
 #: tokens up to which a rotated layer runs the rotation fused into the GEMV; beyond, the pairwise
 #: transform kernel runs first
 ROT_FUSED_MAX_TOKENS = 0
+#: 1: launch the GEMV with programmatic dependent launch on sm_90+ (it requests its weights into L2
+#: before the previous kernel of the stream has finished, see `gemv_kernel`'s PDL); 0: plain launches
+GEMV_PDL = 0
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -208,6 +211,12 @@ def gemv_config(K: int, N: int, bits: int, group_size: int, sms: int, rot_group:
         cs = min(4096, max(32, _next_pow2(K)))
         if -(-K // cs) * -(-N // 32) * t >= 2 * sms:
             return dict(split=cs, block_r=32, block_n=16, num_warps=4, num_stages=1, x_in_loop=False, prefetch=0)
+    if bits == 4 and 2048 < K <= 4096 and -(-N // 16) * t >= 8 * sms:
+        # H100 (`benchmarks/gemv_tiles.py`, 2026-12-06): a wide layer (the fused gate/up 4096x28672) has
+        # programs enough without splitting the input: one split, 8-row sub-tiles, no split-K
+        # reduction, 26.2 us against 30.0 with the tiles below (4096x6144, 4096x4096: no gain)
+        return dict(split=_next_pow2(K), block_r=16, block_n=8, num_warps=4, num_stages=1, x_in_loop=False,
+                    prefetch=0)
     cs = _split_for(K, 1024)
     if gs < K:
         cs = max(cs, 32)
@@ -220,8 +229,12 @@ def gemv_config(K: int, N: int, bits: int, group_size: int, sms: int, rot_group:
     if programs(cs) < 3 * sms and cs >= 1024 and gs <= 512:
         cs //= 2
     stages = 1 if programs(cs) >= 3 * sms else 3
+    # 2 bits on these tiles (layers with few programs): each program's sub-tiles are requested into L2
+    # first, so the second one's DRAM latency overlaps the first one's work (H100: W2 4096x4096 7.8 us
+    # against 12.2, 4096x6144 9.0 against 12.3; at 4 bits it cost 5-11 %; 1 and 3 bits not measured)
+    prefetch = block_r // block_n if bits == 2 else 0
     return dict(split=cs, block_r=block_r, block_n=block_n, num_warps=4, num_stages=stages, x_in_loop=False,
-                prefetch=0)
+                prefetch=prefetch)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -383,9 +396,18 @@ def _groups_per_tile(cols: int, gs: int, K: int) -> int:
     return cols // gs
 
 
+def _pdl(x: Tensor, pdl: bool | None) -> bool:
+    """Whether the GEMV is launched as a programmatic dependent launch: asked for (pdl, else the
+    GEMV_PDL setting) and possible (CUDA, compute capability 9 or more)."""
+    want = bool(setting("GEMV_PDL")) if pdl is None else bool(pdl)
+    if not (want and x.is_cuda):
+        return False
+    return torch.cuda.get_device_capability(x.device)[0] >= 9
+
+
 def _launch_gemv(tk, x2, qweight, scales, zeros, bits, gs, K, N, perm, in_scale, bias, rot, out, ws, sms,
                  split=None, block_r=None, block_n=None, num_warps=None, num_stages=None, x_in_loop=None,
-                 prefetch=None):
+                 prefetch=None, pdl=None):
     T = x2.shape[0]
     rot_group = rot.group if rot is not None else 0
     cfg = gemv_config(K, N, bits, 0 if gs >= K else gs, sms, rot_group, T)
@@ -416,8 +438,13 @@ def _launch_gemv(tk, x2, qweight, scales, zeros, bits, gs, K, N, perm, in_scale,
         rargs, rk, givens = (out, out, out, out), 0, False
     stages = num_stages or cfg["num_stages"]
     xloop = bool(cfg["x_in_loop"] if x_in_loop is None else x_in_loop) and stages > 1
-    pre = cfg["prefetch"] if prefetch is None else int(prefetch)
+    pdl = _pdl(x2, pdl)
+    if prefetch is not None:
+        pre = int(prefetch)
+    else:   # a dependent launch requests every sub-tile into L2 while the previous kernel runs
+        pre = br // bn if pdl else cfg["prefetch"]
     pre = min(pre, br // bn) if x2.is_cuda else 0          # inline PTX: not under the interpreter
+    extra = dict(launch_pdl=True) if pdl else {}
     tk.gemv_kernel[(splits, n_r, T)](
         x2, qweight, scales, zeros if zeros is not None else scales, perm if perm is not None else qweight,
         in_scale if in_scale is not None else scales, bias if bias is not None else out, out, part, cnt, *rargs,
@@ -426,9 +453,9 @@ def _launch_gemv(tk, x2, qweight, scales, zeros, bits, gs, K, N, perm, in_scale,
         BITS=bits, GS=0 if gs >= K else gs, CS=cs, NG=ng, BLOCK_R=br, BLOCK_N=bn, SPLITS=splits,
         HAS_Z=zeros is not None, HAS_PERM=perm is not None, HAS_ISC=in_scale is not None, HAS_BIAS=bias is not None,
         ROT_K=rk, ROT_G=max(1, rot_group), GIVENS=givens, MASK_K=K % cs != 0, MASK_N=N % br != 0,
-        STAGES=stages, X_IN_LOOP=xloop, PREFETCH=pre, EMU=not x2.is_cuda,
+        STAGES=stages, X_IN_LOOP=xloop, PREFETCH=pre, PDL=pdl, EMU=not x2.is_cuda,
         num_warps=num_warps or cfg["num_warps"],
-        num_stages=max(1, num_stages or cfg["num_stages"]))
+        num_stages=max(1, num_stages or cfg["num_stages"]), **extra)
 
 
 def _launch_mm(tk, x2, qweight, scales, zeros, bits, gs, K, N, perm, in_scale, bias, out, ws, sms,
@@ -489,7 +516,8 @@ def quant_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tenso
     """y = x' W^T + bias with the Triton kernels (no autograd); x [..., in_features], y [..., N] in x's dtype.
 
     path "gemv": `gemv_kernel` (tiles: split, block_r, block_n, num_warps, num_stages, x_in_loop,
-    prefetch; see `gemv_config`); with `rot` the transform is fused (perm must be None). "mm": `mm_kernel`
+    prefetch; see `gemv_config`; pdl: launch it as a programmatic dependent launch on sm_90+, default
+    the GEMV_PDL setting); with `rot` the transform is fused (perm must be None). "mm": `mm_kernel`
     (block_m, block_n, block_k, splits, num_warps, num_stages; `mm_config`); x is gathered through
     perm inside the kernel up to DECODE_MAX_TOKENS tokens, with one index_select before it beyond.
     "dequant": `dequantize_triton` (in_scale folded into the weight) then torch.mm / addmm. "auto":
