@@ -11,7 +11,10 @@ moves the block to the device and hands a `Block` to the stages, which quantize 
   compute the sub-module as `linear(cached input)` instead of re-running it;
 - `stats(names)`: H = sum x x^T of the named linears on the quantized stream (and QEP's C against
   the FP stream), by running the block until those linears have seen their inputs;
-- `fp_targets()`: the FP block's outputs on the FP stream (the targets of block-wise training).
+- `fp_targets()`: the FP block's outputs on the FP stream (the targets of block-wise training);
+- the only ways a stage changes the block: `set_weight` / `set_quantized` (a linear's weight),
+  `replace` (a sub-module) and `with changing(names):` around anything else; each drops the replay
+  caches the change makes stale, so stages never deal with the caches.
 When the stages are done, `finish` maps both streams through the block (block i + 1's inputs) and
 records the block's output error; the block goes back to where it lived.
 
@@ -121,6 +124,11 @@ def block_output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def _within(name: str, module: str) -> bool:
+    """Whether dotted `name` is `module` or lies inside it."""
+    return name == module or name.startswith(module + ".")
+
+
 class _Replayed(nn.Module):
     """Stands in for a sub-module (attention, MLP) while a Replay is active: returns
     linear(cached input) for the current batch; the first call checks it against the real forward."""
@@ -170,16 +178,37 @@ class Replay:
     attention or the MLP. The first replayed batch of every block is checked against the real
     forward; a mismatch turns replay off for that module (slower, never wrong). While `active`,
     the sub-modules are swapped for `_Replayed` wrappers and put back on exit.
+
+    The caches hold only while the block does not change under them: `Block`'s setters call
+    `stale(name)`, which drops what a change of `name` invalidates.
     """
 
     def __init__(self, block: nn.Module, pairs: tuple[tuple[str, str], ...], enabled: bool = True):
         self.block = block
-        self.pairs = {lin: mod for mod, lin in pairs} if enabled else {}
+        self.pairs = {lin: mod for mod, lin in pairs} if enabled else {}  # in execution order
         self.cache: dict[str, list[torch.Tensor]] = {}
         self.disabled: set[str] = set()
         self.computed: dict[str, set[int]] = {}
         self.templates: dict[str, tuple | None] = {}
         self.batch = 0
+
+    def _drop(self, name: str | None) -> None:
+        """Forget the caches a change of `name` makes stale (None: all of them)."""
+        pairs = list(self.pairs.items())
+        hit = None if name is None else next((k for k, (_, mod) in enumerate(pairs) if _within(name, mod)), None)
+        for k, (lin, _) in enumerate(pairs):
+            if hit is not None and (k < hit or k == hit and _within(name, lin) and not self.computed.get(lin)):
+                continue  # upstream of the change, or the changed output linear's inputs (not yet its outputs)
+            for d in (self.cache, self.computed, self.templates):
+                d.pop(lin, None)
+            self.disabled.discard(lin)
+
+    def stale(self, name: str | None = None) -> None:
+        """The block's module or parameter `name` (relative; None: anything) changed: drop the caches of its
+        sub-module and of every sub-module after it, but keep an output linear's cached inputs when only that
+        linear changed (outputs it already computed go). A name outside every replayed sub-module (a norm)
+        drops them all."""
+        self._drop(name)
 
     def wants(self, linear: str, quantized: set[str]) -> bool:
         """Whether to cache this linear's inputs now (its sub-module's other linears are final)."""
@@ -404,9 +433,35 @@ class Block:
             self._fp_out = w.stream(run_block(self.fp_block, self.fp, self.calls, keep=w.keep_fp), fp=True)
         return self._fp_out
 
-    def modules_changed(self) -> None:
-        """Tell the block its linears were replaced or retrained: cached replays are stale."""
-        self.replay = Replay(self.block, self.walker.adapter.output_linears, enabled=self.walker.replay_memo)
+    # The only ways a stage changes the block: each drops the replay caches the change makes stale.
+    def set_weight(self, name: str, weight: torch.Tensor) -> None:
+        """Write `weight` into linear `name` (relative to the block; cast to its dtype)."""
+        lin = self.block.get_submodule(name)
+        lin.weight.data.copy_(weight.to(lin.weight.dtype))
+        self.replay.stale(name)
+
+    def set_quantized(self, name: str, qw) -> None:
+        """Linear `name` is final: its weight becomes `qw` (a quantized weight) dequantized, and it counts as
+        quantized (`done`: the caches of the linears after it may start)."""
+        self.set_weight(name, qw.dequantize())
+        self.done.add(name)
+
+    def replace(self, name: str, module: nn.Module) -> None:
+        """Put `module` in place of the block's sub-module `name` (a linear, usually)."""
+        from .transforms.modules import replace_module
+
+        replace_module(self.block, name, module)
+        self.replay.stale(name)
+
+    @contextmanager
+    def changing(self, names: list[str] | None = None):
+        """Around anything else that changes the block in place (training its parameters, swapping modules):
+        the named modules / parameters (None: anything) are taken as changed on exit."""
+        try:
+            yield self.block
+        finally:
+            for n in [None] if names is None else names:
+                self.replay.stale(n)
 
     def finish(self) -> None:
         """Map both streams through the finished block; record its output error."""
