@@ -209,3 +209,53 @@ def test_replacing_a_linear_drops_its_cached_outputs():
     blk.replace(O, new)
     assert blk.block.get_submodule(O) is new and not blk.replay.cache
     _assert_matches_forward(blk, before)
+
+
+def _scale_data(block, name):
+    block.get_submodule(name).weight.data.mul_(0.5)  # no version bump: found by its sum
+
+
+def _swap_data(block, name):
+    lin = block.get_submodule(name)
+    lin.weight.data = lin.weight.data * 0.5  # new storage
+
+
+def _swap_module(block, name):
+    import copy
+
+    from lowbit.transforms.modules import replace_module
+
+    new = copy.deepcopy(block.get_submodule(name))
+    with torch.no_grad():
+        new.weight.mul_(0.5)
+    replace_module(block, name, new)
+
+
+@pytest.mark.parametrize("change", [_scale_data, _swap_data, _swap_module])
+def test_a_change_outside_the_api_is_caught_before_a_replay(caplog, change):
+    blk = _solved_block()
+    before = _replayed_and_fresh(blk)[1]
+    blk = _solved_block()
+    change(blk.block, "mlp.up_proj")
+    with caplog.at_level("WARNING", logger="lowbit"):
+        _assert_matches_forward(blk, before)
+    msgs = [r.getMessage() for r in caplog.records if "outside Block.set_weight" in r.getMessage()]
+    assert len(msgs) == 1 and "mlp.up_proj.weight" in msgs[0]
+    assert set(blk.replay.cache) == {O}  # the attention's cache was still good
+
+
+def test_stages_change_blocks_only_through_the_api(caplog):
+    """No stage of a pipeline run trips the check (pairwise, solver, 1-bit and block fine-tuning)."""
+    from lowbit.blockwise import PairwiseConfig
+    from lowbit.pipeline import quantize_model
+    from lowbit.recipe import Recipe, get_recipe
+    from lowbit.stages.base import BlockFTConfig
+
+    recipes = [Recipe(method="rtn", bits=3, group_size=32, pairwise=PairwiseConfig(epochs1=1, epochs2=1, krot=2,
+                                                                                   group=32)),
+               Recipe(method="gptq", bits=3, group_size=32, block_ft=BlockFTConfig(epochs=1, norm_lr=1e-3)),
+               get_recipe("qep-onebit-ft1")]
+    with caplog.at_level("WARNING", logger="lowbit"):
+        for r in recipes:
+            quantize_model(tiny_model("llama"), r, tiny_tokens(8, 16), batch_size=2, progress=False)
+    assert not [r for r in caplog.records if "outside Block.set_weight" in r.getMessage()]

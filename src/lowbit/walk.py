@@ -14,7 +14,8 @@ moves the block to the device and hands a `Block` to the stages, which quantize 
 - `fp_targets()`: the FP block's outputs on the FP stream (the targets of block-wise training);
 - the only ways a stage changes the block: `set_weight` / `set_quantized` (a linear's weight),
   `replace` (a sub-module) and `with changing(names):` around anything else; each drops the replay
-  caches the change makes stale, so stages never deal with the caches.
+  caches the change makes stale, so stages never deal with the caches (a change made otherwise is
+  caught before the next replay, with a warning).
 When the stages are done, `finish` maps both streams through the block (block i + 1's inputs) and
 records the block's output error; the block goes back to where it lived.
 
@@ -180,7 +181,9 @@ class Replay:
     the sub-modules are swapped for `_Replayed` wrappers and put back on exit.
 
     The caches hold only while the block does not change under them: `Block`'s setters call
-    `stale(name)`, which drops what a change of `name` invalidates.
+    `stale(name)`, which drops what a change of `name` invalidates. A change that bypasses them is
+    caught when a pass starts (`check`: every parameter's and buffer's identity, version and sum,
+    against those of the last check or sanctioned change): one warning, and the stale caches go.
     """
 
     def __init__(self, block: nn.Module, pairs: tuple[tuple[str, str], ...], enabled: bool = True):
@@ -191,6 +194,21 @@ class Replay:
         self.computed: dict[str, set[int]] = {}
         self.templates: dict[str, tuple | None] = {}
         self.batch = 0
+        self._marks = self._fingerprints()
+
+    def _fingerprints(self, under: str | None = None) -> dict[str, tuple]:
+        """name -> (identity, storage, version, sum) of the block's parameters and buffers (those under
+        `under` only); nothing when replay is off."""
+        if not self.pairs:
+            return {}
+        ts = [(n, t) for n, t in (*self.block.named_parameters(), *self.block.named_buffers())
+              if under is None or _within(n, under)]
+        if not ts:
+            return {}
+        with torch.no_grad():  # one float32 sum each, compared bit for bit (NaN too); one device sync
+            sums = torch.stack([t.detach().sum(dtype=torch.float32).to(ts[0][1].device) for _, t in ts])
+        bits = sums.view(torch.int32).tolist()
+        return {n: (id(t), t.data_ptr(), 0 if t.is_inference() else t._version, b) for (n, t), b in zip(ts, bits)}
 
     def _drop(self, name: str | None) -> None:
         """Forget the caches a change of `name` makes stale (None: all of them)."""
@@ -209,6 +227,23 @@ class Replay:
         linear changed (outputs it already computed go). A name outside every replayed sub-module (a norm)
         drops them all."""
         self._drop(name)
+        if name is None:
+            self._marks = self._fingerprints()
+        else:
+            self._marks = {n: m for n, m in self._marks.items() if not _within(n, name)}
+            self._marks.update(self._fingerprints(name))
+
+    def check(self) -> None:
+        """Before a pass: drop, with one warning, the caches made stale by a change of the block that did not
+        go through `stale` (a stage writing weights without `Block.set_weight` / `changing`)."""
+        marks = self._fingerprints()
+        changed = sorted(n for n in marks.keys() | self._marks.keys() if marks.get(n) != self._marks.get(n))
+        if changed and self.cache:
+            log.warning("block changed outside Block.set_weight / replace / changing (%s); recomputing the replay "
+                        "caches it makes stale", ", ".join(changed[:3]) + (", ..." if len(changed) > 3 else ""))
+            for n in changed:
+                self._drop(n)
+        self._marks = marks
 
     def wants(self, linear: str, quantized: set[str]) -> bool:
         """Whether to cache this linear's inputs now (its sub-module's other linears are final)."""
@@ -229,6 +264,7 @@ class Replay:
         """Swap in the replaying wrappers of the sub-modules whose cached inputs are complete."""
         from .transforms.modules import replace_module
 
+        self.check()
         swapped = []
         for lin, mod_name in self.pairs.items():
             if lin in self.disabled or len(self.cache.get(lin, [])) != n_batches:
