@@ -211,6 +211,17 @@ def gemv_config(K: int, N: int, bits: int, group_size: int, sms: int, rot_group:
         cs = min(4096, max(32, _next_pow2(K)))
         if -(-K // cs) * -(-N // 32) * t >= 2 * sms:
             return dict(split=cs, block_r=32, block_n=16, num_warps=4, num_stages=1, x_in_loop=False, prefetch=0)
+        if K >= 2048:
+            # fewer programs than that (the q/k/v and o layers of the 8B shape): H100 sweep of 2026-12-06
+            # (`gemv_tiles.py --sweep`, results/packed/gemv-small-sweep-h100-2026-12-06.json): 8-row sub-tiles
+            # in 16-row programs; 2 bits one tall split with both sub-tiles requested into L2 first (4096x6144
+            # 7.6 us against 9.0 with the general tiles, 4096x4096 6.7 against 7.8), 3 bits splits of 2048
+            # without (15.6 against 17.7, 9.7 against 10.6). Measured at K = 4096 only.
+            if bits == 2:
+                return dict(split=cs, block_r=16, block_n=8, num_warps=4, num_stages=1, x_in_loop=False, prefetch=2)
+            if bits == 3:
+                return dict(split=min(cs, 2048), block_r=16, block_n=8, num_warps=4, num_stages=1, x_in_loop=False,
+                            prefetch=0)
     if bits == 4 and 2048 < K <= 4096 and -(-N // 16) * t >= 8 * sms:
         # H100 (`benchmarks/gemv_tiles.py`, 2026-12-06): a wide layer (the fused gate/up 4096x28672) has
         # programs enough without splitting the input: one split, 8-row sub-tiles, no split-K
