@@ -178,7 +178,7 @@ def test_recipe_options_are_collected_into_one_dict():
 
     opts = dict(pairwise=True, r4=False, pair_epochs=1, damp=0.05, budget_bits="1,2", act_bits=None, rotate=None)
     assert _recipe_overrides(opts) == {"pairwise": {"on": True, "epochs1": 1}, "rotation": {"r4": False},
-                                       "damp": 0.05, "budget_bits": (1, 2)}
+                                       "damp": 0.05, "bit_budget": {"bits": (1, 2)}}
     assert _recipe("had-gptq-w4-g64", {}).name == "" and _recipe("best", {}).label == "best"  # no override: as is
     r = _recipe("had-gptq-w4-g64", _recipe_overrides(dict(pairwise=True, r4=False)))
     assert r.pairwise is not None and r.rotation.r4 is False and r.rotation.kind == "hadamard"
