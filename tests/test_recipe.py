@@ -349,6 +349,7 @@ def test_identity_is_the_hash_of_the_list_form():
     d = r.to_dict()
     d.pop("name")
     assert r.identity == hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    assert r.identity == "8559061251d9556b"  # pinned: a change of the canonical form must be deliberate
     old = dict(SLOTS["best-w2-e2e"])
     old.pop("name")
     assert r.identity != hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
