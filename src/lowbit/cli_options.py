@@ -215,8 +215,8 @@ _SOLVER_OPTIONS = {
 }
 
 
-def _stage_options() -> dict:
-    """The registered stages' command-line options: name -> ("stage key.field", OptionSpec, Flag)."""
+def _stage_flags() -> dict:
+    """The registered stages' command-line options: name -> (stage key, `stages.Flag`)."""
     from .stages import recipe_stages
 
     out = {}
@@ -224,18 +224,24 @@ def _stage_options() -> dict:
         for name, f in spec.flags.items():
             if name in out or name in _SOLVER_OPTIONS or name in OPTIONS:
                 raise ValueError(f"stage {key!r}: option {name!r} is already taken")
-            out[name] = (f"{key}.{f.field}", OptionSpec(Optional[f.type], None, f.help, f.decls), f)
+            out[name] = (key, f)
     return out
 
 
-_STAGE_OPTIONS = _stage_options()
+_STAGE_FLAGS = _stage_flags()
 #: the recipe options (`lowbit quantize --bits ... --rotate ... --block-ft ...`) -> the keyword of
 #: `recipe.with_overrides` they set ("stage.field": a setting of that stage). An option left unset (None)
 #: keeps the recipe's value. The stages registered when this module is imported contribute theirs.
-RECIPE_OPTIONS = {**{n: k for n, (k, _) in _SOLVER_OPTIONS.items()}, **{n: k for n, (k, *_) in _STAGE_OPTIONS.items()}}
+RECIPE_OPTIONS = {**{n: key for n, (key, _) in _SOLVER_OPTIONS.items()},
+                  **{n: f"{key}.{f.field}" for n, (key, f) in _STAGE_FLAGS.items()}}
 #: the OptionSpec of every option a command can take through `options` (shared ones and recipe options)
 SPECS = {**OPTIONS, **{n: spec for n, (_, spec) in _SOLVER_OPTIONS.items()},
-         **{n: spec for n, (_, spec, _f) in _STAGE_OPTIONS.items()}}
+         **{n: OptionSpec(Optional[f.type], None, f.help, f.decls) for n, (_, f) in _STAGE_FLAGS.items()}}
+
+
+def _flag(name: str):
+    """The stage `Flag` of recipe option `name` (None for the solver's)."""
+    return _STAGE_FLAGS[name][1] if name in _STAGE_FLAGS else None
 
 
 def recipe_overrides(options: dict) -> dict:
@@ -245,9 +251,9 @@ def recipe_overrides(options: dict) -> dict:
         v = options.get(opt_name)
         if v is None:
             continue
-        flag_ = _STAGE_OPTIONS.get(opt_name, (None, None, None))[2]
-        if flag_ is not None and flag_.parse is not None:
-            v = flag_.parse(v)
+        f = _flag(opt_name)
+        if f is not None and f.parse is not None:
+            v = f.parse(v)
         group, _, sub = key.rpartition(".")
         (out.setdefault(group, {}) if group else out)[sub] = v
     return out
@@ -340,9 +346,8 @@ class RecipeChoice(_Group):
             group, _, sub = key.rpartition(".")
             src = self.overrides.get(group, {}) if group else self.overrides
             if sub in src:
-                flag_ = _STAGE_OPTIONS.get(opt_name, (None, None, None))[2]
-                show = flag_.show if flag_ is not None and flag_.show is not None else None
-                out[opt_name] = src[sub] if show is None else show(src[sub])
+                f = _flag(opt_name)
+                out[opt_name] = f.show(src[sub]) if f is not None and f.show is not None else src[sub]
         return out
 
     def build(self):
