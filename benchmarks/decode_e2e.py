@@ -8,6 +8,7 @@ vq-e8 uniformly random codes gather from the whole 1 MB table: no kinder to cach
 
     python benchmarks/decode_e2e.py --out $OUT/e2e.json                 # the H200 run
     python benchmarks/decode_e2e.py --variants bf16,w4,w4+pdl           # "+pdl": GEMVs as dependent launches
+    python benchmarks/decode_e2e.py --variants w4,w4-pair,w4-pair+unfused   # what fusing rotated linears buys
     python benchmarks/decode_e2e.py --shape tiny --new 8 --prompt 8    # a CPU check of the script
 
 Reports per variant: weight bytes, prefill tokens/s, decode tokens/s (per sequence and total),
@@ -49,12 +50,18 @@ SHAPES = {
 VARIANTS = {"bf16": None, "w4": (4, False), "w3": (3, False), "w2": (2, False), "w4-pair": (4, True),
             "vq-e8": "vq-e8", "w4-head": (4, False), "w2-head": (2, False)}
 # A variant name may end in "+pdl": the same model, its packed GEMVs launched as programmatic dependent
-# launches (LOWBIT_QUANT_GEMV_PDL=1 while it is built, captured and timed).
+# launches (LOWBIT_QUANT_GEMV_PDL=1 while it is built, captured and timed); in "+unfused" (pairwise
+# variants): the linears with their own transforms not fused in the decode loop (see `launch_options`).
 # "-head" variants: the lm_head (128256 x 4096, 1.05 GB read per token in bf16) packed too, at the
 # decoder linears' width and group 128 (not a default variant: what quantizing the head would buy)
 DEFAULT_VARIANTS = ("bf16", "w4", "w3", "w2", "w4-pair", "vq-e8")
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
            "mlp.up_proj", "mlp.down_proj")
+
+
+def base_variant(variant: str) -> str:
+    """The variant without its launch options ("+pdl", "+unfused")."""
+    return variant.split("+")[0]
 
 
 def copy_bandwidth(device) -> float:
@@ -110,12 +117,19 @@ def random_vector(lin: nn.Linear, device, gen) -> VectorQuantizedLinear:
 @contextlib.contextmanager
 def launch_options(variant: str):
     """Environment of a variant: "+pdl" sets LOWBIT_QUANT_GEMV_PDL=1 (read when the GEMVs are
-    launched, i.e. captured), restored after."""
+    launched, i.e. captured); "+unfused" keeps linears with their own pairwise transforms apart in
+    the decode loop (each rotation and GEMV its own launch, as before `RotatedGroupLinear`); restored after."""
+    import lowbit.decode as D
+
     key, old = "LOWBIT_QUANT_GEMV_PDL", os.environ.get("LOWBIT_QUANT_GEMV_PDL")
-    os.environ[key] = "1" if variant.endswith("+pdl") else "0"
+    os.environ[key] = "1" if "+pdl" in variant else "0"
+    group = D._pairwise_group
+    if "+unfused" in variant:
+        D._pairwise_group = lambda mods: False
     try:
         yield
     finally:
+        D._pairwise_group = group
         if old is None:
             os.environ.pop(key, None)
         else:
@@ -124,7 +138,7 @@ def launch_options(variant: str):
 
 def build(shape: dict, variant: str, device, shared: dict, gen: torch.Generator) -> nn.Module:
     """The model of one variant; embeddings, norms and lm_head are shared between variants."""
-    variant = variant.removesuffix("+pdl")
+    variant = base_variant(variant)
     from accelerate import init_empty_weights
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -132,7 +146,6 @@ def build(shape: dict, variant: str, device, shared: dict, gen: torch.Generator)
     with init_empty_weights(include_buffers=False):
         model = LlamaForCausalLM(cfg)
     spec = VARIANTS[variant]
-    pair_cache: dict[int, PairwiseInput] = {}
     for i, blk in enumerate(model.model.layers):
         for name in LINEARS:
             lin = blk.get_submodule(name)
@@ -144,12 +157,8 @@ def build(shape: dict, variant: str, device, shared: dict, gen: torch.Generator)
                 replace_module(blk, name, random_vector(lin, device, gen))
                 continue
             bits, pair = spec
-            tr = None
-            if pair:
-                n = lin.in_features
-                if n not in pair_cache:
-                    pair_cache[n] = random_pairwise(n, 8, 128, gen).to(device)
-                tr = pair_cache[n]
+            # each linear its own transform, as the pairwise stage fits them (q / k / v differ)
+            tr = random_pairwise(lin.in_features, 8, 128, gen).to(device) if pair else None
             replace_module(blk, name, random_quantized(lin, bits, 128, tr, device, gen))
         for norm in ("input_layernorm", "post_attention_layernorm"):
             key = f"{i}.{norm}"
@@ -242,8 +251,9 @@ def main() -> None:
               "command": " ".join(sys.argv), "variants": {}}
     for variant in args.variants.split(","):
         t0 = time.perf_counter()
-        if variant.removesuffix("+pdl") not in VARIANTS:
-            raise SystemExit(f"unknown variant {variant!r}: one of {', '.join(VARIANTS)} (optionally +pdl)")
+        if base_variant(variant) not in VARIANTS:
+            raise SystemExit(f"unknown variant {variant!r}: one of {', '.join(VARIANTS)} (optionally +pdl, "
+                             "+unfused)")
         try:
             with launch_options(variant):
                 model = build(SHAPES[args.shape], variant, device, shared, gen)

@@ -3,6 +3,7 @@ in one run, inside CUDA graphs, weights cycled through rings larger than L2.
 
     python benchmarks/gemv_tiles.py --out $OUT/gemv-tiles.json     # GPU, about 3 minutes
     python benchmarks/gemv_tiles.py --interpret                    # CPU: the script's code paths only
+    python benchmarks/gemv_tiles.py --sweep --shapes 4096x6144,4096x4096 --out $OUT/small.json   # tiles of small layers
 
 Per shape (in x out: the fused q/k/v 4096x6144, o 4096x4096, the fused gate/up 4096x28672, down
 14336x4096) and width (W4, W3, W2, asymmetric g128), per variant:
@@ -51,11 +52,27 @@ def variants(Q, K: int, N: int, bits: int, sms: int) -> dict[str, dict]:
     return v
 
 
+def sweep_variants(K: int, N: int) -> dict[str, dict]:
+    """--sweep: taller splits with short programs on the layers with few programs (N <= 6144), with
+    and without the L2 prefetch of every sub-tile."""
+    v = {}
+    for split, br, bn in ((4096, 32, 16), (2048, 32, 16), (1024, 32, 16), (4096, 16, 8), (2048, 16, 8)):
+        if split > K:
+            continue
+        for pre in (0, br // bn):
+            v[f"s{split}-r{br}-n{bn}" + ("-pre" if pre else "")] = dict(split=split, block_r=br, block_n=bn,
+                                                                        num_stages=1, prefetch=pre)
+    return v
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
     ap.add_argument("--interpret", action="store_true", help="CPU, Triton interpreter, tiny shapes")
     ap.add_argument("--rep-ms", type=int, default=150)
+    ap.add_argument("--bits", default=",".join(map(str, BITS)), help="widths to run, e.g. 3,4")
+    ap.add_argument("--shapes", default=None, help="in x out shapes to run, e.g. 4096x6144,4096x4096")
+    ap.add_argument("--sweep", action="store_true", help="add `sweep_variants` on layers of at most 6144 rows")
     args = ap.parse_args()
     if args.interpret:
         import os
@@ -73,6 +90,8 @@ def main() -> None:
     ctx = KQ.Ctx(A)
     dev = ctx.dev
     shapes = [(256, 128), (512, 96)] if args.interpret else SHAPES
+    if args.shapes:
+        shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.shapes.split(",")]
     out = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "device": torch.cuda.get_device_name(0) if not args.interpret else "cpu (interpreter)",
            "torch": torch.__version__, "command": " ".join(sys.argv), "rows": []}
@@ -81,7 +100,7 @@ def main() -> None:
         out["triton"] = triton.__version__
     print(f"device {out['device']}", flush=True)
     for K, N in shapes:
-        for bits in BITS:
+        for bits in (int(b) for b in args.bits.split(",")):
             lay = KQ.make_layer(ctx, N, K, bits, 128, True, seed=K + N + bits)
             x = torch.randn(1, K, device=dev).to(torch.bfloat16)
             ref = KQ.reference(ctx, lay, x)
@@ -97,7 +116,10 @@ def main() -> None:
                 torch.mul(xs[i % len(xs)], w, out=xb)
             t_mul = ctx.time_us(lambda _: mul_only(), [0])
             sms = 4 if args.interpret else torch.cuda.get_device_properties(0).multi_processor_count
-            for name, tiles in variants(Q, K, N, bits, sms).items():
+            todo = variants(Q, K, N, bits, sms)
+            if args.sweep and N <= 6144:
+                todo.update(sweep_variants(K, N))
+            for name, tiles in todo.items():
                 row = dict(K=K, N=N, bits=bits, variant=name, tiles=tiles,
                            config=Q.gemv_config(K, N, bits, 128, sms, 0, 1),
                            bytes=KQ.layer_bytes(lay) + x.numel() * 2)

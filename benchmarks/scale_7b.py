@@ -8,6 +8,7 @@ extrapolated per block.
     python benchmarks/scale_7b.py --part gptq             # build (once, ~20 s) + gptq-w4-g128, all 32 blocks
     python benchmarks/scale_7b.py --part qep --blocks 8   # qep-gptq-w4-g128 and gptq-w4-g128 on 8 blocks
     python benchmarks/scale_7b.py --part shapes           # 1 block of 70B and of 405B shape (405B: when it fits)
+    python benchmarks/scale_7b.py --part shapes --shapes 405b   # the 405B block alone (an H200)
     python benchmarks/scale_7b.py --part pair             # 2 blocks of pair-gptq-w4-g128
     python benchmarks/scale_7b.py --part plan             # the walk's memory estimate of every shape (no GPU)
     python benchmarks/scale_7b.py --part all              # peak, then shapes
@@ -252,7 +253,7 @@ def run_part(part: str, args, work: Path, out_dir: Path) -> list[dict]:
 
         est = plans(args.n_calib, args.seq_len, args.batch_size)
         total = torch.cuda.mem_get_info()[1] / 2**30 if torch.cuda.is_available() else 0.0
-        for shape in ("70b", "405b"):
+        for shape in args.shapes.split(","):
             need = est[f"{shape}/gptq"]["unbounded"]["device_gib"] if g is None else min(
                 g, est[f"{shape}/gptq"]["unbounded"]["device_gib"])
             floor = est[f"{shape}/gptq"]["block"] + est[f"{shape}/gptq"]["work"]  # streams on the host
@@ -284,6 +285,7 @@ def main() -> None:
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--model"), ap.add_argument("--recipe"), ap.add_argument("--out"), ap.add_argument("--json")
     ap.add_argument("--shape", default="7b")
+    ap.add_argument("--shapes", default="70b,405b", help="--part shapes: which one-block shapes to run")
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
     if args.child:

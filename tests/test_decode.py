@@ -131,3 +131,60 @@ def test_greedy_is_argmax_with_its_ties(B, V):
             x = (x * 4).round() / 4
         x[0, -1] = x.max() + 1          # a maximum in the tail past the last whole chunk
         assert torch.equal(greedy(x), x.argmax(-1, keepdim=True))
+
+
+def _pairwise_packed(n_in, rows, seed):
+    """Packed linears of one input width, each with its own random pairwise transform (group 32)."""
+    from lowbit.formats.packing import padded_width
+    from lowbit.transforms.online import PairwiseInput
+
+    g = torch.Generator().manual_seed(seed)
+    mods = []
+    for n_out in rows:
+        t = PairwiseInput.empty(n_in, 2, 32)
+        pairs = [torch.stack([torch.randperm(32, generator=g) + s for _ in range(2)]).view(2, 16, 2)
+                 for s in range(0, n_in, 32)]
+        t.rot_pairs.copy_(torch.cat(pairs, 1).to(torch.int16))
+        t.rot_theta.copy_((torch.rand(t.rot_theta.shape, generator=g) - 0.5).half())
+        t.channel_scales.copy_((0.5 + torch.rand(n_in, generator=g)).half())
+        q = QuantizedLinear(n_in, n_out, 4, 32, False, transform=t)
+        q.qweight.copy_(torch.randint(-2**31, 2**31 - 1, (n_out, padded_width(n_in) * 4 // 32), generator=g,
+                                      dtype=torch.int32))
+        q.scales.copy_((torch.rand(q.scales.shape, generator=g) * 0.02 + 0.01).half())
+        q.zeros.copy_(torch.randint(0, 16, q.zeros.shape, generator=g, dtype=torch.uint8))
+        mods.append(q)
+    return mods
+
+
+@pytest.mark.parametrize("interpret", [False, True])
+def test_linears_with_their_own_rotations_fuse(interpret, monkeypatch):
+    """q / k / v with their own pairwise transforms become one RotatedGroupLinear (one rotation launch,
+    one segmented GEMV on the kernel path) computing what the three modules compute."""
+    from lowbit.decode import RotatedGroupLinear
+    from lowbit.kernels import quant as Q
+
+    if interpret:
+        pytest.importorskip("triton")
+        if torch.cuda.is_available():
+            pytest.skip("interpreter test: no CUDA")
+        import importlib
+
+        import lowbit.kernels._pairwise_triton as tp
+        import lowbit.kernels._quant_triton as tq
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        importlib.reload(tp)
+        importlib.reload(tq)
+    mods = _pairwise_packed(64, [64, 32, 32], seed=3)
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        want = torch.cat([m(x) for m in mods], -1)
+        fused = fuse_linears(mods)
+        assert len(fused) == 1 and isinstance(fused[0], RotatedGroupLinear)
+        got = fused[0](x)
+    if interpret:
+        assert Q.last_path == "gemv_seg"
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    else:
+        assert torch.equal(got, want)
+    mods[2].perm = torch.arange(64, dtype=torch.int32)   # act order: not fused
+    assert len(fuse_linears(mods)) == 3

@@ -49,9 +49,8 @@ def test_fp_targets_and_streams_after_a_block_changes():
     w = Walker(model, toks, batch_size=2, fp_stream=True, track_error=True, progress=False)
     for blk in w.blocks():
         targets = blk.fp_targets()
-        with torch.no_grad():
+        with blk.changing(["mlp.down_proj"]), torch.no_grad():
             blk.block.mlp.down_proj.weight.mul_(0.5)  # "quantize" the block
-        blk.modules_changed()
         assert blk.fp_targets() is targets  # computed once, from the untouched FP copy
     assert len(w.block_errors) == 2 and all(e > 0 for e in w.block_errors)
 
@@ -113,3 +112,150 @@ def test_streams_placement_is_checked(monkeypatch):
     w = Walker(tiny_model("llama"), tiny_tokens(2, 8), batch_size=2, progress=False)
     with pytest.raises(WalkError, match="LOWBIT_STREAMS=disk: calibration streams live on the 'host' or the 'device'"):
         w.capture()
+
+
+# --- how a stage changes a block: Block.set_weight / set_quantized / replace / changing, and the replay caches
+
+O, DOWN = "self_attn.o_proj", "mlp.down_proj"
+
+
+def _solved_block(family="llama"):
+    """Block 0 as the solver leaves it after down_proj's statistics: the attention replay holds o_proj's outputs,
+    the MLP replay down_proj's inputs."""
+    w = Walker(tiny_model(family), tiny_tokens(4, 16), batch_size=2, progress=False)
+    blk = next(w.blocks())
+    for names in blk.groups():
+        blk.stats(names)
+        blk.done.update(names)  # final as they are
+    assert blk.replay.computed[O] and not blk.replay.computed.get(DOWN)
+    return blk
+
+
+def _replayed_and_fresh(blk):
+    from lowbit.walk import run_block
+
+    return run_block(blk.block, blk.xs, blk.calls, blk.replay), run_block(blk.block, blk.xs, blk.calls)
+
+
+def _assert_matches_forward(blk, before):
+    replayed, fresh = _replayed_and_fresh(blk)
+    for r, f, b in zip(replayed, fresh, before):
+        torch.testing.assert_close(r, f, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(f, b, rtol=1e-3, atol=1e-4)  # the change did change the output
+
+
+@pytest.mark.parametrize("name, kept", [
+    (DOWN, {O, DOWN}),  # its cached inputs do not depend on it
+    ("mlp.up_proj", {O}),
+    (O, set()),  # its outputs are cached by now: they go, and everything after it
+    ("self_attn.q_proj", set()),
+])
+def test_set_weight_drops_exactly_the_stale_replay_caches(name, kept):
+    blk = _solved_block()
+    before = _replayed_and_fresh(blk)[1]
+    blk = _solved_block()
+    held = {n: blk.replay.cache[n][0] for n in (O, DOWN)}
+    blk.set_weight(name, blk.block.get_submodule(name).weight * 0.5)
+    assert set(blk.replay.cache) == kept
+    assert all(blk.replay.cache[n][0] is held[n] for n in kept)  # untouched entries stay as they were
+    _assert_matches_forward(blk, before)
+
+
+def test_set_weight_after_a_replayed_pass_drops_the_outputs_it_cached():
+    blk = _solved_block()
+    before, _ = _replayed_and_fresh(blk)  # down_proj's cache now holds its outputs
+    blk.set_quantized(DOWN, _Halved(blk.block.get_submodule(DOWN).weight))
+    assert set(blk.replay.cache) == {O} and DOWN in blk.done
+    _assert_matches_forward(blk, before)
+
+
+class _Halved:
+    """Stands in for a quantized weight."""
+
+    def __init__(self, w):
+        self.w = w
+
+    def dequantize(self):
+        return self.w * 0.5
+
+
+@pytest.mark.parametrize("names, param, kept", [
+    (None, "mlp.gate_proj.weight", set()),  # anything may have changed
+    (["mlp"], "mlp.gate_proj.weight", {O}),
+    (["post_attention_layernorm.weight"], "post_attention_layernorm.weight", set()),  # outside both: all go
+    ([], None, {O, DOWN}),
+])
+def test_changing_drops_the_caches_of_what_it_names(names, param, kept):
+    blk = _solved_block()
+    before = _replayed_and_fresh(blk)[1]
+    blk = _solved_block()
+    with blk.changing(names) as block, torch.no_grad():
+        if param is not None:
+            block.get_parameter(param).mul_(0.5)
+    assert set(blk.replay.cache) == kept
+    if param is not None:
+        _assert_matches_forward(blk, before)
+
+
+def test_replacing_a_linear_drops_its_cached_outputs():
+    import copy
+
+    blk = _solved_block()
+    before = _replayed_and_fresh(blk)[1]
+    blk = _solved_block()
+    new = copy.deepcopy(blk.block.get_submodule(O))
+    with torch.no_grad():
+        new.weight.mul_(0.5)
+    blk.replace(O, new)
+    assert blk.block.get_submodule(O) is new and not blk.replay.cache
+    _assert_matches_forward(blk, before)
+
+
+def _scale_data(block, name):
+    block.get_submodule(name).weight.data.mul_(0.5)  # no version bump: found by its sum
+
+
+def _swap_data(block, name):
+    lin = block.get_submodule(name)
+    lin.weight.data = lin.weight.data * 0.5  # new storage
+
+
+def _swap_module(block, name):
+    import copy
+
+    from lowbit.transforms.modules import replace_module
+
+    new = copy.deepcopy(block.get_submodule(name))
+    with torch.no_grad():
+        new.weight.mul_(0.5)
+    replace_module(block, name, new)
+
+
+@pytest.mark.parametrize("change", [_scale_data, _swap_data, _swap_module])
+def test_a_change_outside_the_api_is_caught_before_a_replay(caplog, change):
+    blk = _solved_block()
+    before = _replayed_and_fresh(blk)[1]
+    blk = _solved_block()
+    change(blk.block, "mlp.up_proj")
+    with caplog.at_level("WARNING", logger="lowbit"):
+        _assert_matches_forward(blk, before)
+    msgs = [r.getMessage() for r in caplog.records if "outside Block.set_weight" in r.getMessage()]
+    assert len(msgs) == 1 and "mlp.up_proj.weight" in msgs[0]
+    assert set(blk.replay.cache) == {O}  # the attention's cache was still good
+
+
+def test_stages_change_blocks_only_through_the_api(caplog):
+    """No stage of a pipeline run trips the check (pairwise, solver, 1-bit and block fine-tuning)."""
+    from lowbit.blockwise import PairwiseConfig
+    from lowbit.pipeline import quantize_model
+    from lowbit.recipe import Recipe, get_recipe
+    from lowbit.stages.base import BlockFTConfig
+
+    recipes = [Recipe(method="rtn", bits=3, group_size=32, pairwise=PairwiseConfig(epochs1=1, epochs2=1, krot=2,
+                                                                                   group=32)),
+               Recipe(method="gptq", bits=3, group_size=32, block_ft=BlockFTConfig(epochs=1, norm_lr=1e-3)),
+               get_recipe("qep-onebit-ft1")]
+    with caplog.at_level("WARNING", logger="lowbit"):
+        for r in recipes:
+            quantize_model(tiny_model("llama"), r, tiny_tokens(8, 16), batch_size=2, progress=False)
+    assert not [r for r in caplog.records if "outside Block.set_weight" in r.getMessage()]

@@ -46,6 +46,10 @@ CASES = {
     "qwen3-had-vq-bft-e2e": ("qwen3", Recipe(method="vq_e8", bits=2, group_size=-1, rotation="hadamard",
                                              qep=QEPConfig(), block_ft=BlockFTConfig(1, lr=1e-2, norm_lr=1e-2),
                                              e2e_ft=E2EFTConfig(2, lr=1e-2, batch=2))),
+    "llama-gptq-block-ft": ("llama", Recipe(method="gptq", bits=3, group_size=32,
+                                            block_ft=BlockFTConfig(epochs=2, lr=1e-3, norm_lr=1e-3))),
+    "qwen2-qep-rtn-block-ft": ("qwen2", Recipe(method="rtn", bits=2, group_size=16, qep=QEPConfig(),
+                                               block_ft=BlockFTConfig(epochs=1, lr=1e-3))),
 }
 
 

@@ -8,7 +8,9 @@ embeddings, RoPE) in a compact forward written for generation:
 
 - q/k/v and gate/up fused into one matmul each when their formats allow (same bits, groups,
   act-order permutation, or same vector codebook; no online transform); the fused module holds the concatenated packed
-  tensors, so the weight bytes are not duplicated for long (the originals are dropped);
+  tensors, so the weight bytes are not duplicated for long (the originals are dropped). Packed linears that each
+  have their own pairwise transform (ParoQuant-style, no act order) fuse too (`RotatedGroupLinear`): one launch
+  rotates the input by every transform, one GEMV reads each segment's own rotated input;
 - a static KV cache [layers, batch, kv heads, max_len, head dim] written in place at the step's
   positions, attention through `scaled_dot_product_attention` with a position mask (GQA native);
 - RMSNorm, residual add + RMSNorm, RoPE with the KV-cache writes, and SiLU-gate compiled by
@@ -119,6 +121,68 @@ def _same_format(mods: list[nn.Module]) -> bool:
     return True
 
 
+def _pairwise_group(mods: list[nn.Module]) -> bool:
+    """Packed linears of one format, no act order, each with its own pairwise transform of one shape
+    (group, rotation count): what `RotatedGroupLinear` fuses."""
+    from .transforms.online import PairwiseInput
+
+    if not (2 <= len(mods) <= 3 and all(isinstance(m, QuantizedLinear) for m in mods)):
+        return False
+    if not all(isinstance(m.transform, PairwiseInput) for m in mods):
+        return False
+    a, ta = mods[0], mods[0].transform
+    for m in mods:
+        t = m.transform
+        if (t.group, t.rot_pairs.shape, m.bits, m.group_size, m.symmetric, m.kind, m.in_features) != \
+                (ta.group, ta.rot_pairs.shape, a.bits, a.group_size, a.symmetric, a.kind, a.in_features):
+            return False
+        if m.perm is not None or m.act_bits is not None or (m.bias is None) != (a.bias is None):
+            return False
+        if m.out_features % 8 or (m.in_scale is None) != (a.in_scale is None) or (
+                m.in_scale is not None and not torch.equal(m.in_scale, a.in_scale)):
+            return False
+    return True
+
+
+class RotatedGroupLinear(nn.Module):
+    """Packed linears sharing one input, each with its own pairwise transform, as one module: y =
+    [m_0(x) | m_1(x) | ...]. The transforms run in one launch (`pairwise_rotate_many`) and the matmul
+    in one GEMV over the concatenated packed weight whose row segments read their own rotated input
+    (`quant_linear_segments`; one matmul per linear beyond one token). Same arithmetic as the separate
+    modules on their decode path (rotate, round to x's dtype, packed GEMV); on CPU each transform's own
+    forward."""
+
+    def __init__(self, linear: QuantizedLinear, transforms: list[nn.Module], rows: list[int]):
+        super().__init__()
+        self.linear = linear
+        self.transforms = nn.ModuleList(transforms)
+        self.rows = list(rows)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self._stacked: dict = {}
+
+    def _coefficients(self, device: torch.device) -> tuple:
+        key = (device.type, device.index)
+        c = self._stacked.get(key)
+        if c is None:
+            parts = [t.coefficients(device)[:4] for t in self.transforms]
+            c = self._stacked[key] = tuple(torch.stack([p[i] for p in parts]).contiguous() for i in range(4))
+        return c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .kernels._common import interpreting
+        from .kernels.pairwise import pairwise_rotate_many
+        from .kernels.quant import quant_linear_segments
+
+        if x.is_cuda or interpreting():
+            inv, partner, cos, sin = self._coefficients(x.device)
+            xs = pairwise_rotate_many(x, inv, partner, cos, sin, self.transforms[0].group)
+        else:   # each transform's own CPU path (dense per-group blocks): exactly what the separate modules do
+            xs = torch.stack([t(x) for t in self.transforms])
+        m = self.linear
+        return quant_linear_segments(xs, m.qweight, m.scales, m.zeros, m.bits, m.kernel_group_size, m.in_features,
+                                     self.rows, m.in_scale, m.bias)
+
+
 def _same_vector_format(mods: list[VectorQuantizedLinear]) -> bool:
     a = mods[0]
     for m in mods:
@@ -134,6 +198,9 @@ def _same_vector_format(mods: list[VectorQuantizedLinear]) -> bool:
 @torch.no_grad()
 def fuse_linears(mods: list[nn.Module]) -> list[nn.Module]:
     """One module computing [m_0(x) | m_1(x) | ...] when the formats allow it, else the modules."""
+    if len(mods) > 1 and _pairwise_group(mods):
+        return [RotatedGroupLinear(_concat_quantized(mods), [m.transform for m in mods],
+                                   [m.out_features for m in mods])]
     if len(mods) == 1 or not _same_format(mods):
         return mods
     a = mods[0]
@@ -153,15 +220,21 @@ def fuse_linears(mods: list[nn.Module]) -> list[nn.Module]:
         if a.bias is not None:
             f.bias = nn.Parameter(torch.cat([m.bias for m in mods]), requires_grad=False)
         return [f]
-    f = QuantizedLinear(a.in_features, out, a.bits, a.group_size, a.symmetric, a.bias is not None, a.kind,
-                        a.perm is not None, a.in_scale is not None, None, device="meta")
+    return [_concat_quantized(mods)]
+
+
+def _concat_quantized(mods: list[QuantizedLinear]) -> QuantizedLinear:
+    """The packed linears stacked by rows (their transforms left out)."""
+    a = mods[0]
+    f = QuantizedLinear(a.in_features, sum(m.out_features for m in mods), a.bits, a.group_size, a.symmetric,
+                        a.bias is not None, a.kind, a.perm is not None, a.in_scale is not None, None, device="meta")
     f.qweight = torch.cat([m.qweight for m in mods])
     f.scales = torch.cat([m.scales for m in mods])
     f.zeros = None if a.zeros is None else torch.cat([m.zeros for m in mods])
     f.perm, f.in_scale = a.perm, a.in_scale
     if a.bias is not None:
         f.bias = nn.Parameter(torch.cat([m.bias for m in mods]), requires_grad=False)
-    return [f]
+    return f
 
 
 def _apply(mods: list[nn.Module], x: torch.Tensor) -> torch.Tensor:

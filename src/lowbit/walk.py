@@ -11,7 +11,11 @@ moves the block to the device and hands a `Block` to the stages, which quantize 
   compute the sub-module as `linear(cached input)` instead of re-running it;
 - `stats(names)`: H = sum x x^T of the named linears on the quantized stream (and QEP's C against
   the FP stream), by running the block until those linears have seen their inputs;
-- `fp_targets()`: the FP block's outputs on the FP stream (the targets of block-wise training).
+- `fp_targets()`: the FP block's outputs on the FP stream (the targets of block-wise training);
+- the only ways a stage changes the block: `set_weight` / `set_quantized` (a linear's weight),
+  `replace` (a sub-module) and `with changing(names):` around anything else; each drops the replay
+  caches the change makes stale, so stages never deal with the caches (a change made otherwise is
+  caught before the next replay, with a warning).
 When the stages are done, `finish` maps both streams through the block (block i + 1's inputs) and
 records the block's output error; the block goes back to where it lived.
 
@@ -121,6 +125,11 @@ def block_output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def _within(name: str, module: str) -> bool:
+    """Whether dotted `name` is `module` or lies inside it."""
+    return name == module or name.startswith(module + ".")
+
+
 class _Replayed(nn.Module):
     """Stands in for a sub-module (attention, MLP) while a Replay is active: returns
     linear(cached input) for the current batch; the first call checks it against the real forward."""
@@ -170,16 +179,71 @@ class Replay:
     attention or the MLP. The first replayed batch of every block is checked against the real
     forward; a mismatch turns replay off for that module (slower, never wrong). While `active`,
     the sub-modules are swapped for `_Replayed` wrappers and put back on exit.
+
+    The caches hold only while the block does not change under them: `Block`'s setters call
+    `stale(name)`, which drops what a change of `name` invalidates. A change that bypasses them is
+    caught when a pass starts (`check`: every parameter's and buffer's identity, version and sum,
+    against those of the last check or sanctioned change): one warning, and the stale caches go.
     """
 
     def __init__(self, block: nn.Module, pairs: tuple[tuple[str, str], ...], enabled: bool = True):
         self.block = block
-        self.pairs = {lin: mod for mod, lin in pairs} if enabled else {}
+        self.pairs = {lin: mod for mod, lin in pairs} if enabled else {}  # in execution order
         self.cache: dict[str, list[torch.Tensor]] = {}
         self.disabled: set[str] = set()
         self.computed: dict[str, set[int]] = {}
         self.templates: dict[str, tuple | None] = {}
         self.batch = 0
+        self._marks = self._fingerprints()
+
+    def _fingerprints(self, under: str | None = None) -> dict[str, tuple]:
+        """name -> (identity, storage, version, sum) of the block's parameters and buffers (those under
+        `under` only); nothing when replay is off."""
+        if not self.pairs:
+            return {}
+        ts = [(n, t) for n, t in (*self.block.named_parameters(), *self.block.named_buffers())
+              if under is None or _within(n, under)]
+        if not ts:
+            return {}
+        with torch.no_grad():  # one float32 sum each, compared bit for bit (NaN too); one device sync
+            sums = torch.stack([t.detach().sum(dtype=torch.float32).to(ts[0][1].device) for _, t in ts])
+        bits = sums.view(torch.int32).tolist()
+        return {n: (id(t), t.data_ptr(), 0 if t.is_inference() else t._version, b) for (n, t), b in zip(ts, bits)}
+
+    def _drop(self, name: str | None) -> None:
+        """Forget the caches a change of `name` makes stale (None: all of them)."""
+        pairs = list(self.pairs.items())
+        hit = None if name is None else next((k for k, (_, mod) in enumerate(pairs) if _within(name, mod)), None)
+        for k, (lin, _) in enumerate(pairs):
+            if hit is not None and (k < hit or k == hit and _within(name, lin) and not self.computed.get(lin)):
+                continue  # upstream of the change, or the changed output linear's inputs (not yet its outputs)
+            for d in (self.cache, self.computed, self.templates):
+                d.pop(lin, None)
+            self.disabled.discard(lin)
+
+    def stale(self, name: str | None = None) -> None:
+        """The block's module or parameter `name` (relative; None: anything) changed: drop the caches of its
+        sub-module and of every sub-module after it, but keep an output linear's cached inputs when only that
+        linear changed (outputs it already computed go). A name outside every replayed sub-module (a norm)
+        drops them all."""
+        self._drop(name)
+        if name is None:
+            self._marks = self._fingerprints()
+        else:
+            self._marks = {n: m for n, m in self._marks.items() if not _within(n, name)}
+            self._marks.update(self._fingerprints(name))
+
+    def check(self) -> None:
+        """Before a pass: drop, with one warning, the caches made stale by a change of the block that did not
+        go through `stale` (a stage writing weights without `Block.set_weight` / `changing`)."""
+        marks = self._fingerprints()
+        changed = sorted(n for n in marks.keys() | self._marks.keys() if marks.get(n) != self._marks.get(n))
+        if changed and self.cache:
+            log.warning("block changed outside Block.set_weight / replace / changing (%s); recomputing the replay "
+                        "caches it makes stale", ", ".join(changed[:3]) + (", ..." if len(changed) > 3 else ""))
+            for n in changed:
+                self._drop(n)
+        self._marks = marks
 
     def wants(self, linear: str, quantized: set[str]) -> bool:
         """Whether to cache this linear's inputs now (its sub-module's other linears are final)."""
@@ -200,6 +264,7 @@ class Replay:
         """Swap in the replaying wrappers of the sub-modules whose cached inputs are complete."""
         from .transforms.modules import replace_module
 
+        self.check()
         swapped = []
         for lin, mod_name in self.pairs.items():
             if lin in self.disabled or len(self.cache.get(lin, [])) != n_batches:
@@ -404,9 +469,35 @@ class Block:
             self._fp_out = w.stream(run_block(self.fp_block, self.fp, self.calls, keep=w.keep_fp), fp=True)
         return self._fp_out
 
-    def modules_changed(self) -> None:
-        """Tell the block its linears were replaced or retrained: cached replays are stale."""
-        self.replay = Replay(self.block, self.walker.adapter.output_linears, enabled=self.walker.replay_memo)
+    # The only ways a stage changes the block: each drops the replay caches the change makes stale.
+    def set_weight(self, name: str, weight: torch.Tensor) -> None:
+        """Write `weight` into linear `name` (relative to the block; cast to its dtype)."""
+        lin = self.block.get_submodule(name)
+        lin.weight.data.copy_(weight.to(lin.weight.dtype))
+        self.replay.stale(name)
+
+    def set_quantized(self, name: str, qw) -> None:
+        """Linear `name` is final: its weight becomes `qw` (a quantized weight) dequantized, and it counts as
+        quantized (`done`: the caches of the linears after it may start)."""
+        self.set_weight(name, qw.dequantize())
+        self.done.add(name)
+
+    def replace(self, name: str, module: nn.Module) -> None:
+        """Put `module` in place of the block's sub-module `name` (a linear, usually)."""
+        from .transforms.modules import replace_module
+
+        replace_module(self.block, name, module)
+        self.replay.stale(name)
+
+    @contextmanager
+    def changing(self, names: list[str] | None = None):
+        """Around anything else that changes the block in place (training its parameters, swapping modules):
+        the named modules / parameters (None: anything) are taken as changed on exit."""
+        try:
+            yield self.block
+        finally:
+            for n in [None] if names is None else names:
+                self.replay.stale(n)
 
     def finish(self) -> None:
         """Map both streams through the finished block; record its output error."""

@@ -642,6 +642,42 @@ def test_triton_interpreter_matches_reference(n, monkeypatch):
             close_to(pairwise_rotate_triton(x, scale, partner, cos, sin, mode=mode), ref)
 
 
+def _stacked(n, S, K, seed):
+    ps = [random_params(n, K=K, seed=seed + s) for s in range(S)]
+    return [torch.stack([p[i] for p in ps]) for i in range(4)]
+
+
+@pytest.mark.parametrize("interpret", [False, True])
+@pytest.mark.parametrize("n,tokens", [(576, 1), (160, 5)])
+def test_rotate_many_equals_each_transform(n, tokens, interpret, monkeypatch):
+    """S transforms of one x in one launch (the gather kernel's transform axis) give each transform's
+    own result; on CPU without the interpreter, the reference per transform."""
+    if interpret:
+        if torch.cuda.is_available() or not _has_triton():
+            pytest.skip("interpreter test: needs triton and no CUDA")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        import lowbit.kernels._pairwise_triton as tk
+        importlib.reload(tk)
+    scale, partner, cos, sin = _stacked(n, 3, 2, seed=20)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(tokens, n).to(dtype)
+        y = pw.pairwise_rotate_many(x, scale, partner, cos, sin, group=128)
+        assert y.shape == (3, tokens, n) and y.dtype == dtype
+        for s in range(3):
+            close_to(y[s], pairwise_rotate_ref(x.float(), scale[s], partner[s], cos[s], sin[s]))
+    with pytest.raises(ValueError, match="stacked"):
+        pw.pairwise_rotate_many(x, scale[0], partner[0], cos[0], sin[0])
+
+
+@cuda
+def test_rotate_many_on_the_gpu():
+    scale, partner, cos, sin = (t.cuda() for t in _stacked(4096, 3, 8, seed=30))
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    y = pw.pairwise_rotate_many(x, scale, partner, cos, sin, group=128)
+    for s in range(3):   # the same kernel and arithmetic as one transform at a time: equal bits
+        assert torch.equal(y[s], pairwise_rotate(x, scale[s], partner[s], cos[s], sin[s], group=128))
+
+
 @pytest.mark.skipif(torch.cuda.is_available() or not _has_triton(),
                     reason="interpreter test: needs triton and no CUDA")
 @pytest.mark.parametrize("programs", [1, 4, 64])

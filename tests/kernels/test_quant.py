@@ -614,3 +614,72 @@ def test_gpu_torch_compile_fullgraph():
     for tokens in (1, 5):
         x = torch.randn(tokens, 1024, device="cuda", dtype=dtype)
         torch.testing.assert_close(g(x), f(x), rtol=2e-3, atol=2e-3)
+
+
+def _segment_ref(lay, xs, rows):
+    """Each segment's rows of the layer applied to its own input, in fp64."""
+    w = lay.dense64() * (lay.in_scale.double() if lay.in_scale is not None else 1.0)
+    outs, r0 = [], 0
+    for s, n in enumerate(rows):
+        y = xs[s].double() @ w[r0:r0 + n].T
+        if lay.bias is not None:
+            y = y + lay.bias[r0:r0 + n].double()
+        outs.append(y)
+        r0 += n
+    return torch.cat(outs, -1)
+
+
+@interpreter_only
+@pytest.mark.parametrize("rows,tiles", [([96, 32, 48], {}), ([64, 64], dict(split=128, block_r=64, block_n=32)),
+                                        ([40, 24, 16], dict(split=128, block_r=32, block_n=16))])
+def test_segmented_gemv_interpreter(rows, tiles, interpreter, monkeypatch):
+    """One GEMV launch in which each row segment reads its own x (the q / k / v linears with their own
+    rotated inputs) equals every segment's own product; block rows shrink to fit the boundaries."""
+    lay = Layer(sum(rows), 320, 4, 64, True, in_scale=True, bias=True, seed=len(rows))
+    g = torch.Generator().manual_seed(1)
+    for dtype in (torch.float32, torch.bfloat16):
+        xs = torch.randn(len(rows), 1, 320, generator=g).to(dtype)
+        if tiles:   # explicit tiles through the launcher (the dispatcher takes the heuristic's)
+            out = torch.full((1, lay.n_out), float("nan"), dtype=dtype)
+            bounds = tuple(sum(rows[:i]) for i in range(1, len(rows)))
+            Q._launch_gemv(Q._triton(), xs[0], lay.qweight, lay.scales, lay.zeros, 4, 64, 320, lay.n_out, None,
+                           lay.in_scale, lay.bias.to(dtype), None, out, Q.workspace("cpu"), 4,
+                           segments=(bounds, xs.stride(0)), **tiles)
+            y = out
+        else:
+            y = Q.quant_linear_segments(xs, lay.qweight, lay.scales, lay.zeros, 4, 64, 320, rows, lay.in_scale,
+                                        lay.bias.to(dtype))
+            assert Q.last_path == "gemv_seg"
+        assert not torch.isnan(y).any()
+        assert relerr(y, _segment_ref(lay, xs, rows)) < TOL_INTERP[dtype]
+    # several tokens: one packed matmul per segment, concatenated
+    xs = torch.randn(len(rows), 3, 320, generator=g, dtype=torch.float16)
+    y = Q.quant_linear_segments(xs, lay.qweight, lay.scales, lay.zeros, 4, 64, 320, rows, lay.in_scale,
+                                lay.bias.half())
+    assert Q.last_path == "mm" and y.shape == (3, lay.n_out)
+    assert relerr(y, _segment_ref(lay, xs, rows)) < TOL_INTERP[torch.float16]
+
+
+def test_segmented_linear_refuses_mismatched_rows():
+    lay = Layer(64, 128, 4, 64, True, seed=3)
+    with pytest.raises(ValueError, match="row counts"):
+        Q.quant_linear_segments(torch.randn(2, 1, 128), lay.qweight, lay.scales, lay.zeros, 4, 64, 128, [32, 16])
+
+
+@cuda
+@pytest.mark.parametrize("bits", [4, 2])
+def test_gpu_segmented_gemv_matches_each_segment(bits):
+    """The 8B shape's q / k / v (4096 + 1024 + 1024 rows) in one segmented launch against one launch per
+    segment, bf16, and inside a CUDA graph."""
+    rows = [4096, 1024, 1024]
+    lay = Layer(sum(rows), 4096, bits, 128, True, seed=bits, device="cuda")
+    xs = torch.randn(3, 1, 4096, device="cuda", dtype=torch.bfloat16)
+    y = Q.quant_linear_segments(xs, lay.qweight, lay.scales, lay.zeros, bits, 128, 4096, rows)
+    assert Q.last_path == "gemv_seg"
+    assert relerr(y, _segment_ref(lay, xs.cpu(), rows)) < TOL[torch.bfloat16]
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        yg = Q.quant_linear_segments(xs, lay.qweight, lay.scales, lay.zeros, bits, 128, 4096, rows)
+    xs.normal_()
+    g.replay()
+    assert relerr(yg, _segment_ref(lay, xs.cpu(), rows)) < TOL[torch.bfloat16]

@@ -31,9 +31,17 @@ import triton.language as tl
 
 @triton.jit
 def gather_kernel(x_ptr, y_ptr, scale_ptr, partner_ptr, cos_ptr, sin_ptr,
-                  T, N, NG, stride_xt, stride_yt,
+                  T, N, NG, stride_xt, stride_yt, stride_ys,
                   K: tl.constexpr, G: tl.constexpr, BLOCK_T: tl.constexpr, EVEN_N: tl.constexpr):
     pid = tl.program_id(0)
+    # axis 1: which of several transforms of the same x (stacked coefficients: scale [S, N],
+    # partner / cos / sin [S, K, N]); its output goes to y + s * stride_ys
+    ps = tl.program_id(1).to(tl.int64)
+    scale_ptr += ps * N
+    partner_ptr += ps * K * N
+    cos_ptr += ps * K * N
+    sin_ptr += ps * K * N
+    y_ptr += ps * stride_ys
     g = pid % NG          # groups vary fastest: neighbouring programs read neighbouring bytes
     tile = pid // NG
     offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)

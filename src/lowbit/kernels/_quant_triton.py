@@ -286,7 +286,7 @@ def _finish_rows(out_ptr, bias_ptr, rows, acc, N, HAS_BIAS: tl.constexpr, MASK_N
 @triton.jit
 def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, isc_ptr, bias_ptr, out_ptr, part_ptr, cnt_ptr,
                 rsc_ptr, rpar_ptr, rcos_ptr, rsin_ptr,
-                K, N, KP32, G, stride_q, stride_s, stride_z, stride_xm, stride_om,
+                K, N, KP32, G, stride_q, stride_s, stride_z, stride_xm, stride_om, seg_a, seg_b, stride_xs,
                 BITS: tl.constexpr, GS: tl.constexpr, CS: tl.constexpr, NG: tl.constexpr,
                 BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
                 HAS_Z: tl.constexpr, HAS_PERM: tl.constexpr, HAS_ISC: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -316,13 +316,17 @@ def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, isc_ptr, bias_ptr, out_pt
     split to finish it (ticket on cnt[t, r, i]) adds the SPLITS partials in split order, adds the
     bias, stores the output and puts the ticket back to 0. MASK_K: the last split is partial (K % CS != 0); MASK_N: N %
     BLOCK_R != 0. ROT_K > 0: x is rotated in registers (`_load_x_chunk`; CS is a multiple of ROT_G).
+    Segments: rows from seg_a on read their x stride_xs further on, rows from seg_b on 2 * stride_xs
+    (seg_a, seg_b multiples of BLOCK_R; N, N and 0 for one x): up to three linears of one launch that
+    each take their own input, as the q / k / v linears with their own pairwise transforms do.
     """
     pid_s = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_t = tl.program_id(2)
     GSZ: tl.constexpr = CS // NG
     k0 = pid_s * CS
-    x_row = x_ptr + pid_t.to(tl.int64) * stride_xm
+    seg = (pid_r * BLOCK_R >= seg_a).to(tl.int64) + (pid_r * BLOCK_R >= seg_b).to(tl.int64)
+    x_row = x_ptr + pid_t.to(tl.int64) * stride_xm + seg * stride_xs
     if PREFETCH > 0:
         _prefetch_words(qw_ptr, pid_r * BLOCK_R, N, stride_q, k0, KP32, PREFETCH * BLOCK_N, CS, BITS)
     if PDL:

@@ -207,7 +207,7 @@ def pairwise_rotate_triton(x: torch.Tensor, scale: torch.Tensor, partner: torch.
         cos = cos.to(torch.float32).contiguous()
         sin = sin.to(torch.float32).contiguous()
         grid = (-(-T // bt) * ng,)
-        tk.gather_kernel[grid](x2, y, scale, partner, cos, sin, T, n, ng, x2.stride(0), y.stride(0),
+        tk.gather_kernel[grid](x2, y, scale, partner, cos, sin, T, n, ng, x2.stride(0), y.stride(0), 0,
                                K=K, G=group, BLOCK_T=bt, EVEN_N=(n % group == 0), num_warps=warps)
     elif mode == "mma":
         if group < 16:
@@ -244,6 +244,41 @@ def pairwise_rotate(x: torch.Tensor, scale: torch.Tensor, partner: torch.Tensor,
     if not _use_kernels(x, scale, cos, sin):
         return pairwise_rotate_ref(x, scale, partner, cos, sin)
     return pairwise_rotate_triton(x, scale, partner, cos, sin, group=group, blocks=blocks)
+
+
+def pairwise_rotate_many(x: torch.Tensor, scale: torch.Tensor, partner: torch.Tensor, cos: torch.Tensor,
+                         sin: torch.Tensor, group: int = 128) -> torch.Tensor:
+    """S pairwise transforms of the same x at once: y[s] = pairwise_rotate(x, scale[s], partner[s], cos[s],
+    sin[s]), y [S, *x.shape]. Coefficients stacked: scale [S, n], partner / cos / sin [S, K, n] (one
+    rotation count and group for all). On CUDA (or under the interpreter) one launch of the gather
+    kernel for all S (its second grid axis) instead of S launches: the q / k / v (or gate / up)
+    linears of a decode step each have their own transform of the same input. Elsewhere, and when
+    autograd needs a gradient, the reference per transform. No tensor-core path: meant for the few
+    tokens of a decode step."""
+    if scale.dim() != 2 or partner.dim() != 3 or partner.shape[0] != scale.shape[0]:
+        raise ValueError(f"stacked coefficients expected: scale [S, n], partner / cos / sin [S, K, n]; got "
+                         f"{tuple(scale.shape)}, {tuple(partner.shape)}")
+    S = scale.shape[0]
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, scale, cos, sin))
+    if not (_use_kernels(x, scale, cos, sin) or (_interpreting() and not forced_reference() and _triton() is not None
+                                                  and not grad)):
+        return torch.stack([pairwise_rotate_ref(x, scale[s], partner[s], cos[s], sin[s]) for s in range(S)])
+    tk, x2, sms = _kernel_input("pairwise_rotate_many", "use pairwise_rotate_ref instead", x, scale[0], partner[0],
+                                cos[0], sin[0], group)
+    if cos.shape != partner.shape or sin.shape != partner.shape or scale.shape[1] != partner.shape[2]:
+        raise ValueError(f"cos / sin must be shaped like partner {tuple(partner.shape)} and scale [S, n]")
+    n, K, T = x.shape[-1], partner.shape[1], x2.shape[0]
+    y = torch.empty((S, T, n), dtype=x.dtype, device=x.device)
+    if S == 0 or T == 0 or n == 0:
+        return y.reshape(S, *x.shape)
+    ng = -(-n // group)
+    bt, warps = gather_config(T, n, group, sms)
+    grid = (-(-T // bt) * ng, S)
+    tk.gather_kernel[grid](x2, y, scale.to(torch.float32).contiguous(), partner.to(torch.int32).contiguous(),
+                           cos.to(torch.float32).contiguous(), sin.to(torch.float32).contiguous(), T, n, ng,
+                           x2.stride(0), y.stride(1), y.stride(0), K=K, G=group, BLOCK_T=bt,
+                           EVEN_N=(n % group == 0), num_warps=warps)
+    return y.reshape(S, *x.shape)
 
 
 def _use_kernels(x, *params) -> bool:

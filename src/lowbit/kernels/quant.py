@@ -407,13 +407,24 @@ def _pdl(x: Tensor, pdl: bool | None) -> bool:
 
 def _launch_gemv(tk, x2, qweight, scales, zeros, bits, gs, K, N, perm, in_scale, bias, rot, out, ws, sms,
                  split=None, block_r=None, block_n=None, num_warps=None, num_stages=None, x_in_loop=None,
-                 prefetch=None, pdl=None):
+                 prefetch=None, pdl=None, segments=None):
     T = x2.shape[0]
     rot_group = rot.group if rot is not None else 0
     cfg = gemv_config(K, N, bits, 0 if gs >= K else gs, sms, rot_group, T)
     cs = split or cfg["split"]
     bn = block_n or cfg["block_n"]
     br = block_r or max(bn, cfg["block_r"])
+    # segments (row boundaries, x stride between them): a row block must not straddle a boundary
+    bounds, stride_xs = segments if segments is not None else ((), 0)
+    if len(bounds) > 2:
+        raise ValueError(f"the GEMV takes at most 3 segments, got {len(bounds) + 1}")
+    while any(b % br for b in bounds) and br > 8:
+        br //= 2
+    if any(b % br for b in bounds):
+        raise ValueError(f"segment boundaries {bounds} are not multiples of 8 rows")
+    if bounds:
+        bn = min(bn, br)
+    seg_a, seg_b = (*bounds, N, N)[:2]
     for name, v in (("split", cs), ("block_r", br), ("block_n", bn)):
         if not _pow2(v):
             raise ValueError(f"{name} must be a power of two, got {v}")
@@ -449,7 +460,7 @@ def _launch_gemv(tk, x2, qweight, scales, zeros, bits, gs, K, N, perm, in_scale,
         x2, qweight, scales, zeros if zeros is not None else scales, perm if perm is not None else qweight,
         in_scale if in_scale is not None else scales, bias if bias is not None else out, out, part, cnt, *rargs,
         K, N, padded_width(K) // 32, scales.shape[1], qweight.stride(0), scales.stride(0),
-        zeros.stride(0) if zeros is not None else 0, x2.stride(0), out.stride(0),
+        zeros.stride(0) if zeros is not None else 0, x2.stride(0), out.stride(0), seg_a, seg_b, stride_xs,
         BITS=bits, GS=0 if gs >= K else gs, CS=cs, NG=ng, BLOCK_R=br, BLOCK_N=bn, SPLITS=splits,
         HAS_Z=zeros is not None, HAS_PERM=perm is not None, HAS_ISC=in_scale is not None, HAS_BIAS=bias is not None,
         ROT_K=rk, ROT_G=max(1, rot_group), GIVENS=givens, MASK_K=K % cs != 0, MASK_N=N % br != 0,
@@ -660,3 +671,43 @@ def quant_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | Non
     return torch.ops.lowbit.quant_linear_rot(x, qweight, scales, zeros, bits, group_size, in_features, perm, in_scale,
                                              bias, rot.scale, rot.partner, rot.cos, rot.sin, rot.group, co.scale,
                                              co.partner, co.cos, co.sin, co.givens)
+
+
+# ---- several linears of one launch, each with its own input --------------------------------------
+
+
+def quant_linear_segments(xs: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int,
+                          group_size: int, in_features: int, rows: list[int], in_scale: Tensor | None = None,
+                          bias: Tensor | None = None) -> Tensor:
+    """Linears stacked by rows (one packed weight of sum(rows) rows, as `decode.fuse_linears` builds
+    it), segment s taking its own input: y[..., rows of s] = xs[s] W_s^T (+ bias). xs [S, ..., K],
+    y [..., N]. For S <= 3 at up to GEMV_MAX_TOKENS tokens on the Triton path: one GEMV launch
+    (path "gemv_seg": each row block reads the x of its segment; boundaries must be multiples of 8
+    rows); otherwise one `quant_linear` per segment, concatenated. No act order (perm)."""
+    S = xs.shape[0]
+    if len(rows) != S or sum(rows) != qweight.shape[0]:
+        raise ValueError(f"{S} inputs and row counts {rows} for a weight of {qweight.shape[0]} rows")
+    x0 = xs[0]
+    T = x0.numel() // max(1, x0.shape[-1])
+    bounds = [sum(rows[:i]) for i in range(1, S)]
+    if (S <= 3 and T <= setting("GEMV_MAX_TOKENS") and _use_triton(x0) and all(b % 8 == 0 for b in bounds)
+            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                     for t in (xs, scales, in_scale, bias)))):
+        K, N, gs = _check(x0, qweight, scales, zeros, bits, group_size, in_features, None, in_scale, bias)
+        _check_kernel_layout("quant_linear_segments", x0, qweight, scales, zeros, None, in_scale, bias, gs, K)
+        xs3 = xs.reshape(S, T, K)
+        if xs3.stride(-1) != 1 or xs3.stride(1) != K:
+            xs3 = xs3.contiguous()
+        out = torch.empty((T, N), dtype=xs.dtype, device=xs.device)
+        if T and N and K:
+            _launch_gemv(_triton(), xs3[0], qweight, scales, zeros, bits, gs, K, N, None, in_scale, bias, None, out,
+                         workspace(xs.device), _sms(xs), segments=(tuple(bounds), xs3.stride(0)))
+            _record("gemv_seg")
+            return out.reshape(*x0.shape[:-1], N)
+    outs, r0 = [], 0
+    for s, n in enumerate(rows):
+        sl = slice(r0, r0 + n)
+        outs.append(quant_linear(xs[s], qweight[sl], scales[sl], None if zeros is None else zeros[sl], bits,
+                                 group_size, in_features, None, in_scale, None if bias is None else bias[sl]))
+        r0 += n
+    return torch.cat(outs, dim=-1)

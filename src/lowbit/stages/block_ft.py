@@ -1,7 +1,8 @@
 """Block-wise fine-tuning after the solver: the continuous parameters of the block's quantized linears (and
 optionally its norm weights) are trained against the FP block output (`lowbit.finetune.finetune_block`).
-The block's weights are then the dequantized trained values, so `Block.finish` maps the quantized stream
-through the fine-tuned block and the next block sees it."""
+The block's weights are then the dequantized trained values (written through `Block.set_quantized` and
+`Block.changing`, which drop the stale replay caches), so `Block.finish` maps the quantized stream through the
+fine-tuned block and the next block sees it."""
 
 from __future__ import annotations
 
@@ -68,9 +69,8 @@ class BlockFinetuneStage(Stage):
         if ft["reverted"]:
             return
         for name, qw in ft["weights"].items():
-            lin = blk.block.get_submodule(name)
-            lin.weight.data.copy_(qw.dequantize().to(lin.weight.dtype))
+            blk.set_quantized(name, qw)
             res.weights[blk.name(name)] = qw.to("cpu")
-        for name, t in ft["norms"].items():
-            blk.block.get_parameter(name).data.copy_(t)
-        blk.modules_changed()  # cached outputs are stale
+        with blk.changing(list(ft["norms"])):
+            for name, t in ft["norms"].items():
+                blk.block.get_parameter(name).data.copy_(t)

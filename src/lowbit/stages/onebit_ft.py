@@ -47,8 +47,6 @@ class OneBitFinetuneStage(Stage):
         ft = finetune_binary(blk.block, {n: qw.to(device) for n, qw in binary.items()}, blk.xs, blk.fp_targets(),
                              blk.calls, epochs=self.epochs, lr=self.lr, progress=run.progress)
         for name, qw in ft["weights"].items():
-            lin = blk.block.get_submodule(name)
-            lin.weight.data.copy_(qw.dequantize().to(lin.weight.dtype))
+            blk.set_quantized(name, qw)
             res.weights[blk.name(name)] = qw.to("cpu")
         res.block_fits.append({"onebit_ft": ft["losses"]})
-        blk.modules_changed()  # cached outputs are stale

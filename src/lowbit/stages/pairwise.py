@@ -52,12 +52,12 @@ class PairwiseStage(Stage):
 
     def on_block(self, run: Run, blk) -> None:
         names = [n for g in run.linear_groups(blk) for n in g]
-        fit = fit_block(blk.block, names, blk.xs, blk.fp_targets(), blk.calls, self.cfg, run.format, clip=run.clip,
-                        seed_offset=1000 * blk.i, progress=run.progress)
+        targets = blk.fp_targets()
+        with blk.changing(names):  # the linears become RotatedLinear
+            fit = fit_block(blk.block, names, blk.xs, targets, blk.calls, self.cfg, run.format, clip=run.clip,
+                            seed_offset=1000 * blk.i, progress=run.progress)
         run.result.transforms.update({blk.name(n): t for n, t in fit["transforms"].items()})
         run.result.block_fits.append({k: fit[k] for k in ("stage1", "stage2", "reverted") if k in fit})
         for name, qw in fit["weights"].items():  # stage 2 produced the codes: no solver pass for these
-            blk.block.get_submodule(name).weight.data.copy_(qw.dequantize())
+            blk.set_quantized(name, qw)
             run.result.weights[blk.name(name)] = qw.to("cpu")
-            blk.done.add(name)
-        blk.modules_changed()  # the linears were replaced

@@ -45,10 +45,8 @@ class SolveStage(Stage):
                 if qw.info.get("damp_retries"):
                     log.warning("%s: Cholesky failed; succeeded with damping %g after %d retries", blk.name(name),
                                 qw.info["damp"], qw.info["damp_retries"])
-                lin = blk.block.get_submodule(name)
-                lin.weight.data.copy_(qw.dequantize().to(lin.weight.dtype))
+                blk.set_quantized(name, qw)
                 run.result.weights[blk.name(name)] = qw.to("cpu")
-                blk.done.add(name)
 
 
 def solve_group(block, names: list[str], stats: dict[str, QEPStat], solver, fmt, kwargs: dict, cfg: SolveConfig,
