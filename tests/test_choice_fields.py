@@ -66,3 +66,18 @@ def test_recipe_overrides_reach_the_check():
         with_overrides(base, pairwise={"on": True, "pairing": "magnitude"})
     r = with_overrides(base, rotation={"kind": "orthogonal"}, pairwise={"on": True, "pairing": "weight"})
     assert r.rotation.kind == "orthogonal" and r.pairwise.pairing == "weight"
+
+
+@pytest.mark.parametrize("make,msg", [
+    (lambda: PairwiseConfig(krot=17), "PairwiseConfig.krot must be 1-16, got 17"),
+    (lambda: PairwiseConfig(group=96), "PairwiseConfig.group (channels per rotation group) must be a power of two"),
+    (lambda: PairwiseConfig(epochs1=-1), "PairwiseConfig epochs and samples must be >= 0"),
+    (lambda: RotationConfig(steps=-1), "learned rotations need steps >= 0"),
+    (lambda: Recipe(pairwise={"krot": 0}), "PairwiseConfig.krot must be 1-16, got 0"),
+    (lambda: Recipe(rotation="givens"), "RotationConfig.kind must be one of"),
+])
+def test_range_errors_are_one_line_recipe_errors_too(make, msg):
+    """The ranges beyond the annotations are refused as the solver configs' are: one-line RecipeErrors."""
+    with pytest.raises(RecipeError) as e:
+        make()
+    assert str(e.value).startswith(msg) and "\n" not in str(e.value)

@@ -4,6 +4,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lowbit.cli import app
+from lowbit.recipe import Recipe
 
 runner = CliRunner()
 
@@ -108,7 +109,7 @@ def test_quantize_with_pairwise_rotations_reloads(tiny_dir, tmp_path):
     assert r.exit_code == 0, r.output
     manifest = json.loads((out / "lowbit.json").read_text())
     report = json.loads((out / "report.json").read_text())
-    assert manifest["recipe"]["pairwise"]["pairing"] == "weight"
+    assert Recipe.from_dict(manifest["recipe"]).pairwise.pairing == "weight"
     assert all(m["transform"]["type"] == "pairwise" for m in manifest["modules"].values())
     quant_ppl = report["job"]["ppl"]
     r = runner.invoke(app, ["eval", str(out), "--data", str(tiny_dir / "text.txt"), "--seq-len", "32",
@@ -136,7 +137,7 @@ def test_quantize_with_rotation_and_reload(tiny_dir, tmp_path, extra, label):
     assert label in r.output
     manifest = json.loads((out / "lowbit.json").read_text())
     report = json.loads((out / "report.json").read_text())
-    assert manifest["rotation"]["kind"] == manifest["recipe"]["rotation"]["kind"]
+    assert manifest["rotation"]["kind"] == Recipe.from_dict(manifest["recipe"]).rotation.kind
     ppl_after = report["job"]["ppl"][str(tiny_dir / "text.txt")]
     r = runner.invoke(app, ["eval", str(out), "--data", str(tiny_dir / "text.txt"), "--seq-len", "32",
                             "--windows", "4", "--quiet"])
@@ -177,7 +178,7 @@ def test_recipe_options_are_collected_into_one_dict():
 
     opts = dict(pairwise=True, r4=False, pair_epochs=1, damp=0.05, budget_bits="1,2", act_bits=None, rotate=None)
     assert _recipe_overrides(opts) == {"pairwise": {"on": True, "epochs1": 1}, "rotation": {"r4": False},
-                                       "damp": 0.05, "budget_bits": (1, 2)}
+                                       "damp": 0.05, "bit_budget": {"bits": (1, 2)}}
     assert _recipe("had-gptq-w4-g64", {}).name == "" and _recipe("best", {}).label == "best"  # no override: as is
     r = _recipe("had-gptq-w4-g64", _recipe_overrides(dict(pairwise=True, r4=False)))
     assert r.pairwise is not None and r.rotation.r4 is False and r.rotation.kind == "hadamard"
@@ -191,8 +192,8 @@ def test_quantize_accepts_a_recipe_valid_only_as_a_whole(tiny_dir, tmp_path):
             "--pair-epochs", "1", "--rot-group", "32", "--batch-size", "4", "--no-eval", *_args(tiny_dir)]
     r = runner.invoke(app, [*argv, "--no-r4"])
     assert r.exit_code == 0, r.output
-    recipe = json.loads((out / "lowbit.json").read_text())["recipe"]
-    assert recipe["rotation"]["r4"] is False and recipe["rotation"]["kind"] == "hadamard"
-    assert recipe["pairwise"]["epochs1"] == 1 and recipe["solver"]["damp"] == 0.01
+    recipe = Recipe.from_dict(json.loads((out / "lowbit.json").read_text())["recipe"])
+    assert recipe.rotation.r4 is False and recipe.rotation.kind == "hadamard"
+    assert recipe.pairwise.epochs1 == 1 and recipe.solver.damp == 0.01
     r = runner.invoke(app, [*argv[:3], str(tmp_path / "q2"), *argv[4:]])  # without --no-r4: refused, saying why
     assert r.exit_code == 2 and "R4" in r.output and "Traceback" not in r.output

@@ -84,16 +84,62 @@ def test_shared_options_have_the_same_flags_types_and_defaults(name):
             assert not p.required and p.default == default, (name, pname, p.default)
 
 
-def test_the_command_module_declares_shared_options_only_through_opt():
-    """A shared option written out by hand (typer.Option(...)) in a command would drift from the others."""
+def test_the_command_module_declares_shared_options_only_through_groups():
+    """A shared option written out by hand in a command would drift from the others: commands take them in
+    groups (`options(...)`); only the MODEL argument is a parameter of their own, declared with opt()."""
     tree = ast.parse(inspect.getsource(cli))
     bad = []
     for fn in (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)):
         args = fn.args.args[len(fn.args.args) - len(fn.args.defaults):]
         for a, d in zip(args, fn.args.defaults):
-            if a.arg in OPTIONS and not (isinstance(d, ast.Call) and getattr(d.func, "id", None) == "opt"):
+            by_opt = isinstance(d, ast.Call) and getattr(d.func, "id", None) == "opt"
+            if a.arg in OPTIONS and (a.arg != "model" or not by_opt):
                 bad.append(f"{fn.name}({a.arg})")
     assert not bad
+
+
+def _help(argv):
+    r = runner.invoke(app, [*argv, "--help"], env={"COLUMNS": "250", "TERMINAL_WIDTH": "250"})
+    assert r.exit_code == 0, r.output
+    return r.output
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_shared_groups_appear_in_each_commands_help(name):
+    """Each group a command takes is a panel of its --help holding the group's flags (with the command's
+    own defaults)."""
+    cmd = _commands()[name]
+    groups = getattr(cmd.callback, "option_groups", ())
+    assert {n for g in groups for n in g.names if n in OPTIONS} <= EXPECTED[name]
+    text = _help(name.split())
+    for g in groups:
+        assert f"─ {g.title} ─" in text, (name, g.title)
+        for n in g.names:
+            assert flag(n) in text, (name, n)
+
+
+def test_every_command_with_the_same_options_takes_them_as_a_group():
+    """The groups are declared once (cli_options) and commands that take those options share them."""
+    by_command = {name: {g.title for g in getattr(cmd.callback, "option_groups", ())}
+                  for name, cmd in _commands().items()}
+    assert by_command["quantize"] == {"Recipe", "Calibration", "Evaluation", "Windows", "Process"}
+    assert by_command["bench"] == by_command["analyze propagation"] == {"Calibration", "Evaluation", "Windows",
+                                                                        "Process"}
+    assert by_command["eval"] == {"Evaluation", "Windows", "Process"}
+    assert by_command["generate"] == by_command["speed"] == {"Runtime"}
+    assert by_command["analyze rope"] == by_command["analyze attention"] == {"Evaluation", "Process"}
+
+
+def test_quantize_takes_every_registered_stage_option():
+    """A stage's command-line options are declared in its module (`lowbit.stages.Flag`) and reach quantize's
+    recipe options and --help without an edit of the CLI."""
+    from lowbit.stages import recipe_stages
+
+    text = _help(["quantize"])
+    for key, spec in recipe_stages().items():
+        for name, f in spec.flags.items():
+            assert RECIPE_OPTIONS[name] == f"{key}.{f.field}"
+            assert flag(name) in text, name
 
 
 def test_opt_overrides_default_and_help_only():
@@ -110,7 +156,7 @@ def test_opt_overrides_default_and_help_only():
     Session(),
     Data(calib="c.txt", n_calib=16, seq_len=64, seed=3, data="a, b,", windows=2, batch_size=1),
     Precision(device="cuda:1", dtype="fp16"),
-    RecipeChoice(recipe="gptq-w3-g64", overrides={"bits": 4, "budget_bits": (2, 4),
+    RecipeChoice(recipe="gptq-w3-g64", overrides={"bits": 4, "bit_budget": {"bits": (2, 4)},
                                                   "rotation": {"kind": "orthogonal", "r4": False}}),
     RecipeChoice(),
 ])
@@ -167,12 +213,12 @@ def test_recipe_choice_collects_the_overrides():
     values = {"recipe": "gptq-w3-g64", "bits": 4, "sym": True, "pairing": "weight", "pairwise": True,
               "rotate": "hadamard", "r4": False, "budget_bits": "2,4", "method": None, "seq_len": 64}
     rc = RecipeChoice.from_cli(values)
-    assert rc.overrides == {"bits": 4, "symmetric": True, "budget_bits": (2, 4),
+    assert rc.overrides == {"bits": 4, "symmetric": True, "bit_budget": {"bits": (2, 4)},
                             "pairwise": {"on": True, "pairing": "weight"},
                             "rotation": {"kind": "hadamard", "r4": False}}
     assert rc.overrides == recipe_overrides(values) == cli._recipe_overrides(values)
     kw = dict(rc.overrides)
-    kw.pop("budget_bits")
+    kw.pop("bit_budget")  # widths without a budget are refused
     assert RecipeChoice("gptq-w3-g64", kw).build() == with_overrides(get_recipe("gptq-w3-g64"), **kw)
     assert RecipeChoice.from_cli(values, overrides=False).overrides == {}
     assert RecipeChoice.from_cli({"recipe": "rtn-w4-g64"}).build() == get_recipe("rtn-w4-g64")

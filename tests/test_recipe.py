@@ -14,6 +14,7 @@ from lowbit.rotation import RotationConfig
 from lowbit.solvers import (CONFIGS, NEEDS_HESSIAN, ROW_INDEPENDENT, SOLVERS, GPTQConfig, OneBitConfig, QQASolverConfig,
                             RTNConfig, SolverConfig, VQE8Config, VQE8QQAConfig, config_type, get_solver,
                             register_config)
+from lowbit.stages import stage_configs
 from lowbit.stages.base import ActQuantConfig, BudgetConfig, OneBitFTConfig, SolveConfig
 
 
@@ -108,10 +109,9 @@ def test_every_preset_and_label_round_trips(tmp_path, name, suffix):
 def test_canonical_form_is_nested_and_typed():
     r = get_recipe("budget2.5-qep-qqa-w2-g64").with_(qqa_steps=25)
     d = r.to_dict()
-    assert d["solver"] == QQASolverConfig(steps=25).to_dict() and d["bit_budget"] == {"target": 2.5,
-                                                                                       "bits": [1, 2, 3, 4],
-                                                                                       "metric": "fisher"}
-    assert not {"damp", "qqa_steps", "budget", "budget_bits", "act_bits", "onebit_ft_epochs"} & set(d)
+    assert d["solver"] == QQASolverConfig(steps=25).to_dict() and d["stages"] == [
+        {"stage": "bit_budget", "target": 2.5, "bits": [1, 2, 3, 4], "metric": "fisher"}]
+    assert not {"damp", "qqa_steps", "budget", "budget_bits", "act_bits", "onebit_ft_epochs", "bit_budget"} & set(d)
     assert isinstance(r.solver, QQASolverConfig) and isinstance(r.bit_budget, BudgetConfig)
     # the flat attributes of earlier versions read the typed configs
     assert (r.qqa_steps, r.damp, r.budget, r.budget_bits, r.onebit_iters) == (25, 0.01, 2.5, (1, 2, 3, 4), 8)
@@ -222,10 +222,11 @@ def test_a_new_solver_is_a_function_and_a_registered_config():
 
 def test_stages_are_the_ordered_stage_configs():
     r = get_recipe("had-qep-gptq-w4a8-g32").with_(budget=3.0, onebit_ft_epochs=1)
-    assert [type(c) for c in r.stages()] == [RotationConfig, BudgetConfig, SolveConfig, OneBitFTConfig,
-                                             ActQuantConfig]
-    assert r.stages()[2] == SolveConfig("gptq", qep=True)
-    assert get_recipe("rtn-w4-g64").stages() == (SolveConfig("rtn"),)
+    assert [type(c) for c in r.stages] == [RotationConfig, BudgetConfig, OneBitFTConfig, ActQuantConfig]
+    assert [type(c) for c in stage_configs(r)] == [RotationConfig, BudgetConfig, SolveConfig, OneBitFTConfig,
+                                                   ActQuantConfig]
+    assert stage_configs(r)[2] == SolveConfig("gptq", GPTQConfig(), QEPConfig()) == r.solve
+    assert get_recipe("rtn-w4-g64").stages == () and stage_configs(get_recipe("rtn-w4-g64")) == [SolveConfig("rtn")]
 
 
 def test_identity_hashes_the_full_canonical_config():
@@ -290,3 +291,67 @@ def test_switching_to_a_vector_method_drops_the_scalar_options():
     assert (r.method, r.bits, r.group_size, r.clip, r.symmetric) == ("vq_e8", 2, -1, False, False)
     with pytest.raises(RecipeError, match="do not apply: clip"):
         with_overrides(PRESETS["best"], method="vq_e8", clip=True)  # asked for explicitly: refused
+
+
+# --- a recipe is an ordered list of stage configs (issue 18 item 2) -------------------------------------------
+
+#: every preset and label in the slot form lowbit 8160ef3 wrote (`"rotation": {...}, "bit_budget": null, ...`):
+#: the form of the checkpoint manifests and recipe files written before recipes held a list of stages
+SLOTS = json.loads((ROOT / "tests/data/recipes_slots_8160ef3.json").read_text())
+
+
+@pytest.mark.parametrize("name", list(SLOTS))
+def test_the_slot_form_of_earlier_versions_still_loads(name):
+    assert Recipe.from_dict(SLOTS[name]) == get_recipe(name)
+
+
+def test_stages_are_kept_in_run_order_one_of_each():
+    from lowbit.stages.base import BlockFTConfig
+
+    given = [{"stage": "act_quant", "bits": 8}, BlockFTConfig(2), {"stage": "rotation", "kind": "orthogonal"}]
+    r = Recipe(method="gptq", stages=given)
+    assert [type(c) for c in r.stages] == [RotationConfig, BlockFTConfig, ActQuantConfig]
+    assert r == Recipe(method="gptq", stages=given[::-1])  # the order given does not matter: the run's does
+    assert [type(c) for c in stage_configs(r)] == [RotationConfig, SolveConfig, BlockFTConfig, ActQuantConfig]
+    assert (r.rotation.kind, r.block_ft.epochs, r.act_quant.bits, r.pairwise) == ("orthogonal", 2, 8, None)
+    assert r.with_(block_ft=None).stages == (r.rotation, r.act_quant)  # a stage's keyword replaces or removes it
+    for bad, msg in (([{"stage": "rotation"}, RotationConfig(seed=1)], "two rotation stages"),
+                     ([{"stage": "spin"}], "unknown stage 'spin'"), ([{"stage": "solve"}], "unknown stage 'solve'"),
+                     ([SolveConfig("gptq")], "registered stage configs"), ({"stage": "rotation"}, "must be a list"),
+                     ([{"stage": "block_ft", "epochs": 1, "bogus": 2}], "unknown block_ft settings")):
+        with pytest.raises(RecipeError, match=msg) as e:
+            Recipe(stages=bad)
+        assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_a_list_of_stages_round_trips(tmp_path, suffix):
+    r = get_recipe("best-w2-e2e").with_(act_bits=8, name="")
+    d = json.loads(json.dumps(r.to_dict()))
+    assert [s["stage"] for s in d["stages"]] == ["rotation", "block_ft", "e2e_ft", "act_quant"]
+    assert d["stages"][-1] == {"stage": "act_quant", "bits": 8, "symmetric": False}
+    assert not {"rotation", "block_ft", "e2e_ft", "act_quant"} & set(d)  # one form: the list
+    p = tmp_path / f"r{suffix}"
+    save_recipe(r, p)
+    back = get_recipe(str(p))
+    assert back == r and back.identity == r.identity and back.label == r.label
+    hand = tmp_path / "hand.yaml"  # a hand-written file: stages in any order, settings left at their defaults
+    hand.write_text("method: gptq\nbits: 3\nstages:\n  - stage: act_quant\n    bits: 8\n  - stage: rotation\n")
+    assert get_recipe(str(hand)) == Recipe(method="gptq", bits=3, rotation="hadamard", act_bits=8)
+
+
+def test_identity_is_the_hash_of_the_list_form():
+    """The identity hashes `to_dict`, now with its list of stages: a recipe's identity differs from the one the
+    slot form gave (documented in docs/architecture.md), and is the same for any order the stages are given in."""
+    import hashlib
+
+    r = get_recipe("best-w2-e2e")
+    d = r.to_dict()
+    d.pop("name")
+    assert r.identity == hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    assert r.identity == "8559061251d9556b"  # pinned: a change of the canonical form must be deliberate
+    old = dict(SLOTS["best-w2-e2e"])
+    old.pop("name")
+    assert r.identity != hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+    assert Recipe(stages=r.stages[::-1], method="vq_e8", bits=2, group_size=-1, qep=QEPConfig()).identity == \
+        r.identity

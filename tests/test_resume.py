@@ -108,3 +108,17 @@ def test_resume_with_other_settings_is_refused(deep_dir, tmp_path):
 def test_resume_needs_a_streamed_run(tiny_dir, tmp_path):
     r = _cli("quantize", str(tiny_dir), "--out", str(tmp_path / "o"), "--resume", "--no-stream", "--no-eval")
     assert r.returncode == 2 and "--resume needs a streamed run" in r.stderr
+
+
+def test_a_run_started_with_the_slot_form_of_recipes_is_not_resumed(tmp_path):
+    """Recipes became a list of stages, which changed their JSON form and identity: a partial run whose
+    fingerprint holds the earlier form is refused, saying why, not resumed and not a crash."""
+    from lowbit.checkpoint import CheckpointError, PartialCheckpoint
+    from lowbit.recipe import get_recipe
+
+    slots = json.loads((Path(__file__).parent / "data/recipes_slots_8160ef3.json").read_text())["best-w2-e2e"]
+    new = get_recipe("best-w2-e2e")
+    PartialCheckpoint(tmp_path / "o", {"recipe": slots, "identity": "2dbf8552202e321f"}, resume=False)
+    with pytest.raises(CheckpointError, match="earlier lowbit, whose recipes had another form") as e:
+        PartialCheckpoint(tmp_path / "o", {"recipe": new.to_dict(), "identity": new.identity}, resume=True)
+    assert "drop --resume" in str(e.value) and "\n" not in str(e.value)

@@ -21,7 +21,7 @@ from lowbit.blockwise import PairwiseConfig  # noqa: E402
 from lowbit.pipeline import quantize_model  # noqa: E402
 from lowbit.qep import QEPConfig  # noqa: E402
 from lowbit.recipe import Recipe, get_recipe  # noqa: E402
-from lowbit.stages.base import BlockFTConfig  # noqa: E402
+from lowbit.stages.base import BlockFTConfig, E2EFTConfig  # noqa: E402
 
 CASES = {
     "llama-gptq-w4-g16": ("llama", Recipe(method="gptq", bits=4, group_size=16)),
@@ -42,6 +42,10 @@ CASES = {
     "qwen2-onebit-ft": ("qwen2", get_recipe("qep-onebit-ft1")),
     "llama-qqa": ("llama", get_recipe("qep-qqa-w2-g32").with_(qqa_steps=3, qqa_replicas=2)),
     "llama-skip": ("llama", Recipe(method="gptq", bits=4, group_size=32, skip=("mlp.down_proj",))),
+    "llama-rtn-e2e": ("llama", Recipe(method="rtn", bits=4, group_size=32, e2e_ft=E2EFTConfig(2, lr=1e-2, batch=2))),
+    "qwen3-had-vq-bft-e2e": ("qwen3", Recipe(method="vq_e8", bits=2, group_size=-1, rotation="hadamard",
+                                             qep=QEPConfig(), block_ft=BlockFTConfig(1, lr=1e-2, norm_lr=1e-2),
+                                             e2e_ft=E2EFTConfig(2, lr=1e-2, batch=2))),
     "llama-gptq-block-ft": ("llama", Recipe(method="gptq", bits=3, group_size=32,
                                             block_ft=BlockFTConfig(epochs=2, lr=1e-3, norm_lr=1e-3))),
     "qwen2-qep-rtn-block-ft": ("qwen2", Recipe(method="rtn", bits=2, group_size=16, qep=QEPConfig(),

@@ -30,7 +30,7 @@ from .formats import IntFormat, core, qparams, quantize
 from .formats.uniform import _store_scale
 from .solvers import QuantizedWeight
 from .transforms.modules import RotatedLinear, replace_module
-from .configs import check_fields
+from .configs import RecipeError, check_fields
 from .transforms.pairwise import Pairing, PairwiseRotation, apply_blocks, block_matrices, coefficients_at, pair_index
 
 
@@ -57,11 +57,14 @@ class PairwiseConfig:
     def __post_init__(self) -> None:
         check_fields(self)  # the annotations: pairing one of `Pairing`, ints, floats
         if not 1 <= self.krot <= 16:
-            raise ValueError(f"krot must be 1-16, got {self.krot}")
+            raise RecipeError(f"PairwiseConfig.krot must be 1-16, got {self.krot}")
         if self.group < 2 or self.group & (self.group - 1):
-            raise ValueError(f"rotation group must be a power of two >= 2 (the kernel's tile), got {self.group}")
+            raise RecipeError(f"PairwiseConfig.group (channels per rotation group) must be a power of two >= 2 (the "
+                              f"kernel's tile), got {self.group}")
         if self.epochs1 < 0 or self.epochs2 < 0 or self.samples < 0 or not 0 < self.val_fraction < 1:
-            raise ValueError("epochs and samples must be >= 0 and val_fraction in (0, 1)")
+            raise RecipeError(f"PairwiseConfig epochs and samples must be >= 0 and val_fraction in (0, 1), got "
+                              f"epochs1={self.epochs1}, epochs2={self.epochs2}, samples={self.samples}, "
+                              f"val_fraction={self.val_fraction}")
 
     @property
     def tag(self) -> str:

@@ -11,7 +11,7 @@
    takes argmin loss + lambda cost), then the leftover budget buys the upgrades with the best
    loss decrease per bit that still fit. The result never exceeds the budget.
 
-How the losses of different linears are compared (`recipe.bit_budget.metric`):
+How the losses of different linears are compared (`BudgetConfig.metric`):
 - "fisher" (default): each output channel's error is weighted by the mean squared gradient of
   the model's next-token loss with respect to that channel (one backward pass of the FP model
   over the calibration windows, `output_fisher`): sum_o F_o (dW H dW^T)_oo, the diagonal Fisher
@@ -44,21 +44,22 @@ class Sensitivity:
     options: dict[int, tuple[float, float]] = field(default_factory=dict)
 
 
-def candidate(recipe, bits: int) -> tuple[str, IntFormat]:
-    """(solver name, format) the pipeline uses for a linear given `bits`."""
+def candidate(method: str, fmt: IntFormat, bits: int) -> tuple[str, IntFormat]:
+    """(solver name, format) the pipeline uses for a linear given `bits`, for a recipe of solver `method`
+    and weight format `fmt`."""
     if bits == 1:
         return "onebit", IntFormat(1, True, -1)
-    return recipe.method, IntFormat(bits, recipe.symmetric, recipe.group_size)
+    return method, IntFormat(bits, fmt.symmetric, fmt.group_size)
 
 
-def _proxy(recipe, bits: int):
-    method, fmt = candidate(recipe, bits)
+def _proxy(solve, fmt: IntFormat, clip: bool, bits: int):
+    method, fmt = candidate(solve.method, fmt, bits)
     if method == "onebit":
-        kw = {**recipe.solver_kwargs("onebit"), "iters": 2, "use_qqa": False}
+        kw = {**solve.kwargs(clip, "onebit"), "iters": 2, "use_qqa": False}
     elif method == "qqa":  # annealing is too slow to run at every width: its GPTQ start stands in
-        method, kw = "gptq", recipe.solver_kwargs("gptq")
+        method, kw = "gptq", solve.kwargs(clip, "gptq")
     else:
-        kw = recipe.solver_kwargs(method)
+        kw = solve.kwargs(clip, method)
     return get_solver(method), fmt, kw
 
 
@@ -108,31 +109,32 @@ def output_fisher(model, names: list[str], tokens: torch.Tensor, *, batch_size: 
 
 
 @torch.no_grad()
-def measure(model, recipe, tokens: torch.Tensor, *, batch_size: int = 8, device=None,
-            progress: bool = False) -> list[Sensitivity]:
-    """Loss proxy (see the module doc) and storage cost of every decoder-block linear at every
-    candidate width."""
+def measure(model, cfg, solve, fmt: IntFormat, tokens: torch.Tensor, *, clip: bool = False,
+            skip: tuple[str, ...] = (), batch_size: int = 8, device=None, progress: bool = False) -> list[Sensitivity]:
+    """Loss proxy (see the module doc) and storage cost of every decoder-block linear (but the `skip`ped ones)
+    at every candidate width of `cfg` (a `BudgetConfig`), for the solver step `solve` (a `SolveConfig`) and the
+    weight format `fmt` with range search `clip`."""
     from .walk import Walker
 
     walker = Walker(model, tokens, batch_size=batch_size, device=device, replay_memo=False, progress=progress,
                     desc="sensitivity")
     fisher = None
-    if recipe.bit_budget.metric == "fisher":
+    if cfg.metric == "fisher":
         names = [f"{walker.prefix}.{i}.{n}" for i, layer in enumerate(walker.layers)
                  for g in walker.adapter.linear_groups(layer) for n in g]
         fisher = output_fisher(model, names, tokens, batch_size=batch_size, device=walker.device)
     out: list[Sensitivity] = []
     for blk in walker.blocks():
-        for names in blk.groups(recipe.skip):
+        for names in blk.groups(skip):
             stats = blk.stats(names)
             for name in names:
                 w = blk.block.get_submodule(name).weight.data.float()
                 H = stats[name].H.float()
                 full = blk.name(name)
                 sens = Sensitivity(full, w.numel())
-                for bits in recipe.bit_budget.bits:
-                    solver, fmt, kw = _proxy(recipe, bits)
-                    qw = solver(w, fmt, H, **kw)
+                for bits in cfg.bits:
+                    solver, f, kw = _proxy(solve, fmt, clip, bits)
+                    qw = solver(w, f, H, **kw)
                     f = None if fisher is None else fisher[full]
                     sens.options[bits] = (layer_loss(w, qw.dequantize(), H, f), qw.storage_bits())
                 out.append(sens)
@@ -193,8 +195,6 @@ def allocate(sens: list[Sensitivity], budget: float) -> tuple[dict[str, int], di
     return pick, report
 
 
-def plan(model, recipe, tokens: torch.Tensor, *, batch_size: int = 8, device=None,
-         progress: bool = False) -> tuple[dict[str, int], dict]:
-    """measure + allocate for the recipe's bit budget."""
-    sens = measure(model, recipe, tokens, batch_size=batch_size, device=device, progress=progress)
-    return allocate(sens, recipe.bit_budget.target)
+def plan(model, cfg, solve, fmt: IntFormat, tokens: torch.Tensor, **kw) -> tuple[dict[str, int], dict]:
+    """measure + allocate for the bit budget `cfg` (keywords: those of `measure`)."""
+    return allocate(measure(model, cfg, solve, fmt, tokens, **kw), cfg.target)

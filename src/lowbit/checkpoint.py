@@ -488,6 +488,12 @@ class PartialCheckpoint:
             except json.JSONDecodeError as e:
                 raise CheckpointError(f"{state_file} is corrupt ({e}); remove {self.dir} and start again") from None
             if old.get("fingerprint") != self.fingerprint:
+                old_recipe, new_recipe = old.get("fingerprint", {}).get("recipe"), self.fingerprint.get("recipe")
+                if isinstance(old_recipe, dict) and isinstance(new_recipe, dict) and \
+                        "stages" in new_recipe and "stages" not in old_recipe:
+                    raise CheckpointError(f"--resume: the interrupted run in {self.dir} was started by an earlier "
+                                          "lowbit, whose recipes had another form (stage slots, not a list of stages) "
+                                          "and identity; drop --resume to start over")
                 diff = sorted(k for k in set(old.get("fingerprint", {})) | set(self.fingerprint)
                               if old.get("fingerprint", {}).get(k) != self.fingerprint.get(k))
                 raise CheckpointError(f"--resume: the interrupted run in {self.dir} used other settings ({', '.join(diff)}); "

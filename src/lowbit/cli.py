@@ -12,8 +12,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .cli_options import (MODEL_HELP, RECIPE_OPTIONS, Data, OptionError, Precision, RecipeChoice, Session, opt,
-                          recipe_overrides)
+from .cli_options import (CALIBRATION, EVALUATION, MODEL_HELP, PROCESS, RECIPE, RECIPE_OPTIONS, RUNTIME, WINDOWS,
+                          Data, OptionError, Precision, RecipeChoice, Session, Shared, opt, options, recipe_overrides)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress Hugging Face causal LMs to low-bit weights and measure what it costs.")
@@ -124,91 +124,19 @@ def fetch() -> None:
 
 
 @app.command()
+@options(RECIPE, CALIBRATION, EVALUATION, WINDOWS, "device", "dtype", PROCESS, dtype="auto", help={
+    "seq_len": "Tokens per calibration / evaluation window.",
+    "device": "Where blocks are quantized: cpu, cuda, cuda:1 ... (under torchrun, cuda means each rank's own GPU).",
+    "dtype": "Model dtype while quantizing: auto (fp32 on the CPU; bf16 on a GPU when streamed), fp32, bf16 or "
+             "fp16. Statistics (H, QEP's C) stay float64."})
 def quantize(
     model: str = opt("model"),
     out: str = typer.Option(..., "--out", "-o", help="Output checkpoint folder (written atomically)."),
-    recipe: str = opt("recipe"),
-    method: Optional[str] = typer.Option(None, help="Solver: rtn, gptq, qqa, onebit or vq_e8 (2-bit E8 "
-                                         "vector codes), or qep(...) around one (overrides the recipe)."),
-    budget: Optional[float] = typer.Option(None, help="Average bits/weight (scales, zeros and 1-bit vectors counted): "
-                                           "per-linear widths chosen from --budget-bits by measured sensitivity."),
-    budget_bits: Optional[str] = typer.Option(None, help="Candidate widths for --budget, e.g. 1,2,3,4 (1 = onebit)."),
-    qqa_steps: Optional[int] = typer.Option(None, help="QQA annealing steps per round and row chunk (default 100)."),
-    qqa_replicas: Optional[int] = typer.Option(None, help="QQA replicas (default 16)."),
-    onebit_qqa: Optional[bool] = typer.Option(None, "--onebit-qqa/--no-onebit-qqa",
-                                              help="onebit: refine the signs with QQA."),
-    onebit_svid: Optional[bool] = typer.Option(None, "--onebit-svid/--no-onebit-svid",
-                                               help="onebit: SVID initialisation only (no calibration fit)."),
-    onebit_ft: Optional[int] = typer.Option(None, help="onebit: epochs of block-wise training of g and h against the "
-                                            "FP block output (default 0 = off)."),
-    onebit_ft_lr: Optional[float] = typer.Option(None, help="onebit: learning rate of that training (default 1e-3)."),
-    bits: Optional[int] = typer.Option(None, help="Weight bits, 1-8 (overrides the recipe)."),
-    group_size: Optional[int] = typer.Option(None, "--group-size", "-g",
-                                             help="Inputs per scale group; -1 = per channel, 0 = per tensor."),
-    sym: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric or asymmetric levels."),
-    clip: Optional[bool] = typer.Option(None, "--clip/--no-clip", help="Search a per-group range shrink."),
-    act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="GPTQ column ordering."),
-    damp: Optional[float] = typer.Option(None, help="GPTQ Hessian damping, relative to mean(diag H)."),
-    qep: Optional[bool] = typer.Option(None, "--qep/--no-qep",
-                                       help="Wrap the solver in QEP (quantization error propagation)."),
-    qep_alpha: Optional[float] = typer.Option(None, help="QEP strength in [0, 1] for every layer type "
-                                              "(default: 0.5, and 0 for mlp.down_proj). Implies --qep."),
-    qep_damp: Optional[float] = typer.Option(None, help="QEP damping relative to mean(diag H) (default 1). Implies --qep."),
-    pairwise: Optional[bool] = typer.Option(None, "--pairwise/--no-pairwise",
-                                            help="Learn pairwise rotations block by block before the solver (ParoQuant-style)."),
-    pair_epochs: Optional[int] = typer.Option(None, help="Pairwise stage 1 epochs (angles + channel scales; default 10)."),
-    pair_stage2: Optional[int] = typer.Option(None, help="Pairwise stage 2 epochs (weights + quantizer; replaces the "
-                                              "solver; default 0 = off)."),
-    pairing: Optional[str] = typer.Option(None, help="How channels are paired: random (default), weight or activation."),
-    pair_samples: Optional[int] = typer.Option(None, help="Calibration windows used to train rotations (0 = all)."),
-    krot: Optional[int] = typer.Option(None, help="Rotations per linear (default 8)."),
-    rot_group: Optional[int] = typer.Option(None, help="Channels per rotation group (default 128)."),
-    rotate: Optional[str] = typer.Option(None, help="Global rotation folded in before quantizing: hadamard, "
-                                         "orthogonal, bernoulli, learned (SpinQuant-style Cayley SGD) or none."),
-    rot_seed: Optional[int] = typer.Option(None, help="Seed of the global rotation (default 0)."),
-    r2: Optional[bool] = typer.Option(None, "--r2/--no-r2",
-                                      help="Per-head rotation between v_proj and o_proj (default on)."),
-    r3: Optional[bool] = typer.Option(None, "--r3/--no-r3", help="Online Hadamard on keys after RoPE (default off; "
-                                      "matters to KV-cache quantization only)."),
-    r4: Optional[bool] = typer.Option(None, "--r4/--no-r4", help="Online Hadamard before down_proj (default on)."),
-    rot_steps: Optional[int] = typer.Option(None, help="Learned rotation: Cayley SGD steps (default 20)."),
-    rot_lr: Optional[float] = typer.Option(None, help="Learned rotation: Cayley SGD step size (default 0.05)."),
-    act_bits: Optional[int] = typer.Option(None, help="Fake-quantize decoder-linear inputs per token to this many "
-                                           "bits (W4A8: 8, W4A4: 4)."),
-    act_sym: Optional[bool] = typer.Option(None, "--act-sym/--act-asym", help="Symmetric activation levels "
-                                           "(default asymmetric)."),
-    block_ft: Optional[int] = typer.Option(None, "--block-ft", help="Epochs of block-wise fine-tuning after the "
-                                           "solver: every quantized linear's scales (group scales, vector row "
-                                           "scales, 1-bit g/h; codes fixed) trained against the FP block output "
-                                           "(0 = off)."),
-    block_ft_lr: Optional[float] = typer.Option(None, "--block-ft-lr", help="Learning rate of block fine-tuning "
-                                                "(default 1e-3)."),
-    block_ft_norms: Optional[float] = typer.Option(None, "--block-ft-norms", help="Block fine-tuning: learning rate "
-                                                   "of the block's norm weights (default 0 = not trained)."),
-    block_ft_samples: Optional[int] = typer.Option(None, "--block-ft-samples", help="Block fine-tuning: calibration "
-                                                   "windows used (0 = all; the last 1/8 validate)."),
-    e2e_steps: Optional[int] = typer.Option(None, "--e2e-steps", help="Steps of end-to-end distillation (KL to the FP "
-                                            "logits) of the same parameters after quantizing (0 = off; not with "
-                                            "--stream or torchrun)."),
-    e2e_lr: Optional[float] = typer.Option(None, "--e2e-lr", help="Learning rate of end-to-end distillation "
-                                           "(default 1e-4)."),
-    e2e_batch: Optional[int] = typer.Option(None, "--e2e-batch", help="Calibration windows per end-to-end step "
-                                            "(default 4)."),
-    calib: str = opt("calib"),
-    n_calib: int = opt("n_calib"),
-    seq_len: int = opt("seq_len", help="Tokens per calibration / evaluation window."),
-    data: str = opt("data"),
-    windows: int = opt("windows"),
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Evaluate before and after quantizing."),
-    batch_size: int = opt("batch_size"),
     track_error: bool = typer.Option(False, help="Also run the FP stream and report each block's output error."),
     overwrite: bool = typer.Option(False, help="Replace an existing checkpoint at --out."),
     store: str = typer.Option("bf16", "--store-dtype", help="dtype of the tensors kept unquantized in the "
                               "checkpoint (embeddings, norms, lm_head): bf16, fp16 or fp32 (exact)."),
-    device: str = opt("device", help="Where blocks are quantized: cpu, cuda, cuda:1 ... (under torchrun, cuda "
-                      "means each rank's own GPU)."),
-    dtype: str = opt("dtype", "auto", help="Model dtype while quantizing: auto (fp32 on the CPU; bf16 on a GPU when "
-                     "streamed), fp32, bf16 or fp16. Statistics (H, QEP's C) stay float64."),
     stream: Optional[bool] = typer.Option(None, "--stream/--no-stream", help="Read each block from the model's "
                                           "safetensors files only when it is quantized and write it out at once, so "
                                           "the model is never in memory whole (default: on for --device cuda, "
@@ -222,23 +150,21 @@ def quantize(
                                                "host memory, a batch at a time on the device) when the estimate "
                                                "exceeds it (default: $LOWBIT_GPU_MEMORY, else 85 % of the free "
                                                "memory). The results are the same."),
-    seed: int = opt("seed"),
-    threads: Optional[int] = opt("threads"),
-    quiet: bool = opt("quiet"),
+    opts: Shared = None,
 ) -> None:
     """Quantize MODEL with a recipe, evaluate it before and after, and write a checkpoint.
 
     Several processes: `torchrun --nproc-per-node N -m lowbit quantize ...` splits the calibration batches
     across them (NCCL on GPUs, gloo on the CPU) and sums the statistics; rank 0 writes the checkpoint."""
-    options = dict(locals())
-    Session.from_cli(options).setup()
+    Session.from_cli(opts).setup()
+    device, dtype, quiet = opts.device, opts.dtype, opts.quiet
     dist = None
     try:
         from . import checkpoint
         from .jobs import quantize_job
 
-        r = RecipeChoice.from_cli(options).build()
-        proto = Data.from_cli(options).protocol()
+        r = RecipeChoice.from_cli(opts).build()
+        proto = Data.from_cli(opts).protocol()
         dist = _distributed(device)
         if dist is not None:
             device = str(dist.device(device))
@@ -299,12 +225,10 @@ def quantize(
 
 
 @app.command("eval")
+@options(EVALUATION, WINDOWS, "device", PROCESS,
+         help={"batch_size": "Windows per forward pass (with --tasks: requests per forward pass)."})
 def eval_(
     model: str = opt("model"),
-    data: str = opt("data"),
-    windows: int = opt("windows"),
-    seq_len: int = opt("seq_len"),
-    batch_size: int = opt("batch_size", help="Windows per forward pass (with --tasks: requests per forward pass)."),
     tasks: Optional[str] = typer.Option(None, help="Comma-separated lm-evaluation-harness tasks to run instead of "
                                         "perplexity: lowbit's offline lowbit_cloze and lowbit_passages, tasks in "
                                         "--include-path, or lm-eval's catalogue (hellaswag, arc_easy, ...: their data "
@@ -318,18 +242,16 @@ def eval_(
                                       "(atomically)."),
     dequantize: bool = typer.Option(False, help="Load a lowbit checkpoint's linears as float (dequantized) instead "
                                     "of packed."),
-    device: str = opt("device"),
-    threads: Optional[int] = opt("threads"),
-    quiet: bool = opt("quiet"),
+    opts: Shared = None,
 ) -> None:
     """Perplexity of a model or a lowbit checkpoint (first N non-overlapping windows), or with --tasks the
     lm-evaluation-harness tasks, run in this process on the loaded model."""
-    options = dict(locals())
-    Session.from_cli(options).setup()
+    Session.from_cli(opts).setup()
     from .eval.lm_eval import LmEvalError
 
     if tasks is not None:
-        _eval_tasks(model, tasks, limit, num_fewshot, include_path or [], out, batch_size, dequantize, device, quiet)
+        _eval_tasks(model, tasks, limit, num_fewshot, include_path or [], out, opts.batch_size, dequantize,
+                    opts.device, opts.quiet)
         return
     try:
         from .jobs import evaluate
@@ -339,9 +261,9 @@ def eval_(
                        ("--out", out)):
             if v is not None:
                 raise LmEvalError(f"{opt} goes with --tasks (perplexity runs print a table)")
-        proto = Data.from_cli(options, n_calib=0).protocol()
-        m, tok = load_model(model, device=device, dequantize=dequantize)
-        ppl = evaluate(m, tok, proto, progress=not quiet)
+        proto = Data.from_cli(opts, n_calib=0).protocol()
+        m, tok = load_model(model, device=opts.device, dequantize=dequantize)
+        ppl = evaluate(m, tok, proto, progress=not opts.quiet)
     except (*_user_errors(), LmEvalError) as e:
         _fail(e)
     out_console.print(_ppl_table(model, proto.eval_sets, [(model, ppl)]))
@@ -382,35 +304,27 @@ def _eval_tasks(model: str, tasks: str, limit, num_fewshot, include_path: list[s
 
 
 @app.command()
+@options("out_dir", EVALUATION, CALIBRATION, WINDOWS, "device", PROCESS, out_dir="out/bench",
+         help={"out_dir": "Where bench.json and bench.md are written.", "quiet": "Only the final table."})
 def bench(
     model: str = opt("model"),
     recipes: str = typer.Option("rtn-w4-g64,gptq-w4-g64,rtn-w3-g64,gptq-w3-g64,rtn-w2-g64,gptq-w2-g64,rtn-w4-pc,gptq-w4-pc",
                                 help="Comma-separated presets or recipe files."),
-    out_dir: str = opt("out_dir", "out/bench", help="Where bench.json and bench.md are written."),
-    data: str = opt("data"),
-    calib: str = opt("calib"),
-    n_calib: int = opt("n_calib"),
-    seq_len: int = opt("seq_len"),
-    windows: int = opt("windows"),
-    batch_size: int = opt("batch_size"),
     no_fp: bool = typer.Option(False, "--no-fp", help="Skip the FP reference row."),
     resume: bool = typer.Option(False, help="Keep the rows already in OUT_DIR/bench.json and run only the rest."),
-    device: str = opt("device"),
-    seed: int = opt("seed"),
-    threads: Optional[int] = opt("threads"),
-    quiet: bool = opt("quiet", help="Only the final table."),
+    opts: Shared = None,
 ) -> None:
     """Run several recipes under the shared protocol: PPL per eval set, time, peak memory."""
-    options = dict(locals())
-    Session.from_cli(options).setup()
+    Session.from_cli(opts).setup()
+    out_dir = opts.out_dir
     try:
         from .bench import markdown, run_bench
         from .recipe import get_recipe
 
         rs = [get_recipe(x.strip()) for x in recipes.split(",") if x.strip()]
-        proto = Data.from_cli(options).protocol()
-        rows = run_bench(model, rs, proto, out_dir, device=device, include_fp=not no_fp,
-                         echo=(lambda s: None) if quiet else console.print, resume=resume)
+        proto = Data.from_cli(opts).protocol()
+        rows = run_bench(model, rs, proto, out_dir, device=opts.device, include_fp=not no_fp,
+                         echo=(lambda s: None) if opts.quiet else console.print, resume=resume)
     except (*_user_errors(), RuntimeError) as e:
         _fail(e)
     out_console.print(markdown(rows, proto))
@@ -422,41 +336,34 @@ app.add_typer(analyze_app, name="analyze")
 
 
 @analyze_app.command("propagation")
+@options("recipe", "out_dir", CALIBRATION, WINDOWS, EVALUATION, "device", PROCESS, recipe="gptq-w3-g64",
+         out_dir="out/propagation", help={
+             "recipe": "Base recipe (preset, label or file); run without and with QEP.",
+             "out_dir": "Where propagation.json and propagation.png are written.",
+             "data": "Evaluation corpora (with --eval).", "windows": "Evaluation windows per corpus (with --eval)."})
 def analyze_propagation(
     model: str = opt("model"),
-    recipe: str = opt("recipe", "gptq-w3-g64", help="Base recipe (preset, label or file); run without and with QEP."),
     qep_alpha: Optional[float] = typer.Option(None, help="QEP strength for every layer type (default: the QEP defaults)."),
     qep_damp: Optional[float] = typer.Option(None, help="QEP damping relative to mean(diag H)."),
-    out_dir: str = opt("out_dir", "out/propagation", help="Where propagation.json and propagation.png are written."),
-    calib: str = opt("calib"),
-    n_calib: int = opt("n_calib"),
-    seq_len: int = opt("seq_len"),
     evaluate: bool = typer.Option(False, "--eval/--no-eval", help="Also evaluate both quantized models."),
-    data: str = opt("data", help="Evaluation corpora (with --eval)."),
-    windows: int = opt("windows", help="Evaluation windows per corpus (with --eval)."),
-    batch_size: int = opt("batch_size"),
-    device: str = opt("device"),
-    seed: int = opt("seed"),
-    threads: Optional[int] = opt("threads"),
-    quiet: bool = opt("quiet"),
+    opts: Shared = None,
 ) -> None:
     """Relative output error of every block on the quantized stream against the FP stream, for a
     recipe without and with QEP: printed, and drawn to a PNG."""
-    options = dict(locals())
-    Session.from_cli(options).setup()
+    Session.from_cli(opts).setup()
     try:
         from .analysis import propagation as prop
         from .loading import load_model
         from .qep import QEPConfig
 
-        r = RecipeChoice.from_cli(options, overrides=False).build()  # QEP's settings are applied below
+        r = RecipeChoice.from_cli(opts, overrides=False).build()  # QEP's settings are applied below
         kw = {k: v for k, v in dict(alpha=qep_alpha, damp=qep_damp).items() if v is not None}
         cfg = QEPConfig(**{**(r.qep.to_dict() if r.qep else {}), **kw}) if (kw or r.qep) else None
-        proto = Data.from_cli(options).protocol()
+        proto = Data.from_cli(opts).protocol()
         m, tok = load_model(model, device="cpu", dequantize=True)
-        runs = prop.propagation(m, tok, r, proto, qep=cfg, device=device, evaluate_ppl=evaluate,
-                                progress=not quiet)
-        js, png = prop.save(runs, out_dir, f"{model}: {runs[0].label} vs {runs[1].label}")
+        runs = prop.propagation(m, tok, r, proto, qep=cfg, device=opts.device, evaluate_ppl=evaluate,
+                                progress=not opts.quiet)
+        js, png = prop.save(runs, opts.out_dir, f"{model}: {runs[0].label} vs {runs[1].label}")
     except (*_user_errors(), ValueError) as e:
         _fail(e)
     t = Table(title="block output rel. error (quantized stream vs FP stream)")
@@ -472,25 +379,21 @@ def analyze_propagation(
 
 
 @analyze_app.command("outliers")
+@options("out_dir", CALIBRATION, WINDOWS, PROCESS, out_dir="out/outliers", n_calib=4, seq_len=256, batch_size=4,
+         help={"out_dir": "Where outliers.json and outliers.png are written.",
+               "calib": "Corpus the activations come from.", "n_calib": "Windows.",
+               "seed": "Seed for window sampling.", "quiet": "Only the table."})
 def analyze_outliers(
     model: str = opt("model"),
     rotate: str = typer.Option("hadamard", help="Rotation compared with the original: hadamard, orthogonal, "
                                "bernoulli (learned uses its Hadamard initialisation)."),
     rot_seed: int = typer.Option(0, help="Seed of the rotation."),
     r4: bool = typer.Option(True, "--r4/--no-r4", help="Online Hadamard before down_proj."),
-    out_dir: str = opt("out_dir", "out/outliers", help="Where outliers.json and outliers.png are written."),
-    calib: str = opt("calib", help="Corpus the activations come from."),
-    n_calib: int = opt("n_calib", 4, help="Windows."),
-    seq_len: int = opt("seq_len", 256),
-    batch_size: int = opt("batch_size", 4),
-    seed: int = opt("seed", help="Seed for window sampling."),
-    threads: Optional[int] = opt("threads"),
-    quiet: bool = opt("quiet", help="Only the table."),
+    opts: Shared = None,
 ) -> None:
     """Per block, the outliers of every linear input (per-channel max |x| and RMS, max/RMS,
     kurtosis) before and after a global rotation: a table, outliers.json and outliers.png."""
-    options = dict(locals())
-    Session.from_cli(options).setup()
+    Session.from_cli(opts).setup()
     try:
         from .analysis import outliers as ol
         from .jobs import calibration_tokens
@@ -498,10 +401,10 @@ def analyze_outliers(
         from .rotation import RotationConfig
 
         cfg = RotationConfig(kind=rotate, seed=rot_seed, r4=r4)
-        proto = Data.from_cli(options, data="sotu-modern", windows=1).protocol()
+        proto = Data.from_cli(opts, data="sotu-modern", windows=1).protocol()
         m, tok = load_model(model, device="cpu", dequantize=True)
-        res = ol.outliers(m, calibration_tokens(tok, proto), cfg, batch_size)
-        js, png = ol.save(res, out_dir, f"{model}: linear inputs before / after {rotate} rotation")
+        res = ol.outliers(m, calibration_tokens(tok, proto), cfg, opts.batch_size)
+        js, png = ol.save(res, opts.out_dir, f"{model}: linear inputs before / after {rotate} rotation")
     except _user_errors() as e:
         _fail(e)
     t = Table(title="linear-input outliers (before -> rotated)")
@@ -514,21 +417,21 @@ def analyze_outliers(
 
 
 @analyze_app.command("rope")
+@options(EVALUATION, "seq_len", "out_dir", PROCESS, data="sotu-modern", windows=1, seq_len=1024, out_dir="out/rope",
+         help={"data": "Corpus whose keys are captured.", "windows": "Windows of real text.",
+               "seq_len": "Tokens per window (positions up to this).",
+               "out_dir": "Where rope.json and rope.png are written."})
 def analyze_rope(
     model: str = opt("model"),
-    data: str = opt("data", "sotu-modern", help="Corpus whose keys are captured."),
-    windows: int = opt("windows", 1, help="Windows of real text."),
-    seq_len: int = opt("seq_len", 1024, help="Tokens per window (positions up to this)."),
     bits: str = typer.Option("8,4,3,2", help="Bit widths for the real-key study."),
     draws: int = typer.Option(10000, help="Gaussian draws for the repeated seed experiment."),
-    out_dir: str = opt("out_dir", "out/rope", help="Where rope.json and rope.png are written."),
-    threads: Optional[int] = opt("threads"),
-    quiet: bool = opt("quiet"),
+    opts: Shared = None,
 ) -> None:
     """Keys quantized before vs after RoPE: (a) the Gaussian seed experiment, once and over many
     draws with confidence intervals; (b) real keys per grouping and position; (c) attention-score
     error and KL. Prints tables, writes rope.json and rope.png."""
-    Session.from_cli(locals()).setup()
+    Session.from_cli(opts).setup()
+    data, windows, seq_len, out_dir = opts.data, opts.windows, opts.seq_len, opts.out_dir
     try:
         from pathlib import Path
 
@@ -571,21 +474,21 @@ def analyze_rope(
 
 
 @analyze_app.command("attention")
+@options(EVALUATION, "seq_len", "out_dir", PROCESS, data="sotu-modern", windows=1, seq_len=1024,
+         out_dir="out/attention", help={"data": "Corpus whose activations are captured.",
+                                        "windows": "Windows of real text.",
+                                        "out_dir": "Where attention.json and attention.png are written."})
 def analyze_attention(
     model: str = opt("model"),
-    data: str = opt("data", "sotu-modern", help="Corpus whose activations are captured."),
-    windows: int = opt("windows", 1, help="Windows of real text."),
-    seq_len: int = opt("seq_len", 1024),
     configs: str = typer.Option("", help="Comma-separated labels of lowbit.analysis.rope.ATTENTION_CONFIGS "
                                 "(default: all of them)."),
-    out_dir: str = opt("out_dir", "out/attention", help="Where attention.json and attention.png are written."),
-    threads: Optional[int] = opt("threads"),
-    quiet: bool = opt("quiet"),
+    opts: Shared = None,
 ) -> None:
     """Attention fidelity per layer under KV-cache formats (keys and values quantized as the cache
     stores them): relative error of the scores q.k, KL of the causal attention probabilities and
     relative error of the attention output. Prints a table, writes attention.json and attention.png."""
-    Session.from_cli(locals()).setup()
+    Session.from_cli(opts).setup()
+    data, windows, seq_len, out_dir = opts.data, opts.windows, opts.seq_len, opts.out_dir
     try:
         from pathlib import Path
 
@@ -628,19 +531,17 @@ def _load_for_run(model: str, prec: Precision, dequantize: bool = False):
 
 
 @app.command()
+@options(RUNTIME)
 def generate(
     model: str = opt("model", ...),
     prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Tokens to generate (greedy)."),
     chat: bool = typer.Option(False, help="Wrap the prompt in the tokenizer's chat template."),
-    device: str = opt("device"),
-    dtype: str = opt("dtype"),
-    threads: Optional[int] = opt("threads"),
+    opts: Shared = None,
 ) -> None:
     """Stream a greedy continuation of PROMPT and print tokens/s (lowbit's decode loop: static KV
     cache, packed kernels, one CUDA graph per token on GPU)."""
-    options = dict(locals())
-    Session.from_cli(options, quiet=True).setup()
+    Session.from_cli(opts, quiet=True).setup()
     try:
         import torch
 
@@ -648,7 +549,7 @@ def generate(
 
         if max_new_tokens < 1:
             raise DecodeError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-        m, tok = _load_for_run(model, Precision.from_cli(options))
+        m, tok = _load_for_run(model, Precision.from_cli(opts))
         if chat:
             ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                           return_tensors="pt")
@@ -691,6 +592,7 @@ def generate(
 
 
 @app.command()
+@options(RUNTIME)
 def speed(
     model: str = opt("model", ...),
     batches: str = typer.Option("1,4,16", help="Comma-separated batch sizes."),
@@ -698,15 +600,13 @@ def speed(
     new_tokens: int = typer.Option(128, help="Tokens generated per sequence."),
     fp: bool = typer.Option(True, "--fp/--no-fp", help="Also measure the float model (the checkpoint dequantized) "
                             "in the same decode loop."),
-    device: str = opt("device"),
-    dtype: str = opt("dtype"),
     out: Optional[str] = typer.Option(None, help="Also write the numbers to this JSON file."),
-    threads: Optional[int] = opt("threads"),
+    opts: Shared = None,
 ) -> None:
     """Prefill and decode tokens/s at several batch sizes, and memory, of a model (a lowbit checkpoint
     runs its packed kernels) next to its float twin, in lowbit's decode loop."""
-    options = dict(locals())
-    Session.from_cli(options, quiet=True).setup()
+    Session.from_cli(opts, quiet=True).setup()
+    device, dtype = opts.device, opts.dtype
     try:
         import gc
 
@@ -719,7 +619,7 @@ def speed(
         bs = tuple(int(b) for b in batches.split(",") if b.strip())
         if not bs or min(bs) < 1 or prompt_len < 1 or new_tokens < 2:
             raise DecodeError("--batches must be >= 1, --prompt-len >= 1 and --new-tokens >= 2")
-        prec = Precision.from_cli(options)
+        prec = Precision.from_cli(opts)
         results = {}
         for label, deq in (("model", False), ("fp", True)) if fp else (("model", False),):
             m, _ = _load_for_run(model, prec, dequantize=deq)
@@ -763,13 +663,13 @@ def export_(
         from .checkpoint import checkpoint_bytes
         from .export import ExportError, export
 
-        options = {}
+        kw = {}
         if fmt == "compressed-tensors":
             dt = {"fp16": torch.float16, "fp32": torch.float32}.get(scale_dtype)
             if dt is None:
                 raise ExportError(f"--scale-dtype must be fp16 or fp32, got {scale_dtype!r}")
-            options["scale_dtype"] = dt
-        path = export(checkpoint, fmt, out, overwrite=overwrite, **options)
+            kw["scale_dtype"] = dt
+        path = export(checkpoint, fmt, out, overwrite=overwrite, **kw)
     except (*_user_errors(), ExportError) as e:
         _fail(e)
     out_console.print(f"exported {checkpoint} as {fmt}: {path} ({checkpoint_bytes(path) / 1e6:.1f} MB)")

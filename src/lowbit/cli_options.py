@@ -1,22 +1,28 @@
-"""Command-line options shared by several `lowbit` commands, each defined once.
+"""Command-line options shared by several `lowbit` commands, each defined once, and taken in groups.
 
 `OPTIONS` holds one `OptionSpec` per shared option: its flag names, its type (the annotation the
-command's parameter carries), its default and its help text. A command declares the parameter
-with `opt(name)`, overriding the default or the help only where its meaning differs there
-(`opt("seq_len", 1024)`):
+command's parameter carries), its default and its help text; `RECIPE_OPTIONS` adds the recipe options
+(`--bits`, `--qep`, ... and every registered stage's own, `lowbit.stages.Flag`). A command takes them
+in groups with the `options` decorator, overriding a default or a help text only where its meaning
+differs there; it declares its own parameters as usual and gets the shared values in `opts`:
 
-    def bench(seq_len: int = opt("seq_len"), threads: Optional[int] = opt("threads"), ...):
-        session = Session.from_cli(locals())
+    @app.command()
+    @options(CALIBRATION, EVALUATION, WINDOWS, "device", PROCESS, n_calib=4)
+    def bench(model: str = opt("model"), recipes: str = typer.Option(...), opts: Shared = None):
+        Session.from_cli(opts).setup()
 
 The group dataclasses (`Session`, `Data`, `Precision`, `RecipeChoice`) collect a command's values
-from its `locals()` with `from_cli` and check them once, at construction: a bad value is a one-line
-`OptionError` naming the flag. A group field the command does not have takes the group's default,
-or the value given to `from_cli` as a keyword (`Data.from_cli(locals(), data="sotu-modern")`).
-Plain Python and typer only: torch and the rest are imported where a group is used.
+with `from_cli` and check them once, at construction: a bad value is a one-line `OptionError` naming
+the flag. A group field the command does not have takes the group's default, or the value given to
+`from_cli` as a keyword (`Data.from_cli(opts, data="sotu-modern")`). Importing this module imports
+`lowbit.stages` (for the stages' options); the rest is imported where a group is used.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
@@ -69,21 +75,21 @@ OPTIONS: dict[str, OptionSpec] = {
 _SAME = object()
 
 
-def opt(name: str, default: Any = _SAME, *, help: str | None = None):
+def opt(name: str, default: Any = _SAME, *, help: str | None = None, panel: str | None = None):
     """The typer Option (or Argument) of shared option `name`, for a command's signature; `default`
-    and `help` replace the shared ones for this command only."""
-    spec = OPTIONS[name]
+    and `help` replace the shared ones for this command only; `panel`: its --help panel (`Group`)."""
+    spec = SPECS[name]
     d = spec.default if default is _SAME else default
     h = spec.help if help is None else help
     if spec.argument:
         return typer.Argument(d, help=h)
-    return typer.Option(d, *spec.decls, help=h)
+    return typer.Option(d, *spec.decls, help=h, rich_help_panel=panel)
 
 
 def flag(name: str) -> str:
-    """The long flag of shared option `name`, as errors name it: --seq-len."""
-    spec = OPTIONS.get(name)
-    return spec.decls[0] if spec and spec.decls else "--" + name.replace("_", "-")
+    """The long flag of option `name`, as errors name it: --seq-len (--r2 for --r2/--no-r2)."""
+    spec = SPECS.get(name)
+    return spec.decls[0].split("/")[0] if spec and spec.decls else "--" + name.replace("_", "-")
 
 
 class _Group:
@@ -180,22 +186,62 @@ class Precision(_Group):
         return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.dtype]
 
 
-#: quantize's recipe options -> the keyword of `recipe.with_overrides` they set ("group.key": a key of the
-#: `pairwise` / `rotation` settings). An option left unset (None) keeps the recipe's value.
-RECIPE_OPTIONS = {
-    "method": "method", "bits": "bits", "group_size": "group_size", "sym": "symmetric", "clip": "clip",
-    "act_order": "act_order", "damp": "damp", "qep": "qep", "qep_alpha": "qep_alpha", "qep_damp": "qep_damp",
-    "budget": "budget", "budget_bits": "budget_bits", "qqa_steps": "qqa_steps", "qqa_replicas": "qqa_replicas",
-    "onebit_qqa": "onebit_qqa", "onebit_svid": "onebit_svid_only", "onebit_ft": "onebit_ft_epochs",
-    "onebit_ft_lr": "onebit_ft_lr", "act_bits": "act_bits", "act_sym": "act_symmetric",
-    "pairwise": "pairwise.on", "pair_epochs": "pairwise.epochs1", "pair_stage2": "pairwise.epochs2",
-    "pairing": "pairwise.pairing", "pair_samples": "pairwise.samples", "krot": "pairwise.krot",
-    "rot_group": "pairwise.group", "rotate": "rotation.kind", "rot_seed": "rotation.seed", "r2": "rotation.r2",
-    "r3": "rotation.r3", "r4": "rotation.r4", "rot_steps": "rotation.steps", "rot_lr": "rotation.lr",
-    "block_ft": "block_ft.epochs", "block_ft_lr": "block_ft.lr", "block_ft_norms": "block_ft.norm_lr",
-    "block_ft_samples": "block_ft.samples", "e2e_steps": "e2e_ft.steps", "e2e_lr": "e2e_ft.lr",
-    "e2e_batch": "e2e_ft.batch",
+#: the recipe options that belong to no stage, with the `recipe.with_overrides` keyword each sets; the stages'
+#: own options are declared in their modules (`lowbit.stages.Flag`) and join these in `RECIPE_OPTIONS`
+_SOLVER_OPTIONS = {
+    "method": ("method", OptionSpec(Optional[str], None, "Solver: rtn, gptq, qqa, onebit or vq_e8 (2-bit E8 vector "
+                                    "codes), or qep(...) around one (overrides the recipe).")),
+    "bits": ("bits", OptionSpec(Optional[int], None, "Weight bits, 1-8 (overrides the recipe).")),
+    "group_size": ("group_size", OptionSpec(Optional[int], None, "Inputs per scale group; -1 = per channel, 0 = per "
+                                            "tensor.", ("--group-size", "-g"))),
+    "sym": ("symmetric", OptionSpec(Optional[bool], None, "Symmetric or asymmetric levels.", ("--sym/--asym",))),
+    "clip": ("clip", OptionSpec(Optional[bool], None, "Search a per-group range shrink.", ("--clip/--no-clip",))),
+    "act_order": ("act_order", OptionSpec(Optional[bool], None, "GPTQ column ordering.",
+                                          ("--act-order/--no-act-order",))),
+    "damp": ("damp", OptionSpec(Optional[float], None, "GPTQ Hessian damping, relative to mean(diag H).")),
+    "qep": ("qep", OptionSpec(Optional[bool], None, "Wrap the solver in QEP (quantization error propagation).",
+                              ("--qep/--no-qep",))),
+    "qep_alpha": ("qep_alpha", OptionSpec(Optional[float], None, "QEP strength in [0, 1] for every layer type "
+                                          "(default: 0.5, and 0 for mlp.down_proj). Implies --qep.")),
+    "qep_damp": ("qep_damp", OptionSpec(Optional[float], None, "QEP damping relative to mean(diag H) (default 1). "
+                                        "Implies --qep.")),
+    "qqa_steps": ("qqa_steps", OptionSpec(Optional[int], None, "QQA annealing steps per round and row chunk "
+                                          "(default 100).")),
+    "qqa_replicas": ("qqa_replicas", OptionSpec(Optional[int], None, "QQA replicas (default 16).")),
+    "onebit_qqa": ("onebit_qqa", OptionSpec(Optional[bool], None, "onebit: refine the signs with QQA.",
+                                            ("--onebit-qqa/--no-onebit-qqa",))),
+    "onebit_svid": ("onebit_svid_only", OptionSpec(Optional[bool], None, "onebit: SVID initialisation only (no "
+                                                   "calibration fit).", ("--onebit-svid/--no-onebit-svid",))),
 }
+
+
+def _stage_flags() -> dict:
+    """The registered stages' command-line options: name -> (stage key, `stages.Flag`)."""
+    from .stages import recipe_stages
+
+    out = {}
+    for key, spec in recipe_stages().items():
+        for name, f in spec.flags.items():
+            if name in out or name in _SOLVER_OPTIONS or name in OPTIONS:
+                raise ValueError(f"stage {key!r}: option {name!r} is already taken")
+            out[name] = (key, f)
+    return out
+
+
+_STAGE_FLAGS = _stage_flags()
+#: the recipe options (`lowbit quantize --bits ... --rotate ... --block-ft ...`) -> the keyword of
+#: `recipe.with_overrides` they set ("stage.field": a setting of that stage). An option left unset (None)
+#: keeps the recipe's value. The stages registered when this module is imported contribute theirs.
+RECIPE_OPTIONS = {**{n: key for n, (key, _) in _SOLVER_OPTIONS.items()},
+                  **{n: f"{key}.{f.field}" for n, (key, f) in _STAGE_FLAGS.items()}}
+#: the OptionSpec of every option a command can take through `options` (shared ones and recipe options)
+SPECS = {**OPTIONS, **{n: spec for n, (_, spec) in _SOLVER_OPTIONS.items()},
+         **{n: OptionSpec(Optional[f.type], None, f.help, f.decls) for n, (_, f) in _STAGE_FLAGS.items()}}
+
+
+def _flag(name: str):
+    """The stage `Flag` of recipe option `name` (None for the solver's)."""
+    return _STAGE_FLAGS[name][1] if name in _STAGE_FLAGS else None
 
 
 def recipe_overrides(options: dict) -> dict:
@@ -205,14 +251,77 @@ def recipe_overrides(options: dict) -> dict:
         v = options.get(opt_name)
         if v is None:
             continue
-        if opt_name == "budget_bits":
-            try:
-                v = tuple(int(b) for b in v.split(",") if b.strip())
-            except ValueError:
-                raise RecipeError(f"--budget-bits must be comma-separated bit widths, got {v!r}") from None
+        f = _flag(opt_name)
+        if f is not None and f.parse is not None:
+            v = f.parse(v)
         group, _, sub = key.rpartition(".")
         (out.setdefault(group, {}) if group else out)[sub] = v
     return out
+
+
+# --- option groups: the shared options several commands take together, declared once per command -----------
+
+@dataclass(frozen=True)
+class Group:
+    """Shared options a command takes together (`options`); `--help` shows them in a panel of that title."""
+
+    title: str
+    names: tuple[str, ...]
+
+
+CALIBRATION = Group("Calibration", ("calib", "n_calib", "seed"))  # what the model is calibrated on
+EVALUATION = Group("Evaluation", ("data", "windows"))  # what it is evaluated on
+WINDOWS = Group("Windows", ("seq_len", "batch_size"))  # the shape of the token windows and batches
+PROCESS = Group("Process", ("threads", "quiet"))  # how the process runs
+RUNTIME = Group("Runtime", ("device", "dtype", "threads"))  # where and in which dtype a model runs (`Precision`)
+RECIPE = Group("Recipe", ("recipe", *RECIPE_OPTIONS))  # the recipe and its overrides (`RecipeChoice`)
+
+
+class Shared(dict):
+    """The values of a command's shared options (`options`): by name (`opts.device`) or as a mapping, for the
+    groups' `from_cli` (`Data.from_cli(opts)`)."""
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def options(*groups: Group | str, help: dict[str, str] | None = None, **defaults):
+    """Decorator: the command takes the shared options of `groups` (`Group`s such as `CALIBRATION`, or single
+    names), each declared once, in `SPECS`; `defaults` and `help` replace the shared default / help text of an
+    option for this command only (`n_calib=4`, `help={"calib": "Corpus the activations come from."}`). typer
+    sees the options in the command's signature after its own parameters (a group's in its own --help panel);
+    the command gets their values in its `opts` parameter, a `Shared`. `command.shared_options` keeps the
+    option names, `command.option_groups` the groups."""
+    panel = {n: g.title for g in groups if isinstance(g, Group) for n in g.names}
+    names = [n for g in groups for n in ((g,) if isinstance(g, str) else g.names)]
+    unknown = sorted((set(defaults) | set(help or {})) - set(names))
+    if unknown:
+        raise ValueError(f"defaults / help given for options the command does not take: {unknown}")
+
+    def deco(f):
+        own = [p for p in inspect.signature(f).parameters.values() if p.name != "opts"]
+        hints = typing.get_type_hints(f)
+        params = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in own]
+        for n in names:
+            spec = SPECS[n]
+            params.append(inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=spec.type,
+                                            default=opt(n, defaults.get(n, _SAME), help=(help or {}).get(n),
+                                                        panel=panel.get(n))))
+
+        @functools.wraps(f)
+        def command(**values):
+            shared = Shared({n: values.pop(n) for n in names})
+            return f(**values, opts=shared)
+
+        command.__signature__ = inspect.Signature(params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        command.shared_options = tuple(names)
+        command.option_groups = tuple(g for g in groups if isinstance(g, Group))
+        return command
+    return deco
 
 
 @dataclass(frozen=True)
@@ -237,8 +346,8 @@ class RecipeChoice(_Group):
             group, _, sub = key.rpartition(".")
             src = self.overrides.get(group, {}) if group else self.overrides
             if sub in src:
-                v = src[sub]
-                out[opt_name] = ",".join(str(b) for b in v) if opt_name == "budget_bits" else v
+                f = _flag(opt_name)
+                out[opt_name] = f.show(src[sub]) if f is not None and f.show is not None else src[sub]
         return out
 
     def build(self):

@@ -101,10 +101,11 @@ def config_dict(cfg) -> dict:
 
 
 def act_quant_of(recipe: dict) -> tuple[int | None, bool]:
-    """(act_bits, act_symmetric) of a recipe dict as stored in a checkpoint, in the typed form
-    (`act_quant: {bits, symmetric}`) or the flat one of earlier versions (`act_bits`, `act_symmetric`)."""
+    """(act_bits, act_symmetric) of a recipe dict as stored in a checkpoint: in the list of stages
+    (`{"stage": "act_quant", "bits", "symmetric"}`), or in the forms of earlier versions: a slot
+    (`act_quant: {bits, symmetric}`) or flat (`act_bits`, `act_symmetric`)."""
     recipe = recipe or {}
-    aq = recipe.get("act_quant")
+    aq = next((s for s in recipe.get("stages") or () if s.get("stage") == "act_quant"), recipe.get("act_quant"))
     if isinstance(aq, dict):
         return aq.get("bits"), bool(aq.get("symmetric", False))
     return recipe.get("act_bits"), bool(recipe.get("act_symmetric", False))

@@ -1,7 +1,8 @@
 """quantize_model: a recipe's stages run over the model by the one walker.
 
-The recipe becomes a list of stages (`lowbit.stages.stages_for`: global rotation, bit-budget
-planning, pairwise fitting, the solver with QEP, 1-bit fine-tuning, activation quantization); the
+The recipe becomes a list of stages (`lowbit.stages.stages_for`: its stage configs in run order, e.g.
+global rotation, bit-budget planning, pairwise fitting, the solver with QEP, fine-tuning, activation
+quantization, each run by the stage registered for its type); the
 walker (`lowbit.walk`) captures the calibration inputs, keeps the quantized and FP streams, moves
 each block to `device` and hands it to the stages in turn. Only the current block needs fast memory.
 """
@@ -112,12 +113,13 @@ def quantize_model(model: nn.Module, recipe: Recipe, tokens: torch.Tensor, *, ba
         home = next(model.parameters()).device
         device = torch.device(device) if device is not None else home
         result = QuantizationResult(recipe, {}, layers_prefix=prefix)
-        run = Run(model, recipe, tokens, result, batch_size, device, progress)
+        run = Run.of(recipe, model, tokens, result, batch_size=batch_size, device=device, progress=progress)
         stages = stages_for(recipe)
-        _check_distributed(recipe, dist)
+        _check_distributed(stages, dist)
         for st in stages:
             st.before_model(run)
-        walker = Walker(model, tokens, batch_size=batch_size, device=device, streams=recipe.needs_inputs,
+        walker = Walker(model, tokens, batch_size=batch_size, device=device,
+                        streams=any(st.needs_inputs for st in stages),
                         fp_stream=any(st.needs_fp for st in stages), track_error=track_error,
                         replay_memo=recipe.true_sequential and replay_memo, progress=progress,
                         desc=f"quantize {recipe.label}", dist=dist, memory_target=memory_target)
@@ -135,39 +137,26 @@ def quantize_model(model: nn.Module, recipe: Recipe, tokens: torch.Tensor, *, ba
     return result
 
 
-def _check_distributed(recipe: Recipe, dist) -> None:
-    """Refuse, by name, the steps that do not split their calibration batches across ranks yet."""
+def _check_distributed(stages, dist) -> None:
+    """Refuse, by name, the steps that do not split their calibration batches across ranks yet (`stages`: a
+    recipe or its stages; each stage says so by `Stage.not_distributed`)."""
     if dist is None or dist.world <= 1:
         return
-    blockers = []
-    if recipe.pairwise is not None:
-        blockers.append("pairwise rotations (block-wise training)")
-    if recipe.onebit_ft is not None:
-        blockers.append("1-bit fine-tuning (block-wise training)")
-    if recipe.block_ft is not None:
-        blockers.append("block fine-tuning (block-wise training)")
-    if recipe.e2e_ft is not None:
-        blockers.append("end-to-end fine-tuning")
-    if recipe.bit_budget is not None:
-        blockers.append("bit budgets (sensitivity pass)")
-    if recipe.rotation is not None and recipe.rotation.kind == "learned":
-        blockers.append("learned rotations")
+    from .stages import stages_for
+
+    if isinstance(stages, Recipe):
+        stages = stages_for(stages)
+    blockers = [st.not_distributed for st in stages if st.not_distributed]
     if blockers:
         raise PipelineError(f"{', '.join(blockers)} cannot run on several processes yet; run it in one process")
 
 
 def stream_blockers(recipe: Recipe) -> list[str]:
-    """The recipe's steps that need the whole model in memory (empty: the recipe can be streamed)."""
-    out = []
-    if recipe.rotation is not None:
-        out.append("global rotations (they fold into the embeddings, every block and lm_head before the walk)")
-    if recipe.bit_budget is not None:
-        out.append("bit budgets (their sensitivity pass walks the whole FP model first)")
-    if recipe.act_quant is not None:
-        out.append("activation quantization")
-    if recipe.e2e_ft is not None:
-        out.append("end-to-end fine-tuning (it trains the whole model at once)")
-    return out
+    """The recipe's steps that need the whole model in memory (empty: the recipe can be streamed): each
+    stage says so by `Stage.not_streamed`."""
+    from .stages import stages_for
+
+    return [st.not_streamed for st in stages_for(recipe) if st.not_streamed]
 
 
 class StreamIO:
@@ -252,10 +241,11 @@ def quantize_streamed(source, recipe: Recipe, tokens: torch.Tensor, partial, *, 
         _check_group_size(layers, adapter, recipe, prefix)
         result = QuantizationResult(recipe, {}, layers_prefix=prefix)
         stages = stages_for(recipe)
-        _check_distributed(recipe, dist)
-        run = Run(model, recipe, tokens, result, batch_size, device, progress)
+        _check_distributed(stages, dist)
+        run = Run.of(recipe, model, tokens, result, batch_size=batch_size, device=device, progress=progress)
         source.materialize(model, model, device, dtype, skip_prefix=prefix)
-        walker = Walker(model, tokens, batch_size=batch_size, device=device, streams=recipe.needs_inputs,
+        walker = Walker(model, tokens, batch_size=batch_size, device=device,
+                        streams=any(st.needs_inputs for st in stages),
                         fp_stream=any(st.needs_fp for st in stages), track_error=track_error,
                         replay_memo=recipe.true_sequential, progress=progress, desc=f"quantize {recipe.label}",
                         io=lambda w: StreamIO(w, source, partial, result, dtype, store_dtype, state_every_s),

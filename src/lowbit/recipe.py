@@ -9,12 +9,13 @@ from functools import partial
 from pathlib import Path
 
 from .blockwise import PairwiseConfig
-from .configs import RecipeError, check_fields, config_from
+from .configs import RecipeError, check_fields, config_dict, config_from
 from .formats import IntFormat
 from .qep import QEPConfig
 from .rotation import KINDS, RotationConfig
 from .solvers import CONFIGS, GPTQConfig, SolverConfig, config_type
-from .stages.base import ActQuantConfig, BlockFTConfig, BudgetConfig, E2EFTConfig, OneBitFTConfig, SolveConfig
+from .stages import SPECS, SolveConfig, StageSpec, recipe_stages, stages_for
+from .stages.base import ActQuantConfig, BlockFTConfig, BudgetConfig, E2EFTConfig, OneBitFTConfig
 
 
 #: keys of the flat recipes of earlier versions that now live in a typed config, with their defaults.
@@ -35,14 +36,19 @@ VECTOR_SCALAR_OPTIONS = {"clip": False, "symmetric": False, "group_size": -1}
 
 @dataclass(frozen=True, init=False)
 class Recipe:
-    """How to quantize a model: the weight format, the solver (`method` and its typed config) and the
-    stage configs around it (see `stages`). Frozen; validated once, as a whole, when built.
+    """How to quantize a model: the weight format, the solver step (`method`, its typed config `solver`,
+    optionally wrapped in `qep`) and the ordered stage configs around it (`stages`: rotation, bit budget,
+    pairwise rotations, fine-tuning, activation quantization ... every type registered by its stage module,
+    `lowbit.stages.register_stage`). Frozen; validated once, as a whole, when built.
 
-    Keywords: the fields below; `method` may be written `qep(gptq)` (= with the default QEP);
-    `solver`, `rotation`, `pairwise`, `qep`, `bit_budget`, `onebit_ft`, `act_quant` also take a dict
-    of settings (and the optional stages true / false). The flat keywords of earlier versions
-    (`damp`, `qqa_steps`, `onebit_qqa`, `budget`, `budget_bits`, `act_bits`, `onebit_ft_epochs`, ...)
-    are mapped into these configs and read back as attributes."""
+    Keywords: the fields below; `method` may be written `qep(gptq)` (= with the default QEP); `stages` takes
+    configs or dicts `{"stage": key, ...settings}` in any order (they are kept in run order, one per type).
+    Each stage also has its key as a keyword and an attribute (`rotation`, `bit_budget`, `pairwise`,
+    `onebit_ft`, `block_ft`, `e2e_ft`, `act_quant`, ...: the config or None), which takes a config, a dict
+    of settings, true / false, None (removes it) or a bare value for the config's first field
+    (`rotation="hadamard"`, `block_ft=2`). `solver` and `qep` take a dict of settings too. The flat keywords
+    of earlier versions (`damp`, `qqa_steps`, `onebit_qqa`, `budget`, `budget_bits`, `act_bits`,
+    `onebit_ft_epochs`, ...) are mapped into these configs and read back as attributes."""
 
     method: str = "gptq"
     bits: int = 4
@@ -52,20 +58,16 @@ class Recipe:
     solver: SolverConfig = GPTQConfig()  # the options of `method` (its registered config type)
     true_sequential: bool = True  # re-collect inputs after each group of linears is quantized
     skip: tuple[str, ...] = ()  # substrings of linear names left in FP
-    rotation: RotationConfig | None = None  # global rotations folded in before quantizing
-    bit_budget: BudgetConfig | None = None  # per-linear widths for an average bits/weight
-    pairwise: PairwiseConfig | None = None  # learned pairwise rotations, block by block
     qep: QEPConfig | None = None  # error-propagation correction around the solver
-    onebit_ft: OneBitFTConfig | None = None  # block-wise training of 1-bit layers' g and h
-    act_quant: ActQuantConfig | None = None  # dynamic per-token fake quantization of linear inputs
-    block_ft: BlockFTConfig | None = None  # block-wise training of every quantized linear's scales (codes fixed)
-    e2e_ft: E2EFTConfig | None = None  # end-to-end distillation of the same parameters after the walk
+    stages: tuple = ()  # the stage configs, one per registered type, in run order
     name: str = ""
 
     def __init__(self, method: str | None = None, bits: int = 4, group_size: int = 64, symmetric: bool = False,
-                 clip: bool = False, solver=None, true_sequential: bool = True, skip=(), rotation=None,
-                 bit_budget=None, pairwise=None, qep=None, onebit_ft=None, act_quant=None, name: str = "", *,
-                 block_ft=None, e2e_ft=None, budget=_UNSET, **flat) -> None:
+                 clip: bool = False, solver=None, true_sequential: bool = True, skip=(), *, qep=None, stages=(),
+                 name: str = "", budget=_UNSET, **kw) -> None:
+        specs = recipe_stages()
+        keyed = {k: kw.pop(k) for k in list(kw) if k in specs}
+        flat = kw
         unknown = sorted(set(flat) - set(_FLAT_SOLVER) - set(_FLAT_STAGES))
         if unknown:
             raise RecipeError(f"unknown recipe keys: {unknown}")
@@ -82,42 +84,26 @@ class Recipe:
                      ("clip", clip), ("true_sequential", true_sequential), ("skip", tuple(skip)), ("name", name)):
             set_(k, v)
         set_("solver", _solver_config(cls, solver, flat))
-        set_("rotation", _optional("rotation", RotationConfig, rotation))
-        set_("pairwise", _optional("pairwise", PairwiseConfig, pairwise))
         set_("qep", _optional("qep", QEPConfig, qep))
-        set_("bit_budget", _budget(_optional("bit_budget", BudgetConfig, bit_budget), budget, flat))
-        set_("onebit_ft", _onebit_ft(_optional("onebit_ft", OneBitFTConfig, onebit_ft), flat))
-        set_("act_quant", _act_quant(_optional("act_quant", ActQuantConfig, act_quant), flat))
-        set_("block_ft", _optional("block_ft", BlockFTConfig, block_ft))
-        set_("e2e_ft", _optional("e2e_ft", E2EFTConfig, e2e_ft))
+        configs = _stage_list(stages, specs)
+        configs.update({k: _optional(k, specs[k].config, v) for k, v in keyed.items()})
+        # the flat keywords of earlier versions
+        configs["bit_budget"] = _budget(configs.get("bit_budget"), budget, flat)
+        configs["onebit_ft"] = _onebit_ft(configs.get("onebit_ft"), flat)
+        configs["act_quant"] = _act_quant(configs.get("act_quant"), flat)
+        set_("stages", tuple(configs[k] for k in specs if configs.get(k) is not None))
         self._validate()
 
     def _validate(self) -> None:
-        """The checks across configs (each config has checked its own fields)."""
+        """The checks across configs (each config has checked its own fields; each stage's registered `check`
+        refuses the combinations with the rest of the recipe it cannot run)."""
         check_fields(self)  # the plain fields' types
         self.format  # validates bits / group size
         self._check_vector()
-        if self.rotation is not None and self.pairwise is not None and self.rotation.r4:
-            raise RecipeError("pairwise rotations replace down_proj's input transform, which the online "
-                              "Hadamard R4 also needs; set rotation r4 = false to combine them")
-        if self.pairwise is not None and self.pairwise.epochs2 > 0 and self.qep is not None:
-            raise RecipeError("pairwise stage 2 trains the codes itself and replaces the solver; "
-                              "use QEP with stage 1 only (epochs2 = 0)")
-        if self.pairwise is not None and (self.method == "onebit" or self.bit_budget is not None):
-            raise RecipeError("pairwise rotations are not supported with 1-bit layers or a bit budget (the "
-                              "checkpoint keeps input transforms for integer layers only)")
-        if self.bit_budget is not None and self.method == "onebit":
-            raise RecipeError("a bit budget needs an integer solver (rtn, gptq, qqa) for the wider linears")
-        if self.onebit_ft is not None and self.method != "onebit" and \
-                (self.bit_budget is None or 1 not in self.bit_budget.bits):
-            raise RecipeError("1-bit fine-tuning (onebit_ft) trains 1-bit layers: use method onebit or a bit "
-                              "budget with 1-bit candidates")
-        if self.block_ft is not None and self.onebit_ft is not None:
-            raise RecipeError("block fine-tuning (block_ft) already trains 1-bit layers' g and h: use it or onebit_ft, "
-                              "not both")
-        if self.block_ft is not None and self.pairwise is not None and self.pairwise.epochs2 > 0:
-            raise RecipeError("block fine-tuning (block_ft) after pairwise stage 2 is not supported: stage 2 already "
-                              "trains the weights and scales block by block (use epochs2 = 0)")
+        for cfg in self.stages:
+            check = SPECS[type(cfg)].check
+            if check is not None:
+                check(cfg, self)
 
     def _check_vector(self) -> None:
         """Methods that store vector codes take no scalar format: refuse the options that would be ignored."""
@@ -133,13 +119,11 @@ class Recipe:
             raise RecipeError(f"method {self.method!r} with these settings stores {nominal}-bit codes: set bits "
                               f"{nominal}, got {self.bits}")
 
-    def stages(self) -> tuple:
-        """The recipe as its ordered stage configs, in the order they run: rotation, bit budget,
-        pairwise, the solver (with or without QEP), 1-bit fine-tuning, activation quantization
-        (all but the solver only when set)."""
-        out = (self.rotation, self.bit_budget, self.pairwise, SolveConfig(self.method, self.qep is not None),
-               self.onebit_ft, self.block_ft, self.e2e_ft, self.act_quant)
-        return tuple(c for c in out if c is not None)
+    @property
+    def solve(self) -> SolveConfig:
+        """The solver step: `method`, its config and QEP (`lowbit.stages.stage_configs` places it among the
+        stages)."""
+        return SolveConfig(self.method, self.solver, self.qep)
 
     @property
     def format(self) -> IntFormat:
@@ -153,9 +137,8 @@ class Recipe:
 
     @property
     def needs_inputs(self) -> bool:
-        """Whether the pipeline must run the calibration stream (solver statistics or QEP)."""
-        return (self.needs_hessian or self.qep is not None or self.pairwise is not None or self.bit_budget is not None
-                or self.onebit_ft is not None or self.block_ft is not None)
+        """Whether the pipeline must run the calibration streams (solver statistics, QEP, a stage that asks)."""
+        return any(st.needs_inputs for st in stages_for(self))
 
     # the flat attributes of earlier versions, read from the typed configs
     @property
@@ -187,11 +170,14 @@ class Recipe:
     def onebit_ft_lr(self) -> float:
         return _FLAT_STAGES["onebit_ft_lr"] if self.onebit_ft is None else self.onebit_ft.lr
 
-    def __getattr__(self, key: str):  # damp, qqa_steps, onebit_qqa, ...: the solver's field, else the default
-        if key in _FLAT_SOLVER:
+    def __getattr__(self, key: str):
+        if key in _FLAT_SOLVER:  # damp, qqa_steps, onebit_qqa, ...: the solver's field, else the default
             solver = self.__dict__.get("solver")
             field_ = None if solver is None else type(solver).FLAT.get(key)
             return _FLAT_SOLVER[key] if field_ is None else getattr(solver, field_)
+        spec = recipe_stages().get(key)
+        if spec is not None:  # rotation, bit_budget, ...: the stage's config, or None
+            return next((c for c in self.__dict__.get("stages", ()) if type(c) is spec.config), None)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {key!r}")
 
     @property
@@ -202,13 +188,10 @@ class Recipe:
         g = {-1: "pc", 0: "pt"}.get(self.group_size, f"g{self.group_size}")
         tags = ("-clip" if self.clip else "") + ("-static" if self.static_groups else "")
         method = f"qep-{self.method}" if self.qep is not None else self.method
-        if self.pairwise is not None:
-            method = f"{self.pairwise.tag}-{method}"
-        if self.rotation is not None:
-            method = f"{self.rotation.tag}-{method}"
+        method = "-".join([*self._tags("prefix"), method])  # had-pair-qep-gptq
         tags += self.qep.tag if self.qep is not None else ""
         act = "" if self.act_bits is None else f"a{self.act_bits}{'s' if self.act_symmetric else ''}"
-        ft = "".join(c.tag for c in (self.block_ft, self.e2e_ft) if c is not None)
+        ft = "".join(self._tags("suffix"))  # -bft2-e2e64
         if self.method == "onebit":
             kind = "-svid" if self.onebit_svid_only else "-qqa" if self.onebit_qqa else ""
             kind += f"-ft{self.onebit_ft_epochs}" if self.onebit_ft_epochs else ""
@@ -216,6 +199,10 @@ class Recipe:
         label = f"{method}-w{self.bits}{'s' if self.symmetric else ''}{act}-{g}{tags}{ft}"
         raw = "raw" if self.budget_metric == "layer" else ""
         return f"budget{self.budget:g}{raw}-{label}" if self.budget is not None else label
+
+    def _tags(self, place: str) -> list[str]:
+        """The label tags of the stages registered with `label=place`, in run order."""
+        return [c.tag for c in self.stages if SPECS[type(c)].label == place]
 
     @property
     def identity(self) -> str:
@@ -229,24 +216,18 @@ class Recipe:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def solver_kwargs(self, method: str | None = None) -> dict:
-        """Keyword arguments for the solver function of `method` (default the recipe's). Another
-        method (a bit budget's 1-bit linears, its proxies) gets its config derived from the recipe's
-        (`SolverConfig.derived_from`: the options they share, defaults for the rest)."""
-        if method is None or method == self.method:
-            return self.solver.kwargs(self.clip)
-        return config_type(method).derived_from(self.solver).kwargs(self.clip)
+        """Keyword arguments for the solver function of `method` (default the recipe's); see
+        `SolveConfig.kwargs`."""
+        return self.solve.kwargs(self.clip, method)
 
     def to_dict(self) -> dict:
-        """The canonical nested form (JSON-safe): format, method and its solver config, stage configs."""
+        """The canonical nested form (JSON-safe): format, method and its solver config, QEP, and the stages as
+        a list in run order, each `{"stage": key, ...its settings}`."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["skip"] = list(self.skip)
-        for k in ("solver", "rotation", "bit_budget", "pairwise", "qep", "onebit_ft", "act_quant"):
-            d[k] = None if d[k] is None else d[k].to_dict()
-        for k in ("block_ft", "e2e_ft"):  # written only when set: the recipes without them keep their identity
-            if d[k] is None:
-                del d[k]
-            else:
-                d[k] = d[k].to_dict()
+        d["solver"] = self.solver.to_dict()
+        d["qep"] = None if self.qep is None else self.qep.to_dict()
+        d["stages"] = [{"stage": SPECS[type(c)].key, **config_dict(c)} for c in self.stages]
         return d
 
     def to_flat_dict(self) -> dict:
@@ -270,7 +251,8 @@ class Recipe:
     @classmethod
     def from_dict(cls, d: dict) -> Recipe:
         """Inverse of to_dict; the flat form of earlier versions is read too; unknown keys are an error."""
-        known = {f.name for f in fields(cls)} | set(_FLAT_SOLVER) | set(_FLAT_STAGES) | {"budget"}
+        known = {f.name for f in fields(cls)} | set(recipe_stages()) | set(_FLAT_SOLVER) | set(_FLAT_STAGES)
+        known.add("budget")
         extra = set(d) - known
         if extra:
             raise RecipeError(f"unknown recipe keys: {sorted(extra)}")
@@ -296,14 +278,12 @@ class Recipe:
 
 
 def _optional(name: str, cls, v):
-    """An optional config from an instance, a dict of settings, true / false or None (a rotation also
-    from its kind)."""
-    if name == "rotation" and isinstance(v, str):  # "hadamard", "learned", ...
-        if v not in KINDS:
-            raise RecipeError(f"unknown rotation {v!r}; use one of {', '.join(KINDS)}")
-        return RotationConfig(kind=v)
+    """An optional config from an instance, a dict of settings, true / false, None, or a bare value of its
+    first field (a rotation's kind, a budget's target, fine-tuning epochs)."""
     if isinstance(v, bool):
         return cls() if v else None
+    if isinstance(v, (str, int, float)):
+        v = {fields(cls)[0].name: v}
     if isinstance(v, dict):
         try:
             return config_from(cls, v, name)
@@ -314,6 +294,30 @@ def _optional(name: str, cls, v):
     if v is not None and not isinstance(v, cls):
         raise RecipeError(f"{name} must be a {cls.__name__}, a dict, true/false or null, got {v!r}")
     return v
+
+
+def _stage_list(stages, specs: dict[str, StageSpec]) -> dict:
+    """The configs of a `stages` list (configs, or dicts `{"stage": key, ...settings}`) by key; one per type."""
+    if isinstance(stages, (str, dict)) or not hasattr(stages, "__iter__"):
+        raise RecipeError(f"stages must be a list of stage configs, got {stages!r}")
+    by_type = {s.config: k for k, s in specs.items()}
+    out: dict = {}
+    for item in stages:
+        if isinstance(item, dict):
+            settings = dict(item)
+            key = settings.pop("stage", None)
+            if key not in specs:
+                raise RecipeError(f"unknown stage {key!r} in stages; known: {', '.join(specs)} (the solver step is "
+                                  "set by method, solver and qep)")
+            cfg = _optional(key, specs[key].config, settings)
+        elif type(item) in by_type:
+            key, cfg = by_type[type(item)], item
+        else:
+            raise RecipeError(f"stages takes registered stage configs or dicts with a 'stage' key, got {item!r}")
+        if key in out:
+            raise RecipeError(f"two {key} stages in one recipe; a recipe holds one of each")
+        out[key] = cfg
+    return out
 
 
 def _given(flat: dict, key: str) -> bool:
@@ -538,39 +542,28 @@ def get_recipe(name_or_path: str) -> Recipe:
                       "qep-gptq-w3-g64-clip; or a .json/.yaml file")
 
 
-def with_overrides(base: Recipe, *, pairwise: dict | None = None, rotation: dict | None = None,
-                   qep: bool | None = None, qep_alpha: float | None = None, qep_damp: float | None = None,
-                   block_ft: dict | None = None, e2e_ft: dict | None = None, **overrides) -> Recipe:
+def with_overrides(base: Recipe, *, qep: bool | None = None, qep_alpha: float | None = None,
+                   qep_damp: float | None = None, **overrides) -> Recipe:
     """`base` with every override applied at once and validated once, so that a combination valid
     only as a whole (adding pairwise rotations while turning R4 off) is accepted.
 
-    None means "keep". `pairwise`: settings to merge, `on` True / False adds / removes the stage.
-    `rotation`: settings to merge, `kind` "none" removes it; `act_bits` / `act_symmetric` in it are
-    recipe keywords. `qep` True / False adds / removes QEP (as does a method written `qep(gptq)`);
-    `qep_alpha` / `qep_damp` set every layer type. `block_ft` / `e2e_ft`: settings to merge into block-wise /
-    end-to-end fine-tuning (`epochs` / `steps` 0 removes it; other settings need it on). Other keywords are Recipe keywords, flat ones
+    None means "keep". A stage's key with a dict (`pairwise={"on": True, "krot": 4}`, `rotation={"kind":
+    "none"}`, `block_ft={"epochs": 2}`) merges those settings into the stage, adding or removing it as its
+    registration says (`register_stage`: its switch, 0 / "none" / on false removes it; other settings alone
+    add it or need it on). `qep` True / False adds / removes QEP (as does a method written `qep(gptq)`);
+    `qep_alpha` / `qep_damp` set every layer type. Other keywords are Recipe keywords, flat ones
     (`damp`, `qqa_steps`, `budget`, ...) included; a changed method keeps the solver options the two
     methods share, and `onebit` without `bits` means bits 1, one group per channel; a vector method
     (vq_e8, vq_kmeans, ...) without them takes its nominal bits, one group, no clip and no symmetric."""
     kw = {f.name: getattr(base, f.name) for f in fields(base)}
     kw["name"] = ""
+    specs = recipe_stages()
+    merges = {k: overrides.pop(k) for k in list(overrides) if k in specs and isinstance(overrides[k], dict)}
     over = {k: v for k, v in overrides.items() if v is not None}
-    pw = {k: v for k, v in (pairwise or {}).items() if v is not None}
-    on = pw.pop("on", None)
-    if on is False:
-        kw["pairwise"] = None
-    elif on or pw:
-        kw["pairwise"] = {**(base.pairwise or PairwiseConfig()).to_dict(), **pw}
-    rot = {k: v for k, v in (rotation or {}).items() if v is not None}
-    over.update({k: rot.pop(k) for k in ("act_bits", "act_symmetric") if k in rot})
-    kind = rot.pop("kind", None)
-    if kind == "none":
-        kw["rotation"] = None
-    elif kind is not None or rot:
-        cur = base.rotation.to_dict() if base.rotation is not None else {"r4": kw["pairwise"] is None}
-        kw["rotation"] = {**cur, **({"kind": kind} if kind else {}), **rot}
-    kw["block_ft"] = _ft_override(base.block_ft, block_ft, BlockFTConfig, "epochs", "block fine-tuning", "--block-ft")
-    kw["e2e_ft"] = _ft_override(base.e2e_ft, e2e_ft, E2EFTConfig, "steps", "end-to-end fine-tuning", "--e2e-steps")
+    stages = {SPECS[type(c)].key: c for c in base.stages}
+    for key in sorted(merges, key=lambda k: specs[k].new is not None):  # defaults that read the others: last
+        stages[key] = _merge(specs[key], stages.get(key), merges[key], stages)
+    kw.update({k: stages[k] for k in merges})
     method = over.get("method")
     if isinstance(method, str) and method.startswith("qep(") and method.endswith(")"):
         over["method"], qep = method[4:-1], True if qep is None else qep
@@ -595,16 +588,25 @@ def with_overrides(base: Recipe, *, pairwise: dict | None = None, rotation: dict
     return Recipe(**{**kw, **over})
 
 
-def _ft_override(cur, given: dict | None, cls, count: str, what: str, flag: str):
-    """A fine-tuning config with `given` settings merged (None values: keep); `count` 0 removes it."""
-    given = {k: v for k, v in (given or {}).items() if v is not None}
+def _merge(spec: StageSpec, cur, given: dict, stages: dict):
+    """Stage settings after merging override `given` (None values: keep) into `cur` (its config or None):
+    None (removed), `cur`, or a dict of settings. The switch at 0 / "none" (or "on" false) removes the stage;
+    without the stage, the switch (or any setting, for a stage registered with `adds`) adds it, starting from
+    `spec.new(stages)` where given; other settings alone are refused."""
+    given = {k: v for k, v in given.items() if v is not None}
     if not given:
         return cur
-    if given.get(count) == 0:
+    if given.get(spec.switch) in (0, "none"):  # 0 == False: "on" false too
         return None
-    if cur is None and count not in given:
-        raise RecipeError(f"{', '.join(sorted(given))} apply to {what}: set {count} too ({flag})")
-    return {**({} if cur is None else cur.to_dict()), **given}
+    switched = spec.switch in given
+    given.pop("on", None)
+    if cur is not None:
+        return {**config_dict(cur), **given}
+    if not switched and not spec.adds:
+        flag = spec.flag_of(spec.switch)
+        raise RecipeError(f"{', '.join(sorted(given))} apply to {spec.what}: set {spec.switch} too"
+                          + (f" ({flag})" if flag else ""))
+    return {**(spec.new(stages) if spec.new else {}), **given}
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:

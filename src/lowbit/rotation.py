@@ -82,7 +82,9 @@ class RotationConfig:
     def __post_init__(self) -> None:
         check_fields(self, RotationConfigError)  # the annotations: kind one of `RotationKind`, ints, floats
         if self.steps < 0 or self.samples < 1 or self.seq_len < 2 or self.lr <= 0:
-            raise RotationError("learned rotations need steps >= 0, samples >= 1, seq_len >= 2 and lr > 0")
+            raise RotationConfigError(f"learned rotations need steps >= 0, samples >= 1, seq_len >= 2 and lr > 0, got "
+                                      f"steps={self.steps}, samples={self.samples}, seq_len={self.seq_len}, "
+                                      f"lr={self.lr}")
 
     @property
     def tag(self) -> str:

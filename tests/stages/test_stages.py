@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from conftest import tiny_model, tiny_tokens
@@ -83,3 +84,77 @@ def test_a_new_stage_plugs_into_the_walker():
     for blk in Walker(model, run.tokens, progress=False).blocks():
         stage.on_block(run, blk)
     assert len(stage.traces) == 2 and all(t > 0 for t in stage.traces)
+
+
+def test_a_stage_registered_from_a_test_runs_through_recipe_and_pipeline():
+    """What adding a stage takes (issue 18: at most 3 files): its config and Stage, registered in its own
+    module (here this test), an import in `lowbit.stages` to make it built in, and its test. The recipe
+    (keyword, attribute, list form, JSON, label, overrides, validation) and the pipeline find it without an
+    edit of recipe.py, cli.py or pipeline.py."""
+    import json
+    from dataclasses import dataclass
+
+    from lowbit.configs import RecipeError, check_fields
+    from lowbit.recipe import with_overrides
+    from lowbit.stages import SPECS, Flag, register_stage, unregister_stage
+
+    @dataclass(frozen=True)
+    class TraceConfig:
+        """Record tr(H) of each block's first linear group after the solver, every `every` blocks."""
+
+        every: int = 1
+
+        def __post_init__(self) -> None:
+            check_fields(self)
+            if self.every < 1:
+                raise RecipeError(f"every must be >= 1, got {self.every}")
+
+        @property
+        def tag(self) -> str:
+            return f"-tr{self.every}"
+
+    def refuse_onebit(cfg, recipe):
+        if recipe.method == "onebit":
+            raise RecipeError("traces need integer layers")
+
+    class TraceStage(Stage):
+        needs_inputs = True  # rtn alone would walk without the calibration streams
+        not_streamed = "traces (a test stage)"
+
+        def __init__(self, cfg: TraceConfig):
+            self.cfg = cfg
+
+        def on_block(self, run, blk):
+            if blk.i % self.cfg.every == 0:
+                names = run.linear_groups(blk)[0]
+                h = blk.stats(names)[names[0]].H
+                run.result.block_fits.append({"trace": float(h.trace()), "done": sorted(blk.done)})
+
+    register_stage(TraceConfig, key="trace", order=45, what="H traces", switch="every", label="suffix",
+                   check=refuse_onebit, flags={"trace_every": Flag("every", int, "Trace every N blocks.")})(TraceStage)
+    try:
+        r = Recipe(method="rtn", bits=4, group_size=32, trace={"every": 1})
+        assert r.trace == TraceConfig(1) and r.label == "rtn-w4-g32-tr1"
+        assert r.to_dict()["stages"] == [{"stage": "trace", "every": 1}]
+        assert Recipe.from_dict(json.loads(json.dumps(r.to_dict()))) == r
+        assert [type(st).__name__ for st in stages_for(r)] == ["SolveStage", "TraceStage"]  # order 45: after it
+        base = get_recipe("rtn-w4-g32")
+        assert with_overrides(base, trace={"every": 2}).trace == TraceConfig(2)
+        assert with_overrides(r, trace={"every": 0}) == base.with_(name="")  # the switch at 0 removes it
+        assert Recipe(method="gptq", stages=[{"stage": "trace"}, {"stage": "rotation"}]).label == \
+            "had-gptq-w4-g64-tr1"
+        with pytest.raises(RecipeError, match="traces need integer layers"):
+            Recipe(method="onebit", bits=1, group_size=-1, trace=True)
+        with pytest.raises(RecipeError, match="every must be >= 1"):
+            Recipe(trace={"every": 0})
+        from lowbit.pipeline import stream_blockers
+
+        assert stream_blockers(r) == ["traces (a test stage)"]
+        _, res = _q(r)
+        assert [len(f["done"]) for f in res.block_fits] == [7, 7]  # both blocks, after the solver quantized them
+        assert all(f["trace"] > 0 for f in res.block_fits)
+    finally:
+        unregister_stage(TraceConfig)
+    assert TraceConfig not in SPECS
+    with pytest.raises(RecipeError, match="unknown recipe keys"):
+        Recipe(trace=True)

@@ -1,20 +1,31 @@
-"""The stage protocol and the state a run shares between its stages."""
+"""The stage protocol, the state a run shares between its stages, and the registry of stage configs."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 import torch
 from torch import nn
 
 from ..configs import RecipeError, check_fields, config_dict
+from ..formats import IntFormat
+from ..qep import QEPConfig
+from ..solvers import SolverConfig, config_type
 
 
 @dataclass
 class Run:
     """What the stages of one quantization run share: the model, its recipe and calibration tokens,
-    where blocks go, and the result being filled in."""
+    where blocks go, and the result being filled in.
+
+    A stage reads its own config and the fields below, never another stage's config through `recipe`:
+    `format` (the weight format: bits, symmetric, group size) and `clip` (its range search), `solve` (the
+    solver step: method, solver config, QEP; the bit budget plans its proxies from it), `act_quant` (the
+    activations' per-token format at inference, or None: learned rotations calibrate for it), `skip` and
+    `true_sequential` (which linears are quantized and how they are grouped: `linear_groups`).
+    `Run.of(recipe, ...)` fills them from a recipe."""
 
     model: nn.Module
     recipe: object
@@ -24,13 +35,33 @@ class Run:
     device: torch.device | None = None
     progress: bool = True
     bits_plan: dict[str, int] = field(default_factory=dict)  # per-linear widths (budget stage)
+    format: IntFormat | None = None
+    clip: bool = False
+    solve: SolveConfig | None = None
+    act_quant: ActQuantConfig | None = None
+    skip: tuple[str, ...] = ()
+    true_sequential: bool = True
+
+    @classmethod
+    def of(cls, recipe, model: nn.Module, tokens: torch.Tensor, result, **kw) -> Run:
+        """The run of `recipe`: the shared fields above taken from it."""
+        return cls(model, recipe, tokens, result, format=recipe.format, clip=recipe.clip, solve=recipe.solve,
+                   act_quant=recipe.act_quant, skip=recipe.skip, true_sequential=recipe.true_sequential, **kw)
+
+    def linear_groups(self, blk) -> list[list[str]]:
+        """The block's linears to quantize, grouped by shared input (skips removed; one group without
+        true_sequential)."""
+        groups = blk.groups(self.skip)
+        return groups if self.true_sequential else [[n for g in groups for n in g]]
 
 
 class Stage:
     """A step of a recipe (see the package docstring); every hook is optional."""
 
-    needs_inputs: bool = False
-    needs_fp: bool = False
+    needs_inputs: bool = False  # the walker runs the calibration streams (not set: the blocks are walked without)
+    needs_fp: bool = False  # ... and the FP stream beside the quantized one
+    not_distributed: str = ""  # what the stage is, where it cannot run on several processes yet
+    not_streamed: str = ""  # why the stage needs the whole model in memory (streamed runs refuse it)
 
     def before_model(self, run: Run) -> None:
         """Whole-model work before the walk."""
@@ -70,10 +101,29 @@ class BudgetConfig:
 
 @dataclass(frozen=True)
 class SolveConfig:
-    """The solver pass: which solver, in which format, with QEP or not."""
+    """The solver step: which solver (`method`) with its config (`solver`, a registered `SolverConfig`),
+    wrapped in QEP or not. A recipe holds these as its core fields (`Recipe.solve`); every recipe has one."""
 
     method: str
-    qep: bool = False
+    solver: SolverConfig | None = None  # the config of `method` (None: its defaults)
+    qep: QEPConfig | None = None  # None: no QEP
+
+    def __post_init__(self) -> None:
+        if self.solver is None:
+            object.__setattr__(self, "solver", config_type(self.method)())
+
+    @property
+    def needs_hessian(self) -> bool:
+        """Whether the solver reads input statistics."""
+        return self.solver.needs_hessian
+
+    def kwargs(self, clip: bool = False, method: str | None = None) -> dict:
+        """Keyword arguments for the solver function of `method` (default this step's). Another method (a bit
+        budget's 1-bit linears, its proxies) gets its config derived from this one (`SolverConfig.derived_from`:
+        the options they share, defaults for the rest)."""
+        if method is None or method == self.method:
+            return self.solver.kwargs(clip)
+        return config_type(method).derived_from(self.solver).kwargs(clip)
 
 
 @dataclass(frozen=True)
@@ -172,27 +222,106 @@ class ActQuantConfig:
         return config_dict(self)
 
 
-#: the stage that runs each stage config type (`register_stage` adds one)
+@dataclass(frozen=True)
+class Flag:
+    """A command-line option of a stage (one of `lowbit quantize`'s recipe options): the config `field` it
+    sets (or "on": true adds the stage, false removes it), the option's value type, help and flag names
+    (default --<option name>), and for a value written otherwise on the command line (widths "2,4"), how to
+    read it (`parse`, a RecipeError naming the flag when it cannot) and write it back (`show`)."""
+
+    field: str
+    type: type
+    help: str
+    decls: tuple[str, ...] = ()
+    parse: Callable | None = None
+    show: Callable | None = None
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """How a stage config type takes part in recipes (see `register_stage`)."""
+
+    config: type
+    stage: type
+    key: str
+    order: int
+    what: str = ""
+    switch: str = "on"
+    adds: bool = False
+    flags: dict[str, Flag] = field(default_factory=dict)
+    label: Literal["prefix", "suffix"] | None = None
+    check: Callable | None = None
+    new: Callable | None = None
+
+    def flag_of(self, field_: str) -> str:
+        """The command-line flag that sets `field_` ("" if none does)."""
+        for name, f in self.flags.items():
+            if f.field == field_:
+                return (f.decls[0].split("/")[0] if f.decls else "--" + name.replace("_", "-"))
+        return ""
+
+
+#: the order of the solver step among the stages (`SolveConfig`): stages before it see FP weights
+SOLVE_ORDER = 40
+
+#: every registered stage config type -> its spec, in registration order (`register_stage` adds one)
+SPECS: dict[type, StageSpec] = {}
+#: the stage that runs each stage config type
 STAGES: dict[type, type[Stage]] = {}
 
 
-def register_stage(config_type: type):
-    """Class decorator: `config_type` configs are run by the decorated Stage (built as Stage(config))."""
+def register_stage(config_type: type, *, key: str = "", order: int = SOLVE_ORDER, what: str = "",
+                   switch: str = "on", adds: bool = False, flags: dict[str, Flag] | None = None,
+                   label: Literal["prefix", "suffix"] | None = None, check: Callable | None = None,
+                   new: Callable | None = None):
+    """Class decorator: `config_type` configs are run by the decorated Stage (built as Stage(config)), and a
+    recipe can hold one of them. Everything about the stage is said here, in its own module:
+
+    - `key`: its name in recipes: the `Recipe` keyword and attribute, and `"stage"` in the JSON / YAML list;
+    - `order`: its place in the run (the solver step is `SOLVE_ORDER`; the built-in stages use 10 to 80), which
+      orders every recipe's stages and their hooks;
+    - `what`: its name in messages ("block fine-tuning");
+    - `switch` and `adds`: how settings given as overrides (`recipe.with_overrides`, the command line) act: the
+      switch field set to 0 or "none" (or "on" set false) removes the stage; setting the switch adds it; other
+      settings alone add it with `adds`, else they need it (settings equal to their defaults are ignored);
+    - `flags`: its command-line options (`Flag`), which `lowbit quantize` takes as recipe options;
+    - `label`: where the config's `tag` goes in `Recipe.label`, before the method ("prefix") or at the end;
+    - `check(cfg, recipe)`: the combinations with the rest of the recipe it refuses (a RecipeError), run once
+      when the recipe is built;
+    - `new(stages)`: the settings of the stage when an override adds it, given the other stage settings."""
+    if key in {s.key for s in SPECS.values() if s.config is not config_type}:
+        raise ValueError(f"stage key {key!r} is already registered")
+    if key and "stage" in {f.name for f in fields(config_type)}:
+        raise ValueError(f"{config_type.__name__} has a field named 'stage', the JSON form's tag")
+
     def deco(cls):
+        SPECS[config_type] = StageSpec(config_type, cls, key, order, what or key, switch, adds, dict(flags or {}),
+                                       label, check, new)
         STAGES[config_type] = cls
         return cls
     return deco
 
 
+def unregister_stage(config_type: type) -> None:
+    """Remove a registered stage (tests that register their own)."""
+    SPECS.pop(config_type, None)
+    STAGES.pop(config_type, None)
+
+
+def recipe_stages() -> dict[str, StageSpec]:
+    """The stages a recipe can hold, by key, in run order (the solver step, which every recipe has, is not
+    one of them)."""
+    specs = sorted((s for s in SPECS.values() if s.key and s.config is not SolveConfig), key=lambda s: s.order)
+    return {s.key: s for s in specs}
+
+
 def stage_configs(recipe) -> list:
-    """The recipe as its ordered list of stage configs (`Recipe.stages`)."""
-    return list(recipe.stages())
+    """The recipe as its ordered list of stage configs: its stages with the solver step at its place."""
+    return sorted([*recipe.stages, recipe.solve], key=lambda c: SPECS[type(c)].order)
 
 
 def stages_for(recipe) -> list[Stage]:
     """The stages of `recipe`, in the order they run, looked up by config type."""
-    from . import actquant, block_ft, budget, e2e_ft, onebit_ft, pairwise, rotation, solve  # noqa: F401  (register them)
-
     stages = []
     for cfg in stage_configs(recipe):
         cls = STAGES.get(type(cfg))

@@ -8,15 +8,39 @@ from __future__ import annotations
 
 import math
 
+from ..configs import RecipeError
 from ..finetune import finetune_block
-from .base import BlockFTConfig, Run, Stage, register_stage
+from .base import BlockFTConfig, Flag, Run, Stage, register_stage
 
 
-@register_stage(BlockFTConfig)
+def _check(cfg: BlockFTConfig, recipe) -> None:
+    if recipe.onebit_ft is not None:
+        raise RecipeError("block fine-tuning (block_ft) already trains 1-bit layers' g and h: use it or onebit_ft, "
+                          "not both")
+    if recipe.pairwise is not None and recipe.pairwise.epochs2 > 0:
+        raise RecipeError("block fine-tuning (block_ft) after pairwise stage 2 is not supported: stage 2 already "
+                          "trains the weights and scales block by block (use epochs2 = 0)")
+
+
+FLAGS = {
+    "block_ft": Flag("epochs", int, "Epochs of block-wise fine-tuning after the solver: every quantized linear's "
+                     "scales (group scales, vector row scales, 1-bit g/h; codes fixed) trained against the FP block "
+                     "output (0 = off).", ("--block-ft",)),
+    "block_ft_lr": Flag("lr", float, "Learning rate of block fine-tuning (default 1e-3).", ("--block-ft-lr",)),
+    "block_ft_norms": Flag("norm_lr", float, "Block fine-tuning: learning rate of the block's norm weights (default "
+                           "0 = not trained).", ("--block-ft-norms",)),
+    "block_ft_samples": Flag("samples", int, "Block fine-tuning: calibration windows used (0 = all; the last 1/8 "
+                             "validate).", ("--block-ft-samples",)),
+}
+
+
+@register_stage(BlockFTConfig, key="block_ft", order=60, what="block fine-tuning", switch="epochs", flags=FLAGS,
+                label="suffix", check=_check)
 class BlockFinetuneStage(Stage):
     """Train the block's scales (g / h, codebooks, norms) with the codes fixed; keep the best validation epoch."""
 
     needs_inputs = needs_fp = True
+    not_distributed = "block fine-tuning (block-wise training)"
 
     def __init__(self, cfg: BlockFTConfig):
         self.cfg = cfg

@@ -3,14 +3,24 @@ any block changes, and after the walk the quantized linears' continuous paramete
 
 from __future__ import annotations
 
-from .base import E2EFTConfig, Run, Stage, register_stage
+from .base import E2EFTConfig, Flag, Run, Stage, register_stage
+
+FLAGS = {
+    "e2e_steps": Flag("steps", int, "Steps of end-to-end distillation (KL to the FP logits) of the same parameters "
+                      "after quantizing (0 = off; not with --stream or torchrun).", ("--e2e-steps",)),
+    "e2e_lr": Flag("lr", float, "Learning rate of end-to-end distillation (default 1e-4).", ("--e2e-lr",)),
+    "e2e_batch": Flag("batch", int, "Calibration windows per end-to-end step (default 4).", ("--e2e-batch",)),
+}
 
 
-@register_stage(E2EFTConfig)
+@register_stage(E2EFTConfig, key="e2e_ft", order=70, what="end-to-end fine-tuning", switch="steps", flags=FLAGS,
+                label="suffix")
 class E2EFinetuneStage(Stage):
-    """KL to the FP logits on the calibration windows, a few Adam steps; the best validation point is kept."""
+    """KL to the FP logits on the calibration windows, a few Adam steps; the best validation point is kept.
+    It reads the calibration tokens itself (`run.tokens`), not the walker's streams."""
 
-    needs_inputs = True
+    not_distributed = "end-to-end fine-tuning"
+    not_streamed = "end-to-end fine-tuning (it trains the whole model at once)"
 
     def __init__(self, cfg: E2EFTConfig):
         self.cfg = cfg

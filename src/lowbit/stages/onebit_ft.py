@@ -3,14 +3,30 @@
 from __future__ import annotations
 
 from ..blockwise import finetune_binary
-from .base import OneBitFTConfig, Run, Stage, register_stage
+from ..configs import RecipeError
+from .base import Flag, OneBitFTConfig, Run, Stage, register_stage
 
 
-@register_stage(OneBitFTConfig)
+def _check(cfg: OneBitFTConfig, recipe) -> None:
+    if recipe.method != "onebit" and (recipe.bit_budget is None or 1 not in recipe.bit_budget.bits):
+        raise RecipeError("1-bit fine-tuning (onebit_ft) trains 1-bit layers: use method onebit or a bit "
+                          "budget with 1-bit candidates")
+
+
+FLAGS = {
+    "onebit_ft": Flag("epochs", int, "onebit: epochs of block-wise training of g and h against the FP block output "
+                      "(default 0 = off)."),
+    "onebit_ft_lr": Flag("lr", float, "onebit: learning rate of that training (default 1e-3)."),
+}
+
+
+@register_stage(OneBitFTConfig, key="onebit_ft", order=50, what="1-bit fine-tuning", switch="epochs", flags=FLAGS,
+                check=_check)
 class OneBitFinetuneStage(Stage):
     """Train g and h of the block's 1-bit linears against the FP block output."""
 
     needs_inputs = needs_fp = True
+    not_distributed = "1-bit fine-tuning (block-wise training)"
 
     def __init__(self, cfg: OneBitFTConfig):
         self.epochs, self.lr = cfg.epochs, cfg.lr

@@ -3,14 +3,42 @@
 from __future__ import annotations
 
 from ..blockwise import PairwiseConfig, fit_block
-from .base import Run, Stage, register_stage
+from ..configs import RecipeError
+from .base import Flag, Run, Stage, register_stage
 
 
-@register_stage(PairwiseConfig)
+def _check(cfg: PairwiseConfig, recipe) -> None:
+    if recipe.rotation is not None and recipe.rotation.r4:
+        raise RecipeError("pairwise rotations replace down_proj's input transform, which the online "
+                          "Hadamard R4 also needs; set rotation r4 = false to combine them")
+    if cfg.epochs2 > 0 and recipe.qep is not None:
+        raise RecipeError("pairwise stage 2 trains the codes itself and replaces the solver; "
+                          "use QEP with stage 1 only (epochs2 = 0)")
+    if recipe.method == "onebit" or recipe.bit_budget is not None:
+        raise RecipeError("pairwise rotations are not supported with 1-bit layers or a bit budget (the "
+                          "checkpoint keeps input transforms for integer layers only)")
+
+
+FLAGS = {
+    "pairwise": Flag("on", bool, "Learn pairwise rotations block by block before the solver (ParoQuant-style).",
+                     ("--pairwise/--no-pairwise",)),
+    "pair_epochs": Flag("epochs1", int, "Pairwise stage 1 epochs (angles + channel scales; default 5)."),
+    "pair_stage2": Flag("epochs2", int, "Pairwise stage 2 epochs (weights + quantizer; replaces the solver; "
+                        "default 0 = off)."),
+    "pairing": Flag("pairing", str, "How channels are paired: random (default), weight or activation."),
+    "pair_samples": Flag("samples", int, "Calibration windows used to train rotations (0 = all)."),
+    "krot": Flag("krot", int, "Rotations per linear (default 8)."),
+    "rot_group": Flag("group", int, "Channels per rotation group (default 128)."),
+}
+
+
+@register_stage(PairwiseConfig, key="pairwise", order=30, what="pairwise rotations", switch="on", adds=True,
+                flags=FLAGS, label="prefix", check=_check)
 class PairwiseStage(Stage):
     """Fit every linear's transform (and with stage 2 its codes) on the quantized stream."""
 
     needs_inputs = needs_fp = True
+    not_distributed = "pairwise rotations (block-wise training)"
 
     def __init__(self, cfg: PairwiseConfig):
         self.cfg = cfg
@@ -23,20 +51,13 @@ class PairwiseStage(Stage):
                                 "use more calibration windows or a smaller batch size")
 
     def on_block(self, run: Run, blk) -> None:
-        r = run.recipe
-        names = [n for g in _groups(blk, r) for n in g]
+        names = [n for g in run.linear_groups(blk) for n in g]
         targets = blk.fp_targets()
         with blk.changing(names):  # the linears become RotatedLinear
-            fit = fit_block(blk.block, names, blk.xs, targets, blk.calls, self.cfg, r.format, clip=r.clip,
+            fit = fit_block(blk.block, names, blk.xs, targets, blk.calls, self.cfg, run.format, clip=run.clip,
                             seed_offset=1000 * blk.i, progress=run.progress)
         run.result.transforms.update({blk.name(n): t for n, t in fit["transforms"].items()})
         run.result.block_fits.append({k: fit[k] for k in ("stage1", "stage2", "reverted") if k in fit})
         for name, qw in fit["weights"].items():  # stage 2 produced the codes: no solver pass for these
             blk.set_quantized(name, qw)
             run.result.weights[blk.name(name)] = qw.to("cpu")
-
-
-def _groups(blk, recipe) -> list[list[str]]:
-    """The block's linear groups under the recipe (skips removed; one group without true_sequential)."""
-    groups = blk.groups(recipe.skip)
-    return groups if recipe.true_sequential else [[n for g in groups for n in g]]

@@ -3,22 +3,40 @@
 from __future__ import annotations
 
 from ..rotation import RotationConfig, rotate_model
-from .base import Run, Stage, register_stage
+from .base import Flag, Run, Stage, register_stage
+
+FLAGS = {
+    "rotate": Flag("kind", str, "Global rotation folded in before quantizing: hadamard, orthogonal, bernoulli, "
+                   "learned (SpinQuant-style Cayley SGD) or none."),
+    "rot_seed": Flag("seed", int, "Seed of the global rotation (default 0)."),
+    "r2": Flag("r2", bool, "Per-head rotation between v_proj and o_proj (default on).", ("--r2/--no-r2",)),
+    "r3": Flag("r3", bool, "Online Hadamard on keys after RoPE (default off; matters to KV-cache quantization "
+               "only).", ("--r3/--no-r3",)),
+    "r4": Flag("r4", bool, "Online Hadamard before down_proj (default on).", ("--r4/--no-r4",)),
+    "rot_steps": Flag("steps", int, "Learned rotation: Cayley SGD steps (default 20)."),
+    "rot_lr": Flag("lr", float, "Learned rotation: Cayley SGD step size (default 0.05)."),
+}
 
 
-@register_stage(RotationConfig)
+# R4 (an online Hadamard before down_proj) and pairwise rotations both transform down_proj's input: a
+# rotation added to a recipe with pairwise rotations leaves R4 out
+@register_stage(RotationConfig, key="rotation", order=10, what="global rotation", switch="kind", adds=True,
+                flags=FLAGS, label="prefix", new=lambda stages: {"r4": stages.get("pairwise") is None})
 class RotationStage(Stage):
     """Rotate the model once (`lowbit.rotation.rotate_model`); every solver then sees rotated weights."""
 
+    not_streamed = "global rotations (they fold into the embeddings, every block and lm_head before the walk)"
+
     def __init__(self, cfg: RotationConfig):
         self.cfg = cfg
+        self.not_distributed = "learned rotations" if cfg.kind == "learned" else ""
 
     def before_model(self, run: Run) -> None:
         from ..pipeline import PipelineError
 
         if getattr(run.model, "_lowbit_rotated", False):
             raise PipelineError("the model is already rotated; load it again to quantize with another recipe")
-        r = run.recipe
-        run.result.rotation = rotate_model(run.model, self.cfg, run.tokens, r.format, r.act_bits, r.act_symmetric,
+        bits, sym = (None, False) if run.act_quant is None else (run.act_quant.bits, run.act_quant.symmetric)
+        run.result.rotation = rotate_model(run.model, self.cfg, run.tokens, run.format, bits, sym,
                                            progress=run.progress)
         run.model._lowbit_rotated = True
