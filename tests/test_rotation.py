@@ -176,3 +176,49 @@ def test_r3_install_checks_that_its_hook_takes_effect(monkeypatch):
     monkeypatch.setattr(compat, "cache_from_kwargs", lambda kwargs: (None, None))
     with pytest.raises(CompatError, match="R3"):
         rotate_model(m, RotationConfig(r3=True))
+
+
+def test_r3_hooks_are_found_again_removed_and_copied():
+    """install_r3 hooks each attention module once; remove_r3 undoes it (keys cached unrotated again); a
+    deep copy carries its own hooks, whose removal leaves the original's in place."""
+    from transformers import DynamicCache
+
+    from lowbit.rotation import install_r3, r3_hook, remove_r3
+
+    m = _model("llama")
+    ids = tiny_tokens(1, 6)
+    ref_cache = DynamicCache(config=m.config)
+    m(ids, **cache_kwargs(m, ref_cache))
+    hooks = install_r3(m)
+    layers = m.model.layers
+    assert len(hooks) == len(layers) and all(r3_hook(b.self_attn) is h for b, h in zip(layers, hooks))
+    assert install_r3(m) == []                              # already there: nothing added
+    c = copy.deepcopy(m)
+    assert remove_r3(c) == len(layers) and all(r3_hook(b.self_attn) is None for b in c.model.layers)
+    assert all(r3_hook(b.self_attn) is not None for b in layers)   # the original keeps its hooks
+    cache = DynamicCache(config=c.config)
+    c(ids, **cache_kwargs(c, cache))
+    assert torch.equal(cache.layers[0].keys, ref_cache.layers[0].keys)   # stored unrotated again
+    rot_cache = DynamicCache(config=m.config)
+    m(ids, **cache_kwargs(m, rot_cache))
+    assert _rel(rot_cache.layers[0].keys, ref_cache.layers[0].keys) > 0.1
+
+
+def test_a_rotated_model_records_its_rotation_and_refuses_another(tmp_path):
+    from lowbit import checkpoint
+    from lowbit.pipeline import quantize_model
+    from lowbit.recipe import Recipe
+    from lowbit.rotation import rotation_of
+
+    m = _model("llama")
+    assert rotation_of(m) is None
+    info = rotate_model(m, RotationConfig(r3=True))
+    assert rotation_of(m) is info
+    with pytest.raises(RotationError, match="already rotated"):
+        rotate_model(m, RotationConfig())
+    # a checkpoint of a rotated model loads as rotated, R3 included
+    q = _model("llama")
+    res = quantize_model(q, Recipe(method="rtn", bits=4, group_size=32, rotation=RotationConfig(r3=True)),
+                         tiny_tokens(), progress=False)
+    loaded = checkpoint.load(checkpoint.save(q, res, tmp_path / "ck"))
+    assert rotation_of(loaded)["r3"] is True and rotation_of(loaded)["kind"] == "hadamard"

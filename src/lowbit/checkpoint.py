@@ -348,7 +348,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", with_tokenizer: b
     if rotation:  # folded rotations are in the weights; re-create the online parts (R3 once weights are in)
         from .rotation import restore_online
 
-        restore_online(model, {**rotation, "r3": False})
+        restore_online(model, rotation, r3=False)
     params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     state = {k: v.to(dtype) if k in params and v.is_floating_point() else v for k, v in state.items()}
     try:

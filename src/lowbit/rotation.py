@@ -125,46 +125,75 @@ class _R3Cache:
         return getattr(self._inner, name)
 
 
-def install_r3(model: nn.Module, verify: bool = True) -> list:
-    """Hook every attention module so that R3 applies; returns the hook handles.
+class R3Hook:
+    """Forward pre-hook of one attention module that hands it its KV cache wrapped in `_R3Cache`, so
+    that its keys are stored and read in the Hadamard basis (R3). Kept in the module's hook table
+    (found there again by `r3_hook`, copied with the module) with its handle, so it can be removed."""
+
+    def __init__(self, seen: set | None = None, index: int = 0):
+        self.seen, self.index = seen if seen is not None else set(), index
+        self.handle = None
+
+    def __call__(self, module, args, kwargs):
+        from .compat import cache_from_kwargs
+
+        name, cache = cache_from_kwargs(kwargs)
+        if cache is None:
+            return None
+        self.seen.add(self.index)
+        if isinstance(cache, _R3Cache):
+            return None
+        return args, dict(kwargs, **{name: _R3Cache(cache)})
+
+
+def r3_hook(attn: nn.Module) -> R3Hook | None:
+    """The R3 hook installed on an attention module (None: keys are not rotated there)."""
+    return next((h for h in attn._forward_pre_hooks.values() if isinstance(h, R3Hook)), None)
+
+
+def install_r3(model: nn.Module, verify: bool = True) -> list[R3Hook]:
+    """Hook every attention module so that R3 applies (modules already hooked are left alone); returns
+    the hooks installed (each has `.handle.remove()`; `remove_r3` undoes them all).
 
     The hook finds the KV cache under whichever keyword this transformers version passes it by;
     with `verify`, one 2-token forward with a cache checks that every layer's hook wrapped it
-    (CompatError otherwise: R3 must never silently do nothing)."""
-    from .compat import CompatError, cache_from_kwargs, cache_kwarg, probe_forward
+    (CompatError otherwise, the hooks removed again: R3 must never silently do nothing)."""
+    from .compat import CompatError, cache_kwarg, probe_forward
 
     adapter = get_adapter(model)
-    handles, seen = [], set()
-
-    def make(i):
-        def hook(module, args, kwargs):
-            name, cache = cache_from_kwargs(kwargs)
-            if cache is None:
-                return None
-            seen.add(i)
-            if isinstance(cache, _R3Cache):
-                return None
-            return args, dict(kwargs, **{name: _R3Cache(cache)})
-        return hook
-
+    hooks: list[R3Hook] = []
+    seen: set = set()
     for i, blk in enumerate(adapter.layers(model)):
         attn = blk.self_attn
         cache_kwarg(attn)  # raises when attention takes no cache argument at all
-        if getattr(attn, "_lowbit_r3", False):
+        if r3_hook(attn) is not None:
             continue
-        handles.append(attn.register_forward_pre_hook(make(i), with_kwargs=True))
-        attn._lowbit_r3 = True
-    if verify and handles and not any(p.is_meta for p in model.parameters()):
+        hook = R3Hook(seen, i)
+        hook.handle = attn.register_forward_pre_hook(hook, with_kwargs=True)
+        hooks.append(hook)
+    if verify and hooks and not any(p.is_meta for p in model.parameters()):
         from transformers import DynamicCache
 
         probe_forward(model, DynamicCache(config=model.config))
-        missing = sorted(set(range(len(adapter.layers(model)))) - seen)
+        missing = sorted({h.index for h in hooks} - seen)
         if missing:
-            for h in handles:
-                h.remove()
+            for h in hooks:
+                h.handle.remove()
             raise CompatError(f"R3: attention layers {missing[:5]} received no KV cache through a keyword argument, "
                               "so their keys would not be rotated")
-    return handles
+    return hooks
+
+
+def remove_r3(model: nn.Module) -> int:
+    """Remove the R3 hooks of every attention module (keys stay in the basis they were cached in: start
+    with an empty cache); returns how many were removed."""
+    n = 0
+    for blk in get_adapter(model).layers(model):
+        hook = r3_hook(blk.self_attn)
+        if hook is not None:
+            hook.handle.remove()
+            n += 1
+    return n
 
 
 # ---- the math: pure tensor functions ----------------------------------------------------------
@@ -297,10 +326,11 @@ def apply_r4(model: nn.Module) -> None:
             replace_module(blk, "mlp.down_proj", HadamardLinear.wrap(lin))
 
 
-def restore_online(model: nn.Module, info: dict) -> None:
+def restore_online(model: nn.Module, info: dict, r3: bool = True) -> None:
     """Re-create the online parts of a rotation recorded by `rotate_model` on a freshly built model
     (checkpoint load): HadamardLinear down_projs, RotatedPostNorm modules (their rotation is loaded
-    with the state dict afterwards) and the R3 hooks."""
+    with the state dict afterwards) and, unless `r3` is False (the caller installs them once the weights
+    are in: their check runs a forward), the R3 hooks. Records `info` as the model's rotation."""
     adapter = get_adapter(model)
     hidden = model.config.get_text_config().hidden_size if hasattr(model.config, "get_text_config") \
         else model.config.hidden_size
@@ -312,8 +342,9 @@ def restore_online(model: nn.Module, info: dict) -> None:
             for name in adapter.post_norms:
                 norm = blk.get_submodule(name)
                 replace_module(blk, name, RotatedPostNorm(norm, torch.eye(hidden, dtype=norm.weight.dtype)))
-    if info.get("r3"):
+    if r3 and info.get("r3"):
         install_r3(model)
+    model.lowbit_rotation = dict(info)
 
 
 def _rotate_post_norms(model: nn.Module, q1: torch.Tensor) -> None:
@@ -346,8 +377,11 @@ def rotate_model(model: nn.Module, cfg: RotationConfig, tokens: torch.Tensor | N
                  fmt: IntFormat | None = None, act_bits: int | None = None, act_symmetric: bool = False,
                  progress: bool = True) -> dict:
     """Fold the configured rotations into `model` in place (the FP function is unchanged for
-    orthogonal kinds); returns what was done, for the checkpoint manifest and reports.
+    orthogonal kinds); returns what was done, for the checkpoint manifest and reports, and records it
+    on the model as `model.lowbit_rotation` (`rotation_of`): a rotated model refuses a second rotation.
     Learned rotations need calibration `tokens` and the weight format `fmt`."""
+    if rotation_of(model) is not None:
+        raise RotationError("the model is already rotated; load it again to rotate it another way")
     adapter = get_adapter(model)
     text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     hidden = int(text_cfg.hidden_size)
@@ -376,7 +410,13 @@ def rotate_model(model: nn.Module, cfg: RotationConfig, tokens: torch.Tensor | N
     _fold(model, q1, r2)
     if cfg.r3:
         install_r3(model)
+    model.lowbit_rotation = info
     return info
+
+
+def rotation_of(model: nn.Module) -> dict | None:
+    """What `rotate_model` did to `model` (None: not rotated by it)."""
+    return getattr(model, "lowbit_rotation", None)
 
 
 # ---- learned rotations (SpinQuant) ------------------------------------------------------------

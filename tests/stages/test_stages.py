@@ -33,7 +33,7 @@ def test_rotation_stage_folds_and_records():
     from lowbit.rotation import RotationConfig
 
     m, res = _q(Recipe(method="rtn", bits=8, group_size=32, rotation=RotationConfig()))
-    assert res.rotation["kind"] == "hadamard" and m._lowbit_rotated
+    assert res.rotation["kind"] == "hadamard" and m.lowbit_rotation is res.rotation
 
 
 def test_budget_stage_plans_within_the_budget():

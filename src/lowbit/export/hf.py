@@ -66,7 +66,7 @@ def _classes():
             if rotation:
                 from ..rotation import restore_online
 
-                restore_online(model, {**rotation, "r3": False})
+                restore_online(model, rotation, r3=False)
             # the guard tensor under `<first module>.weight` is expected and dropped
             first = next(iter(cfg.modules))
             keys = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..rotation import RotationConfig, rotate_model
+from ..rotation import RotationConfig, rotate_model, rotation_of
 from .base import Flag, Run, Stage, register_stage
 
 FLAGS = {
@@ -34,9 +34,8 @@ class RotationStage(Stage):
     def before_model(self, run: Run) -> None:
         from ..pipeline import PipelineError
 
-        if getattr(run.model, "_lowbit_rotated", False):
+        if rotation_of(run.model) is not None:
             raise PipelineError("the model is already rotated; load it again to quantize with another recipe")
         bits, sym = (None, False) if run.act_quant is None else (run.act_quant.bits, run.act_quant.symmetric)
         run.result.rotation = rotate_model(run.model, self.cfg, run.tokens, run.format, bits, sym,
                                            progress=run.progress)
-        run.model._lowbit_rotated = True
