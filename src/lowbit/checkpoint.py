@@ -278,7 +278,7 @@ def _v1_to_v2(manifest: dict, raw: dict[str, torch.Tensor], path: Path) -> None:
             elif m.get("kind", "int") == "int":
                 fmt = IntFormat(m["bits"], m["symmetric"], m["group_size"])
                 scale = raw.pop(f"{name}.scales").float()
-                zero = raw.pop(f"{name}.zeros").float() if not fmt.symmetric else torch.full_like(scale, fmt.maxq / 2)
+                zero = raw.pop(f"{name}.zeros").float() if not fmt.symmetric else torch.full_like(scale, fmt.sym_zero)
                 g_idx = raw.pop(f"{name}.g_idx", None)
                 qw = QuantizedWeight(codes, scale, zero, fmt, None if g_idx is None else g_idx.long())
             else:
