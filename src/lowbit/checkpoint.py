@@ -186,6 +186,8 @@ def write_folder(out: Path, write_weights, config, result: QuantizationResult, m
         write_weights(tmp / WEIGHTS)
         qcfg = {"quant_method": "lowbit", "bits": result.recipe.bits, "group_size": result.recipe.group_size,
                 "sym": result.recipe.symmetric, "recipe": result.recipe.to_dict(), "lowbit_version": __version__}
+        if result.recipe.sym_grid != "half":
+            qcfg["sym_grid"] = result.recipe.sym_grid
         widths = {name: m["bits"] for name, m in modules.items()}
         if len(set(widths.values())) > 1 or result.bits_plan:  # mixed precision: every linear's width
             qcfg["mixed_bits"] = widths
