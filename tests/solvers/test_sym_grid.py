@@ -67,3 +67,18 @@ def test_pairwise_ste_quantizer_and_budget_candidates_keep_the_grid():
     assert not torch.any(fake_quant_minmax(w, IntFormat(3, True, 32))[:, 0] == 0)
     assert candidate("gptq", IntFormat(4, True, 64, "int"), 2) == ("gptq", IntFormat(2, True, 64, "int"))
     assert candidate("gptq", IntFormat(4, True, 64, "int"), 1)[0] == "onebit"
+
+
+def test_pairwise_stage2_trains_on_the_int_grid():
+    """Stage 2 trains scales with the format's zero fixed: its results stay on the int grid."""
+    from conftest import tiny_model, tiny_tokens
+    from lowbit.blockwise import PairwiseConfig
+    from lowbit.pipeline import quantize_model
+    from lowbit.recipe import Recipe
+
+    recipe = Recipe(method="rtn", bits=3, group_size=32, symmetric=True, sym_grid="int",
+                    pairwise=PairwiseConfig(group=32, epochs1=1, epochs2=1, lr_qparams=1e-3))
+    res = quantize_model(tiny_model(layers=1), recipe, tiny_tokens(8, 32), batch_size=4, progress=False)
+    assert res.weights and all(qw.info.get("solver") == "pairwise-stage2" for qw in res.weights.values())
+    for qw in res.weights.values():
+        _on_int_grid(qw, recipe.format)
