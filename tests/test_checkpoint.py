@@ -22,6 +22,7 @@ def _quantized(family="llama", **kw):
     ("qwen2", dict(method="gptq", bits=3, group_size=-1)),            # per channel, biases
     ("gemma3_text", dict(method="rtn", bits=2, group_size=24)),       # partial groups (64 = 2x24 + 16)
     ("qwen3", dict(method="rtn", bits=5, group_size=0, symmetric=True)),
+    ("mistral", dict(method="gptq", bits=3, group_size=16, symmetric=True, sym_grid="int")),  # act order, int grid
 ])
 @pytest.mark.parametrize("store", ["fp32", "bf16"])
 def test_round_trip_reproduces_logits(tmp_path, family, kw, store):
@@ -45,6 +46,32 @@ def test_round_trip_reproduces_logits(tmp_path, family, kw, store):
     q = cfg["quantization_config"]
     assert q["quant_method"] == "lowbit" and q["bits"] == kw["bits"] and q["recipe"]["method"] == kw["method"]
     assert "lowbit_version" in q
+
+
+def test_the_symmetric_grid_is_recorded_and_read_back(tmp_path):
+    """Int-grid layers store their zeros (all 2^(b-1)) and say sym_grid "int" in the manifest; half-grid entries
+    are written as before (no sym_grid key, no zeros) and read as the half grid."""
+    from safetensors import safe_open
+
+    for grid in ("int", "half"):
+        model, res = _quantized(method="rtn", bits=4, group_size=16, symmetric=True, sym_grid=grid)
+        path = checkpoint.save(model, res, tmp_path / grid, dtype="fp32")
+        entry = checkpoint.read_manifest(path)["modules"]["model.layers.0.mlp.up_proj"]
+        assert entry.get("sym_grid") == ("int" if grid == "int" else None)
+        with safe_open(str(path / "model.safetensors"), "pt") as f:
+            zeros = f.get_tensor("model.layers.0.mlp.up_proj.zeros") if grid == "int" else None
+            assert ("model.layers.0.mlp.up_proj.zeros" in f.keys()) == (grid == "int")
+        q = checkpoint.load(path, dtype=torch.float32).get_submodule("model.layers.0.mlp.up_proj")
+        assert q.sym_grid == grid
+        ref = res.weights["model.layers.0.mlp.up_proj"].dequantize()
+        assert torch.equal(q.dequantize(), ref)
+        if grid == "int":
+            assert zeros.dtype == torch.uint8 and torch.all(zeros == 8)
+            assert torch.any(ref == 0)  # 0 is a level (and the weights use it)
+        else:
+            assert not torch.any(ref == 0)
+        q_cfg = json.loads((path / "config.json").read_text())["quantization_config"]
+        assert q_cfg.get("sym_grid") == ("int" if grid == "int" else None) and q_cfg["sym"] is True
 
 
 def test_unquantized_tensors_are_stored_in_bf16_by_default(tmp_path):

@@ -46,6 +46,9 @@ def test_bench_writes_json_and_markdown(tiny_dir, tmp_path):
     (["quantize", "/no/such/model.gguf", "--out", "x"], "GGUF file not found"),
     (["quantize", "smollm2", "--out", "x", "--bits", "0"], "bits must be"),
     (["quantize", "smollm2", "--out", "x", "--method", "magic"], "unknown method"),
+    (["quantize", "smollm2", "--out", "x", "--sym-grid", "int"], "set symmetric (--sym) too"),
+    (["quantize", "smollm2", "--out", "x", "--sym", "--sym-grid", "int", "--bits", "1"], "1 bit"),
+    (["quantize", "smollm2", "--out", "x", "--sym", "--sym-grid", "integer"], "one of 'half', 'int'"),
     (["eval", "/no/such/dir/"], "model path not found"),
 ])
 def test_user_errors_are_one_line(argv, msg):
@@ -57,7 +60,7 @@ def test_user_errors_are_one_line(argv, msg):
 def test_help_explains_options():
     r = runner.invoke(app, ["quantize", "--help"])
     assert r.exit_code == 0
-    for opt in ("--group-size", "--quiet", "--seed", "--device", "--out", "--method", "--bits"):
+    for opt in ("--group-size", "--quiet", "--seed", "--device", "--out", "--method", "--bits", "--sym-grid"):
         assert opt in r.output
 
 

@@ -93,7 +93,7 @@ def test_every_expansion_equals_the_flat_recipe_of_before(name):
     assert Recipe.from_dict(ref["flat"]) == r
 
 
-@pytest.mark.parametrize("name", [*PRESETS, *LABELS])
+@pytest.mark.parametrize("name", [*PRESETS, *LABELS, "qep-gptq-w4si-g64-clip", "rtn-w3s-pc"])
 @pytest.mark.parametrize("suffix", [".json", ".yaml"])
 def test_every_preset_and_label_round_trips(tmp_path, name, suffix):
     r = get_recipe(name)
@@ -355,3 +355,31 @@ def test_identity_is_the_hash_of_the_list_form():
     assert r.identity != hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
     assert Recipe(stages=r.stages[::-1], method="vq_e8", bits=2, group_size=-1, qep=QEPConfig()).identity == \
         r.identity
+
+
+def test_symmetric_int_grid_option():
+    from lowbit.formats import IntFormat
+
+    r = get_recipe("qep-gptq-w4si-g64-clip")
+    assert r.format == IntFormat(4, True, 64, "int") and r.label == "qep-gptq-w4si-g64-clip"
+    assert r.to_dict()["sym_grid"] == "int" and r.to_flat_dict()["sym_grid"] == "int"
+    assert Recipe.from_dict(json.loads(json.dumps(r.to_dict()))) == r
+    # the half grid's recipes keep their canonical form and identity (pinned: the value before the option);
+    # the int grid is another recipe
+    half = get_recipe("gptq-w4s-g64")
+    assert half.sym_grid == "half" and "sym_grid" not in half.to_dict() and "sym_grid" not in half.to_flat_dict()
+    assert half.identity == "2a693e947950c03e"
+    assert get_recipe("qep-gptq-w4s-g64-clip").identity != r.identity
+    # --sym --sym-grid int on top of a preset; --asym drops the int grid with the symmetry
+    assert with_overrides(get_recipe("best"), symmetric=True, sym_grid="int").label == "qep-gptq-w4si-g64-clip"
+    assert with_overrides(r, symmetric=False).label == "qep-gptq-w4-g64-clip"
+    for make, msg in ((lambda: Recipe(sym_grid="int"), "set symmetric"),
+                      (lambda: Recipe(symmetric=True, sym_grid="integer"), "one of 'half', 'int'"),
+                      (lambda: get_recipe("rtn-w1si-pc"), "1 bit"),
+                      (lambda: with_overrides(get_recipe("best"), sym_grid="int"), "set symmetric"),
+                      (lambda: Recipe(method="vq_e8", bits=2, group_size=-1, symmetric=True, sym_grid="int"),
+                       "sym_grid")):
+        with pytest.raises(ValueError, match=msg) as e:
+            make()
+        assert "\n" not in str(e.value)
+    assert with_overrides(r, method="vq_e8").sym_grid == "half"  # a vector method drops the scalar options

@@ -92,7 +92,7 @@ def fake_quant_minmax(w: torch.Tensor, fmt: IntFormat) -> torch.Tensor:
     maxq = fmt.maxq
     if fmt.symmetric:  # from max |w| (not max(|lo|, |hi|)): ties split the gradient differently
         scale = core.step_size(2 * wg.abs().amax(dims, keepdim=True), maxq, floor=STE_SCALE_FLOOR)
-        zero = torch.full_like(scale, maxq / 2)
+        zero = torch.full_like(scale, fmt.sym_zero)
     else:
         scale, zero = core.minmax_params(wg.amin(dims, keepdim=True), wg.amax(dims, keepdim=True), maxq, False,
                                          floor=STE_SCALE_FLOOR, ste=True)
@@ -141,7 +141,7 @@ class _Stage2(nn.Module):
         self.zero = nn.Parameter(zero.clone())
 
     def _zero(self) -> torch.Tensor:
-        if self.fmt.symmetric:  # fixed at the middle (maxq / 2) by the format
+        if self.fmt.symmetric:  # fixed by the format (fmt.sym_zero, from qparams)
             return self.zero.detach()
         return core.round_ste(self.zero).clamp(0, self.fmt.maxq)
 

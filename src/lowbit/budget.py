@@ -23,7 +23,7 @@ How the losses of different linears are compared (`BudgetConfig.metric`):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -49,7 +49,7 @@ def candidate(method: str, fmt: IntFormat, bits: int) -> tuple[str, IntFormat]:
     and weight format `fmt`."""
     if bits == 1:
         return "onebit", IntFormat(1, True, -1)
-    return method, IntFormat(bits, fmt.symmetric, fmt.group_size)
+    return method, replace(fmt, bits=bits)
 
 
 def _proxy(solve, fmt: IntFormat, clip: bool, bits: int):

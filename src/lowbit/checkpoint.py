@@ -186,6 +186,8 @@ def write_folder(out: Path, write_weights, config, result: QuantizationResult, m
         write_weights(tmp / WEIGHTS)
         qcfg = {"quant_method": "lowbit", "bits": result.recipe.bits, "group_size": result.recipe.group_size,
                 "sym": result.recipe.symmetric, "recipe": result.recipe.to_dict(), "lowbit_version": __version__}
+        if result.recipe.sym_grid != "half":
+            qcfg["sym_grid"] = result.recipe.sym_grid
         widths = {name: m["bits"] for name, m in modules.items()}
         if len(set(widths.values())) > 1 or result.bits_plan:  # mixed precision: every linear's width
             qcfg["mixed_bits"] = widths
@@ -278,7 +280,7 @@ def _v1_to_v2(manifest: dict, raw: dict[str, torch.Tensor], path: Path) -> None:
             elif m.get("kind", "int") == "int":
                 fmt = IntFormat(m["bits"], m["symmetric"], m["group_size"])
                 scale = raw.pop(f"{name}.scales").float()
-                zero = raw.pop(f"{name}.zeros").float() if not fmt.symmetric else torch.full_like(scale, fmt.maxq / 2)
+                zero = raw.pop(f"{name}.zeros").float() if not fmt.symmetric else torch.full_like(scale, fmt.sym_zero)
                 g_idx = raw.pop(f"{name}.g_idx", None)
                 qw = QuantizedWeight(codes, scale, zero, fmt, None if g_idx is None else g_idx.long())
             else:

@@ -195,6 +195,9 @@ _SOLVER_OPTIONS = {
     "group_size": ("group_size", OptionSpec(Optional[int], None, "Inputs per scale group; -1 = per channel, 0 = per "
                                             "tensor.", ("--group-size", "-g"))),
     "sym": ("symmetric", OptionSpec(Optional[bool], None, "Symmetric or asymmetric levels.", ("--sym/--asym",))),
+    "sym_grid": ("sym_grid", OptionSpec(Optional[str], None, "The symmetric grid (with --sym): half (levels "
+                                        "+-(j + 1/2) scale, the default) or int (zero 2^(b-1), 0 a level: exports to "
+                                        "compressed-tensors / GPTQ sym).", ("--sym-grid",))),
     "clip": ("clip", OptionSpec(Optional[bool], None, "Search a per-group range shrink.", ("--clip/--no-clip",))),
     "act_order": ("act_order", OptionSpec(Optional[bool], None, "GPTQ column ordering.",
                                           ("--act-order/--no-act-order",))),

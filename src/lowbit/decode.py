@@ -110,8 +110,8 @@ def _same_format(mods: list[nn.Module]) -> bool:
     if not all(isinstance(m, QuantizedLinear) for m in mods):
         return False
     for m in mods:
-        if (m.bits, m.group_size, m.symmetric, m.kind, m.in_features) != (a.bits, a.group_size, a.symmetric, a.kind,
-                                                                           a.in_features):
+        if (m.bits, m.group_size, m.symmetric, m.sym_grid, m.kind, m.in_features) != \
+                (a.bits, a.group_size, a.symmetric, a.sym_grid, a.kind, a.in_features):
             return False
         if m.transform is not None or m.act_bits is not None or (m.bias is None) != (a.bias is None):
             return False
@@ -133,8 +133,8 @@ def _pairwise_group(mods: list[nn.Module]) -> bool:
     a, ta = mods[0], mods[0].transform
     for m in mods:
         t = m.transform
-        if (t.group, t.rot_pairs.shape, m.bits, m.group_size, m.symmetric, m.kind, m.in_features) != \
-                (ta.group, ta.rot_pairs.shape, a.bits, a.group_size, a.symmetric, a.kind, a.in_features):
+        if (t.group, t.rot_pairs.shape, m.bits, m.group_size, m.symmetric, m.sym_grid, m.kind, m.in_features) != \
+                (ta.group, ta.rot_pairs.shape, a.bits, a.group_size, a.symmetric, a.sym_grid, a.kind, a.in_features):
             return False
         if m.perm is not None or m.act_bits is not None or (m.bias is None) != (a.bias is None):
             return False
@@ -227,7 +227,8 @@ def _concat_quantized(mods: list[QuantizedLinear]) -> QuantizedLinear:
     """The packed linears stacked by rows (their transforms left out)."""
     a = mods[0]
     f = QuantizedLinear(a.in_features, sum(m.out_features for m in mods), a.bits, a.group_size, a.symmetric,
-                        a.bias is not None, a.kind, a.perm is not None, a.in_scale is not None, None, device="meta")
+                        a.bias is not None, a.kind, a.perm is not None, a.in_scale is not None, None, device="meta",
+                        sym_grid=a.sym_grid)
     f.qweight = torch.cat([m.qweight for m in mods])
     f.scales = torch.cat([m.scales for m in mods])
     f.zeros = None if a.zeros is None else torch.cat([m.zeros for m in mods])

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, fields, replace
 from functools import partial
 from pathlib import Path
+from typing import Literal
 
 from .blockwise import PairwiseConfig
 from .configs import RecipeError, check_fields, config_dict, config_from
@@ -31,7 +32,7 @@ _UNSET = object()
 
 
 #: the scalar-format options and the only values they may take with a vector method (vq_e8, vq_kmeans, ...)
-VECTOR_SCALAR_OPTIONS = {"clip": False, "symmetric": False, "group_size": -1}
+VECTOR_SCALAR_OPTIONS = {"clip": False, "symmetric": False, "sym_grid": "half", "group_size": -1}
 
 
 @dataclass(frozen=True, init=False)
@@ -54,6 +55,7 @@ class Recipe:
     bits: int = 4
     group_size: int = 64
     symmetric: bool = False
+    sym_grid: Literal["half", "int"] = "half"  # symmetric only: zero (2^b - 1) / 2, or 2^(b-1) (exportable, 0 a level)
     clip: bool = False  # search a per-group range shrink (rtn, gptq, qqa, and pairwise's fake quantizer)
     solver: SolverConfig = GPTQConfig()  # the options of `method` (its registered config type)
     true_sequential: bool = True  # re-collect inputs after each group of linears is quantized
@@ -64,7 +66,7 @@ class Recipe:
 
     def __init__(self, method: str | None = None, bits: int = 4, group_size: int = 64, symmetric: bool = False,
                  clip: bool = False, solver=None, true_sequential: bool = True, skip=(), *, qep=None, stages=(),
-                 name: str = "", budget=_UNSET, **kw) -> None:
+                 name: str = "", budget=_UNSET, sym_grid: str = "half", **kw) -> None:
         specs = recipe_stages()
         keyed = {k: kw.pop(k) for k in list(kw) if k in specs}
         flat = kw
@@ -81,7 +83,7 @@ class Recipe:
         cls = config_type(method)
         set_ = partial(object.__setattr__, self)
         for k, v in (("method", method), ("bits", bits), ("group_size", group_size), ("symmetric", symmetric),
-                     ("clip", clip), ("true_sequential", true_sequential), ("skip", tuple(skip)), ("name", name)):
+                     ("sym_grid", sym_grid), ("clip", clip), ("true_sequential", true_sequential), ("skip", tuple(skip)), ("name", name)):
             set_(k, v)
         set_("solver", _solver_config(cls, solver, flat))
         set_("qep", _optional("qep", QEPConfig, qep))
@@ -128,7 +130,7 @@ class Recipe:
     @property
     def format(self) -> IntFormat:
         """The weight format."""
-        return IntFormat(self.bits, self.symmetric, self.group_size)
+        return IntFormat(self.bits, self.symmetric, self.group_size, self.sym_grid)
 
     @property
     def needs_hessian(self) -> bool:
@@ -196,7 +198,8 @@ class Recipe:
             kind = "-svid" if self.onebit_svid_only else "-qqa" if self.onebit_qqa else ""
             kind += f"-ft{self.onebit_ft_epochs}" if self.onebit_ft_epochs else ""
             return f"{method}{kind}{self.qep.tag if self.qep is not None else ''}{ft}"
-        label = f"{method}-w{self.bits}{'s' if self.symmetric else ''}{act}-{g}{tags}{ft}"
+        sym = ("si" if self.sym_grid == "int" else "s") if self.symmetric else ""
+        label = f"{method}-w{self.bits}{sym}{act}-{g}{tags}{ft}"
         raw = "raw" if self.budget_metric == "layer" else ""
         return f"budget{self.budget:g}{raw}-{label}" if self.budget is not None else label
 
@@ -224,6 +227,8 @@ class Recipe:
         """The canonical nested form (JSON-safe): format, method and its solver config, QEP, and the stages as
         a list in run order, each `{"stage": key, ...its settings}`."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.sym_grid == "half":  # the default grid is left out: recipes without the option keep their identity
+            del d["sym_grid"]
         d["skip"] = list(self.skip)
         d["solver"] = self.solver.to_dict()
         d["qep"] = None if self.qep is None else self.qep.to_dict()
@@ -234,6 +239,8 @@ class Recipe:
         """The flat form of earlier versions (what `to_dict` wrote before typed configs)."""
         d = {k: getattr(self, k) for k in ("method", "bits", "group_size", "symmetric", "clip", "damp", "act_order",
                                            "static_groups", "block_size", "true_sequential")}
+        if self.sym_grid != "half":
+            d["sym_grid"] = self.sym_grid
         d["skip"] = list(self.skip)
         for k in ("qep", "pairwise", "rotation"):
             d[k] = None if getattr(self, k) is None else getattr(self, k).to_dict()
@@ -433,7 +440,7 @@ PRESETS: dict[str, Recipe] = {
 _ROT_TAGS = {RotationConfig(kind=k).tag: k for k in KINDS}
 _LABEL = re.compile(r"(?:(?P<rot>had|orth|bern|spin)(?P<rsteps>\d+)?-)?"
                     r"(?P<pair>pair2?-)?(?P<qep>qep-)?(?P<method>[a-z0-9]+)"
-                    r"-w(?P<bits>\d)(?P<sym>s?)(?:a(?P<abits>\d+)(?P<asym>s?))?-(?P<g>g\d+|pc|pt)"
+                    r"-w(?P<bits>\d)(?P<sym>si|s)?(?:a(?P<abits>\d+)(?P<asym>s?))?-(?P<g>g\d+|pc|pt)"
                     r"(?P<clip>-clip)?(?P<static>-static)?(?:-a(?P<alpha>[\d.]+))?(?:-l(?P<damp>[\d.]+))?")
 
 
@@ -442,7 +449,8 @@ def parse_label(label: str) -> Recipe | None:  # noqa: C901
     qep-gptq-w3-g64-a0.25-l0.01 (QEP with alpha 0.25 and damping 0.01 for every layer type).
     A global rotation is a prefix (had-, orth-, bern-, spin- = learned, spin100- = 100 steps); activation
     bits follow the weight bits (w4a8: 8-bit per-token asymmetric inputs, w4a4s: symmetric), e.g.
-    had-gptq-w4a8-g64."""
+    had-gptq-w4a8-g64. Symmetric weights: w4s (the half grid, zero (2^b - 1) / 2) or w4si (the int grid,
+    zero 2^(b-1): what GPTQ sym and compressed-tensors hold), e.g. gptq-w4si-g64."""
     m = _LABEL.fullmatch(label)
     if not m:
         return None
@@ -469,6 +477,7 @@ def parse_label(label: str) -> Recipe | None:  # noqa: C901
             steps = {"steps": int(m["rsteps"])} if m["rsteps"] else {}
             rotation = RotationConfig(kind=_ROT_TAGS[m["rot"]], r4=pairwise is None, **steps)
         return Recipe(method=m["method"], bits=int(m["bits"]), symmetric=bool(m["sym"]), group_size=g,
+                      sym_grid="int" if m["sym"] == "si" else "half",
                       clip=bool(m["clip"]), qep=qep, pairwise=pairwise, rotation=rotation,
                       act_bits=int(m["abits"]) if m["abits"] else None, act_symmetric=bool(m["asym"]),
                       **({"static_groups": True} if m["static"] else {}))
@@ -567,6 +576,8 @@ def with_overrides(base: Recipe, *, qep: bool | None = None, qep_alpha: float | 
     method = over.get("method")
     if isinstance(method, str) and method.startswith("qep(") and method.endswith(")"):
         over["method"], qep = method[4:-1], True if qep is None else qep
+    if over.get("symmetric") is False and "sym_grid" not in over:  # --asym: no symmetric grid to keep
+        over["sym_grid"] = "half"
     if over.get("method") == "onebit" and "bits" not in over:
         over.update(bits=1, group_size=-1)
     if over.get("method", base.method) != base.method and over["method"] in CONFIGS:

@@ -75,6 +75,49 @@ def test_compressed_tensors_reads_back_in_transformers(tmp_path, family, kw, sca
     assert torch.equal(w, q.dequantize())
 
 
+SYM_CASES = [  # the symmetric int grid (sym_grid "int")
+    ("llama", dict(method="gptq", bits=4, group_size=16, static_groups=True, clip=True)),  # contiguous groups
+    ("qwen2", dict(method="rtn", bits=8, group_size=-1)),                                  # biases, per channel
+    ("qwen3", dict(method="gptq", bits=3, group_size=32, act_order=False)),
+]
+
+
+@pytest.mark.parametrize("family,kw", SYM_CASES)
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float16])
+def test_int_grid_exports_as_symmetric_compressed_tensors(tmp_path, family, kw, scale_dtype):
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    path = _ckpt(tmp_path, family, symmetric=True, sym_grid="int", **kw)
+    assert exportable_formats(path)["compressed-tensors"] is None
+    out = export(path, "compressed-tensors", tmp_path / "ct", scale_dtype=scale_dtype)
+    weights = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]["weights"]
+    assert weights["symmetric"] is True and weights["num_bits"] == kw["bits"]
+    sd = load_file(str(out / "model.safetensors"))
+    assert not [k for k in sd if k.endswith("weight_zero_point")]
+    toks = tiny_tokens(2, 16)
+    ref = _lowbit_logits(path, toks)
+    # symmetric pack-quantized loads through both routes: compressed (decompressed at load) and dequantize
+    for qcfg in ({}, {"quantization_config": CompressedTensorsConfig(dequantize=True)}):
+        m = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, **qcfg)
+        with torch.no_grad():
+            got = m(input_ids=toks).logits
+        if scale_dtype == torch.float32:  # exact, as for the asymmetric export
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        else:
+            torch.testing.assert_close(got, ref, rtol=1e-2, atol=2e-2)
+    # the decompressor's signed values (code - 2^(b-1)) times the scales are lowbit's weights exactly
+    lb = checkpoint.load(path, dtype=torch.float32)
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        shape = tuple(sd[f"{name}.weight_shape"].tolist())
+        signed = unpack_from_int32(sd[f"{name}.weight_packed"], kw["bits"], torch.Size(shape)).float()
+        assert signed.min() >= -2 ** (kw["bits"] - 1) and signed.max() < 2 ** (kw["bits"] - 1)
+        gs = shape[1] if kw["group_size"] <= 0 else kw["group_size"]
+        w = signed * sd[f"{name}.weight_scale"].float()[:, torch.arange(shape[1]) // gs]
+        assert torch.equal(w, lb.get_submodule(name).dequantize()), name
+
+
 def _gptq_unpack(packed: torch.Tensor, bits: int, n: int, dim: int) -> torch.Tensor:
     """Independent GPTQ decoder: element i of the bit stream along `dim` sits at bit i * bits (numpy-free,
     one bit at a time)."""
@@ -109,6 +152,26 @@ def test_gptq_layout_decodes_to_lowbit_weights(tmp_path, family, kw):
     assert cfg["desc_act"] == any(m.perm is not None for m in lb.modules() if isinstance(m, QuantizedLinear))
 
 
+@pytest.mark.parametrize("kw", [dict(bits=4, group_size=16),                              # act order: g_idx
+                                dict(bits=3, group_size=-1, act_order=False, clip=True)])
+def test_int_grid_exports_as_gptq_sym(tmp_path, kw):
+    """sym: true with the zero 2^(b-1) GPTQ's symmetric grid implies; the qzeros say the same (v1: minus 1)."""
+    path = _ckpt(tmp_path, "llama", method="gptq", symmetric=True, sym_grid="int", **kw)
+    out = export(path, "gptq", tmp_path / "gptq")
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["sym"] is True and cfg["checkpoint_format"] == "gptq" and cfg["bits"] == kw["bits"]
+    sd = load_file(str(out / "model.safetensors"))
+    lb = checkpoint.load(path, dtype=torch.float32)
+    bits, half = kw["bits"], 2 ** (kw["bits"] - 1)
+    for name, q in [(n, m) for n, m in lb.named_modules() if isinstance(m, QuantizedLinear)]:
+        codes = _gptq_unpack(sd[f"{name}.qweight"], bits, q.in_features, 0)
+        assert torch.all(_gptq_unpack(sd[f"{name}.qzeros"], bits, q.out_features, 1) == half - 1)
+        g = sd[f"{name}.g_idx"].long()
+        w = sd[f"{name}.scales"].float()[g] * (codes - half).float()  # sym loaders: zero (maxq + 1) / 2
+        assert torch.equal(w.T, q.dequantize()), name
+    assert cfg["desc_act"] == ("act_order" not in kw)
+
+
 def test_gptq_act_order_is_expressed_by_g_idx(tmp_path):
     path = _ckpt(tmp_path, "llama", method="gptq", bits=4, group_size=16)  # act order, scattered groups
     assert exportable_formats(path)["compressed-tensors"] is not None  # no g_idx in compressed-tensors 0.20
@@ -122,8 +185,8 @@ def test_gptq_act_order_is_expressed_by_g_idx(tmp_path):
 
 
 @pytest.mark.parametrize("kw,fmt,match", [
-    (dict(method="rtn", bits=4, group_size=16, symmetric=True), "compressed-tensors", "symmetric grid"),
-    (dict(method="rtn", bits=4, group_size=16, symmetric=True), "gptq", "symmetric grid"),
+    (dict(method="rtn", bits=4, group_size=16, symmetric=True), "compressed-tensors", "half symmetric grid.*--sym-grid int"),
+    (dict(method="rtn", bits=4, group_size=16, symmetric=True), "gptq", "half symmetric grid.*--sym-grid int"),
     (dict(method="rtn", bits=5, group_size=16), "gptq", "5-bit"),
     (dict(method="rtn", bits=4, group_size=24), "compressed-tensors", "does not divide"),
     (dict(method="onebit", bits=1, group_size=-1), "gptq", "OneBit"),

@@ -22,6 +22,7 @@ def _ckpt(tmp_path, family="llama", store="fp32", **kw):
 @pytest.mark.parametrize("family,kw", [
     ("llama", dict(method="gptq", bits=4, group_size=16)),                       # act order (perm)
     ("qwen2", dict(method="rtn", bits=3, group_size=-1, symmetric=True)),       # biases, symmetric
+    ("mistral", dict(method="gptq", bits=4, group_size=16, symmetric=True, sym_grid="int")),  # int grid, act order
     ("llama", dict(method="onebit", bits=1, group_size=-1)),                     # 1-bit layers
     ("llama", dict(method="rtn", bits=3, group_size=32, rotation="hadamard")),  # folded R1 + online R4
     ("gemma3_text", dict(method="rtn", bits=4, group_size=32, rotation="hadamard")),  # post-norm rotation

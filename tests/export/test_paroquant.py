@@ -161,6 +161,15 @@ def _decoded_model(sd, quantized):
     return model
 
 
+def test_the_int_grid_exports_with_its_zero_points(tmp_path):
+    path = _ckpt(tmp_path, pairwise=False, symmetric=True, sym_grid="int")
+    sd = load_file(str(export(path, "paroquant", tmp_path / "pq") / "model.safetensors"))
+    lb = checkpoint.load(path, dtype=torch.float32)
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        assert torch.all(_awq_unpack(sd[f"{name}.qzeros"]) == 8)
+        assert torch.equal(_decode(sd, name)[1].float(), lb.get_submodule(name).dequantize())
+
+
 def test_layers_without_rotation_get_the_identity(tmp_path):
     path = _ckpt(tmp_path, pairwise=False)
     out = export(path, "paroquant", tmp_path / "pq")
@@ -179,7 +188,7 @@ def test_layers_without_rotation_get_the_identity(tmp_path):
 
 @pytest.mark.parametrize("kw,match", [
     (dict(bits=3), "3-bit"),
-    (dict(symmetric=True), "symmetric grid"),
+    (dict(symmetric=True), "half symmetric grid"),
     (dict(group_size=64), "quantization group 64"),
     (dict(method="gptq", act_order=True, static_groups=False), "act-order"),
     (dict(pairwise=PairwiseConfig(krot=2, group=256, epochs1=0)), "across 128-channel blocks"),

@@ -262,6 +262,7 @@ def test_entry_point_is_declared():
     ("llama", dict(method="gptq", bits=4, group_size=16)),               # scalar 4-bit, act order (perm)
     ("llama", dict(method="onebit", bits=1, group_size=-1)),             # 1-bit: row scales and in_scale
     ("qwen2", dict(method="rtn", bits=3, group_size=-1, symmetric=True)),  # q/k/v biases (the layer's own)
+    ("llama", dict(method="rtn", bits=4, group_size=16, symmetric=True, sym_grid="int")),  # int grid: its zeros
 ])
 def test_layers_match_lowbit_load(tmp_path, vllm, family, kw):
     path, qcfg, model = _ckpt(tmp_path, family, **kw)

@@ -10,18 +10,38 @@ def _x(seed: int = 0) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
-@pytest.mark.parametrize("symmetric", [False, True])
-def test_codes_in_range_and_error_at_most_half_a_step(bits, symmetric):
+@pytest.mark.parametrize("symmetric,int_zero", [(False, False), (True, False), (True, True)])
+def test_codes_in_range_and_error_at_most_half_a_step(bits, symmetric, int_zero):
     x = _x(bits)
     maxq = 2**bits - 1
     scale, zero = core.minmax_params(x.amin(-1, keepdim=True), x.amax(-1, keepdim=True), maxq, symmetric,
-                                     floor=1e-8)
+                                     floor=1e-8, int_zero=int_zero)
     q = core.quantize(x, scale, zero, maxq)
     assert q.min() >= 0 and q.max() <= maxq and torch.equal(q, q.round())
     err = (core.dequantize(q, scale, zero) - x).abs()
-    assert torch.all(err <= scale / 2 * (1 + 1e-5) + 1e-7)
-    if not symmetric:  # 0 is in the range and exactly representable
+    # the int grid clips max|x| to exactly half a step below it (in reals): float rounding over 2^(b-1) steps
+    tol = 2**-23 * 2**bits if int_zero else 1e-5
+    assert torch.all(err <= scale / 2 * (1 + tol) + 1e-7)
+    if not symmetric or int_zero:  # 0 is in the range and exactly representable
         assert torch.equal(zero, zero.round()) and torch.all(core.dequantize(zero, scale, zero) == 0)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_symmetric_grids_half_and_int(bits):
+    """The half grid: levels +-(j + 1/2) s, no 0; the int grid: -2^(b-1) .. 2^(b-1) - 1 times s, 0 included,
+    the same step 2 max|x| / maxq, so its positive end sits half a step below max|x|."""
+    maxq, s = 2**bits - 1, torch.tensor(0.5)
+    codes = torch.arange(maxq + 1.0)
+    half = core.dequantize(codes, s, core.symmetric_zero(maxq)) / s
+    integer = core.dequantize(codes, s, core.symmetric_zero(maxq, True)) / s
+    assert torch.equal(half, torch.arange(maxq + 1.0) - maxq / 2) and 0 not in half.tolist()
+    assert torch.equal(integer, torch.arange(-2.0 ** (bits - 1), 2.0 ** (bits - 1)))
+    amax = torch.tensor([[3.0]])
+    scale, zero = core.minmax_params(-amax / 2, amax, maxq, True, floor=1e-8, int_zero=True)
+    assert torch.allclose(scale, 2 * amax / maxq) and float(zero) == 2 ** (bits - 1)
+    top = core.fake_quantize(amax, scale, zero, maxq)  # clipped to the top level, half a step down
+    assert torch.allclose(top, amax - scale / 2)
+    assert float(core.fake_quantize(torch.zeros(1, 1), scale, zero, maxq)) == 0
 
 
 def test_signed_grid_and_no_zero_point():

@@ -683,3 +683,22 @@ def test_gpu_segmented_gemv_matches_each_segment(bits):
     xs.normal_()
     g.replay()
     assert relerr(yg, _segment_ref(lay, xs.cpu(), rows)) < TOL[torch.bfloat16]
+
+
+@interpreter_only
+def test_int_grid_layers_run_the_asymmetric_kernels(interpreter):
+    """A symmetric int-grid layer carries its zeros (all 2^(b-1)) in the asymmetric layout: the kernels read it
+    unchanged, and compute what the layer's dequantized weight gives."""
+    from lowbit.formats import IntFormat
+    from lowbit.nn import QuantizedLinear
+    from lowbit.solvers import rtn
+
+    g = torch.Generator().manual_seed(0)
+    m = QuantizedLinear.from_weight(rtn(torch.randn(96, 256, generator=g) * 0.05, IntFormat(4, True, 64, "int")))
+    assert m.zeros is not None and torch.all(m.zeros == 8)
+    x = torch.randn(3, 256, generator=g)
+    ref = x.double() @ m.dequantize().double().T
+    for tokens, path in ((1, "gemv"), (3, "mm")):
+        y = Q.quant_linear_triton(x[:tokens], m.qweight, m.scales, m.zeros, m.bits, m.kernel_group_size,
+                                  m.in_features, path=path)
+        assert relerr(y, ref[:tokens]) < TOL_INTERP[torch.float32], path

@@ -68,6 +68,18 @@ def refuse(fmt: str, what: str, why: str) -> None:
     raise ExportError(f"cannot export to {fmt}: {what}; {why}")
 
 
+def check_symmetric_grid(fmt: str, name: str, q) -> None:
+    """Refuse lowbit's half symmetric grid (zero (2^b - 1) / 2: no integer zero point, no 0 level); check that an
+    int-grid layer's stored zeros are its 2^(b-1) (the integer formats' symmetric zero)."""
+    if q.symmetric and q.sym_grid != "int":
+        refuse(fmt, f"{name} uses lowbit's half symmetric grid (zero (2^b - 1) / 2: levels +-(j + 1/2) scale, no 0)",
+               "the format's zero points are integers; quantize with --sym --sym-grid int (label w4si: the same "
+               "symmetric format with an integer zero) or --asym")
+    if q.symmetric and not bool((q.zeros == 2 ** (q.bits - 1)).all()):
+        refuse(fmt, f"{name} is on the int grid but stores zeros other than {2 ** (q.bits - 1)}",
+               "the checkpoint is inconsistent; quantize it again")
+
+
 def check_common(src: Source, fmt: str, allow_pairwise: bool = False) -> None:
     """Refuse what none of the weight-only integer formats can hold (checked before anything is written)."""
     rot = src.manifest.get("rotation") or {}
@@ -137,7 +149,7 @@ def group_index(q) -> torch.Tensor:
 
 
 def zero_points(q) -> torch.Tensor:
-    """Integer zero points [out, groups] (asymmetric formats only)."""
+    """Integer zero points [out, groups] (asymmetric formats and the symmetric int grid)."""
     return q.zeros.to(torch.int32)
 
 

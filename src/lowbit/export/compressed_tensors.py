@@ -8,9 +8,10 @@ Per quantized linear `<name>`:
   the same way along the output dimension;
 - `<name>.weight_shape` int64 [2] = (out, in).
 The weight is scale * (q - zero_point) with q and zero_point signed; shifting both by 2^(b-1) gives lowbit's
-scale * (code - zero): the same numbers, so the export is exact.
+scale * (code - zero): the same numbers, so the export is exact. Symmetric (`symmetric: true`) is zero_point 0,
+i.e. lowbit's code - 2^(b-1): the symmetric int grid (`sym_grid="int"`), written without zero points.
 
-What it cannot hold: lowbit's symmetric grid (zero = (2^b - 1) / 2, levels at +-(j + 1/2) scale, no 0
+What it cannot hold: lowbit's half symmetric grid (zero = (2^b - 1) / 2, levels at +-(j + 1/2) scale, no 0
 level) is not compressed-tensors' symmetric grid (integer levels, 0 included); act-order groups that are not
 contiguous (compressed-tensors 0.20 removed g_idx); groups that do not divide the input width; online
 transforms (pairwise rotations, R4) and 1-bit layers.
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .base import Source, bit_stream_int32, check_common, refuse, write_folder, zero_points
+from .base import Source, bit_stream_int32, check_common, check_symmetric_grid, refuse, write_folder, zero_points
 
 FMT = "compressed-tensors"
 CT_VERSION = "0.20.1"  # the version whose layout this writes (dense packing, no g_idx)
@@ -32,9 +33,7 @@ def check_compressed_tensors(src: Source) -> None:
     """Refuse (ExportError) what pack-quantized cannot express exactly."""
     check_common(src, FMT)
     for name, q in src.modules.items():
-        if q.symmetric:
-            refuse(FMT, f"{name} uses lowbit's symmetric grid (zero (2^b - 1) / 2: levels +-(j + 1/2) scale, no 0)",
-                   "compressed-tensors' symmetric integers include 0; quantize with --asym (the default)")
+        check_symmetric_grid(FMT, name, q)
         if q.perm is not None:
             refuse(FMT, f"{name} has act-order groups (columns of a group are not contiguous)",
                    "compressed-tensors >= 0.20 has no g_idx; quantize with static groups (-static) or no act order")
@@ -45,7 +44,7 @@ def check_compressed_tensors(src: Source) -> None:
 
 def _weights_args(q) -> dict:
     strategy = "group" if q.group_size > 0 else "channel"  # per tensor is per channel with equal scales
-    return {"num_bits": q.bits, "type": "int", "symmetric": False, "strategy": strategy,
+    return {"num_bits": q.bits, "type": "int", "symmetric": q.symmetric, "strategy": strategy,
             "group_size": q.group_size if q.group_size > 0 else None, "dynamic": False, "actorder": None,
             "block_structure": None, "observer": "minmax", "observer_kwargs": {}}
 
@@ -62,14 +61,14 @@ def _linear_names(config: dict) -> list[str]:
 
 
 def quantization_config(src: Source) -> dict:
-    """config.json's quantization_config: one config group per (bits, group size)."""
+    """config.json's quantization_config: one config group per (bits, group size, symmetric)."""
     kinds: dict[tuple, list[str]] = {}
     for name, q in src.modules.items():
-        kinds.setdefault((q.bits, q.group_size if q.group_size > 0 else -1), []).append(name)
+        kinds.setdefault((q.bits, q.group_size if q.group_size > 0 else -1, q.symmetric), []).append(name)
     linears = _linear_names(src.config)
     ignore = [n for n in linears if n not in src.modules]
     groups = {}
-    for i, ((bits, gs), names) in enumerate(sorted(kinds.items())):
+    for i, (_, names) in enumerate(sorted(kinds.items())):
         targets = ["Linear"] if len(kinds) == 1 else sorted(names)
         groups[f"group_{i}"] = {"targets": targets, "weights": _weights_args(src.modules[names[0]]),
                                 "input_activations": None, "output_activations": None, "format": "pack-quantized"}
@@ -80,10 +79,11 @@ def quantization_config(src: Source) -> dict:
 
 def tensors_of(name: str, q, scale_dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
     """The pack-quantized tensors of one QuantizedLinear."""
-    out = {f"{name}.weight_packed": bit_stream_int32(q.codes(), q.bits),
+    out = {f"{name}.weight_packed": bit_stream_int32(q.codes(), q.bits),  # lowbit's codes = signed + 2^(b-1)
            f"{name}.weight_scale": q.scales.to(scale_dtype),
-           f"{name}.weight_zero_point": bit_stream_int32(zero_points(q).T.contiguous(), q.bits).T.contiguous(),
            f"{name}.weight_shape": torch.tensor([q.out_features, q.in_features], dtype=torch.int64)}
+    if not q.symmetric:  # symmetric: zero point 0 (lowbit's 2^(b-1)), not stored
+        out[f"{name}.weight_zero_point"] = bit_stream_int32(zero_points(q).T.contiguous(), q.bits).T.contiguous()
     if q.bias is not None:
         out[f"{name}.bias"] = q.bias.detach().clone()
     return out

@@ -10,9 +10,12 @@ Per quantized linear `<name>` (b bits, G groups):
 - `<name>.bias` when the layer has one.
 The weight is scales[g_idx[i], j] * (code[i, j] - zero[g_idx[i], j]): lowbit's numbers exactly.
 "gptq" is written whenever every zero point is >= 1 (v1 cannot hold a zero of 0), else "gptq_v2".
+`sym: true` is GPTQ's symmetric grid, zero (maxq + 1) / 2 = 2^(b-1) in every group: lowbit's symmetric int
+grid (`sym_grid="int"`), written with its qzeros as GPTQ writes them (loaders that know sym may ignore them).
 
-What it cannot hold: lowbit's symmetric grid (half-integer zero); widths other than 2/3/4/8 bits; input or
-output widths that are not multiples of 32; mixed widths; online transforms and 1-bit layers.
+What it cannot hold: lowbit's half symmetric grid (zero (2^b - 1) / 2, not an integer); widths other than
+2/3/4/8 bits; input or output widths that are not multiples of 32; mixed widths or mixed symmetry; online
+transforms and 1-bit layers.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from .base import Source, bit_stream_int32, check_common, codes_in_input_order, group_index, refuse, write_folder
+from .base import (Source, bit_stream_int32, check_common, check_symmetric_grid, codes_in_input_order, group_index,
+                   refuse, write_folder)
 
 FMT = "gptq"
 BITS = (2, 3, 4, 8)
@@ -36,12 +40,12 @@ def check_gptq(src: Source) -> None:
     groups = {q.group_size if q.group_size > 0 else -1 for q in src.modules.values()}
     if len(groups) > 1:
         refuse(FMT, f"mixed group sizes {sorted(groups)}", "a GPTQ checkpoint has one group size")
+    if len({q.symmetric for q in src.modules.values()}) > 1:
+        refuse(FMT, "symmetric and asymmetric layers", "a GPTQ checkpoint is sym or not; use compressed-tensors")
     for name, q in src.modules.items():
         if q.bits not in BITS:
             refuse(FMT, f"{name} has {q.bits}-bit codes", f"GPTQ packs {', '.join(map(str, BITS))} bits")
-        if q.symmetric:
-            refuse(FMT, f"{name} uses lowbit's symmetric grid (zero (2^b - 1) / 2, not an integer)",
-                   "GPTQ zero points are integers; quantize with --asym (the default)")
+        check_symmetric_grid(FMT, name, q)
         if q.in_features % 32 or q.out_features % 32:
             refuse(FMT, f"{name} is {q.out_features} x {q.in_features}",
                    "GPTQ packs 32 codes at a time: both widths must be multiples of 32")
@@ -78,7 +82,7 @@ def write_gptq(src: Source, out: str | Path, overwrite: bool = False) -> Path:
         tensors.update(tensors_of(name, q, v1))
     desc_act = any(q.perm is not None for q in src.modules.values())
     qcfg = {"quant_method": "gptq", "bits": q0.bits, "group_size": q0.group_size if q0.group_size > 0 else -1,
-            "desc_act": desc_act, "sym": False, "static_groups": False, "true_sequential": True,
+            "desc_act": desc_act, "sym": q0.symmetric, "static_groups": False, "true_sequential": True,
             "checkpoint_format": "gptq" if v1 else "gptq_v2", "pack_dtype": "int32",
             "damp_percent": 0.01, "lm_head": False}
     if not v1:

@@ -16,7 +16,8 @@ At inference the reference computes x' = x * channel_scales, then for k = 0 .. K
 (cos t x_a - sin t x_b, sin t x_a + cos t x_b), in the same order after the same scaling: the angle is
 stored negated (exact in fp16). The only rounding is 1 / s to fp16 (the reference stores it so).
 
-What it cannot hold: widths other than 4 bits, lowbit's symmetric grid, groups other than 128, act order,
+What it cannot hold: widths other than 4 bits, lowbit's half symmetric grid (the int grid is written with its
+zero points, 8), groups other than 128, act order,
 input widths that are not multiples of 128, rotations that cross a 128-channel block, more than 8
 rotations, online Hadamards, 1-bit layers, activation quantization. Quantized linears without a pairwise
 rotation are written with the identity rotation (the reference rotates every layer it finds a qweight for).
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .base import Source, check_common, codes_in_input_order, refuse, write_folder
+from .base import Source, check_common, check_symmetric_grid, codes_in_input_order, refuse, write_folder
 
 FMT = "paroquant"
 GROUP = 128  # the rotation group of the reference's CUDA loaders (its rotate op's default; they pass none)
@@ -50,9 +51,7 @@ def check_paroquant(src: Source) -> None:
     for name, q in src.modules.items():
         if q.bits != 4:
             refuse(FMT, f"{name} has {q.bits}-bit codes", "ParoQuant stores 4-bit AWQ weights only")
-        if q.symmetric:
-            refuse(FMT, f"{name} uses lowbit's symmetric grid (zero 7.5, not an integer)",
-                   "ParoQuant's AWQ zero points are integers; quantize with --asym (the default)")
+        check_symmetric_grid(FMT, name, q)
         if q.group_size != GROUP:
             refuse(FMT, f"{name} has quantization group {q.group_size}",
                    f"the reference's CUDA loaders rotate in groups of {GROUP} and its MLX loader in groups of "

@@ -6,8 +6,11 @@ training, activations, the KV cache, analyses) group their tensors and broadcast
 Conventions: codes are floats in [qmin, maxq] (qmin = 0 unless a signed grid is asked for);
 value = scale * (code - zero), or scale * code without a zero point, or lo + scale * code for
 a range stored as its float minimum (the KV cache's groups). Symmetric ranges put the
-2^b levels at +-(j + 1/2) * scale around 0 (zero = maxq / 2); asymmetric ones cover [lo, hi]
-with 0 included and an integer zero point.
+2^b levels at +-(j + 1/2) * scale around 0 (zero = maxq / 2, the "half" grid), or, with an integer
+zero (maxq + 1) / 2 = 2^(b-1) (the "int" grid of GPTQ's and compressed-tensors' symmetric formats),
+at -2^(b-1) .. 2^(b-1) - 1 times scale, 0 included; both with scale = 2 max|x| / maxq, so the int
+grid clips the positive end by at most half a step. Asymmetric ranges cover [lo, hi] with 0
+included and an integer zero point.
 """
 
 from __future__ import annotations
@@ -35,13 +38,20 @@ def zero_point(lo: torch.Tensor, scale: torch.Tensor, maxq: int, *, ste: bool = 
     return (round_ste(z) if ste else torch.round(z)).clamp(0, maxq)
 
 
+def symmetric_zero(maxq: int, int_zero: bool = False) -> float:
+    """The fixed zero point of a symmetric grid: maxq / 2 (levels +-(j + 1/2) scale), or with `int_zero`
+    (maxq + 1) / 2 = 2^(b-1) (levels -2^(b-1) .. 2^(b-1) - 1 times scale, 0 included)."""
+    return (maxq + 1) / 2 if int_zero else maxq / 2
+
+
 def minmax_params(lo: torch.Tensor, hi: torch.Tensor, maxq: int, symmetric: bool, *, floor: float,
-                  ceil: float | None = None, half: bool = False, ste: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, zero) covering [lo, hi]: symmetric around 0 (zero = maxq / 2) or asymmetric with 0
-    included and an integer zero point."""
+                  ceil: float | None = None, half: bool = False, ste: bool = False,
+                  int_zero: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) covering [lo, hi]: symmetric around 0 (step 2 max(|lo|, |hi|) / maxq, zero
+    `symmetric_zero(maxq, int_zero)`) or asymmetric with 0 included and an integer zero point."""
     if symmetric:
         scale = step_size(2 * torch.maximum(lo.abs(), hi.abs()), maxq, floor=floor, ceil=ceil, half=half)
-        return scale, torch.full_like(scale, maxq / 2)
+        return scale, torch.full_like(scale, symmetric_zero(maxq, int_zero))
     lo, hi = lo.clamp(max=0), hi.clamp(min=0)
     scale = step_size(hi - lo, maxq, floor=floor, ceil=ceil, half=half)
     return scale, zero_point(lo, scale, maxq, ste=ste)

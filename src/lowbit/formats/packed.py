@@ -6,7 +6,8 @@ contiguous) is read as
 
     W[n, k] = scales[n, k // group_size] * (code[n, k] - zero[n, k // group_size])
 
-with zero = zeros (uint8) for asymmetric formats and (2^b - 1) / 2 for symmetric ones. The layer
+with zero = zeros (uint8) when they are stored (asymmetric formats, and the symmetric int grid, whose zeros
+are all 2^(b-1)) and (2^b - 1) / 2 without them (the symmetric half grid). The layer
 computes y = x' W^T + bias with x'[k] = x[perm[k]] * in_scale[k] (each part optional).
 """
 

@@ -5,8 +5,13 @@ back as scale[k] * (q - zero[k]).
 
 - asymmetric: zero is an integer in [0, 2^b - 1] and the range [min, max] (0 included)
   is split into 2^b - 1 steps.
-- symmetric: zero = (2^b - 1) / 2, so the 2^b levels sit at +-(j + 1/2) * scale around 0.
-  All 2^b codes are used (no level is wasted), and b = 1 is a sign quantizer.
+- symmetric, `sym_grid="half"` (the default): zero = (2^b - 1) / 2, so the 2^b levels sit at
+  +-(j + 1/2) * scale around 0. All 2^b codes are used (no level is wasted), and b = 1 is a sign
+  quantizer; 0 is not a level.
+- symmetric, `sym_grid="int"`: zero = 2^(b-1), levels -2^(b-1) .. 2^(b-1) - 1 times scale, 0 among
+  them: the symmetric grid of GPTQ (`sym`) and compressed-tensors, which lowbit exports without loss.
+  Same step 2 max|w| / (2^b - 1) as the half grid, so the top level is half a step below max|w|.
+  Refused at b = 1 (its levels would be -scale and 0).
 
 Groups run along the input dimension: group_size g > 0 makes ceil(in / g) groups, the last
 one partial when g does not divide the width; -1 is one group per output channel, 0 one
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -33,22 +39,40 @@ class FormatError(ValueError):
 
 @dataclass(frozen=True)
 class IntFormat:
-    """Bits, symmetry and grouping of a uniform integer format."""
+    """Bits, symmetry (and the symmetric grid's zero: half or int) and grouping of a uniform integer format."""
 
     bits: int = 4
     symmetric: bool = False
     group_size: int = 64
+    sym_grid: Literal["half", "int"] = "half"  # symmetric formats only: zero (2^b - 1) / 2 or 2^(b-1)
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or not 1 <= self.bits <= 8:
             raise FormatError(f"bits must be an integer 1-8, got {self.bits!r}")
         if not isinstance(self.group_size, int) or self.group_size < -1:
             raise FormatError(f"group_size must be -1 (per channel), 0 (per tensor) or > 0, got {self.group_size!r}")
+        if self.sym_grid not in ("half", "int"):
+            raise FormatError(f"sym_grid must be 'half' or 'int', got {self.sym_grid!r}")
+        if self.sym_grid == "int" and not self.symmetric:
+            raise FormatError("sym_grid 'int' (integer zero point) is a symmetric grid: set symmetric (--sym) too")
+        if self.sym_grid == "int" and self.bits == 1:
+            raise FormatError("sym_grid 'int' at 1 bit has only the levels -scale and 0; use the half grid (a sign "
+                              "quantizer) or 2 bits or more")
 
     @property
     def maxq(self) -> int:
         """Largest code."""
         return 2**self.bits - 1
+
+    @property
+    def int_zero(self) -> bool:
+        """Symmetric with the integer zero point 2^(b-1)."""
+        return self.symmetric and self.sym_grid == "int"
+
+    @property
+    def sym_zero(self) -> float:
+        """The fixed zero point of a symmetric format: (2^b - 1) / 2 (half grid) or 2^(b-1) (int grid)."""
+        return core.symmetric_zero(self.maxq, self.int_zero)
 
     def group_width(self, in_features: int) -> int:
         """Columns per group for a given input width."""
@@ -59,10 +83,11 @@ class IntFormat:
         return math.ceil(in_features / self.group_width(in_features))
 
     def bits_per_weight(self, in_features: int) -> float:
-        """Storage cost per weight, counting one fp16 scale and one fp16 zero per group."""
+        """Storage cost per weight, counting one fp16 scale and one fp16 zero per group (no zero for the half
+        symmetric grid; the int grid is stored with its constant zeros, as asymmetric formats are)."""
         if self.group_size == PER_TENSOR:
             return float(self.bits)
-        extra = 16 if self.symmetric else 32
+        extra = 16 if self.symmetric and not self.int_zero else 32
         return self.bits + extra / self.group_width(in_features)
 
 
@@ -75,7 +100,8 @@ SCALE_FLOOR, SCALE_CEIL = 1e-6, 6.0e4  # float16 storage; the floor keeps all-ze
 
 
 def _params_from_range(lo: torch.Tensor, hi: torch.Tensor, fmt: IntFormat) -> tuple[torch.Tensor, torch.Tensor]:
-    return core.minmax_params(lo, hi, fmt.maxq, fmt.symmetric, floor=SCALE_FLOOR, ceil=SCALE_CEIL, half=True)
+    return core.minmax_params(lo, hi, fmt.maxq, fmt.symmetric, floor=SCALE_FLOOR, ceil=SCALE_CEIL, half=True,
+                              int_zero=fmt.int_zero)
 
 
 def _store_scale(scale: torch.Tensor) -> torch.Tensor:

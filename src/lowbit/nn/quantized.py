@@ -8,8 +8,10 @@ exporters translate them; the kernels multiply by them.
 Layout (buffers, all persistent):
 - `qweight` int32 [out, K_pad * bits / 32]: codes in bit planes (`formats.packing.pack_words`),
   columns in *kernel order*: sorted so that quantization groups are contiguous;
-- `scales` fp16 [out, groups]; `zeros` uint8 [out, groups] for asymmetric formats (symmetric
-  formats read zero = (2^bits - 1) / 2);
+- `scales` fp16 [out, groups]; `zeros` uint8 [out, groups] for asymmetric formats and for the
+  symmetric int grid (`sym_grid="int"`: every zero 2^(bits-1), stored so that the kernels read it as
+  they read asymmetric layers: no kernel of its own, 8 bits per group for the constant); the half
+  symmetric grid stores none and reads zero = (2^bits - 1) / 2;
 - `perm` int32 [in] (optional): kernel column k reads input channel perm[k] (act-order weights,
   re-ordered once when packed so the kernel reads groups in order);
 - `in_scale` fp16 [in] (optional, kernel order): a per-input-channel factor (1-bit layers' h);
@@ -72,19 +74,22 @@ class QuantizedLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, symmetric: bool,
                  bias: bool = False, kind: str = "int", has_perm: bool = False, has_in_scale: bool = False,
-                 transform: nn.Module | None = None, dtype: torch.dtype = torch.float32, device=None):
+                 transform: nn.Module | None = None, dtype: torch.dtype = torch.float32, device=None,
+                 sym_grid: str = "half"):
         super().__init__()
         if kind not in KINDS:
             raise QuantizedLinearError(f"unknown kind {kind!r}; one of {KINDS}")
-        IntFormat(bits, symmetric, max(group_size, -1))  # validates bits / group size
+        fmt = IntFormat(bits, symmetric, max(group_size, -1), sym_grid)  # validates bits / group size / grid
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.symmetric, self.kind = bits, group_size, symmetric, kind
+        self.sym_grid = sym_grid
         gs, ng = kernel_groups(in_features, group_size)
         words = padded_width(in_features) * bits // 32
         self.register_buffer("qweight", torch.zeros(out_features, words, dtype=torch.int32, device=device))
         self.register_buffer("scales", torch.ones(out_features, ng, dtype=torch.float16, device=device))
-        self.register_buffer("zeros", None if symmetric else
-                             torch.zeros(out_features, ng, dtype=torch.uint8, device=device))
+        self.register_buffer("zeros", None if symmetric and not fmt.int_zero else
+                             torch.full((out_features, ng), int(fmt.sym_zero) if symmetric else 0,
+                                        dtype=torch.uint8, device=device))
         self.register_buffer("perm", torch.arange(in_features, dtype=torch.int32, device=device) if has_perm else None)
         self.register_buffer("in_scale", torch.ones(in_features, dtype=torch.float16, device=device)
                              if has_in_scale else None)
@@ -120,11 +125,13 @@ class QuantizedLinear(nn.Module):
             if scale.shape[1] != ng:
                 raise QuantizedLinearError(f"{scale.shape[1]} scale groups for {ng} expected")
             m = cls(n, out, fmt.bits, fmt.group_size, fmt.symmetric, bias is not None, "int", perm is not None,
-                    False, transform, dtype, qw.codes.device)
+                    False, transform, dtype, qw.codes.device, fmt.sym_grid)
             m.qweight.copy_(pack_words(codes.to(torch.uint8), fmt.bits))
             m.scales.copy_(scale.half())
+            z = qw.zero.reshape(out, -1)
+            if fmt.symmetric and not torch.all(z == fmt.sym_zero):
+                raise QuantizedLinearError(f"symmetric ({fmt.sym_grid} grid) zero points must all be {fmt.sym_zero:g}")
             if not fmt.symmetric:
-                z = qw.zero.reshape(out, -1)
                 if not torch.equal(z, z.round()) or z.min() < 0 or z.max() > fmt.maxq:
                     raise QuantizedLinearError("asymmetric zero points must be integers in [0, 2^bits - 1]")
                 m.zeros.copy_(z.to(torch.uint8))
@@ -163,8 +170,9 @@ class QuantizedLinear(nn.Module):
 
     def format_dict(self) -> dict:
         """The format as JSON (the checkpoint manifest's entry, transform aside)."""
+        grid = {"sym_grid": self.sym_grid} if self.sym_grid != "half" else {}  # entries of the half grid as before
         return {"kind": self.kind, "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
-                "in_features": self.in_features, "out_features": self.out_features,
+                **grid, "in_features": self.in_features, "out_features": self.out_features,
                 "perm": self.perm is not None, "in_scale": self.in_scale is not None, "bias": self.bias is not None}
 
     @classmethod
@@ -172,7 +180,7 @@ class QuantizedLinear(nn.Module):
                     device=None) -> QuantizedLinear:
         """An empty module of a manifest entry's format (its buffers are then loaded)."""
         return cls(f["in_features"], f["out_features"], f["bits"], f["group_size"], f["symmetric"], f["bias"],
-                   f["kind"], f["perm"], f["in_scale"], transform, dtype, device)
+                   f["kind"], f["perm"], f["in_scale"], transform, dtype, device, f.get("sym_grid", "half"))
 
     # ---- running -------------------------------------------------------------------------------
 
@@ -196,5 +204,6 @@ class QuantizedLinear(nn.Module):
         g = {-1: "per channel", 0: "per tensor"}.get(self.group_size, f"group {self.group_size}")
         extra = ", act order" if self.perm is not None else ""
         extra += f", act_bits={self.act_bits}" if self.act_bits is not None else ""
+        grid = "asym" if not self.symmetric else "sym-int" if self.sym_grid == "int" else "sym"
         return (f"in_features={self.in_features}, out_features={self.out_features}, {self.kind} {self.bits}-bit "
-                f"{'sym' if self.symmetric else 'asym'}, {g}{extra}, bias={self.bias is not None}")
+                f"{grid}, {g}{extra}, bias={self.bias is not None}")

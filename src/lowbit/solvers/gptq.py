@@ -9,6 +9,8 @@ for each group's range.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ..formats import IntFormat, qparams
@@ -46,7 +48,7 @@ def gptq(w: torch.Tensor, fmt: IntFormat, H: torch.Tensor, *, damp: float = 0.01
         g = fmt.num_groups(n)
         scale = torch.empty(out, g, device=W.device)
         zero = torch.empty(out, g, device=W.device)
-    col_fmt = IntFormat(fmt.bits, fmt.symmetric, -1)
+    col_fmt = replace(fmt, group_size=-1)
 
     perm = torch.argsort(H.diagonal(), descending=True) if act_order else None
     if perm is not None:
