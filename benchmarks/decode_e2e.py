@@ -51,7 +51,8 @@ VARIANTS = {"bf16": None, "w4": (4, False), "w3": (3, False), "w2": (2, False), 
             "vq-e8": "vq-e8", "w4-head": (4, False), "w2-head": (2, False)}
 # A variant name may end in "+pdl": the same model, its packed GEMVs launched as programmatic dependent
 # launches (LOWBIT_QUANT_GEMV_PDL=1 while it is built, captured and timed); in "+unfused" (pairwise
-# variants): the linears with their own transforms not fused in the decode loop (see `launch_options`).
+# variants): the linears with their own transforms not fused in the decode loop; "+noprologue": their
+# rotations launched on their own instead of inside the norm / SiLU-gate kernels (see `launch_options`).
 # "-head" variants: the lm_head (128256 x 4096, 1.05 GB read per token in bf16) packed too, at the
 # decoder linears' width and group 128 (not a default variant: what quantizing the head would buy)
 DEFAULT_VARIANTS = ("bf16", "w4", "w3", "w2", "w4-pair", "vq-e8")
@@ -123,13 +124,15 @@ def launch_options(variant: str):
 
     key, old = "LOWBIT_QUANT_GEMV_PDL", os.environ.get("LOWBIT_QUANT_GEMV_PDL")
     os.environ[key] = "1" if "+pdl" in variant else "0"
-    group = D._pairwise_group
+    group, prologue = D._pairwise_group, D.PROLOGUE_ROTATIONS
     if "+unfused" in variant:
         D._pairwise_group = lambda mods: False
+    if "+noprologue" in variant:
+        D.PROLOGUE_ROTATIONS = False
     try:
         yield
     finally:
-        D._pairwise_group = group
+        D._pairwise_group, D.PROLOGUE_ROTATIONS = group, prologue
         if old is None:
             os.environ.pop(key, None)
         else:
@@ -180,7 +183,8 @@ def build(shape: dict, variant: str, device, shared: dict, gen: torch.Generator)
 
 
 KERNEL_KINDS = (("packed GEMV", ("gemv_kernel",)), ("packed mm", ("mm_kernel",)),
-                ("vector", ("vq_", "vector")), ("pairwise", ("rotat", "pairwise")),
+                ("vector", ("vq_", "vector")), ("norm / SiLU-gate + rotation", ("prologue_gather",)),
+                ("pairwise", ("rotat", "pairwise", "gather_kernel")),
                 ("cuBLAS", ("gemm", "cutlass", "nvjet", "sm90_xmma", "gemv2", "gemvx")),
                 ("attention", ("flash", "fmha", "attention", "sdpa")), ("compiled elementwise", ("triton_",)))
 
@@ -253,7 +257,7 @@ def main() -> None:
         t0 = time.perf_counter()
         if base_variant(variant) not in VARIANTS:
             raise SystemExit(f"unknown variant {variant!r}: one of {', '.join(VARIANTS)} (optionally +pdl, "
-                             "+unfused)")
+                             "+unfused, +noprologue)")
         try:
             with launch_options(variant):
                 model = build(SHAPES[args.shape], variant, device, shared, gen)

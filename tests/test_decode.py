@@ -188,3 +188,47 @@ def test_linears_with_their_own_rotations_fuse(interpret, monkeypatch):
         assert torch.equal(got, want)
     mods[2].perm = torch.arange(64, dtype=torch.int32)   # act order: not fused
     assert len(fuse_linears(mods)) == 3
+
+
+def test_rotations_fused_into_their_producers(monkeypatch):
+    """Under the interpreter a model whose every linear has its own pairwise transform runs q/k/v's and
+    gate/up's rotations inside the residual-add + RMSNorm launch and down's inside SiLU-gate's
+    (`prologue_rotations`): the logits equal the decode loop with the rotations launched on their own."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("interpreter test: no CUDA")
+    import importlib
+
+    import lowbit.decode as D
+    import lowbit.kernels._pairwise_triton as tp
+    import lowbit.kernels._quant_triton as tq
+    from lowbit.kernels import pairwise as P
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    importlib.reload(tp)
+    importlib.reload(tq)
+    calls = []
+    launch = P._prologue_launch
+    monkeypatch.setattr(P, "_prologue_launch", lambda pre, *a: calls.append(pre) or launch(pre, *a))
+
+    def model():
+        m = tiny_model("llama")
+        for i, blk in enumerate(m.model.layers):
+            for j, (parent, name) in enumerate([(blk.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+                                               + [(blk.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]):
+                lin = getattr(parent, name)
+                setattr(parent, name, _pairwise_packed(lin.in_features, [lin.out_features], seed=10 * i + j)[0])
+        return m
+
+    prompt, pos = tiny_tokens(1, 5), torch.arange(5)
+    with torch.no_grad():
+        fused = DecodeModel(model(), max_len=16)
+        assert all(L.in_rot is not None and L.post_rot is not None and L.down_rot is not None for L in fused.layers)
+        got = fused.forward(prompt, pos)
+        assert calls == [1, 1, 2] * 2
+        monkeypatch.setattr(D, "PROLOGUE_ROTATIONS", False)
+        apart = DecodeModel(model(), max_len=16)
+        assert all(L.in_rot is None and L.down_rot is None for L in apart.layers)
+        want = apart.forward(prompt, pos)
+    assert calls == [1, 1, 2] * 2
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .kernels.pairwise import norm_rotate_many, silu_mul_rotate_many
 from .nn.quantized import QuantizedLinear
 from .nn.vector import VectorQuantizedLinear
 
@@ -168,16 +169,25 @@ class RotatedGroupLinear(nn.Module):
             c = self._stacked[key] = tuple(torch.stack([p[i] for p in parts]).contiguous() for i in range(4))
         return c
 
+    def rotation(self, device: torch.device) -> tuple:
+        """(scale, partner, cos, sin, group) of all transforms stacked, as `pairwise_rotate_many` and the
+        fused prologues (`norm_rotate_many`) take them."""
+        return (*self._coefficients(device), self.transforms[0].group)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from .kernels._common import interpreting
         from .kernels.pairwise import pairwise_rotate_many
-        from .kernels.quant import quant_linear_segments
 
         if x.is_cuda or interpreting():
-            inv, partner, cos, sin = self._coefficients(x.device)
-            xs = pairwise_rotate_many(x, inv, partner, cos, sin, self.transforms[0].group)
+            xs = pairwise_rotate_many(x, *self.rotation(x.device))
         else:   # each transform's own CPU path (dense per-group blocks): exactly what the separate modules do
             xs = torch.stack([t(x) for t in self.transforms])
+        return self.from_rotated(xs)
+
+    def from_rotated(self, xs: torch.Tensor) -> torch.Tensor:
+        """The GEMV of the inputs already rotated by each transform, xs [S, ..., in_features]."""
+        from .kernels.quant import quant_linear_segments
+
         m = self.linear
         return quant_linear_segments(xs, m.qweight, m.scales, m.zeros, m.bits, m.kernel_group_size, m.in_features,
                                      self.rows, m.in_scale, m.bias)
@@ -254,6 +264,32 @@ class _Layer:
     down: nn.Module
     q_norm: torch.Tensor | None = None
     k_norm: torch.Tensor | None = None
+    # pairwise transforms fused into the kernel producing their input (`prologue_rotations`): the
+    # stacked coefficients of q/k/v's (after the input norm), gate/up's (after the post-attention
+    # norm) and down's (after SiLU-gate), or None
+    in_rot: tuple | None = None
+    post_rot: tuple | None = None
+    down_rot: tuple | None = None
+
+
+#: fuse pairwise transforms into the kernel that produces their input (residual add + RMSNorm before
+#: q/k/v and gate/up, SiLU-gate before down) on CUDA: 3 of the 4 rotation launches of a layer go
+#: (benchmarks may switch it off to compare)
+PROLOGUE_ROTATIONS = True
+
+
+def prologue_rotations(layer: _Layer, device: torch.device) -> None:
+    """Set the layer's fused-prologue coefficients where its linears allow (see `_Layer`)."""
+    from .transforms.online import PairwiseInput
+
+    if len(layer.qkv) == 1 and isinstance(layer.qkv[0], RotatedGroupLinear):
+        layer.in_rot = layer.qkv[0].rotation(device)
+    if len(layer.gate_up) == 1 and isinstance(layer.gate_up[0], RotatedGroupLinear):
+        layer.post_rot = layer.gate_up[0].rotation(device)
+    d = layer.down
+    if isinstance(d, QuantizedLinear) and isinstance(d.transform, PairwiseInput) and d.act_bits is None:
+        # contiguous once here (cos / sin may be views of wider tensors): not copied again at every step
+        layer.down_rot = (*(t[None].contiguous() for t in d.transform.coefficients(device)[:4]), d.transform.group)
 
 
 class DecodeModel:
@@ -286,6 +322,11 @@ class DecodeModel:
                 fuse_linears([mlp.gate_proj, mlp.up_proj]), mlp.down_proj,
                 getattr(getattr(at, "q_norm", None), "weight", None), getattr(getattr(at, "k_norm", None), "weight", None)))
         del inner.layers  # the fused modules replace the originals (frees the unfused copies)
+        from .kernels._common import interpreting
+
+        if PROLOGUE_ROTATIONS and (self.device.type == "cuda" or interpreting()):
+            for L in self.layers:
+                prologue_rotations(L, self.device)
         pos = torch.arange(max_len, device=self.device)
         probe = torch.zeros(1, device=self.device, dtype=self.dtype)
         cos, sin = inner.rotary_emb(probe, pos[None])
@@ -323,11 +364,14 @@ class DecodeModel:
         mask = torch.zeros(allowed.shape, device=x.device, dtype=x.dtype).masked_fill_(~allowed, float("-inf"))
         mask = mask[None, None]
         r = None
-        h = ops.rms_norm(x, self.layers[0].in_norm, self.eps)
         for i, L in enumerate(self.layers):
-            if r is not None:
-                x, h = ops.add_rms_norm(x, r, L.in_norm, self.eps)
-            qkv = _apply(L.qkv, h)
+            if L.in_rot is not None:
+                x, xs = norm_rotate_many(x, r, L.in_norm, self.eps, *L.in_rot)
+                qkv = L.qkv[0].from_rotated(xs)
+            else:
+                x, h = (x, ops.rms_norm(x, L.in_norm, self.eps)) if r is None else \
+                    ops.add_rms_norm(x, r, L.in_norm, self.eps)
+                qkv = _apply(L.qkv, h)
             q, k, v = qkv.split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
                                  self.kv_heads * self.head_dim], dim=-1)
             q = q.view(B, T, self.heads, self.head_dim)
@@ -339,8 +383,16 @@ class DecodeModel:
             a = F.scaled_dot_product_attention(q.transpose(1, 2), self.k_cache[i], self.v_cache[i], attn_mask=mask,
                                                enable_gqa=self.kv_heads != self.heads)
             a = L.o(a.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
-            x, h = ops.add_rms_norm(x, a, L.post_norm, self.eps)
-            r = L.down(ops.silu_mul(_apply(L.gate_up, h)))
+            if L.post_rot is not None:
+                x, hs = norm_rotate_many(x, a, L.post_norm, self.eps, *L.post_rot)
+                gu = L.gate_up[0].from_rotated(hs)
+            else:
+                x, h = ops.add_rms_norm(x, a, L.post_norm, self.eps)
+                gu = _apply(L.gate_up, h)
+            if L.down_rot is not None:
+                r = L.down.matmul(silu_mul_rotate_many(gu, *L.down_rot)[0])
+            else:
+                r = L.down(ops.silu_mul(gu))
         x = x + r
         if last_only:
             x = x[:, -1:]

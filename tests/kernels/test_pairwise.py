@@ -789,3 +789,96 @@ def test_splitk_interpreter_dispatch_and_workspace(interpreter, monkeypatch):
                       (dict(block_r=24), "block_r"), (dict(prefetch=3), "prefetch"), (dict(kernel="x"), "kernel")):
         with pytest.raises(ValueError, match=match):
             pairwise_linear_triton(x[:1], w, b, *params, group=64, **kw)
+
+
+def _interpret(monkeypatch):
+    if torch.cuda.is_available() or not _has_triton():
+        pytest.skip("interpreter test: needs triton and no CUDA")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    import lowbit.kernels._pairwise_triton as tk
+    importlib.reload(tk)
+
+
+def _norm_ref(x, r, w, eps):
+    s = x if r is None else x + r
+    h = s.float()
+    return s, w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(s.dtype)
+
+
+PRO_TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}   # bf16: one rounding of the norm may flip
+
+
+@pytest.mark.parametrize("interpret", [False, True])
+@pytest.mark.parametrize("n,tokens,residual", [(576, 1, True), (160, 5, True), (160, 3, False)])
+def test_norm_rotate_many_equals_norm_then_rotations(n, tokens, residual, interpret, monkeypatch):
+    """The residual add + RMSNorm fused in front of the S rotations gives the unfused ops: the sum
+    x + r exactly (every group, stored once), the rotated norms up to the input dtype's rounding."""
+    if interpret:
+        _interpret(monkeypatch)
+    scale, partner, cos, sin = _stacked(n, 3, 2, seed=40)
+    gen = torch.Generator().manual_seed(41)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (3 * torch.randn(tokens, n, generator=gen)).to(dtype)
+        r = torch.randn(tokens, n, generator=gen).to(dtype) if residual else None
+        w = (1 + 0.5 * torch.randn(n, generator=gen)).to(dtype)
+        s, y = pw.norm_rotate_many(x, r, w, 1e-5, scale, partner, cos, sin, group=128)
+        s_ref, h = _norm_ref(x, r, w, 1e-5)
+        assert y.shape == (3, tokens, n) and y.dtype == dtype
+        if interpret and dtype == torch.bfloat16:   # the interpreter rounds to bf16 by truncation
+            torch.testing.assert_close(s.float(), s_ref.float(), rtol=2.0 ** -7, atol=0)
+        else:   # exact on the GPU (test below) and in fp32
+            assert torch.equal(s, s_ref)
+        for k in range(3):
+            ref = pairwise_rotate_ref(h.float(), scale[k], partner[k], cos[k], sin[k])
+            torch.testing.assert_close(y[k].float(), ref, rtol=PRO_TOL[dtype], atol=PRO_TOL[dtype])
+    with pytest.raises(ValueError, match="one shape"):
+        pw.norm_rotate_many(x, x[:, :-1], w, 1e-5, scale, partner, cos, sin)
+
+
+@pytest.mark.parametrize("interpret", [False, True])
+@pytest.mark.parametrize("n,tokens", [(576, 1), (160, 4)])
+def test_silu_mul_rotate_many_equals_gate_then_rotation(n, tokens, interpret, monkeypatch):
+    """SiLU-gate of a [gate | up] row fused in front of the rotations gives the unfused ops."""
+    if interpret:
+        _interpret(monkeypatch)
+    scale, partner, cos, sin = _stacked(n, 2, 2, seed=50)
+    gen = torch.Generator().manual_seed(51)
+    for dtype in (torch.float32, torch.bfloat16):
+        gu = (2 * torch.randn(2, tokens, 2 * n, generator=gen)).to(dtype)
+        y = pw.silu_mul_rotate_many(gu, scale, partner, cos, sin, group=128)
+        g, u = gu.float().chunk(2, dim=-1)
+        a = (torch.nn.functional.silu(g) * u).to(dtype).float()
+        assert y.shape == (2, 2, tokens, n) and y.dtype == dtype
+        for k in range(2):
+            ref = pairwise_rotate_ref(a, scale[k], partner[k], cos[k], sin[k])
+            torch.testing.assert_close(y[k].float(), ref, rtol=PRO_TOL[dtype], atol=PRO_TOL[dtype])
+    with pytest.raises(ValueError, match="2n"):
+        pw.silu_mul_rotate_many(gu[..., :-2], scale, partner, cos, sin)
+
+
+@cuda
+@pytest.mark.parametrize("tokens", [1, 16])
+def test_prologue_rotations_on_the_gpu(tokens):
+    """The fused norm / SiLU-gate prologues on the GPU against the unfused ops (bf16, 8B widths)."""
+    gen = torch.Generator(device="cuda").manual_seed(60)
+    scale, partner, cos, sin = (t.cuda() for t in _stacked(4096, 3, 8, seed=61))
+    x = torch.randn(tokens, 4096, device="cuda", generator=gen).to(torch.bfloat16)
+    r = torch.randn(tokens, 4096, device="cuda", generator=gen).to(torch.bfloat16)
+    w = (1 + 0.3 * torch.randn(4096, device="cuda", generator=gen)).to(torch.bfloat16)
+    s, y = pw.norm_rotate_many(x, r, w, 1e-5, scale, partner, cos, sin)
+    s_ref, h = _norm_ref(x, r, w, 1e-5)
+    assert torch.equal(s, s_ref)
+    for k in range(3):
+        ref = pairwise_rotate_ref(h.float(), scale[k], partner[k], cos[k], sin[k])
+        torch.testing.assert_close(y[k].float(), ref, rtol=PRO_TOL[torch.bfloat16], atol=PRO_TOL[torch.bfloat16])
+    s2, y2 = pw.norm_rotate_many(x, None, w, 1e-5, scale, partner, cos, sin)
+    assert s2 is x
+    ref = pairwise_rotate_ref(_norm_ref(x, None, w, 1e-5)[1].float(), scale[1], partner[1], cos[1], sin[1])
+    torch.testing.assert_close(y2[1].float(), ref, rtol=PRO_TOL[torch.bfloat16], atol=PRO_TOL[torch.bfloat16])
+    sc, pa, co, si = (t.cuda() for t in _stacked(14336, 1, 8, seed=62))
+    gu = torch.randn(tokens, 2 * 14336, device="cuda", generator=gen).to(torch.bfloat16)
+    yd = pw.silu_mul_rotate_many(gu, sc, pa, co, si)
+    g, u = gu.float().chunk(2, dim=-1)
+    a = (torch.nn.functional.silu(g) * u).to(torch.bfloat16)
+    ref = pairwise_rotate_ref(a.float(), sc[0], pa[0], co[0], si[0])
+    torch.testing.assert_close(yd[0].float(), ref, rtol=PRO_TOL[torch.bfloat16], atol=PRO_TOL[torch.bfloat16])

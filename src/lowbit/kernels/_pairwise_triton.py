@@ -1,10 +1,12 @@
 """Triton kernels of the pairwise rotation transform (imported only when triton is available).
 
-Four kernels; `lowbit.kernels.pairwise` launches them:
+Five kernels; `lowbit.kernels.pairwise` launches them:
 
 - `gather_kernel`: one program = a tile of BLOCK_T tokens x one rotation group of G channels. The
   tile is loaded once (scale applied on load), the K rotations run in fp32 registers, each one a
   `tl.gather` along the channel axis for the partner values, and the tile is written once.
+- `prologue_gather_kernel`: the same with the decode step's producer of x fused in front (the
+  residual add + RMSNorm, or SiLU-gate), so a rotated linear's input costs no launch of its own.
 - `blocks_mma_kernel`: y_g = x_g @ B_g with B_g [G, G] the dense matrix of the whole transform
   of group g (scale and all K rotations), built beforehand by `gather_kernel` applied to an
   identity. Runs on tensor cores with fp32 accumulation; operands split into bf16 high and low
@@ -69,6 +71,75 @@ def gather_kernel(x_ptr, y_ptr, scale_ptr, partner_ptr, cos_ptr, sin_ptr,
             p = tl.where(cmask, tl.load(partner_ptr + k * N + col, mask=cmask, other=0) - g * G, offs_c)
             c = tl.load(cos_ptr + k * N + col, mask=cmask, other=1.0)
             sn = tl.load(sin_ptr + k * N + col, mask=cmask, other=0.0)
+        idx = tl.broadcast_to(p[None, :], (BLOCK_T, G))
+        yp = tl.gather(y, idx, axis=1)
+        y = c[None, :] * y + sn[None, :] * yp
+    tl.store(y_ptr + rows[:, None] * stride_yt + col[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def prologue_gather_kernel(x_ptr, r_ptr, w_ptr, res_ptr, y_ptr, scale_ptr, partner_ptr, cos_ptr, sin_ptr,
+                           T, N, NG, eps, stride_xt, stride_rt, stride_rest, stride_yt, stride_ys,
+                           PRE: tl.constexpr, HAS_R: tl.constexpr, K: tl.constexpr, G: tl.constexpr,
+                           BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+    """`gather_kernel` with the producer of its input fused in front, for a decode step:
+
+    - PRE 1: u = rms_norm(x (+ r), w): the (residual add and) RMSNorm of the decode loop, statistics
+      in fp32, the sum x + r and the normalized row rounded to x's dtype before the weight is applied
+      and again after (as `decode.rms_norm` does); every program computes its tokens' sum of squares
+      over the whole row (N channels, from L2), then normalizes only its own group. With HAS_R the
+      programs of transform 0 also store x + r (the residual stream) into res.
+    - PRE 2: u = silu(x[:, :N]) * x[:, N:] (the [gate | up] output of a fused MLP, 2N wide), in fp32,
+      rounded to x's dtype once.
+    Then y[s] = rotations_s(u * scale_s) as `gather_kernel` (same grid: tiles x groups, transforms)."""
+    pid = tl.program_id(0)
+    ps = tl.program_id(1).to(tl.int64)
+    scale_ptr += ps * N
+    partner_ptr += ps * K * N
+    cos_ptr += ps * K * N
+    sin_ptr += ps * K * N
+    y_ptr += ps * stride_ys
+    g = pid % NG
+    tile = pid // NG
+    offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_c = tl.arange(0, G)
+    col = g * G + offs_c
+    tmask = offs_t < T
+    rows = offs_t.to(tl.int64)
+    cmask = col < N
+    mask = tmask[:, None] & cmask[None, :]
+    dt = x_ptr.dtype.element_ty
+    if PRE == 1:
+        ss = tl.full([BLOCK_T], 0.0, tl.float32)
+        for c0 in range(0, N, BLOCK_N):
+            cc = c0 + tl.arange(0, BLOCK_N)
+            m2 = tmask[:, None] & (cc < N)[None, :]
+            v = tl.load(x_ptr + rows[:, None] * stride_xt + cc[None, :], mask=m2, other=0.0).to(tl.float32)
+            if HAS_R:
+                v = (v + tl.load(r_ptr + rows[:, None] * stride_rt + cc[None, :], mask=m2,
+                                 other=0.0).to(tl.float32)).to(dt).to(tl.float32)
+            ss += tl.reduce(v * v, 1, _sum_combine)
+        rstd = tl.rsqrt(ss / N + eps)
+        v = tl.load(x_ptr + rows[:, None] * stride_xt + col[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_R:
+            v = (v + tl.load(r_ptr + rows[:, None] * stride_rt + col[None, :], mask=mask,
+                             other=0.0).to(tl.float32)).to(dt)
+            if ps == 0:
+                tl.store(res_ptr + rows[:, None] * stride_rest + col[None, :], v, mask=mask)
+            v = v.to(tl.float32)
+        w = tl.load(w_ptr + col, mask=cmask, other=0.0).to(tl.float32)
+        u = (w[None, :] * (v * rstd[:, None]).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+    else:
+        gp = tl.load(x_ptr + rows[:, None] * stride_xt + col[None, :], mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + rows[:, None] * stride_xt + N + col[None, :], mask=mask, other=0.0).to(tl.float32)
+        u = (gp / (1.0 + tl.exp(-gp)) * up).to(dt).to(tl.float32)
+    s = tl.load(scale_ptr + col, mask=cmask, other=0.0)
+    y = u * s[None, :]
+    for k in tl.static_range(K):
+        # channels past the end of a partial group stay in place (cos 1, sin 0)
+        p = tl.where(cmask, tl.load(partner_ptr + k * N + col, mask=cmask, other=0) - g * G, offs_c)
+        c = tl.load(cos_ptr + k * N + col, mask=cmask, other=1.0)
+        sn = tl.load(sin_ptr + k * N + col, mask=cmask, other=0.0)
         idx = tl.broadcast_to(p[None, :], (BLOCK_T, G))
         yp = tl.gather(y, idx, axis=1)
         y = c[None, :] * y + sn[None, :] * yp

@@ -43,6 +43,9 @@ DECODE_MAX_TOKENS = 1
 #: token per program (`rotated_gemv_splitk_kernel`; each token re-reads the weight, so 1); from
 #: there the row-block kernel with tiles of 16 tokens on tl.dot
 SPLITK_MAX_TOKENS = 1
+#: warps of the fused norm / SiLU-gate + rotation kernel (`prologue_gather_kernel`) at decode; 0: as
+#: the plain gather kernel (`gather_config`)
+PROLOGUE_WARPS = 4
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -279,6 +282,93 @@ def pairwise_rotate_many(x: torch.Tensor, scale: torch.Tensor, partner: torch.Te
                            x2.stride(0), y.stride(1), y.stride(0), K=K, G=group, BLOCK_T=bt,
                            EVEN_N=(n % group == 0), num_warps=warps)
     return y.reshape(S, *x.shape)
+
+
+def _rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The decode loop's RMSNorm (as transformers': statistics in fp32, the weight applied in x's dtype)."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _prologue_launch(pre: int, x, r, weight, eps, scale, partner, cos, sin, group, n):
+    """One launch of `prologue_gather_kernel` (PRE 1: RMSNorm, PRE 2: SiLU-gate); (res or None, y)."""
+    tk, x2, sms = _kernel_input("pairwise prologue", "use the unfused ops instead",
+                                x[..., :n], scale[0], partner[0], cos[0], sin[0], group)
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if cos.shape != partner.shape or sin.shape != partner.shape or scale.shape[1] != partner.shape[2]:
+        raise ValueError(f"cos / sin must be shaped like partner {tuple(partner.shape)} and scale [S, n]")
+    S, K, T = scale.shape[0], partner.shape[1], x2.shape[0]
+    y = torch.empty((S, T, n), dtype=x.dtype, device=x.device)
+    res = None
+    if r is not None:
+        r2 = r.reshape(-1, n)
+        if r2.stride(-1) != 1:
+            r2 = r2.contiguous()
+        res = torch.empty((T, n), dtype=x.dtype, device=x.device)
+    if S == 0 or T == 0 or n == 0:
+        return res, y
+    ng = -(-n // group)
+    bt, warps = gather_config(T, n, group, sms)
+    warps = setting("PROLOGUE_WARPS") or warps
+    block_n = min(_next_pow2(n), max(group, 4096 // bt))
+    w = weight if weight is not None else x2
+    tk.prologue_gather_kernel[(-(-T // bt) * ng, S)](
+        x2, r2 if r is not None else x2, w, res if res is not None else y, y,
+        scale.to(torch.float32).contiguous(), partner.to(torch.int32).contiguous(),
+        cos.to(torch.float32).contiguous(), sin.to(torch.float32).contiguous(), T, n, ng, float(eps),
+        x2.stride(0), r2.stride(0) if r is not None else 0, n, y.stride(1), y.stride(0),
+        PRE=pre, HAS_R=r is not None, K=K, G=group, BLOCK_T=bt, BLOCK_N=block_n, num_warps=warps)
+    return res, y
+
+
+def _prologue_kernels(x, *params) -> bool:
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params))
+    return (_use_kernels(x, *params) or (_interpreting() and not forced_reference() and _triton() is not None
+                                         and not grad))
+
+
+def norm_rotate_many(x: torch.Tensor, r: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                     scale: torch.Tensor, partner: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     group: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, y) with s = x + r (x itself when r is None) and y [S, *x.shape] the S pairwise transforms of
+    rms_norm(s, weight, eps) (`pairwise_rotate_many`'s stacked coefficients): the residual add, the
+    norm before a block of rotated linears and their rotations as one launch on CUDA (or under the
+    interpreter), so the rotation costs no launch of its own in a decode step. The norm is the decode
+    loop's: statistics in fp32, s and the normalized row rounded to x's dtype before and after the
+    weight. Elsewhere the same ops unfused."""
+    if scale.dim() != 2 or partner.dim() != 3 or partner.shape[0] != scale.shape[0]:
+        raise ValueError(f"stacked coefficients expected: scale [S, n], partner / cos / sin [S, K, n]; got "
+                         f"{tuple(scale.shape)}, {tuple(partner.shape)}")
+    if r is not None and r.shape != x.shape:
+        raise ValueError(f"x and r must have one shape, got {tuple(x.shape)} and {tuple(r.shape)}")
+    if not _prologue_kernels(x, scale, cos, sin, weight):
+        s = x if r is None else x + r
+        return s, pairwise_rotate_many(_rms_norm_ref(s, weight, eps), scale, partner, cos, sin, group)
+    n = x.shape[-1]
+    res, y = _prologue_launch(1, x, r, weight, eps, scale, partner, cos, sin, group, n)
+    return (x if res is None else res.reshape(x.shape)), y.reshape(y.shape[0], *x.shape)
+
+
+def silu_mul_rotate_many(gu: torch.Tensor, scale: torch.Tensor, partner: torch.Tensor, cos: torch.Tensor,
+                         sin: torch.Tensor, group: int = 128) -> torch.Tensor:
+    """y [S, ..., n]: the S pairwise transforms of silu(gate) * up, gu = [gate | up] [..., 2n] (a fused
+    MLP's output), in one launch on CUDA (or under the interpreter); the product in fp32, rounded to
+    gu's dtype once (as the compiled decode step computes it). Elsewhere the ops unfused."""
+    if scale.dim() != 2 or partner.dim() != 3 or partner.shape[0] != scale.shape[0]:
+        raise ValueError(f"stacked coefficients expected: scale [S, n], partner / cos / sin [S, K, n]; got "
+                         f"{tuple(scale.shape)}, {tuple(partner.shape)}")
+    n = gu.shape[-1] // 2
+    if gu.shape[-1] != 2 * n or scale.shape[1] != n:
+        raise ValueError(f"gu must be [..., 2n] with n = {scale.shape[1]} (the transforms' width), "
+                         f"got {tuple(gu.shape)}")
+    if not _prologue_kernels(gu, scale, cos, sin):
+        g, u = gu.float().chunk(2, dim=-1)
+        return pairwise_rotate_many((F.silu(g) * u).to(gu.dtype), scale, partner, cos, sin, group)
+    _, y = _prologue_launch(2, gu, None, None, 0.0, scale, partner, cos, sin, group, n)
+    return y.reshape(y.shape[0], *gu.shape[:-1], n)
 
 
 def _use_kernels(x, *params) -> bool:

@@ -200,6 +200,14 @@ class QuantizedLinear(nn.Module):
         return quant_linear(x, self.qweight, self.scales, self.zeros, self.bits, self.kernel_group_size,
                             self.in_features, perm=self.perm, in_scale=self.in_scale, bias=self.bias, rot=rot)
 
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """The packed product of an input whose online transform has already run (the decode loop
+        fuses a pairwise transform into the kernel that produces x); no transform, no act quant."""
+        from ..kernels.quant import quant_linear
+
+        return quant_linear(x, self.qweight, self.scales, self.zeros, self.bits, self.kernel_group_size,
+                            self.in_features, perm=self.perm, in_scale=self.in_scale, bias=self.bias)
+
     def extra_repr(self) -> str:
         g = {-1: "per channel", 0: "per tensor"}.get(self.group_size, f"group {self.group_size}")
         extra = ", act order" if self.perm is not None else ""
