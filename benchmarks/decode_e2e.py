@@ -52,7 +52,8 @@ VARIANTS = {"bf16": None, "w4": (4, False), "w3": (3, False), "w2": (2, False), 
 # A variant name may end in "+pdl": the same model, its packed GEMVs launched as programmatic dependent
 # launches (LOWBIT_QUANT_GEMV_PDL=1 while it is built, captured and timed); in "+unfused" (pairwise
 # variants): the linears with their own transforms not fused in the decode loop; "+noprologue": their
-# rotations launched on their own instead of inside the norm / SiLU-gate kernels (see `launch_options`).
+# rotations launched on their own instead of inside the norm / SiLU-gate kernels; "+sdpa": one-token steps
+# attend through scaled_dot_product_attention instead of lowbit's decode attention kernel (see `launch_options`).
 # "-head" variants: the lm_head (128256 x 4096, 1.05 GB read per token in bf16) packed too, at the
 # decoder linears' width and group 128 (not a default variant: what quantizing the head would buy)
 DEFAULT_VARIANTS = ("bf16", "w4", "w3", "w2", "w4-pair", "vq-e8")
@@ -124,15 +125,17 @@ def launch_options(variant: str):
 
     key, old = "LOWBIT_QUANT_GEMV_PDL", os.environ.get("LOWBIT_QUANT_GEMV_PDL")
     os.environ[key] = "1" if "+pdl" in variant else "0"
-    group, prologue = D._pairwise_group, D.PROLOGUE_ROTATIONS
+    group, prologue, attention = D._pairwise_group, D.PROLOGUE_ROTATIONS, D.DECODE_ATTENTION
     if "+unfused" in variant:
         D._pairwise_group = lambda mods: False
     if "+noprologue" in variant:
         D.PROLOGUE_ROTATIONS = False
+    if "+sdpa" in variant:
+        D.DECODE_ATTENTION = False
     try:
         yield
     finally:
-        D._pairwise_group, D.PROLOGUE_ROTATIONS = group, prologue
+        D._pairwise_group, D.PROLOGUE_ROTATIONS, D.DECODE_ATTENTION = group, prologue, attention
         if old is None:
             os.environ.pop(key, None)
         else:
@@ -257,7 +260,7 @@ def main() -> None:
         t0 = time.perf_counter()
         if base_variant(variant) not in VARIANTS:
             raise SystemExit(f"unknown variant {variant!r}: one of {', '.join(VARIANTS)} (optionally +pdl, "
-                             "+unfused, +noprologue)")
+                             "+unfused, +noprologue, +sdpa)")
         try:
             with launch_options(variant):
                 model = build(SHAPES[args.shape], variant, device, shared, gen)

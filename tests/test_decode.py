@@ -232,3 +232,50 @@ def test_rotations_fused_into_their_producers(monkeypatch):
         want = apart.forward(prompt, pos)
     assert calls == [1, 1, 2] * 2
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_decode_attention_kernel_in_the_loop(monkeypatch):
+    """Under the interpreter one-token steps run `kernels.attention` (o's transform fused into it when its
+    groups are the heads: head size 32 here) and give the logits of SDPA + separate rotations."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("interpreter test: no CUDA")
+    import importlib
+
+    import transformers as tf
+
+    import lowbit.decode as D
+    import lowbit.kernels._attention_triton as ta
+    import lowbit.kernels._pairwise_triton as tp
+    import lowbit.kernels._quant_triton as tq
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for m in (ta, tp, tq):
+        importlib.reload(m)
+    cfg = tf.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=64)
+
+    def model():
+        torch.manual_seed(0)
+        m = tf.AutoModelForCausalLM.from_config(cfg).eval()
+        for i, blk in enumerate(m.model.layers):
+            for j, (parent, name) in enumerate([(blk.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+                                               + [(blk.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]):
+                lin = getattr(parent, name)
+                setattr(parent, name, _pairwise_packed(lin.in_features, [lin.out_features], seed=10 * i + j)[0])
+        return m
+
+    prompt = tiny_tokens(1, 5)
+    with torch.no_grad():
+        fused = DecodeModel(model(), max_len=16)
+        assert fused.attn_kernel and all(L.o_rot is not None for L in fused.layers)
+        monkeypatch.setattr(D, "PROLOGUE_ROTATIONS", False)
+        monkeypatch.setattr(D, "DECODE_ATTENTION", False)
+        apart = DecodeModel(model(), max_len=16)
+        assert not apart.attn_kernel and all(L.o_rot is None for L in apart.layers)
+        ids = prompt
+        for step in range(3):
+            pos = torch.arange(5) if step == 0 else torch.tensor([4 + step])
+            got, want = fused.forward(ids, pos), apart.forward(ids, pos)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            ids = want[:, -1:].argmax(-1)

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .kernels.attention import decode_attention
 from .kernels.pairwise import norm_rotate_many, silu_mul_rotate_many
 from .nn.quantized import QuantizedLinear
 from .nn.vector import VectorQuantizedLinear
@@ -270,16 +271,22 @@ class _Layer:
     in_rot: tuple | None = None
     post_rot: tuple | None = None
     down_rot: tuple | None = None
+    o_rot: tuple | None = None      # o's transform, fused into the decode attention kernel's output
 
 
 #: fuse pairwise transforms into the kernel that produces their input (residual add + RMSNorm before
 #: q/k/v and gate/up, SiLU-gate before down) on CUDA: 3 of the 4 rotation launches of a layer go
 #: (benchmarks may switch it off to compare)
 PROLOGUE_ROTATIONS = True
+#: one-token steps on CUDA run attention in lowbit's decode kernel (`kernels.attention`) instead of
+#: `scaled_dot_product_attention` with a mask; it also applies o's pairwise transform to its output
+DECODE_ATTENTION = True
 
 
-def prologue_rotations(layer: _Layer, device: torch.device) -> None:
-    """Set the layer's fused-prologue coefficients where its linears allow (see `_Layer`)."""
+def prologue_rotations(layer: _Layer, device: torch.device, head_dim: int | None = None) -> None:
+    """Set the layer's fused-prologue coefficients where its linears allow (see `_Layer`); with
+    `head_dim` (the decode attention kernel is used) also o's when its rotation groups are the heads."""
+    from .kernels.attention import applies
     from .transforms.online import PairwiseInput
 
     if len(layer.qkv) == 1 and isinstance(layer.qkv[0], RotatedGroupLinear):
@@ -290,6 +297,10 @@ def prologue_rotations(layer: _Layer, device: torch.device) -> None:
     if isinstance(d, QuantizedLinear) and isinstance(d.transform, PairwiseInput) and d.act_bits is None:
         # contiguous once here (cos / sin may be views of wider tensors): not copied again at every step
         layer.down_rot = (*(t[None].contiguous() for t in d.transform.coefficients(device)[:4]), d.transform.group)
+    o = layer.o
+    if head_dim is not None and isinstance(o, QuantizedLinear) and isinstance(o.transform, PairwiseInput) and \
+            o.act_bits is None and applies(head_dim, (None,) * 4 + (o.transform.group,)):
+        layer.o_rot = (*(t[None].contiguous() for t in o.transform.coefficients(device)[:4]), o.transform.group)
 
 
 class DecodeModel:
@@ -324,9 +335,13 @@ class DecodeModel:
         del inner.layers  # the fused modules replace the originals (frees the unfused copies)
         from .kernels._common import interpreting
 
-        if PROLOGUE_ROTATIONS and (self.device.type == "cuda" or interpreting()):
+        from .kernels.attention import applies
+
+        kernels = self.device.type == "cuda" or interpreting()
+        self.attn_kernel = DECODE_ATTENTION and kernels and applies(self.head_dim)
+        if PROLOGUE_ROTATIONS and kernels:
             for L in self.layers:
-                prologue_rotations(L, self.device)
+                prologue_rotations(L, self.device, self.head_dim if self.attn_kernel else None)
         pos = torch.arange(max_len, device=self.device)
         probe = torch.zeros(1, device=self.device, dtype=self.dtype)
         cos, sin = inner.rotary_emb(probe, pos[None])
@@ -356,13 +371,15 @@ class DecodeModel:
         ops = self.ops
         x = self.embed(ids)
         cos, sin = self.cos.index_select(0, pos), self.sin.index_select(0, pos)
-        allowed = self.key_pos[None, :] <= pos[:, None]  # [T, max_len]
-        if self.window is not None:
-            allowed = allowed & (self.key_pos[None, :] > pos[:, None] - self.window)
-        # an additive mask made once per step: a boolean one is converted to this by every attention
-        # call (three small kernels per layer)
-        mask = torch.zeros(allowed.shape, device=x.device, dtype=x.dtype).masked_fill_(~allowed, float("-inf"))
-        mask = mask[None, None]
+        attn_kernel = self.attn_kernel and T == 1
+        if not attn_kernel:
+            allowed = self.key_pos[None, :] <= pos[:, None]  # [T, max_len]
+            if self.window is not None:
+                allowed = allowed & (self.key_pos[None, :] > pos[:, None] - self.window)
+            # an additive mask made once per step: a boolean one is converted to this by every attention
+            # call (three small kernels per layer)
+            mask = torch.zeros(allowed.shape, device=x.device, dtype=x.dtype).masked_fill_(~allowed, float("-inf"))
+            mask = mask[None, None]
         r = None
         for i, L in enumerate(self.layers):
             if L.in_rot is not None:
@@ -380,9 +397,13 @@ class DecodeModel:
                 q, k = ops.rms_norm(q, L.q_norm, self.eps), ops.rms_norm(k, L.k_norm, self.eps)
             q = ops.rope_store(q, k, v.view(B, T, self.kv_heads, self.head_dim), cos, sin, self.k_cache[i],
                                self.v_cache[i], pos)
-            a = F.scaled_dot_product_attention(q.transpose(1, 2), self.k_cache[i], self.v_cache[i], attn_mask=mask,
-                                               enable_gqa=self.kv_heads != self.heads)
-            a = L.o(a.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
+            if attn_kernel:   # o's transform (if any) applied by the attention kernel
+                a = decode_attention(q, self.k_cache[i], self.v_cache[i], pos, self.window, L.o_rot)
+                a = L.o.matmul(a) if L.o_rot is not None else L.o(a)
+            else:
+                a = F.scaled_dot_product_attention(q.transpose(1, 2), self.k_cache[i], self.v_cache[i],
+                                                   attn_mask=mask, enable_gqa=self.kv_heads != self.heads)
+                a = L.o(a.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
             if L.post_rot is not None:
                 x, hs = norm_rotate_many(x, a, L.post_norm, self.eps, *L.post_rot)
                 gu = L.gate_up[0].from_rotated(hs)
