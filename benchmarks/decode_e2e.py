@@ -52,8 +52,9 @@ VARIANTS = {"bf16": None, "w4": (4, False), "w3": (3, False), "w2": (2, False), 
 # A variant name may end in "+pdl": the same model, its packed GEMVs launched as programmatic dependent
 # launches (LOWBIT_QUANT_GEMV_PDL=1 while it is built, captured and timed); in "+unfused" (pairwise
 # variants): the linears with their own transforms not fused in the decode loop; "+noprologue": their
-# rotations launched on their own instead of inside the norm / SiLU-gate kernels; "+sdpa": one-token steps
-# attend through scaled_dot_product_attention instead of lowbit's decode attention kernel (see `launch_options`).
+# rotations launched on their own instead of inside the norm / SiLU-gate kernels; "+attn": one-token steps
+# attend through lowbit's decode attention kernel instead of scaled_dot_product_attention (off by default:
+# slower at batch 1), which also takes o's rotation (see `launch_options`).
 # "-head" variants: the lm_head (128256 x 4096, 1.05 GB read per token in bf16) packed too, at the
 # decoder linears' width and group 128 (not a default variant: what quantizing the head would buy)
 DEFAULT_VARIANTS = ("bf16", "w4", "w3", "w2", "w4-pair", "vq-e8")
@@ -130,8 +131,8 @@ def launch_options(variant: str):
         D._pairwise_group = lambda mods: False
     if "+noprologue" in variant:
         D.PROLOGUE_ROTATIONS = False
-    if "+sdpa" in variant:
-        D.DECODE_ATTENTION = False
+    if "+attn" in variant:
+        D.DECODE_ATTENTION = True
     try:
         yield
     finally:
@@ -260,7 +261,7 @@ def main() -> None:
         t0 = time.perf_counter()
         if base_variant(variant) not in VARIANTS:
             raise SystemExit(f"unknown variant {variant!r}: one of {', '.join(VARIANTS)} (optionally +pdl, "
-                             "+unfused, +noprologue, +sdpa)")
+                             "+unfused, +noprologue, +attn)")
         try:
             with launch_options(variant):
                 model = build(SHAPES[args.shape], variant, device, shared, gen)
@@ -297,7 +298,7 @@ def main() -> None:
             f"prefill {row['prefill_tok_s']:.0f} tok/s" for row in r["rows"]) + f" [{r['total_s']:.0f} s]", flush=True)
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=1))
-    base = result["variants"].get("bf16", {}).get("rows")
+    base = next((r.get("rows") for v, r in result["variants"].items() if base_variant(v) == "bf16"), None)
     print("\n| variant | GB | " + " | ".join(f"b{b} tok/s | b{b} vs bf16 | b{b} % bound" for b in batches) + " |")
     print("|---|---|" + "---|---|---|" * len(batches))
     for v, r in result["variants"].items():

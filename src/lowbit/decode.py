@@ -279,8 +279,11 @@ class _Layer:
 #: (benchmarks may switch it off to compare)
 PROLOGUE_ROTATIONS = True
 #: one-token steps on CUDA run attention in lowbit's decode kernel (`kernels.attention`) instead of
-#: `scaled_dot_product_attention` with a mask; it also applies o's pairwise transform to its output
-DECODE_ATTENTION = True
+#: `scaled_dot_product_attention` with a mask; it also applies o's pairwise transform to its output.
+#: Off: one program per (sequence, head) walking the cache is slower than SDPA at batch 1 (H100, 8B
+#: shape, 384 positions: 382 against 218 us per step; BENCHMARKS.md), more than the 92 us of o's
+#: rotation launches it saves
+DECODE_ATTENTION = False
 
 
 def prologue_rotations(layer: _Layer, device: torch.device, head_dim: int | None = None) -> None:

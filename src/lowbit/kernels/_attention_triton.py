@@ -36,7 +36,8 @@ if _sum_combine is None:   # tl.sum's combine is private; the interpreter sums i
 def decode_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, scale_ptr, partner_ptr, cos_ptr, sin_ptr,
                             H, GQA, window, sm_scale,
                             stride_qb, stride_qh, stride_kb, stride_kh, stride_kl, stride_ob,
-                            D: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, ROT_K: tl.constexpr):
+                            D: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, ROT_K: tl.constexpr,
+                            STAGES: tl.constexpr):
     pid = tl.program_id(0)
     b = (pid // H).to(tl.int64)
     h = pid % H
@@ -52,7 +53,7 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, scale_ptr, part
     m = tl.full([1], float("-inf"), tl.float32)
     den = tl.full([1], 0.0, tl.float32)
     acc = tl.full([1, D], 0.0, tl.float32)
-    for start in range((lo // BLOCK_N) * BLOCK_N, pos + 1, BLOCK_N):
+    for start in tl.range((lo // BLOCK_N) * BLOCK_N, pos + 1, BLOCK_N, num_stages=STAGES):
         offs = start + tl.arange(0, BLOCK_N)
         ok = (offs <= pos) & (offs >= lo)
         rows = offs.to(tl.int64)[:, None] * stride_kl + d[None, :]

@@ -23,8 +23,10 @@ from torch.nn import functional as F
 
 from ._common import cuda_kernels, forced_reference, interpreting, load_kernels
 
-#: cache positions per block of the key loop
+#: cache positions per block of the key loop, warps per program, software-pipelining stages of the loop
 BLOCK_N = 64
+NUM_WARPS = 4
+STAGES = 1
 
 
 def _triton():
@@ -86,5 +88,5 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     tk.decode_attention_kernel[(B * H,)](
         q2, k_cache, v_cache, out, pos, scale, partner, cos, sin, H, H // Hkv, int(window or 0), 1 / math.sqrt(D),
         q2.stride(0), q2.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0),
-        D=D, BLOCK_N=BLOCK_N, WINDOW=window is not None, ROT_K=rk, num_warps=4)
+        D=D, BLOCK_N=BLOCK_N, WINDOW=window is not None, ROT_K=rk, STAGES=STAGES, num_warps=NUM_WARPS)
     return out
