@@ -132,13 +132,18 @@ def _gptq_unpack(packed: torch.Tensor, bits: int, n: int, dim: int) -> torch.Ten
 
 
 @pytest.mark.parametrize("family,kw", CASES)
-def test_gptq_layout_decodes_to_lowbit_weights(tmp_path, family, kw):
+@pytest.mark.parametrize("checkpoint_format", ["auto", "gptq_v2"])
+def test_gptq_layout_decodes_to_lowbit_weights(tmp_path, family, kw, checkpoint_format):
     path = _ckpt(tmp_path, family, **kw)
     if kw["bits"] not in (2, 3, 4, 8):
         pytest.skip("width GPTQ does not pack")
-    out = export(path, "gptq", tmp_path / "gptq")
+    out = export(path, "gptq", tmp_path / "gptq", checkpoint_format=checkpoint_format)
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "gptq" and cfg["bits"] == kw["bits"] and cfg["sym"] is False
+    if checkpoint_format == "gptq_v2":
+        assert cfg["checkpoint_format"] == "gptq_v2"
+    notes = json.loads((out / "lowbit_export.json").read_text())["notes"]
+    assert any("GPTQModel 7.7 refuses" in n for n in notes) == (cfg["checkpoint_format"] == "gptq")
     sd = load_file(str(out / "model.safetensors"))
     lb = checkpoint.load(path, dtype=torch.float32)
     v1 = cfg["checkpoint_format"] == "gptq"
@@ -238,6 +243,17 @@ def test_cli_export(tmp_path):
     r = CliRunner().invoke(app, ["export", str(path), "--format", "compressed-tensors", "--scale-dtype", "fp8",
                                  "--out", str(tmp_path / "c")])
     assert r.exit_code == 2 and "fp16 or fp32" in r.output
+    for flag, written in (("v2", "gptq_v2"), ("v1", "gptq")):
+        r = CliRunner().invoke(app, ["export", str(path), "--format", "gptq", "--gptq-format", flag, "--overwrite",
+                                     "--out", str(tmp_path / "g")])
+        assert r.exit_code == 0, r.output
+        cfg = json.loads((tmp_path / "g" / "config.json").read_text())["quantization_config"]
+        assert cfg["checkpoint_format"] == written
+    r = CliRunner().invoke(app, ["export", str(path), "--format", "gptq", "--gptq-format", "v3", "--out",
+                                 str(tmp_path / "g3")])
+    assert r.exit_code == 2 and "auto, v1 or v2" in r.output
+    with pytest.raises(ExportError, match="checkpoint_format"):
+        export(path, "gptq", tmp_path / "g4", checkpoint_format="v9")
 
 
 def _ct_logits(out, toks):
