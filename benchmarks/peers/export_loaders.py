@@ -19,6 +19,9 @@ With --checkpoint (a lowbit checkpoint of a real model, e.g. SmolLM2 quantized w
 export (and ParoQuant when it exports) with the per-token NLL of lowbit's model on `--windows` evaluation
 windows of 512 tokens of sotu-modern (the protocol's windows), so `check` compares PPL and per-token NLL.
 
+`check-reference` (GPU only: benchmarks/peers/export_loaders_gpu.sh) reads the ParoQuant cases with the reference
+package's own transformers loader instead.
+
 `check` prints one line per case (max |logit diff| / max |logit| for tiny cases; PPL of both and the mean
 |NLL diff| for real ones), writes check.json, and exits 1 when a case is outside its tolerance (or a negative
 control is inside it).
@@ -195,9 +198,50 @@ def check(out: Path, device: str, dtype: str) -> int:
     return 1 if bad else 0
 
 
+def check_reference(out: Path) -> int:
+    """The ParoQuant cases read by the reference package's own transformers loader (z-lab paroquant 0.1.16:
+    its HfQuantizer, the JIT-built CUDA rotation op, AutoAWQ's GEMM), fp16 on CUDA. Needs a GPU and nvcc;
+    benchmarks/peers/export_loaders_gpu.sh sets it up."""
+    import types
+
+    if "datasets" not in sys.modules:  # autoawq imports it at package level for calibration only
+        ds = types.ModuleType("datasets")
+        ds.load_dataset, ds.Dataset = None, object
+        sys.modules["datasets"] = ds
+    import paroquant
+    import paroquant.inference.backends.transformers.quantizer  # noqa: F401  registers quant_method paroquant
+    from transformers import AutoModelForCausalLM
+
+    cases = [c for c in json.loads((out / "cases.json").read_text()) if c["folder"].startswith("paro")]
+    tiny = torch.load(out / "tiny_ref.pt")
+    results, bad = [], 0
+    for c in cases:
+        row = {"case": c["name"], "control": c.get("control", False)}
+        try:
+            m = AutoModelForCausalLM.from_pretrained(str(out / c["folder"]), dtype=torch.float16, device_map="cuda")
+            row["modules"] = sorted({type(x).__name__ for x in m.modules() if hasattr(x, "qweight")})
+            with torch.no_grad():
+                got = m(input_ids=tiny["ids"].cuda()).logits.float().cpu()
+            ref = tiny[c["ref"]]
+            row["rel_max_diff"] = float((got - ref).abs().max() / ref.abs().max())
+            ok = row["rel_max_diff"] < TINY_TOL
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            ok = False
+        row["agrees"] = ok
+        bad += ok == row["control"]
+        results.append(row)
+        print(json.dumps(row))
+    meta = {"paroquant": getattr(paroquant, "__version__", "0.1.16"), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "tiny_tol": TINY_TOL}
+    (out / "check_reference.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    print(f"{len(results) - bad} of {len(results)} cases as expected ({meta})")
+    return 1 if bad or not results else 0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("step", choices=["make", "check"])
+    ap.add_argument("step", choices=["make", "check", "check-reference"])
     ap.add_argument("out")
     ap.add_argument("--checkpoint", help="make: a lowbit checkpoint of a real model to export as well")
     ap.add_argument("--no-tiny", action="store_true", help="make: skip the tiny cases")
@@ -207,8 +251,10 @@ def main() -> None:
     a = ap.parse_args()
     if a.step == "make":
         make(Path(a.out), a.checkpoint, a.windows, not a.no_tiny)
-    else:
+    elif a.step == "check":
         sys.exit(check(Path(a.out), a.device, a.dtype))
+    else:
+        sys.exit(check_reference(Path(a.out)))
 
 
 if __name__ == "__main__":
