@@ -1,8 +1,9 @@
 """Export sizes and logits agreement on the real SmolLM2-135M: quantize once (RTN W4 asym g64, no act order,
 so that every format can hold it), save, export to each format, reload each export with its reader and
-compare logits with lowbit's own packed model on the first evaluation windows. Prints a markdown table.
+compare logits and the perplexity on the same windows with lowbit's own packed model on the first evaluation
+windows (512 tokens of sotu-modern). Prints a markdown table.
 
-    python benchmarks/export_sizes.py [--out out/export-bench] [--windows 2]
+    python benchmarks/export_sizes.py [--out out/export-bench] [--recipe rtn-w4-g64] [--windows 2]
 """
 
 from __future__ import annotations
@@ -37,20 +38,24 @@ def main() -> None:
         checkpoint.save(model, result, ck, tok, overwrite=True)
     ref_model, tok = checkpoint.load(ck, dtype=torch.float32, with_tokenizer=True)
     ids = eval_windows(tokenize(tok, load_text("sotu-modern")), args.windows, 512)
+    def ppl(logits):
+        return float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).double(), ids[:, 1:].flatten()).exp())
+
     with torch.no_grad():
         ref = ref_model(input_ids=ids).logits
-    rows = [("lowbit/2", checkpoint.checkpoint_bytes(ck), 0.0, "lowbit.load")]
+    rows = [("lowbit/2", checkpoint.checkpoint_bytes(ck), 0.0, "lowbit.load", ppl(ref))]
     from transformers import AutoModelForCausalLM
 
     m = AutoModelForCausalLM.from_pretrained(ck, dtype=torch.float32)
     with torch.no_grad():
+        got = m(input_ids=ids).logits
         rows.append(("lowbit/2 via transformers", checkpoint.checkpoint_bytes(ck),
-                     float((m(input_ids=ids).logits - ref).abs().max()), "AutoModelForCausalLM + import lowbit"))
+                     float((got - ref).abs().max()), "AutoModelForCausalLM + import lowbit", ppl(got)))
     for fmt in ("compressed-tensors", "gptq"):
         t = time.time()
         p = export(ck, fmt, out / fmt, overwrite=True)
         secs = time.time() - t
-        diff = float("nan")
+        diff = p_ = float("nan")
         reader = "-"
         if fmt == "compressed-tensors":
             from transformers import CompressedTensorsConfig
@@ -58,12 +63,14 @@ def main() -> None:
             m = AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32,
                                                      quantization_config=CompressedTensorsConfig(dequantize=True))
             with torch.no_grad():
-                diff = float((m(input_ids=ids).logits - ref).abs().max())
+                got = m(input_ids=ids).logits
+            diff, p_ = float((got - ref).abs().max()), ppl(got)
             reader = "transformers + compressed-tensors (dequantize)"
-        rows.append((f"{fmt} ({secs:.1f} s)", checkpoint.checkpoint_bytes(p), diff, reader))
-    lines = ["| checkpoint | bytes | MB | max abs logit diff vs lowbit | read by |", "|---|---|---|---|---|"]
-    for name, b, d, r in rows:
-        lines.append(f"| {name} | {b} | {b / 1e6:.1f} | {d:.2e} | {r} |")
+        rows.append((f"{fmt} ({secs:.1f} s)", checkpoint.checkpoint_bytes(p), diff, reader, p_))
+    lines = [f"| checkpoint | bytes | MB | max abs logit diff vs lowbit | PPL ({args.windows} windows) | read by |",
+             "|---|---|---|---|---|---|"]
+    for name, b, d, r, pp in rows:
+        lines.append(f"| {name} | {b} | {b / 1e6:.1f} | {d:.2e} | {pp:.4f} | {r} |")
     print("\n".join(lines))
     (out / "export_sizes.json").write_text(json.dumps(rows, indent=1))
 

@@ -652,6 +652,8 @@ def export_(
     out: str = typer.Option(..., "--out", help="Folder to write (atomically)."),
     scale_dtype: str = typer.Option("fp16", help="compressed-tensors: dtype of weight_scale (fp16, or fp32: "
                                                  "loaders that dequantize in the scale's dtype are then exact)."),
+    gptq_format: str = typer.Option("auto", help="gptq: checkpoint_format v1 (vLLM, transformers), v2 (GPTQModel "
+                                                  "reads asymmetric files only so), or auto (v1 unless a zero is 0)."),
     overwrite: bool = typer.Option(False, help="Replace OUT if it is an earlier lowbit export."),
 ) -> None:
     """Write a lowbit checkpoint in a format other tools load (transformers, vLLM, GPTQModel);
@@ -669,6 +671,11 @@ def export_(
             if dt is None:
                 raise ExportError(f"--scale-dtype must be fp16 or fp32, got {scale_dtype!r}")
             kw["scale_dtype"] = dt
+        if fmt == "gptq":
+            cf = {"auto": "auto", "v1": "gptq", "v2": "gptq_v2"}.get(gptq_format)
+            if cf is None:
+                raise ExportError(f"--gptq-format must be auto, v1 or v2, got {gptq_format!r}")
+            kw["checkpoint_format"] = cf
         path = export(checkpoint, fmt, out, overwrite=overwrite, **kw)
     except (*_user_errors(), ExportError) as e:
         _fail(e)

@@ -132,13 +132,18 @@ def _gptq_unpack(packed: torch.Tensor, bits: int, n: int, dim: int) -> torch.Ten
 
 
 @pytest.mark.parametrize("family,kw", CASES)
-def test_gptq_layout_decodes_to_lowbit_weights(tmp_path, family, kw):
+@pytest.mark.parametrize("checkpoint_format", ["auto", "gptq_v2"])
+def test_gptq_layout_decodes_to_lowbit_weights(tmp_path, family, kw, checkpoint_format):
     path = _ckpt(tmp_path, family, **kw)
     if kw["bits"] not in (2, 3, 4, 8):
         pytest.skip("width GPTQ does not pack")
-    out = export(path, "gptq", tmp_path / "gptq")
+    out = export(path, "gptq", tmp_path / "gptq", checkpoint_format=checkpoint_format)
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "gptq" and cfg["bits"] == kw["bits"] and cfg["sym"] is False
+    if checkpoint_format == "gptq_v2":
+        assert cfg["checkpoint_format"] == "gptq_v2"
+    notes = json.loads((out / "lowbit_export.json").read_text())["notes"]
+    assert any("GPTQModel 7.7 refuses" in n for n in notes) == (cfg["checkpoint_format"] == "gptq")
     sd = load_file(str(out / "model.safetensors"))
     lb = checkpoint.load(path, dtype=torch.float32)
     v1 = cfg["checkpoint_format"] == "gptq"
@@ -238,3 +243,114 @@ def test_cli_export(tmp_path):
     r = CliRunner().invoke(app, ["export", str(path), "--format", "compressed-tensors", "--scale-dtype", "fp8",
                                  "--out", str(tmp_path / "c")])
     assert r.exit_code == 2 and "fp16 or fp32" in r.output
+    for flag, written in (("v2", "gptq_v2"), ("v1", "gptq")):
+        r = CliRunner().invoke(app, ["export", str(path), "--format", "gptq", "--gptq-format", flag, "--overwrite",
+                                     "--out", str(tmp_path / "g")])
+        assert r.exit_code == 0, r.output
+        cfg = json.loads((tmp_path / "g" / "config.json").read_text())["quantization_config"]
+        assert cfg["checkpoint_format"] == written
+    r = CliRunner().invoke(app, ["export", str(path), "--format", "gptq", "--gptq-format", "v3", "--out",
+                                 str(tmp_path / "g3")])
+    assert r.exit_code == 2 and "auto, v1 or v2" in r.output
+    with pytest.raises(ExportError, match="checkpoint_format"):
+        export(path, "gptq", tmp_path / "g4", checkpoint_format="v9")
+
+
+def _ct_logits(out, toks):
+    """Logits of a compressed-tensors export read back by transformers (the dequantize route, fp32)."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    m = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
+                                             quantization_config=CompressedTensorsConfig(dequantize=True))
+    with torch.no_grad():
+        return m(input_ids=toks).logits
+
+
+def _decompress_by_group(out):
+    """{linear name: weight} decoded by compressed-tensors' own pack-quantized decompressor, every linear
+    with the scheme of the config group whose targets name it (how vLLM and the compressed route assign them)."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+
+    groups = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]
+    sd = load_file(str(out / "model.safetensors"))
+    weights = {}
+    for g in groups.values():
+        scheme = QuantizationScheme.model_validate(g)
+        for name in g["targets"]:
+            local = {k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(name + ".weight_")}
+            weights[name] = BaseCompressor.get_value_from_registry(g["format"]).decompress(local, scheme)["weight"]
+    return weights
+
+
+@pytest.mark.parametrize("grid", [dict(), dict(symmetric=True, sym_grid="int")])
+def test_mixed_widths_export_to_compressed_tensors_one_group_per_width(tmp_path, grid):
+    """A bit budget gives layers of several widths: compressed-tensors holds them (one config group per width,
+    the layers named as targets), and compressed-tensors' decompressor gives lowbit's weights; GPTQ (one
+    width per checkpoint) refuses. transformers 5.25 reads it right only through its compressed route
+    (symmetric exports): its dequantize route decodes every dense layer with the first group's scheme,
+    which the export's notes say."""
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    path = _ckpt(tmp_path, method="rtn", bits=4, group_size=16, bit_budget={"target": 5.0, "bits": (2, 4)}, **grid)
+    lb = checkpoint.load(path, dtype=torch.float32)
+    widths = {n: m.bits for n, m in lb.named_modules() if isinstance(m, QuantizedLinear)}
+    assert set(widths.values()) == {2, 4}  # the budget mixed the widths (else this test shows nothing)
+    out = export(path, "compressed-tensors", tmp_path / "ct", scale_dtype=torch.float32)
+    groups = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert len(groups) == 2
+    for g in groups.values():
+        assert {widths[t] for t in g["targets"]} == {g["weights"]["num_bits"]}
+        assert g["weights"]["symmetric"] is bool(grid)
+    assert sorted(t for g in groups.values() for t in g["targets"]) == sorted(widths)
+    decoded = _decompress_by_group(out)
+    for name, w in decoded.items():
+        assert torch.equal(w.float(), lb.get_submodule(name).dequantize()), name
+    notes = json.loads((out / "lowbit_export.json").read_text())["notes"]
+    assert any("first config group" in n for n in notes)
+    if grid:  # the compressed route (plain from_pretrained) assigns each layer its group's scheme
+        toks = tiny_tokens(2, 16)
+        m = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+        with torch.no_grad():
+            torch.testing.assert_close(m(input_ids=toks).logits, _lowbit_logits(path, toks), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ExportError, match="mixed widths"):
+        export(path, "gptq", tmp_path / "gptq")
+
+
+def test_folded_rotation_exports_as_plain_weights(tmp_path):
+    """R1/R2 folded into the weights (no online R4): the exports hold the rotated weights and read back as
+    lowbit's model. R3 (online on keys, exact in floating point) is dropped with a note."""
+    pytest.importorskip("compressed_tensors")
+    path = _ckpt(tmp_path, method="rtn", bits=4, group_size=16, rotation={"kind": "hadamard", "r4": False, "r3": True})
+    lb = checkpoint.load(path, dtype=torch.float32)
+    assert not [m for m in lb.modules() if isinstance(m, QuantizedLinear) and m.transform is not None]
+    assert all(v is None for k, v in exportable_formats(path).items() if k != "paroquant")
+    out = export(path, "compressed-tensors", tmp_path / "ct", scale_dtype=torch.float32)
+    notes = json.loads((out / "lowbit_export.json").read_text())["notes"]
+    assert any(n.startswith("R3") for n in notes)
+    toks = tiny_tokens(2, 16)
+    got, ref = _ct_logits(out, toks), _lowbit_logits(path, toks)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)  # R3 removed: equal up to float rounding
+    # R1 is folded into the embedding the export carries (else this is not a rotated model)
+    emb = load_file(str(out / "model.safetensors"))["model.embed_tokens.weight"]
+    assert torch.equal(emb, lb.model.embed_tokens.weight)
+    assert not torch.allclose(emb, tiny_model("llama").model.embed_tokens.weight, atol=1e-2)
+
+
+@pytest.mark.parametrize("family,kw,match", [
+    ("llama", dict(rotation="hadamard"), "online Hadamard \\(R4\\)"),
+    ("gemma3_text", dict(rotation={"kind": "hadamard", "r4": False}), "post-norm"),
+    ("llama", dict(act_quant={"bits": 8}), "activations are quantized"),
+    ("llama", dict(bit_budget={"target": 5.0, "bits": (2, 4)}, sym_grid="int", symmetric=True), "mixed widths"),
+])
+def test_online_parts_and_mixed_layers_are_refused(tmp_path, family, kw, match):
+    path = _ckpt(tmp_path, family, **{"method": "rtn", "bits": 4, "group_size": 16, **kw})
+    fmts = ("gptq",) if match == "mixed widths" else ("compressed-tensors", "gptq", "paroquant")
+    reach = exportable_formats(path)
+    for fmt in fmts:
+        assert reach[fmt] is not None and match.replace("\\", "") in reach[fmt]
+        with pytest.raises(ExportError, match=match) as e:
+            export(path, fmt, tmp_path / "out")
+        assert "\n" not in str(e.value)
+        assert not (tmp_path / "out").exists()

@@ -209,7 +209,7 @@ FORMATS = ("compressed-tensors", "gptq", "paroquant")
 def export(checkpoint: str | Path, fmt: str, out: str | Path, overwrite: bool = False, **options) -> Path:
     """Export a lowbit checkpoint to `fmt` (one of FORMATS) in folder `out`, atomically; refuses (ExportError)
     anything the format cannot hold exactly. `options` go to the format's writer (compressed-tensors:
-    scale_dtype)."""
+    scale_dtype; gptq: checkpoint_format)."""
     writers = _writers()
     if fmt not in writers:
         raise ExportError(f"unknown export format {fmt!r}; one of {', '.join(FORMATS)}")

@@ -97,4 +97,15 @@ def write_compressed_tensors(src: Source, out: str | Path, overwrite: bool = Fal
     tensors = dict(src.other)
     for name, q in src.modules.items():
         tensors.update(tensors_of(name, q, scale_dtype))
-    return write_folder(src, out, tensors, quantization_config(src), FMT, overwrite)
+    qcfg = quantization_config(src)
+    if len(qcfg["config_groups"]) > 1:
+        sym = all(q.symmetric for q in src.modules.values())
+        src.notes.append(
+            f"{len(qcfg['config_groups'])} config groups (mixed widths, group sizes or symmetry): transformers 5.25's "
+            "dequantize route (CompressedTensorsConfig(dequantize=True)) decodes every layer with the first config "
+            "group's scheme and gives wrong weights without an error; "
+            + ("load it with a plain from_pretrained (the compressed route assigns each layer its group)" if sym else
+               "its compressed route refuses asymmetric packed zero points, so no transformers route reads this "
+               "export correctly: quantize with --sym --sym-grid int, or serve it with a loader that reads "
+               "config groups per layer (vLLM; not run here)"))
+    return write_folder(src, out, tensors, qcfg, FMT, overwrite)

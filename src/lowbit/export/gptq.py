@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .base import (Source, bit_stream_int32, check_common, check_symmetric_grid, codes_in_input_order, group_index,
+from .base import (ExportError, Source, bit_stream_int32, check_common, check_symmetric_grid, codes_in_input_order, group_index,
                    refuse, write_folder)
 
 FMT = "gptq"
@@ -72,11 +72,22 @@ def _pack_dim0(values: torch.Tensor, bits: int) -> torch.Tensor:
     return bit_stream_int32(values.T.contiguous(), bits).T.contiguous()
 
 
-def write_gptq(src: Source, out: str | Path, overwrite: bool = False) -> Path:
-    """Write `src` as a GPTQ folder."""
+CHECKPOINT_FORMATS = ("auto", "gptq", "gptq_v2")
+
+
+def write_gptq(src: Source, out: str | Path, overwrite: bool = False, checkpoint_format: str = "auto") -> Path:
+    """Write `src` as a GPTQ folder. `checkpoint_format`: "gptq" (v1: zero - 1 stored; vLLM's gptq and
+    transformers read it), "gptq_v2" (the zeros as they are; GPTQModel reads asymmetric files only in this
+    form unless it wrote them itself), or "auto": v1 when every zero point is >= 1, else v2."""
+    if checkpoint_format not in CHECKPOINT_FORMATS:
+        raise ExportError(f"unknown GPTQ checkpoint_format {checkpoint_format!r}; one of {', '.join(CHECKPOINT_FORMATS)}")
     check_gptq(src)
     q0 = next(iter(src.modules.values()))
     v1 = all(int(q.zeros.min()) >= 1 for q in src.modules.values())
+    if checkpoint_format == "gptq" and not v1:
+        refuse(FMT, "a zero point of 0 occurs", "v1 (checkpoint_format gptq) stores zero - 1; write gptq_v2")
+    if checkpoint_format == "gptq_v2":
+        v1 = False
     tensors = dict(src.other)
     for name, q in src.modules.items():
         tensors.update(tensors_of(name, q, v1))
@@ -85,7 +96,10 @@ def write_gptq(src: Source, out: str | Path, overwrite: bool = False) -> Path:
             "desc_act": desc_act, "sym": q0.symmetric, "static_groups": False, "true_sequential": True,
             "checkpoint_format": "gptq" if v1 else "gptq_v2", "pack_dtype": "int32",
             "damp_percent": 0.01, "lm_head": False}
-    if not v1:
+    if not v1 and checkpoint_format == "auto":
         src.notes.append("a zero point of 0 occurs: written as checkpoint_format gptq_v2 (GPTQModel reads it; "
                          "loaders that only know v1, such as vLLM's gptq, do not)")
+    if v1 and not q0.symmetric:
+        src.notes.append("asymmetric checkpoint_format gptq (v1): GPTQModel 7.7 refuses asymmetric v1 files that it "
+                         "did not write itself; export with checkpoint_format gptq_v2 (--gptq-format v2) for it")
     return write_folder(src, out, tensors, qcfg, FMT, overwrite)

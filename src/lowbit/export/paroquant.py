@@ -142,5 +142,7 @@ def write_paroquant(src: Source, out: str | Path, overwrite: bool = False) -> Pa
                          "with the identity rotation (angles 0, channel scales 1)")
     src.notes.append("channel scales stored as fp16 1 / s (the reference's convention): activations see a "
                      "relative rounding of at most 2^-11 against lowbit's fp32 1 / s")
-    qcfg = {"quant_method": "paroquant", "bits": 4, "group_size": GROUP, "krot": krot, "zero_point": True}
+    # exactly the keys the reference's convert writes: its vLLM plugin defaults zero_point to true, and
+    # GPTQModel reads an explicit "zero_point": true as sym false, which its ParoQuant kernel refuses
+    qcfg = {"quant_method": "paroquant", "bits": 4, "group_size": GROUP, "krot": krot}
     return write_folder(src, out, tensors, qcfg, FMT, overwrite)
