@@ -190,6 +190,16 @@ def test_linears_with_their_own_rotations_fuse(interpret, monkeypatch):
     assert len(fuse_linears(mods)) == 3
 
 
+def _all_pairwise(m):
+    """The model with every decoder linear replaced by a packed one with its own random pairwise transform."""
+    for i, blk in enumerate(m.model.layers):
+        for j, (parent, name) in enumerate([(blk.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+                                           + [(blk.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]):
+            lin = getattr(parent, name)
+            setattr(parent, name, _pairwise_packed(lin.in_features, [lin.out_features], seed=10 * i + j)[0])
+    return m
+
+
 def test_rotations_fused_into_their_producers(monkeypatch):
     """Under the interpreter a model whose every linear has its own pairwise transform runs q/k/v's and
     gate/up's rotations inside the residual-add + RMSNorm launch and down's inside SiLU-gate's
@@ -212,13 +222,7 @@ def test_rotations_fused_into_their_producers(monkeypatch):
     monkeypatch.setattr(P, "_prologue_launch", lambda pre, *a: calls.append(pre) or launch(pre, *a))
 
     def model():
-        m = tiny_model("llama")
-        for i, blk in enumerate(m.model.layers):
-            for j, (parent, name) in enumerate([(blk.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
-                                               + [(blk.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]):
-                lin = getattr(parent, name)
-                setattr(parent, name, _pairwise_packed(lin.in_features, [lin.out_features], seed=10 * i + j)[0])
-        return m
+        return _all_pairwise(tiny_model("llama"))
 
     prompt, pos = tiny_tokens(1, 5), torch.arange(5)
     with torch.no_grad():
@@ -257,13 +261,7 @@ def test_decode_attention_kernel_in_the_loop(monkeypatch):
 
     def model():
         torch.manual_seed(0)
-        m = tf.AutoModelForCausalLM.from_config(cfg).eval()
-        for i, blk in enumerate(m.model.layers):
-            for j, (parent, name) in enumerate([(blk.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
-                                               + [(blk.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]):
-                lin = getattr(parent, name)
-                setattr(parent, name, _pairwise_packed(lin.in_features, [lin.out_features], seed=10 * i + j)[0])
-        return m
+        return _all_pairwise(tf.AutoModelForCausalLM.from_config(cfg).eval())
 
     prompt = tiny_tokens(1, 5)
     monkeypatch.setattr(D, "DECODE_ATTENTION", True)   # off by default (slower than SDPA on the H100)
