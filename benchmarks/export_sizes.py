@@ -3,7 +3,11 @@ so that every format can hold it), save, export to each format, reload each expo
 compare logits and the perplexity on the same windows with lowbit's own packed model on the first evaluation
 windows (512 tokens of sotu-modern). Prints a markdown table.
 
-    python benchmarks/export_sizes.py [--out out/export-bench] [--recipe rtn-w4-g64] [--windows 2]
+    python benchmarks/export_sizes.py [--out out/export-bench] [--recipe rtn-w4-g64] [--windows 2] [--protocol]
+
+--protocol also evaluates lowbit's model, the same checkpoint through transformers and the compressed-tensors
+export reloaded by transformers under the shared protocol (every evaluation window of sotu-modern and moby,
+as `lowbit eval`), and prints their perplexities side by side.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ def main() -> None:
     ap.add_argument("--out", default="out/export-bench")
     ap.add_argument("--recipe", default="rtn-w4-g64")
     ap.add_argument("--windows", type=int, default=2)
+    ap.add_argument("--protocol", action="store_true", help="also the protocol's perplexities (sotu-modern, moby)")
     args = ap.parse_args()
     import lowbit
     from lowbit import checkpoint
@@ -71,8 +76,29 @@ def main() -> None:
              "|---|---|---|---|---|---|"]
     for name, b, d, r, pp in rows:
         lines.append(f"| {name} | {b} | {b / 1e6:.1f} | {d:.2e} | {pp:.4f} | {r} |")
-    print("\n".join(lines))
-    (out / "export_sizes.json").write_text(json.dumps(rows, indent=1))
+    print("\n".join(lines), flush=True)
+    result = {"rows": rows}
+    if args.protocol:
+        from lowbit.jobs import evaluate
+
+        readers = {"lowbit.load": lambda: checkpoint.load(ck, dtype=torch.float32),
+                   "lowbit checkpoint via transformers": lambda: AutoModelForCausalLM.from_pretrained(
+                       ck, dtype=torch.float32),
+                   "compressed-tensors export via transformers": lambda: AutoModelForCausalLM.from_pretrained(
+                       out / "compressed-tensors", dtype=torch.float32,
+                       quantization_config=CompressedTensorsConfig(dequantize=True))}
+        proto = Protocol()
+        result["protocol"] = {}
+        for name, load in readers.items():
+            m = load()
+            result["protocol"][name] = evaluate(m, tok, proto, progress=False)
+            del m
+            print(name, result["protocol"][name], flush=True)
+        sets = list(proto.eval_sets)
+        print(f"\n| read by | " + " | ".join(f"PPL {s}" for s in sets) + " |\n|---|" + "---|" * len(sets))
+        for name, r in result["protocol"].items():
+            print(f"| {name} | " + " | ".join(f"{r[s]:.4f}" for s in sets) + " |")
+    (out / "export_sizes.json").write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
