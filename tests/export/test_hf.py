@@ -34,7 +34,9 @@ def test_from_pretrained_builds_the_packed_model(tmp_path, family, kw):
     path = _ckpt(tmp_path, family, **kw)
     toks = tiny_tokens(2, 16)
     ref = checkpoint.load(path, dtype=torch.float32)
-    m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    m, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    # the guard tensor is dropped without a report; nothing else is unexpected or missing
+    assert not info["unexpected_keys"] and not info["missing_keys"], info
     n_q = sum(isinstance(x, QuantizedLinear) for x in m.modules())
     assert n_q == sum(isinstance(x, QuantizedLinear) for x in ref.modules()) > 0
     with torch.no_grad():

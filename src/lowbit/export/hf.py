@@ -13,6 +13,7 @@ makes the load stop with a size-mismatch error instead of running random weights
 from __future__ import annotations
 
 import logging
+import re
 
 log = logging.getLogger("lowbit")
 
@@ -67,10 +68,11 @@ def _classes():
                 from ..rotation import restore_online
 
                 restore_online(model, rotation, r3=False)
-            # the guard tensor under `<first module>.weight` is expected and dropped
-            first = next(iter(cfg.modules))
+            # the guard tensor under a quantized linear's `.weight` name is expected and dropped: any of them,
+            # as `checkpoint.drop_guard` does (the config's module order need not be the writer's)
+            names = "|".join(re.escape(n) for n in cfg.modules)
             keys = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
-            model._keys_to_ignore_on_load_unexpected = keys | {rf"^{first.replace('.', '[.]')}[.]weight$"}
+            model._keys_to_ignore_on_load_unexpected = keys | {rf"^(?:{names})[.]weight$"}
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
