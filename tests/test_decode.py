@@ -156,6 +156,19 @@ def _pairwise_packed(n_in, rows, seed):
     return mods
 
 
+def _interpreter(monkeypatch, *names):
+    """Skip unless the Triton interpreter can run here (triton, no CUDA); turn it on and reload the kernel
+    modules `lowbit.kernels.<name>` so that their kernels are built for it."""
+    import importlib
+
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("interpreter test: no CUDA")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for n in names:
+        importlib.reload(importlib.import_module(f"lowbit.kernels.{n}"))
+
+
 @pytest.mark.parametrize("interpret", [False, True])
 def test_linears_with_their_own_rotations_fuse(interpret, monkeypatch):
     """q / k / v with their own pairwise transforms become one RotatedGroupLinear (one rotation launch,
@@ -164,16 +177,7 @@ def test_linears_with_their_own_rotations_fuse(interpret, monkeypatch):
     from lowbit.kernels import quant as Q
 
     if interpret:
-        pytest.importorskip("triton")
-        if torch.cuda.is_available():
-            pytest.skip("interpreter test: no CUDA")
-        import importlib
-
-        import lowbit.kernels._pairwise_triton as tp
-        import lowbit.kernels._quant_triton as tq
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        importlib.reload(tp)
-        importlib.reload(tq)
+        _interpreter(monkeypatch, "_pairwise_triton", "_quant_triton")
     mods = _pairwise_packed(64, [64, 32, 32], seed=3)
     x = torch.randn(1, 64)
     with torch.no_grad():
@@ -204,19 +208,10 @@ def test_rotations_fused_into_their_producers(monkeypatch):
     """Under the interpreter a model whose every linear has its own pairwise transform runs q/k/v's and
     gate/up's rotations inside the residual-add + RMSNorm launch and down's inside SiLU-gate's
     (`prologue_rotations`): the logits equal the decode loop with the rotations launched on their own."""
-    pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        pytest.skip("interpreter test: no CUDA")
-    import importlib
-
     import lowbit.decode as D
-    import lowbit.kernels._pairwise_triton as tp
-    import lowbit.kernels._quant_triton as tq
     from lowbit.kernels import pairwise as P
 
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    importlib.reload(tp)
-    importlib.reload(tq)
+    _interpreter(monkeypatch, "_pairwise_triton", "_quant_triton")
     calls = []
     launch = P._prologue_launch
     monkeypatch.setattr(P, "_prologue_launch", lambda pre, *a: calls.append(pre) or launch(pre, *a))
@@ -241,21 +236,11 @@ def test_rotations_fused_into_their_producers(monkeypatch):
 def test_decode_attention_kernel_in_the_loop(monkeypatch):
     """Under the interpreter one-token steps run `kernels.attention` (o's transform fused into it when its
     groups are the heads: head size 32 here) and give the logits of SDPA + separate rotations."""
-    pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        pytest.skip("interpreter test: no CUDA")
-    import importlib
-
     import transformers as tf
 
     import lowbit.decode as D
-    import lowbit.kernels._attention_triton as ta
-    import lowbit.kernels._pairwise_triton as tp
-    import lowbit.kernels._quant_triton as tq
 
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    for m in (ta, tp, tq):
-        importlib.reload(m)
+    _interpreter(monkeypatch, "_attention_triton", "_pairwise_triton", "_quant_triton")
     cfg = tf.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=64)
 
