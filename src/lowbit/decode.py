@@ -34,8 +34,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .kernels.attention import decode_attention
-from .kernels.pairwise import norm_rotate_many, silu_mul_rotate_many
+from .kernels._common import interpreting
+from .kernels.attention import applies, decode_attention
+from .kernels.pairwise import norm_rotate_many, rms_norm, silu_mul_rotate_many
 from .nn.quantized import QuantizedLinear
 from .nn.vector import VectorQuantizedLinear
 
@@ -47,13 +48,6 @@ class DecodeError(ValueError):
 
 
 # ---- the elementwise pieces (compiled on CUDA) ---------------------------------------------------
-
-def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' RMSNorm: statistics in fp32, the weight applied in the input dtype."""
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return w * h.to(x.dtype)
-
 
 def add_rms_norm(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + r, rms_norm(x + r)): the residual add fused with the next norm."""
@@ -176,7 +170,6 @@ class RotatedGroupLinear(nn.Module):
         return (*self._coefficients(device), self.transforms[0].group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .kernels._common import interpreting
         from .kernels.pairwise import pairwise_rotate_many
 
         if x.is_cuda or interpreting():
@@ -289,8 +282,12 @@ DECODE_ATTENTION = False
 def prologue_rotations(layer: _Layer, device: torch.device, head_dim: int | None = None) -> None:
     """Set the layer's fused-prologue coefficients where its linears allow (see `_Layer`); with
     `head_dim` (the decode attention kernel is used) also o's when its rotation groups are the heads."""
-    from .kernels.attention import applies
     from .transforms.online import PairwiseInput
+
+    def stacked(t: PairwiseInput) -> tuple:
+        # one transform as a stack of one, contiguous once here (cos / sin may be views of wider
+        # tensors): not copied again at every step
+        return (*(c[None].contiguous() for c in t.coefficients(device)[:4]), t.group)
 
     if len(layer.qkv) == 1 and isinstance(layer.qkv[0], RotatedGroupLinear):
         layer.in_rot = layer.qkv[0].rotation(device)
@@ -298,12 +295,11 @@ def prologue_rotations(layer: _Layer, device: torch.device, head_dim: int | None
         layer.post_rot = layer.gate_up[0].rotation(device)
     d = layer.down
     if isinstance(d, QuantizedLinear) and isinstance(d.transform, PairwiseInput) and d.act_bits is None:
-        # contiguous once here (cos / sin may be views of wider tensors): not copied again at every step
-        layer.down_rot = (*(t[None].contiguous() for t in d.transform.coefficients(device)[:4]), d.transform.group)
+        layer.down_rot = stacked(d.transform)
     o = layer.o
     if head_dim is not None and isinstance(o, QuantizedLinear) and isinstance(o.transform, PairwiseInput) and \
             o.act_bits is None and applies(head_dim, (None,) * 4 + (o.transform.group,)):
-        layer.o_rot = (*(t[None].contiguous() for t in o.transform.coefficients(device)[:4]), o.transform.group)
+        layer.o_rot = stacked(o.transform)
 
 
 class DecodeModel:
@@ -336,10 +332,6 @@ class DecodeModel:
                 fuse_linears([mlp.gate_proj, mlp.up_proj]), mlp.down_proj,
                 getattr(getattr(at, "q_norm", None), "weight", None), getattr(getattr(at, "k_norm", None), "weight", None)))
         del inner.layers  # the fused modules replace the originals (frees the unfused copies)
-        from .kernels._common import interpreting
-
-        from .kernels.attention import applies
-
         kernels = self.device.type == "cuda" or interpreting()
         self.attn_kernel = DECODE_ATTENTION and kernels and applies(self.head_dim)
         if PROLOGUE_ROTATIONS and kernels:

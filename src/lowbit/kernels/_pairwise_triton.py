@@ -86,8 +86,9 @@ def prologue_gather_kernel(x_ptr, r_ptr, w_ptr, res_ptr, y_ptr, scale_ptr, partn
 
     - PRE 1: u = rms_norm(x (+ r), w): the (residual add and) RMSNorm of the decode loop, statistics
       in fp32, the sum x + r and the normalized row rounded to x's dtype before the weight is applied
-      and again after (as `decode.rms_norm` does); every program computes its tokens' sum of squares
-      over the whole row (N channels, from L2), then normalizes only its own group. With HAS_R the
+      and again after (as `pairwise.rms_norm`, the decode loop's norm, does); every program computes
+      its tokens' sum of squares over the whole row (N channels, from L2), then normalizes only its
+      own group. With HAS_R the
       programs of transform 0 also store x + r (the residual stream) into res.
     - PRE 2: u = silu(x[:, :N]) * x[:, N:] (the [gate | up] output of a fused MLP, 2N wide), in fp32,
       rounded to x's dtype once.

@@ -250,6 +250,23 @@ def pairwise_rotate(x: torch.Tensor, scale: torch.Tensor, partner: torch.Tensor,
     return pairwise_rotate_triton(x, scale, partner, cos, sin, group=group, blocks=blocks)
 
 
+def _check_stacked(scale: torch.Tensor, partner: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """The stacked coefficients of S transforms: scale [S, n], partner / cos / sin [S, K, n]."""
+    if scale.dim() != 2 or partner.dim() != 3 or partner.shape[0] != scale.shape[0]:
+        raise ValueError(f"stacked coefficients expected: scale [S, n], partner / cos / sin [S, K, n]; got "
+                         f"{tuple(scale.shape)}, {tuple(partner.shape)}")
+    if cos.shape != partner.shape or sin.shape != partner.shape or scale.shape[1] != partner.shape[2]:
+        raise ValueError(f"cos / sin must be shaped like partner {tuple(partner.shape)} and scale [S, n]")
+
+
+def _many_kernels(x, *params) -> bool:
+    """Whether the stacked-transform entry points (`pairwise_rotate_many`, the fused prologues) launch their
+    kernel for x: on CUDA as `_use_kernels` says, and under the interpreter unless autograd needs a gradient."""
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params))
+    return (_use_kernels(x, *params) or (_interpreting() and not forced_reference() and _triton() is not None
+                                         and not grad))
+
+
 def pairwise_rotate_many(x: torch.Tensor, scale: torch.Tensor, partner: torch.Tensor, cos: torch.Tensor,
                          sin: torch.Tensor, group: int = 128) -> torch.Tensor:
     """S pairwise transforms of the same x at once: y[s] = pairwise_rotate(x, scale[s], partner[s], cos[s],
@@ -259,18 +276,12 @@ def pairwise_rotate_many(x: torch.Tensor, scale: torch.Tensor, partner: torch.Te
     linears of a decode step each have their own transform of the same input. Elsewhere, and when
     autograd needs a gradient, the reference per transform. No tensor-core path: meant for the few
     tokens of a decode step."""
-    if scale.dim() != 2 or partner.dim() != 3 or partner.shape[0] != scale.shape[0]:
-        raise ValueError(f"stacked coefficients expected: scale [S, n], partner / cos / sin [S, K, n]; got "
-                         f"{tuple(scale.shape)}, {tuple(partner.shape)}")
+    _check_stacked(scale, partner, cos, sin)
     S = scale.shape[0]
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, scale, cos, sin))
-    if not (_use_kernels(x, scale, cos, sin) or (_interpreting() and not forced_reference() and _triton() is not None
-                                                  and not grad)):
+    if not _many_kernels(x, scale, cos, sin):
         return torch.stack([pairwise_rotate_ref(x, scale[s], partner[s], cos[s], sin[s]) for s in range(S)])
     tk, x2, sms = _kernel_input("pairwise_rotate_many", "use pairwise_rotate_ref instead", x, scale[0], partner[0],
                                 cos[0], sin[0], group)
-    if cos.shape != partner.shape or sin.shape != partner.shape or scale.shape[1] != partner.shape[2]:
-        raise ValueError(f"cos / sin must be shaped like partner {tuple(partner.shape)} and scale [S, n]")
     n, K, T = x.shape[-1], partner.shape[1], x2.shape[0]
     y = torch.empty((S, T, n), dtype=x.dtype, device=x.device)
     if S == 0 or T == 0 or n == 0:
@@ -285,8 +296,9 @@ def pairwise_rotate_many(x: torch.Tensor, scale: torch.Tensor, partner: torch.Te
     return y.reshape(S, *x.shape)
 
 
-def _rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """The decode loop's RMSNorm (as transformers': statistics in fp32, the weight applied in x's dtype)."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' RMSNorm: statistics in fp32, the weight applied in the input dtype. The decode loop's
+    norm (`decode` compiles it) and the unfused twin of `norm_rotate_many`'s, one definition for both."""
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
@@ -299,8 +311,6 @@ def _prologue_launch(pre: int, x, r, weight, eps, scale, partner, cos, sin, grou
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    if cos.shape != partner.shape or sin.shape != partner.shape or scale.shape[1] != partner.shape[2]:
-        raise ValueError(f"cos / sin must be shaped like partner {tuple(partner.shape)} and scale [S, n]")
     S, K, T = scale.shape[0], partner.shape[1], x2.shape[0]
     y = torch.empty((S, T, n), dtype=x.dtype, device=x.device)
     res = None
@@ -325,12 +335,6 @@ def _prologue_launch(pre: int, x, r, weight, eps, scale, partner, cos, sin, grou
     return res, y
 
 
-def _prologue_kernels(x, *params) -> bool:
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params))
-    return (_use_kernels(x, *params) or (_interpreting() and not forced_reference() and _triton() is not None
-                                         and not grad))
-
-
 def norm_rotate_many(x: torch.Tensor, r: torch.Tensor | None, weight: torch.Tensor, eps: float,
                      scale: torch.Tensor, partner: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      group: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
@@ -340,14 +344,12 @@ def norm_rotate_many(x: torch.Tensor, r: torch.Tensor | None, weight: torch.Tens
     interpreter), so the rotation costs no launch of its own in a decode step. The norm is the decode
     loop's: statistics in fp32, s and the normalized row rounded to x's dtype before and after the
     weight. Elsewhere the same ops unfused."""
-    if scale.dim() != 2 or partner.dim() != 3 or partner.shape[0] != scale.shape[0]:
-        raise ValueError(f"stacked coefficients expected: scale [S, n], partner / cos / sin [S, K, n]; got "
-                         f"{tuple(scale.shape)}, {tuple(partner.shape)}")
+    _check_stacked(scale, partner, cos, sin)
     if r is not None and r.shape != x.shape:
         raise ValueError(f"x and r must have one shape, got {tuple(x.shape)} and {tuple(r.shape)}")
-    if not _prologue_kernels(x, scale, cos, sin, weight):
+    if not _many_kernels(x, scale, cos, sin, weight):
         s = x if r is None else x + r
-        return s, pairwise_rotate_many(_rms_norm_ref(s, weight, eps), scale, partner, cos, sin, group)
+        return s, pairwise_rotate_many(rms_norm(s, weight, eps), scale, partner, cos, sin, group)
     n = x.shape[-1]
     res, y = _prologue_launch(1, x, r, weight, eps, scale, partner, cos, sin, group, n)
     return (x if res is None else res.reshape(x.shape)), y.reshape(y.shape[0], *x.shape)
@@ -358,14 +360,12 @@ def silu_mul_rotate_many(gu: torch.Tensor, scale: torch.Tensor, partner: torch.T
     """y [S, ..., n]: the S pairwise transforms of silu(gate) * up, gu = [gate | up] [..., 2n] (a fused
     MLP's output), in one launch on CUDA (or under the interpreter); the product in fp32, rounded to
     gu's dtype once (as the compiled decode step computes it). Elsewhere the ops unfused."""
-    if scale.dim() != 2 or partner.dim() != 3 or partner.shape[0] != scale.shape[0]:
-        raise ValueError(f"stacked coefficients expected: scale [S, n], partner / cos / sin [S, K, n]; got "
-                         f"{tuple(scale.shape)}, {tuple(partner.shape)}")
+    _check_stacked(scale, partner, cos, sin)
     n = gu.shape[-1] // 2
     if gu.shape[-1] != 2 * n or scale.shape[1] != n:
         raise ValueError(f"gu must be [..., 2n] with n = {scale.shape[1]} (the transforms' width), "
                          f"got {tuple(gu.shape)}")
-    if not _prologue_kernels(gu, scale, cos, sin):
+    if not _many_kernels(gu, scale, cos, sin):
         g, u = gu.float().chunk(2, dim=-1)
         return pairwise_rotate_many((F.silu(g) * u).to(gu.dtype), scale, partner, cos, sin, group)
     _, y = _prologue_launch(2, gu, None, None, 0.0, scale, partner, cos, sin, group, n)
