@@ -4,7 +4,7 @@ import torch
 from conftest import tiny_model, tiny_tokens
 from lowbit.formats import IntFormat
 from lowbit.pipeline import capture_inputs, collect_stats
-from lowbit.qep import QEPConfig, QEPStat, damped_cholesky, propagated_loss, qep_target
+from lowbit.qep import QEPConfig, QEPStat, damped_cholesky, half_gram, propagated_loss, qep_target, split_half
 from lowbit.recipe import Recipe, RecipeError
 from lowbit.solvers import gptq, rtn
 
@@ -157,3 +157,46 @@ def test_labels_parse_back_to_their_recipe():
             assert get_recipe(r.label) == r
     with pytest.raises(RecipeError):
         get_recipe("gptq-w3-g64-a0.5")  # alpha without qep
+
+
+def test_split_half_keeps_about_twice_the_precision():
+    d = torch.randn(512, 64) * torch.logspace(-4, 2, 64)
+    # fp16's lo term goes subnormal for small d: an absolute floor of 2^-24 there
+    for dtype, rel, floor in ((torch.bfloat16, 2.0**-15, 0.0), (torch.float16, 2.0**-20, 2.0**-24)):
+        hi, lo = split_half(d, dtype)
+        assert hi.dtype == lo.dtype == dtype
+        bound = rel * d.abs() + floor
+        assert ((hi.float() + lo.float() - d).abs() <= bound).all()
+        assert ((hi.float() - d).abs() > bound).any()  # the lo term is what brings it there
+
+
+def test_half_gram_only_for_cuda_half_streams():
+    assert not half_gram(torch.zeros(2, 2, dtype=torch.bfloat16))  # CPU: float32 products as before
+    assert not half_gram(torch.zeros(2, 2))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_gram_matches_float64_on_cuda(dtype):
+    torch.manual_seed(0)
+    n, tokens = 768, 4096
+    xq = (torch.randn(tokens, n, device="cuda") * torch.rand(n, device="cuda") * 4).to(dtype)
+    x = (xq.float() + 0.05 * torch.randn(tokens, n, device="cuda")).to(dtype)
+    assert half_gram(xq)
+    st = QEPStat(n, "cuda")
+    for i in range(0, tokens, 1024):
+        st.add(xq[i:i + 1024], x[i:i + 1024])
+    q, d = xq.double(), x.double() - xq.double()
+    H, C = q.T @ q, d.T @ q
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
+
+    fp32 = QEPStat(n, "cuda")  # the float32 path, for scale
+    fp32.add(xq.float(), x.float())
+    print(f"{dtype}: H {rel(st.H, H):.2e} (float32 path {rel(fp32.H, H):.2e}), C {rel(st.C, C):.2e} "
+          f"(float32 path {rel(fp32.C, C):.2e})")
+    assert rel(st.H, H) < 2e-5 and rel(st.C, C) < 5e-5  # bf16 rounding of the stream itself is ~4e-3
+    hi_only = torch.mm(d.to(dtype).T, xq, out_dtype=torch.float32).double()  # without the lo term
+    assert rel(hi_only, C) > 10 * rel(st.C, C)
