@@ -54,7 +54,9 @@ VARIANTS = {"bf16": None, "w4": (4, False), "w3": (3, False), "w2": (2, False), 
 # variants): the linears with their own transforms not fused in the decode loop; "+noprologue": their
 # rotations launched on their own instead of inside the norm / SiLU-gate kernels; "+attn": one-token steps
 # attend through lowbit's decode attention kernel instead of scaled_dot_product_attention (off by default:
-# slower at batch 1), which also takes o's rotation (see `launch_options`).
+# slower at batch 1), which also takes o's rotation (see `launch_options`); "+gemvrot": the rotations
+# still launched on their own at one token (o's: the others are in the norm / SiLU-gate prologues) run
+# inside the packed GEMV instead (LOWBIT_QUANT_ROT_FUSED_MAX_TOKENS=1).
 # "-head" variants: the lm_head (128256 x 4096, 1.05 GB read per token in bf16) packed too, at the
 # decoder linears' width and group 128 (not a default variant: what quantizing the head would buy)
 DEFAULT_VARIANTS = ("bf16", "w4", "w3", "w2", "w4-pair", "vq-e8")
@@ -124,8 +126,10 @@ def launch_options(variant: str):
     the decode loop (each rotation and GEMV its own launch, as before `RotatedGroupLinear`); restored after."""
     import lowbit.decode as D
 
-    key, old = "LOWBIT_QUANT_GEMV_PDL", os.environ.get("LOWBIT_QUANT_GEMV_PDL")
-    os.environ[key] = "1" if "+pdl" in variant else "0"
+    env = {"LOWBIT_QUANT_GEMV_PDL": "1" if "+pdl" in variant else "0",
+           "LOWBIT_QUANT_ROT_FUSED_MAX_TOKENS": "1" if "+gemvrot" in variant else "0"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     group, prologue, attention = D._pairwise_group, D.PROLOGUE_ROTATIONS, D.DECODE_ATTENTION
     if "+unfused" in variant:
         D._pairwise_group = lambda mods: False
@@ -137,10 +141,11 @@ def launch_options(variant: str):
         yield
     finally:
         D._pairwise_group, D.PROLOGUE_ROTATIONS, D.DECODE_ATTENTION = group, prologue, attention
-        if old is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def build(shape: dict, variant: str, device, shared: dict, gen: torch.Generator) -> nn.Module:
@@ -261,7 +266,7 @@ def main() -> None:
         t0 = time.perf_counter()
         if base_variant(variant) not in VARIANTS:
             raise SystemExit(f"unknown variant {variant!r}: one of {', '.join(VARIANTS)} (optionally +pdl, "
-                             "+unfused, +noprologue, +attn)")
+                             "+unfused, +noprologue, +attn, +gemvrot)")
         try:
             with launch_options(variant):
                 model = build(SHAPES[args.shape], variant, device, shared, gen)
