@@ -169,3 +169,33 @@ def test_budget_metric_label_and_weighting():
     H = torch.eye(8)
     assert layer_loss(w, wq, H, torch.zeros(4)) == 0.0
     assert layer_loss(w, wq, H, torch.ones(4)) == pytest.approx(float(((w - wq) ** 2).sum()), rel=1e-5)
+
+
+@pytest.mark.parametrize("family,extra", [("llama", {}), ("gemma3_text", {"final_logit_softcapping": 3.0})])
+def test_streamed_fisher_equals_output_fisher(tmp_path, family, extra):
+    """The block-by-block Fisher of a streamed model (its blocks read from the files) is the whole-model
+    backward pass's, up to float summation order; the blocks are freed again and the model keeps no gradient."""
+    from lowbit.budget import output_fisher, streamed_fisher
+    from lowbit.loading import StreamSource
+    from lowbit.pipeline import SourceIO
+    from lowbit.walk import Walker
+
+    model = tiny_model(family, layers=3)
+    model.config.update(extra)
+    model.save_pretrained(tmp_path / "m")
+    tokens = tiny_tokens(6, 24)
+    names = [f"model.layers.{i}.{n}" for i in range(3) for n in ("self_attn.q_proj", "self_attn.o_proj",
+                                                                 "mlp.up_proj", "mlp.down_proj")]
+    ref = output_fisher(model, names, tokens, batch_size=4)
+    src = StreamSource(tmp_path / "m")
+    skeleton, _ = src.skeleton(torch.float32)
+    src.materialize(skeleton, skeleton, "cpu", torch.float32, skip_prefix="model.layers")
+    walker = Walker(skeleton, tokens, batch_size=4, replay_memo=False, progress=False,
+                    io=lambda w: SourceIO(w, src, torch.float32))
+    got = streamed_fisher(walker, names)
+    assert list(got) == names
+    for n in names:
+        assert got[n].sum() > 0
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-5, atol=1e-6 * float(ref[n].max()))
+    assert all(p.is_meta for p in skeleton.model.layers.parameters())
+    assert all(p.grad is None for p in skeleton.parameters())

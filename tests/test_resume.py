@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from conftest import tiny_model
+from conftest import tiny_model, tiny_tokens
 from test_stream import SRC, _cli, same_checkpoint
 
 
@@ -87,6 +88,30 @@ def test_resume_after_kill_is_byte_identical(deep_dir, tmp_path):
         assert not (out.parent / f".{out.name}.partial").exists()
     assert len(resumed) == 3 and 0 < resumed[0] < resumed[1] < 10 and resumed[2] == 10, resumed
     print("killed after blocks:", resumed)
+
+
+def test_resume_with_a_budget_takes_the_saved_plan(tmp_path, monkeypatch):
+    """A streamed budget run stopped after its first block goes on with resume from the plan its first start
+    saved (the sensitivity pass does not run again) and writes the uninterrupted run's bytes."""
+    from lowbit import budget
+    from lowbit.jobs import Protocol, stream_quantize_job
+    from lowbit.recipe import get_recipe
+
+    rec = get_recipe("budget2.5-gptq-w2-g32")
+    tiny_model("llama", layers=3).save_pretrained(tmp_path / "m")
+    toks = tiny_tokens(8, 32)
+
+    def job(out, **kw):
+        return stream_quantize_job(str(tmp_path / "m"), rec, Protocol(batch_size=4), tmp_path / out,
+                                   dtype=torch.float32, tokens=toks, progress=False, **kw)
+
+    ref, _, _ = job("ref")
+    assert len(set(ref.bits_plan.values())) > 1
+    assert job("cut", max_blocks=1)[2] is None
+    monkeypatch.setattr(budget, "measure", lambda *a, **kw: pytest.fail("the sensitivity pass ran again"))
+    res, _, path = job("cut", resume=True)
+    assert res.bits_plan == ref.bits_plan and res.budget_report == ref.budget_report
+    assert same_checkpoint(tmp_path / "ref", path) == []
 
 
 def test_resume_with_other_settings_is_refused(deep_dir, tmp_path):

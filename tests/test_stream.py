@@ -52,7 +52,8 @@ def test_merge_safetensors_writes_save_file_bytes(tmp_path):
 
 
 @pytest.mark.parametrize("family,label", [("llama", "qep-gptq-w3-g32"), ("qwen2", "pair-gptq-w4-g32"),
-                                          ("gemma3_text", "rtn-w4-g16")])
+                                          ("gemma3_text", "rtn-w4-g16"), ("llama", "budget2.5-gptq-w2-g32"),
+                                          ("qwen2", "budget2.5raw-qep-gptq-w2-g32")])
 def test_streamed_equals_in_memory(tmp_path, family, label):
     from transformers import AutoModelForCausalLM
 
@@ -74,6 +75,7 @@ def test_streamed_equals_in_memory(tmp_path, family, label):
                                         extra={"k": 1})
     assert path == tmp_path / "b" and not checkpoint.partial_dir(path).exists()
     assert r2.block_errors == res.block_errors and len(r2.block_seconds) == 3
+    assert r2.bits_plan == res.bits_plan and (len(set(res.bits_plan.values())) > 1) == ("budget" in label)
     assert same_checkpoint(tmp_path / "a", tmp_path / "b") == []
     assert r2.weights == {}  # nothing of a finished block stays in memory
     assert abs(job.bits_per_weight - __import__("lowbit.jobs").jobs.bits_per_weight(res)) < 1e-9
@@ -104,8 +106,36 @@ def test_streamed_model_is_freed_block_by_block(tmp_path, monkeypatch):
         assert real and all(n.startswith(f"model.layers.{i}.") for n in real), real
 
 
-def test_cli_stream_matches_no_stream(tiny_dir, tmp_path):
-    common = ["--recipe", "qep-gptq-w4-g32", "--calib", str(tiny_dir / "text.txt"), "--n-calib", "4",
+def test_streamed_budget_holds_one_block_at_a_time(tmp_path, monkeypatch):
+    """A budget's passes before the walk read the blocks as the walk does: the Fisher pass forward and back, the
+    sensitivity pass forward, then the quantization walk; whenever a block is read, every other block is meta."""
+    from lowbit import pipeline
+    from lowbit.checkpoint import PartialCheckpoint
+    from lowbit.loading import StreamSource
+    from lowbit.recipe import get_recipe
+
+    tiny_model("llama", layers=3).save_pretrained(tmp_path / "m")
+    seen = []
+    orig = pipeline.SourceIO.load
+
+    def load(self, i):
+        block = orig(self, i)
+        seen.append((i, {n.split(".")[2] for n, p in self.walker.model.named_parameters()
+                         if n.startswith("model.layers.") and not p.is_meta}))
+        return block
+
+    monkeypatch.setattr(pipeline.SourceIO, "load", load)
+    model, res, _ = pipeline.quantize_streamed(StreamSource(tmp_path / "m"), get_recipe("budget2.5-gptq-w2-g32"),
+                                               tiny_tokens(4, 16), PartialCheckpoint(tmp_path / "o", {}, False),
+                                               dtype=torch.float32, batch_size=2, progress=False)
+    assert [i for i, _ in seen] == [0, 1, 2, 2, 1, 0, 0, 1, 2, 0, 1, 2]
+    assert all(real == {str(i)} for i, real in seen), seen
+    assert all(p.is_meta for p in model.parameters()) and len(res.bits_plan) == 3 * 7
+
+
+@pytest.mark.parametrize("recipe", ["qep-gptq-w4-g32", "budget2.5-gptq-w2-g32"])
+def test_cli_stream_matches_no_stream(tiny_dir, tmp_path, recipe):
+    common = ["--recipe", recipe, "--calib", str(tiny_dir / "text.txt"), "--n-calib", "4",
               "--seq-len", "32", "--batch-size", "2", "--no-eval", "-q"]
     a = _cli("quantize", str(tiny_dir), "--out", str(tmp_path / "a"), "--no-stream", *common)
     assert a.returncode == 0, a.stderr
@@ -117,7 +147,6 @@ def test_cli_stream_matches_no_stream(tiny_dir, tmp_path):
 
 @pytest.mark.parametrize("extra,msg", [
     (["--recipe", "had-gptq-w4-g32", "--no-eval"], "global rotations"),
-    (["--recipe", "budget2.0-gptq-w2-g32", "--no-eval"], "bit budgets"),
     (["--recipe", "gptq-w4-g32"], "--no-eval"),
 ])
 def test_cli_stream_refuses_by_name(tiny_dir, tmp_path, extra, msg):

@@ -6,6 +6,8 @@
    with a proxy of the recipe's solver (GPTQ for gptq/qqa, RTN for rtn; onebit with 2
    alternations for 1 bit). Each candidate gives its layer loss tr(dW H dW^T) and its true
    storage cost in bits (codes, fp16 scales and zeros, group maps; g and h for 1-bit).
+   A streamed run (`lowbit.pipeline.quantize_streamed`) reads each block from the model files
+   when the pass reaches it and frees it after (`block_sensitivity` is the per-block step of both).
 2. Allocation (`allocate`): minimise sum of losses subject to sum of costs <= budget x
    weights, a multiple-choice knapsack. A Lagrange multiplier lambda is bisected (each linear
    takes argmin loss + lambda cost), then the leftover budget buys the upgrades with the best
@@ -14,7 +16,8 @@
 How the losses of different linears are compared (`BudgetConfig.metric`):
 - "fisher" (default): each output channel's error is weighted by the mean squared gradient of
   the model's next-token loss with respect to that channel (one backward pass of the FP model
-  over the calibration windows, `output_fisher`): sum_o F_o (dW H dW^T)_oo, the diagonal Fisher
+  over the calibration windows, `output_fisher`; block by block in a streamed run,
+  `streamed_fisher`): sum_o F_o (dW H dW^T)_oo, the diagonal Fisher
   estimate of the loss increase. Raw layer losses overrate layers whose outputs the model barely
   uses (SmolLM2 at 2.5 bits/weight: PPL 237.7 with raw losses against 104.2 for uniform 2 bits).
 - "layer": the raw layer losses tr(dW H dW^T), all on the same calibration tokens.
@@ -23,6 +26,7 @@ How the losses of different linears are compared (`BudgetConfig.metric`):
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -63,18 +67,22 @@ def _proxy(solve, fmt: IntFormat, clip: bool, bits: int):
     return get_solver(method), fmt, kw
 
 
-def output_fisher(model, names: list[str], tokens: torch.Tensor, *, batch_size: int = 8,
-                  device=None) -> dict[str, torch.Tensor]:
-    """Mean over calibration tokens of (dL/dy_o)^2 for every output channel o of the named linears,
-    L the FP model's mean next-token cross-entropy (the weights get no gradient)."""
-    import torch.nn.functional as F
+@contextmanager
+def _no_param_grads(*modules):
+    """Inside, the parameters of `modules` get no gradient (their flags are put back on exit)."""
+    flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
-    home = next(model.parameters()).device
-    device = torch.device(device) if device is not None else home
-    mods = {n: model.get_submodule(n) for n in names}
-    acc = {n: torch.zeros(m.out_features, dtype=torch.float64, device=device) for n, m in mods.items()}
-    count = 0
 
+def _square_grad_hooks(mods: dict, acc: dict[str, torch.Tensor]) -> list:
+    """Hooks that add, per backward pass, the squared output gradient of each linear in `mods` (name -> module)
+    summed over tokens to acc[name] (float64, per output channel); remove them when done."""
     def hook(name):
         def grad(g):  # returns None: the gradient flows on unchanged
             acc[name].add_(g.detach().reshape(-1, g.shape[-1]).double().pow(2).sum(0))
@@ -83,62 +91,155 @@ def output_fisher(model, names: list[str], tokens: torch.Tensor, *, batch_size: 
             out.register_hook(grad)
         return fwd
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
+    return [m.register_forward_hook(hook(n)) for n, m in mods.items()]
+
+
+def _next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """A batch's mean next-token cross-entropy times its number of windows (each window's loss counts as much
+    as in the mean over all windows)."""
+    import torch.nn.functional as F
+
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+    return loss * ids.shape[0]
+
+
+def _head(model) -> tuple:
+    """(final norm, lm_head): the modules that turn the last block's output into logits."""
+    from .models import get_adapter
+
+    adapter = get_adapter(model)
+    return adapter.decoder(model).get_submodule(adapter.final_norm), model.get_output_embeddings()
+
+
+def head_logits(model, h: torch.Tensor) -> torch.Tensor:
+    """The model's logits from its last block's output `h`: the final norm, lm_head and (Gemma) the soft cap."""
+    norm, lm_head = _head(model)
+    logits = lm_head(norm(h))
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+def output_fisher(model, names: list[str], tokens: torch.Tensor, *, batch_size: int = 8,
+                  device=None) -> dict[str, torch.Tensor]:
+    """Mean over calibration tokens of (dL/dy_o)^2 for every output channel o of the named linears,
+    L the FP model's mean next-token cross-entropy (the weights get no gradient)."""
+    home = next(model.parameters()).device
+    device = torch.device(device) if device is not None else home
+    mods = {n: model.get_submodule(n) for n in names}
+    acc = {n: torch.zeros(m.out_features, dtype=torch.float64, device=device) for n, m in mods.items()}
+    count = 0
+    handles = _square_grad_hooks(mods, acc)
     model.to(device)
     try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        emb = model.get_input_embeddings()
-        for i in range(0, tokens.shape[0], batch_size):
-            ids = tokens[i : i + batch_size].to(device)
-            with torch.enable_grad():
-                x = emb(ids).detach().requires_grad_(True)
-                logits = model(inputs_embeds=x, use_cache=False).logits
-                loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
-                # each window's loss counts as much as in the batch-mean over all windows
-                (loss * ids.shape[0]).backward()
-            count += ids.shape[0] * (ids.shape[1] - 1)
+        with _no_param_grads(model):
+            emb = model.get_input_embeddings()
+            for i in range(0, tokens.shape[0], batch_size):
+                ids = tokens[i : i + batch_size].to(device)
+                with torch.enable_grad():
+                    x = emb(ids).detach().requires_grad_(True)
+                    _next_token_loss(model(inputs_embeds=x, use_cache=False).logits, ids).backward()
+                count += ids.shape[0] * (ids.shape[1] - 1)
     finally:
         for h in handles:
             h.remove()
-        for p, flag in flags:
-            p.requires_grad_(flag)
         model.to(home)
     return {n: (a / max(count, 1)).float() for n, a in acc.items()}
 
 
+def streamed_fisher(walker, names: list[str]) -> dict[str, torch.Tensor]:
+    """`output_fisher` of the named linears one block at a time, for a model whose blocks `walker` reads when
+    asked (`Walker.io`: a streamed run's blocks come from the model files; the embeddings, final norm and
+    lm_head are in memory). A forward pass keeps every block's input stream in host memory; the final norm and
+    lm_head give the loss and its gradient at the last block's output; a backward pass from the last block to
+    the first reads each block again, recomputes its forward from its saved input with gradients on, records
+    the squared output gradients of its linears and passes its input gradient on. One block is on the device
+    at a time; the saved streams take (blocks + 1) x one stream of host memory. The same values as
+    `output_fisher` up to float summation order; `walker.xs` is left as captured."""
+    from tqdm.auto import tqdm
+
+    from .walk import HostStream, block_output, run_block
+
+    walker.capture()
+    dev, calls, io, n = walker.device, walker.calls, walker.io, len(walker.layers)
+
+    def host(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to("cpu")
+
+    saved = [[host(x) for x in walker.xs]]  # saved[i]: the input stream of block i
+    for i in tqdm(range(n), desc="fisher forward", unit="block", disable=not walker.progress):
+        block = io.load(i)
+        try:
+            saved.append(run_block(block, HostStream(saved[i], dev), calls[i], keep=host))
+        finally:
+            io.unload(i)
+    grads, count, bs = [], 0, walker.batch_size
+    with _no_param_grads(*_head(walker.model)), torch.enable_grad():
+        for b, h in enumerate(HostStream(saved.pop(), dev)):
+            ids = walker.tokens[b * bs : (b + 1) * bs].to(dev)
+            h = h.detach().requires_grad_(True)
+            _next_token_loss(head_logits(walker.model, h), ids).backward()
+            grads.append(host(h.grad))
+            count += ids.shape[0] * (ids.shape[1] - 1)
+    acc: dict[str, torch.Tensor] = {}
+    for i in tqdm(reversed(range(n)), desc="fisher backward", unit="block", total=n, disable=not walker.progress):
+        block, pre = io.load(i), f"{walker.prefix}.{i}."
+        mods = {nm: block.get_submodule(nm[len(pre):]) for nm in names if nm.startswith(pre)}
+        acc.update({nm: torch.zeros(m.out_features, dtype=torch.float64, device=dev) for nm, m in mods.items()})
+        handles = _square_grad_hooks(mods, acc)
+        try:
+            with _no_param_grads(block), torch.enable_grad():
+                for b, (x, (a, kw)) in enumerate(zip(HostStream(saved.pop(), dev), calls[i])):
+                    x = x.detach().requires_grad_(True)
+                    block_output(block(x, *a, **kw)).backward(grads[b].to(dev))
+                    grads[b] = host(x.grad)
+        finally:
+            for hd in handles:
+                hd.remove()
+            io.unload(i)
+    return {nm: (acc[nm] / max(count, 1)).float() for nm in names}
+
+
+def block_sensitivity(blk, cfg, solve, fmt: IntFormat, clip: bool, skip: tuple[str, ...],
+                      fisher: dict[str, torch.Tensor] | None) -> list[Sensitivity]:
+    """The candidates of one block's linears (a walker's `Block` on the FP stream; see `measure`): each group's H,
+    and every linear quantized at every width of `cfg` by the proxy solver, its loss weighted by `fisher`."""
+    out: list[Sensitivity] = []
+    for names in blk.groups(skip):
+        stats = blk.stats(names)
+        for name in names:
+            w = blk.block.get_submodule(name).weight.data.float()
+            H = stats[name].H.float()
+            full = blk.name(name)
+            sens = Sensitivity(full, w.numel())
+            for bits in cfg.bits:
+                solver, f, kw = _proxy(solve, fmt, clip, bits)
+                qw = solver(w, f, H, **kw)
+                f = None if fisher is None else fisher[full]
+                sens.options[bits] = (layer_loss(w, qw.dequantize(), H, f), qw.storage_bits())
+            out.append(sens)
+    return out
+
+
 @torch.no_grad()
 def measure(model, cfg, solve, fmt: IntFormat, tokens: torch.Tensor, *, clip: bool = False,
-            skip: tuple[str, ...] = (), batch_size: int = 8, device=None, progress: bool = False) -> list[Sensitivity]:
+            skip: tuple[str, ...] = (), batch_size: int = 8, device=None, progress: bool = False,
+            io=None) -> list[Sensitivity]:
     """Loss proxy (see the module doc) and storage cost of every decoder-block linear (but the `skip`ped ones)
     at every candidate width of `cfg` (a `BudgetConfig`), for the solver step `solve` (a `SolveConfig`) and the
-    weight format `fmt` with range search `clip`."""
-    from .walk import Walker
+    weight format `fmt` with range search `clip`. `io`: a `lowbit.walk.BlockIO` factory that reads the blocks
+    when the walk reaches them (a streamed run: the Fisher weights come from `streamed_fisher`); None: the
+    model is in memory."""
+    from .walk import BlockIO, Walker
 
     walker = Walker(model, tokens, batch_size=batch_size, device=device, replay_memo=False, progress=progress,
-                    desc="sensitivity")
+                    desc="sensitivity", io=io or BlockIO)
     fisher = None
     if cfg.metric == "fisher":
         names = [f"{walker.prefix}.{i}.{n}" for i, layer in enumerate(walker.layers)
                  for g in walker.adapter.linear_groups(layer) for n in g]
-        fisher = output_fisher(model, names, tokens, batch_size=batch_size, device=walker.device)
-    out: list[Sensitivity] = []
-    for blk in walker.blocks():
-        for names in blk.groups(skip):
-            stats = blk.stats(names)
-            for name in names:
-                w = blk.block.get_submodule(name).weight.data.float()
-                H = stats[name].H.float()
-                full = blk.name(name)
-                sens = Sensitivity(full, w.numel())
-                for bits in cfg.bits:
-                    solver, f, kw = _proxy(solve, fmt, clip, bits)
-                    qw = solver(w, f, H, **kw)
-                    f = None if fisher is None else fisher[full]
-                    sens.options[bits] = (layer_loss(w, qw.dequantize(), H, f), qw.storage_bits())
-                out.append(sens)
-    return out
+        fisher = (output_fisher(model, names, tokens, batch_size=batch_size, device=walker.device) if io is None
+                  else streamed_fisher(walker, names))
+    return [s for blk in walker.blocks() for s in block_sensitivity(blk, cfg, solve, fmt, clip, skip, fisher)]
 
 
 def allocate(sens: list[Sensitivity], budget: float) -> tuple[dict[str, int], dict]:

@@ -548,6 +548,23 @@ class PartialCheckpoint:
             self.state["streams_after"] = i
             self._save_state()
 
+    def save_pre_walk(self, payload: dict) -> None:
+        """What the run computed before its walk (`lowbit.pipeline._before_walk`), for a resumed run (rank 0)."""
+        if self.rank == 0:
+            tmp = self.dir / "pre_walk.pt.tmp"
+            torch.save(payload, tmp)
+            os.replace(tmp, self.dir / "pre_walk.pt")
+
+    def load_pre_walk(self) -> dict | None:
+        """What `save_pre_walk` saved, or None (a fresh run, or one killed before its walk began)."""
+        f = self.dir / "pre_walk.pt"
+        if not f.is_file():
+            return None
+        try:
+            return torch.load(f, weights_only=False)
+        except (OSError, RuntimeError, EOFError) as e:
+            raise CheckpointError(f"--resume: {f} cannot be read ({e}); remove {self.dir} and start again") from None
+
     def load_streams(self, device) -> dict | None:
         """This rank's saved walk state, or None when the run starts from the first block."""
         if self.resumed_blocks == 0:

@@ -20,7 +20,8 @@ from .models import get_adapter
 from .recipe import Recipe
 from .solvers import QuantizedWeight
 from .transforms import PairwiseRotation
-from .walk import Replay, Walker, capture_inputs, collect_stats, module_name, plain_stream, run_block  # noqa: F401
+from .walk import BlockIO, Replay, Walker, capture_inputs, collect_stats, module_name, plain_stream  # noqa: F401
+from .walk import run_block  # noqa: F401
 
 
 class PipelineError(RuntimeError):
@@ -159,20 +160,32 @@ def stream_blockers(recipe: Recipe) -> list[str]:
     return [st.not_streamed for st in stages_for(recipe) if st.not_streamed]
 
 
-class StreamIO:
-    """Blocks read from the model files when the walk reaches them, written to the partial checkpoint when
-    finished, and freed (see `quantize_streamed`)."""
+class SourceIO(BlockIO):
+    """Blocks read from the model files (`source`, a `lowbit.loading.StreamSource`) onto the walker's device in
+    `dtype` when the walk reaches them, and freed when it leaves them (a walk over a model skeleton)."""
 
-    def __init__(self, walker: Walker, source, partial, result: QuantizationResult, dtype: torch.dtype,
-                 store: torch.dtype, state_every_s: float):
-        self.walker, self.source, self.partial, self.result = walker, source, partial, result
-        self.dtype, self.store, self.state_every_s = dtype, store, state_every_s
-        self._last_state = time.perf_counter()
+    def __init__(self, walker: Walker, source, dtype: torch.dtype):
+        super().__init__(walker)
+        self.source, self.dtype = source, dtype
 
     def load(self, i: int) -> nn.Module:
         w = self.walker
         self.source.materialize(w.model, w.layers[i], w.device, self.dtype)
         return w.layers[i]
+
+    def unload(self, i: int) -> None:
+        self.source.release(self.walker.layers[i])
+
+
+class StreamIO(SourceIO):
+    """A `SourceIO` whose finished blocks are written to the partial checkpoint (see `quantize_streamed`)."""
+
+    def __init__(self, walker: Walker, source, partial, result: QuantizationResult, dtype: torch.dtype,
+                 store: torch.dtype, state_every_s: float):
+        super().__init__(walker, source, dtype)
+        self.partial, self.result = partial, result
+        self.store, self.state_every_s = store, state_every_s
+        self._last_state = time.perf_counter()
 
     def finished(self, blk) -> None:
         from types import SimpleNamespace
@@ -205,8 +218,20 @@ class StreamIO:
             self.partial.mark_streams(i)
             self._last_state = time.perf_counter()
 
-    def unload(self, i: int) -> None:
-        self.source.release(self.walker.layers[i])
+
+def _before_walk(stages, run, partial) -> None:
+    """The stages' whole-model work before a streamed walk (a bit budget's sensitivity pass, its blocks read
+    through `run.block_io`). A resumed run gives them what its first start saved (`run.pre_walk`) and goes on
+    from the RNG state after it; a fresh one saves both."""
+    saved = partial.load_pre_walk()
+    if saved is not None:
+        run.pre_walk = saved["stages"]
+    for st in stages:
+        st.before_model(run)
+    if saved is None:
+        partial.save_pre_walk({"stages": run.pre_walk, "rng": torch.get_rng_state()})
+    else:
+        torch.set_rng_state(saved["rng"])
 
 
 @torch.no_grad()
@@ -242,8 +267,10 @@ def quantize_streamed(source, recipe: Recipe, tokens: torch.Tensor, partial, *, 
         result = QuantizationResult(recipe, {}, layers_prefix=prefix)
         stages = stages_for(recipe)
         _check_distributed(stages, dist)
-        run = Run.of(recipe, model, tokens, result, batch_size=batch_size, device=device, progress=progress)
+        run = Run.of(recipe, model, tokens, result, batch_size=batch_size, device=device, progress=progress,
+                     block_io=lambda w: SourceIO(w, source, dtype))
         source.materialize(model, model, device, dtype, skip_prefix=prefix)
+        _before_walk(stages, run, partial)
         walker = Walker(model, tokens, batch_size=batch_size, device=device,
                         streams=any(st.needs_inputs for st in stages),
                         fp_stream=any(st.needs_fp for st in stages), track_error=track_error,

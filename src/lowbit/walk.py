@@ -20,7 +20,8 @@ When the stages are done, `finish` maps both streams through the block (block i 
 records the block's output error; the block goes back to where it lived.
 
 Nothing else in lowbit loops over blocks: the pipeline's stages and the bit-budget sensitivity pass
-both run through here.
+both run through here (the budget's Fisher pass, which also goes back from the last block to the first,
+reads and frees its blocks through the walker's `BlockIO`).
 """
 
 from __future__ import annotations

@@ -25,7 +25,10 @@ class Run:
     solver step: method, solver config, QEP; the bit budget plans its proxies from it), `act_quant` (the
     activations' per-token format at inference, or None: learned rotations calibrate for it), `skip` and
     `true_sequential` (which linears are quantized and how they are grouped: `linear_groups`).
-    `Run.of(recipe, ...)` fills them from a recipe."""
+    `Run.of(recipe, ...)` fills them from a recipe. A streamed run sets `block_io` (its blocks are read from the
+    model files: a stage that walks the model before the quantization walk passes it on) and keeps `pre_walk`,
+    where a stage's `before_model` leaves what it computed (JSON-like values): a resumed run gets it back
+    instead of computing it again."""
 
     model: nn.Module
     recipe: object
@@ -41,6 +44,8 @@ class Run:
     act_quant: ActQuantConfig | None = None
     skip: tuple[str, ...] = ()
     true_sequential: bool = True
+    block_io: Callable | None = None  # how a stage's own walk reads the blocks (`Walker`'s io; None: in memory)
+    pre_walk: dict = field(default_factory=dict)  # what `before_model` computed, by stage key (a resumed run's)
 
     @classmethod
     def of(cls, recipe, model: nn.Module, tokens: torch.Tensor, result, **kw) -> Run:
@@ -64,7 +69,7 @@ class Stage:
     not_streamed: str = ""  # why the stage needs the whole model in memory (streamed runs refuse it)
 
     def before_model(self, run: Run) -> None:
-        """Whole-model work before the walk."""
+        """Whole-model work before the walk (what a resumed streamed run should not redo goes in `run.pre_walk`)."""
 
     def check(self, run: Run, walker) -> None:
         """Refuse early (after the calibration inputs are captured, before any block is touched)."""

@@ -1,4 +1,5 @@
-"""Bit budgets: per-linear widths planned by a sensitivity pass on the FP model before the walk."""
+"""Bit budgets: per-linear widths planned by a sensitivity pass on the FP model before the walk (streamed runs
+read its blocks from the model files, one at a time)."""
 
 from __future__ import annotations
 
@@ -33,15 +34,18 @@ class BudgetStage(Stage):
 
     needs_inputs = True
     not_distributed = "bit budgets (sensitivity pass)"
-    not_streamed = "bit budgets (their sensitivity pass walks the whole FP model first)"
 
     def __init__(self, cfg: BudgetConfig):
         self.cfg = cfg
 
     def before_model(self, run: Run) -> None:
+        """The plan (a streamed run's blocks read through `run.block_io`), or the one a resumed run saved."""
         from ..budget import plan
 
-        run.bits_plan, run.result.budget_report = plan(run.model, self.cfg, run.solve, run.format, run.tokens,
-                                                       clip=run.clip, skip=run.skip, batch_size=run.batch_size,
-                                                       device=run.device, progress=run.progress)
-        run.result.bits_plan = run.bits_plan
+        saved = run.pre_walk.get("bit_budget")
+        if saved is None:
+            bits, report = plan(run.model, self.cfg, run.solve, run.format, run.tokens, clip=run.clip, skip=run.skip,
+                                batch_size=run.batch_size, device=run.device, progress=run.progress, io=run.block_io)
+            saved = run.pre_walk["bit_budget"] = {"bits_plan": bits, "report": report}
+        run.bits_plan = run.result.bits_plan = saved["bits_plan"]
+        run.result.budget_report = saved["report"]
