@@ -160,18 +160,21 @@ def stream_blockers(recipe: Recipe) -> list[str]:
 
 
 class StreamIO:
-    """Blocks read from the model files when the walk reaches them, written to the partial checkpoint when
-    finished, and freed (see `quantize_streamed`)."""
+    """Blocks read from the model files when the walk reaches them (and handed to the stages' `on_load`),
+    written to the partial checkpoint when finished, and freed (see `quantize_streamed`)."""
 
-    def __init__(self, walker: Walker, source, partial, result: QuantizationResult, dtype: torch.dtype,
-                 store: torch.dtype, state_every_s: float):
-        self.walker, self.source, self.partial, self.result = walker, source, partial, result
+    def __init__(self, walker: Walker, source, partial, run, stages, dtype: torch.dtype, store: torch.dtype,
+                 state_every_s: float):
+        self.walker, self.source, self.partial, self.run, self.stages = walker, source, partial, run, stages
+        self.result = run.result
         self.dtype, self.store, self.state_every_s = dtype, store, state_every_s
         self._last_state = time.perf_counter()
 
     def load(self, i: int) -> nn.Module:
         w = self.walker
         self.source.materialize(w.model, w.layers[i], w.device, self.dtype)
+        for st in self.stages:
+            st.on_load(self.run, i, w.layers[i])
         return w.layers[i]
 
     def finished(self, blk) -> None:
@@ -218,7 +221,8 @@ def quantize_streamed(source, recipe: Recipe, tokens: torch.Tensor, partial, *, 
     """Quantize a model that is never in memory whole: the skeleton lives on the meta device, each
     block is read from `source` (a `lowbit.loading.StreamSource`) onto `device` in `dtype` when the walk
     reaches it, quantized, written to `partial` (a `lowbit.checkpoint.PartialCheckpoint`) and freed;
-    the parts outside the blocks are read for the calibration capture, written and freed the same way.
+    the parts outside the blocks are read for the calibration capture, written and freed the same way. The
+    stages' `before_stream` runs on those parts once they are read, their `on_load` on each block once it is.
     A `partial` opened with resume goes on after the last block whose streams were saved (its state is
     saved after every block, or every `state_every_s` seconds). Returns (model skeleton, result, info)
     where info holds the storage bits and weights of every block written; the checkpoint is not assembled
@@ -244,11 +248,13 @@ def quantize_streamed(source, recipe: Recipe, tokens: torch.Tensor, partial, *, 
         _check_distributed(stages, dist)
         run = Run.of(recipe, model, tokens, result, batch_size=batch_size, device=device, progress=progress)
         source.materialize(model, model, device, dtype, skip_prefix=prefix)
+        for st in stages:
+            st.before_stream(run)
         walker = Walker(model, tokens, batch_size=batch_size, device=device,
                         streams=any(st.needs_inputs for st in stages),
                         fp_stream=any(st.needs_fp for st in stages), track_error=track_error,
                         replay_memo=recipe.true_sequential, progress=progress, desc=f"quantize {recipe.label}",
-                        io=lambda w: StreamIO(w, source, partial, result, dtype, store_dtype, state_every_s),
+                        io=lambda w: StreamIO(w, source, partial, run, stages, dtype, store_dtype, state_every_s),
                         dist=dist, memory_target=memory_target)
         walker.capture()
         for st in stages:
