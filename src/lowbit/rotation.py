@@ -445,8 +445,8 @@ def _fold_rest(model: nn.Module, q1: torch.Tensor) -> None:
 
 @torch.no_grad()
 def _fold_block(adapter, blk: nn.Module, q1: torch.Tensor, r2: torch.Tensor | None) -> None:
-    """R1 (and R2 when given) into a prepared block's weights, computed in float64 where the block lives; its
-    post-norms rotate by R1 instead of the outputs of o_proj and down_proj."""
+    """R1 (and R2 when given) into a prepared block's weights, computed in float64 where the block lives; where
+    the block has post-norms (Gemma 3), they rotate by R1 instead of the outputs of o_proj and down_proj."""
     params = dict(blk.named_parameters(remove_duplicate=False))
     dev = blk.self_attn.q_proj.weight.device
     q1 = q1.to(dev, torch.float64)
