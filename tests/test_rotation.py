@@ -10,7 +10,7 @@ from conftest import tiny_model, tiny_tokens
 
 from lowbit.compat import cache_kwargs
 from lowbit.formats import IntFormat
-from lowbit.rotation import (RotatedPostNorm, RotationConfig, RotationError, cayley_step, fold_norms,
+from lowbit.rotation import (RotatedPostNorm, RotationConfig, RotationError, cayley_step, fold_final_norm,
                              rotate_model)
 from lowbit.transforms.modules import HadamardLinear
 
@@ -69,7 +69,7 @@ def test_untied_and_tied_embeddings(family):
 
 def test_tied_embeddings_stay_tied_when_the_final_norm_is_one():
     m = tiny_model("llama")  # fresh norms: all ones
-    assert fold_norms(m) is False
+    assert fold_final_norm(m) is False
     assert m.get_output_embeddings().weight is m.get_input_embeddings().weight
 
 

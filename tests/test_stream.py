@@ -53,7 +53,8 @@ def test_merge_safetensors_writes_save_file_bytes(tmp_path):
 
 @pytest.mark.parametrize("family,label", [("llama", "qep-gptq-w3-g32"), ("qwen2", "pair-gptq-w4-g32"),
                                           ("gemma3_text", "rtn-w4-g16"), ("llama", "budget2.5-gptq-w2-g32"),
-                                          ("qwen2", "budget2.5raw-qep-gptq-w2-g32")])
+                                          ("qwen2", "budget2.5raw-qep-gptq-w2-g32"),
+                                          ("llama", "budget2.5-had-gptq-w2-g32")])
 def test_streamed_equals_in_memory(tmp_path, family, label):
     from transformers import AutoModelForCausalLM
 
@@ -81,8 +82,97 @@ def test_streamed_equals_in_memory(tmp_path, family, label):
     assert abs(job.bits_per_weight - __import__("lowbit.jobs").jobs.bits_per_weight(res)) < 1e-9
 
 
-def test_streamed_model_is_freed_block_by_block(tmp_path, monkeypatch):
-    """While block i is quantized, every other block and the embeddings are meta tensors."""
+def _with_norms(family: str, layers: int = 3, seed: int = 0):
+    """A tiny model whose norms are not the identity (folding them matters; a tied Llama's final norm then
+    unties lm_head from the embedding)."""
+    m = tiny_model(family, layers=layers, seed=seed)
+    with torch.no_grad():
+        for _, p in m.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.3 * torch.randn_like(p))
+    return m
+
+
+def _quantize_both(tmp_path, model, recipe, toks, **stream_kw):
+    """The in-memory run (saved to a/, weights kept in float32) and the streamed run (to b/) of `model`, saved
+    to m/ first; returns (in-memory model, its result, streamed result, streamed path)."""
+    from transformers import AutoModelForCausalLM
+
+    from lowbit import checkpoint
+    from lowbit.jobs import Protocol, stream_quantize_job
+    from lowbit.pipeline import quantize_model
+
+    model.save_pretrained(tmp_path / "m")
+    mem = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    res = quantize_model(mem, recipe, toks, batch_size=4, progress=False, track_error=True)
+    checkpoint.save(mem, res, tmp_path / "a", dtype="fp32")
+    torch.manual_seed(0)
+    streamed, _, path = stream_quantize_job(str(tmp_path / "m"), recipe, Protocol(batch_size=4), tmp_path / "b",
+                                            dtype=torch.float32, store_dtype=torch.float32, tokens=toks,
+                                            progress=False, track_error=True, **stream_kw)
+    return mem, res, streamed, path
+
+
+@pytest.mark.parametrize("family,rotation,norms", [
+    ("llama", {}, True),  # R1, R2, R4; lm_head untied from the embedding by the final norm
+    ("llama", {"r3": True, "r4": False}, False),  # R1, R2, R3; lm_head stays tied
+    ("gemma3_text", {"kind": "orthogonal", "r3": True}, True),  # post-norms rotated online; tied, untied
+], ids=["had-r2-r4-untied", "had-r2-r3-tied", "gemma-orth-r3"])
+def test_streamed_rotation_equals_in_memory(tmp_path, family, rotation, norms):
+    """A streamed rotated run rotates the embeddings, final norm and lm_head before the capture and each block
+    when it is read: the same rotation record, block errors and checkpoint bytes as the in-memory run, and the
+    loaded checkpoint computes the in-memory quantized model's logits (with a KV cache: R3)."""
+    from transformers import DynamicCache
+
+    from lowbit import checkpoint
+    from lowbit.compat import cache_kwargs
+    from lowbit.pipeline import stream_blockers
+    from lowbit.recipe import get_recipe
+    from lowbit.rotation import RotationConfig, rotation_of
+
+    recipe = get_recipe("gptq-w4-g32").with_(rotation=RotationConfig(**rotation))
+    assert stream_blockers(recipe) == []
+    model = _with_norms(family) if norms else tiny_model(family, layers=3)
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    toks = tiny_tokens(8, 32)
+    mem, res, streamed, path = _quantize_both(tmp_path, model, recipe, toks)
+    assert res.rotation["untied"] == (tied and norms) and res.rotation["r3"] == rotation.get("r3", False)
+    assert streamed.rotation == res.rotation and streamed.block_errors == res.block_errors
+    assert same_checkpoint(tmp_path / "a", path) == []
+    loaded = checkpoint.load(path)
+    assert rotation_of(loaded) == res.rotation
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=toks).logits, mem(input_ids=toks).logits, rtol=1e-5, atol=1e-5)
+        ref = mem(input_ids=toks[:1], **cache_kwargs(mem, DynamicCache(config=mem.config))).logits
+        got = loaded(input_ids=toks[:1], **cache_kwargs(loaded, DynamicCache(config=loaded.config))).logits
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_streamed_rotation_resumes_with_the_same_bytes(tmp_path):
+    """A rotated streamed run stopped after its first block and resumed (the parts outside the blocks, written
+    once, rotated; the config's untying and every later block's rotation redone) gives the in-memory run's
+    checkpoint."""
+    from lowbit import checkpoint
+    from lowbit.jobs import Protocol, stream_quantize_job
+    from lowbit.recipe import get_recipe
+
+    recipe = get_recipe("had-gptq-w4-g32")
+    toks = tiny_tokens(8, 32)
+    _, res, _, path = _quantize_both(tmp_path, _with_norms("llama"), recipe, toks, max_blocks=1)
+    assert path is None and checkpoint.partial_dir(tmp_path / "b").exists()
+    torch.manual_seed(0)
+    resumed, _, path = stream_quantize_job(str(tmp_path / "m"), recipe, Protocol(batch_size=4), tmp_path / "b",
+                                           dtype=torch.float32, store_dtype=torch.float32, tokens=toks,
+                                           progress=False, track_error=True, resume=True)
+    assert resumed.rotation == res.rotation and res.rotation["untied"]
+    assert same_checkpoint(tmp_path / "a", path) == []
+
+
+@pytest.mark.parametrize("label", ["gptq-w4-g32", "had-gptq-w4-g32"])
+def test_streamed_model_is_freed_block_by_block(tmp_path, monkeypatch, label):
+    """While block i is quantized, every other block and the embeddings are meta tensors (a rotation too
+    rotates block by block)."""
     import lowbit.stages as stages
     from lowbit.checkpoint import PartialCheckpoint
     from lowbit.loading import StreamSource
@@ -98,7 +188,7 @@ def test_streamed_model_is_freed_block_by_block(tmp_path, monkeypatch):
 
     orig = stages.stages_for
     monkeypatch.setattr(stages, "stages_for", lambda r: [*orig(r), Spy()])
-    quantize_streamed(StreamSource(tmp_path / "m"), get_recipe("gptq-w4-g32"), tiny_tokens(4, 16),
+    quantize_streamed(StreamSource(tmp_path / "m"), get_recipe(label), tiny_tokens(4, 16),
                       PartialCheckpoint(tmp_path / "o", {"t": 1}, False), dtype=torch.float32, batch_size=2,
                       progress=False)
     assert [i for i, _ in seen] == [0, 1, 2]
@@ -146,7 +236,7 @@ def test_cli_stream_matches_no_stream(tiny_dir, tmp_path, recipe):
 
 
 @pytest.mark.parametrize("extra,msg", [
-    (["--recipe", "had-gptq-w4-g32", "--no-eval"], "global rotations"),
+    (["--recipe", "spin-gptq-w4-g32", "--no-eval"], "learned rotations"),
     (["--recipe", "gptq-w4-g32"], "--no-eval"),
 ])
 def test_cli_stream_refuses_by_name(tiny_dir, tmp_path, extra, msg):

@@ -162,15 +162,18 @@ def stream_blockers(recipe: Recipe) -> list[str]:
 
 class SourceIO(BlockIO):
     """Blocks read from the model files (`source`, a `lowbit.loading.StreamSource`) onto the walker's device in
-    `dtype` when the walk reaches them, and freed when it leaves them (a walk over a model skeleton)."""
+    `dtype` when the walk reaches them, handed to the stages' `on_load` (a global rotation rotates them there),
+    and freed when the walk leaves them (a walk over a model skeleton)."""
 
-    def __init__(self, walker: Walker, source, dtype: torch.dtype):
+    def __init__(self, walker: Walker, source, dtype: torch.dtype, run=None, stages=()):
         super().__init__(walker)
-        self.source, self.dtype = source, dtype
+        self.source, self.dtype, self.run, self.stages = source, dtype, run, stages
 
     def load(self, i: int) -> nn.Module:
         w = self.walker
         self.source.materialize(w.model, w.layers[i], w.device, self.dtype)
+        for st in self.stages:
+            st.on_load(self.run, i, w.layers[i])
         return w.layers[i]
 
     def unload(self, i: int) -> None:
@@ -180,10 +183,10 @@ class SourceIO(BlockIO):
 class StreamIO(SourceIO):
     """A `SourceIO` whose finished blocks are written to the partial checkpoint (see `quantize_streamed`)."""
 
-    def __init__(self, walker: Walker, source, partial, result: QuantizationResult, dtype: torch.dtype,
-                 store: torch.dtype, state_every_s: float):
-        super().__init__(walker, source, dtype)
-        self.partial, self.result = partial, result
+    def __init__(self, walker: Walker, source, partial, run, stages, dtype: torch.dtype, store: torch.dtype,
+                 state_every_s: float):
+        super().__init__(walker, source, dtype, run, stages)
+        self.partial, self.result = partial, run.result
         self.store, self.state_every_s = store, state_every_s
         self._last_state = time.perf_counter()
 
@@ -220,14 +223,15 @@ class StreamIO(SourceIO):
 
 
 def _before_walk(stages, run, partial) -> None:
-    """The stages' whole-model work before a streamed walk (a bit budget's sensitivity pass, its blocks read
-    through `run.block_io`). A resumed run gives them what its first start saved (`run.pre_walk`) and goes on
+    """The stages' work before a streamed walk, in stage order (`Stage.before_stream`: a global rotation rotates
+    the parts outside the blocks; a bit budget's sensitivity pass reads the blocks through `run.block_io`, each
+    rotated as it is read). A resumed run gives them what its first start saved (`run.pre_walk`) and goes on
     from the RNG state after it; a fresh one saves both."""
     saved = partial.load_pre_walk()
     if saved is not None:
         run.pre_walk = saved["stages"]
     for st in stages:
-        st.before_model(run)
+        st.before_stream(run)
     if saved is None:
         partial.save_pre_walk({"stages": run.pre_walk, "rng": torch.get_rng_state()})
     else:
@@ -243,7 +247,8 @@ def quantize_streamed(source, recipe: Recipe, tokens: torch.Tensor, partial, *, 
     """Quantize a model that is never in memory whole: the skeleton lives on the meta device, each
     block is read from `source` (a `lowbit.loading.StreamSource`) onto `device` in `dtype` when the walk
     reaches it, quantized, written to `partial` (a `lowbit.checkpoint.PartialCheckpoint`) and freed;
-    the parts outside the blocks are read for the calibration capture, written and freed the same way.
+    the parts outside the blocks are read for the calibration capture, written and freed the same way. The
+    stages' `before_stream` runs on those parts once they are read, their `on_load` on each block once it is.
     A `partial` opened with resume goes on after the last block whose streams were saved (its state is
     saved after every block, or every `state_every_s` seconds). Returns (model skeleton, result, info)
     where info holds the storage bits and weights of every block written; the checkpoint is not assembled
@@ -268,14 +273,14 @@ def quantize_streamed(source, recipe: Recipe, tokens: torch.Tensor, partial, *, 
         stages = stages_for(recipe)
         _check_distributed(stages, dist)
         run = Run.of(recipe, model, tokens, result, batch_size=batch_size, device=device, progress=progress,
-                     block_io=lambda w: SourceIO(w, source, dtype))
+                     block_io=lambda w: SourceIO(w, source, dtype, run, stages))
         source.materialize(model, model, device, dtype, skip_prefix=prefix)
         _before_walk(stages, run, partial)
         walker = Walker(model, tokens, batch_size=batch_size, device=device,
                         streams=any(st.needs_inputs for st in stages),
                         fp_stream=any(st.needs_fp for st in stages), track_error=track_error,
                         replay_memo=recipe.true_sequential, progress=progress, desc=f"quantize {recipe.label}",
-                        io=lambda w: StreamIO(w, source, partial, result, dtype, store_dtype, state_every_s),
+                        io=lambda w: StreamIO(w, source, partial, run, stages, dtype, store_dtype, state_every_s),
                         dist=dist, memory_target=memory_target)
         walker.capture()
         for st in stages:

@@ -22,6 +22,10 @@ so rotating o_proj / down_proj outputs would not commute with them. lowbit leave
 unrotated and replaces each post-norm with `RotatedPostNorm`: RMSNorm(y) @ Q, one online
 hidden x hidden rotation per post-norm (exact; stored as a buffer, so checkpoints carry it).
 
+Each part of the model is rotated on its own: `rotate_rest` (embeddings, final norm, lm_head) and
+`rotate_block` (one decoder block), so a streamed run rotates every block when it is read; `rotate_model`
+does both for a model in memory.
+
 Learned rotations (SpinQuant): R1 and R2 start from randomized Hadamard matrices and move on the
 orthogonal group by Cayley SGD (`cayley_step`) to lower the next-token loss of the model whose
 rotated weights are fake-quantized by RTN with a straight-through gradient; weights stay frozen.
@@ -128,10 +132,11 @@ class _R3Cache:
 class R3Hook:
     """Forward pre-hook of one attention module that hands it its KV cache wrapped in `_R3Cache`, so
     that its keys are stored and read in the Hadamard basis (R3). Kept in the module's hook table
-    (found there again by `r3_hook`, copied with the module) with its handle, so it can be removed."""
+    (found there again by `r3_hook`, copied with the module) with its handle, so it can be removed;
+    `fired` says whether it has seen a cache (`verify_r3`)."""
 
-    def __init__(self, seen: set | None = None, index: int = 0):
-        self.seen, self.index = seen if seen is not None else set(), index
+    def __init__(self, index: int = 0):
+        self.index, self.fired = index, False
         self.handle = None
 
     def __call__(self, module, args, kwargs):
@@ -140,7 +145,7 @@ class R3Hook:
         name, cache = cache_from_kwargs(kwargs)
         if cache is None:
             return None
-        self.seen.add(self.index)
+        self.fired = True
         if isinstance(cache, _R3Cache):
             return None
         return args, dict(kwargs, **{name: _R3Cache(cache)})
@@ -151,36 +156,47 @@ def r3_hook(attn: nn.Module) -> R3Hook | None:
     return next((h for h in attn._forward_pre_hooks.values() if isinstance(h, R3Hook)), None)
 
 
+def hook_r3(attn: nn.Module, index: int) -> R3Hook | None:
+    """Hook the attention module of layer `index` so that R3 applies; returns the hook (None: it had one).
+    Raises CompatError when attention takes no cache argument at all."""
+    from .compat import cache_kwarg
+
+    cache_kwarg(attn)
+    if r3_hook(attn) is not None:
+        return None
+    hook = R3Hook(index)
+    hook.handle = attn.register_forward_pre_hook(hook, with_kwargs=True)
+    return hook
+
+
+def verify_r3(model: nn.Module, hooks: list[R3Hook]) -> None:
+    """One 2-token forward of the whole model with a cache checks that every one of `hooks` wrapped it
+    (CompatError otherwise, the hooks removed again: R3 must never silently do nothing)."""
+    from transformers import DynamicCache
+
+    from .compat import CompatError, probe_forward
+
+    for h in hooks:
+        h.fired = False
+    probe_forward(model, DynamicCache(config=model.config))
+    missing = sorted(h.index for h in hooks if not h.fired)
+    if missing:
+        for h in hooks:
+            h.handle.remove()
+        raise CompatError(f"R3: attention layers {missing[:5]} received no KV cache through a keyword argument, "
+                          "so their keys would not be rotated")
+
+
 def install_r3(model: nn.Module, verify: bool = True) -> list[R3Hook]:
     """Hook every attention module so that R3 applies (modules already hooked are left alone); returns
     the hooks installed (each has `.handle.remove()`; `remove_r3` undoes them all).
 
     The hook finds the KV cache under whichever keyword this transformers version passes it by;
-    with `verify`, one 2-token forward with a cache checks that every layer's hook wrapped it
-    (CompatError otherwise, the hooks removed again: R3 must never silently do nothing)."""
-    from .compat import CompatError, cache_kwarg, probe_forward
-
-    adapter = get_adapter(model)
-    hooks: list[R3Hook] = []
-    seen: set = set()
-    for i, blk in enumerate(adapter.layers(model)):
-        attn = blk.self_attn
-        cache_kwarg(attn)  # raises when attention takes no cache argument at all
-        if r3_hook(attn) is not None:
-            continue
-        hook = R3Hook(seen, i)
-        hook.handle = attn.register_forward_pre_hook(hook, with_kwargs=True)
-        hooks.append(hook)
+    with `verify` (and the weights in memory), `verify_r3` checks that every new hook takes effect."""
+    layers = get_adapter(model).layers(model)
+    hooks = [h for h in (hook_r3(blk.self_attn, i) for i, blk in enumerate(layers)) if h is not None]
     if verify and hooks and not any(p.is_meta for p in model.parameters()):
-        from transformers import DynamicCache
-
-        probe_forward(model, DynamicCache(config=model.config))
-        missing = sorted({h.index for h in hooks} - seen)
-        if missing:
-            for h in hooks:
-                h.handle.remove()
-            raise CompatError(f"R3: attention layers {missing[:5]} received no KV cache through a keyword argument, "
-                              "so their keys would not be rotated")
+        verify_r3(model, hooks)
     return hooks
 
 
@@ -221,88 +237,143 @@ def _heads(attn: nn.Module) -> tuple[int, int]:
     return int(hd), int(attn.v_proj.out_features // hd)
 
 
-def _names(model: nn.Module, adapter) -> dict:
-    """Parameter names the rotations touch, per role."""
-    pname = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
-    layers = adapter.layers(model)
-    out = {"embed": pname[id(model.get_input_embeddings().weight)],
-           "head": pname[id(model.get_output_embeddings().weight)],  # == embed when tied
-           "readers": [], "writers": [], "v": [], "o": []}
-    for blk in layers:
-        for g in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
-            out["readers"].append(pname[id(blk.get_submodule(g).weight)])
-        for g in ("self_attn.o_proj", "mlp.down_proj"):
-            lin = blk.get_submodule(g)
-            out["writers"].append((pname[id(lin.weight)], None if lin.bias is None else pname[id(lin.bias)]))
-        v = blk.self_attn.v_proj
-        out["v"].append((pname[id(v.weight)], None if v.bias is None else pname[id(v.bias)]))
-        out["o"].append(pname[id(blk.self_attn.o_proj.weight)])
-    return out
+def _hidden(model: nn.Module) -> int:
+    """The width of the residual stream."""
+    text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return int(text_cfg.hidden_size)
 
 
-def rotated_weights(model: nn.Module, base: dict[str, torch.Tensor], q1: torch.Tensor,
-                    r2: list[torch.Tensor] | None, rotate_outputs: bool) -> dict[str, torch.Tensor]:
-    """The new values of every tensor R1 / R2 touch, from the norm-folded `base` tensors
-    (differentiable in q1 and r2; computed in q1's dtype)."""
-    adapter = get_adapter(model)
-    names = _names(model, adapter)
-    ct = q1.dtype
-    new = {}
+def _param_names(params: dict[str, nn.Parameter]) -> dict[int, str]:
+    """The name of each parameter by id (tied parameters: their last name)."""
+    return {id(p): n for n, p in params.items()}
 
-    def get(n):
-        return new[n] if n in new else base[n].to(q1.device, ct)
 
-    new[names["embed"]] = get(names["embed"]) @ q1
+def _rest_names(model: nn.Module, pname: dict[int, str]) -> dict:
+    """Names (in `pname`) of the embedding and lm_head, the parameters R1 touches outside the blocks (one name
+    when tied)."""
+    return {"embed": pname[id(model.get_input_embeddings().weight)],
+            "head": pname[id(model.get_output_embeddings().weight)]}
+
+
+#: a block's readers and writers of the residual stream
+_READERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
+_WRITERS = ("self_attn.o_proj", "mlp.down_proj")
+
+
+def _block_names(blk: nn.Module, pname: dict[int, str]) -> dict:
+    """Names (in `pname`) of the parameters R1 / R2 touch in one block, per role: the readers of the residual
+    stream, its writers (weight, bias), v_proj (weight, bias) and o_proj."""
+    def weight_bias(lin: nn.Module) -> tuple[str, str | None]:
+        return pname[id(lin.weight)], None if lin.bias is None else pname[id(lin.bias)]
+
+    return {"readers": [pname[id(blk.get_submodule(g).weight)] for g in _READERS],
+            "writers": [weight_bias(blk.get_submodule(g)) for g in _WRITERS],
+            "v": weight_bias(blk.self_attn.v_proj), "o": pname[id(blk.self_attn.o_proj.weight)]}
+
+
+def rotated_rest(names: dict, base: dict[str, torch.Tensor], q1: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The new embedding and lm_head (`_rest_names`) from the norm-folded `base` tensors (differentiable in q1;
+    computed in q1's dtype)."""
+    new = {names["embed"]: base[names["embed"]].to(q1.device, q1.dtype) @ q1}
     if names["head"] != names["embed"]:
-        new[names["head"]] = get(names["head"]) @ q1
-    for n in names["readers"]:
-        new[n] = get(n) @ q1
-    if rotate_outputs:
+        new[names["head"]] = base[names["head"]].to(q1.device, q1.dtype) @ q1
+    return new
+
+
+def _rotated_role(role: str, names: dict, get, q1: torch.Tensor, r2: torch.Tensor | None,
+                  heads: tuple[int, int] | None) -> dict[str, torch.Tensor]:
+    """One block's tensors of one role (`_block_names`) rotated: "readers" (R1 on their inputs), "writers" (R1
+    on their outputs) or "r2" (v_proj's rows and o_proj's columns per head, `heads` = (head_dim, KV heads));
+    `get(name)` is a tensor's value so far, in q1's dtype."""
+    if role == "readers":
+        return {n: get(n) @ q1 for n in names["readers"]}
+    new = {}
+    if role == "writers":
         for w, b in names["writers"]:
             new[w] = q1.T @ get(w)
             if b is not None:
                 new[b] = get(b) @ q1
-    if r2 is not None:
-        for i, blk in enumerate(adapter.layers(model)):
-            hd, n_kv = _heads(blk.self_attn)
-            (vw, vb), ow = names["v"][i], names["o"][i]
-            a = r2[i].to(ct)
-            w = get(vw)
-            new[vw] = (a.T @ w.reshape(n_kv, hd, -1)).reshape(w.shape)
-            if vb is not None:
-                new[vb] = (get(vb).reshape(n_kv, hd) @ a).reshape(-1)
-            w = get(ow)
-            new[ow] = (w.reshape(w.shape[0], -1, hd) @ a).reshape(w.shape)
+        return new
+    hd, n_kv = heads
+    (vw, vb), ow = names["v"], names["o"]
+    a = r2.to(q1.dtype)
+    w = get(vw)
+    new[vw] = (a.T @ w.reshape(n_kv, hd, -1)).reshape(w.shape)
+    if vb is not None:
+        new[vb] = (get(vb).reshape(n_kv, hd) @ a).reshape(-1)
+    w = get(ow)
+    new[ow] = (w.reshape(w.shape[0], -1, hd) @ a).reshape(w.shape)
+    return new
+
+
+def _roles(r2, rotate_outputs: bool) -> list[str]:
+    """The roles a block's rotation touches, in order."""
+    return ["readers", *(["writers"] if rotate_outputs else []), *(["r2"] if r2 is not None else [])]
+
+
+def _getter(base: dict[str, torch.Tensor], new: dict[str, torch.Tensor], q1: torch.Tensor):
+    """A tensor's value so far: its new value, else its `base` value in q1's device and dtype."""
+    return lambda n: new[n] if n in new else base[n].to(q1.device, q1.dtype)
+
+
+def rotated_block(names: dict, base: dict[str, torch.Tensor], q1: torch.Tensor, r2: torch.Tensor | None,
+                  heads: tuple[int, int] | None, rotate_outputs: bool) -> dict[str, torch.Tensor]:
+    """The new values of one block's tensors R1 / R2 touch (`_block_names`; R2 when `r2` is given, with `heads`
+    = (head_dim, KV heads)) from the norm-folded `base` tensors (computed in q1's dtype)."""
+    new: dict[str, torch.Tensor] = {}
+    for role in _roles(r2, rotate_outputs):
+        new.update(_rotated_role(role, names, _getter(base, new, q1), q1, r2, heads))
+    return new
+
+
+def rotated_weights(model: nn.Module, base: dict[str, torch.Tensor], q1: torch.Tensor,
+                    r2: list[torch.Tensor] | None, rotate_outputs: bool) -> dict[str, torch.Tensor]:
+    """The new values of every tensor R1 / R2 touch, from the norm-folded `base` tensors (differentiable in q1
+    and r2; computed in q1's dtype). Role by role over the blocks: that sets the order autograd sums the
+    gradients of q1 and r2 in, which learned rotations depend on to the last bit."""
+    pname = _param_names(dict(model.named_parameters(remove_duplicate=False)))
+    layers = get_adapter(model).layers(model)
+    names = [_block_names(blk, pname) for blk in layers]
+    heads = [None if r2 is None else _heads(blk.self_attn) for blk in layers]
+    new = rotated_rest(_rest_names(model, pname), base, q1)
+    for role in _roles(r2, rotate_outputs):
+        for i in range(len(layers)):
+            new.update(_rotated_role(role, names[i], _getter(base, new, q1), q1, None if r2 is None else r2[i],
+                                     heads[i]))
     return new
 
 
 # ---- model surgery ----------------------------------------------------------------------------
 
+def _fold_norm(norm: nn.Module, lins: list[nn.Linear], off: float) -> None:
+    """Fold the norm's scale (off + w) into the columns of the linears reading it; the norm becomes the identity."""
+    g = (off + norm.weight.double())
+    for lin in lins:
+        lin.weight.copy_((lin.weight.double() * g).to(lin.weight.dtype))
+    norm.weight.fill_(1.0 - off)
+
+
 @torch.no_grad()
-def fold_norms(model: nn.Module) -> bool:
-    """Fold every pre-norm's scale into the linears reading it and make the norm the identity;
-    unties lm_head from the embedding first when the final norm's scale is not all ones.
-    Returns whether it untied."""
+def fold_block_norms(adapter, blk: nn.Module) -> None:
+    """Fold a block's pre-norm scales into the linears reading them and make those norms the identity."""
+    attn, mlp = blk.self_attn, blk.mlp
+    _fold_norm(blk.get_submodule(adapter.attn_norm), [attn.q_proj, attn.k_proj, attn.v_proj], adapter.norm_offset)
+    _fold_norm(blk.get_submodule(adapter.mlp_norm), [mlp.gate_proj, mlp.up_proj], adapter.norm_offset)
+
+
+@torch.no_grad()
+def fold_final_norm(model: nn.Module) -> bool:
+    """Fold the final norm's scale into lm_head and make the norm the identity; unties lm_head from the
+    embedding first when that scale is not all ones. Returns whether it untied."""
     adapter = get_adapter(model)
     off = adapter.norm_offset
-
-    def fold(norm: nn.Module, lins: list[nn.Linear]) -> None:
-        g = (off + norm.weight.double())
-        for lin in lins:
-            lin.weight.copy_((lin.weight.double() * g).to(lin.weight.dtype))
-        norm.weight.fill_(1.0 - off)
-
-    for blk in adapter.layers(model):
-        attn, mlp = blk.self_attn, blk.mlp
-        fold(blk.get_submodule(adapter.attn_norm), [attn.q_proj, attn.k_proj, attn.v_proj])
-        fold(blk.get_submodule(adapter.mlp_norm), [mlp.gate_proj, mlp.up_proj])
     final = adapter.decoder(model).get_submodule(adapter.final_norm)
-    head = model.get_output_embeddings()
     untied = False
-    if head.weight is model.get_input_embeddings().weight and not bool(((off + final.weight) == 1).all()):
+    if model.get_output_embeddings().weight is model.get_input_embeddings().weight and \
+            not bool(((off + final.weight) == 1).all()):
         untie(model)
         untied = True
-    fold(final, [model.get_output_embeddings()])
+    _fold_norm(final, [model.get_output_embeddings()], off)
     return untied
 
 
@@ -317,23 +388,13 @@ def untie(model: nn.Module) -> None:
     log.info("untied lm_head from the embedding: the final norm's scale is folded into lm_head only")
 
 
-def apply_r4(model: nn.Module) -> None:
-    """Every down_proj becomes a HadamardLinear (weight W H, input rotated online)."""
-    adapter = get_adapter(model)
-    for blk in adapter.layers(model):
-        lin = blk.mlp.down_proj
-        if not isinstance(lin, HadamardLinear):
-            replace_module(blk, "mlp.down_proj", HadamardLinear.wrap(lin))
-
-
 def restore_online(model: nn.Module, info: dict, r3: bool = True) -> None:
     """Re-create the online parts of a rotation recorded by `rotate_model` on a freshly built model
     (checkpoint load): HadamardLinear down_projs, RotatedPostNorm modules (their rotation is loaded
     with the state dict afterwards) and, unless `r3` is False (the caller installs them once the weights
     are in: their check runs a forward), the R3 hooks. Records `info` as the model's rotation."""
     adapter = get_adapter(model)
-    hidden = model.config.get_text_config().hidden_size if hasattr(model.config, "get_text_config") \
-        else model.config.hidden_size
+    hidden = _hidden(model)
     for blk in adapter.layers(model):
         lin = blk.mlp.down_proj
         if info.get("r4") and type(lin) is nn.Linear:  # a packed QuantizedLinear holds R4 as its transform
@@ -347,30 +408,101 @@ def restore_online(model: nn.Module, info: dict, r3: bool = True) -> None:
     model.lowbit_rotation = dict(info)
 
 
-def _rotate_post_norms(model: nn.Module, q1: torch.Tensor) -> None:
-    adapter = get_adapter(model)
-    for blk in adapter.layers(model):
-        for name in adapter.post_norms:
-            norm = blk.get_submodule(name)
-            if isinstance(norm, RotatedPostNorm):
-                norm.rotation.copy_(q1.to(norm.rotation.dtype))
-            else:
-                replace_module(blk, name, RotatedPostNorm(norm, q1.to(norm.weight.device, norm.weight.dtype)))
+def _rotate_post_norms(adapter, blk: nn.Module, q1: torch.Tensor) -> None:
+    """The block's post-norms (Gemma 3) become RotatedPostNorm with rotation `q1` (set anew where they are)."""
+    for name in adapter.post_norms:
+        norm = blk.get_submodule(name)
+        if isinstance(norm, RotatedPostNorm):
+            norm.rotation.copy_(q1.to(norm.rotation.dtype))
+        else:
+            replace_module(blk, name, RotatedPostNorm(norm, q1.to(norm.weight.device, norm.weight.dtype)))
 
 
 @torch.no_grad()
-def _fold(model: nn.Module, q1: torch.Tensor, r2: list[torch.Tensor] | None) -> None:
-    adapter = get_adapter(model)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    base = {n: p.detach() for n, p in params.items()}
-    dev = model.get_input_embeddings().weight.device
-    q1 = q1.to(dev, torch.float64)
-    new = rotated_weights(model, base, q1, None if r2 is None else [a.to(dev, torch.float64) for a in r2],
-                          rotate_outputs=not adapter.post_norms)
+def _prepare_block(adapter, blk: nn.Module, r4: bool, hidden: int) -> None:
+    """A block's module tree as rotated, its function unchanged: pre-norms folded, down_proj a HadamardLinear
+    (R4: weight W H, input rotated online) when `r4`, post-norms in RotatedPostNorm with the identity."""
+    fold_block_norms(adapter, blk)
+    if r4 and not isinstance(blk.mlp.down_proj, HadamardLinear):
+        replace_module(blk, "mlp.down_proj", HadamardLinear.wrap(blk.mlp.down_proj))
+    if adapter.post_norms:
+        _rotate_post_norms(adapter, blk, torch.eye(hidden, dtype=torch.float64))
+
+
+def _copy_into(params: dict[str, nn.Parameter], new: dict[str, torch.Tensor]) -> None:
+    """Write the `new` values into the parameters of those names (in their device and dtype)."""
     for n, t in new.items():
         params[n].copy_(t.to(params[n].device, params[n].dtype))
+
+
+@torch.no_grad()
+def _fold_rest(model: nn.Module, q1: torch.Tensor) -> None:
+    """R1 into the embedding and lm_head (once when tied), computed in float64 where the embedding lives."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    q1 = q1.to(model.get_input_embeddings().weight.device, torch.float64)
+    _copy_into(params, rotated_rest(_rest_names(model, _param_names(params)), params, q1))
+
+
+@torch.no_grad()
+def _fold_block(adapter, blk: nn.Module, q1: torch.Tensor, r2: torch.Tensor | None) -> None:
+    """R1 (and R2 when given) into a prepared block's weights, computed in float64 where the block lives; where
+    the block has post-norms (Gemma 3), they rotate by R1 instead of the outputs of o_proj and down_proj."""
+    params = dict(blk.named_parameters(remove_duplicate=False))
+    dev = blk.self_attn.q_proj.weight.device
+    q1 = q1.to(dev, torch.float64)
+    a, heads = (None, None) if r2 is None else (r2.to(dev, torch.float64), _heads(blk.self_attn))
+    new = rotated_block(_block_names(blk, _param_names(params)), params, q1, a, heads,
+                        rotate_outputs=not adapter.post_norms)
+    _copy_into(params, new)
     if adapter.post_norms:
-        _rotate_post_norms(model, q1)
+        _rotate_post_norms(adapter, blk, q1)
+
+
+def _record(model: nn.Module, cfg: RotationConfig, q1: torch.Tensor, untied: bool) -> dict:
+    """What a rotation does to `model`, as `rotation_of` and checkpoints keep it (bernoulli: how far R1 is from
+    orthogonal, also logged)."""
+    info: dict = {"kind": cfg.kind, "seed": cfg.seed, "r2": cfg.r2, "r3": cfg.r3, "r4": cfg.r4,
+                  "post_norm_rotation": bool(get_adapter(model).post_norms), "untied": untied}
+    if cfg.kind == "bernoulli":
+        e = orthogonality_error(q1)
+        info["orthogonality"] = e
+        log.warning("bernoulli R1 is not orthogonal (||Q^T Q - I||_F / sqrt(n) = %.3f, cond %.0f): "
+                    "the rotated FP model differs from the original", e["fro_rel"], e["cond"])
+    return info
+
+
+def r1_matrix(model: nn.Module, cfg: RotationConfig) -> torch.Tensor:
+    """R1 of `cfg` for `model` (hidden x hidden, float64; a learned rotation's starting point)."""
+    return rotation_matrix(cfg.kind, _hidden(model), cfg.seed)
+
+
+def r2_matrix(blk: nn.Module, i: int, cfg: RotationConfig) -> torch.Tensor:
+    """R2 of `cfg` for block `i` (head_dim x head_dim; a learned rotation's starting point)."""
+    return rotation_matrix(cfg.kind, _heads(blk.self_attn)[0], cfg.seed + 1 + i)
+
+
+def rotate_rest(model: nn.Module, cfg: RotationConfig, q1: torch.Tensor) -> dict:
+    """The part of a deterministic rotation outside the blocks, in place: the final norm folded into lm_head
+    (untied from the embedding when needed), R1 = `q1` into the embedding and lm_head. Records the rotation on
+    the model (`rotation_of`) and returns that record; `rotate_block` does the rest, block by block. Needs
+    only the parts outside the blocks in memory."""
+    untied = fold_final_norm(model)
+    _fold_rest(model, q1)
+    model.lowbit_rotation = _record(model, cfg, q1, untied)
+    return model.lowbit_rotation
+
+
+def rotate_block(model: nn.Module, i: int, cfg: RotationConfig, q1: torch.Tensor) -> None:
+    """The part of a deterministic rotation in block i, in place: pre-norms folded, R1 = `q1` on the block's
+    inputs and outputs (Gemma 3: its post-norms rotate online instead), R2 between v_proj and o_proj, down_proj
+    a HadamardLinear (R4) and the R3 hook on attention, as `cfg` says. Needs only block i in memory (the R3
+    hook is checked by the caller, with the whole model: `verify_r3`)."""
+    adapter = get_adapter(model)
+    blk = adapter.layers(model)[i]
+    _prepare_block(adapter, blk, cfg.r4, _hidden(model))
+    _fold_block(adapter, blk, q1, r2_matrix(blk, i, cfg) if cfg.r2 else None)
+    if cfg.r3:
+        hook_r3(blk.self_attn, i)
 
 
 def rotate_model(model: nn.Module, cfg: RotationConfig, tokens: torch.Tensor | None = None,
@@ -379,37 +511,43 @@ def rotate_model(model: nn.Module, cfg: RotationConfig, tokens: torch.Tensor | N
     """Fold the configured rotations into `model` in place (the FP function is unchanged for
     orthogonal kinds); returns what was done, for the checkpoint manifest and reports, and records it
     on the model as `model.lowbit_rotation` (`rotation_of`): a rotated model refuses a second rotation.
-    Learned rotations need calibration `tokens` and the weight format `fmt`."""
+    Deterministic kinds rotate the parts outside the blocks (`rotate_rest`), then each block (`rotate_block`),
+    as a streamed run does; learned rotations need calibration `tokens` and the weight format `fmt`."""
     if rotation_of(model) is not None:
         raise RotationError("the model is already rotated; load it again to rotate it another way")
-    adapter = get_adapter(model)
-    text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    hidden = int(text_cfg.hidden_size)
-    info: dict = {"kind": cfg.kind, "seed": cfg.seed, "r2": cfg.r2, "r3": cfg.r3, "r4": cfg.r4,
-                  "post_norm_rotation": bool(adapter.post_norms)}
-    info["untied"] = fold_norms(model)
-    if cfg.r4:
-        apply_r4(model)
-    if adapter.post_norms:  # installed now so that learned rotations see the final module tree
-        _rotate_post_norms(model, torch.eye(hidden, dtype=torch.float64))
-    q1 = rotation_matrix(cfg.kind, hidden, cfg.seed)
-    r2 = None
-    if cfg.r2:
-        r2 = [rotation_matrix(cfg.kind, _heads(blk.self_attn)[0], cfg.seed + 1 + i)
-              for i, blk in enumerate(adapter.layers(model))]
-    if cfg.kind == "bernoulli":
-        e = orthogonality_error(q1)
-        info["orthogonality"] = e
-        log.warning("bernoulli R1 is not orthogonal (||Q^T Q - I||_F / sqrt(n) = %.3f, cond %.0f): "
-                    "the rotated FP model differs from the original", e["fro_rel"], e["cond"])
+    layers = get_adapter(model).layers(model)
+    q1 = r1_matrix(model, cfg)
     if cfg.kind == "learned" and cfg.steps > 0:
-        if tokens is None or fmt is None:
-            raise RotationError("learned rotations need calibration tokens and a weight format")
-        q1, r2, losses = learn_rotations(model, q1, r2, tokens, fmt, cfg, act_bits, act_symmetric, progress)
-        info["losses"] = losses
-    _fold(model, q1, r2)
+        info = _rotate_learned(model, cfg, q1, tokens, fmt, act_bits, act_symmetric, progress)
+    else:
+        info = rotate_rest(model, cfg, q1)
+        for i in range(len(layers)):
+            rotate_block(model, i, cfg, q1)
     if cfg.r3:
-        install_r3(model)
+        verify_r3(model, [r3_hook(blk.self_attn) for blk in layers])
+    return info
+
+
+def _rotate_learned(model: nn.Module, cfg: RotationConfig, q1: torch.Tensor, tokens: torch.Tensor | None,
+                    fmt: IntFormat | None, act_bits: int | None, act_symmetric: bool, progress: bool) -> dict:
+    """`rotate_model` for learned kinds: every part prepared (norms folded, R4, post-norms wrapped), R1 and R2
+    learned on the whole model (`learn_rotations`) from `q1` and `r2_matrix`, then folded in."""
+    if tokens is None or fmt is None:
+        raise RotationError("learned rotations need calibration tokens and a weight format")
+    adapter = get_adapter(model)
+    layers = adapter.layers(model)
+    untied = fold_final_norm(model)
+    for blk in layers:
+        _prepare_block(adapter, blk, cfg.r4, _hidden(model))
+    r2 = [r2_matrix(blk, i, cfg) for i, blk in enumerate(layers)] if cfg.r2 else None
+    q, r2, losses = learn_rotations(model, q1, r2, tokens, fmt, cfg, act_bits, act_symmetric, progress)
+    _fold_rest(model, q)
+    for i, blk in enumerate(layers):
+        _fold_block(adapter, blk, q, None if r2 is None else r2[i])
+        if cfg.r3:
+            hook_r3(blk.self_attn, i)
+    info = _record(model, cfg, q1, untied)
+    info["losses"] = losses
     model.lowbit_rotation = info
     return info
 

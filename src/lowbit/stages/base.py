@@ -80,6 +80,14 @@ class Stage:
     def after_model(self, run: Run) -> None:
         """Whole-model work after the walk."""
 
+    def before_stream(self, run: Run) -> None:
+        """A streamed run's work before the walk (in place of `before_model`): the parts outside the blocks are
+        in memory, the blocks are not yet (they are on the meta device)."""
+
+    def on_load(self, run: Run, i: int, block: nn.Module) -> None:
+        """A streamed run's work on block i just read from the model files, before the walk's (and
+        `on_block`'s) work on it."""
+
 
 @dataclass(frozen=True)
 class BudgetConfig:

@@ -49,3 +49,5 @@ class BudgetStage(Stage):
             saved = run.pre_walk["bit_budget"] = {"bits_plan": bits, "report": report}
         run.bits_plan = run.result.bits_plan = saved["bits_plan"]
         run.result.budget_report = saved["report"]
+
+    before_stream = before_model  # a streamed run: the same plan, its blocks read (and rotated) one at a time

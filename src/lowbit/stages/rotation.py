@@ -1,8 +1,9 @@
-"""Global rotations (QuaRot / SpinQuant), folded into the weights before the walk."""
+"""Global rotations (QuaRot / SpinQuant), folded into the weights before the walk (streamed: part by part as
+the walk reads them)."""
 
 from __future__ import annotations
 
-from ..rotation import RotationConfig, rotate_model, rotation_of
+from ..rotation import RotationConfig, r1_matrix, rotate_block, rotate_model, rotate_rest, rotation_of
 from .base import Flag, Run, Stage, register_stage
 
 FLAGS = {
@@ -23,13 +24,15 @@ FLAGS = {
 @register_stage(RotationConfig, key="rotation", order=10, what="global rotation", switch="kind", adds=True,
                 flags=FLAGS, label="prefix", new=lambda stages: {"r4": stages.get("pairwise") is None})
 class RotationStage(Stage):
-    """Rotate the model once (`lowbit.rotation.rotate_model`); every solver then sees rotated weights."""
-
-    not_streamed = "global rotations (they fold into the embeddings, every block and lm_head before the walk)"
+    """Rotate the model once (`lowbit.rotation.rotate_model`); every solver then sees rotated weights. A
+    streamed run rotates the parts outside the blocks before the walk (`rotate_rest`) and each block when it is
+    read (`rotate_block`); learned rotations, trained on the whole model, do not stream."""
 
     def __init__(self, cfg: RotationConfig):
         self.cfg = cfg
         self.not_distributed = "learned rotations" if cfg.kind == "learned" else ""
+        self.not_streamed = "learned rotations (they train on the whole model)" if cfg.kind == "learned" else ""
+        self.q1 = None  # R1 of a streamed run, for the blocks still to be read
 
     def before_model(self, run: Run) -> None:
         from ..pipeline import PipelineError
@@ -39,3 +42,10 @@ class RotationStage(Stage):
         bits, sym = (None, False) if run.act_quant is None else (run.act_quant.bits, run.act_quant.symmetric)
         run.result.rotation = rotate_model(run.model, self.cfg, run.tokens, run.format, bits, sym,
                                            progress=run.progress)
+
+    def before_stream(self, run: Run) -> None:
+        self.q1 = r1_matrix(run.model, self.cfg)
+        run.result.rotation = rotate_rest(run.model, self.cfg, self.q1)
+
+    def on_load(self, run: Run, i: int, block) -> None:
+        rotate_block(run.model, i, self.cfg, self.q1)
