@@ -162,11 +162,12 @@ def stream_blockers(recipe: Recipe) -> list[str]:
 
 class SourceIO(BlockIO):
     """Blocks read from the model files (`source`, a `lowbit.loading.StreamSource`) onto the walker's device in
-    `dtype` when the walk reaches them, and freed when it leaves them (a walk over a model skeleton)."""
+    `dtype` when the walk reaches them, and freed when it leaves them (a walk over a model skeleton). `scratch`:
+    a folder for what a pass spills to disk (`lowbit.budget.saved_streams`; None: a temporary one)."""
 
-    def __init__(self, walker: Walker, source, dtype: torch.dtype):
+    def __init__(self, walker: Walker, source, dtype: torch.dtype, scratch=None):
         super().__init__(walker)
-        self.source, self.dtype = source, dtype
+        self.source, self.dtype, self.scratch = source, dtype, scratch
 
     def load(self, i: int) -> nn.Module:
         w = self.walker
@@ -268,7 +269,7 @@ def quantize_streamed(source, recipe: Recipe, tokens: torch.Tensor, partial, *, 
         stages = stages_for(recipe)
         _check_distributed(stages, dist)
         run = Run.of(recipe, model, tokens, result, batch_size=batch_size, device=device, progress=progress,
-                     block_io=lambda w: SourceIO(w, source, dtype))
+                     block_io=lambda w: SourceIO(w, source, dtype, partial.dir))
         source.materialize(model, model, device, dtype, skip_prefix=prefix)
         _before_walk(stages, run, partial)
         walker = Walker(model, tokens, batch_size=batch_size, device=device,
