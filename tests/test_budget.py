@@ -201,6 +201,30 @@ def test_streamed_fisher_equals_output_fisher(tmp_path, family, extra):
     assert all(p.grad is None for p in skeleton.parameters())
 
 
+def test_streamed_measure_equals_in_memory(tmp_path):
+    """A streamed run measures each block in the Fisher pass's backward pass, on the block's saved input: every
+    linear's loss at every width is the in-memory pass's (up to the Fisher's float summation order), its cost
+    the same, in block order."""
+    from lowbit.budget import measure
+    from lowbit.loading import StreamSource
+    from lowbit.pipeline import SourceIO
+
+    model = tiny_model("llama", layers=3)
+    model.save_pretrained(tmp_path / "m")
+    rec, tokens = get_recipe("budget2.5-gptq-w2-g32"), tiny_tokens(6, 24)
+    args = (rec.bit_budget, rec.solve, rec.format, tokens)
+    ref = measure(model, *args, batch_size=4)
+    src = StreamSource(tmp_path / "m")
+    skeleton, _ = src.skeleton(torch.float32)
+    src.materialize(skeleton, skeleton, "cpu", torch.float32, skip_prefix="model.layers")
+    got = measure(skeleton, *args, batch_size=4, io=lambda w: SourceIO(w, src, torch.float32))
+    assert [s.name for s in got] == [s.name for s in ref] and len(ref) == 3 * 7
+    for g, r in zip(got, ref):
+        assert g.weights == r.weights and list(g.options) == list(r.options)
+        for bits, (loss, cost) in r.options.items():
+            assert g.options[bits][1] == cost and g.options[bits][0] == pytest.approx(loss, rel=1e-4), (g.name, bits)
+
+
 def _fisher_walker(tmp_path, scratch=None):
     from lowbit.loading import StreamSource
     from lowbit.pipeline import SourceIO

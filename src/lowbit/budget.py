@@ -7,7 +7,8 @@
    alternations for 1 bit). Each candidate gives its layer loss tr(dW H dW^T) and its true
    storage cost in bits (codes, fp16 scales and zeros, group maps; g and h for 1-bit).
    A streamed run (`lowbit.pipeline.quantize_streamed`) reads each block from the model files
-   when the pass reaches it and frees it after (`block_sensitivity` is the per-block step of both).
+   when the pass reaches it and frees it after; with the Fisher metric it measures each block in the
+   Fisher pass's backward pass (`block_sensitivity` is the per-block step of both).
 2. Allocation (`allocate`): minimise sum of losses subject to sum of costs <= budget x
    weights, a multiple-choice knapsack. A Lagrange multiplier lambda is bisected (each linear
    takes argmin loss + lambda cost), then the leftover budget buys the upgrades with the best
@@ -235,7 +236,7 @@ def saved_streams(walker, n: int, stream: int):
             tmp.cleanup()
 
 
-def streamed_fisher(walker, names: list[str]) -> dict[str, torch.Tensor]:
+def streamed_fisher(walker, names: list[str], on_block=None) -> dict[str, torch.Tensor]:
     """`output_fisher` of the named linears one block at a time, for a model whose blocks `walker` reads when
     asked (`Walker.io`: a streamed run's blocks come from the model files; the embeddings, final norm and
     lm_head are in memory). A forward pass saves every block's input stream (`saved_streams`: in host memory
@@ -244,10 +245,12 @@ def streamed_fisher(walker, names: list[str]) -> dict[str, torch.Tensor]:
     the first reads each block again, recomputes its forward from its saved input with gradients on, records
     the squared output gradients of its linears and passes its input gradient on. One block is on the device
     at a time. The same values as `output_fisher` up to float summation order, wherever the streams are kept;
-    `walker.xs` is left as captured."""
+    `walker.xs` is left as captured. `on_block(blk, fisher)`: called in the backward pass once block i's values
+    are complete, with a walker `Block` on its saved input stream (`measure`'s sensitivity step, so the block is
+    not read a third time)."""
     from tqdm.auto import tqdm
 
-    from .walk import HostStream, block_output, run_block
+    from .walk import Block, HostStream, block_output, run_block
 
     walker.capture()
     dev, calls, io, n = walker.device, walker.calls, walker.io, len(walker.layers)
@@ -255,7 +258,7 @@ def streamed_fisher(walker, names: list[str]) -> dict[str, torch.Tensor]:
     def host(t: torch.Tensor) -> torch.Tensor:
         return t.detach().to("cpu")
 
-    xs = [host(x) for x in walker.xs]
+    xs, captured = [host(x) for x in walker.xs], walker.xs
     with saved_streams(walker, n, sum(x.numel() * x.element_size() for x in xs)) as saved:
         for i in tqdm(range(n), desc="fisher forward", unit="block", disable=not walker.progress):
             saved.put(i, xs)  # the input stream of block i
@@ -278,16 +281,22 @@ def streamed_fisher(walker, names: list[str]) -> dict[str, torch.Tensor]:
             block, pre = io.load(i), f"{walker.prefix}.{i}."
             mods = {nm: block.get_submodule(nm[len(pre):]) for nm in names if nm.startswith(pre)}
             acc.update({nm: torch.zeros(m.out_features, dtype=torch.float64, device=dev) for nm, m in mods.items()})
-            handles = _square_grad_hooks(mods, acc)
+            handles, inputs = _square_grad_hooks(mods, acc), HostStream(saved.pop(i), dev)
             try:
                 with _no_param_grads(block), torch.enable_grad():
-                    for b, (x, (a, kw)) in enumerate(zip(HostStream(saved.pop(i), dev), calls[i])):
+                    for b, (x, (a, kw)) in enumerate(zip(inputs, calls[i])):
                         x = x.detach().requires_grad_(True)
                         block_output(block(x, *a, **kw)).backward(grads[b].to(dev))
                         grads[b] = host(x.grad)
+                for hd in handles:
+                    hd.remove()
+                if on_block is not None:
+                    walker.xs = inputs
+                    on_block(Block(walker, i, block), {nm: (acc[nm] / max(count, 1)).float() for nm in mods})
             finally:
                 for hd in handles:
                     hd.remove()
+                walker.xs = captured
                 io.unload(i)
     return {nm: (acc[nm] / max(count, 1)).float() for nm in names}
 
@@ -320,8 +329,8 @@ def measure(model, cfg, solve, fmt: IntFormat, tokens: torch.Tensor, *, clip: bo
     """Loss proxy (see the module doc) and storage cost of every decoder-block linear (but the `skip`ped ones)
     at every candidate width of `cfg` (a `BudgetConfig`), for the solver step `solve` (a `SolveConfig`) and the
     weight format `fmt` with range search `clip`. `io`: a `lowbit.walk.BlockIO` factory that reads the blocks
-    when the walk reaches them (a streamed run: the Fisher weights come from `streamed_fisher`); None: the
-    model is in memory."""
+    when the walk reaches them (a streamed run: the Fisher weights come from `streamed_fisher`, whose backward
+    pass measures each block once its weights are complete); None: the model is in memory."""
     from .walk import BlockIO, Walker
 
     walker = Walker(model, tokens, batch_size=batch_size, device=device, replay_memo=False, progress=progress,
@@ -330,8 +339,12 @@ def measure(model, cfg, solve, fmt: IntFormat, tokens: torch.Tensor, *, clip: bo
     if cfg.metric == "fisher":
         names = [f"{walker.prefix}.{i}.{n}" for i, layer in enumerate(walker.layers)
                  for g in walker.adapter.linear_groups(layer) for n in g]
-        fisher = (output_fisher(model, names, tokens, batch_size=batch_size, device=walker.device) if io is None
-                  else streamed_fisher(walker, names))
+        if io is not None:
+            sens: dict[int, list[Sensitivity]] = {}
+            streamed_fisher(walker, names, lambda blk, f: sens.update(
+                {blk.i: block_sensitivity(blk, cfg, solve, fmt, clip, skip, f)}))
+            return [s for i in sorted(sens) for s in sens[i]]
+        fisher = output_fisher(model, names, tokens, batch_size=batch_size, device=walker.device)
     return [s for blk in walker.blocks() for s in block_sensitivity(blk, cfg, solve, fmt, clip, skip, fisher)]
 
 
