@@ -199,3 +199,122 @@ def test_streamed_fisher_equals_output_fisher(tmp_path, family, extra):
         torch.testing.assert_close(got[n], ref[n], rtol=1e-5, atol=1e-6 * float(ref[n].max()))
     assert all(p.is_meta for p in skeleton.model.layers.parameters())
     assert all(p.grad is None for p in skeleton.parameters())
+
+
+def test_streamed_measure_equals_in_memory(tmp_path):
+    """A streamed run measures each block in the Fisher pass's backward pass, on the block's saved input: every
+    linear's loss at every width is the in-memory pass's (up to the Fisher's float summation order), its cost
+    the same, in block order."""
+    from lowbit.budget import measure
+    from lowbit.loading import StreamSource
+    from lowbit.pipeline import SourceIO
+
+    model = tiny_model("llama", layers=3)
+    model.save_pretrained(tmp_path / "m")
+    rec, tokens = get_recipe("budget2.5-gptq-w2-g32"), tiny_tokens(6, 24)
+    args = (rec.bit_budget, rec.solve, rec.format, tokens)
+    ref = measure(model, *args, batch_size=4)
+    src = StreamSource(tmp_path / "m")
+    skeleton, _ = src.skeleton(torch.float32)
+    src.materialize(skeleton, skeleton, "cpu", torch.float32, skip_prefix="model.layers")
+    got = measure(skeleton, *args, batch_size=4, io=lambda w: SourceIO(w, src, torch.float32))
+    assert [s.name for s in got] == [s.name for s in ref] and len(ref) == 3 * 7
+    for g, r in zip(got, ref):
+        assert g.weights == r.weights and list(g.options) == list(r.options)
+        for bits, (loss, cost) in r.options.items():
+            assert g.options[bits][1] == cost and g.options[bits][0] == pytest.approx(loss, rel=1e-4), (g.name, bits)
+
+
+def _fisher_walker(tmp_path, scratch=None):
+    from lowbit.loading import StreamSource
+    from lowbit.pipeline import SourceIO
+    from lowbit.walk import Walker
+
+    src = StreamSource(tmp_path / "m")
+    skeleton, _ = src.skeleton(torch.float32)
+    src.materialize(skeleton, skeleton, "cpu", torch.float32, skip_prefix="model.layers")
+    return Walker(skeleton, tiny_tokens(6, 24), batch_size=4, replay_memo=False, progress=False,
+                  io=lambda w: SourceIO(w, src, torch.float32, scratch=scratch))
+
+
+def test_streamed_fisher_spills_streams_to_disk(tmp_path, monkeypatch, capfd):
+    """Under a host budget the saved streams cannot fit, every block's input goes to its own file in the scratch
+    folder (a temporary one without it) and comes back for the backward pass: the same Fisher values to the bit,
+    one line says so, and no file is left, also after an error in the middle of the backward pass."""
+    import tempfile
+
+    from lowbit import budget
+    from lowbit.budget import streamed_fisher
+
+    tiny_model("llama", layers=3).save_pretrained(tmp_path / "m")
+    names = [f"model.layers.{i}.{n}" for i in range(3) for n in ("self_attn.q_proj", "mlp.down_proj")]
+    ref = streamed_fisher(_fisher_walker(tmp_path), names)
+    assert "fisher pass" not in capfd.readouterr().err  # in memory, quietly
+    files = []
+    put = budget.SavedStreams.put
+
+    def spy(self, i, batches):
+        put(self, i, batches)
+        files.append(sorted(p.name for p in self.folder.iterdir()))
+
+    monkeypatch.setattr(budget.SavedStreams, "put", spy)
+    monkeypatch.setenv(budget.HOST_MEMORY_ENV, "1e-6")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "scratch").mkdir()
+    for scratch in (tmp_path / "scratch", None):
+        files.clear()
+        got = streamed_fisher(_fisher_walker(tmp_path, scratch), names)
+        assert all(torch.equal(got[n], ref[n]) for n in names)
+        assert files == [[f"fisher_stream_{k:05d}.pt" for k in range(i + 1)] for i in range(3)]
+        err = capfd.readouterr().err
+        assert "fisher pass: saved streams (3 x 0 MiB): on disk in" in err and "LOWBIT_HOST_MEMORY=1e-6" in err
+        assert (str(scratch) in err) == (scratch is not None)
+        assert list((tmp_path / "scratch").iterdir()) == [] and list((tmp_path / "tmp").iterdir()) == []
+
+    walker = _fisher_walker(tmp_path, tmp_path / "scratch")
+    block = walker.layers[1]
+    left = []
+
+    def fail(*a, **kw):
+        if torch.is_grad_enabled():  # the backward pass, after block 2 took its file
+            left.append(sorted(p.name for p in (tmp_path / "scratch").iterdir()))
+            raise RuntimeError("boom")
+        return type(block).forward(block, *a, **kw)
+
+    monkeypatch.setattr(block, "forward", fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        streamed_fisher(walker, names)
+    assert left == [["fisher_stream_00000.pt"]] and list((tmp_path / "scratch").iterdir()) == []
+
+
+def test_streamed_budget_with_streams_on_disk_writes_the_same_checkpoint(tmp_path, monkeypatch):
+    """A streamed budget run whose Fisher streams go to disk (into the partial checkpoint's folder) plans the same
+    bits and writes the same bytes as one that keeps them in memory."""
+    from lowbit import budget
+    from lowbit.jobs import Protocol, stream_quantize_job
+
+    tiny_model("llama", layers=3).save_pretrained(tmp_path / "m")
+    rec, toks = get_recipe("budget2.5-gptq-w2-g32"), tiny_tokens(8, 32)
+    folders = set()
+    put = budget.SavedStreams.put
+
+    def spy(self, i, batches):
+        put(self, i, batches)
+        folders.add(self.folder)
+
+    monkeypatch.setattr(budget.SavedStreams, "put", spy)
+    runs = {}
+    for out, gib in (("a", None), ("b", "1e-6")):
+        if gib:
+            monkeypatch.setenv(budget.HOST_MEMORY_ENV, gib)
+        torch.manual_seed(0)
+        runs[out], _, _ = stream_quantize_job(str(tmp_path / "m"), rec, Protocol(batch_size=4), tmp_path / out,
+                                              dtype=torch.float32, tokens=toks, progress=False)
+    assert folders == {None, checkpoint.partial_dir(tmp_path / "b")}
+    assert not checkpoint.partial_dir(tmp_path / "b").exists()
+    assert runs["a"].bits_plan == runs["b"].bits_plan and len(set(runs["a"].bits_plan.values())) > 1
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "b").iterdir())
+    assert all((tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes() for n in names
+               if n != "report.json")

@@ -7,7 +7,8 @@
    alternations for 1 bit). Each candidate gives its layer loss tr(dW H dW^T) and its true
    storage cost in bits (codes, fp16 scales and zeros, group maps; g and h for 1-bit).
    A streamed run (`lowbit.pipeline.quantize_streamed`) reads each block from the model files
-   when the pass reaches it and frees it after (`block_sensitivity` is the per-block step of both).
+   when the pass reaches it and frees it after; with the Fisher metric it measures each block in the
+   Fisher pass's backward pass (`block_sensitivity` is the per-block step of both).
 2. Allocation (`allocate`): minimise sum of losses subject to sum of costs <= budget x
    weights, a multiple-choice knapsack. A Lagrange multiplier lambda is bisected (each linear
    takes argmin loss + lambda cost), then the leftover budget buys the upgrades with the best
@@ -26,8 +27,10 @@ How the losses of different linears are compared (`BudgetConfig.metric`):
 from __future__ import annotations
 
 import math
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 
@@ -146,18 +149,108 @@ def output_fisher(model, names: list[str], tokens: torch.Tensor, *, batch_size: 
     return {n: (a / max(count, 1)).float() for n, a in acc.items()}
 
 
-def streamed_fisher(walker, names: list[str]) -> dict[str, torch.Tensor]:
+HOST_MEMORY_ENV = "LOWBIT_HOST_MEMORY"  # GiB: the host memory the Fisher pass may keep its saved streams in
+HOST_SHARE = 0.5  # without it, this share of the host memory available when the pass starts
+
+
+def _available_host() -> int | None:
+    """The host memory available now in bytes (MemAvailable of /proc/meminfo; None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+class SavedStreams:
+    """The Fisher pass's saved input streams, block i's by `put(i, ...)` and `pop(i)`: in host memory, or (a
+    `folder`) one file per block, written under a temporary name and renamed, read back memory-mapped and removed
+    when popped; `clear` removes what is left."""
+
+    def __init__(self, folder: Path | None):
+        self.folder, self.mem = folder, {}
+
+    def _file(self, i: int) -> Path:
+        return self.folder / f"fisher_stream_{i:05d}.pt"
+
+    def put(self, i: int, batches: list[torch.Tensor]) -> None:
+        if self.folder is None:
+            self.mem[i] = batches
+            return
+        tmp = self._file(i).with_suffix(".tmp")
+        torch.save(batches, tmp)
+        os.replace(tmp, self._file(i))
+
+    def pop(self, i: int) -> list[torch.Tensor]:
+        if self.folder is None:
+            return self.mem.pop(i)
+        batches = torch.load(self._file(i), mmap=True, weights_only=True)
+        self._file(i).unlink()
+        return batches
+
+    def clear(self) -> None:
+        self.mem.clear()
+        if self.folder is not None:
+            for f in self.folder.glob("fisher_stream_*"):
+                f.unlink(missing_ok=True)
+
+
+@contextmanager
+def saved_streams(walker, n: int, stream: int):
+    """Where the Fisher pass keeps `n` saved streams of `stream` bytes (a `SavedStreams`): in host memory when they fit
+    the host budget ($LOWBIT_HOST_MEMORY GiB, else HOST_SHARE of the memory available), else on disk in the
+    walker's io's `scratch` folder (a streamed run's partial checkpoint) or a temporary one. Says what it chose,
+    in one line; the files are gone afterwards, also after an error."""
+    import sys
+    import tempfile
+
+    from .walk import WalkError
+
+    gib = os.environ.get(HOST_MEMORY_ENV)
+    if gib:
+        try:
+            budget, why = float(gib) * 2**30, f"{HOST_MEMORY_ENV}={gib}"
+        except ValueError:
+            raise WalkError(f"{HOST_MEMORY_ENV}={gib}: give the host memory for saved streams in GiB, "
+                            "e.g. 32") from None
+    else:
+        avail = _available_host()
+        budget = math.inf if avail is None else HOST_SHARE * avail
+        why = "host memory unknown" if avail is None else f"{avail / 2**30:.1f} GiB available, {HOST_SHARE:.0%} of it"
+    disk = n * stream > budget
+    scratch = getattr(walker.io, "scratch", None)
+    tmp = tempfile.TemporaryDirectory(prefix="lowbit-fisher-") if disk and scratch is None else None
+    saved = SavedStreams(None if not disk else Path(scratch) if tmp is None else Path(tmp.name))
+    if walker.progress or disk or gib:
+        place = f"on disk in {saved.folder}, a block at a time in memory" if disk else "in host memory"
+        print(f"fisher pass: saved streams ({n} x {stream / 2**20:.0f} MiB): {place} ({why})", file=sys.stderr,
+              flush=True)
+    try:
+        yield saved
+    finally:
+        saved.clear()
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def streamed_fisher(walker, names: list[str], on_block=None) -> dict[str, torch.Tensor]:
     """`output_fisher` of the named linears one block at a time, for a model whose blocks `walker` reads when
     asked (`Walker.io`: a streamed run's blocks come from the model files; the embeddings, final norm and
-    lm_head are in memory). A forward pass keeps every block's input stream in host memory; the final norm and
+    lm_head are in memory). A forward pass saves every block's input stream (`saved_streams`: in host memory
+    when blocks x one stream fit the host budget, else one file per block on disk); the final norm and
     lm_head give the loss and its gradient at the last block's output; a backward pass from the last block to
     the first reads each block again, recomputes its forward from its saved input with gradients on, records
     the squared output gradients of its linears and passes its input gradient on. One block is on the device
-    at a time; the saved streams take (blocks + 1) x one stream of host memory. The same values as
-    `output_fisher` up to float summation order; `walker.xs` is left as captured."""
+    at a time. The same values as `output_fisher` up to float summation order, wherever the streams are kept;
+    `walker.xs` is left as captured. `on_block(blk, fisher)`: called in the backward pass once block i's values
+    are complete, with a walker `Block` on its saved input stream (`measure`'s sensitivity step, so the block is
+    not read a third time)."""
     from tqdm.auto import tqdm
 
-    from .walk import HostStream, block_output, run_block
+    from .walk import Block, HostStream, block_output, run_block
 
     walker.capture()
     dev, calls, io, n = walker.device, walker.calls, walker.io, len(walker.layers)
@@ -165,37 +258,46 @@ def streamed_fisher(walker, names: list[str]) -> dict[str, torch.Tensor]:
     def host(t: torch.Tensor) -> torch.Tensor:
         return t.detach().to("cpu")
 
-    saved = [[host(x) for x in walker.xs]]  # saved[i]: the input stream of block i
-    for i in tqdm(range(n), desc="fisher forward", unit="block", disable=not walker.progress):
-        block = io.load(i)
-        try:
-            saved.append(run_block(block, HostStream(saved[i], dev), calls[i], keep=host))
-        finally:
-            io.unload(i)
-    grads, count, bs = [], 0, walker.batch_size
-    with _no_param_grads(*_head(walker.model)), torch.enable_grad():
-        for b, h in enumerate(HostStream(saved.pop(), dev)):
-            ids = walker.tokens[b * bs : (b + 1) * bs].to(dev)
-            h = h.detach().requires_grad_(True)
-            _next_token_loss(head_logits(walker.model, h), ids).backward()
-            grads.append(host(h.grad))
-            count += ids.shape[0] * (ids.shape[1] - 1)
-    acc: dict[str, torch.Tensor] = {}
-    for i in tqdm(reversed(range(n)), desc="fisher backward", unit="block", total=n, disable=not walker.progress):
-        block, pre = io.load(i), f"{walker.prefix}.{i}."
-        mods = {nm: block.get_submodule(nm[len(pre):]) for nm in names if nm.startswith(pre)}
-        acc.update({nm: torch.zeros(m.out_features, dtype=torch.float64, device=dev) for nm, m in mods.items()})
-        handles = _square_grad_hooks(mods, acc)
-        try:
-            with _no_param_grads(block), torch.enable_grad():
-                for b, (x, (a, kw)) in enumerate(zip(HostStream(saved.pop(), dev), calls[i])):
-                    x = x.detach().requires_grad_(True)
-                    block_output(block(x, *a, **kw)).backward(grads[b].to(dev))
-                    grads[b] = host(x.grad)
-        finally:
-            for hd in handles:
-                hd.remove()
-            io.unload(i)
+    xs, captured = [host(x) for x in walker.xs], walker.xs
+    with saved_streams(walker, n, sum(x.numel() * x.element_size() for x in xs)) as saved:
+        for i in tqdm(range(n), desc="fisher forward", unit="block", disable=not walker.progress):
+            saved.put(i, xs)  # the input stream of block i
+            block = io.load(i)
+            try:
+                xs = run_block(block, HostStream(xs, dev), calls[i], keep=host)
+            finally:
+                io.unload(i)
+        grads, count, bs = [], 0, walker.batch_size
+        with _no_param_grads(*_head(walker.model)), torch.enable_grad():
+            for b, h in enumerate(HostStream(xs, dev)):
+                ids = walker.tokens[b * bs : (b + 1) * bs].to(dev)
+                h = h.detach().requires_grad_(True)
+                _next_token_loss(head_logits(walker.model, h), ids).backward()
+                grads.append(host(h.grad))
+                count += ids.shape[0] * (ids.shape[1] - 1)
+        del xs
+        acc: dict[str, torch.Tensor] = {}
+        for i in tqdm(reversed(range(n)), desc="fisher backward", unit="block", total=n, disable=not walker.progress):
+            block, pre = io.load(i), f"{walker.prefix}.{i}."
+            mods = {nm: block.get_submodule(nm[len(pre):]) for nm in names if nm.startswith(pre)}
+            acc.update({nm: torch.zeros(m.out_features, dtype=torch.float64, device=dev) for nm, m in mods.items()})
+            handles, inputs = _square_grad_hooks(mods, acc), HostStream(saved.pop(i), dev)
+            try:
+                with _no_param_grads(block), torch.enable_grad():
+                    for b, (x, (a, kw)) in enumerate(zip(inputs, calls[i])):
+                        x = x.detach().requires_grad_(True)
+                        block_output(block(x, *a, **kw)).backward(grads[b].to(dev))
+                        grads[b] = host(x.grad)
+                for hd in handles:
+                    hd.remove()
+                if on_block is not None:
+                    walker.xs = inputs
+                    on_block(Block(walker, i, block), {nm: (acc[nm] / max(count, 1)).float() for nm in mods})
+            finally:
+                for hd in handles:
+                    hd.remove()
+                walker.xs = captured
+                io.unload(i)
     return {nm: (acc[nm] / max(count, 1)).float() for nm in names}
 
 
@@ -227,8 +329,8 @@ def measure(model, cfg, solve, fmt: IntFormat, tokens: torch.Tensor, *, clip: bo
     """Loss proxy (see the module doc) and storage cost of every decoder-block linear (but the `skip`ped ones)
     at every candidate width of `cfg` (a `BudgetConfig`), for the solver step `solve` (a `SolveConfig`) and the
     weight format `fmt` with range search `clip`. `io`: a `lowbit.walk.BlockIO` factory that reads the blocks
-    when the walk reaches them (a streamed run: the Fisher weights come from `streamed_fisher`); None: the
-    model is in memory."""
+    when the walk reaches them (a streamed run: the Fisher weights come from `streamed_fisher`, whose backward
+    pass measures each block once its weights are complete); None: the model is in memory."""
     from .walk import BlockIO, Walker
 
     walker = Walker(model, tokens, batch_size=batch_size, device=device, replay_memo=False, progress=progress,
@@ -237,8 +339,12 @@ def measure(model, cfg, solve, fmt: IntFormat, tokens: torch.Tensor, *, clip: bo
     if cfg.metric == "fisher":
         names = [f"{walker.prefix}.{i}.{n}" for i, layer in enumerate(walker.layers)
                  for g in walker.adapter.linear_groups(layer) for n in g]
-        fisher = (output_fisher(model, names, tokens, batch_size=batch_size, device=walker.device) if io is None
-                  else streamed_fisher(walker, names))
+        if io is not None:
+            sens: dict[int, list[Sensitivity]] = {}
+            streamed_fisher(walker, names, lambda blk, f: sens.update(
+                {blk.i: block_sensitivity(blk, cfg, solve, fmt, clip, skip, f)}))
+            return [s for i in sorted(sens) for s in sens[i]]
+        fisher = output_fisher(model, names, tokens, batch_size=batch_size, device=walker.device)
     return [s for blk in walker.blocks() for s in block_sensitivity(blk, cfg, solve, fmt, clip, skip, fisher)]
 
 

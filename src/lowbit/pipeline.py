@@ -163,11 +163,12 @@ def stream_blockers(recipe: Recipe) -> list[str]:
 class SourceIO(BlockIO):
     """Blocks read from the model files (`source`, a `lowbit.loading.StreamSource`) onto the walker's device in
     `dtype` when the walk reaches them, handed to the stages' `on_load` (a global rotation rotates them there),
-    and freed when the walk leaves them (a walk over a model skeleton)."""
+    and freed when the walk leaves them (a walk over a model skeleton). `scratch`: a folder for what a pass
+    spills to disk (`lowbit.budget.saved_streams`; None: a temporary one)."""
 
-    def __init__(self, walker: Walker, source, dtype: torch.dtype, run=None, stages=()):
+    def __init__(self, walker: Walker, source, dtype: torch.dtype, run=None, stages=(), scratch=None):
         super().__init__(walker)
-        self.source, self.dtype, self.run, self.stages = source, dtype, run, stages
+        self.source, self.dtype, self.run, self.stages, self.scratch = source, dtype, run, stages, scratch
 
     def load(self, i: int) -> nn.Module:
         w = self.walker
@@ -273,7 +274,7 @@ def quantize_streamed(source, recipe: Recipe, tokens: torch.Tensor, partial, *, 
         stages = stages_for(recipe)
         _check_distributed(stages, dist)
         run = Run.of(recipe, model, tokens, result, batch_size=batch_size, device=device, progress=progress,
-                     block_io=lambda w: SourceIO(w, source, dtype, run, stages))
+                     block_io=lambda w: SourceIO(w, source, dtype, run, stages, partial.dir))
         source.materialize(model, model, device, dtype, skip_prefix=prefix)
         _before_walk(stages, run, partial)
         walker = Walker(model, tokens, batch_size=batch_size, device=device,
