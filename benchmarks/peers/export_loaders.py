@@ -4,7 +4,7 @@ environments, because GPTQModel 7.7 wants other pins than lowbit (torch >= 2.14.
 runs with torch 2.13 when installed with --no-deps):
 
     # 1. with lowbit's venv: quantize tiny models (and/or export a real checkpoint), export, save lowbit's outputs
-    PYTHONPATH=src .venv/bin/python benchmarks/peers/export_loaders.py make out/loaders [--checkpoint CK --windows 4]
+    PYTHONPATH=src .venv/bin/python benchmarks/peers/export_loaders.py make out/loaders [--checkpoint CK --windows 4 --corpora sotu-modern,moby]
     # 2. with a venv holding gptqmodel (see benchmarks/peers/README.md, "Export loaders"): load and compare
     /tmp/venv17/bin/python benchmarks/peers/export_loaders.py check out/loaders [--device cpu] [--dtype fp16]
 
@@ -67,7 +67,8 @@ def _tiny_tokenizer(folder: Path) -> None:
     PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", bos_token="t1", eos_token="t2").save_pretrained(folder)
 
 
-def make(out: Path, checkpoint_dir: str | None, windows: int, tiny: bool) -> None:
+def make(out: Path, checkpoint_dir: str | None, windows: int, tiny: bool,
+         corpora: tuple[str, ...] = ("sotu-modern",)) -> None:
     from lowbit import checkpoint
     from lowbit.blockwise import PairwiseConfig
     from lowbit.export import export, exportable_formats
@@ -114,9 +115,11 @@ def make(out: Path, checkpoint_dir: str | None, windows: int, tiny: bool) -> Non
         from lowbit.data import eval_windows, load_text, tokenize
 
         model, tok = checkpoint.load(checkpoint_dir, dtype=torch.float32, with_tokenizer=True)
-        ids = eval_windows(tokenize(tok, load_text("sotu-modern")), windows, 512)
-        nll = _nll(model, ids)
-        torch.save({"ids": ids, "nll": nll}, out / "real_ref.pt")
+        ref = {}
+        for corpus in corpora:
+            ids = eval_windows(tokenize(tok, load_text(corpus)), windows, 512)
+            ref[corpus] = {"ids": ids, "nll": _nll(model, ids)}
+        torch.save(ref, out / "real_ref.pt")
         reach = exportable_formats(checkpoint_dir)
         for fmt in ("gptq", "paroquant"):
             if reach[fmt] is not None:
@@ -177,10 +180,13 @@ def check(out: Path, device: str, dtype: str) -> int:
                     row["rel_max_diff"] = float((got - ref).abs().max() / ref.abs().max())
                     ok = row["rel_max_diff"] < TINY_TOL
                 else:
-                    nll = _nll(m.model, real["ids"].to(device)).cpu()
-                    ppl_ref, ppl = math.exp(real["nll"].mean()), math.exp(nll.mean())
-                    row.update(ppl_lowbit=ppl_ref, ppl_gptqmodel=ppl, mean_abs_nll_diff=float((nll - real["nll"]).abs().mean()))
-                    ok = abs(ppl / ppl_ref - 1) < PPL_TOL
+                    ok = True
+                    for corpus, r in real.items():
+                        nll = _nll(m.model, r["ids"].to(device)).cpu()
+                        ppl_ref, ppl = math.exp(r["nll"].mean()), math.exp(nll.mean())
+                        row[corpus] = {"windows": len(r["ids"]), "ppl_lowbit": ppl_ref, "ppl_gptqmodel": ppl,
+                                       "mean_abs_nll_diff": float((nll - r["nll"]).abs().mean())}
+                        ok = ok and abs(ppl / ppl_ref - 1) < PPL_TOL
         except Exception as e:  # a refusal by the loader is a result too
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             ok = False
@@ -246,11 +252,13 @@ def main() -> None:
     ap.add_argument("--checkpoint", help="make: a lowbit checkpoint of a real model to export as well")
     ap.add_argument("--no-tiny", action="store_true", help="make: skip the tiny cases")
     ap.add_argument("--windows", type=int, default=4, help="make: evaluation windows of 512 tokens (real model)")
+    ap.add_argument("--corpora", default="sotu-modern", help="make: comma list of evaluation corpora (real model; "
+                    "the protocol: sotu-modern,moby with --windows 64)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     a = ap.parse_args()
     if a.step == "make":
-        make(Path(a.out), a.checkpoint, a.windows, not a.no_tiny)
+        make(Path(a.out), a.checkpoint, a.windows, not a.no_tiny, tuple(a.corpora.split(",")))
     elif a.step == "check":
         sys.exit(check(Path(a.out), a.device, a.dtype))
     else:

@@ -9,6 +9,7 @@ each block to `device` and hands it to the stages in turn. Only the current bloc
 
 from __future__ import annotations
 
+import copy
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -164,14 +165,20 @@ class SourceIO(BlockIO):
     """Blocks read from the model files (`source`, a `lowbit.loading.StreamSource`) onto the walker's device in
     `dtype` when the walk reaches them, handed to the stages' `on_load` (a global rotation rotates them there),
     and freed when the walk leaves them (a walk over a model skeleton). `scratch`: a folder for what a pass
-    spills to disk (`lowbit.budget.saved_streams`; None: a temporary one)."""
+    spills to disk (`lowbit.budget.saved_streams`; None: a temporary one). With `restore` (a pass before the
+    quantization walk), a block left is put back as the skeleton it was before it was read, so that the next
+    pass reads and transforms it from the same start (`on_load` may change its module tree)."""
 
-    def __init__(self, walker: Walker, source, dtype: torch.dtype, run=None, stages=(), scratch=None):
+    def __init__(self, walker: Walker, source, dtype: torch.dtype, run=None, stages=(), scratch=None,
+                 restore: bool = True):
         super().__init__(walker)
         self.source, self.dtype, self.run, self.stages, self.scratch = source, dtype, run, stages, scratch
+        self.restore, self._skeletons = restore, {}
 
     def load(self, i: int) -> nn.Module:
         w = self.walker
+        if self.restore:
+            self._skeletons[i] = copy.deepcopy(w.layers[i])  # on the meta device: no memory
         self.source.materialize(w.model, w.layers[i], w.device, self.dtype)
         for st in self.stages:
             st.on_load(self.run, i, w.layers[i])
@@ -179,6 +186,8 @@ class SourceIO(BlockIO):
 
     def unload(self, i: int) -> None:
         self.source.release(self.walker.layers[i])
+        if self.restore:
+            self.walker.layers[i] = self._skeletons.pop(i)
 
 
 class StreamIO(SourceIO):
@@ -186,7 +195,7 @@ class StreamIO(SourceIO):
 
     def __init__(self, walker: Walker, source, partial, run, stages, dtype: torch.dtype, store: torch.dtype,
                  state_every_s: float):
-        super().__init__(walker, source, dtype, run, stages)
+        super().__init__(walker, source, dtype, run, stages, restore=False)
         self.partial, self.result = partial, run.result
         self.store, self.state_every_s = store, state_every_s
         self._last_state = time.perf_counter()
