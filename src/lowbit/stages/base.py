@@ -26,9 +26,9 @@ class Run:
     activations' per-token format at inference, or None: learned rotations calibrate for it), `skip` and
     `true_sequential` (which linears are quantized and how they are grouped: `linear_groups`).
     `Run.of(recipe, ...)` fills them from a recipe. A streamed run sets `block_io` (its blocks are read from the
-    model files: a stage that walks the model before the quantization walk passes it on) and keeps `pre_walk`,
-    where a stage's `before_model` leaves what it computed (JSON-like values): a resumed run gets it back
-    instead of computing it again."""
+    model files, each handed to the stages' `on_load`: a stage that walks the model before the quantization walk
+    passes it on) and keeps `pre_walk`, where a stage's `before_stream` leaves what it computed (JSON-like
+    values): a resumed run gets it back instead of computing it again."""
 
     model: nn.Module
     recipe: object
@@ -45,7 +45,7 @@ class Run:
     skip: tuple[str, ...] = ()
     true_sequential: bool = True
     block_io: Callable | None = None  # how a stage's own walk reads the blocks (`Walker`'s io; None: in memory)
-    pre_walk: dict = field(default_factory=dict)  # what `before_model` computed, by stage key (a resumed run's)
+    pre_walk: dict = field(default_factory=dict)  # what `before_stream` computed, by stage key (a resumed run's)
 
     @classmethod
     def of(cls, recipe, model: nn.Module, tokens: torch.Tensor, result, **kw) -> Run:
@@ -69,7 +69,7 @@ class Stage:
     not_streamed: str = ""  # why the stage needs the whole model in memory (streamed runs refuse it)
 
     def before_model(self, run: Run) -> None:
-        """Whole-model work before the walk (what a resumed streamed run should not redo goes in `run.pre_walk`)."""
+        """Whole-model work before the walk."""
 
     def check(self, run: Run, walker) -> None:
         """Refuse early (after the calibration inputs are captured, before any block is touched)."""
@@ -82,7 +82,8 @@ class Stage:
 
     def before_stream(self, run: Run) -> None:
         """A streamed run's work before the walk (in place of `before_model`): the parts outside the blocks are
-        in memory, the blocks are not yet (they are on the meta device)."""
+        in memory, the blocks are not yet (they are on the meta device; `run.block_io` reads them). What a
+        resumed run should not redo goes in `run.pre_walk`."""
 
     def on_load(self, run: Run, i: int, block: nn.Module) -> None:
         """A streamed run's work on block i just read from the model files, before the walk's (and
