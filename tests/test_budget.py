@@ -336,8 +336,8 @@ def test_budget_over_vector_candidates_mixes_formats_and_round_trips(tmp_path):
     from lowbit.solvers.ldlq import VectorQuantizedWeight
 
     model = tiny_model("llama", layers=1)
-    recipe = get_recipe("budget3raw_km4_e8_3_4-gptq-w2-g32")
-    assert recipe.budget_bits == ("km4", "e8", 3, 4) and recipe.label == "budget3raw_km4_e8_3_4-gptq-w2-g32"
+    recipe = get_recipe("budget2.2raw_km4_e8_3_4-gptq-w2-pc")  # per-channel scalar codes: 3 bits cost 3.5
+    assert recipe.budget_bits == ("km4", "e8", 3, 4) and recipe.label == "budget2.2raw_km4_e8_3_4-gptq-w2-pc"
     assert get_recipe(recipe.label) == recipe == Recipe.from_dict(json.loads(json.dumps(recipe.to_dict())))
     res = quantize_model(model, recipe, tiny_tokens(), batch_size=4, progress=False)
     plan = res.bits_plan
@@ -350,11 +350,12 @@ def test_budget_over_vector_candidates_mixes_formats_and_round_trips(tmp_path):
         elif c == "km4":
             assert (qw.fmt.kind, qw.fmt.dim, qw.fmt.code_bits) == ("kmeans", 8, 4) and qw.book.shape == (16, 8)
         else:
-            assert isinstance(qw, QuantizedWeight) and qw.fmt.bits == c and qw.fmt.group_size == 32
+            assert isinstance(qw, QuantizedWeight) and qw.fmt.bits == c and qw.fmt.group_size == -1
     bpw = bits_per_weight(res)  # every stored bit: codes, scales, zeros, group maps, codebooks
-    assert bpw <= 3.0 and bpw == pytest.approx(res.budget_report["bits_per_weight"], rel=1e-12)
+    assert bpw <= 2.2 and bpw == pytest.approx(res.budget_report["bits_per_weight"], rel=1e-12)
     counts = res.budget_report["linears_per_bits"]
     assert list(counts) == ["km4", "e8", 3, 4] and sum(counts.values()) == len(plan)
+    assert counts["km4"] and counts["e8"] and counts[3]  # both vector codes and scalar codes in one model
 
     path = checkpoint.save(model, res, tmp_path / "ck", dtype="fp32")
     man = json.loads((path / "lowbit.json").read_text())
