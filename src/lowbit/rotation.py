@@ -46,7 +46,7 @@ from .configs import RecipeError, check_fields
 from .formats import IntFormat, fake_quantize
 from .kernels.hadamard import fwht
 from .models import get_adapter
-from .transforms.hadamard import orthogonality_error, rotation_matrix
+from .transforms.hadamard import fwht_ref, orthogonality_error, rotation_matrix
 from .transforms.modules import HadamardLinear, replace_module
 
 log = logging.getLogger("lowbit")
@@ -423,8 +423,12 @@ def _prepare_block(adapter, blk: nn.Module, r4: bool, hidden: int) -> None:
     """A block's module tree as rotated, its function unchanged: pre-norms folded, down_proj a HadamardLinear
     (R4: weight W H, input rotated online) when `r4`, post-norms in RotatedPostNorm with the identity."""
     fold_block_norms(adapter, blk)
-    if r4 and not isinstance(blk.mlp.down_proj, HadamardLinear):
-        replace_module(blk, "mlp.down_proj", HadamardLinear.wrap(blk.mlp.down_proj))
+    down = blk.mlp.down_proj
+    if r4 and isinstance(down, HadamardLinear):  # a streamed block read again: the module tree was kept, but its
+        # weight is the file's again (W, not W H)
+        down.weight.data.copy_(fwht_ref(down.weight.data.double()).to(down.weight.dtype))
+    elif r4:
+        replace_module(blk, "mlp.down_proj", HadamardLinear.wrap(down))
     if adapter.post_norms:
         _rotate_post_norms(adapter, blk, torch.eye(hidden, dtype=torch.float64))
 
