@@ -115,8 +115,10 @@ class Recipe:
         ignored = [k for k, v in VECTOR_SCALAR_OPTIONS.items() if getattr(self, k) != v]
         ignored += ["bit_budget"] if self.bit_budget is not None else []
         if ignored:
+            hint = ("; a budget over vector codes takes a scalar method and names them as candidates, e.g. method "
+                    "gptq with budget bits e8,3,4" if self.bit_budget is not None else "")
             raise RecipeError(f"method {self.method!r} stores vector codes; scalar options do not apply: "
-                              f"{', '.join(ignored)} (use group_size -1, no clip, no symmetric, no bit budget)")
+                              f"{', '.join(ignored)} (use group_size -1, no clip, no symmetric, no bit budget){hint}")
         if self.bits != nominal:
             raise RecipeError(f"method {self.method!r} with these settings stores {nominal}-bit codes: set bits "
                               f"{nominal}, got {self.bits}")
