@@ -115,8 +115,11 @@ def test_unsupported_combinations_are_refused():
 
     with pytest.raises(RecipeError, match="pairwise"):
         Recipe(method="onebit", bits=1, group_size=-1, pairwise=True)
-    with pytest.raises(RecipeError, match="pairwise"):
-        Recipe(method="gptq", bits=2, budget=2.0, pairwise=True)
+    with pytest.raises(RecipeError, match="pairwise rotations with a bit budget need integer widths >= 2, got 1: "):
+        Recipe(method="gptq", bits=2, budget=2.0, pairwise=True)  # the default candidates hold 1 (onebit)
+    with pytest.raises(RecipeError, match="integer widths >= 2, got km8, e8: "):
+        Recipe(method="gptq", bits=2, budget=2.0, budget_bits=(2, 3, "e8", "km8"), pairwise=True)
+    Recipe(method="gptq", bits=2, budget=2.5, budget_bits=(2, 3, 4), pairwise=True)  # integer widths: fine
     with pytest.raises(RecipeError, match="integer solver"):
         Recipe(method="onebit", bits=1, group_size=-1, budget=2.0)
 
@@ -318,3 +321,133 @@ def test_streamed_budget_with_streams_on_disk_writes_the_same_checkpoint(tmp_pat
     assert names == sorted(p.name for p in (tmp_path / "b").iterdir())
     assert all((tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes() for n in names
                if n != "report.json")
+
+
+def _file_bits(path, name):
+    """Bits the checkpoint stores for one quantized linear (every tensor under its name)."""
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        return sum(8 * f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys()
+                   if k.startswith(f"{name}.") and not k.endswith(".weight"))
+
+
+def test_budget_over_vector_candidates_mixes_formats_and_round_trips(tmp_path):
+    from lowbit.nn.vector import VectorQuantizedLinear
+    from lowbit.solvers import QuantizedWeight
+    from lowbit.solvers.ldlq import VectorQuantizedWeight
+
+    model = tiny_model("llama", layers=1)
+    recipe = get_recipe("budget2.2raw_km4_e8_3_4-gptq-w2-pc")  # per-channel scalar codes: 3 bits cost 3.5
+    assert recipe.budget_bits == ("km4", "e8", 3, 4) and recipe.label == "budget2.2raw_km4_e8_3_4-gptq-w2-pc"
+    assert get_recipe(recipe.label) == recipe == Recipe.from_dict(json.loads(json.dumps(recipe.to_dict())))
+    res = quantize_model(model, recipe, tiny_tokens(), batch_size=4, progress=False)
+    plan = res.bits_plan
+    assert set(plan) == set(res.weights) and set(plan.values()) <= {"km4", "e8", 3, 4}
+    assert {type(q) for q in res.weights.values()} == {VectorQuantizedWeight, QuantizedWeight}  # mixed
+    for name, qw in res.weights.items():  # every linear solved as planned
+        c = plan[name]
+        if c == "e8":
+            assert qw.fmt.kind == "e8"
+        elif c == "km4":
+            assert (qw.fmt.kind, qw.fmt.dim, qw.fmt.code_bits) == ("kmeans", 8, 4) and qw.book.shape == (16, 8)
+        else:
+            assert isinstance(qw, QuantizedWeight) and qw.fmt.bits == c and qw.fmt.group_size == -1
+    bpw = bits_per_weight(res)  # every stored bit: codes, scales, zeros, group maps, codebooks
+    assert bpw <= 2.2 and bpw == pytest.approx(res.budget_report["bits_per_weight"], rel=1e-12)
+    counts = res.budget_report["linears_per_bits"]
+    assert list(counts) == ["km4", "e8", 3, 4] and sum(counts.values()) == len(plan)
+    assert counts["km4"] and counts["e8"] and counts[3]  # both vector codes and scalar codes in one model
+
+    path = checkpoint.save(model, res, tmp_path / "ck", dtype="fp32")
+    man = json.loads((path / "lowbit.json").read_text())
+    assert {m["kind"] for m in man["modules"].values()} == {"vector", "int"}
+    for name, qw in res.weights.items():  # a vector linear's cost is exactly what the file holds for it
+        if qw.kind == "vector":
+            assert _file_bits(path, name) == qw.storage_bits()
+    cfg = json.loads((path / "config.json").read_text())["quantization_config"]
+    assert Recipe.from_dict(cfg["recipe"]) == recipe
+    assert cfg["kinds"] == {n: ("vector" if q.kind == "vector" else "int") for n, q in res.weights.items()}
+    toks = tiny_tokens(2, 16)
+    with torch.no_grad():
+        ref = model(input_ids=toks).logits
+        assert torch.equal(ref, checkpoint.load(path, dequantize=True)(input_ids=toks).logits)
+        packed = checkpoint.load(path)
+        assert sum(isinstance(m, VectorQuantizedLinear) for m in packed.modules()) == counts["km4"] + counts["e8"]
+        torch.testing.assert_close(packed(input_ids=toks).logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_vector_candidates_cost_what_they_store_and_skip_linears_they_cannot_code():
+    from lowbit.budget import measure
+    from lowbit.stages.base import BudgetConfig
+
+    model = tiny_model("llama", layers=1)
+    recipe = Recipe(method="rtn", bits=2, group_size=32)
+    cfg = BudgetConfig(2.0, bits=("km2d3", "km4d4", 2), metric="layer")
+    sens = {s.name: s for s in measure(model, cfg, recipe.solve, recipe.format, tiny_tokens()[:4], batch_size=4)}
+    q = sens["model.layers.0.self_attn.q_proj"]  # 64 x 64: no codes of dimension 3
+    assert set(q.options) == {"km4d4", 2}
+    # km4d4: one byte per 4 weights, an fp16 row scale, 16 fp16 entries of dimension 4
+    assert q.options["km4d4"][1] == 64 * 16 * 8 + 64 * 16 + 16 * 4 * 16
+    down = sens["model.layers.0.mlp.down_proj"]  # 64 x 96: 96 = 32 x 3
+    assert down.options["km2d3"][1] == 64 * 32 * 8 + 64 * 16 + 4 * 3 * 16
+
+
+def test_budget_candidates_parse_and_refuse_in_one_line():
+    from lowbit.cli_options import RecipeChoice
+    from lowbit.recipe import RecipeError
+    from lowbit.stages.base import BudgetConfig
+
+    assert RecipeChoice.from_cli({"budget_bits": "4, E8,km8,km6d8,km8d4,1"}).overrides["bit_budget"] == {
+        "bits": (4, "e8", "km8", "km6", "km8d4", 1)}
+    assert BudgetConfig(2.0, bits=[4, "km8d4", "e8", 1, "km8"]).bits == (1, "km8", "e8", "km8d4", 4)  # by code bits
+    r = Recipe(method="gptq", bits=2, budget=2.5, budget_bits=["e8", 3])
+    assert r.label == "budget2.5_e8_3-gptq-w2-g64" and get_recipe(r.label) == r
+    assert get_recipe("budget2-gptq").label == "budget2-gptq-w2-g64"  # default candidates: no suffix
+    for make, msg in [(lambda: BudgetConfig(2.0, bits=("e9",)), "unknown budget candidate 'e9'"),
+                      (lambda: BudgetConfig(2.0, bits=("km9",)), "1 <= k <= 8"),
+                      (lambda: get_recipe("budget2_km9-gptq"), "recipe label 'budget2_km9-gptq'"),
+                      (lambda: Recipe(method="vq_e8", bits=2, group_size=-1, budget=2.0, budget_bits=("e8", 3)),
+                       r"no bit budget\); a budget over vector codes takes a scalar method .*e8,3,4")]:
+        with pytest.raises(RecipeError, match=msg) as e:
+            make()
+        assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("epochs2", [0, 1])
+def test_pairwise_with_a_budget_over_integer_widths_runs_and_loads(tmp_path, epochs2):
+    from lowbit.transforms.modules import RotatedLinear
+
+    model = tiny_model("llama", layers=1)
+    pair = {"krot": 2, "group": 32, "epochs1": 1, "epochs2": epochs2}
+    recipe = Recipe(method="gptq", bits=2, group_size=32, budget=5.0, budget_bits=(2, 3, 4), budget_metric="layer",
+                    pairwise=pair)
+    assert get_recipe(recipe.label) == Recipe(method="gptq", bits=2, group_size=32, budget=5.0, budget_bits=(2, 3, 4),
+                                              budget_metric="layer", pairwise={"epochs2": 5 if epochs2 else 0})
+    res = quantize_model(model, recipe, tiny_tokens(), batch_size=2, progress=False)
+    plan = res.bits_plan
+    assert set(plan) == set(res.weights) == set(res.transforms) and len(set(plan.values())) > 1
+    assert all(res.weights[n].fmt.bits == b for n, b in plan.items())  # stage 2's codes too: the planned widths
+    assert all(isinstance(model.get_submodule(n), RotatedLinear) for n in plan)
+    bpw = bits_per_weight(res)  # transforms counted; the plan counted them too
+    assert bpw <= 5.0
+    if epochs2 == 0:
+        assert bpw == pytest.approx(res.budget_report["bits_per_weight"], rel=1e-12)
+    else:  # stage 2's codes need no act-order group map: at most the plan's cost
+        assert bpw <= res.budget_report["bits_per_weight"] + 1e-12
+    path = checkpoint.save(model, res, tmp_path / "ck", dtype="fp32")
+    man = json.loads((path / "lowbit.json").read_text())
+    assert all(m["transform"]["type"] == "pairwise" and m["bits"] == plan[n] for n, m in man["modules"].items())
+    toks = tiny_tokens(2, 16)
+    with torch.no_grad():
+        ref = model(input_ids=toks).logits
+        assert torch.equal(ref, checkpoint.load(path, dequantize=True)(input_ids=toks).logits)
+        torch.testing.assert_close(checkpoint.load(path)(input_ids=toks).logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_the_budget_counts_each_linears_pairwise_transform():
+    from lowbit.blockwise import PairwiseConfig
+    from lowbit.transforms import PairwiseRotation
+
+    cfg = PairwiseConfig(krot=2, group=32)
+    for n, pairing in [(64, "random"), (96, "weight")]:
+        rot = PairwiseRotation.identity(n, cfg.krot, cfg.group, pairing, 3, torch.rand(n))
+        assert cfg.stored_bits(n) == 8 * rot.nbytes()

@@ -162,6 +162,8 @@ def test_rotate_option_checks():
      lambda m, r: r["job"]["bits_per_weight"] <= 2.0 and len({x["bits"] for x in m["modules"].values()}) > 1),
     (["--recipe", "gptq-w2-g32", "--budget", "2.5", "--budget-bits", "1,2,4"],
      lambda m, r: r["job"]["bits_per_weight"] <= 2.5 and {x["bits"] for x in m["modules"].values()} <= {1, 2, 4}),
+    (["--recipe", "gptq-w2-g32", "--budget", "4.0", "--budget-bits", "km4d4,3,4"],
+     lambda m, r: r["job"]["bits_per_weight"] <= 4.0 and {x["kind"] for x in m["modules"].values()} == {"vector", "int"}),
 ])
 def test_quantize_extreme_methods(tiny_dir, tmp_path, extra, check):
     out = tmp_path / "q"

@@ -55,7 +55,9 @@ def test_merge_safetensors_writes_save_file_bytes(tmp_path):
                                           ("gemma3_text", "rtn-w4-g16"), ("llama", "budget2.5-gptq-w2-g32"),
                                           ("qwen2", "budget2.5raw-qep-gptq-w2-g32"),
                                           ("llama", "budget2.5-had-gptq-w2-g32"),
-                                          ("gemma3_text", "budget2.5-had-rtn-w2-g16")])
+                                          ("gemma3_text", "budget2.5-had-rtn-w2-g16"),
+                                          ("llama", "budget3_km4d4_3_4-had-gptq-w2-g32"),
+                                          ("qwen2", "budget7_2_3_4-pair-gptq-w2-g32")])
 def test_streamed_equals_in_memory(tmp_path, family, label):
     from transformers import AutoModelForCausalLM
 

@@ -66,6 +66,13 @@ class PairwiseConfig:
                               f"epochs1={self.epochs1}, epochs2={self.epochs2}, samples={self.samples}, "
                               f"val_fraction={self.val_fraction}")
 
+    def stored_bits(self, n: int) -> int:
+        """Bits the fitted input transform of a linear with `n` input channels takes in a checkpoint (pairs,
+        angles, channel scales: fixed by n, krot and group; what a bit budget adds to each linear's cost)."""
+        from .transforms import PairwiseRotation
+
+        return 8 * PairwiseRotation.identity(n, self.krot, self.group, "random", self.seed).nbytes()
+
     @property
     def tag(self) -> str:
         """Label fragment, e.g. pair or pair2 (with stage 2)."""
@@ -228,10 +235,11 @@ def _importance(lin: nn.Linear, pairing: str, H_diag: torch.Tensor | None) -> to
 
 @torch.no_grad()
 def fit_block(block: nn.Module, names: list[str], xs: list[torch.Tensor], targets: list[torch.Tensor],
-              calls: list, cfg: PairwiseConfig, fmt: IntFormat, *, clip: bool = False, seed_offset: int = 0,
-              progress: bool = True) -> dict:
+              calls: list, cfg: PairwiseConfig, fmt: IntFormat | dict[str, IntFormat], *, clip: bool = False,
+              seed_offset: int = 0, progress: bool = True) -> dict:
     """Fit pairwise rotations for the named linears of `block` (in place: they become
-    RotatedLinear with rotated, still unquantized weights) and, with stage 2, their codes.
+    RotatedLinear with rotated, still unquantized weights) and, with stage 2, their codes. `fmt`: the weight
+    format every linear's fake quantizer uses, or one per name (a bit budget's widths).
 
     Returns {"transforms": {name: PairwiseRotation}, "weights": {name: QuantizedWeight} (stage 2
     only), "stage1": (start, best, epoch), "stage2": ..., "reverted": [...]}.
@@ -258,6 +266,7 @@ def fit_block(block: nn.Module, names: list[str], xs: list[torch.Tensor], target
             for h in hooks:
                 h.remove()
 
+    fmts = fmt if isinstance(fmt, dict) else {n: fmt for n in names}
     originals = {n: block.get_submodule(n) for n in names}
     for p in block.parameters():
         p.requires_grad_(False)
@@ -267,7 +276,7 @@ def fit_block(block: nn.Module, names: list[str], xs: list[torch.Tensor], target
         lin = originals[n]
         rot = PairwiseRotation.identity(lin.in_features, cfg.krot, cfg.group, cfg.pairing, cfg.seed + seed_offset + j,
                                         _importance(lin, cfg.pairing, H_diag.get(n)))
-        stage1[n] = _Stage1(lin, rot, fmt)
+        stage1[n] = _Stage1(lin, rot, fmts[n])
     with _swapped(block, stage1), torch.enable_grad():
         params = [{"params": [m.theta, m.log_scale], "lr": cfg.lr_rot, "weight_decay": cfg.weight_decay}
                   for m in stage1.values()]
@@ -280,7 +289,7 @@ def fit_block(block: nn.Module, names: list[str], xs: list[torch.Tensor], target
         report["transforms"][n] = rot
         replace_module(block, n, RotatedLinear.wrap(originals[n], rot))
     if cfg.epochs2 > 0:
-        stage2 = {n: _Stage2(block.get_submodule(n), fmt, clip) for n in names}
+        stage2 = {n: _Stage2(block.get_submodule(n), fmts[n], clip) for n in names}
         with _swapped(block, stage2), torch.enable_grad():
             params = []
             for m in stage2.values():

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -44,29 +45,96 @@ class BudgetError(ValueError):
 
 @dataclass
 class Sensitivity:
-    """Candidate widths of one linear: bits -> (layer loss, storage bits)."""
+    """Candidates of one linear: candidate (a width, or a vector token such as "e8") -> (layer loss, storage bits).
+    A vector candidate whose dimension does not divide the linear's input width is absent."""
 
     name: str
     weights: int
-    options: dict[int, tuple[float, float]] = field(default_factory=dict)
+    options: dict[int | str, tuple[float, float]] = field(default_factory=dict)
 
 
-def candidate(method: str, fmt: IntFormat, bits: int) -> tuple[str, IntFormat]:
-    """(solver name, format) the pipeline uses for a linear given `bits`, for a recipe of solver `method`
-    and weight format `fmt`."""
-    if bits == 1:
-        return "onebit", IntFormat(1, True, -1)
-    return method, replace(fmt, bits=bits)
+#: vector candidates of a budget: "e8" (the E8 lattice code, vq_e8: 16-bit codes per 8 weights, ~2 bits/weight)
+#: and "km<k>" / "km<k>d<d>" (vq_kmeans: a learned codebook of 2^k entries of dimension d, default 8, per linear:
+#: k/d bits/weight of codes + the fp16 codebook)
+_VECTOR = re.compile(r"e8|km(?P<k>\d+)(?:d(?P<d>\d+))?")
 
 
-def _proxy(solve, fmt: IntFormat, clip: bool, bits: int):
-    method, fmt = candidate(solve.method, fmt, bits)
+def parse_candidate(c: int | str) -> int | str:
+    """A budget candidate in its canonical form: a bit width 1-8 (an int; 1 = onebit), "e8", or "km<k>[d<d>]"
+    (d 8 is left out); ValueError says what is wrong."""
+    if isinstance(c, bool) or not isinstance(c, (int, str)):
+        raise ValueError(f"a budget candidate is a bit width or a vector token, got {c!r}")
+    if isinstance(c, int):
+        if not 1 <= c <= 8:
+            raise ValueError(f"budget bit widths are 1-8, got {c}")
+        return c
+    c = c.strip().lower()
+    m = _VECTOR.fullmatch(c)
+    if m is None:
+        raise ValueError(f"unknown budget candidate {c!r}: bit widths 1-8, e8 or km<k>[d<d>] (e.g. km8, km8d4)")
+    if c == "e8":
+        return c
+    from .solvers.configs import VQKMeansConfig
+
+    k, d = int(m["k"]), int(m["d"] or 8)
+    VQKMeansConfig(d=d, k=k)  # RecipeError (a ValueError) for a codebook it cannot store
+    return f"km{k}" if d == 8 else f"km{k}d{d}"
+
+
+def nominal_bits(c: int | str) -> float:
+    """Bits per weight of a candidate's codes alone (its order among the candidates)."""
+    if isinstance(c, int):
+        return float(c)
+    if c == "e8":
+        return 2.0
+    m = _VECTOR.fullmatch(c)
+    return int(m["k"]) / int(m["d"] or 8)
+
+
+def candidate_key(c: int | str) -> tuple:
+    """Sort key of candidates: by the bits of their codes, widths before vector tokens."""
+    return nominal_bits(c), isinstance(c, str), str(c)
+
+
+def is_vector(c: int | str) -> bool:
+    return isinstance(c, str)
+
+
+def candidate(method: str, fmt: IntFormat, c: int | str) -> tuple[str, IntFormat | None, dict]:
+    """(solver name, format, solver options it fixes) the pipeline uses for a linear given candidate `c`, for a
+    recipe of solver `method` and weight format `fmt`: a width with the recipe's solver and format (1: onebit),
+    "e8" vq_e8, "km<k>[d<d>]" vq_kmeans with that codebook (vector solvers take no scalar format: None)."""
+    if c == 1:
+        return "onebit", IntFormat(1, True, -1), {}
+    if isinstance(c, int):
+        return method, replace(fmt, bits=c), {}
+    if c == "e8":
+        return "vq_e8", None, {}
+    m = _VECTOR.fullmatch(c)
+    return "vq_kmeans", None, {"k": int(m["k"]), "d": int(m["d"] or 8)}
+
+
+def vector_dim(c: int | str) -> int | None:
+    """The input columns one code of a vector candidate covers (None for widths)."""
+    if not isinstance(c, str):
+        return None
+    return 8 if c == "e8" else candidate("", IntFormat(2), c)[2]["d"]
+
+
+#: the budget's proxy for a learned codebook: fewer k-means iterations and no refits (refits only lower the loss)
+KMEANS_PROXY = {"iters": 10, "refits": 0}
+
+
+def _proxy(solve, fmt: IntFormat, clip: bool, c: int | str):
+    method, fmt, fixed = candidate(solve.method, fmt, c)
     if method == "onebit":
         kw = {**solve.kwargs(clip, "onebit"), "iters": 2, "use_qqa": False}
     elif method == "qqa":  # annealing is too slow to run at every width: its GPTQ start stands in
         method, kw = "gptq", solve.kwargs(clip, "gptq")
+    elif method == "vq_kmeans":
+        kw = {**solve.kwargs(clip, method), **fixed, **KMEANS_PROXY}
     else:
-        kw = solve.kwargs(clip, method)
+        kw = {**solve.kwargs(clip, method), **fixed}
     return get_solver(method), fmt, kw
 
 
@@ -302,22 +370,28 @@ def streamed_fisher(walker, names: list[str], on_block=None) -> dict[str, torch.
 
 
 def block_sensitivity(blk, cfg, solve, fmt: IntFormat, clip: bool, skip: tuple[str, ...],
-                      fisher: dict[str, torch.Tensor] | None) -> list[Sensitivity]:
+                      fisher: dict[str, torch.Tensor] | None, extra_bits=None) -> list[Sensitivity]:
     """The candidates of one block's linears (a walker's `Block` on the FP stream; see `measure`): each group's H,
-    and every linear quantized at every width of `cfg` by the proxy solver, its loss weighted by `fisher`."""
+    and every linear quantized with every candidate of `cfg` by the proxy solver, its loss weighted by `fisher`,
+    its cost the result's storage bits plus `extra_bits(linear)` (an input transform every candidate carries)."""
     out: list[Sensitivity] = []
     for names in blk.groups(skip):
         stats = blk.stats(names)
         for name in names:
-            w = blk.block.get_submodule(name).weight.data.float()
+            lin = blk.block.get_submodule(name)
+            w = lin.weight.data.float()
             H = stats[name].H.float()
             full = blk.name(name)
             sens = Sensitivity(full, w.numel())
-            for bits in cfg.bits:
-                solver, f, kw = _proxy(solve, fmt, clip, bits)
+            extra = 0.0 if extra_bits is None else float(extra_bits(lin))
+            for c in cfg.bits:
+                dim = vector_dim(c)
+                if dim is not None and w.shape[1] % dim:  # no such codes for this input width
+                    continue
+                solver, f, kw = _proxy(solve, fmt, clip, c)
                 qw = solver(w, f, H, **kw)
                 f = None if fisher is None else fisher[full]
-                sens.options[bits] = (layer_loss(w, qw.dequantize(), H, f), qw.storage_bits())
+                sens.options[c] = (layer_loss(w, qw.dequantize(), H, f), qw.storage_bits() + extra)
             out.append(sens)
     return out
 
@@ -325,12 +399,13 @@ def block_sensitivity(blk, cfg, solve, fmt: IntFormat, clip: bool, skip: tuple[s
 @torch.no_grad()
 def measure(model, cfg, solve, fmt: IntFormat, tokens: torch.Tensor, *, clip: bool = False,
             skip: tuple[str, ...] = (), batch_size: int = 8, device=None, progress: bool = False,
-            io=None) -> list[Sensitivity]:
+            io=None, extra_bits=None) -> list[Sensitivity]:
     """Loss proxy (see the module doc) and storage cost of every decoder-block linear (but the `skip`ped ones)
     at every candidate width of `cfg` (a `BudgetConfig`), for the solver step `solve` (a `SolveConfig`) and the
     weight format `fmt` with range search `clip`. `io`: a `lowbit.walk.BlockIO` factory that reads the blocks
     when the walk reaches them (a streamed run: the Fisher weights come from `streamed_fisher`, whose backward
-    pass measures each block once its weights are complete); None: the model is in memory."""
+    pass measures each block once its weights are complete); None: the model is in memory. `extra_bits(linear)`:
+    bits every candidate of a linear adds (its pairwise input transform), counted in its costs."""
     from .walk import BlockIO, Walker
 
     walker = Walker(model, tokens, batch_size=batch_size, device=device, replay_memo=False, progress=progress,
@@ -342,22 +417,27 @@ def measure(model, cfg, solve, fmt: IntFormat, tokens: torch.Tensor, *, clip: bo
         if io is not None:
             sens: dict[int, list[Sensitivity]] = {}
             streamed_fisher(walker, names, lambda blk, f: sens.update(
-                {blk.i: block_sensitivity(blk, cfg, solve, fmt, clip, skip, f)}))
+                {blk.i: block_sensitivity(blk, cfg, solve, fmt, clip, skip, f, extra_bits)}))
             return [s for i in sorted(sens) for s in sens[i]]
         fisher = output_fisher(model, names, tokens, batch_size=batch_size, device=walker.device)
-    return [s for blk in walker.blocks() for s in block_sensitivity(blk, cfg, solve, fmt, clip, skip, fisher)]
+    return [s for blk in walker.blocks() for s in block_sensitivity(blk, cfg, solve, fmt, clip, skip, fisher, extra_bits)]
 
 
-def allocate(sens: list[Sensitivity], budget: float) -> tuple[dict[str, int], dict]:
-    """Bits per linear with total cost <= budget x weights, minimising the summed layer loss.
+def _names(sens: list[Sensitivity]) -> str:
+    return ",".join(str(c) for c in sorted({c for s in sens for c in s.options}, key=candidate_key))
 
-    Returns (name -> bits, report with the true average bits and the counts per width)."""
+
+def allocate(sens: list[Sensitivity], budget: float) -> tuple[dict[str, int | str], dict]:
+    """A candidate per linear (a width, or a vector token) with total cost <= budget x weights, minimising the
+    summed layer loss.
+
+    Returns (name -> candidate, report with the true average bits and the linears per candidate)."""
     total_w = sum(s.weights for s in sens)
     cap = budget * total_w
     floor = sum(min(c for _, c in s.options.values()) for s in sens)
     if floor > cap * (1 + 1e-12):
         raise BudgetError(f"budget {budget} bits/weight is below the cheapest choice "
-                          f"({floor / total_w:.3f} bits/weight with {sorted({b for s in sens for b in s.options})})")
+                          f"({floor / total_w:.3f} bits/weight with {_names(sens)})")
 
     def choose(lam):
         return {s.name: min(s.options, key=lambda b: (s.options[b][0] + lam * s.options[b][1], s.options[b][1]))
@@ -396,12 +476,13 @@ def allocate(sens: list[Sensitivity], budget: float) -> tuple[dict[str, int], di
         _, name, b, dc = best
         pick[name] = b
         spent += dc
-    counts = {b: sum(1 for v in pick.values() if v == b) for b in sorted({b for s in sens for b in s.options})}
+    counts = {b: sum(1 for v in pick.values() if v == b) for b in sorted({b for s in sens for b in s.options},
+                                                                         key=candidate_key)}
     report = {"budget": budget, "bits_per_weight": spent / total_w, "weights": total_w,
               "loss": sum(by[n].options[b][0] for n, b in pick.items()), "linears_per_bits": counts}
     return pick, report
 
 
-def plan(model, cfg, solve, fmt: IntFormat, tokens: torch.Tensor, **kw) -> tuple[dict[str, int], dict]:
+def plan(model, cfg, solve, fmt: IntFormat, tokens: torch.Tensor, **kw) -> tuple[dict[str, int | str], dict]:
     """measure + allocate for the bit budget `cfg` (keywords: those of `measure`)."""
     return allocate(measure(model, cfg, solve, fmt, tokens, **kw), cfg.target)

@@ -41,7 +41,7 @@ class QuantizationResult:
     transforms: dict[str, PairwiseRotation] = field(default_factory=dict)  # input transforms by module name
     block_fits: list[dict] = field(default_factory=list)  # block-wise optimisation losses per block
     rotation: dict | None = None  # what `rotate_model` folded in / put online (None = no rotation)
-    bits_plan: dict[str, int] = field(default_factory=dict)  # per-linear bits chosen for a budget
+    bits_plan: dict[str, int | str] = field(default_factory=dict)  # per-linear candidates chosen for a budget
     budget_report: dict = field(default_factory=dict)
     block_seconds: list[float] = field(default_factory=list)  # wall time of each block walked
 

@@ -115,8 +115,10 @@ class Recipe:
         ignored = [k for k, v in VECTOR_SCALAR_OPTIONS.items() if getattr(self, k) != v]
         ignored += ["bit_budget"] if self.bit_budget is not None else []
         if ignored:
+            hint = ("; a budget over vector codes takes a scalar method and names them as candidates, e.g. method "
+                    "gptq with budget bits e8,3,4" if self.bit_budget is not None else "")
             raise RecipeError(f"method {self.method!r} stores vector codes; scalar options do not apply: "
-                              f"{', '.join(ignored)} (use group_size -1, no clip, no symmetric, no bit budget)")
+                              f"{', '.join(ignored)} (use group_size -1, no clip, no symmetric, no bit budget){hint}")
         if self.bits != nominal:
             raise RecipeError(f"method {self.method!r} with these settings stores {nominal}-bit codes: set bits "
                               f"{nominal}, got {self.bits}")
@@ -200,8 +202,11 @@ class Recipe:
             return f"{method}{kind}{self.qep.tag if self.qep is not None else ''}{ft}"
         sym = ("si" if self.sym_grid == "int" else "s") if self.symmetric else ""
         label = f"{method}-w{self.bits}{sym}{act}-{g}{tags}{ft}"
+        if self.budget is None:
+            return label
         raw = "raw" if self.budget_metric == "layer" else ""
-        return f"budget{self.budget:g}{raw}-{label}" if self.budget is not None else label
+        cands = "" if self.budget_bits == _FLAT_STAGES["budget_bits"] else "_" + "_".join(map(str, self.budget_bits))
+        return f"budget{self.budget:g}{raw}{cands}-{label}"
 
     def _tags(self, place: str) -> list[str]:
         """The label tags of the stages registered with `label=place`, in run order."""
@@ -517,10 +522,18 @@ def get_recipe(name_or_path: str) -> Recipe:
     """A preset by name, a label such as qep-gptq-w3-g64-clip, or a .json / .yaml file."""
     if name_or_path in PRESETS:
         return PRESETS[name_or_path]
-    m = re.fullmatch(r"budget(\d+(?:\.\d+)?)(raw)?-(.+)", name_or_path)
-    if m:  # budget2.0-gptq = per-linear bits chosen for 2.0 bits/weight, the rest from the label gptq-w2-g64
-        rest = m[3] if "-w" in m[3] or m[3] in PRESETS else f"{m[3]}-w2-g64"
-        return get_recipe(rest).with_(budget=float(m[1]), budget_metric="layer" if m[2] else "fisher", name="")
+    m = re.fullmatch(r"budget(\d+(?:\.\d+)?)(raw)?((?:_[a-z0-9]+)*)-(.+)", name_or_path)
+    if m:  # budget2.0-gptq = per-linear bits chosen for 2.0 bits/weight, the rest from the label gptq-w2-g64;
+        # budget2.5_3_4_e8-... = the candidates 3, 4 and e8 (default 1, 2, 3, 4)
+        rest = m[4] if "-w" in m[4] or m[4] in PRESETS else f"{m[4]}-w2-g64"
+        cands = {}
+        if m[3]:
+            cands["budget_bits"] = tuple(int(c) if c.isdigit() else c for c in m[3][1:].split("_"))
+        try:
+            return get_recipe(rest).with_(budget=float(m[1]), budget_metric="layer" if m[2] else "fisher", name="",
+                                          **cands)
+        except RecipeError as e:
+            raise RecipeError(f"recipe label {name_or_path!r}: {e}") from None
     m = re.fullmatch(r"(qep-)?onebit(-svid|-qqa)?(?:-ft(\d+))?", name_or_path)
     if m:
         return Recipe(method="onebit", bits=1, group_size=-1, qep=QEPConfig() if m[1] else None,

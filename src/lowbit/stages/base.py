@@ -24,7 +24,8 @@ class Run:
     `format` (the weight format: bits, symmetric, group size) and `clip` (its range search), `solve` (the
     solver step: method, solver config, QEP; the bit budget plans its proxies from it), `act_quant` (the
     activations' per-token format at inference, or None: learned rotations calibrate for it), `skip` and
-    `true_sequential` (which linears are quantized and how they are grouped: `linear_groups`).
+    `true_sequential` (which linears are quantized and how they are grouped: `linear_groups`), `transform_bits` (what
+    each linear's fitted input transform will store, for the budget's costs) and `bits_plan` (the budget's plan).
     `Run.of(recipe, ...)` fills them from a recipe. A streamed run sets `block_io` (its blocks are read from the
     model files, each handed to the stages' `on_load`: a stage that walks the model before the quantization walk
     passes it on) and keeps `pre_walk`, where a stage's `before_stream` leaves what it computed (JSON-like
@@ -37,7 +38,7 @@ class Run:
     batch_size: int = 8
     device: torch.device | None = None
     progress: bool = True
-    bits_plan: dict[str, int] = field(default_factory=dict)  # per-linear widths (budget stage)
+    bits_plan: dict[str, int | str] = field(default_factory=dict)  # per-linear candidates (budget stage)
     format: IntFormat | None = None
     clip: bool = False
     solve: SolveConfig | None = None
@@ -46,12 +47,16 @@ class Run:
     true_sequential: bool = True
     block_io: Callable | None = None  # how a stage's own walk reads the blocks (`Walker`'s io; None: in memory)
     pre_walk: dict = field(default_factory=dict)  # what `before_stream` computed, by stage key (a resumed run's)
+    transform_bits: Callable[[int], int] | None = None  # stored bits of each linear's fitted input transform (of
+    # its input width; pairwise rotations): the bit budget counts them in every candidate's cost
 
     @classmethod
     def of(cls, recipe, model: nn.Module, tokens: torch.Tensor, result, **kw) -> Run:
         """The run of `recipe`: the shared fields above taken from it."""
+        pairwise = recipe.pairwise
         return cls(model, recipe, tokens, result, format=recipe.format, clip=recipe.clip, solve=recipe.solve,
-                   act_quant=recipe.act_quant, skip=recipe.skip, true_sequential=recipe.true_sequential, **kw)
+                   act_quant=recipe.act_quant, skip=recipe.skip, true_sequential=recipe.true_sequential,
+                   transform_bits=None if pairwise is None else pairwise.stored_bits, **kw)
 
     def linear_groups(self, blk) -> list[list[str]]:
         """The block's linears to quantize, grouped by shared input (skips removed; one group without
@@ -92,19 +97,28 @@ class Stage:
 
 @dataclass(frozen=True)
 class BudgetConfig:
-    """Per-linear bit widths for an average cost (`lowbit.budget`): `target` bits/weight (scales,
-    zeros and 1-bit vectors counted), the candidate widths (1 = onebit), and how layer losses are
-    compared: weighted by the output Fisher ("fisher") or raw ("layer")."""
+    """Per-linear formats for an average cost (`lowbit.budget`): `target` bits/weight (everything stored
+    counted: scales, zeros, 1-bit vectors, codebooks, pairwise transforms), the candidates: bit widths of the
+    recipe's scalar solver (1 = onebit) and vector codes ("e8": vq_e8; "km<k>[d<d>]": vq_kmeans with 2^k entries
+    of dimension d, default 8), and how layer losses are compared: weighted by the output Fisher ("fisher") or
+    raw ("layer")."""
 
     target: float
-    bits: tuple[int, ...] = (1, 2, 3, 4)
+    bits: tuple[int | str, ...] = (1, 2, 3, 4)
     metric: Literal["fisher", "layer"] = "fisher"
 
     def __post_init__(self) -> None:
+        from ..budget import candidate_key, parse_candidate
+
         check_fields(self)
-        object.__setattr__(self, "bits", tuple(sorted(self.bits)))
-        if not self.bits or any(not 1 <= b <= 8 for b in self.bits):
-            raise RecipeError(f"budget bits must be bit widths 1-8, got {self.bits}")
+        try:
+            bits = {parse_candidate(b) for b in self.bits}
+        except ValueError as e:
+            raise RecipeError(f"BudgetConfig.bits must be bit widths 1-8 or vector candidates (e8, km<k>[d<d>]): "
+                              f"{e}") from None
+        object.__setattr__(self, "bits", tuple(sorted(bits, key=candidate_key)))
+        if not self.bits:
+            raise RecipeError("budget bits must name at least one candidate")
         if not 1 <= self.target <= 8.5:
             raise RecipeError(f"budget must be 1-8.5 bits/weight, got {self.target}")
 

@@ -7,11 +7,18 @@ from ..configs import RecipeError
 from .base import BudgetConfig, Flag, Run, Stage, register_stage
 
 
-def _widths(text: str) -> tuple[int, ...]:
+def _widths(text: str) -> tuple[int | str, ...]:
+    from ..budget import parse_candidate
+
     try:
-        return tuple(int(b) for b in text.split(",") if b.strip())
+        return tuple(parse_candidate(int(b) if b.strip().isdigit() else b) for b in text.split(",") if b.strip())
     except ValueError:
-        raise RecipeError(f"--budget-bits must be comma-separated bit widths, got {text!r}") from None
+        raise RecipeError(f"--budget-bits must be comma-separated bit widths (1 = onebit) or vector candidates "
+                          f"(e8, km<k>[d<d>], e.g. km8, km8d4), got {text!r}") from None
+
+
+def _show(bits) -> str:
+    return ",".join(str(b) for b in bits)
 
 
 def _check(cfg: BudgetConfig, recipe) -> None:
@@ -20,10 +27,11 @@ def _check(cfg: BudgetConfig, recipe) -> None:
 
 
 FLAGS = {
-    "budget": Flag("target", float, "Average bits/weight (scales, zeros and 1-bit vectors counted): per-linear "
-                   "widths chosen from --budget-bits by measured sensitivity."),
-    "budget_bits": Flag("bits", str, "Candidate widths for --budget, e.g. 1,2,3,4 (1 = onebit).", parse=_widths,
-                        show=lambda bits: ",".join(str(b) for b in bits)),
+    "budget": Flag("target", float, "Average bits/weight (everything stored counted: scales, zeros, 1-bit vectors, "
+                   "codebooks): per-linear formats chosen from --budget-bits by measured sensitivity."),
+    "budget_bits": Flag("bits", str, "Candidates for --budget: bit widths (1 = onebit) and vector codes (e8 = E8 "
+                        "lattice, ~2 bits; km<k>[d<d>] = learned codebook of 2^k entries of dimension d, default 8), "
+                        "e.g. 1,2,3,4 or km8,e8,3,4.", parse=_widths, show=_show),
 }
 
 
@@ -44,8 +52,10 @@ class BudgetStage(Stage):
 
         saved = run.pre_walk.get("bit_budget")
         if saved is None:
+            extra = None if run.transform_bits is None else (lambda lin: run.transform_bits(lin.in_features))
             bits, report = plan(run.model, self.cfg, run.solve, run.format, run.tokens, clip=run.clip, skip=run.skip,
-                                batch_size=run.batch_size, device=run.device, progress=run.progress, io=run.block_io)
+                                batch_size=run.batch_size, device=run.device, progress=run.progress, io=run.block_io,
+                                extra_bits=extra)
             saved = run.pre_walk["bit_budget"] = {"bits_plan": bits, "report": report}
         run.bits_plan = run.result.bits_plan = saved["bits_plan"]
         run.result.budget_report = saved["report"]

@@ -14,9 +14,16 @@ def _check(cfg: PairwiseConfig, recipe) -> None:
     if cfg.epochs2 > 0 and recipe.qep is not None:
         raise RecipeError("pairwise stage 2 trains the codes itself and replaces the solver; "
                           "use QEP with stage 1 only (epochs2 = 0)")
-    if recipe.method == "onebit" or recipe.bit_budget is not None:
-        raise RecipeError("pairwise rotations are not supported with 1-bit layers or a bit budget (the "
-                          "checkpoint keeps input transforms for integer layers only)")
+    if recipe.method == "onebit":
+        raise RecipeError("pairwise rotations are fitted against a scalar fake quantizer of the layer's width, which "
+                          "1-bit layers (diag(g) sign diag(h)) do not have; use a method with integer codes")
+    budget = recipe.bit_budget
+    if budget is not None:
+        other = [str(c) for c in budget.bits if not isinstance(c, int) or c == 1]
+        if other:
+            raise RecipeError(f"pairwise rotations with a bit budget need integer widths >= 2, got {', '.join(other)}: "
+                              "each linear's rotation is fitted against a scalar fake quantizer of its planned width, "
+                              "which 1-bit and vector codes do not have")
 
 
 FLAGS = {
@@ -53,8 +60,14 @@ class PairwiseStage(Stage):
     def on_block(self, run: Run, blk) -> None:
         names = [n for g in run.linear_groups(blk) for n in g]
         targets = blk.fp_targets()
+        fmt = run.format
+        if run.bits_plan:  # a bit budget: each linear's fake quantizer (and stage 2's codes) at its planned width
+            from ..budget import candidate
+
+            fmt = {n: candidate(run.solve.method, run.format, run.bits_plan.get(blk.name(n), run.format.bits))[1]
+                   for n in names}
         with blk.changing(names):  # the linears become RotatedLinear
-            fit = fit_block(blk.block, names, blk.xs, targets, blk.calls, self.cfg, run.format, clip=run.clip,
+            fit = fit_block(blk.block, names, blk.xs, targets, blk.calls, self.cfg, fmt, clip=run.clip,
                             seed_offset=1000 * blk.i, progress=run.progress)
         run.result.transforms.update({blk.name(n): t for n, t in fit["transforms"].items()})
         run.result.block_fits.append({k: fit[k] for k in ("stage1", "stage2", "reverted") if k in fit})

@@ -55,7 +55,8 @@ def solve_group(block, names: list[str], stats: dict[str, QEPStat], solver, fmt,
     keyword arguments, `fmt` the weight format). With QEP, each weight is first replaced by its corrected
     target W*. Linears sharing their input statistics (q/k/v, gate/up) are solved as one
     row-stacked matrix when the solver treats rows independently (same result, fewer passes).
-    `plan` overrides the bit width per linear (1 = the onebit solver, with `clip` like the others)."""
+    `plan` overrides the candidate per linear (`budget.candidate`: a width, 1 = the onebit solver, with `clip` like
+    the others; a vector token, its vector solver)."""
     targets: dict[str, torch.Tensor] = {}
     for name in names:
         w = block.get_submodule(name).weight.data
@@ -67,16 +68,16 @@ def solve_group(block, names: list[str], stats: dict[str, QEPStat], solver, fmt,
         targets[name] = w
     plan = plan or {}
 
-    def spec(name):  # (method, format) of one linear
+    def spec(name):  # (method, format, the solver options the candidate fixes) of one linear
         if name not in plan:
-            return cfg.method, fmt
+            return cfg.method, fmt, {}
         from ..budget import candidate
 
         return candidate(cfg.method, fmt, plan[name])
 
     bundles: dict[tuple, list[str]] = {}
     for name in names:
-        method, f = spec(name)
+        method, f, _ = spec(name)
         key = (id(stats[name]), method, f) if name in stats and method in ROW_INDEPENDENT else (id(name),)
         bundles.setdefault(key, []).append(name)
     out: dict[str, QuantizedWeight] = {}
@@ -84,11 +85,11 @@ def solve_group(block, names: list[str], stats: dict[str, QEPStat], solver, fmt,
         st = stats.get(members[0])
         H = st.H if st is not None else None
         W = torch.cat([targets[n] for n in members]) if len(members) > 1 else targets[members[0]]
-        method, f = spec(members[0])
-        if method == cfg.method and f == fmt:
+        method, f, fixed = spec(members[0])
+        if method == cfg.method and f == fmt and not fixed:
             qw = solver(W, fmt, H, **kwargs)
-        else:
-            qw = get_solver(method)(W, f, H, **cfg.kwargs(clip, method))
+        else:  # a budget's other candidates: vector codes (vq_e8, vq_kmeans with the candidate's codebook), onebit
+            qw = get_solver(method)(W, f, H, **{**cfg.kwargs(clip, method), **fixed})
         r0 = 0
         for n in members:
             r1 = r0 + targets[n].shape[0]
