@@ -65,7 +65,7 @@ def test_pairwise_ste_quantizer_and_budget_candidates_keep_the_grid():
     assert torch.isclose(got, fake_quantize(w, fmt), rtol=1e-3, atol=1e-3).float().mean() > 0.98
     assert torch.all(got[:, 0] == 0)  # 0 is a level of the int grid (never of the half grid)
     assert not torch.any(fake_quant_minmax(w, IntFormat(3, True, 32))[:, 0] == 0)
-    assert candidate("gptq", IntFormat(4, True, 64, "int"), 2) == ("gptq", IntFormat(2, True, 64, "int"))
+    assert candidate("gptq", IntFormat(4, True, 64, "int"), 2) == ("gptq", IntFormat(2, True, 64, "int"), {})
     assert candidate("gptq", IntFormat(4, True, 64, "int"), 1)[0] == "onebit"
 
 
