@@ -12,6 +12,15 @@ from lowbit.pipeline import quantize_model
 from lowbit.recipe import Recipe, get_recipe
 
 
+def _loads_as_quantized(model, path):
+    """The checkpoint at `path` gives `model`'s logits: exactly when dequantized, within 1e-5 packed."""
+    toks = tiny_tokens(2, 16)
+    with torch.no_grad():
+        ref = model(input_ids=toks).logits
+        assert torch.equal(ref, checkpoint.load(path, dequantize=True)(input_ids=toks).logits)
+        torch.testing.assert_close(checkpoint.load(path)(input_ids=toks).logits, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_allocate_meets_budget_and_prefers_sensitive_layers():
     sens = [Sensitivity("a", 100, {1: (100.0, 110), 2: (10.0, 250), 4: (1.0, 450)}),
             Sensitivity("b", 100, {1: (1.0, 110), 2: (0.5, 250), 4: (0.1, 450)})]
@@ -60,11 +69,7 @@ def test_budget_pipeline_and_mixed_checkpoint_round_trip(tmp_path, budget):
     cfg = json.loads((path / "config.json").read_text())["quantization_config"]
     assert cfg["mixed_bits"] == {n: (1 if getattr(q, "kind", "int") == "binary" else q.fmt.bits)
                                  for n, q in res.weights.items()}
-    toks = tiny_tokens(2, 16)
-    with torch.no_grad():
-        ref = model(input_ids=toks).logits
-        assert torch.equal(ref, checkpoint.load(path, dequantize=True)(input_ids=toks).logits)
-        torch.testing.assert_close(checkpoint.load(path)(input_ids=toks).logits, ref, rtol=1e-5, atol=1e-5)
+    _loads_as_quantized(model, path)
 
 
 @pytest.mark.parametrize("name", ["onebit", "qep-onebit-qqa", "qqa-w2-g32", "qep-qqa-w2-g32"])
@@ -73,11 +78,7 @@ def test_extreme_recipes_round_trip(tmp_path, name):
     recipe = get_recipe(name).with_(qqa_steps=5, qqa_replicas=4)
     res = quantize_model(model, recipe, tiny_tokens(), batch_size=4, progress=False)
     path = checkpoint.save(model, res, tmp_path / "ck", dtype="fp32")
-    toks = tiny_tokens(2, 16)
-    with torch.no_grad():
-        ref = model(input_ids=toks).logits
-        assert torch.equal(ref, checkpoint.load(path, dequantize=True)(input_ids=toks).logits)
-        torch.testing.assert_close(checkpoint.load(path)(input_ids=toks).logits, ref, rtol=1e-5, atol=1e-5)
+    _loads_as_quantized(model, path)
     if "onebit" in name:
         assert bits_per_weight(res) < 1.5
         man = json.loads((path / "lowbit.json").read_text())
@@ -103,11 +104,7 @@ def test_onebit_finetune_improves_block_fit_and_round_trips(tmp_path):
         start, best, epoch = fit["onebit_ft"]
         assert best <= start
     path = checkpoint.save(model, res, tmp_path / "ck", dtype="fp32")
-    toks = tiny_tokens(2, 16)
-    with torch.no_grad():
-        ref = model(input_ids=toks).logits
-        assert torch.equal(ref, checkpoint.load(path, dequantize=True)(input_ids=toks).logits)
-        torch.testing.assert_close(checkpoint.load(path)(input_ids=toks).logits, ref, rtol=1e-5, atol=1e-5)
+    _loads_as_quantized(model, path)
 
 
 def test_unsupported_combinations_are_refused():
@@ -436,11 +433,7 @@ def test_pairwise_with_a_budget_over_integer_widths_runs_and_loads(tmp_path, epo
     path = checkpoint.save(model, res, tmp_path / "ck", dtype="fp32")
     man = json.loads((path / "lowbit.json").read_text())
     assert all(m["transform"]["type"] == "pairwise" and m["bits"] == plan[n] for n, m in man["modules"].items())
-    toks = tiny_tokens(2, 16)
-    with torch.no_grad():
-        ref = model(input_ids=toks).logits
-        assert torch.equal(ref, checkpoint.load(path, dequantize=True)(input_ids=toks).logits)
-        torch.testing.assert_close(checkpoint.load(path)(input_ids=toks).logits, ref, rtol=1e-5, atol=1e-5)
+    _loads_as_quantized(model, path)
 
 
 def test_the_budget_counts_each_linears_pairwise_transform():
