@@ -76,9 +76,15 @@ def parse_candidate(c: int | str) -> int | str:
         return c
     from .solvers.configs import VQKMeansConfig
 
-    k, d = int(m["k"]), int(m["d"] or 8)
+    k, d = _kmeans(c)
     VQKMeansConfig(d=d, k=k)  # RecipeError (a ValueError) for a codebook it cannot store
     return f"km{k}" if d == 8 else f"km{k}d{d}"
+
+
+def _kmeans(c: str) -> tuple[int, int]:
+    """(k, d) of a canonical "km<k>[d<d>]" candidate."""
+    m = _VECTOR.fullmatch(c)
+    return int(m["k"]), int(m["d"] or 8)
 
 
 def nominal_bits(c: int | str) -> float:
@@ -87,17 +93,13 @@ def nominal_bits(c: int | str) -> float:
         return float(c)
     if c == "e8":
         return 2.0
-    m = _VECTOR.fullmatch(c)
-    return int(m["k"]) / int(m["d"] or 8)
+    k, d = _kmeans(c)
+    return k / d
 
 
 def candidate_key(c: int | str) -> tuple:
     """Sort key of candidates: by the bits of their codes, widths before vector tokens."""
     return nominal_bits(c), isinstance(c, str), str(c)
-
-
-def is_vector(c: int | str) -> bool:
-    return isinstance(c, str)
 
 
 def candidate(method: str, fmt: IntFormat, c: int | str) -> tuple[str, IntFormat | None, dict]:
@@ -110,15 +112,15 @@ def candidate(method: str, fmt: IntFormat, c: int | str) -> tuple[str, IntFormat
         return method, replace(fmt, bits=c), {}
     if c == "e8":
         return "vq_e8", None, {}
-    m = _VECTOR.fullmatch(c)
-    return "vq_kmeans", None, {"k": int(m["k"]), "d": int(m["d"] or 8)}
+    k, d = _kmeans(c)
+    return "vq_kmeans", None, {"k": k, "d": d}
 
 
 def vector_dim(c: int | str) -> int | None:
     """The input columns one code of a vector candidate covers (None for widths)."""
     if not isinstance(c, str):
         return None
-    return 8 if c == "e8" else candidate("", IntFormat(2), c)[2]["d"]
+    return 8 if c == "e8" else _kmeans(c)[1]
 
 
 #: the budget's proxy for a learned codebook: fewer k-means iterations and no refits (refits only lower the loss)
@@ -423,8 +425,9 @@ def measure(model, cfg, solve, fmt: IntFormat, tokens: torch.Tensor, *, clip: bo
     return [s for blk in walker.blocks() for s in block_sensitivity(blk, cfg, solve, fmt, clip, skip, fisher, extra_bits)]
 
 
-def _names(sens: list[Sensitivity]) -> str:
-    return ",".join(str(c) for c in sorted({c for s in sens for c in s.options}, key=candidate_key))
+def _candidates(sens: list[Sensitivity]) -> list[int | str]:
+    """Every candidate any linear has, in candidate order."""
+    return sorted({c for s in sens for c in s.options}, key=candidate_key)
 
 
 def allocate(sens: list[Sensitivity], budget: float) -> tuple[dict[str, int | str], dict]:
@@ -437,7 +440,7 @@ def allocate(sens: list[Sensitivity], budget: float) -> tuple[dict[str, int | st
     floor = sum(min(c for _, c in s.options.values()) for s in sens)
     if floor > cap * (1 + 1e-12):
         raise BudgetError(f"budget {budget} bits/weight is below the cheapest choice "
-                          f"({floor / total_w:.3f} bits/weight with {_names(sens)})")
+                          f"({floor / total_w:.3f} bits/weight with {','.join(map(str, _candidates(sens)))})")
 
     def choose(lam):
         return {s.name: min(s.options, key=lambda b: (s.options[b][0] + lam * s.options[b][1], s.options[b][1]))
@@ -476,8 +479,7 @@ def allocate(sens: list[Sensitivity], budget: float) -> tuple[dict[str, int | st
         _, name, b, dc = best
         pick[name] = b
         spent += dc
-    counts = {b: sum(1 for v in pick.values() if v == b) for b in sorted({b for s in sens for b in s.options},
-                                                                         key=candidate_key)}
+    counts = {b: sum(1 for v in pick.values() if v == b) for b in _candidates(sens)}
     report = {"budget": budget, "bits_per_weight": spent / total_w, "weights": total_w,
               "loss": sum(by[n].options[b][0] for n, b in pick.items()), "linears_per_bits": counts}
     return pick, report
