@@ -163,7 +163,7 @@ def check(out: Path, device: str, dtype: str) -> int:
 
     import gptqmodel
 
-    dt = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    dt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     cases = json.loads((out / "cases.json").read_text())
     tiny = torch.load(out / "tiny_ref.pt") if (out / "tiny_ref.pt").exists() else None
     real = torch.load(out / "real_ref.pt") if (out / "real_ref.pt").exists() else None
@@ -255,7 +255,7 @@ def main() -> None:
     ap.add_argument("--corpora", default="sotu-modern", help="make: comma list of evaluation corpora (real model; "
                     "the protocol: sotu-modern,moby with --windows 64)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
+    ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
     a = ap.parse_args()
     if a.step == "make":
         make(Path(a.out), a.checkpoint, a.windows, not a.no_tiny, tuple(a.corpora.split(",")))
