@@ -9,6 +9,7 @@ extrapolated per block.
     python benchmarks/scale_7b.py --part qep --blocks 8   # qep-gptq-w4-g128 and gptq-w4-g128 on 8 blocks
     python benchmarks/scale_7b.py --part shapes           # 1 block of 70B and of 405B shape (405B: when it fits)
     python benchmarks/scale_7b.py --part shapes --shapes 405b   # the 405B block alone (an H200)
+    python benchmarks/scale_7b.py --part shapes --shapes 24b:3  # 3 blocks of a 24B shape (the largest that fits the 64 GB disk)
     python benchmarks/scale_7b.py --part pair             # 2 blocks of pair-gptq-w4-g128
     python benchmarks/scale_7b.py --part plan             # the walk's memory estimate of every shape (no GPU)
     python benchmarks/scale_7b.py --part all              # peak, then shapes
@@ -32,6 +33,7 @@ from pathlib import Path
 
 SHAPES = {  # hidden, intermediate, heads, kv heads, layers of the full model
     "7b": (4096, 14336, 32, 8, 32),
+    "24b": (5120, 32768, 32, 8, 40),  # Mistral-Small-24B's layout: 47 GB bf16 + ~13 GB W4 output fit the 64 GB disk
     "70b": (8192, 28672, 64, 8, 80),
     "405b": (16384, 53248, 128, 8, 126),
 }
@@ -253,7 +255,9 @@ def run_part(part: str, args, work: Path, out_dir: Path) -> list[dict]:
 
         est = plans(args.n_calib, args.seq_len, args.batch_size)
         total = torch.cuda.mem_get_info()[1] / 2**30 if torch.cuda.is_available() else 0.0
-        for shape in args.shapes.split(","):
+        for item in args.shapes.split(","):
+            shape, _, nb = item.partition(":")  # "24b:3": three blocks of the 24B shape
+            nb = int(nb or 1)
             need = est[f"{shape}/gptq"]["unbounded"]["device_gib"] if g is None else min(
                 g, est[f"{shape}/gptq"]["unbounded"]["device_gib"])
             floor = est[f"{shape}/gptq"]["block"] + est[f"{shape}/gptq"]["work"]  # streams on the host
@@ -261,9 +265,9 @@ def run_part(part: str, args, work: Path, out_dir: Path) -> list[dict]:
                 results.append({"recipe": "gptq-w4-g128", "shape": shape, "error": f"skipped: the block and its solve "
                                 f"need about {floor:.0f} GiB, this GPU has {total:.0f} GiB"})
                 continue
-            folder = work / f"llama-{shape}-1block"
-            build(folder, shape, layers=1, vocab=32000)
-            results.append(run_child(folder, "gptq-w4-g128", out_dir, work, 1, shape, args, g))
+            folder = work / f"llama-{shape}-{nb}block"
+            build(folder, shape, layers=nb, vocab=32000)
+            results.append(run_child(folder, "gptq-w4-g128", out_dir, work, nb, shape, args, g))
             results[-1]["estimated_gib"] = need
     elif part == "plan":
         results.append({"plans": plans(args.n_calib, args.seq_len, args.batch_size)})
@@ -285,7 +289,8 @@ def main() -> None:
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--model"), ap.add_argument("--recipe"), ap.add_argument("--out"), ap.add_argument("--json")
     ap.add_argument("--shape", default="7b")
-    ap.add_argument("--shapes", default="70b,405b", help="--part shapes: which one-block shapes to run")
+    ap.add_argument("--shapes", default="70b,405b", help="--part shapes: which shapes to run, "
+                    "SHAPE[:BLOCKS] (one block unless given), e.g. 405b,24b:3")
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
     if args.child:
