@@ -193,9 +193,11 @@ def head_logits(model, h: torch.Tensor) -> torch.Tensor:
 
 
 def output_fisher(model, names: list[str], tokens: torch.Tensor, *, batch_size: int = 8,
-                  device=None) -> dict[str, torch.Tensor]:
+                  device=None, progress: bool = False) -> dict[str, torch.Tensor]:
     """Mean over calibration tokens of (dL/dy_o)^2 for every output channel o of the named linears,
     L the FP model's mean next-token cross-entropy (the weights get no gradient)."""
+    from tqdm.auto import tqdm
+
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
     mods = {n: model.get_submodule(n) for n in names}
@@ -206,7 +208,7 @@ def output_fisher(model, names: list[str], tokens: torch.Tensor, *, batch_size: 
     try:
         with _no_param_grads(model):
             emb = model.get_input_embeddings()
-            for i in range(0, tokens.shape[0], batch_size):
+            for i in tqdm(range(0, tokens.shape[0], batch_size), desc="fisher", unit="batch", disable=not progress):
                 ids = tokens[i : i + batch_size].to(device)
                 with torch.enable_grad():
                     x = emb(ids).detach().requires_grad_(True)
@@ -421,7 +423,7 @@ def measure(model, cfg, solve, fmt: IntFormat, tokens: torch.Tensor, *, clip: bo
             streamed_fisher(walker, names, lambda blk, f: sens.update(
                 {blk.i: block_sensitivity(blk, cfg, solve, fmt, clip, skip, f, extra_bits)}))
             return [s for i in sorted(sens) for s in sens[i]]
-        fisher = output_fisher(model, names, tokens, batch_size=batch_size, device=walker.device)
+        fisher = output_fisher(model, names, tokens, batch_size=batch_size, device=walker.device, progress=progress)
     return [s for blk in walker.blocks() for s in block_sensitivity(blk, cfg, solve, fmt, clip, skip, fisher, extra_bits)]
 
 
