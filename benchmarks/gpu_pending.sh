@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The GPU runs the open issues still wait for, in one call of at most DEADLINE seconds (default 540), most
+# needed first. Run from the repository root on the GPU machine, carrying .carry/peers (the ParoQuant and
+# AutoAWQ wheels: benchmarks/peers/export_loaders_gpu.sh says how to fetch them). No model is needed.
+#
+#     DEADLINE=540 bash benchmarks/gpu_pending.sh            # outputs under $OUT
+#
+# 1. tests/test_qep.py -k cuda: QEP's half-precision statistics against float64 (issue 19).
+# 2. on an H200 (> 100 GB): the 405 B block, `scale_7b.py --part shapes --shapes 405b --gpu-memory 130` (19);
+#    on an H100: the pairwise decode gap with o's rotation inside the GEMV (`decode_e2e.py ... +gemvrot`, 16).
+# 3. the ParoQuant exports read by the reference package's own loader (export_loaders_gpu.sh, issue 17).
+# 4. with the time left: three blocks of the 24 B shape (`--shapes 24b:3`, issue 19).
+# Still separate (need the model staged, benchmarks/gpu_env.sh): `LOWBIT_HALF_GRAM=0|1 python -m lowbit quantize
+# smollm2 --recipe qep-gptq-w4-g128 --device cuda --dtype bf16` and `RECIPES=vq-e8-had-qep-qqa bash
+# benchmarks/vq_protocol.sh`.
+set -u
+cd "$(dirname "$0")/.." || exit 1
+T0=$SECONDS
+DEADLINE=${DEADLINE:-540}
+OUT=${OUT:-$PWD/out/pending}
+mkdir -p "$OUT"
+left() { echo $((DEADLINE - (SECONDS - T0) - 5)); }
+export PYTHONPATH=$PWD/src:$PWD/tests/kernels${PYTHONPATH:+:$PYTHONPATH}
+nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
+timeout 60 python -m pytest -q -p no:cacheprovider tests/test_qep.py -k cuda -s -rA > "$OUT/pytest-qep-cuda.txt" 2>&1
+echo "qep test rc $? at $((SECONDS - T0)) s"; tail -5 "$OUT/pytest-qep-cuda.txt"
+mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+if [ "$mem" -gt 100000 ]; then
+  mkdir -p "$OUT/s405"
+  OUT=$OUT/s405 timeout $(($(left) - 120)) python benchmarks/scale_7b.py --part shapes --shapes 405b --gpu-memory 130 \
+    > "$OUT/shapes-405b.log" 2>&1
+  echo "405b rc $? at $((SECONDS - T0)) s"; tail -2 "$OUT/shapes-405b.log"
+else
+  timeout 170 python benchmarks/decode_e2e.py --variants w4,w4-pair,w4-pair+gemvrot --batches 1 --profile \
+    --out "$OUT/e2e-gemvrot.json" > "$OUT/e2e-gemvrot.log" 2>&1
+  echo "e2e rc $? at $((SECONDS - T0)) s"; grep -E "^\| w4" "$OUT/e2e-gemvrot.log" | tail -6
+fi
+if [ "$(left)" -gt 40 ]; then
+  OUT=$OUT/paro MAKE=1 timeout "$(left)" bash benchmarks/peers/export_loaders_gpu.sh > "$OUT/paro-ref.log" 2>&1
+  echo "paro rc $? at $((SECONDS - T0)) s"; tail -8 "$OUT/paro-ref.log"
+fi
+if [ "$(left)" -gt 90 ]; then
+  mkdir -p "$OUT/s24"
+  OUT=$OUT/s24 timeout "$(left)" python benchmarks/scale_7b.py --part shapes --shapes 24b:3 > "$OUT/shapes-24b.log" 2>&1
+  echo "24b rc $? at $((SECONDS - T0)) s"; tail -2 "$OUT/shapes-24b.log"
+fi
