@@ -25,13 +25,17 @@ nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 timeout 60 python -m pytest -q -p no:cacheprovider tests/test_qep.py -k cuda -s -rA > "$OUT/pytest-qep-cuda.txt" 2>&1
 echo "qep test rc $? at $((SECONDS - T0)) s"; tail -5 "$OUT/pytest-qep-cuda.txt"
 mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
-if [ "$mem" -gt 100000 ]; then
+# step 2's limit: what is left but 120 s for step 3; never 0 or less (`timeout 0` would not limit it at all)
+t2=$(($(left) - 120))
+if [ "$t2" -lt 60 ]; then
+  echo "step 2 skipped: ${t2} s left for it (raise DEADLINE)"
+elif [ "$mem" -gt 100000 ]; then
   mkdir -p "$OUT/s405"
-  OUT=$OUT/s405 timeout $(($(left) - 120)) python benchmarks/scale_7b.py --part shapes --shapes 405b --gpu-memory 130 \
+  OUT=$OUT/s405 timeout "$t2" python benchmarks/scale_7b.py --part shapes --shapes 405b --gpu-memory 130 \
     > "$OUT/shapes-405b.log" 2>&1
   echo "405b rc $? at $((SECONDS - T0)) s"; tail -2 "$OUT/shapes-405b.log"
 else
-  timeout 170 python benchmarks/decode_e2e.py --variants w4,w4-pair,w4-pair+gemvrot --batches 1 --profile \
+  timeout $((t2 < 170 ? t2 : 170)) python benchmarks/decode_e2e.py --variants w4,w4-pair,w4-pair+gemvrot --batches 1 --profile \
     --out "$OUT/e2e-gemvrot.json" > "$OUT/e2e-gemvrot.log" 2>&1
   echo "e2e rc $? at $((SECONDS - T0)) s"; grep -E "^\| w4" "$OUT/e2e-gemvrot.log" | tail -6
 fi
