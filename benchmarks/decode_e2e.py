@@ -1,10 +1,11 @@
 """End-to-end decode speed of an 8B-shaped Llama (random weights) in lowbit's decode loop:
 bf16 against packed W4 / W3 / W2 (group 128), W4 with pairwise rotations on every linear and E8
-vector codes (vq-e8: 16-bit codes per 8 weights, fp16 row scales, the same 2 bits/weight as W2),
-at batch 1 and 16, side by side in one process. Random codes and scales are fine for speed (for
+vector codes (vq-e8: 16-bit codes per 8 weights, fp16 row scales, the same 2 bits/weight as W2; vq-e8p: the
+same bits as E8P codes, decoded from a 4 KB pattern table), at batch 1 and 16, side by side in one process. Random codes and scales are fine for speed (for
 vq-e8 uniformly random codes gather from the whole 1 MB table: no kinder to caches than real ones).
 
     python benchmarks/decode_e2e.py --variants bf16,w2,vq-e8 --out $OUT/e2e-vq.json   # W2 against E8
+    python benchmarks/decode_e2e.py --variants bf16,w2,vq-e8,vq-e8p --batches 1       # E8P's table decode
 
     python benchmarks/decode_e2e.py --out $OUT/e2e.json                 # the H200 run
     python benchmarks/decode_e2e.py --variants bf16,w4,w4+pdl           # "+pdl": GEMVs as dependent launches
@@ -48,7 +49,7 @@ SHAPES = {
                  num_key_value_heads=2, vocab_size=1000, max_position_embeddings=512),
 }
 VARIANTS = {"bf16": None, "w4": (4, False), "w3": (3, False), "w2": (2, False), "w4-pair": (4, True),
-            "vq-e8": "vq-e8", "w4-head": (4, False), "w2-head": (2, False)}
+            "vq-e8": "vq-e8", "vq-e8p": "vq-e8p", "w4-head": (4, False), "w2-head": (2, False)}
 # A variant name may end in "+pdl": the same model, its packed GEMVs launched as programmatic dependent
 # launches (LOWBIT_QUANT_GEMV_PDL=1 while it is built, captured and timed); in "+unfused" (pairwise
 # variants): the linears with their own transforms not fused in the decode loop; "+noprologue": their
@@ -110,10 +111,13 @@ def random_quantized(lin: nn.Linear, bits: int, group: int, transform, device, g
     return q
 
 
-def random_vector(lin: nn.Linear, device, gen) -> VectorQuantizedLinear:
-    """A VectorQuantizedLinear (E8 codes) of lin's shape with random codes and row scales."""
-    q = VectorQuantizedLinear(lin.in_features, lin.out_features, bias=lin.bias is not None, dtype=torch.bfloat16,
-                              device=device)
+def random_vector(lin: nn.Linear, device, gen, e8p: bool = False) -> VectorQuantizedLinear:
+    """A VectorQuantizedLinear (E8 or E8P codes) of lin's shape with random codes and row scales."""
+    from lowbit.formats import e8 as E8
+    from lowbit.formats import e8p as E8P
+
+    q = VectorQuantizedLinear(lin.in_features, lin.out_features, (E8P if e8p else E8).NAME,
+                              bias=lin.bias is not None, dtype=torch.bfloat16, device=device)
     q.codes.copy_(torch.randint(-2**15, 2**15, q.codes.shape, generator=gen, dtype=torch.int16).to(device))
     q.scales.copy_((torch.rand(q.scales.shape, generator=gen) * 2e-3 + 1e-3).half().to(device))
     return q
@@ -165,8 +169,8 @@ def build(shape: dict, variant: str, device, shared: dict, gen: torch.Generator)
                 w = torch.empty(lin.out_features, lin.in_features, device=device, dtype=torch.bfloat16)
                 lin.weight = nn.Parameter(w.normal_(0, 0.02), requires_grad=False)
                 continue
-            if spec == "vq-e8":
-                replace_module(blk, name, random_vector(lin, device, gen))
+            if spec in ("vq-e8", "vq-e8p"):
+                replace_module(blk, name, random_vector(lin, device, gen, spec == "vq-e8p"))
                 continue
             bits, pair = spec
             # each linear its own transform, as the pairwise stage fits them (q / k / v differ)

@@ -1,14 +1,16 @@
-"""Speed of the vector-code (E8) linear next to scalar W2 (g128) and bf16, on the shapes of kernel_quant.py.
+"""Speed of the vector-code linear (E8 ball: `vq`; E8P: `e8p`) next to scalar W2 (g128) and bf16, on the shapes
+of kernel_quant.py.
 
     python benchmarks/kernel_vq.py --out $OUT/vq.json                  # GPU: validate, decode, prefill, sweep
     python benchmarks/kernel_vq.py --quick --out $OUT/vq.json          # fewer tokens, smaller sweep
     python benchmarks/kernel_vq.py --interpret --out /tmp/vq.json      # CPU, Triton interpreter, tiny shapes
 
 Sections:
-- validate: the vq GEMV (1 and 4 tokens) and dequantize + cuBLAS (40 tokens) against a float64
+- validate: the vq and e8p GEMVs (1 and 4 tokens) and dequantize + cuBLAS (40 tokens) against a float64
   product on every shape (bf16; relative error < 1e-2); a failing shape is not timed.
 - decode: tokens 1, 2, 4, 8, 16 x shapes: `vq_linear` (auto path), the vq GEMV and the vq
-  dequant path forced (where does GEMV_MAX_TOKENS want to be?), scalar W2 g128 asym through
+  dequant path forced (where does GEMV_MAX_TOKENS want to be?), E8P codes through `vq_linear` (auto; its
+  4 KB pattern table stays in L1) and its dequant path, scalar W2 g128 asym through
   `quant_linear` (auto) and bf16 F.linear. Each timed as a CUDA graph replaying calls that cycle
   through a ring of distinct weights larger than L2 (kernel_quant.RING_BYTES), so every call reads
   its weight from HBM (the 1 MB E8 table stays in L2, as in a model). Reported: us per call, GB/s
@@ -17,7 +19,7 @@ Sections:
 - sweep: the vq GEMV's tiles (block_n, block_g, splits, num_warps) at 1 token on the 8B shapes,
   the best next to `kernels.vector.gemv_config`'s choice.
 
-Random codes: uniform over the 65536 entries (every gather a random row of the table).
+Random codes: uniform over the 65536 entries (every E8 gather a random row of the table).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ if "--interpret" in sys.argv:
 import torch  # noqa: E402
 
 from kernel_quant import RING_BYTES, SHAPES  # noqa: E402  (the shapes of the scalar kernels' benchmark)
-from lowbit.formats import e8  # noqa: E402
+from lowbit.formats import e8, e8p  # noqa: E402
 from lowbit.formats.packing import padded_width  # noqa: E402
 from lowbit.kernels import quant as Q  # noqa: E402
 from lowbit.kernels import vector as V  # noqa: E402
@@ -48,11 +50,12 @@ from lowbit.kernels import vector as V  # noqa: E402
 TINY = [(64, 96), (256, 64), (128, 200)]
 
 
-def vq_layer(K, N, device, seed):
+def vq_layer(K, N, device, seed, is_e8p=False):
     g = torch.Generator().manual_seed(seed)
     codes = torch.randint(-2**15, 2**15, (N, K // 8), generator=g, dtype=torch.int16).to(device)
     scales = ((torch.rand(N, generator=g) * 0.5 + 0.75) / (K ** 0.5 * 2)).half().to(device)
-    return dict(codes=codes, scales=scales, book=e8.table(device))
+    book = e8p.kernel_table(device) if is_e8p else e8.table(device)
+    return dict(codes=codes, scales=scales, book=book, e8p=is_e8p)
 
 
 def w2_layer(K, N, device, seed, gs=128):
@@ -69,18 +72,18 @@ def nbytes(lay: dict) -> int:
 
 
 def run(kind, lay, x, K, path=None, **tiles):
-    if kind == "vq":
+    if kind in ("vq", "e8p"):
         if path is None:
-            return V.vq_linear(x, lay["codes"], lay["scales"], lay["book"])
-        return V.vq_linear_triton(x, lay["codes"], lay["scales"], lay["book"], path=path, **tiles)
+            return V.vq_linear(x, lay["codes"], lay["scales"], lay["book"], e8p=lay["e8p"])
+        return V.vq_linear_triton(x, lay["codes"], lay["scales"], lay["book"], path=path, e8p=lay["e8p"], **tiles)
     if kind == "w2":
         return Q.quant_linear(x, lay["qweight"], lay["scales"], lay["zeros"], 2, lay["gs"], K)
     return torch.nn.functional.linear(x, lay["w"])
 
 
 def make(kind, K, N, device, seed):
-    if kind == "vq":
-        return vq_layer(K, N, device, seed)
+    if kind in ("vq", "e8p"):
+        return vq_layer(K, N, device, seed, kind == "e8p")
     if kind == "w2":
         return w2_layer(K, N, device, seed)
     return dict(w=torch.randn(N, K, generator=torch.Generator().manual_seed(seed)).bfloat16().to(device) * 0.02)
@@ -125,15 +128,16 @@ def time_us(kind, K, N, T, device, interpret, rep=5, **kw) -> tuple[float, int]:
 def validate(shapes, device) -> dict:
     out = {}
     for K, N in shapes:
-        lay = vq_layer(K, N, device, 1)
-        w = (e8.codebook()[lay["codes"].cpu().long() & 0xFFFF].reshape(N, K).double()
-             * lay["scales"].cpu().double()[:, None])
         errs = {}
-        for T, path in ((1, "gemv"), (4, "gemv"), (40, "dequant")):
-            x = torch.randn(T, K, device=device).bfloat16()
-            y = run("vq", lay, x, K, path=path).cpu().double()
-            ref = x.cpu().double() @ w.T
-            errs[f"{path}@{T}"] = float((y - ref).norm() / ref.norm())
+        for kind, lat in (("vq", e8), ("e8p", e8p)):
+            lay = vq_layer(K, N, device, 1, kind == "e8p")
+            w = (lat.codebook()[lay["codes"].cpu().long() & 0xFFFF].reshape(N, K).double()
+                 * lay["scales"].cpu().double()[:, None])
+            for T, path in ((1, "gemv"), (4, "gemv"), (40, "dequant")):
+                x = torch.randn(T, K, device=device).bfloat16()
+                y = run(kind, lay, x, K, path=path).cpu().double()
+                ref = x.cpu().double() @ w.T
+                errs[f"{kind}-{path}@{T}"] = float((y - ref).norm() / ref.norm())
         out[f"{K}x{N}"] = {"errors": errs, "ok": all(e < 1e-2 for e in errs.values())}
         print(f"validate {K}x{N}: " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()), flush=True)
     return out
@@ -144,7 +148,8 @@ def decode(shapes, tokens, device, interpret) -> list:
     for (K, N), T in itertools.product(shapes, tokens):
         r = {"K": K, "N": N, "tokens": T}
         for name, kind, kw in (("vq", "vq", {}), ("vq_gemv", "vq", dict(path="gemv")),
-                               ("vq_dequant", "vq", dict(path="dequant")), ("w2", "w2", {}), ("bf16", "bf16", {})):
+                               ("vq_dequant", "vq", dict(path="dequant")), ("e8p", "e8p", {}),
+                               ("e8p_dequant", "e8p", dict(path="dequant")), ("w2", "w2", {}), ("bf16", "bf16", {})):
             try:
                 us, b = time_us(kind, K, N, T, device, interpret, **kw)
                 r[name] = {"us": us, "GBps": b / us / 1e3}
@@ -157,13 +162,16 @@ def decode(shapes, tokens, device, interpret) -> list:
             r["vq_vs_w2"] = us["w2"] / us["vq"]
         if us.get("vq") and us.get("bf16"):
             r["vq_vs_bf16"] = us["bf16"] / us["vq"]
+        for ref in ("w2", "bf16"):
+            if us.get("e8p") and us.get(ref):
+                r[f"e8p_vs_{ref}"] = us[ref] / us["e8p"]
         rows.append(r)
         print(f"decode {K}x{N} T={T}: " + ", ".join(f"{k} {v:.1f} us" for k, v in us.items() if v)
               + f"  (vq path {r.get('vq_path')}, vs w2 {r.get('vq_vs_w2', float('nan')):.2f}x)", flush=True)
     return rows
 
 
-def sweep(shapes, device, interpret, quick) -> list:
+def sweep(shapes, device, interpret, quick, kind="vq") -> list:
     grid = dict(block_n=(8, 16, 32) if quick else (8, 16, 32, 64), block_g=(16, 32) if quick else (8, 16, 32, 64),
                 splits=(1, 4, 8) if quick else (1, 2, 4, 8, 16), num_warps=(4,) if quick else (4, 8))
     out = []
@@ -173,15 +181,16 @@ def sweep(shapes, device, interpret, quick) -> list:
         for bn, bg, sp, nw in itertools.product(*grid.values()):
             cfg = dict(block_n=bn, block_g=bg, splits=sp, num_warps=nw)
             try:
-                us, _ = time_us("vq", K, N, 1, device, interpret, path="gemv", **cfg)
+                us, _ = time_us(kind, K, N, 1, device, interpret, path="gemv", **cfg)
                 res.append({**cfg, "us": us})
             except Exception as e:
                 res.append({**cfg, "error": f"{type(e).__name__}: {str(e)[:120]}"})
         ok = [r for r in res if "us" in r]
         best = min(ok, key=lambda r: r["us"]) if ok else None
-        us_default, _ = time_us("vq", K, N, 1, device, interpret, path="gemv")
-        out.append({"K": K, "N": N, "default": {**default, "us": us_default}, "best": best, "all": res})
-        print(f"sweep {K}x{N}: default {default} {us_default:.1f} us, best {best}", flush=True)
+        us_default, _ = time_us(kind, K, N, 1, device, interpret, path="gemv")
+        out.append({"kind": kind, "K": K, "N": N, "default": {**default, "us": us_default}, "best": best,
+                    "all": res})
+        print(f"sweep {kind} {K}x{N}: default {default} {us_default:.1f} us, best {best}", flush=True)
     return out
 
 
@@ -219,14 +228,15 @@ def main() -> None:
         save()
     if "sweep" in sections:
         sw = [s for s in shapes if s in SHAPES[:3]] or shapes[:1]
-        out["sweep"] = sweep(sw, device, a.interpret, a.quick or a.interpret)
+        out["sweep"] = sweep(sw, device, a.interpret, a.quick or a.interpret, "e8p")
         save()
-    print("\n| K x N | tokens | vq us | vq path | w2 us | bf16 us | vq vs w2 | vq vs bf16 |")
-    print("|---|---|---|---|---|---|---|---|")
+    nan = float("nan")
+    print("\n| K x N | tokens | vq (E8) us | vq path | e8p us | w2 us | bf16 us | e8p vs w2 | e8p vs bf16 |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in out.get("decode", []) + out.get("prefill", []):
-        cell = [r.get(k, {}).get("us", float("nan")) for k in ("vq", "w2", "bf16")]
+        cell = [r.get(k, {}).get("us", nan) for k in ("vq", "e8p", "w2", "bf16")]
         print(f"| {r['K']}x{r['N']} | {r['tokens']} | {cell[0]:.1f} | {r.get('vq_path')} | {cell[1]:.1f} | "
-              f"{cell[2]:.1f} | {r.get('vq_vs_w2', float('nan')):.2f}x | {r.get('vq_vs_bf16', float('nan')):.2f}x |")
+              f"{cell[2]:.1f} | {cell[3]:.1f} | {r.get('e8p_vs_w2', nan):.2f}x | {r.get('e8p_vs_bf16', nan):.2f}x |")
 
 
 if __name__ == "__main__":

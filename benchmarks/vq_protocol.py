@@ -29,6 +29,9 @@ RECIPES = {
     "fp": None,
     "vq-e8-had": Recipe(method="vq_e8", bits=2, group_size=-1, rotation="hadamard"),
     "vq-e8-had-qep": Recipe(method="vq_e8", bits=2, group_size=-1, rotation="hadamard", qep=QEPConfig()),
+    # the same with E8P codes (formats/e8p.py: decoded from 256 patterns by the fast kernel)
+    "vq-e8p-had-qep": Recipe(method="vq_e8", bits=2, group_size=-1, rotation="hadamard", qep=QEPConfig(),
+                             solver={"codebook": "e8p"}),
     "vq-e8-had-qep-qqa": Recipe(method="vq_e8_qqa", bits=2, group_size=-1, rotation="hadamard", qep=QEPConfig()),
     "vq-e8-qep": Recipe(method="vq_e8", bits=2, group_size=-1, qep=QEPConfig()),
     "qep-gptq-w2-g64-clip-static": PRESETS["qep-gptq-w2-g64-clip-static"],

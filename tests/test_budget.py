@@ -398,6 +398,11 @@ def test_budget_candidates_parse_and_refuse_in_one_line():
     assert BudgetConfig(2.0, bits=[4, "km8d4", "e8", 1, "km8"]).bits == (1, "km8", "e8", "km8d4", 4)  # by code bits
     r = Recipe(method="gptq", bits=2, budget=2.5, budget_bits=["e8", 3])
     assert r.label == "budget2.5_e8_3-gptq-w2-g64" and get_recipe(r.label) == r
+    r = Recipe(method="gptq", bits=2, budget=2.5, budget_bits=["E8P", 3, "e8"])           # E8P codes too
+    assert r.budget_bits == ("e8", "e8p", 3) and get_recipe(r.label) == r
+    from lowbit.budget import candidate
+    assert candidate("gptq", r.format, "e8p") == ("vq_e8", None, {"codebook": "e8p"})
+    assert candidate("gptq", r.format, "e8") == ("vq_e8", None, {"codebook": "e8"})
     assert get_recipe("budget2-gptq").label == "budget2-gptq-w2-g64"  # default candidates: no suffix
     for make, msg in [(lambda: BudgetConfig(2.0, bits=("e9",)), "unknown budget candidate 'e9'"),
                       (lambda: BudgetConfig(2.0, bits=("km9",)), "1 <= k <= 8"),

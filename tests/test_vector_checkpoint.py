@@ -13,7 +13,7 @@ from safetensors import safe_open
 from conftest import tiny_model, tiny_tokens
 from lowbit import checkpoint
 from lowbit.checkpoint import CheckpointError
-from lowbit.formats import e8
+from lowbit.formats import e8, e8p
 from lowbit.formats.codebook import VectorFormat
 from lowbit.nn import QuantizedLinear, VectorQuantizedLinear, dequantize_model
 from lowbit.pipeline import quantize_model
@@ -34,7 +34,8 @@ def _count(model, cls) -> int:
 
 
 @pytest.mark.parametrize("family,kw", [("llama", dict(rotation="hadamard")),   # folded R1/R2 + online R4
-                                       ("qwen2", {})])                          # biases
+                                       ("qwen2", {}),                           # biases
+                                       ("llama", dict(solver={"codebook": "e8p"}))])   # E8P codes
 def test_round_trip_gives_the_in_memory_logits(tmp_path, family, kw):
     model, res = _quantized(family, **kw)
     checkpoint.round_unquantized(model, res, torch.bfloat16)        # what the bf16 store keeps
@@ -49,7 +50,12 @@ def test_round_trip_gives_the_in_memory_logits(tmp_path, family, kw):
     with torch.no_grad():
         assert torch.equal(packed(input_ids=toks).logits, ref)
         assert torch.equal(floats(input_ids=toks).logits, ref)
-    if kw:
+    if "solver" in kw:
+        q = packed.get_submodule("model.layers.0.mlp.down_proj")
+        assert q.codebook_name == e8p.NAME and q.codebook is None and q.kernel_book()[1]
+        assert checkpoint.read_manifest(path)["modules"]["model.layers.0.mlp.down_proj"]["codebook_id"] == \
+            e8p.identity()
+    elif kw:
         down = packed.get_submodule("model.layers.0.mlp.down_proj")
         assert down.transform is not None and down.transform.spec() == {"type": "hadamard"}
 
@@ -78,7 +84,7 @@ def test_another_e8_codebook_is_refused_in_one_line(tmp_path):
     m = json.loads((path / "lowbit.json").read_text())
     m["modules"]["model.layers.1.self_attn.o_proj"]["codebook_id"] = "0123456789abcdef"
     (path / "lowbit.json").write_text(json.dumps(m))
-    with pytest.raises(CheckpointError, match="E8 codebook 0123456789abcdef is not this lowbit's") as e:
+    with pytest.raises(CheckpointError, match="e8-2\\^16 codebook 0123456789abcdef is not this lowbit.s") as e:
         checkpoint.load(path)
     assert "\n" not in str(e.value) and "model.layers.1.self_attn.o_proj" in str(e.value)
 

@@ -53,14 +53,15 @@ class Sensitivity:
     options: dict[int | str, tuple[float, float]] = field(default_factory=dict)
 
 
-#: vector candidates of a budget: "e8" (the E8 lattice code, vq_e8: 16-bit codes per 8 weights, ~2 bits/weight)
-#: and "km<k>" / "km<k>d<d>" (vq_kmeans: a learned codebook of 2^k entries of dimension d, default 8, per linear:
+#: vector candidates of a budget: "e8" (the E8 lattice code, vq_e8: 16-bit codes per 8 weights, ~2 bits/weight),
+#: "e8p" (the same bits as E8P codes, which the fast kernel decodes from 256 patterns) and "km<k>" / "km<k>d<d>" (vq_kmeans: a learned codebook of 2^k entries of dimension d, default 8, per linear:
 #: k/d bits/weight of codes + the fp16 codebook)
-_VECTOR = re.compile(r"e8|km(?P<k>\d+)(?:d(?P<d>\d+))?")
+_VECTOR = re.compile(r"e8p?|km(?P<k>\d+)(?:d(?P<d>\d+))?")
+_LATTICES = ("e8", "e8p")
 
 
 def parse_candidate(c: int | str) -> int | str:
-    """A budget candidate in its canonical form: a bit width 1-8 (an int; 1 = onebit), "e8", or "km<k>[d<d>]"
+    """A budget candidate in its canonical form: a bit width 1-8 (an int; 1 = onebit), "e8", "e8p", or "km<k>[d<d>]"
     (d 8 is left out); ValueError says what is wrong."""
     if isinstance(c, bool) or not isinstance(c, (int, str)):
         raise ValueError(f"a budget candidate is a bit width or a vector token, got {c!r}")
@@ -71,8 +72,8 @@ def parse_candidate(c: int | str) -> int | str:
     c = c.strip().lower()
     m = _VECTOR.fullmatch(c)
     if m is None:
-        raise ValueError(f"unknown budget candidate {c!r}: bit widths 1-8, e8 or km<k>[d<d>] (e.g. km8, km8d4)")
-    if c == "e8":
+        raise ValueError(f"unknown budget candidate {c!r}: bit widths 1-8, e8, e8p or km<k>[d<d>] (e.g. km8, km8d4)")
+    if c in _LATTICES:
         return c
     from .solvers.configs import VQKMeansConfig
 
@@ -91,7 +92,7 @@ def nominal_bits(c: int | str) -> float:
     """Bits per weight of a candidate's codes alone (its order among the candidates)."""
     if isinstance(c, int):
         return float(c)
-    if c == "e8":
+    if c in _LATTICES:
         return 2.0
     k, d = _kmeans(c)
     return k / d
@@ -105,13 +106,13 @@ def candidate_key(c: int | str) -> tuple:
 def candidate(method: str, fmt: IntFormat, c: int | str) -> tuple[str, IntFormat | None, dict]:
     """(solver name, format, solver options it fixes) the pipeline uses for a linear given candidate `c`, for a
     recipe of solver `method` and weight format `fmt`: a width with the recipe's solver and format (1: onebit),
-    "e8" vq_e8, "km<k>[d<d>]" vq_kmeans with that codebook (vector solvers take no scalar format: None)."""
+    "e8" / "e8p" vq_e8 on that codebook, "km<k>[d<d>]" vq_kmeans with that codebook (vector solvers take no scalar format: None)."""
     if c == 1:
         return "onebit", IntFormat(1, True, -1), {}
     if isinstance(c, int):
         return method, replace(fmt, bits=c), {}
-    if c == "e8":
-        return "vq_e8", None, {}
+    if c in _LATTICES:
+        return "vq_e8", None, {"codebook": c}
     k, d = _kmeans(c)
     return "vq_kmeans", None, {"k": k, "d": d}
 
@@ -120,7 +121,7 @@ def vector_dim(c: int | str) -> int | None:
     """The input columns one code of a vector candidate covers (None for widths)."""
     if not isinstance(c, str):
         return None
-    return 8 if c == "e8" else _kmeans(c)[1]
+    return 8 if c in _LATTICES else _kmeans(c)[1]
 
 
 #: the budget's proxy for a learned codebook: fewer k-means iterations and no refits (refits only lower the loss)

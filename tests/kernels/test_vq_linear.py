@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lowbit.formats import e8
+from lowbit.formats import e8p as E8P
 from lowbit.formats.packed_vector import code_index, dequantize_codes, store_codes, vq_linear_ref
 from lowbit.kernels import vector as V
 
@@ -39,13 +40,18 @@ def relerr(out, ref) -> float:
 
 
 class Layer:
-    """Random vector codes: `book` None is the E8 table, else a random fp16 k-means book [2^bits, dim]."""
+    """Random vector codes: dim 8 x 16 bits the E8 table (`e8p`: E8P codes and its 256-pattern table), else
+    a random fp16 k-means book [2^bits, dim]."""
 
-    def __init__(self, n_out, n_in, dim=8, code_bits=16, bias=False, seed=0, device="cpu"):
+    def __init__(self, n_out, n_in, dim=8, code_bits=16, bias=False, seed=0, device="cpu", e8p=False):
         g = torch.Generator().manual_seed(seed)
-        self.n_out, self.n_in = n_out, n_in
+        self.n_out, self.n_in, self.e8p = n_out, n_in, e8p
         self.raw = torch.randint(0, 2 ** code_bits, (n_out, n_in // dim), generator=g)
-        if (dim, code_bits) == (8, 16):
+        self.full = None
+        if e8p:
+            self.book = E8P.kernel_table(device)
+            self.full = E8P.codebook()
+        elif (dim, code_bits) == (8, 16):
             self.book = e8.table(device)
         else:
             self.book = torch.randn(2 ** code_bits, dim, generator=g).half().to(device)
@@ -57,8 +63,12 @@ class Layer:
         b = self.bias if self.bias is None or dtype is None else self.bias.to(dtype)
         return self.codes, self.scales, self.book, b
 
+    def kw(self) -> dict:
+        return {"e8p": True} if self.e8p else {}
+
     def dense64(self) -> torch.Tensor:
-        w = self.book.cpu().double()[self.raw].reshape(self.n_out, -1)
+        book = self.book if self.full is None else self.full
+        w = book.cpu().double()[self.raw].reshape(self.n_out, -1)
         return w * self.scales.cpu().double()[:, None]
 
     def ref64(self, x):
@@ -91,6 +101,18 @@ def test_reference_equals_dense_fp64(dim, bits):
     y = vq_linear_ref(x, *lay.args())
     assert y.shape == (2, 3, 24) and relerr(y, lay.ref64(x)) < 1e-6
     assert vq_linear_ref(x.bfloat16(), *lay.args()).dtype == torch.bfloat16
+
+
+def test_e8p_reference_decodes_the_pattern_table_exactly():
+    lay = Layer(24, 96, bias=True, seed=3, e8p=True)
+    w = dequantize_codes(lay.codes, lay.scales, lay.book, e8p=True)
+    assert torch.equal(w.double(), lay.dense64())
+    x = torch.randn(2, 3, 96)
+    assert relerr(vq_linear_ref(x, *lay.args(), e8p=True), lay.ref64(x)) < 1e-6
+    # every code at once: the table decode is the codebook
+    every = store_codes(torch.arange(65536), 16)
+    torch.testing.assert_close(dequantize_codes(every[None], torch.ones(1), lay.book, e8p=True).reshape(-1, 8),
+                               E8P.codebook(), rtol=0, atol=0)
 
 
 def test_e8_table_is_the_codebook_in_fp16_shared_per_device():
@@ -146,6 +168,16 @@ def test_shape_errors_name_the_problem():
         V.vq_linear(x, c, s[:4], b)
     with pytest.raises(ValueError, match="bias"):
         V.vq_linear(x, c, s, b, torch.zeros(9))
+    with pytest.raises(ValueError, match="E8P takes"):
+        V.vq_linear(x, c, s, b, e8p=True)                       # the 65536-row E8 table is not E8P's
+
+
+def test_dispatcher_runs_e8p_reference_on_cpu(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    lay = Layer(16, 64, bias=True, e8p=True)
+    x = torch.randn(3, 64)
+    assert relerr(V.vq_linear(x, *lay.args(), e8p=True), lay.ref64(x)) < 1e-6 and V.last_path == "ref"
+    torch.library.opcheck(torch.ops.lowbit.vq_linear.default, (x, *lay.args(), True))
 
 
 def test_gradient_needed_runs_the_differentiable_reference():
@@ -190,32 +222,40 @@ GEMV_CASES = [
     (24, 200, 8, 16, True, 3, dict(block_n=8, block_g=4, splits=2)),  # masked groups, 3 tokens
     (33, 128, 4, 8, True, 2, dict(splits=2)),                          # k-means, uint8 codes
     (16, 64, 2, 10, False, 1, dict(block_g=16)),                       # k-means, 10-bit int16 codes
+    (40, 96, 8, "e8p", True, 1, {}),                                   # E8P, masked rows
+    (24, 512, 8, "e8p", False, 2, dict(block_n=8, block_g=8, splits=3)),  # E8P, splits, 2 tokens
 ]
+
+
+def _layer(n_out, n_in, dim, bits, bias, seed):
+    if bits == "e8p":
+        return Layer(n_out, n_in, bias=bias, seed=seed, e8p=True)
+    return Layer(n_out, n_in, dim, bits, bias=bias, seed=seed)
 
 
 @interpreter_only
 @pytest.mark.parametrize("case", range(len(GEMV_CASES)))
 def test_gemv_interpreter(case, interpreter):
     n_out, n_in, dim, bits, bias, tokens, tiles = GEMV_CASES[case]
-    lay = Layer(n_out, n_in, dim, bits, bias=bias, seed=case)
+    lay = _layer(n_out, n_in, dim, bits, bias, case)
     g = torch.Generator().manual_seed(case)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         x = torch.randn(tokens, n_in, generator=g).to(dtype)
         out = torch.full((tokens, n_out), float("nan"), dtype=dtype)
-        y = V.vq_linear_triton(x, *lay.args(dtype), path="gemv", out=out, **tiles)
+        y = V.vq_linear_triton(x, *lay.args(dtype), path="gemv", out=out, **tiles, **lay.kw())
         assert y.data_ptr() == out.data_ptr() and not torch.isnan(y).any()
         assert relerr(y, lay.ref64(x)) < TOL_INTERP[dtype], (case, dtype)
     assert V.last_path == "gemv"
 
 
 @interpreter_only
-@pytest.mark.parametrize("dim,bits", [(8, 16), (4, 8)])
+@pytest.mark.parametrize("dim,bits", [(8, 16), (4, 8), (8, "e8p")])
 def test_dequant_interpreter(dim, bits, interpreter):
-    lay = Layer(40, 96 * dim // 4, dim, bits, seed=bits)
-    w = V.vq_dequantize_triton(lay.codes, lay.scales, lay.book, torch.float32, block_n=16, block_g=4)
-    assert torch.equal(w, dequantize_codes(lay.codes, lay.scales, lay.book))     # exact in fp32
+    lay = _layer(40, 96 * dim // 4, dim, bits, False, 7)
+    w = V.vq_dequantize_triton(lay.codes, lay.scales, lay.book, torch.float32, block_n=16, block_g=4, **lay.kw())
+    assert torch.equal(w, dequantize_codes(lay.codes, lay.scales, lay.book, lay.e8p))     # exact in fp32
     x = torch.randn(6, lay.n_in)
-    y = V.vq_linear_triton(x, *lay.args(), path="dequant")
+    y = V.vq_linear_triton(x, *lay.args(), path="dequant", **lay.kw())
     assert relerr(y, lay.ref64(x)) < 1e-5 and V.last_path == "dequant"
 
 
@@ -260,13 +300,20 @@ def test_kernel_argument_errors(interpreter, monkeypatch):
 def test_gpu_paths_match_reference(dtype):
     """gemv at 1-4 tokens and dequant + cuBLAS on the 8B shapes and small ones, NaN-poisoned outputs."""
     for i, (n_out, n_in) in enumerate([(4096, 4096), (14336, 4096), (4096, 14336), (576, 192), (40, 96)]):
-        for dim, bits in ((8, 16), (4, 8)):
-            lay = Layer(n_out, n_in, dim, bits, bias=i % 2 == 0, seed=i, device="cuda")
+        for dim, bits in ((8, 16), (4, 8), (8, "e8p")):
+            lay = _layer(n_out, n_in, dim, bits, i % 2 == 0, i)
+            lay = _to_cuda(lay)
             for tokens, path in ((1, "gemv"), (4, "gemv"), (40, "dequant")):
                 x = torch.randn(tokens, n_in, device="cuda").to(dtype)
                 out = torch.full((tokens, n_out), float("nan"), device="cuda", dtype=dtype)
-                y = V.vq_linear_triton(x, *lay.args(dtype), path=path, out=out)
+                y = V.vq_linear_triton(x, *lay.args(dtype), path=path, out=out, **lay.kw())
                 assert relerr(y, lay.ref64(x)) < TOL[dtype], (n_out, n_in, dim, tokens, path)
+
+
+def _to_cuda(lay):
+    lay.book, lay.codes, lay.scales = lay.book.cuda(), lay.codes.cuda(), lay.scales.cuda()
+    lay.bias = None if lay.bias is None else lay.bias.cuda()
+    return lay
 
 
 @cuda

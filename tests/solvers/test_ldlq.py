@@ -13,7 +13,7 @@ def _problem(seed=0, out=32, n=64, corr=0.8):
     return W, X @ X.T / 1024
 
 
-@pytest.mark.parametrize("fmt", [VectorFormat(), VectorFormat("kmeans", 8, 6)])
+@pytest.mark.parametrize("fmt", [VectorFormat(), VectorFormat("e8p"), VectorFormat("kmeans", 8, 6)])
 def test_feedback_beats_nearest_rounding_on_correlated_inputs(fmt):
     W, H = _problem()
     plain = ldlq(W, None, fmt)
@@ -30,9 +30,10 @@ def test_diagonal_hessian_means_no_feedback():
     assert torch.equal(a.codes, b.codes)
 
 
-def test_reconstruction_and_bits():
+@pytest.mark.parametrize("kind", ["e8", "e8p"])
+def test_reconstruction_and_bits(kind):
     W, H = _problem(2)
-    q = ldlq(W, H, VectorFormat())
+    q = ldlq(W, H, VectorFormat(kind))
     rel = (W - q.dequantize()).pow(2).sum() / W.pow(2).sum()
     assert rel < 0.2  # a 2-bit code of a Gaussian matrix, not garbage
     assert q.storage_bits() == 32 * 8 * 16 + 32 * 16

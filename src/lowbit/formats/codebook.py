@@ -2,8 +2,9 @@
 
 A VectorFormat quantizes a [out, in] weight in groups of `dim` consecutive input columns of one row:
 each group is divided by its row's scale and replaced by one codebook entry (`code_bits` bits).
-Codebooks are either the fixed E8 lattice ball (formats/e8.py, 16 bits per 8 weights, no stored
-codebook) or learned per layer by k-means (stored in fp16, counted in bits/weight).
+Codebooks are either fixed lattice codebooks of 16 bits per 8 weights, generated and never stored (the E8
+ball, formats/e8.py; E8P, formats/e8p.py, which decodes from 256 patterns), or learned per layer by k-means
+(stored in fp16, counted in bits/weight).
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ from dataclasses import dataclass
 
 import torch
 
-from . import e8
+from . import e8, e8p
+
+#: the fixed lattice codebooks: kind -> module (DIM, CODE_BITS, NAME, codebook, encode, identity, table)
+LATTICES = {"e8": e8, "e8p": e8p}
 
 
 @dataclass(frozen=True)
 class VectorFormat:
-    """`kind` 'e8' (fixed lattice, dim 8, 16-bit codes) or 'kmeans' (learned, 2**code_bits entries)."""
+    """`kind` 'e8' or 'e8p' (fixed lattices, dim 8, 16-bit codes) or 'kmeans' (learned, 2**code_bits entries)."""
 
     kind: str = "e8"
     dim: int = 8
@@ -26,12 +30,19 @@ class VectorFormat:
     book_bits: int = 16   # fp16 entries of a learned codebook
 
     def __post_init__(self):
-        if self.kind not in ("e8", "kmeans"):
-            raise ValueError(f"unknown vector codebook {self.kind!r} (expected 'e8' or 'kmeans')")
-        if self.kind == "e8" and (self.dim, self.code_bits) != (e8.DIM, e8.CODE_BITS):
-            raise ValueError("the E8 codebook has dimension 8 and 16-bit codes")
+        if self.kind not in (*LATTICES, "kmeans"):
+            raise ValueError(f"unknown vector codebook {self.kind!r} (expected one of {', '.join(LATTICES)} or "
+                             "'kmeans')")
+        lat = LATTICES.get(self.kind)
+        if lat is not None and (self.dim, self.code_bits) != (lat.DIM, lat.CODE_BITS):
+            raise ValueError(f"the {self.kind.upper()} codebook has dimension {lat.DIM} and {lat.CODE_BITS}-bit codes")
         if self.dim < 1 or not 1 <= self.code_bits <= 16:
             raise ValueError(f"bad vector format dim={self.dim} code_bits={self.code_bits}")
+
+    @property
+    def lattice(self) -> bool:
+        """A fixed, generated codebook (nothing stored)."""
+        return self.kind in LATTICES
 
     def check_shape(self, out: int, n: int) -> None:
         if n % self.dim:
@@ -87,26 +98,22 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 25, weight: torch.Tensor | None
 
 
 def fit_codebook(fmt: VectorFormat, vectors: torch.Tensor, **kw) -> torch.Tensor | None:
-    """The codebook for scaled vectors [n, dim]: E8 fixed (None stored), k-means learned."""
-    if fmt.kind == "e8":
+    """The codebook for scaled vectors [n, dim]: a lattice's is fixed (None stored), k-means learned."""
+    if fmt.lattice:
         return None
     return kmeans(vectors, 2 ** fmt.code_bits, **kw).half().float()
 
 
 def book_for(fmt: VectorFormat, book: torch.Tensor | None, device) -> torch.Tensor:
-    return e8.codebook(device) if fmt.kind == "e8" else book.to(device, torch.float32)
+    return LATTICES[fmt.kind].codebook(device) if fmt.lattice else book.to(device, torch.float32)
 
 
-def encode(x: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
-    """Codes (int32) of the nearest entries of `book` to the rows of x [n, d] (the E8 ball through
-    lattice decoding)."""
-    if _is_e8(book):
-        return e8.encode(x)
+def encode(x: torch.Tensor, book: torch.Tensor, kind: str | None = None) -> torch.Tensor:
+    """Codes (int32) of the nearest entries of `book` to the rows of x [n, d]: a lattice `kind` ('e8', 'e8p')
+    by its own exact search (`book` is then that lattice's codebook), else by exhaustive search."""
+    if kind in LATTICES:
+        return LATTICES[kind].encode(x)
     return e8.nearest(x, book).to(torch.int32)
-
-
-def _is_e8(book: torch.Tensor) -> bool:
-    return book.shape == (e8.SIZE, e8.DIM) and torch.equal(book.cpu(), e8._codebook_cpu())
 
 
 def decode(codes: torch.Tensor, book: torch.Tensor) -> torch.Tensor:

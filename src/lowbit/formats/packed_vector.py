@@ -10,6 +10,9 @@ Codes are stored in the smallest integer dtype that holds them: uint8 up to 8 bi
 `code_index` undoes it). Scales are fp16 [out]; the codebook [K, dim] is fp16 (the E8 points are
 halves below 4 and k-means books are fitted fp16-exact), so every product scale * entry is exact in
 float32 and the dequantized weight is the solver's, bit for bit.
+
+E8P layers (`formats.e8p`) are decoded from their 16-bit codes with the 256-pattern table
+(`e8p.kernel_table`) rather than a [65536, 8] book: `e8p=True` says `book` is that table.
 """
 
 from __future__ import annotations
@@ -40,16 +43,33 @@ def code_index(stored: torch.Tensor) -> torch.Tensor:
     return stored.long() & 0xFFFF if stored.dtype == torch.int16 else stored.long()
 
 
-def dequantize_codes(stored: torch.Tensor, scales: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
-    """Float32 weight [out, groups * dim] of stored codes [out, groups], row scales [out], book [K, dim]."""
+def e8p_entries(stored: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Float32 points [..., 8] of stored E8P codes, decoded with the kernels' 256-pattern `table` (the sign of
+    entry 7 carries the pattern's parity; `formats.e8p`)."""
+    c = code_index(stored)
+    t = table.float().to(c.device)[c & 0xFF]
+    bits = (c[..., None] >> (8 + torch.arange(8, device=c.device))) & 1
+    p = bits[..., :7].sum(-1) % 2
+    bits = torch.cat([bits[..., :7], p[..., None]], -1)
+    shift = 0.25 - 0.5 * ((c >> 15) & 1).float()
+    return torch.where(bits == 1, -t, t) + shift[..., None]
+
+
+def dequantize_codes(stored: torch.Tensor, scales: torch.Tensor, book: torch.Tensor,
+                     e8p: bool = False) -> torch.Tensor:
+    """Float32 weight [out, groups * dim] of stored codes [out, groups], row scales [out], book [K, dim]
+    (`e8p`: `book` is the E8P pattern table)."""
     out, g = stored.shape
-    w = book.float().to(stored.device)[code_index(stored)].reshape(out, g * book.shape[1])
+    if e8p:
+        w = e8p_entries(stored, book).reshape(out, g * 8)
+    else:
+        w = book.float().to(stored.device)[code_index(stored)].reshape(out, g * book.shape[1])
     return w * scales.float()[:, None]
 
 
 def vq_linear_ref(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, book: torch.Tensor,
-                  bias: torch.Tensor | None = None) -> torch.Tensor:
+                  bias: torch.Tensor | None = None, e8p: bool = False) -> torch.Tensor:
     """y = x W^T + bias in float32, returned in x's dtype (see the module docstring)."""
-    w = dequantize_codes(codes, scales, book)
+    w = dequantize_codes(codes, scales, book, e8p)
     y = torch.nn.functional.linear(x.float(), w, None if bias is None else bias.float())
     return y.to(x.dtype)

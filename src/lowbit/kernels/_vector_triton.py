@@ -4,6 +4,11 @@ Layout: `lowbit.formats.packed_vector` (codes [N, G] uint8 / int16 bit patterns,
 of DIM input columns; fp16 row scales [N]; an fp16 codebook [B, DIM], the E8 table 1 MB, which
 stays in L2 across the programs). `lowbit.kernels.vector` launches:
 
+With E8P=True the book is E8P's 256-pattern table ([256, 8] fp16, 4 KB: it stays in L1; `formats.e8p`)
+and every 16-bit code decodes by bit arithmetic: pattern = bits 0-7, the signs of coordinates 0-6 =
+bits 8-14, the sign of coordinate 7 = the parity of bits 8-14 (times the table's own sign there, which
+carries the pattern's parity), and bit 15 a shift of -1/4 (set) or +1/4 on every coordinate.
+
 - `vq_gemv_kernel`: one token per program (axis 2), BLOCK_N output rows (axis 0) and one split of
   the groups (axis 1). The program streams its rows' codes in tiles of BLOCK_G groups, gathers the
   DIM-wide codebook rows of every code from global memory, multiplies them with the matching
@@ -27,19 +32,30 @@ from lowbit.kernels._quant_triton import _sum_combine
 
 
 @triton.jit
-def _gather(codes_ptr, book_ptr, rows, groups, stride_c, rmask, gmask, DIM: tl.constexpr):
+def _gather(codes_ptr, book_ptr, rows, groups, stride_c, rmask, gmask, DIM: tl.constexpr, E8P: tl.constexpr):
     """Codebook entries [BLOCK_N, BLOCK_G, DIM] (fp32) of the codes at (rows, groups); masked codes read entry 0."""
     m = rmask[:, None] & gmask[None, :]
     c = tl.load(codes_ptr + rows[:, None] * stride_c + groups[None, :], mask=m, other=0)
     idx = c.to(tl.int32) & 0xFFFF                      # int16 holds the 16-bit pattern
     d = tl.arange(0, DIM)
-    return tl.load(book_ptr + idx[:, :, None] * DIM + d[None, None, :]).to(tl.float32)
+    if E8P:
+        t = tl.load(book_ptr + (idx & 255)[:, :, None] * DIM + d[None, None, :]).to(tl.float32)
+        v = (idx >> 8) & 127
+        v = v ^ (v >> 4)
+        v = v ^ (v >> 2)
+        par = (v ^ (v >> 1)) & 1                       # parity of the 7 sign bits
+        neg = (idx[:, :, None] >> (8 + d[None, None, :])) & 1
+        neg = tl.where(d[None, None, :] < 7, neg, par[:, :, None])
+        shift = 0.25 - 0.5 * ((idx >> 15) & 1).to(tl.float32)
+        return tl.where(neg == 1, -t, t) + shift[:, :, None]
+    else:
+        return tl.load(book_ptr + idx[:, :, None] * DIM + d[None, None, :]).to(tl.float32)
 
 
 @triton.jit
 def vq_gemv_kernel(x_ptr, codes_ptr, s_ptr, book_ptr, bias_ptr, out_ptr, part_ptr, G, N, G_SPLIT,
                    stride_c, stride_x, stride_o, DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
-                   SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr):
+                   SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, E8P: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     t = tl.program_id(2)
@@ -52,7 +68,7 @@ def vq_gemv_kernel(x_ptr, codes_ptr, s_ptr, book_ptr, bias_ptr, out_ptr, part_pt
     for g0 in range(g_lo, g_hi, BLOCK_G):
         groups = g0 + tl.arange(0, BLOCK_G)
         gmask = groups < g_hi
-        w = _gather(codes_ptr, book_ptr, rows, groups, stride_c, rmask, gmask, DIM)
+        w = _gather(codes_ptr, book_ptr, rows, groups, stride_c, rmask, gmask, DIM, E8P)
         xv = tl.load(x_ptr + t * stride_x + groups[:, None] * DIM + d[None, :], mask=gmask[:, None],
                      other=0.0).to(tl.float32)
         prod = tl.reduce(w * xv[None, :, :], 2, _sum_combine)
@@ -68,12 +84,12 @@ def vq_gemv_kernel(x_ptr, codes_ptr, s_ptr, book_ptr, bias_ptr, out_ptr, part_pt
 
 @triton.jit
 def vq_dequant_kernel(codes_ptr, s_ptr, book_ptr, out_ptr, G, N, stride_c, stride_o, DIM: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, E8P: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     groups = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
     rmask = rows < N
     gmask = groups < G
-    w = _gather(codes_ptr, book_ptr, rows, groups, stride_c, rmask, gmask, DIM)
+    w = _gather(codes_ptr, book_ptr, rows, groups, stride_c, rmask, gmask, DIM, E8P)
     w = w * tl.load(s_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[:, None, None]
     d = tl.arange(0, DIM)
     ptr = out_ptr + rows[:, None, None] * stride_o + groups[None, :, None] * DIM + d[None, None, :]

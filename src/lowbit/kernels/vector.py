@@ -1,7 +1,9 @@
 """Matmul with vector-code weights: y = x W^T + bias for the layout of `lowbit.formats.packed_vector`.
 
 W[n, dim*j : dim*(j+1)] = scales[n] * book[codes[n, j]]. The reference twin is
-`formats.packed_vector.vq_linear_ref`; the Triton kernels are in `_vector_triton`.
+`formats.packed_vector.vq_linear_ref`; the Triton kernels are in `_vector_triton`. Every entry point
+takes `e8p`: the codes are E8P codes and `book` is E8P's 256-pattern table (`formats.e8p.kernel_table`),
+decoded by bit arithmetic instead of a 65536-row gather.
 
 Entry points, following the conventions of `kernels.quant`:
 
@@ -74,12 +76,16 @@ def _use_triton(x: Tensor) -> bool:
     return not forced_reference() and _interpreting() and _triton() is not None
 
 
-def _check(x: Tensor, codes: Tensor, scales: Tensor, book: Tensor, bias: Tensor | None) -> tuple[int, int, int]:
+def _check(x: Tensor, codes: Tensor, scales: Tensor, book: Tensor, bias: Tensor | None,
+           e8p: bool = False) -> tuple[int, int, int]:
     """Shape / dtype checks (no device sync); returns (K, N, dim)."""
     if codes.dim() != 2 or codes.dtype not in (torch.uint8, torch.int16):
         raise ValueError(f"codes must be a 2-d uint8 or int16 tensor, got {codes.dtype} {tuple(codes.shape)}")
     if book.dim() != 2 or book.dtype not in _FLOATS:
         raise ValueError(f"book must be a float [entries, dim] tensor, got {book.dtype} {tuple(book.shape)}")
+    if e8p and (tuple(book.shape) != (256, 8) or codes.dtype != torch.int16):
+        raise ValueError(f"E8P takes int16 codes and the [256, 8] pattern table, got {codes.dtype} codes and a "
+                         f"{tuple(book.shape)} book")
     N, G = codes.shape
     dim = book.shape[1]
     K = G * dim
@@ -121,7 +127,7 @@ def gemv_config(G: int, N: int, dim: int, sms: int, tokens: int = 1) -> dict:
     return dict(block_n=block_n, block_g=block_g, splits=splits, num_warps=4)
 
 
-def _launch_gemv(tk, x2, codes, scales, book, bias, out, K, N, dim, sms, block_n=None, block_g=None,
+def _launch_gemv(tk, x2, codes, scales, book, bias, out, K, N, dim, sms, e8p=False, block_n=None, block_g=None,
                  splits=None, num_warps=None):
     T = x2.shape[0]
     G = K // dim
@@ -141,7 +147,7 @@ def _launch_gemv(tk, x2, codes, scales, book, bias, out, K, N, dim, sms, block_n
     tk.vq_gemv_kernel[(n_r, sp, T)](
         x2, codes, scales, book, bias if bias is not None else out, out, part, G, N, g_split,
         codes.stride(0), x2.stride(0), out.stride(0), DIM=dim, BLOCK_N=bn, BLOCK_G=bg, SPLITS=sp,
-        HAS_BIAS=bias is not None, num_warps=num_warps or cfg["num_warps"])
+        HAS_BIAS=bias is not None, E8P=e8p, num_warps=num_warps or cfg["num_warps"])
     if sp > 1:
         y = part.sum(1)
         if bias is not None:
@@ -151,7 +157,7 @@ def _launch_gemv(tk, x2, codes, scales, book, bias, out, K, N, dim, sms, block_n
 
 def vq_dequantize_triton(codes: Tensor, scales: Tensor, book: Tensor, dtype: torch.dtype = torch.bfloat16, *,
                          out: Tensor | None = None, block_n: int = 32, block_g: int | None = None,
-                         num_warps: int = 4) -> Tensor:
+                         num_warps: int = 4, e8p: bool = False) -> Tensor:
     """The dense weight [N, K] in `dtype`, one Triton launch (`out`: a contiguous [N, K] tensor to write)."""
     tk = _triton()
     if tk is None:
@@ -160,7 +166,7 @@ def vq_dequantize_triton(codes: Tensor, scales: Tensor, book: Tensor, dtype: tor
     if not (codes.is_cuda or _interpreting()):
         raise ValueError("vq_dequantize_triton needs CUDA tensors (or TRITON_INTERPRET=1)")
     probe = torch.empty(0, codes.shape[1] * book.shape[1], dtype=dtype, device=codes.device)
-    K, N, dim = _check(probe, codes, scales, book, None)
+    K, N, dim = _check(probe, codes, scales, book, None, e8p)
     _check_kernel("vq_dequantize_triton", probe, codes, scales, book, None, dim)
     if out is None:
         out = torch.empty(N, K, dtype=dtype, device=codes.device)
@@ -172,12 +178,12 @@ def vq_dequantize_triton(codes: Tensor, scales: Tensor, book: Tensor, dtype: tor
     bg = block_g or max(1, min(_next_pow2(G), 256 // dim))
     tk.vq_dequant_kernel[(-(-N // block_n), -(-G // bg))](codes, scales, book, out, G, N, codes.stride(0),
                                                           out.stride(0), DIM=dim, BLOCK_N=block_n, BLOCK_G=bg,
-                                                          num_warps=num_warps)
+                                                          E8P=e8p, num_warps=num_warps)
     return out
 
 
 def vq_linear_triton(x: Tensor, codes: Tensor, scales: Tensor, book: Tensor, bias: Tensor | None = None, *,
-                     path: str = "auto", out: Tensor | None = None, **tiles) -> Tensor:
+                     path: str = "auto", out: Tensor | None = None, e8p: bool = False, **tiles) -> Tensor:
     """y = x W^T + bias with the Triton kernels (no autograd); x [..., K], y [..., N] in x's dtype.
 
     path "gemv" (tiles: block_n, block_g, splits, num_warps; `gemv_config`), "dequant" or "auto"
@@ -187,7 +193,7 @@ def vq_linear_triton(x: Tensor, codes: Tensor, scales: Tensor, book: Tensor, bia
         raise RuntimeError("vq_linear_triton needs triton (pip install triton); use vq_linear_ref or vq_linear")
     if not (x.is_cuda or _interpreting()):
         raise ValueError("vq_linear_triton needs CUDA tensors (or TRITON_INTERPRET=1)")
-    K, N, dim = _check(x, codes, scales, book, bias)
+    K, N, dim = _check(x, codes, scales, book, bias, e8p)
     _check_kernel("vq_linear_triton", x, codes, scales, book, bias, dim)
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
@@ -203,9 +209,9 @@ def vq_linear_triton(x: Tensor, codes: Tensor, scales: Tensor, book: Tensor, bia
         raise ValueError(f"out must be a contiguous {x.dtype} [{T}, {N}] tensor on {x.device}")
     if T and N and K:
         if path == "gemv":
-            _launch_gemv(tk, x2, codes, scales, book, bias, out, K, N, dim, _sms(x), **tiles)
+            _launch_gemv(tk, x2, codes, scales, book, bias, out, K, N, dim, _sms(x), e8p, **tiles)
         else:
-            w = vq_dequantize_triton(codes, scales, book, x.dtype, **tiles)
+            w = vq_dequantize_triton(codes, scales, book, x.dtype, e8p=e8p, **tiles)
             if bias is not None:
                 torch.addmm(bias.to(out.dtype), x2, w.t(), out=out)
             else:
@@ -218,27 +224,29 @@ def vq_linear_triton(x: Tensor, codes: Tensor, scales: Tensor, book: Tensor, bia
     return out.reshape(*x.shape[:-1], N)
 
 
-def _dispatch(x, codes, scales, book, bias):
+def _dispatch(x, codes, scales, book, bias, e8p):
     if not _use_triton(x):
-        _check(x, codes, scales, book, bias)
+        _check(x, codes, scales, book, bias, e8p)
         _record("ref")
-        return vq_linear_ref(x, codes, scales, book, bias)
-    return vq_linear_triton(x, codes, scales, book, bias)
+        return vq_linear_ref(x, codes, scales, book, bias, e8p)
+    return vq_linear_triton(x, codes, scales, book, bias, e8p=e8p)
 
 
 @torch.library.custom_op("lowbit::vq_linear", mutates_args=())
-def _vq_linear_op(x: Tensor, codes: Tensor, scales: Tensor, book: Tensor, bias: Optional[Tensor]) -> Tensor:
-    return _dispatch(x, codes, scales, book, bias)
+def _vq_linear_op(x: Tensor, codes: Tensor, scales: Tensor, book: Tensor, bias: Optional[Tensor],
+                  e8p: bool = False) -> Tensor:
+    return _dispatch(x, codes, scales, book, bias, e8p)
 
 
 @_vq_linear_op.register_fake
-def _(x, codes, scales, book, bias):
+def _(x, codes, scales, book, bias, e8p=False):
     return x.new_empty((*x.shape[:-1], codes.shape[0]))
 
 
-def vq_linear(x: Tensor, codes: Tensor, scales: Tensor, book: Tensor, bias: Tensor | None = None) -> Tensor:
+def vq_linear(x: Tensor, codes: Tensor, scales: Tensor, book: Tensor, bias: Tensor | None = None,
+              e8p: bool = False) -> Tensor:
     """Dispatcher of the vector-code linear y = x W^T + bias (module docstring); y in x's dtype."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, scales, bias)):
         _record("ref")
-        return vq_linear_ref(x, codes, scales, book, bias)
-    return torch.ops.lowbit.vq_linear(x, codes, scales, book, bias)
+        return vq_linear_ref(x, codes, scales, book, bias, e8p)
+    return torch.ops.lowbit.vq_linear(x, codes, scales, book, bias, e8p)

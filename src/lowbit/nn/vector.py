@@ -1,4 +1,4 @@
-"""VectorQuantizedLinear: a linear layer whose weight is held as vector codes (E8 lattice or k-means).
+"""VectorQuantizedLinear: a linear layer whose weight is held as vector codes (E8 / E8P lattices or k-means).
 
 The module of the pipeline's `VectorQuantizedWeight` (solver `vq_e8`), stored by the checkpoint as
 its state dict and rebuilt by `lowbit.load` and the transformers quantizer from its manifest entry.
@@ -6,9 +6,9 @@ its state dict and rebuilt by `lowbit.load` and the transformers quantizer from 
 Layout (buffers, all persistent; `formats.packed_vector`):
 - `codes` [out, in / dim]: uint8 (codes up to 8 bits) or int16 (up to 16 bits, the bit pattern);
 - `scales` fp16 [out]: one scale per output row;
-- `codebook` fp16 [2^code_bits, dim]: learned (k-means) codebooks only. The E8 codebook is not
-  stored: it is regenerated (`formats.e8`), and the manifest records its name and `e8.identity()`,
-  so that a checkpoint is never decoded with other points.
+- `codebook` fp16 [2^code_bits, dim]: learned (k-means) codebooks only. The lattice codebooks (E8,
+  E8P) are not stored: they are regenerated (`formats.e8`, `formats.e8p`), and the manifest records the
+  name and the lattice's `identity()`, so that a checkpoint is never decoded with other points.
 - `bias` (optional, the model's dtype).
 
 An optional online input transform (`transform`: Hadamard R4 or a pairwise rotation) runs on x
@@ -22,12 +22,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..formats import e8
-from ..formats.codebook import VectorFormat
+from ..formats import e8, e8p
+from ..formats.codebook import LATTICES, VectorFormat
 from ..formats.packed_vector import code_dtype, dequantize_codes, store_codes
 from .quantized import QuantizedLinearError
 
 KMEANS = "kmeans"
+#: checkpoint codebook name -> VectorFormat kind of the lattices
+_LATTICE_KIND = {m.NAME: k for k, m in LATTICES.items()}
 
 
 def _fp16_exact(t: torch.Tensor, what: str) -> torch.Tensor:
@@ -45,10 +47,11 @@ class VectorQuantizedLinear(nn.Module):
                  code_bits: int = e8.CODE_BITS, bias: bool = False, transform: nn.Module | None = None,
                  dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
-        if codebook not in (e8.NAME, KMEANS):
-            raise QuantizedLinearError(f"unknown vector codebook {codebook!r}; one of {e8.NAME}, {KMEANS}")
+        if codebook not in (*_LATTICE_KIND, KMEANS):
+            raise QuantizedLinearError(f"unknown vector codebook {codebook!r}; one of "
+                                       f"{', '.join([*_LATTICE_KIND, KMEANS])}")
         try:
-            fmt = VectorFormat("e8" if codebook == e8.NAME else "kmeans", dim, code_bits)
+            fmt = VectorFormat(_LATTICE_KIND.get(codebook, "kmeans"), dim, code_bits)
             fmt.check_shape(out_features, in_features)
         except ValueError as e:
             raise QuantizedLinearError(str(e)) from None
@@ -58,7 +61,7 @@ class VectorQuantizedLinear(nn.Module):
         self.register_buffer("codes", torch.zeros(out_features, in_features // dim, dtype=code_dtype(code_bits),
                                                   device=device))
         self.register_buffer("scales", torch.ones(out_features, dtype=torch.float16, device=device))
-        self.register_buffer("codebook", None if codebook == e8.NAME else
+        self.register_buffer("codebook", None if fmt.lattice else
                              torch.zeros(2 ** code_bits, dim, dtype=torch.float16, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) \
             if bias else None
@@ -75,7 +78,7 @@ class VectorQuantizedLinear(nn.Module):
         fmt = qw.fmt
         out, groups = qw.codes.shape
         dtype = dtype or (bias.dtype if bias is not None else torch.float32)
-        name = e8.NAME if fmt.kind == "e8" else KMEANS
+        name = LATTICES[fmt.kind].NAME if fmt.lattice else KMEANS
         m = cls(groups * fmt.dim, out, name, fmt.dim, fmt.code_bits, bias is not None, transform, dtype,
                 qw.codes.device)
         try:
@@ -95,33 +98,41 @@ class VectorQuantizedLinear(nn.Module):
         """The format as JSON (the checkpoint manifest's entry, transform aside)."""
         bits = self.code_bits / self.dim
         return {"kind": self.kind, "codebook": self.codebook_name,
-                "codebook_id": e8.identity() if self.codebook_name == e8.NAME else None,
+                "codebook_id": LATTICES[self.fmt.kind].identity() if self.fmt.lattice else None,
                 "dim": self.dim, "code_bits": self.code_bits, "bits": int(bits) if bits.is_integer() else bits,
                 "in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None}
 
     @classmethod
     def from_format(cls, f: dict, transform: nn.Module | None = None, dtype: torch.dtype = torch.float32,
                     device=None) -> VectorQuantizedLinear:
-        """An empty module of a manifest entry's format (its buffers are then loaded); refuses an E8
+        """An empty module of a manifest entry's format (its buffers are then loaded); refuses a lattice
         checkpoint whose codebook differs from the one this lowbit generates."""
-        if f["codebook"] == e8.NAME and f.get("codebook_id") != e8.identity():
-            raise QuantizedLinearError(f"the checkpoint's E8 codebook {f.get('codebook_id')} is not this lowbit's "
-                                       f"{e8.identity()} (the generator changed); re-quantize or use the lowbit "
-                                       "version that wrote it")
+        kind = _LATTICE_KIND.get(f["codebook"])
+        if kind is not None and f.get("codebook_id") != LATTICES[kind].identity():
+            raise QuantizedLinearError(f"the checkpoint's {f['codebook']} codebook {f.get('codebook_id')} is not this "
+                                       f"lowbit's {LATTICES[kind].identity()} (the generator changed); re-quantize "
+                                       "or use the lowbit version that wrote it")
         return cls(f["in_features"], f["out_features"], f["codebook"], f["dim"], f["code_bits"], f["bias"],
                    transform, dtype, device)
 
     # ---- reading -------------------------------------------------------------------------------
 
     def book(self, device=None) -> torch.Tensor:
-        """The fp16 codebook [K, dim] on `device` (the shared E8 table, or this layer's k-means book)."""
+        """The fp16 codebook [K, dim] on `device` (the shared lattice table, or this layer's k-means book)."""
         if self.codebook is not None:
             return self.codebook if device is None else self.codebook.to(device)
-        return e8.table(self.codes.device if device is None else device)
+        return LATTICES[self.fmt.kind].table(self.codes.device if device is None else device)
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight [out, in] (what F.linear of transform(x) uses)."""
         return dequantize_codes(self.codes, self.scales, self.book())
+
+    def kernel_book(self, device=None) -> tuple[torch.Tensor, bool]:
+        """(book, e8p) for the kernels: E8P's 256-pattern table (decoded by bit arithmetic), else `book()`."""
+        device = self.codes.device if device is None else device
+        if self.fmt.kind == "e8p":
+            return e8p.kernel_table(device), True
+        return self.book(device), False
 
     def storage_bits(self) -> int:
         """Bits this layer's weight holds (codes, scales, a learned codebook)."""
@@ -139,7 +150,8 @@ class VectorQuantizedLinear(nn.Module):
             from ..formats.activation import fake_quant_per_token
 
             x = fake_quant_per_token(x, self.act_bits, self.act_symmetric)
-        return vq_linear(x, self.codes, self.scales, self.book(x.device), self.bias)
+        book, is_e8p = self.kernel_book(x.device)
+        return vq_linear(x, self.codes, self.scales, book, self.bias, is_e8p)
 
     def extra_repr(self) -> str:
         extra = f", act_bits={self.act_bits}" if self.act_bits is not None else ""

@@ -67,6 +67,9 @@ class SolverConfig:
     FLAT: ClassVar[dict[str, str]] = {}
     #: fields whose name another method uses with another meaning: never taken from or given to another config
     PRIVATE: ClassVar[frozenset[str]] = frozenset()
+    #: fields added after recipes were hashed: left out of `to_dict` at their default, so that the identity (and
+    #: a resumable run's key) of every recipe written before them stays what it was
+    OMIT_DEFAULT: ClassVar[frozenset[str]] = frozenset()
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -87,8 +90,12 @@ class SolverConfig:
         return {**out, "clip": clip} if self.takes_clip else out
 
     def to_dict(self) -> dict:
-        """JSON-safe dict."""
-        return config_dict(self)
+        """JSON-safe dict (fields of `OMIT_DEFAULT` only where they differ from their default)."""
+        d = config_dict(self)
+        for f in fields(self):
+            if f.name in self.OMIT_DEFAULT and getattr(self, f.name) == f.default:
+                d.pop(f.name)
+        return d
 
     @classmethod
     def derived_from(cls, other: SolverConfig | None) -> SolverConfig:
@@ -102,6 +109,11 @@ class SolverConfig:
         # and onebit's sign-polish steps) carry over as they did there
         shared.update({cls.FLAT[k]: getattr(other, f) for k, f in other.FLAT.items() if k in cls.FLAT})
         return cls(**shared)
+
+
+def _check_lattice(codebook: str) -> None:
+    if codebook not in ("e8", "e8p"):
+        raise RecipeError(f"codebook must be 'e8' (the E8 ball) or 'e8p' (E8P), got {codebook!r}")
 
 
 def _gptq_checks(cfg) -> None:
@@ -189,13 +201,16 @@ class OneBitConfig(SolverConfig):
 @register_config("vq_e8", solver=vq_e8, needs_hessian=True)
 @dataclass(frozen=True)
 class VQE8Config(SolverConfig):
-    """E8 vector codes by LDLQ: Hessian damping and the row-scale shrink `rho` (the recipe's scalar
-    format, groups and clipping do not apply)."""
+    """E8 vector codes by LDLQ: Hessian damping, the row-scale shrink `rho` and the lattice codebook ('e8': the
+    plain E8 ball; 'e8p': QuIP#-style E8P, decoded from 256 patterns by the fast kernel). The recipe's scalar
+    format, groups and clipping do not apply."""
 
     damp: float = 0.01
     rho: float = 0.9
+    codebook: str = "e8"
 
     FLAT: ClassVar[dict[str, str]] = {"damp": "damp"}
+    OMIT_DEFAULT: ClassVar[frozenset[str]] = frozenset({"codebook"})
 
     def vector_bits(self) -> int:
         return 2
@@ -205,6 +220,7 @@ class VQE8Config(SolverConfig):
             raise RecipeError(f"damp must be in [0, 10), got {self.damp}")
         if self.rho <= 0:
             raise RecipeError(f"rho must be > 0, got {self.rho}")
+        _check_lattice(self.codebook)
 
 
 @register_config("vq_e8_qqa", solver=vq_e8_qqa, needs_hessian=True)
@@ -218,9 +234,11 @@ class VQE8QQAConfig(SolverConfig):
     steps: int = 100
     replicas: int = 16
     rounds: int = 2
+    codebook: str = "e8"
 
     FLAT: ClassVar[dict[str, str]] = {"damp": "damp", "qqa_steps": "steps", "qqa_replicas": "replicas",
                                       "qqa_rounds": "rounds"}
+    OMIT_DEFAULT: ClassVar[frozenset[str]] = frozenset({"codebook"})
 
     def vector_bits(self) -> int:
         return 2
@@ -231,9 +249,10 @@ class VQE8QQAConfig(SolverConfig):
         if self.steps < 0 or self.replicas < 1 or self.rounds < 1:
             raise RecipeError(f"vector QQA needs steps >= 0, replicas and rounds >= 1, got {self.steps}, "
                               f"{self.replicas}, {self.rounds}")
+        _check_lattice(self.codebook)
 
     def kwargs(self, clip: bool = False) -> dict:
-        return {"damp": self.damp, "rho": self.rho,
+        return {"damp": self.damp, "rho": self.rho, "codebook": self.codebook,
                 "qqa": VectorQQAConfig(steps=self.steps, replicas=self.replicas, rounds=self.rounds)}
 
 

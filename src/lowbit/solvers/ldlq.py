@@ -10,6 +10,7 @@ distance, as QuIP#'s LDLQ with E8P). Pure tensor code: the caller brings W, H an
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -47,15 +48,16 @@ class VectorQuantizedWeight:
 
 
 def row_scale(w: torch.Tensor, fmt: cb.VectorFormat, rho: float) -> torch.Tensor:
-    """Per-row scale mapping a row's RMS to `rho` times the codebook RMS (E8) or to `rho` (k-means)."""
+    """Per-row scale mapping a row's RMS to `rho` times the codebook RMS (lattices) or to `rho` (k-means)."""
     rms = w.float().pow(2).mean(1).sqrt().clamp_min(1e-8)
-    target = rho * (e8_rms() if fmt.kind == "e8" else 1.0)
+    target = rho * (lattice_rms(fmt.kind) if fmt.lattice else 1.0)
     return (rms / target).half().float()
 
 
-def e8_rms() -> float:
-    b = cb.e8.codebook()
-    return float(b.pow(2).mean().sqrt())
+@functools.lru_cache(maxsize=None)
+def lattice_rms(kind: str = "e8") -> float:
+    """RMS of a fixed codebook's coordinates."""
+    return float(cb.LATTICES[kind].codebook().pow(2).mean().sqrt())
 
 
 def _inverse_chol(H: torch.Tensor, damp: float) -> torch.Tensor:
@@ -85,18 +87,19 @@ def ldlq(w: torch.Tensor, H: torch.Tensor | None, fmt: cb.VectorFormat, rho: flo
     sd = s.double()[:, None]
     for j in range(0, n, d):
         blk = W[:, j:j + d]
-        c = cb.encode((blk / sd).float(), B)
+        c = cb.encode((blk / sd).float(), B, fmt.kind)
         codes[:, j // d] = c
         if U is not None and j + d < n:
             q = B[c.long()].double() * sd
             E = blk - q
             coef = torch.linalg.solve_triangular(U[j:j + d, j:j + d], U[j:j + d, j + d:], upper=True)
             W[:, j + d:] -= E @ coef
-    return VectorQuantizedWeight(codes, s, fmt, None if fmt.kind == "e8" else book)
+    return VectorQuantizedWeight(codes, s, fmt, None if fmt.lattice else book)
 
 
-def vq_e8(W: torch.Tensor, fmt=None, H: torch.Tensor | None = None, damp: float = 0.01, rho: float = 0.9
-          ) -> VectorQuantizedWeight:
-    """Solver-registry entry: E8 vector LDLQ at 2 bits (+16/n for row scales). The recipe's scalar
-    format (`fmt`) does not apply (`Recipe` refuses scalar-only options with vector methods)."""
-    return ldlq(W, H, cb.VectorFormat(), rho=rho, damp=damp)
+def vq_e8(W: torch.Tensor, fmt=None, H: torch.Tensor | None = None, damp: float = 0.01, rho: float = 0.9,
+          codebook: str = "e8") -> VectorQuantizedWeight:
+    """Solver-registry entry: E8 vector LDLQ at 2 bits (+16/n for row scales), on the E8 ball
+    (`codebook` 'e8') or E8P ('e8p'). The recipe's scalar format (`fmt`) does not apply (`Recipe` refuses
+    scalar-only options with vector methods)."""
+    return ldlq(W, H, cb.VectorFormat(codebook), rho=rho, damp=damp)

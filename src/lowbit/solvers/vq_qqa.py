@@ -129,9 +129,9 @@ def qqa_vector(w: torch.Tensor, q: VectorQuantizedWeight, H: torch.Tensor, cfg: 
 
 
 def vq_e8_qqa(W: torch.Tensor, fmt=None, H: torch.Tensor | None = None, damp: float = 0.01, rho: float = 0.9,
-              qqa: VectorQQAConfig | None = None) -> VectorQuantizedWeight:
-    """E8 vector LDLQ, then QQA on its codes and row scales (H is required)."""
+              qqa: VectorQQAConfig | None = None, codebook: str = "e8") -> VectorQuantizedWeight:
+    """E8 (or E8P: `codebook` 'e8p') vector LDLQ, then QQA on its codes and row scales (H is required)."""
     if H is None:
         raise ValueError("vq_e8_qqa needs input statistics H")
-    q = ldlq(W, H, cb.VectorFormat(), rho=rho, damp=damp)
+    q = ldlq(W, H, cb.VectorFormat(codebook), rho=rho, damp=damp)
     return qqa_vector(W, q, H, qqa or VectorQQAConfig())
