@@ -8,6 +8,7 @@
 #    shapes, the dispatcher inside a CUDA graph.
 # 2. benchmarks/kernel_vq.py --quick --sections validate,decode: us per call, weights cycled past L2.
 # 3. benchmarks/decode_e2e.py --variants bf16,w2,vq-e8,vq-e8p --batches 1 --profile: tokens/s of the 8B shape.
+# 4. with the time left: the E8P GEMV tiles swept on the 8B shapes (kernel_vq.py --sections sweep).
 set -u
 cd "$(dirname "$0")/.." || exit 1
 T0=$SECONDS
@@ -17,7 +18,7 @@ mkdir -p "$OUT"
 left() { echo $((DEADLINE - (SECONDS - T0) - 5)); }
 export PYTHONPATH=$PWD/src:$PWD/tests/kernels${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
-timeout 150 python -m pytest -q -p no:cacheprovider tests/kernels/test_vq_linear.py -k gpu -rA \
+timeout 200 python -m pytest -q -p no:cacheprovider tests/kernels/test_vq_linear.py -k gpu -rA \
   > "$OUT/pytest-vq-gpu.txt" 2>&1
 echo "vq gpu tests rc $? at $((SECONDS - T0)) s"; tail -4 "$OUT/pytest-vq-gpu.txt"
 t=$(( $(left) / 2 ))
@@ -28,4 +29,9 @@ if [ "$(left)" -gt 60 ]; then
   timeout "$(left)" python benchmarks/decode_e2e.py --variants bf16,w2,vq-e8,vq-e8p --batches 1 --profile \
     --out "$OUT/e2e-e8p.json" > "$OUT/e2e-e8p.log" 2>&1
   echo "e2e rc $? at $((SECONDS - T0)) s"; grep -E "^\| " "$OUT/e2e-e8p.log" | head -8
+fi
+if [ "$(left)" -gt 60 ]; then
+  timeout "$(left)" python benchmarks/kernel_vq.py --quick --sections sweep --out "$OUT/kernel-e8p-sweep.json" \
+    > "$OUT/kernel-e8p-sweep.log" 2>&1
+  echo "sweep rc $? at $((SECONDS - T0)) s"; grep -E "^sweep" "$OUT/kernel-e8p-sweep.log"
 fi

@@ -4,8 +4,9 @@ The codebook is the 2**16 points of the E8 lattice of smallest norm (ties broken
 lexicographic order, so it is the same everywhere). E8 is the densest packing in 8 dimensions, so
 a ball of its points is a near-optimal 8-d quantizer for the roughly Gaussian, incoherent weights
 that a randomized Hadamard rotation produces (QuIP#'s argument). QuIP#'s E8P codebook is a shifted,
-sign-symmetric variant that decodes from 256 stored patterns; this one is the plain ball, generated
-in code, so it costs no stored bits: a checkpoint only records the name ``e8-2^16``.
+sign-symmetric variant that decodes from 256 stored patterns (lowbit's is `formats/e8p.py`, which the fast
+kernel decodes); this one is the plain ball, generated in code, so it costs no stored bits: a checkpoint
+only records the name ``e8-2^16``.
 
 E8 = D8 u (D8 + 1/2): integer vectors with even coordinate sum, plus half-integer vectors with even
 coordinate sum. Shell sizes are 1, 240, 2160, 6720, 17520, 30240, 60480 for norm^2 0, 2, ..., 12, so
