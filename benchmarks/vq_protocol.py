@@ -22,8 +22,8 @@ from lowbit.jobs import Protocol, bits_per_weight, calibration_tokens, evaluate
 from lowbit.loading import load_model
 from lowbit.pipeline import quantize_model
 from lowbit.qep import QEPConfig
-from lowbit.recipe import PRESETS, Recipe
-from lowbit.stages.base import BlockFTConfig, E2EFTConfig
+from lowbit.recipe import PRESETS, Recipe, get_recipe
+from lowbit.stages.base import BlockFTConfig, BudgetConfig, E2EFTConfig
 
 RECIPES = {
     "fp": None,
@@ -45,6 +45,13 @@ RECIPES = {
     "best-w2-e2e64": PRESETS["best-w2"].with_(e2e_ft=E2EFTConfig(steps=64)),
     "best-w2-ft-e2e256": PRESETS["best-w2-ft"].with_(e2e_ft=E2EFTConfig(steps=256)),
     "best-w2-e2e256": PRESETS["best-w2"].with_(e2e_ft=E2EFTConfig(steps=256)),
+    # best-w2-e2e with E8P codes (the fast kernel's codebook)
+    "best-w2-e2e-e8p": PRESETS["best-w2-e2e"].with_(solver={"codebook": "e8p"}),
+    # a quarter bit more: E8 or 3-bit per-channel GPTQ per linear (Fisher budget), then best-w2-e2e's fine-tuning
+    "budget2.25-e8-3": get_recipe("had-qep-gptq-w3-pc").with_(bit_budget=BudgetConfig(target=2.25, bits=("e8", 3))),
+    "budget2.25-e8-3-ft-e2e64": get_recipe("had-qep-gptq-w3-pc").with_(
+        bit_budget=BudgetConfig(target=2.25, bits=("e8", 3)),
+        block_ft=BlockFTConfig(epochs=2, lr=2e-4, norm_lr=2e-4), e2e_ft=E2EFTConfig(steps=64)),
 }
 
 

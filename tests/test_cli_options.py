@@ -182,7 +182,7 @@ def test_from_cli_takes_defaults_and_given_values():
     (lambda: Data(batch_size=0), "--batch-size must be >= 1, got 0"),
     (lambda: Precision(dtype="int8"), "--dtype must be bf16, fp16 or fp32, got 'int8'"),
     (lambda: RecipeChoice.from_cli({"budget_bits": "2,x"}), "--budget-bits must be comma-separated bit widths "
-                                                            "(1 = onebit) or vector candidates (e8, km<k>[d<d>], "
+                                                            "(1 = onebit) or vector candidates (e8, e8p, km<k>[d<d>], "
                                                             "e.g. km8, km8d4), got '2,x'"),
 ])
 def test_bad_values_are_one_line_errors(make, msg):

@@ -23,6 +23,12 @@ def test_presets_valid_and_labelled():
         assert r.label == name
 
 
+def test_label_names_a_lattice_other_than_the_e8_ball():
+    r = Recipe(method="vq_e8", bits=2, group_size=-1, rotation="hadamard")
+    assert r.label == "had-vq_e8-w2-pc"
+    assert r.with_(solver={"codebook": "e8p"}).label == "had-vq_e8-w2-pc-e8p"
+
+
 @pytest.mark.parametrize("suffix", [".json", ".yaml"])
 def test_round_trip(tmp_path, suffix):
     r = Recipe(method="gptq", bits=3, group_size=-1, clip=True, skip=("down_proj",))

@@ -99,7 +99,7 @@ class Stage:
 class BudgetConfig:
     """Per-linear formats for an average cost (`lowbit.budget`): `target` bits/weight (everything stored
     counted: scales, zeros, 1-bit vectors, codebooks, pairwise transforms), the candidates: bit widths of the
-    recipe's scalar solver (1 = onebit) and vector codes ("e8": vq_e8; "km<k>[d<d>]": vq_kmeans with 2^k entries
+    recipe's scalar solver (1 = onebit) and vector codes ("e8" / "e8p": vq_e8 with that codebook; "km<k>[d<d>]": vq_kmeans with 2^k entries
     of dimension d, default 8), and how layer losses are compared: weighted by the output Fisher ("fisher") or
     raw ("layer")."""
 
@@ -114,7 +114,7 @@ class BudgetConfig:
         try:
             bits = {parse_candidate(b) for b in self.bits}
         except ValueError as e:
-            raise RecipeError(f"BudgetConfig.bits must be bit widths 1-8 or vector candidates (e8, km<k>[d<d>]): "
+            raise RecipeError(f"BudgetConfig.bits must be bit widths 1-8 or vector candidates (e8, e8p, km<k>[d<d>]): "
                               f"{e}") from None
         object.__setattr__(self, "bits", tuple(sorted(bits, key=candidate_key)))
         if not self.bits:

@@ -14,7 +14,7 @@ def _widths(text: str) -> tuple[int | str, ...]:
         return tuple(parse_candidate(int(b) if b.strip().isdigit() else b) for b in text.split(",") if b.strip())
     except ValueError:
         raise RecipeError(f"--budget-bits must be comma-separated bit widths (1 = onebit) or vector candidates "
-                          f"(e8, km<k>[d<d>], e.g. km8, km8d4), got {text!r}") from None
+                          f"(e8, e8p, km<k>[d<d>], e.g. km8, km8d4), got {text!r}") from None
 
 
 def _show(bits) -> str:
@@ -30,7 +30,8 @@ FLAGS = {
     "budget": Flag("target", float, "Average bits/weight (everything stored counted: scales, zeros, 1-bit vectors, "
                    "codebooks): per-linear formats chosen from --budget-bits by measured sensitivity."),
     "budget_bits": Flag("bits", str, "Candidates for --budget: bit widths (1 = onebit) and vector codes (e8 = E8 "
-                        "lattice, ~2 bits; km<k>[d<d>] = learned codebook of 2^k entries of dimension d, default 8), "
+                        "lattice ball, e8p = E8P codes (faster kernel), ~2 bits; km<k>[d<d>] = learned codebook of 2^k "
+                        "entries of dimension d, default 8), "
                         "e.g. 1,2,3,4 or km8,e8,3,4.", parse=_widths, show=_show),
 }
 
