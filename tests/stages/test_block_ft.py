@@ -18,6 +18,7 @@ from lowbit.walk import capture_inputs, run_block
 KINDS = {
     "int": Recipe(method="rtn", bits=2, group_size=32),
     "vector": Recipe(method="vq_e8", bits=2, group_size=-1),
+    "vector-e8p": Recipe(method="vq_e8", bits=2, group_size=-1, solver={"codebook": "e8p"}),
     "binary": get_recipe("onebit"),
 }
 
