@@ -170,7 +170,8 @@ def test_plain_exporters_refuse_vector_layers_in_one_line(tmp_path):
     assert all(v and "vector codes" in v for v in exportable_formats(path).values())
 
 
-def test_cli_quantize_and_eval_vq(tiny_dir, tmp_path):
+@pytest.mark.parametrize("codebook", [None, "e8p"])
+def test_cli_quantize_and_eval_vq(tiny_dir, tmp_path, codebook):
     from typer.testing import CliRunner
 
     from lowbit.cli import app
@@ -180,10 +181,13 @@ def test_cli_quantize_and_eval_vq(tiny_dir, tmp_path):
     data = ["--calib", str(tiny_dir / "text.txt"), "--data", str(tiny_dir / "text.txt"), "--n-calib", "8",
             "--seq-len", "32", "--windows", "4", "--quiet"]
     r = runner.invoke(app, ["quantize", str(tiny_dir), "--out", str(out), "--method", "vq_e8", "--bits", "2",
-                            "--group-size", "-1", "--rotate", "hadamard", *data])
+                            "--group-size", "-1", "--rotate", "hadamard", *data,
+                            *(["--codebook", codebook] if codebook else [])])
     assert r.exit_code == 0, r.output
     manifest = json.loads((out / "lowbit.json").read_text())
     assert {m["kind"] for m in manifest["modules"].values()} == {"vector"}
+    assert Recipe.from_dict(manifest["recipe"]).solver.codebook == (codebook or "e8")
+    assert json.dumps(manifest).count("e8p-2^16") == (len(manifest["modules"]) if codebook else 0)
     ppl = json.loads((out / "report.json").read_text())["job"]["ppl"][str(tiny_dir / "text.txt")]
     r = runner.invoke(app, ["eval", str(out), "--data", str(tiny_dir / "text.txt"), "--seq-len", "32",
                             "--windows", "4", "--quiet"])

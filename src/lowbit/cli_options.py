@@ -211,6 +211,8 @@ _SOLVER_OPTIONS = {
     "qqa_steps": ("qqa_steps", OptionSpec(Optional[int], None, "QQA annealing steps per round and row chunk "
                                           "(default 100).")),
     "qqa_replicas": ("qqa_replicas", OptionSpec(Optional[int], None, "QQA replicas (default 16).")),
+    "codebook": ("codebook", OptionSpec(Optional[str], None, "vq_e8 / vq_e8_qqa: the lattice codebook, e8 (the "
+                                        "E8 ball, default) or e8p (E8P: same bits, decoded by the fast kernel).")),
     "onebit_qqa": ("onebit_qqa", OptionSpec(Optional[bool], None, "onebit: refine the signs with QQA.",
                                             ("--onebit-qqa/--no-onebit-qqa",))),
     "onebit_svid": ("onebit_svid_only", OptionSpec(Optional[bool], None, "onebit: SVID initialisation only (no "

@@ -25,7 +25,7 @@ from .stages.base import ActQuantConfig, BlockFTConfig, BudgetConfig, E2EFTConfi
 #: default (which an old full JSON file carries for every method).
 _FLAT_SOLVER = {"damp": 0.01, "act_order": True, "static_groups": False, "block_size": 128, "qqa_steps": 100,
                 "qqa_replicas": 16, "qqa_rounds": 2, "qqa_init": "gptq", "onebit_iters": 8, "onebit_qqa": False,
-                "onebit_svid_only": False}
+                "onebit_svid_only": False, "codebook": "e8"}
 _FLAT_STAGES = {"act_bits": None, "act_symmetric": False, "onebit_ft_epochs": 0, "onebit_ft_lr": 1e-3,
                 "budget_bits": (1, 2, 3, 4), "budget_metric": "fisher"}
 _UNSET = object()

@@ -209,7 +209,7 @@ class VQE8Config(SolverConfig):
     rho: float = 0.9
     codebook: str = "e8"
 
-    FLAT: ClassVar[dict[str, str]] = {"damp": "damp"}
+    FLAT: ClassVar[dict[str, str]] = {"damp": "damp", "codebook": "codebook"}
     OMIT_DEFAULT: ClassVar[frozenset[str]] = frozenset({"codebook"})
 
     def vector_bits(self) -> int:
@@ -237,7 +237,7 @@ class VQE8QQAConfig(SolverConfig):
     codebook: str = "e8"
 
     FLAT: ClassVar[dict[str, str]] = {"damp": "damp", "qqa_steps": "steps", "qqa_replicas": "replicas",
-                                      "qqa_rounds": "rounds"}
+                                      "qqa_rounds": "rounds", "codebook": "codebook"}
     OMIT_DEFAULT: ClassVar[frozenset[str]] = frozenset({"codebook"})
 
     def vector_bits(self) -> int:
