@@ -40,12 +40,11 @@ def _gather(codes_ptr, book_ptr, rows, groups, stride_c, rmask, gmask, DIM: tl.c
     d = tl.arange(0, DIM)
     if E8P:
         t = tl.load(book_ptr + (idx & 255)[:, :, None] * DIM + d[None, None, :]).to(tl.float32)
-        v = (idx >> 8) & 127
-        v = v ^ (v >> 4)
+        sb = (idx >> 8) & 127                          # the signs of coordinates 0-6
+        v = sb ^ (sb >> 4)
         v = v ^ (v >> 2)
-        par = (v ^ (v >> 1)) & 1                       # parity of the 7 sign bits
-        neg = (idx[:, :, None] >> (8 + d[None, None, :])) & 1
-        neg = tl.where(d[None, None, :] < 7, neg, par[:, :, None])
+        s8 = sb | (((v ^ (v >> 1)) & 1) << 7)          # bit 7: their parity, the sign of coordinate 7
+        neg = (s8[:, :, None] >> d[None, None, :]) & 1
         shift = 0.25 - 0.5 * ((idx >> 15) & 1).to(tl.float32)
         return tl.where(neg == 1, -t, t) + shift[:, :, None]
     else:
