@@ -25,6 +25,9 @@ from lowbit.qep import QEPConfig
 from lowbit.recipe import PRESETS, Recipe, get_recipe
 from lowbit.stages.base import BlockFTConfig, BudgetConfig, E2EFTConfig
 
+# a quarter bit more than E8: E8 or 3-bit per-channel GPTQ per linear, chosen by the Fisher budget
+_BUDGET_225 = get_recipe("had-qep-gptq-w3-pc").with_(bit_budget=BudgetConfig(target=2.25, bits=("e8", 3)))
+
 RECIPES = {
     "fp": None,
     "vq-e8-had": Recipe(method="vq_e8", bits=2, group_size=-1, rotation="hadamard"),
@@ -47,11 +50,10 @@ RECIPES = {
     "best-w2-e2e256": PRESETS["best-w2"].with_(e2e_ft=E2EFTConfig(steps=256)),
     # best-w2-e2e with E8P codes (the fast kernel's codebook)
     "best-w2-e2e-e8p": PRESETS["best-w2-e2e"].with_(solver={"codebook": "e8p"}),
-    # a quarter bit more: E8 or 3-bit per-channel GPTQ per linear (Fisher budget), then best-w2-e2e's fine-tuning
-    "budget2.25-e8-3": get_recipe("had-qep-gptq-w3-pc").with_(bit_budget=BudgetConfig(target=2.25, bits=("e8", 3))),
-    "budget2.25-e8-3-ft-e2e64": get_recipe("had-qep-gptq-w3-pc").with_(
-        bit_budget=BudgetConfig(target=2.25, bits=("e8", 3)),
-        block_ft=BlockFTConfig(epochs=2, lr=2e-4, norm_lr=2e-4), e2e_ft=E2EFTConfig(steps=64)),
+    # the same budget alone and with best-w2-e2e's fine-tuning
+    "budget2.25-e8-3": _BUDGET_225,
+    "budget2.25-e8-3-ft-e2e64": _BUDGET_225.with_(block_ft=PRESETS["best-w2-e2e"].block_ft,
+                                                  e2e_ft=PRESETS["best-w2-e2e"].e2e_ft),
 }
 
 

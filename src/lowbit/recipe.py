@@ -191,8 +191,8 @@ class Recipe:
             return self.name
         g = {-1: "pc", 0: "pt"}.get(self.group_size, f"g{self.group_size}")
         tags = ("-clip" if self.clip else "") + ("-static" if self.static_groups else "")
-        book = getattr(self.solver, "codebook", "e8")  # a lattice other than the default E8 ball
-        tags += "" if book == "e8" else f"-{book}"
+        if self.codebook != _FLAT_SOLVER["codebook"]:  # a lattice other than the default E8 ball
+            tags += f"-{self.codebook}"
         method = f"qep-{self.method}" if self.qep is not None else self.method
         method = "-".join([*self._tags("prefix"), method])  # had-pair-qep-gptq
         tags += self.qep.tag if self.qep is not None else ""

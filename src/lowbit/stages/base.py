@@ -99,9 +99,9 @@ class Stage:
 class BudgetConfig:
     """Per-linear formats for an average cost (`lowbit.budget`): `target` bits/weight (everything stored
     counted: scales, zeros, 1-bit vectors, codebooks, pairwise transforms), the candidates: bit widths of the
-    recipe's scalar solver (1 = onebit) and vector codes ("e8" / "e8p": vq_e8 with that codebook; "km<k>[d<d>]": vq_kmeans with 2^k entries
-    of dimension d, default 8), and how layer losses are compared: weighted by the output Fisher ("fisher") or
-    raw ("layer")."""
+    recipe's scalar solver (1 = onebit) and vector codes ("e8" / "e8p": vq_e8 with that codebook; "km<k>[d<d>]":
+    vq_kmeans with 2^k entries of dimension d, default 8), and how layer losses are compared: weighted by the
+    output Fisher ("fisher") or raw ("layer")."""
 
     target: float
     bits: tuple[int | str, ...] = (1, 2, 3, 4)
