@@ -133,7 +133,7 @@ def validate(shapes, device) -> dict:
             lay = vq_layer(K, N, device, 1, kind == "e8p")
             w = (lat.codebook()[lay["codes"].cpu().long() & 0xFFFF].reshape(N, K).double()
                  * lay["scales"].cpu().double()[:, None])
-            for T, path in ((1, "gemv"), (4, "gemv"), (40, "dequant")):
+            for T, path in ((1, "gemv"), (4, "gemv"), (4, "mm"), (16, "mm"), (40, "dequant")):
                 x = torch.randn(T, K, device=device).bfloat16()
                 y = run(kind, lay, x, K, path=path).cpu().double()
                 ref = x.cpu().double() @ w.T
@@ -149,12 +149,13 @@ def decode(shapes, tokens, device, interpret) -> list:
         r = {"K": K, "N": N, "tokens": T}
         for name, kind, kw in (("vq", "vq", {}), ("vq_gemv", "vq", dict(path="gemv")),
                                ("vq_dequant", "vq", dict(path="dequant")), ("e8p", "e8p", {}),
+                               ("e8p_gemv", "e8p", dict(path="gemv")), ("e8p_mm", "e8p", dict(path="mm")),
                                ("e8p_dequant", "e8p", dict(path="dequant")), ("w2", "w2", {}), ("bf16", "bf16", {})):
             try:
                 us, b = time_us(kind, K, N, T, device, interpret, **kw)
                 r[name] = {"us": us, "GBps": b / us / 1e3}
-                if kind == "vq" and not kw:
-                    r["vq_path"] = V.last_path
+                if kind in ("vq", "e8p") and not kw:
+                    r[f"{kind}_path"] = V.last_path
             except Exception as e:  # recorded; the others still run
                 r[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
         us = {k: v.get("us") for k, v in r.items() if isinstance(v, dict)}
@@ -231,12 +232,14 @@ def main() -> None:
         out["sweep"] = sweep(sw, device, a.interpret, a.quick or a.interpret, "e8p")
         save()
     nan = float("nan")
-    print("\n| K x N | tokens | vq (E8) us | vq path | e8p us | w2 us | bf16 us | e8p vs w2 | e8p vs bf16 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| K x N | tokens | vq (E8) us | vq path | e8p us | e8p path | e8p gemv us | e8p mm us | e8p dequant us "
+          "| w2 us | bf16 us | e8p vs w2 | e8p vs bf16 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in out.get("decode", []) + out.get("prefill", []):
-        cell = [r.get(k, {}).get("us", nan) for k in ("vq", "e8p", "w2", "bf16")]
+        cell = [r.get(k, {}).get("us", nan) for k in ("vq", "e8p", "e8p_gemv", "e8p_mm", "e8p_dequant", "w2", "bf16")]
         print(f"| {r['K']}x{r['N']} | {r['tokens']} | {cell[0]:.1f} | {r.get('vq_path')} | {cell[1]:.1f} | "
-              f"{cell[2]:.1f} | {cell[3]:.1f} | {r.get('e8p_vs_w2', nan):.2f}x | {r.get('e8p_vs_bf16', nan):.2f}x |")
+              f"{r.get('e8p_path')} | {cell[2]:.1f} | {cell[3]:.1f} | {cell[4]:.1f} | {cell[5]:.1f} | {cell[6]:.1f} | "
+              f"{r.get('e8p_vs_w2', nan):.2f}x | {r.get('e8p_vs_bf16', nan):.2f}x |")
 
 
 if __name__ == "__main__":

@@ -50,6 +50,22 @@ RECIPES = {
     "best-w2-e2e256": PRESETS["best-w2"].with_(e2e_ft=E2EFTConfig(steps=256)),
     # best-w2-e2e with E8P codes (the fast kernel's codebook)
     "best-w2-e2e-e8p": PRESETS["best-w2-e2e"].with_(solver={"codebook": "e8p"}),
+    # end-to-end distillation also on (or only on) sequences sampled from the FP model before quantizing
+    "best-w2-e2e-e8p-g128": PRESETS["best-w2-e2e"].with_(solver={"codebook": "e8p"},
+                                                         e2e_ft=E2EFTConfig(steps=64, generated=128)),
+    "best-w2-e2e-e8p-g128only": PRESETS["best-w2-e2e"].with_(
+        solver={"codebook": "e8p"}, e2e_ft=E2EFTConfig(steps=64, generated=128, calibration=False)),
+    "best-w2-e2e256-e8p-g256": PRESETS["best-w2-e2e"].with_(solver={"codebook": "e8p"},
+                                                            e2e_ft=E2EFTConfig(steps=256, generated=256)),
+    # ~1 bit: the learned 8-dim codebook (1.088 b/w) with block fine-tuning and distillation on sampled text
+    "vq-km-d8-k8": PRESETS["vq-km-d8-k8"],
+    "vq-km-d8-k8-bft2-e2e64-g128": PRESETS["vq-km-d8-k8"].with_(
+        block_ft=BlockFTConfig(epochs=2, lr=2e-4, norm_lr=2e-4), e2e_ft=E2EFTConfig(steps=64, generated=128)),
+    "vq-km-d8-k8-bft2-e2e256-g256": PRESETS["vq-km-d8-k8"].with_(
+        block_ft=BlockFTConfig(epochs=2, lr=2e-4, norm_lr=2e-4), e2e_ft=E2EFTConfig(steps=256, generated=256)),
+    "best-w1-e2e64-g128": PRESETS["best-w1"].with_(e2e_ft=E2EFTConfig(steps=64, generated=128)),
+    "best-w1-e2e256-g256": PRESETS["best-w1"].with_(e2e_ft=E2EFTConfig(steps=256, generated=256)),
+    "best-w1-e2e64": PRESETS["best-w1"].with_(e2e_ft=E2EFTConfig(steps=64)),
     # the same budget alone and with best-w2-e2e's fine-tuning
     "budget2.25-e8-3": _BUDGET_225,
     "budget2.25-e8-3-ft-e2e64": _BUDGET_225.with_(block_ft=PRESETS["best-w2-e2e"].block_ft,

@@ -96,8 +96,11 @@ def config_from(cls, value, what: str):
 
 
 def config_dict(cfg) -> dict:
-    """JSON-safe dict of a config (tuples as lists)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
+    """JSON-safe dict of a config (tuples as lists). Fields a class names in `OMIT_DEFAULT` are left out while
+    they hold their default, so that adding such a field keeps the identity of every recipe that does not use it."""
+    omit = {f.name: f.default for f in fields(cfg) if f.name in getattr(type(cfg), "OMIT_DEFAULT", ())}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()
+            if not (k in omit and v == omit[k])}
 
 
 def act_quant_of(recipe: dict) -> tuple[int | None, bool]:

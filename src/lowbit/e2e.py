@@ -8,6 +8,9 @@ final hidden states (after the final norm), taken before any block was quantized
 the teacher's logits are lm_head of them: one [tokens, hidden] tensor on the host, not the logits.
 Validation (the last windows, never trained on) runs at the start, every `eval_every` steps and at the
 end; the best point is kept and everything reverts to the start when none beats it.
+
+`sample` draws sequences from the FP model itself (before any block changes) to distil on next to, or instead
+of, the calibration windows: the calibration text is one genre, the model's own samples are what it knows.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from torch.func import functional_call
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from transformers import DynamicCache
+
+from .compat import cache_kwargs
 from .finetune import Trainable, norm_params
 from .models import get_adapter
 
@@ -47,6 +53,50 @@ def teacher_states(model: nn.Module, tokens: torch.Tensor, batch_size: int) -> l
     dev = next(model.parameters()).device
     return [st.hidden(tokens[b:b + batch_size].to(dev)).to("cpu")
             for b in range(0, tokens.shape[0], batch_size)]
+
+
+@torch.no_grad()
+def sample(model: nn.Module, n: int, length: int, *, batch_size: int = 32, seed: int = 0,
+           temperature: float = 1.0, progress: bool = False) -> torch.Tensor:
+    """[n, length] token ids sampled from `model` (ancestral sampling at `temperature`, no top-k / top-p), each
+    sequence starting at the BOS token (the EOS token where the tokenizer has no BOS, else id 0) and running on
+    past any end-of-text token, so that every row is a full window. Seeded (`seed`) and on the host."""
+    if n < 1 or length < 2:
+        raise ValueError(f"sampling needs n >= 1 sequences of length >= 2, got {n} x {length}")
+    cfg = model.config
+    start = next((t for t in (getattr(cfg, "bos_token_id", None), getattr(cfg, "eos_token_id", None))
+                  if t is not None), 0)
+    start = start[0] if isinstance(start, (list, tuple)) else start
+    dev = next(model.parameters()).device
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    out = []
+    bar = tqdm(total=n * (length - 1), desc="sampling from the FP model", unit="tok", leave=False,
+               disable=not progress)
+    for b in range(0, n, batch_size):
+        m = min(batch_size, n - b)
+        ids = torch.full((m, 1), int(start), dtype=torch.long, device=dev)
+        seq, kw = [ids], cache_kwargs(model, DynamicCache(config=model.config))  # the cache fills in place
+        for _ in range(length - 1):
+            o = model(input_ids=ids, **kw)
+            probs = torch.softmax(o.logits[:, -1].float() / temperature, -1)
+            ids = torch.multinomial(probs, 1, generator=gen)
+            seq.append(ids)
+            bar.update(m)
+        out.append(torch.cat(seq, 1).cpu())
+    bar.close()
+    return torch.cat(out)
+
+
+def mix(calibration: torch.Tensor | None, generated: torch.Tensor | None, seed: int = 0) -> torch.Tensor:
+    """The windows end-to-end distillation trains on: the calibration windows and the sampled ones, shuffled
+    together (seeded) so that the validation tail holds both kinds in proportion."""
+    parts = [t for t in (calibration, generated) if t is not None and t.shape[0]]
+    if not parts:
+        raise ValueError("end-to-end fine-tuning has no windows (no calibration windows and none sampled)")
+    pool = torch.cat(parts)
+    if len(parts) == 1:
+        return pool
+    return pool[torch.randperm(pool.shape[0], generator=torch.Generator().manual_seed(seed))]
 
 
 def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:

@@ -248,6 +248,34 @@ def test_gemv_interpreter(case, interpreter):
     assert V.last_path == "gemv"
 
 
+MM_CASES = [
+    # (n_out, n_in, dim, code_bits, bias, tokens, tiles)
+    (40, 96, 8, 16, True, 3, dict(block_n=16, block_g=2)),              # E8, masked rows and groups, one split
+    (48, 512, 8, "e8p", False, 5, dict(block_n=16, block_g=4, splits=3)),  # E8P, uneven splits
+    (33, 256, 8, "e8p", True, 20, dict(block_n=16, block_g=4)),          # E8P, two token tiles (16 + 4)
+    (24, 128, 4, 8, True, 2, dict(block_n=16, block_g=8, splits=2)),     # k-means, uint8 codes
+]
+
+
+@interpreter_only
+@pytest.mark.parametrize("case", range(len(MM_CASES)))
+def test_mm_interpreter(case, interpreter):
+    n_out, n_in, dim, bits, bias, tokens, tiles = MM_CASES[case]
+    lay = _layer(n_out, n_in, dim, bits, bias, 10 + case)
+    g = torch.Generator().manual_seed(case)
+    for dtype in (torch.bfloat16, torch.float16):
+        x = torch.randn(tokens, n_in, generator=g).to(dtype)
+        out = torch.full((tokens, n_out), float("nan"), dtype=dtype)
+        y = V.vq_linear_triton(x, *lay.args(dtype), path="mm", out=out, **tiles, **lay.kw())
+        assert y.data_ptr() == out.data_ptr() and not torch.isnan(y).any()
+        assert relerr(y, lay.ref64(x)) < TOL_INTERP[dtype], (case, dtype)
+    assert V.last_path == "mm"
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
+        V.vq_linear_triton(x.float(), *lay.args(), path="mm", **lay.kw())
+    with pytest.raises(ValueError, match=">= 16"):
+        V.vq_linear_triton(x, *lay.args(dtype), path="mm", block_n=8, **lay.kw())
+
+
 @interpreter_only
 @pytest.mark.parametrize("dim,bits", [(8, 16), (4, 8), (8, "e8p")])
 def test_dequant_interpreter(dim, bits, interpreter):
@@ -272,6 +300,13 @@ def test_dispatcher_paths_read_the_threshold_at_call_time(interpreter, monkeypat
     monkeypatch.setattr(V, "GEMV_MAX_TOKENS", 8)
     V.vq_linear(torch.randn(5, 64), *lay.args())
     assert V.last_path == "gemv"
+    # half-precision activations: gemv at one token, mm from MM_MIN_TOKENS to MM_MAX_TOKENS, dequant beyond
+    for tokens, path in ((1, "gemv"), (2, "mm"), (16, "mm"), (17, "dequant")):
+        V.vq_linear(torch.randn(tokens, 64).half(), *lay.args(torch.float16))
+        assert V.last_path == path, tokens
+    monkeypatch.setenv("LOWBIT_VQ_MM_MAX_TOKENS", "0")
+    V.vq_linear(torch.randn(2, 64).half(), *lay.args(torch.float16))
+    assert V.last_path == "gemv"
 
 
 @interpreter_only
@@ -282,7 +317,7 @@ def test_kernel_argument_errors(interpreter, monkeypatch):
         V.vq_linear_triton(x, *lay.args())
     lay = Layer(8, 64)
     with pytest.raises(ValueError, match="path must be"):
-        V.vq_linear_triton(x[:, :64], *lay.args(), path="mm")
+        V.vq_linear_triton(x[:, :64], *lay.args(), path="mma")
     with pytest.raises(ValueError, match="block_g"):
         V.vq_linear_triton(x[:, :64], *lay.args(), path="gemv", block_g=3)
     with pytest.raises(ValueError, match="out must be"):
@@ -303,7 +338,7 @@ def test_gpu_paths_match_reference(dtype):
         for dim, bits in ((8, 16), (4, 8), (8, "e8p")):
             lay = _layer(n_out, n_in, dim, bits, i % 2 == 0, i)
             lay = _to_cuda(lay)
-            for tokens, path in ((1, "gemv"), (4, "gemv"), (40, "dequant")):
+            for tokens, path in ((1, "gemv"), (4, "gemv"), (4, "mm"), (16, "mm"), (40, "dequant")):
                 x = torch.randn(tokens, n_in, device="cuda").to(dtype)
                 out = torch.full((tokens, n_out), float("nan"), device="cuda", dtype=dtype)
                 y = V.vq_linear_triton(x, *lay.args(dtype), path=path, out=out, **lay.kw())

@@ -208,6 +208,48 @@ def test_e2e_runs_and_does_not_increase_the_validation_loss():
     assert all(torch.equal(a, b) for a, b in zip(m0.state_dict().values(), m2.state_dict().values()))
 
 
+def test_sample_is_seeded_full_length_and_follows_the_model():
+    from lowbit.e2e import mix, sample
+
+    m = tiny_model("llama")
+    a, b = sample(m, 5, 12, batch_size=2), sample(m, 5, 12, batch_size=2)
+    assert a.shape == (5, 12) and torch.equal(a, b) and not torch.equal(a, sample(m, 5, 12, seed=1))
+    assert (a[:, 0] == m.config.bos_token_id).all()
+    # ancestral sampling: a model whose head always says token 7 yields 7 after the start, whatever the seed
+    with torch.no_grad():
+        m.lm_head.weight.zero_()
+        m.lm_head.bias = None
+        m.lm_head.weight[7] = 1e3 * torch.sign(torch.randn(m.lm_head.weight.shape[1]))
+    m.model.norm.register_forward_hook(lambda mod, i, o: torch.sign(m.lm_head.weight[7]).expand_as(o))
+    assert (sample(m, 3, 6, seed=3)[:, 1:] == 7).all()
+    c, g = tiny_tokens(6, 12), a
+    pool = mix(c, g)
+    assert pool.shape == (11, 12) and sorted(map(tuple, pool.tolist())) == sorted(map(tuple, torch.cat([c, g]).tolist()))
+    assert torch.equal(pool, mix(c, g)) and torch.equal(mix(c, None), c) and torch.equal(mix(None, g), g)
+    with pytest.raises(ValueError, match="no windows"):
+        mix(None, None)
+
+
+def test_e2e_on_sampled_windows_alone_and_mixed():
+    r = KINDS["int"].with_(e2e_ft=E2EFTConfig(6, lr=1e-2, batch=2, eval_every=2, generated=8))
+    assert r.label.endswith("-e2e6g8") and E2EFTConfig(6, generated=8, calibration=False).tag == "-e2e6g8only"
+    assert "generated" not in r.with_(e2e_ft=E2EFTConfig(6)).to_dict()["stages"][-1]  # the default is left out
+    assert Recipe.from_dict(json.loads(json.dumps(r.to_dict()))) == r
+    m0, r0 = _q(KINDS["int"].with_(e2e_ft=E2EFTConfig(6, lr=1e-2, batch=2, eval_every=2)))
+    for cfg in (r.e2e_ft, E2EFTConfig(6, lr=1e-2, batch=2, eval_every=2, generated=8, calibration=False)):
+        m, res = _q(KINDS["int"].with_(e2e_ft=cfg))
+        (fit,) = res.block_fits
+        start, best, _ = fit["e2e_ft"]
+        assert not fit["reverted"] and best < start
+        # the windows differ from the calibration-only run: so do the trained scales
+        n = "model.layers.0.self_attn.q_proj"
+        assert not torch.equal(res.weights[n].scale, r0.weights[n].scale)
+    with pytest.raises(RecipeError, match="generated >= 0"):
+        E2EFTConfig(4, generated=-1)
+    with pytest.raises(RecipeError, match=">= 2 without the calibration"):
+        E2EFTConfig(4, calibration=False)
+
+
 def test_cli_quantize_with_block_and_e2e_ft_reloads(tiny_dir, tmp_path):
     from typer.testing import CliRunner
 

@@ -16,6 +16,11 @@ carries the pattern's parity), and bit 15 a shift of -1/4 (set) or +1/4 on every
   the sum. One split: scale, bias and the cast to x's dtype are done in the kernel; several: the
   scaled partial sums go to a float32 [T, SPLITS, N] buffer that the launcher sums in split order
   (deterministic).
+- `vq_mm_kernel`: a few tokens at once (up to BLOCK_T per program, axis 2 tiles the tokens): each
+  program decodes its [BLOCK_N, BLOCK_G * DIM] weight tile once, unscaled, in the activations' dtype
+  (E8 and E8P entries are multiples of 1/4 below 4: exact in fp16 and bf16), and multiplies it with the
+  [BLOCK_T, BLOCK_G * DIM] activation tile on the tensor cores (tl.dot, fp32 accumulation); the row
+  scale multiplies the sums. Splits and the epilogue as in the GEMV.
 - `vq_dequant_kernel`: codes -> dense [N, K] in the output dtype (scale * entry in fp32, rounded
   once), for dequantize + cuBLAS at many tokens.
 """
@@ -79,6 +84,44 @@ def vq_gemv_kernel(x_ptr, codes_ptr, s_ptr, book_ptr, bias_ptr, out_ptr, part_pt
         tl.store(out_ptr + t * stride_o + rows, acc.to(out_ptr.dtype.element_ty), mask=rmask)
     else:
         tl.store(part_ptr + (t * SPLITS + pid_s) * N + rows, acc, mask=rmask)
+
+
+@triton.jit
+def vq_mm_kernel(x_ptr, codes_ptr, s_ptr, book_ptr, bias_ptr, out_ptr, part_ptr, G, N, T, G_SPLIT,
+                 stride_c, stride_x, stride_o, DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+                 BLOCK_T: tl.constexpr, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, E8P: tl.constexpr,
+                 DOT_F32: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    toks = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = toks < T
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    BLOCK_K: tl.constexpr = BLOCK_G * DIM
+    kk = tl.arange(0, BLOCK_K)
+    g_lo = pid_s * G_SPLIT
+    g_hi = tl.minimum(g_lo + G_SPLIT, G)
+    acc = tl.full([BLOCK_N, BLOCK_T], 0.0, tl.float32)
+    for g0 in range(g_lo, g_hi, BLOCK_G):
+        groups = g0 + tl.arange(0, BLOCK_G)
+        gmask = groups < g_hi
+        w = _gather(codes_ptr, book_ptr, rows, groups, stride_c, rmask, gmask, DIM, E8P)
+        w = tl.reshape(w, [BLOCK_N, BLOCK_K]).to(x_ptr.dtype.element_ty)
+        cols = g0 * DIM + kk
+        xv = tl.load(x_ptr + toks[:, None] * stride_x + cols[None, :],
+                     mask=tmask[:, None] & (cols < g_hi * DIM)[None, :], other=0.0)
+        if DOT_F32:  # the Triton interpreter's bf16 tl.dot is wrong (triton 3.6): same operands, in fp32
+            acc = tl.dot(w.to(tl.float32), tl.trans(xv.to(tl.float32)), acc)
+        else:
+            acc = tl.dot(w, tl.trans(xv), acc)
+    acc = acc * tl.load(s_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[:, None]
+    m = rmask[:, None] & tmask[None, :]
+    if SPLITS == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[:, None]
+        tl.store(out_ptr + toks[None, :] * stride_o + rows[:, None], acc.to(out_ptr.dtype.element_ty), mask=m)
+    else:
+        tl.store(part_ptr + (toks[None, :] * SPLITS + pid_s) * N + rows[:, None], acc, mask=m)
 
 
 @triton.jit

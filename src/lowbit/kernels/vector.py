@@ -12,8 +12,10 @@ Entry points, following the conventions of `kernels.quant`:
   (never a quiet fallback). It calls the torch custom op `lowbit::vq_linear` (torch.compile and CUDA
   graph capture take it whole); when autograd needs a gradient the reference runs instead.
 - `vq_linear_triton` (launcher, no autograd): path "gemv" (`vq_gemv_kernel`: codes decoded on the
-  fly, one token per program), "dequant" (`vq_dequantize_triton`, then cuBLAS), "auto": gemv up to
-  GEMV_MAX_TOKENS tokens, dequant beyond; the threshold is read at every call (`setting`).
+  fly, one token per program), "mm" (`vq_mm_kernel`: each weight tile decoded once for up to 16 tokens and
+  multiplied on the tensor cores; fp16 / bf16 activations), "dequant" (`vq_dequantize_triton`, then
+  cuBLAS), "auto": mm for MM_MIN_TOKENS to MM_MAX_TOKENS tokens of half-precision
+  activations, else gemv up to GEMV_MAX_TOKENS tokens, dequant beyond; the thresholds are read at every call (`setting`).
 
 The path taken is recorded in `last_path` and counted in `path_counts`.
 """
@@ -36,6 +38,10 @@ from lowbit.kernels.quant import _next_pow2, _pow2, _sms
 #: tokens up to which "auto" runs the GEMV (it reads the codes once per token); beyond, the weight is
 #: dequantized and multiplied by cuBLAS. A guess until `benchmarks/kernel_vq.py` times the crossover
 GEMV_MAX_TOKENS = 4
+#: fp16 / bf16 activations of MM_MIN_TOKENS to MM_MAX_TOKENS tokens take the tensor-core kernel instead (fp32
+#: ones never do); `benchmarks/kernel_vq.py` times the crossovers
+MM_MIN_TOKENS = 2
+MM_MAX_TOKENS = 16
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -155,6 +161,53 @@ def _launch_gemv(tk, x2, codes, scales, book, bias, out, K, N, dim, sms, e8p=Fal
         out.copy_(y)
 
 
+@functools.lru_cache(maxsize=4096)
+def mm_config(G: int, N: int, dim: int, sms: int, tokens: int) -> dict:
+    """Tiles of `vq_mm_kernel`: dict(block_n, block_g, block_t, splits, num_warps). 32 rows x 128 input columns
+    x 16 tokens per tile; the groups split so that there are about 4 programs per SM, each split at least 4
+    tiles long. Guesses: `benchmarks/kernel_vq.py --sweep`."""
+    block_n, block_t = 32, 16
+    block_g = max(2, min(_next_pow2(G), 128 // dim))      # tl.dot takes K >= 16
+    tiles = -(-G // block_g)
+    programs = -(-N // block_n) * -(-max(1, tokens) // block_t)
+    splits = max(1, min(tiles // 4, -(-4 * sms // programs)))
+    return dict(block_n=block_n, block_g=block_g, block_t=block_t, splits=splits, num_warps=4)
+
+
+def _launch_mm(tk, x2, codes, scales, book, bias, out, K, N, dim, sms, e8p=False, block_n=None, block_g=None,
+               block_t=None, splits=None, num_warps=None):
+    if x2.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"the mm path takes float16 or bfloat16 activations, got {x2.dtype} (use gemv or dequant)")
+    T = x2.shape[0]
+    G = K // dim
+    cfg = mm_config(G, N, dim, sms, T)
+    bn, bg, bt = block_n or cfg["block_n"], block_g or cfg["block_g"], block_t or cfg["block_t"]
+    for name, v in (("block_n", bn), ("block_g", bg), ("block_t", bt)):
+        if not _pow2(v):
+            raise ValueError(f"{name} must be a power of two, got {v}")
+    if bn < 16 or bt < 16 or bg * dim < 16:
+        raise ValueError(f"the mm path needs block_n, block_t and block_g * dim >= 16 (tl.dot), got {bn}, {bt}, "
+                         f"{bg * dim}")
+    tiles = -(-G // bg)
+    sp = max(1, min(splits or cfg["splits"], tiles))
+    g_split = -(-tiles // sp) * bg
+    sp = -(-G // g_split)                                    # no empty split
+    n_t = -(-T // bt)
+    if n_t > 65535 or sp > 65535:
+        raise ValueError(f"{T} tokens, {sp} splits: the grid's axes 1 and 2 take 65535 at most")
+    part = torch.empty((T, sp, N), dtype=torch.float32, device=x2.device) if sp > 1 else out
+    tk.vq_mm_kernel[(-(-N // bn), sp, n_t)](
+        x2, codes, scales, book, bias if bias is not None else out, out, part, G, N, T, g_split,
+        codes.stride(0), x2.stride(0), out.stride(0), DIM=dim, BLOCK_N=bn, BLOCK_G=bg, BLOCK_T=bt, SPLITS=sp,
+        HAS_BIAS=bias is not None, E8P=e8p, DOT_F32=_interpreting() and x2.dtype == torch.bfloat16,
+        num_warps=num_warps or cfg["num_warps"])
+    if sp > 1:
+        y = part.sum(1)
+        if bias is not None:
+            y += bias.float()
+        out.copy_(y)
+
+
 def vq_dequantize_triton(codes: Tensor, scales: Tensor, book: Tensor, dtype: torch.dtype = torch.bfloat16, *,
                          out: Tensor | None = None, block_n: int = 32, block_g: int | None = None,
                          num_warps: int = 4, e8p: bool = False) -> Tensor:
@@ -186,8 +239,8 @@ def vq_linear_triton(x: Tensor, codes: Tensor, scales: Tensor, book: Tensor, bia
                      path: str = "auto", out: Tensor | None = None, e8p: bool = False, **tiles) -> Tensor:
     """y = x W^T + bias with the Triton kernels (no autograd); x [..., K], y [..., N] in x's dtype.
 
-    path "gemv" (tiles: block_n, block_g, splits, num_warps; `gemv_config`), "dequant" or "auto"
-    (gemv up to GEMV_MAX_TOKENS tokens). `out`: a contiguous [tokens, N] tensor of x's dtype to write."""
+    path "gemv" (tiles: block_n, block_g, splits, num_warps; `gemv_config`), "mm" (the same and block_t;
+    `mm_config`), "dequant" or "auto" (module docstring). `out`: a contiguous [tokens, N] tensor of x's dtype to write."""
     tk = _triton()
     if tk is None:
         raise RuntimeError("vq_linear_triton needs triton (pip install triton); use vq_linear_ref or vq_linear")
@@ -200,9 +253,12 @@ def vq_linear_triton(x: Tensor, codes: Tensor, scales: Tensor, book: Tensor, bia
         x2 = x2.contiguous()
     T = x2.shape[0]
     if path == "auto":
-        path = "gemv" if T <= setting("GEMV_MAX_TOKENS") else "dequant"
-    if path not in ("gemv", "dequant"):
-        raise ValueError(f"path must be 'auto', 'gemv' or 'dequant', got {path!r}")
+        if x.dtype != torch.float32 and setting("MM_MIN_TOKENS") <= T <= setting("MM_MAX_TOKENS"):
+            path = "mm"
+        else:
+            path = "gemv" if T <= setting("GEMV_MAX_TOKENS") else "dequant"
+    if path not in ("gemv", "mm", "dequant"):
+        raise ValueError(f"path must be 'auto', 'gemv', 'mm' or 'dequant', got {path!r}")
     if out is None:
         out = torch.empty((T, N), dtype=x.dtype, device=x.device)
     elif out.shape != (T, N) or out.dtype != x.dtype or not out.is_contiguous() or out.device != x.device:
@@ -210,6 +266,8 @@ def vq_linear_triton(x: Tensor, codes: Tensor, scales: Tensor, book: Tensor, bia
     if T and N and K:
         if path == "gemv":
             _launch_gemv(tk, x2, codes, scales, book, bias, out, K, N, dim, _sms(x), e8p, **tiles)
+        elif path == "mm":
+            _launch_mm(tk, x2, codes, scales, book, bias, out, K, N, dim, _sms(x), e8p, **tiles)
         else:
             w = vq_dequantize_triton(codes, scales, book, x.dtype, e8p=e8p, **tiles)
             if bias is not None:

@@ -91,11 +91,7 @@ class SolverConfig:
 
     def to_dict(self) -> dict:
         """JSON-safe dict (fields of `OMIT_DEFAULT` only where they differ from their default)."""
-        d = config_dict(self)
-        for f in fields(self):
-            if f.name in self.OMIT_DEFAULT and getattr(self, f.name) == f.default:
-                d.pop(f.name)
-        return d
+        return config_dict(self)
 
     @classmethod
     def derived_from(cls, other: SolverConfig | None) -> SolverConfig:

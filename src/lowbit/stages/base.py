@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -203,10 +203,14 @@ class BlockFTConfig:
 
 @dataclass(frozen=True)
 class E2EFTConfig:
-    """End-to-end distillation after the walk: `steps` Adam steps (batches of `batch` calibration windows) on
-    the same continuous parameters as `BlockFTConfig`, minimising KL(FP logits || quantized logits); validated
-    every `eval_every` steps (0: steps / 4) on the last `val_fraction` of the windows, the best kept, none =
-    revert."""
+    """End-to-end distillation after the walk: `steps` Adam steps (batches of `batch` windows) on the same
+    continuous parameters as `BlockFTConfig`, minimising KL(FP logits || quantized logits); validated every
+    `eval_every` steps (0: steps / 4) on the last `val_fraction` of the windows, the best kept, none = revert.
+    `generated` > 0 adds that many sequences sampled from the FP model itself (temperature 1, from the BOS token,
+    as long as a calibration window) to the windows it trains and validates on; `calibration=False` trains on
+    those alone. Model-sampled text covers what the model knows, not only the calibration text's genre."""
+
+    OMIT_DEFAULT: ClassVar[tuple[str, ...]] = ("generated", "calibration")
 
     steps: int
     lr: float = 1e-4
@@ -214,6 +218,8 @@ class E2EFTConfig:
     norm_lr: float = 0.0
     eval_every: int = 0
     val_fraction: float = 0.125
+    generated: int = 0
+    calibration: bool = True
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -223,10 +229,14 @@ class E2EFTConfig:
                               f"{self.eval_every}")
         if not 0 < self.val_fraction < 1:
             raise RecipeError(f"end-to-end fine-tuning val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.generated < 0 or (not self.calibration and self.generated < 2):
+            raise RecipeError(f"end-to-end fine-tuning needs generated >= 0, and >= 2 without the calibration "
+                              f"windows, got {self.generated} (calibration={self.calibration})")
 
     @property
-    def tag(self) -> str:
-        return f"-e2e{self.steps}"
+    def tag(self) -> str:  # -e2e64, -e2e64g128 (with 128 sampled sequences), -e2e64g128only (without calibration)
+        gen = f"g{self.generated}" if self.generated else ""
+        return f"-e2e{self.steps}{gen}{'' if self.calibration else 'only'}"
 
     def to_dict(self) -> dict:
         """JSON-safe dict."""

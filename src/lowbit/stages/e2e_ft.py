@@ -10,14 +10,18 @@ FLAGS = {
                       "after quantizing (0 = off; not with --stream or torchrun).", ("--e2e-steps",)),
     "e2e_lr": Flag("lr", float, "Learning rate of end-to-end distillation (default 1e-4).", ("--e2e-lr",)),
     "e2e_batch": Flag("batch", int, "Calibration windows per end-to-end step (default 4).", ("--e2e-batch",)),
+    "e2e_generated": Flag("generated", int, "Sequences sampled from the FP model (before quantizing) that "
+                          "end-to-end distillation trains on next to the calibration windows (default 0).",
+                          ("--e2e-generated",)),
 }
 
 
 @register_stage(E2EFTConfig, key="e2e_ft", order=70, what="end-to-end fine-tuning", switch="steps", flags=FLAGS,
                 label="suffix")
 class E2EFinetuneStage(Stage):
-    """KL to the FP logits on the calibration windows, a few Adam steps; the best validation point is kept.
-    It reads the calibration tokens itself (`run.tokens`), not the walker's streams."""
+    """KL to the FP logits on the calibration windows (and / or sequences sampled from the FP model), a few Adam
+    steps; the best validation point is kept. It reads the calibration tokens itself (`run.tokens`), not the
+    walker's streams."""
 
     not_distributed = "end-to-end fine-tuning"
     not_streamed = "end-to-end fine-tuning (it trains the whole model at once)"
@@ -25,20 +29,27 @@ class E2EFinetuneStage(Stage):
     def __init__(self, cfg: E2EFTConfig):
         self.cfg = cfg
         self._teacher = None
+        self._tokens = None
 
     def before_model(self, run: Run) -> None:
-        from ..e2e import teacher_states
+        from ..e2e import mix, sample, teacher_states
 
-        if run.tokens is None or run.tokens.shape[0] < 2:
+        cfg = self.cfg
+        if run.tokens is None or (cfg.calibration and run.tokens.shape[0] + cfg.generated < 2):
             from ..pipeline import PipelineError
 
-            raise PipelineError("end-to-end fine-tuning needs at least 2 calibration windows (train + validation)")
+            raise PipelineError("end-to-end fine-tuning needs at least 2 windows (train + validation)")
         model = run.model
         home = next(model.parameters()).device
         device = run.device or home
         model.to(device)
         try:
-            self._teacher = teacher_states(model, run.tokens, run.batch_size)
+            gen = None
+            if cfg.generated:
+                gen = sample(model, cfg.generated, run.tokens.shape[1], batch_size=64,
+                             progress=run.progress)
+            self._tokens = mix(run.tokens if cfg.calibration else None, gen)
+            self._teacher = teacher_states(model, self._tokens, run.batch_size)
         finally:
             model.to(home)
 
@@ -53,7 +64,7 @@ class E2EFinetuneStage(Stage):
         model.to(device)
         try:
             weights = {n: qw.to(device) for n, qw in res.weights.items()}
-            ft = distill(model, weights, run.tokens, self._teacher, run.batch_size, steps=cfg.steps, lr=cfg.lr,
+            ft = distill(model, weights, self._tokens, self._teacher, run.batch_size, steps=cfg.steps, lr=cfg.lr,
                          batch=cfg.batch, norm_lr=cfg.norm_lr, eval_every=cfg.eval_every,
                          val_fraction=cfg.val_fraction, progress=run.progress)
             res.block_fits.append({"e2e_ft": ft["losses"], "reverted": ft["reverted"]})
@@ -66,5 +77,5 @@ class E2EFinetuneStage(Stage):
                     for name, t in ft["norms"].items():
                         model.get_parameter(name).data.copy_(t)
         finally:
-            self._teacher = None
+            self._teacher = self._tokens = None
             model.to(home)
