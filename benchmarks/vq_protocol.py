@@ -28,6 +28,14 @@ from lowbit.stages.base import BlockFTConfig, BudgetConfig, E2EFTConfig
 # a quarter bit more than E8: E8 or 3-bit per-channel GPTQ per linear, chosen by the Fisher budget
 _BUDGET_225 = get_recipe("had-qep-gptq-w3-pc").with_(bit_budget=BudgetConfig(target=2.25, bits=("e8", 3)))
 
+# the 2-bit base as measured before 2026-12-07 (the E8 ball; best-w2 now takes E8P codes), its block fine-tuning,
+# and the OneBit recipe best-w1 was until then: the names below keep what they measured
+_E8 = Recipe(method="vq_e8", bits=2, group_size=-1, rotation="hadamard", qep=QEPConfig())
+_BFT = BlockFTConfig(epochs=2, lr=2e-4, norm_lr=2e-4)
+_E8P = _E8.with_(solver={"codebook": "e8p"})
+_ONEBIT = Recipe(method="onebit", bits=1, group_size=-1, onebit_qqa=True, qep=QEPConfig(), onebit_ft_epochs=3,
+                 qqa_steps=25)
+
 RECIPES = {
     "fp": None,
     "vq-e8-had": Recipe(method="vq_e8", bits=2, group_size=-1, rotation="hadamard"),
@@ -38,38 +46,39 @@ RECIPES = {
     "vq-e8-had-qep-qqa": Recipe(method="vq_e8_qqa", bits=2, group_size=-1, rotation="hadamard", qep=QEPConfig()),
     "vq-e8-qep": Recipe(method="vq_e8", bits=2, group_size=-1, qep=QEPConfig()),
     "qep-gptq-w2-g64-clip-static": PRESETS["qep-gptq-w2-g64-clip-static"],
-    # block fine-tuning of best-w2 at other learning rates (the preset best-w2-ft: 2e-4 for scales and norms)
-    "best-w2-ft-lr5e-3": PRESETS["best-w2"].with_(block_ft=BlockFTConfig(epochs=2, lr=5e-3, norm_lr=5e-3)),
-    "best-w2-ft-lr1e-3": PRESETS["best-w2"].with_(block_ft=BlockFTConfig(epochs=2, lr=1e-3, norm_lr=1e-3)),
-    "best-w2-ft-lr2e-4-scales": PRESETS["best-w2"].with_(block_ft=BlockFTConfig(epochs=2, lr=2e-4)),
+    # block fine-tuning of the E8-ball base at other learning rates (best-w2-ft: 2e-4 for scales and norms)
+    "best-w2-ft-lr5e-3": _E8.with_(block_ft=BlockFTConfig(epochs=2, lr=5e-3, norm_lr=5e-3)),
+    "best-w2-ft-lr1e-3": _E8.with_(block_ft=BlockFTConfig(epochs=2, lr=1e-3, norm_lr=1e-3)),
+    "best-w2-ft-lr2e-4-scales": _E8.with_(block_ft=BlockFTConfig(epochs=2, lr=2e-4)),
     # end-to-end distillation (KL to the FP logits) after the walk, on top of block fine-tuning or alone
-    "best-w2-ft-e2e64": PRESETS["best-w2-ft"].with_(e2e_ft=E2EFTConfig(steps=64)),
-    "best-w2-ft-e2e64-lr1e-5": PRESETS["best-w2-ft"].with_(e2e_ft=E2EFTConfig(steps=64, lr=1e-5)),
-    "best-w2-e2e64": PRESETS["best-w2"].with_(e2e_ft=E2EFTConfig(steps=64)),
-    "best-w2-ft-e2e256": PRESETS["best-w2-ft"].with_(e2e_ft=E2EFTConfig(steps=256)),
-    "best-w2-e2e256": PRESETS["best-w2"].with_(e2e_ft=E2EFTConfig(steps=256)),
+    "best-w2-ft-e2e64": _E8.with_(block_ft=_BFT, e2e_ft=E2EFTConfig(steps=64)),
+    "best-w2-ft-e2e64-lr1e-5": _E8.with_(block_ft=_BFT, e2e_ft=E2EFTConfig(steps=64, lr=1e-5)),
+    "best-w2-e2e64": _E8.with_(e2e_ft=E2EFTConfig(steps=64)),
+    "best-w2-ft-e2e256": _E8.with_(block_ft=_BFT, e2e_ft=E2EFTConfig(steps=256)),
+    "best-w2-e2e256": _E8.with_(e2e_ft=E2EFTConfig(steps=256)),
     # best-w2-e2e with E8P codes (the fast kernel's codebook)
-    "best-w2-e2e-e8p": PRESETS["best-w2-e2e"].with_(solver={"codebook": "e8p"}),
+    "best-w2-e2e-e8p": _E8P.with_(block_ft=_BFT, e2e_ft=E2EFTConfig(steps=64)),
     # end-to-end distillation also on (or only on) sequences sampled from the FP model before quantizing
-    "best-w2-e2e-e8p-g128": PRESETS["best-w2-e2e"].with_(solver={"codebook": "e8p"},
-                                                         e2e_ft=E2EFTConfig(steps=64, generated=128)),
-    "best-w2-e2e-e8p-g128only": PRESETS["best-w2-e2e"].with_(
-        solver={"codebook": "e8p"}, e2e_ft=E2EFTConfig(steps=64, generated=128, calibration=False)),
-    "best-w2-e2e256-e8p-g256": PRESETS["best-w2-e2e"].with_(solver={"codebook": "e8p"},
-                                                            e2e_ft=E2EFTConfig(steps=256, generated=256)),
+    "best-w2-e2e-e8p-g128": _E8P.with_(block_ft=_BFT, e2e_ft=E2EFTConfig(steps=64, generated=128)),
+    "best-w2-e2e-e8p-g128only": _E8P.with_(
+        block_ft=_BFT, e2e_ft=E2EFTConfig(steps=64, generated=128, calibration=False)),
+    "best-w2-e2e256-e8p-g256": _E8P.with_(block_ft=_BFT, e2e_ft=E2EFTConfig(steps=256, generated=256)),  # best-w2-e2e
+    "best-w2-e2e512-e8p-g256": _E8P.with_(block_ft=_BFT, e2e_ft=E2EFTConfig(steps=512, generated=256)),
+    "best-w2-e2e256-e8p-g256-lr3e-4-norms": _E8P.with_(
+        block_ft=_BFT, e2e_ft=E2EFTConfig(steps=256, lr=3e-4, norm_lr=1e-4, generated=256)),
     # ~1 bit: the learned 8-dim codebook (1.088 b/w) with block fine-tuning and distillation on sampled text
     "vq-km-d8-k8": PRESETS["vq-km-d8-k8"],
-    "vq-km-d8-k8-bft2-e2e64-g128": PRESETS["vq-km-d8-k8"].with_(
-        block_ft=BlockFTConfig(epochs=2, lr=2e-4, norm_lr=2e-4), e2e_ft=E2EFTConfig(steps=64, generated=128)),
-    "vq-km-d8-k8-bft2-e2e256-g256": PRESETS["vq-km-d8-k8"].with_(
-        block_ft=BlockFTConfig(epochs=2, lr=2e-4, norm_lr=2e-4), e2e_ft=E2EFTConfig(steps=256, generated=256)),
-    "best-w1-e2e64-g128": PRESETS["best-w1"].with_(e2e_ft=E2EFTConfig(steps=64, generated=128)),
-    "best-w1-e2e256-g256": PRESETS["best-w1"].with_(e2e_ft=E2EFTConfig(steps=256, generated=256)),
-    "best-w1-e2e64": PRESETS["best-w1"].with_(e2e_ft=E2EFTConfig(steps=64)),
-    # the same budget alone and with best-w2-e2e's fine-tuning
+    "vq-km-d8-k8-bft2-e2e64-g128": PRESETS["vq-km-d8-k8"].with_(block_ft=_BFT,
+                                                                e2e_ft=E2EFTConfig(steps=64, generated=128)),
+    "vq-km-d8-k8-bft2-e2e256-g256": PRESETS["vq-km-d8-k8"].with_(block_ft=_BFT,  # best-w1
+                                                                 e2e_ft=E2EFTConfig(steps=256, generated=256)),
+    # the OneBit recipe (best-w1 until 2026-12-07) with the same distillation
+    "best-w1-e2e64-g128": _ONEBIT.with_(e2e_ft=E2EFTConfig(steps=64, generated=128)),
+    "best-w1-e2e256-g256": _ONEBIT.with_(e2e_ft=E2EFTConfig(steps=256, generated=256)),
+    "best-w1-e2e64": _ONEBIT.with_(e2e_ft=E2EFTConfig(steps=64)),
+    # the same budget alone and with block fine-tuning + 64 steps of distillation on the calibration windows
     "budget2.25-e8-3": _BUDGET_225,
-    "budget2.25-e8-3-ft-e2e64": _BUDGET_225.with_(block_ft=PRESETS["best-w2-e2e"].block_ft,
-                                                  e2e_ft=PRESETS["best-w2-e2e"].e2e_ft),
+    "budget2.25-e8-3-ft-e2e64": _BUDGET_225.with_(block_ft=_BFT, e2e_ft=E2EFTConfig(steps=64)),
 }
 
 

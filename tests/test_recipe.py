@@ -10,6 +10,7 @@ import pytest
 from lowbit.configs import act_quant_of
 from lowbit.qep import QEPConfig
 from lowbit.recipe import PRESETS, Recipe, RecipeError, get_recipe, parse_label, save_recipe, with_overrides
+from lowbit.stages.base import BlockFTConfig, E2EFTConfig
 from lowbit.rotation import RotationConfig
 from lowbit.solvers import (CONFIGS, NEEDS_HESSIAN, ROW_INDEPENDENT, SOLVERS, GPTQConfig, OneBitConfig, QQASolverConfig,
                             RTNConfig, SolverConfig, VQE8Config, VQE8QQAConfig, config_type, get_solver,
@@ -50,18 +51,24 @@ def test_errors():
 
 def test_best_presets_per_width():
     """best-w3 / best-w2 / best-w1 name the recommended 3-, 2- and 1-bit recipes (BENCHMARKS.md), as
-    best does for 4 bits; the 2-bit one is the E8 vector recipe measured under the protocol."""
+    best does for 4 bits; the 2-bit one is the E8P vector recipe, the 1-bit one a learned codebook, both measured
+    under the protocol."""
     for name, bits, method in (("best", 4, "gptq"), ("best-w3", 3, "gptq"), ("best-w2", 2, "vq_e8"),
-                               ("best-w1", 1, "onebit")):
+                               ("best-w1", 1, "vq_kmeans")):
         r = get_recipe(name)
         assert (r.bits, r.method, r.label) == (bits, method, name) and r.qep is not None
     assert get_recipe("best-w2").rotation.kind == "hadamard" and get_recipe("best-w3").rotation.kind == "hadamard"
     assert len({get_recipe(n).identity for n in ("best", "best-w3", "best-w2", "best-w1")}) == 4
     ft = get_recipe("best-w2-ft")  # best-w2 with block-wise fine-tuning of its row scales and norms
     assert ft.label == "best-w2-ft" and ft.with_(block_ft=None, name="best-w2") == get_recipe("best-w2")
-    e2e = get_recipe("best-w2-e2e")  # best-w2-ft with end-to-end distillation after the walk
-    assert e2e.label == "best-w2-e2e" and e2e.e2e_ft.steps == 64
+    assert get_recipe("best-w2").codebook == "e8p"
+    e2e = get_recipe("best-w2-e2e")  # best-w2-ft with end-to-end distillation on calibration + sampled text
+    assert e2e.label == "best-w2-e2e" and (e2e.e2e_ft.steps, e2e.e2e_ft.generated, e2e.e2e_ft.calibration) == \
+        (256, 256, True)
     assert e2e.with_(e2e_ft=None, name="best-w2-ft") == ft
+    w1 = get_recipe("best-w1")  # the k-means codebook preset with best-w2-e2e's fine-tuning
+    assert w1.with_(block_ft=None, e2e_ft=None, name="vq-km-d8-k8") == get_recipe("vq-km-d8-k8")
+    assert (w1.block_ft, w1.e2e_ft) == (e2e.block_ft, e2e.e2e_ft)
     assert (ft.block_ft.epochs, ft.block_ft.lr, ft.block_ft.norm_lr) == (2, 2e-4, 2e-4)  # 5e-3 made it worse
 
 
@@ -86,13 +93,31 @@ def _effective(method, kwargs):
     return {**base, **{k: v for k, v in kwargs.items() if k in base}}
 
 
+#: presets redefined on 2026-12-07 (E8P codes, distillation on sampled text, the k-means 1-bit recipe), as they
+#: were before: the pinned forms below are theirs
+_E8 = dict(method="vq_e8", bits=2, group_size=-1, rotation="hadamard", qep=QEPConfig())
+_BFT = BlockFTConfig(epochs=2, lr=2e-4, norm_lr=2e-4)
+OLD_PRESETS = {
+    "best-w2": Recipe(**_E8, name="best-w2"),
+    "best-w2-ft": Recipe(**_E8, block_ft=_BFT, name="best-w2-ft"),
+    "best-w2-e2e": Recipe(**_E8, block_ft=_BFT, e2e_ft=E2EFTConfig(steps=64), name="best-w2-e2e"),
+    "best-w1": Recipe(method="onebit", bits=1, group_size=-1, onebit_qqa=True, qep=QEPConfig(), onebit_ft_epochs=3,
+                      qqa_steps=25, name="best-w1"),
+}
+
+
+def test_redefined_presets_are_new_recipes():
+    for name, old in OLD_PRESETS.items():
+        assert get_recipe(name) != old and get_recipe(name).identity != old.identity
+
+
 @pytest.mark.parametrize("name", list(MAIN))
 def test_every_expansion_equals_the_flat_recipe_of_before(name):
     """Field for field (the flat view), label, and the solver calls (the recipe's method and, for integer
     solvers, the onebit / gptq calls a bit budget makes) as before typed configs; the old flat JSON reads
     back to the same recipe."""
     ref = MAIN[name]
-    r = get_recipe(str(ROOT / name) if name.endswith(".json") else name)
+    r = OLD_PRESETS.get(name) or get_recipe(str(ROOT / name) if name.endswith(".json") else name)
     assert r.to_flat_dict() == ref["flat"] and r.label == ref["label"]
     for method, kwargs in ref["solver_kwargs"].items():
         assert _effective(method, r.solver_kwargs(method)) == _effective(method, kwargs), method
@@ -308,11 +333,10 @@ SLOTS = json.loads((ROOT / "tests/data/recipes_slots_8160ef3.json").read_text())
 
 @pytest.mark.parametrize("name", list(SLOTS))
 def test_the_slot_form_of_earlier_versions_still_loads(name):
-    assert Recipe.from_dict(SLOTS[name]) == get_recipe(name)
+    assert Recipe.from_dict(SLOTS[name]) == (OLD_PRESETS.get(name) or get_recipe(name))
 
 
 def test_stages_are_kept_in_run_order_one_of_each():
-    from lowbit.stages.base import BlockFTConfig
 
     given = [{"stage": "act_quant", "bits": 8}, BlockFTConfig(2), {"stage": "rotation", "kind": "orthogonal"}]
     r = Recipe(method="gptq", stages=given)
@@ -351,7 +375,7 @@ def test_identity_is_the_hash_of_the_list_form():
     slot form gave (documented in docs/architecture.md), and is the same for any order the stages are given in."""
     import hashlib
 
-    r = get_recipe("best-w2-e2e")
+    r = OLD_PRESETS["best-w2-e2e"]  # the preset as it was when pinned (E8 ball, 64 steps)
     d = r.to_dict()
     d.pop("name")
     assert r.identity == hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -256,6 +256,8 @@ class Recipe:
                                                 "onebit_ft_epochs", "onebit_ft_lr", "budget")})
         d["budget_bits"] = list(self.budget_bits)
         d["budget_metric"] = self.budget_metric
+        if self.codebook != _FLAT_SOLVER["codebook"]:  # newer than the flat form: only where it is not the default
+            d["codebook"] = self.codebook
         for k in ("block_ft", "e2e_ft"):  # no flat form: nested, and only when set
             if getattr(self, k) is not None:
                 d[k] = getattr(self, k).to_dict()
@@ -498,25 +500,29 @@ def _best_presets() -> dict[str, Recipe]:
     return {
         # Hadamard rotation + QEP + GPTQ with the clipping search: 33.71 / 66.17 at 3.5 bits/weight (H100)
         "best-w3": parse_label("had-qep-gptq-w3-g64-clip").with_(name="best-w3"),
-        # Hadamard rotation + QEP + E8 vector codes (vector LDLQ): 59.14 / 142.99 at 2.02 bits/weight (H100),
-        # against 104.20 / 370.70 for the best scalar recipe at 2.5 bits
+        # Hadamard rotation + QEP + E8P vector codes (vector LDLQ; formats/e8p.py): 58.89 / 139.13 (Shakespeare
+        # 121.52) at 2.02 bits/weight against the E8 ball's 57.93 / 146.60 (128.35), CPU; its kernel decodes 1.6x
+        # faster (8B decode at batch 1: 1.12x bf16, the E8 ball 0.70x; H100). The best scalar recipe at 2.5 bits:
+        # 104.20 / 370.70
         "best-w2": Recipe(method="vq_e8", bits=2, group_size=-1, rotation="hadamard", qep=QEPConfig(),
-                          name="best-w2"),
-        # best-w2 + 2 epochs of block-wise fine-tuning of the row scales and the norm weights (Adam, lr 2e-4):
-        # 57.63 / 139.14 (Shakespeare 128.14) against best-w2's 57.93 / 146.57 (128.34), CPU, 2.9x the time;
-        # lr 5e-3 was worse than no fine-tuning (62.63 / 177.38 / 173.17)
+                          solver={"codebook": "e8p"}, name="best-w2"),
+        # best-w2 + 2 epochs of block-wise fine-tuning of the row scales and the norm weights (Adam, lr 2e-4).
+        # Measured with the E8 ball (CPU): 57.63 / 139.14 (128.14) against 57.93 / 146.57 (128.34), 2.9x the
+        # time; lr 5e-3 was worse than none (62.63 / 177.38 / 173.17). Not measured with E8P codes
         "best-w2-ft": Recipe(method="vq_e8", bits=2, group_size=-1, rotation="hadamard", qep=QEPConfig(),
-                             block_ft=BlockFTConfig(epochs=2, lr=2e-4, norm_lr=2e-4), name="best-w2-ft"),
-        # best-w2-ft + 64 steps of end-to-end distillation (KL to the FP logits, Adam lr 1e-4, 4 windows a
-        # step): 46.61 / 116.97 (Shakespeare 108.87) against best-w2-ft's 53.17 / 140.18 (132.02), H100,
-        # 1.27x best-w2-ft's time; 256 steps: 46.43 / 116.42 (106.71) at 2.3x
+                             solver={"codebook": "e8p"}, block_ft=BlockFTConfig(epochs=2, lr=2e-4, norm_lr=2e-4),
+                             name="best-w2-ft"),
+        # best-w2-ft + 256 steps of end-to-end distillation (KL to the FP logits, Adam lr 1e-4, 4 windows a step)
+        # on the calibration windows and 256 sequences sampled from the FP model: 44.71 / 102.95 (Shakespeare
+        # 81.42) in 173 s (H100); on the calibration windows alone (64 steps) 46.88 / 117.43 (103.31) in 76 s
         "best-w2-e2e": Recipe(method="vq_e8", bits=2, group_size=-1, rotation="hadamard", qep=QEPConfig(),
-                              block_ft=BlockFTConfig(epochs=2, lr=2e-4, norm_lr=2e-4), e2e_ft=E2EFTConfig(steps=64),
-                              name="best-w2-e2e"),
-        # OneBit layers, QEP, QQA polish of the signs, 3 epochs of block-wise g/h training, 25 QQA steps:
-        # 707 / 8.6e3 at 1.05 bits/weight (H100): far from usable, the best 1-bit lowbit has
-        "best-w1": Recipe(method="onebit", bits=1, group_size=-1, onebit_qqa=True, qep=QEPConfig(),
-                          onebit_ft_epochs=3, qqa_steps=25, name="best-w1"),
+                              solver={"codebook": "e8p"}, block_ft=BlockFTConfig(epochs=2, lr=2e-4, norm_lr=2e-4),
+                              e2e_ft=E2EFTConfig(steps=256, generated=256), name="best-w2-e2e"),
+        # ~1 bit: a learned 256-entry codebook per layer over 8-dim groups (1.088 bits/weight, vq-km-d8-k8), block
+        # fine-tuning, then best-w2-e2e's distillation on calibration + sampled text: 159.89 / 405.95 (321.65) in
+        # 178 s (H100), against the OneBit recipe (qep-onebit-qqa25-ft3, 1.046 b/w): 707 / 8.6e3 in 549 s
+        "best-w1": PRESETS["vq-km-d8-k8"].with_(block_ft=BlockFTConfig(epochs=2, lr=2e-4, norm_lr=2e-4),
+                                                 e2e_ft=E2EFTConfig(steps=256, generated=256), name="best-w1"),
     }
 
 

@@ -300,7 +300,10 @@ def test_dispatcher_paths_read_the_threshold_at_call_time(interpreter, monkeypat
     monkeypatch.setattr(V, "GEMV_MAX_TOKENS", 8)
     V.vq_linear(torch.randn(5, 64), *lay.args())
     assert V.last_path == "gemv"
-    # half-precision activations: gemv at one token, mm from MM_MIN_TOKENS to MM_MAX_TOKENS, dequant beyond
+    # half-precision activations: mm from MM_MIN_TOKENS to MM_MAX_TOKENS where it is turned on, else as fp32
+    V.vq_linear(torch.randn(2, 64).half(), *lay.args(torch.float16))
+    assert V.last_path == "gemv"                               # off by default
+    monkeypatch.setenv("LOWBIT_VQ_MM_MAX_TOKENS", "16")
     for tokens, path in ((1, "gemv"), (2, "mm"), (16, "mm"), (17, "dequant")):
         V.vq_linear(torch.randn(tokens, 64).half(), *lay.args(torch.float16))
         assert V.last_path == path, tokens

@@ -108,7 +108,7 @@ def test_pipeline_block_ft_lowers_block_error_and_the_next_block_sees_it(kind):
 def test_recipe_round_trip_label_identity_and_overrides():
     r = get_recipe("best-w2").with_(name="", block_ft={"epochs": 2, "lr": 5e-3, "norm_lr": 5e-3},
                                     e2e_ft=E2EFTConfig(10, batch=2))
-    assert r.label == "had-qep-vq_e8-w2-pc-bft2-e2e10"
+    assert r.label == "had-qep-vq_e8-w2-pc-e8p-bft2-e2e10"
     d = json.loads(json.dumps(r.to_dict()))
     assert d["stages"][1] == {"stage": "block_ft", "epochs": 2, "lr": 5e-3, "norm_lr": 5e-3, "samples": 0,
                               "val_fraction": 0.125}
@@ -137,6 +137,9 @@ def test_cli_options_map_into_the_recipe():
             "e2e_lr": 1e-5, "e2e_batch": 2}
     r = _recipe("best-w2", _recipe_overrides(opts))
     assert r.block_ft == BlockFTConfig(2, 5e-3, 5e-3, 64) and r.e2e_ft == E2EFTConfig(20, 1e-5, 2)
+    r = _recipe("best-w2", _recipe_overrides({"e2e_steps": 8, "e2e_generated": 32}))
+    assert r.e2e_ft == E2EFTConfig(8, generated=32)
+    assert _recipe("best-w2-e2e", _recipe_overrides({"e2e_generated": 0})).e2e_ft.generated == 0
 
 
 @pytest.mark.parametrize("make,msg", [

@@ -15,7 +15,7 @@ Entry points, following the conventions of `kernels.quant`:
   fly, one token per program), "mm" (`vq_mm_kernel`: each weight tile decoded once for up to 16 tokens and
   multiplied on the tensor cores; fp16 / bf16 activations), "dequant" (`vq_dequantize_triton`, then
   cuBLAS), "auto": mm for MM_MIN_TOKENS to MM_MAX_TOKENS tokens of half-precision
-  activations, else gemv up to GEMV_MAX_TOKENS tokens, dequant beyond; the thresholds are read at every call (`setting`).
+  activations (off by default: slower than both others as first measured), else gemv up to GEMV_MAX_TOKENS tokens, dequant beyond; the thresholds are read at every call (`setting`).
 
 The path taken is recorded in `last_path` and counted in `path_counts`.
 """
@@ -39,9 +39,11 @@ from lowbit.kernels.quant import _next_pow2, _pow2, _sms
 #: dequantized and multiplied by cuBLAS. A guess until `benchmarks/kernel_vq.py` times the crossover
 GEMV_MAX_TOKENS = 4
 #: fp16 / bf16 activations of MM_MIN_TOKENS to MM_MAX_TOKENS tokens take the tensor-core kernel instead (fp32
-#: ones never do); `benchmarks/kernel_vq.py` times the crossovers
+#: ones never do). Off by default (MM_MAX_TOKENS = 0): on the H100 (2026-12-07, `benchmarks/kernel_vq.py`)
+#: its first form takes ~100 us on 4096x4096 at 4 and at 16 tokens, where the GEMV takes 35.5 us (4 tokens)
+#: and dequant + cuBLAS 50 us; LOWBIT_VQ_MM_MAX_TOKENS=16 turns it on
 MM_MIN_TOKENS = 2
-MM_MAX_TOKENS = 16
+MM_MAX_TOKENS = 0
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -142,18 +144,29 @@ def _launch_gemv(tk, x2, codes, scales, book, bias, out, K, N, dim, sms, e8p=Fal
     for name, v in (("block_n", bn), ("block_g", bg)):
         if not _pow2(v):
             raise ValueError(f"{name} must be a power of two, got {v}")
-    tiles = -(-G // bg)
-    sp = max(1, min(splits or cfg["splits"], tiles))
-    g_split = -(-tiles // sp) * bg
-    sp = -(-G // g_split)                                    # no empty split
-    n_r = -(-N // bn)
-    if T > 65535 or sp > 65535:
-        raise ValueError(f"{T} tokens, {sp} splits: the grid's axes 1 and 2 take 65535 at most")
-    part = torch.empty((T, sp, N), dtype=torch.float32, device=x2.device) if sp > 1 else out
-    tk.vq_gemv_kernel[(n_r, sp, T)](
+    sp, g_split, part = _splits(G, bg, splits or cfg["splits"], T, T, out)
+    tk.vq_gemv_kernel[(-(-N // bn), sp, T)](
         x2, codes, scales, book, bias if bias is not None else out, out, part, G, N, g_split,
         codes.stride(0), x2.stride(0), out.stride(0), DIM=dim, BLOCK_N=bn, BLOCK_G=bg, SPLITS=sp,
         HAS_BIAS=bias is not None, E8P=e8p, num_warps=num_warps or cfg["num_warps"])
+    _sum_splits(part, bias, out, sp)
+
+
+def _splits(G: int, bg: int, splits: int, T: int, grid_t: int, out: Tensor):
+    """(splits, groups per split, the float32 [T, splits, N] partial-sum buffer or `out` itself for one split)
+    for `splits` asked of G groups in tiles of bg: at most one split per tile, none empty."""
+    tiles = -(-G // bg)
+    sp = max(1, min(splits, tiles))
+    g_split = -(-tiles // sp) * bg
+    sp = -(-G // g_split)
+    if grid_t > 65535 or sp > 65535:
+        raise ValueError(f"{T} tokens, {sp} splits: the grid's axes 1 and 2 take 65535 at most")
+    part = torch.empty((T, sp, out.shape[-1]), dtype=torch.float32, device=out.device) if sp > 1 else out
+    return sp, g_split, part
+
+
+def _sum_splits(part: Tensor, bias: Tensor | None, out: Tensor, sp: int) -> None:
+    """out = the partial sums added in split order (deterministic) + bias, where there were several splits."""
     if sp > 1:
         y = part.sum(1)
         if bias is not None:
@@ -188,24 +201,14 @@ def _launch_mm(tk, x2, codes, scales, book, bias, out, K, N, dim, sms, e8p=False
     if bn < 16 or bt < 16 or bg * dim < 16:
         raise ValueError(f"the mm path needs block_n, block_t and block_g * dim >= 16 (tl.dot), got {bn}, {bt}, "
                          f"{bg * dim}")
-    tiles = -(-G // bg)
-    sp = max(1, min(splits or cfg["splits"], tiles))
-    g_split = -(-tiles // sp) * bg
-    sp = -(-G // g_split)                                    # no empty split
     n_t = -(-T // bt)
-    if n_t > 65535 or sp > 65535:
-        raise ValueError(f"{T} tokens, {sp} splits: the grid's axes 1 and 2 take 65535 at most")
-    part = torch.empty((T, sp, N), dtype=torch.float32, device=x2.device) if sp > 1 else out
+    sp, g_split, part = _splits(G, bg, splits or cfg["splits"], T, n_t, out)
     tk.vq_mm_kernel[(-(-N // bn), sp, n_t)](
         x2, codes, scales, book, bias if bias is not None else out, out, part, G, N, T, g_split,
         codes.stride(0), x2.stride(0), out.stride(0), DIM=dim, BLOCK_N=bn, BLOCK_G=bg, BLOCK_T=bt, SPLITS=sp,
         HAS_BIAS=bias is not None, E8P=e8p, DOT_F32=_interpreting() and x2.dtype == torch.bfloat16,
         num_warps=num_warps or cfg["num_warps"])
-    if sp > 1:
-        y = part.sum(1)
-        if bias is not None:
-            y += bias.float()
-        out.copy_(y)
+    _sum_splits(part, bias, out, sp)
 
 
 def vq_dequantize_triton(codes: Tensor, scales: Tensor, book: Tensor, dtype: torch.dtype = torch.bfloat16, *,
