@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
 # The GPU runs the open issues still wait for, in one call of at most DEADLINE seconds (default 540), most
 # needed first. Run from the repository root on the GPU machine, carrying .carry/peers (the ParoQuant and
-# AutoAWQ wheels: benchmarks/peers/export_loaders_gpu.sh says how to fetch them). No model is needed.
+# AutoAWQ wheels: benchmarks/peers/export_loaders_gpu.sh says how to fetch them) and nothing else: with
+# .carry/a the call passes the 64 MiB limit. No model is needed.
 #
 #     DEADLINE=540 bash benchmarks/gpu_pending.sh            # outputs under $OUT
 #
-# 1. tests/test_qep.py -k cuda: QEP's half-precision statistics against float64 (issue 19).
-# 2. on an H200 (> 100 GB): the 405 B block, `scale_7b.py --part shapes --shapes 405b --gpu-memory 130` (19);
-#    on an H100: the pairwise decode gap with o's rotation inside the GEMV (`decode_e2e.py ... +gemvrot`, 16).
-# 3. the ParoQuant exports read by the reference package's own loader (export_loaders_gpu.sh, issue 17).
-# 4. with the time left: three blocks of the 24 B shape (`--shapes 24b:3`, issue 19).
+# 1. on an H200 (> 100 GB): the 405 B block, `scale_7b.py --part shapes --shapes 405b --gpu-memory 130` (19).
+# 2. the ParoQuant exports read by the reference package's own loader (export_loaders_gpu.sh, issue 17).
+# 3. with the time left: three blocks of the 24 B shape (`--shapes 24b:3`, issue 19).
+# Done on the H100 (2026-12-07): QEP's half-precision statistics test, the +gemvrot decode variant.
 # Still separate (need the model staged, benchmarks/gpu_env.sh): `LOWBIT_HALF_GRAM=0|1 python -m lowbit quantize
-# smollm2 --recipe qep-gptq-w4-g128 --device cuda --dtype bf16` and `RECIPES=vq-e8-had-qep-qqa bash
-# benchmarks/vq_protocol.sh`.
+# smollm2 --recipe qep-gptq-w4-g128 --device cuda --dtype bf16` and `RECIPES=vq-e8-had-qep-qqa,budget2.25-e8-3,
+# budget2.25-e8-3-ft-e2e64,best-w2-ft bash benchmarks/vq_protocol.sh` (issue 20).
 set -u
 cd "$(dirname "$0")/.." || exit 1
 T0=$SECONDS
@@ -22,22 +22,18 @@ mkdir -p "$OUT"
 left() { echo $((DEADLINE - (SECONDS - T0) - 5)); }
 export PYTHONPATH=$PWD/src:$PWD/tests/kernels${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
-timeout 60 python -m pytest -q -p no:cacheprovider tests/test_qep.py -k cuda -s -rA > "$OUT/pytest-qep-cuda.txt" 2>&1
-echo "qep test rc $? at $((SECONDS - T0)) s"; tail -5 "$OUT/pytest-qep-cuda.txt"
 mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
-# step 2's limit: what is left but 120 s for step 3; never 0 or less (`timeout 0` would not limit it at all)
+# step 1's limit: what is left but 120 s for step 2; never 0 or less (`timeout 0` would not limit it at all)
 t2=$(($(left) - 120))
 if [ "$t2" -lt 60 ]; then
-  echo "step 2 skipped: ${t2} s left for it (raise DEADLINE)"
+  echo "step 1 skipped: ${t2} s left for it (raise DEADLINE)"
 elif [ "$mem" -gt 100000 ]; then
   mkdir -p "$OUT/s405"
   OUT=$OUT/s405 timeout "$t2" python benchmarks/scale_7b.py --part shapes --shapes 405b --gpu-memory 130 \
     > "$OUT/shapes-405b.log" 2>&1
   echo "405b rc $? at $((SECONDS - T0)) s"; tail -2 "$OUT/shapes-405b.log"
 else
-  timeout $((t2 < 170 ? t2 : 170)) python benchmarks/decode_e2e.py --variants w4,w4-pair,w4-pair+gemvrot --batches 1 --profile \
-    --out "$OUT/e2e-gemvrot.json" > "$OUT/e2e-gemvrot.log" 2>&1
-  echo "e2e rc $? at $((SECONDS - T0)) s"; grep -E "^\| w4" "$OUT/e2e-gemvrot.log" | tail -6
+  echo "step 1 skipped: the 405 B block needs an H200 (this GPU has ${mem} MiB)"
 fi
 if [ "$(left)" -gt 40 ]; then
   OUT=$OUT/paro MAKE=1 timeout "$(left)" bash benchmarks/peers/export_loaders_gpu.sh > "$OUT/paro-ref.log" 2>&1

@@ -20,7 +20,6 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
 from tqdm.auto import tqdm
-
 from transformers import DynamicCache
 
 from .compat import cache_kwargs

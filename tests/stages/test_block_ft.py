@@ -227,7 +227,8 @@ def test_sample_is_seeded_full_length_and_follows_the_model():
     assert (sample(m, 3, 6, seed=3)[:, 1:] == 7).all()
     c, g = tiny_tokens(6, 12), a
     pool = mix(c, g)
-    assert pool.shape == (11, 12) and sorted(map(tuple, pool.tolist())) == sorted(map(tuple, torch.cat([c, g]).tolist()))
+    rows = sorted(map(tuple, torch.cat([c, g]).tolist()))
+    assert pool.shape == (11, 12) and sorted(map(tuple, pool.tolist())) == rows
     assert torch.equal(pool, mix(c, g)) and torch.equal(mix(c, None), c) and torch.equal(mix(None, g), g)
     with pytest.raises(ValueError, match="no windows"):
         mix(None, None)
@@ -251,6 +252,22 @@ def test_e2e_on_sampled_windows_alone_and_mixed():
         E2EFTConfig(4, generated=-1)
     with pytest.raises(RecipeError, match=">= 2 without the calibration"):
         E2EFTConfig(4, calibration=False)
+
+
+def test_best_w1_form_runs_block_ft_and_sampled_e2e_on_a_learned_codebook():
+    """best-w1's ingredients on a tiny model: k-means codes, block fine-tuning, distillation on calibration +
+    sampled windows; the codes stay, the trained codebooks and scales reach the model."""
+    base = Recipe(method="vq_kmeans", bits=1, group_size=-1, solver={"d": 4, "k": 4, "iters": 5, "refits": 1})
+    m0, r0 = _q(base)
+    r = base.with_(block_ft=BlockFTConfig(1, lr=1e-3, norm_lr=1e-3),
+                   e2e_ft=E2EFTConfig(6, lr=1e-3, batch=2, eval_every=2, generated=6))
+    m, res = _q(r)
+    e2e = res.block_fits[-1]
+    assert "e2e_ft" in e2e and (e2e["reverted"] or e2e["e2e_ft"][1] < e2e["e2e_ft"][0])
+    n = "model.layers.0.mlp.down_proj"
+    assert torch.equal(res.weights[n].codes, r0.weights[n].codes)
+    assert torch.equal(m.get_submodule(n).weight, res.weights[n].dequantize())
+    assert not all(torch.equal(res.weights[k].dequantize(), r0.weights[k].dequantize()) for k in r0.weights)
 
 
 def test_cli_quantize_with_block_and_e2e_ft_reloads(tiny_dir, tmp_path):

@@ -14,8 +14,9 @@ Entry points, following the conventions of `kernels.quant`:
 - `vq_linear_triton` (launcher, no autograd): path "gemv" (`vq_gemv_kernel`: codes decoded on the
   fly, one token per program), "mm" (`vq_mm_kernel`: each weight tile decoded once for up to 16 tokens and
   multiplied on the tensor cores; fp16 / bf16 activations), "dequant" (`vq_dequantize_triton`, then
-  cuBLAS), "auto": mm for MM_MIN_TOKENS to MM_MAX_TOKENS tokens of half-precision
-  activations (off by default: slower than both others as first measured), else gemv up to GEMV_MAX_TOKENS tokens, dequant beyond; the thresholds are read at every call (`setting`).
+  cuBLAS), "auto": mm for MM_MIN_TOKENS to MM_MAX_TOKENS tokens of half-precision activations (off by
+  default: slower than both others as first measured), else gemv up to GEMV_MAX_TOKENS tokens, dequant
+  beyond; the thresholds are read at every call (`setting`).
 
 The path taken is recorded in `last_path` and counted in `path_counts`.
 """
@@ -243,7 +244,8 @@ def vq_linear_triton(x: Tensor, codes: Tensor, scales: Tensor, book: Tensor, bia
     """y = x W^T + bias with the Triton kernels (no autograd); x [..., K], y [..., N] in x's dtype.
 
     path "gemv" (tiles: block_n, block_g, splits, num_warps; `gemv_config`), "mm" (the same and block_t;
-    `mm_config`), "dequant" or "auto" (module docstring). `out`: a contiguous [tokens, N] tensor of x's dtype to write."""
+    `mm_config`), "dequant" or "auto" (module docstring). `out`: a contiguous [tokens, N] tensor of x's dtype
+    to write."""
     tk = _triton()
     if tk is None:
         raise RuntimeError("vq_linear_triton needs triton (pip install triton); use vq_linear_ref or vq_linear")
