@@ -508,7 +508,7 @@ def _best_presets() -> dict[str, Recipe]:
                           solver={"codebook": "e8p"}, name="best-w2"),
         # best-w2 + 2 epochs of block-wise fine-tuning of the row scales and the norm weights (Adam, lr 2e-4).
         # Measured with the E8 ball (CPU): 57.63 / 139.14 (128.14) against 57.93 / 146.57 (128.34), 2.9x the
-        # time; lr 5e-3 was worse than none (62.63 / 177.38 / 173.17). Not measured with E8P codes
+        # time; lr 5e-3 was worse than none (62.63 / 177.38 / 173.17). With E8P codes (CPU): 55.57 / 140.95 (129.03)
         "best-w2-ft": Recipe(method="vq_e8", bits=2, group_size=-1, rotation="hadamard", qep=QEPConfig(),
                              solver={"codebook": "e8p"}, block_ft=BlockFTConfig(epochs=2, lr=2e-4, norm_lr=2e-4),
                              name="best-w2-ft"),
