@@ -27,6 +27,7 @@ from lowbit.stages.base import BlockFTConfig, BudgetConfig, E2EFTConfig
 
 # a quarter bit more than E8: E8 or 3-bit per-channel GPTQ per linear, chosen by the Fisher budget
 _BUDGET_225 = get_recipe("had-qep-gptq-w3-pc").with_(bit_budget=BudgetConfig(target=2.25, bits=("e8", 3)))
+_BUDGET_225_E8P = get_recipe("had-qep-gptq-w3-pc").with_(bit_budget=BudgetConfig(target=2.25, bits=("e8p", 3)))
 
 # the 2-bit base as measured before 2026-12-07 (the E8 ball; best-w2 now takes E8P codes), its block fine-tuning,
 # and the OneBit recipe best-w1 was until then: the names below keep what they measured
@@ -79,6 +80,12 @@ RECIPES = {
     # the same budget alone and with block fine-tuning + 64 steps of distillation on the calibration windows
     "budget2.25-e8-3": _BUDGET_225,
     "budget2.25-e8-3-ft-e2e64": _BUDGET_225.with_(block_ft=_BFT, e2e_ft=E2EFTConfig(steps=64)),
+    # the budget over E8P codes with best-w2-e2e's fine-tuning (block FT + 256 steps on calibration + 256 samples)
+    "budget2.25-e8p-3-ft-e2e256-g256": _BUDGET_225_E8P.with_(block_ft=_BFT,
+                                                             e2e_ft=E2EFTConfig(steps=256, generated=256)),
+    # best-w1 with four times the distillation steps on twice the sampled text
+    "vq-km-d8-k8-bft2-e2e1024-g512": PRESETS["vq-km-d8-k8"].with_(block_ft=_BFT,
+                                                                  e2e_ft=E2EFTConfig(steps=1024, generated=512)),
 }
 
 

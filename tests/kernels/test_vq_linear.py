@@ -258,9 +258,12 @@ MM_CASES = [
 
 
 @interpreter_only
+@pytest.mark.parametrize("decode", [0, 1, 2])
 @pytest.mark.parametrize("case", range(len(MM_CASES)))
-def test_mm_interpreter(case, interpreter):
+def test_mm_interpreter(case, decode, interpreter):
     n_out, n_in, dim, bits, bias, tokens, tiles = MM_CASES[case]
+    # decode 2 multiplies per coordinate: its products are block_g deep, which tl.dot wants >= 16
+    tiles = dict(tiles, decode=decode, block_g=16 if decode == 2 else tiles["block_g"])
     lay = _layer(n_out, n_in, dim, bits, bias, 10 + case)
     g = torch.Generator().manual_seed(case)
     for dtype in (torch.bfloat16, torch.float16):
@@ -274,6 +277,10 @@ def test_mm_interpreter(case, interpreter):
         V.vq_linear_triton(x.float(), *lay.args(), path="mm", **lay.kw())
     with pytest.raises(ValueError, match=">= 16"):
         V.vq_linear_triton(x, *lay.args(dtype), path="mm", block_n=8, **lay.kw())
+    with pytest.raises(ValueError, match=">= 16"):
+        V.vq_linear_triton(x, *lay.args(dtype), path="mm", decode=2, block_g=8, **lay.kw())
+    with pytest.raises(ValueError, match="decode must be"):
+        V.vq_linear_triton(x, *lay.args(dtype), path="mm", decode=3, **lay.kw())
 
 
 @interpreter_only
@@ -341,11 +348,14 @@ def test_gpu_paths_match_reference(dtype):
         for dim, bits in ((8, 16), (4, 8), (8, "e8p")):
             lay = _layer(n_out, n_in, dim, bits, i % 2 == 0, i)
             lay = _to_cuda(lay)
-            for tokens, path in ((1, "gemv"), (4, "gemv"), (4, "mm"), (16, "mm"), (40, "dequant")):
+            for tokens, path, tiles in ((1, "gemv", {}), (4, "gemv", {}), (4, "mm", dict(decode=0)),
+                                        (16, "mm", dict(decode=0)), (4, "mm", dict(decode=1)),
+                                        (16, "mm", dict(decode=1)), (4, "mm", dict(decode=2, block_g=16)),
+                                        (16, "mm", dict(decode=2, block_g=16)), (40, "dequant", {})):
                 x = torch.randn(tokens, n_in, device="cuda").to(dtype)
                 out = torch.full((tokens, n_out), float("nan"), device="cuda", dtype=dtype)
-                y = V.vq_linear_triton(x, *lay.args(dtype), path=path, out=out, **lay.kw())
-                assert relerr(y, lay.ref64(x)) < TOL[dtype], (n_out, n_in, dim, tokens, path)
+                y = V.vq_linear_triton(x, *lay.args(dtype), path=path, out=out, **tiles, **lay.kw())
+                assert relerr(y, lay.ref64(x)) < TOL[dtype], (n_out, n_in, dim, tokens, path, tiles)
 
 
 def _to_cuda(lay):

@@ -45,12 +45,8 @@ def _gather(codes_ptr, book_ptr, rows, groups, stride_c, rmask, gmask, DIM: tl.c
     d = tl.arange(0, DIM)
     if E8P:
         t = tl.load(book_ptr + (idx & 255)[:, :, None] * DIM + d[None, None, :]).to(tl.float32)
-        sb = (idx >> 8) & 127                          # the signs of coordinates 0-6
-        v = sb ^ (sb >> 4)
-        v = v ^ (v >> 2)
-        s8 = sb | (((v ^ (v >> 1)) & 1) << 7)          # bit 7: their parity, the sign of coordinate 7
+        s8, shift = _e8p_signs(idx)
         neg = (s8[:, :, None] >> d[None, None, :]) & 1
-        shift = 0.25 - 0.5 * ((idx >> 15) & 1).to(tl.float32)
         return tl.where(neg == 1, -t, t) + shift[:, :, None]
     else:
         return tl.load(book_ptr + idx[:, :, None] * DIM + d[None, None, :]).to(tl.float32)
@@ -87,10 +83,32 @@ def vq_gemv_kernel(x_ptr, codes_ptr, s_ptr, book_ptr, bias_ptr, out_ptr, part_pt
 
 
 @triton.jit
+def _e8p_signs(idx):
+    """(sign word, shift) of E8P codes idx (int32 16-bit patterns): bit j of the word = coordinate j negated;
+    the shift +-1/4 on every coordinate (fp32)."""
+    sb = (idx >> 8) & 127                              # the signs of coordinates 0-6
+    v = sb ^ (sb >> 4)
+    v = v ^ (v >> 2)
+    s8 = sb | (((v ^ (v >> 1)) & 1) << 7)              # bit 7: their parity, the sign of coordinate 7
+    return s8, 0.25 - 0.5 * ((idx >> 15) & 1).to(tl.float32)
+
+
+@triton.jit
+def _entry(idx, s8, shift, c, book_ptr, DIM: tl.constexpr, E8P: tl.constexpr):
+    """Coordinate c of the codebook entries of the codes idx (fp32); c broadcasts against idx (a scalar or a
+    column index per element). E8P: s8, shift from `_e8p_signs` (unused otherwise)."""
+    if E8P:
+        t = tl.load(book_ptr + (idx & 255) * DIM + c).to(tl.float32)
+        return tl.where(((s8 >> c) & 1) == 1, -t, t) + shift
+    else:
+        return tl.load(book_ptr + idx * DIM + c).to(tl.float32)
+
+
+@triton.jit
 def vq_mm_kernel(x_ptr, codes_ptr, s_ptr, book_ptr, bias_ptr, out_ptr, part_ptr, G, N, T, G_SPLIT,
                  stride_c, stride_x, stride_o, DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
                  BLOCK_T: tl.constexpr, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, E8P: tl.constexpr,
-                 DOT_F32: tl.constexpr):
+                 DOT_F32: tl.constexpr, DECODE: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     toks = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -103,17 +121,43 @@ def vq_mm_kernel(x_ptr, codes_ptr, s_ptr, book_ptr, bias_ptr, out_ptr, part_ptr,
     g_hi = tl.minimum(g_lo + G_SPLIT, G)
     acc = tl.full([BLOCK_N, BLOCK_T], 0.0, tl.float32)
     for g0 in range(g_lo, g_hi, BLOCK_G):
-        groups = g0 + tl.arange(0, BLOCK_G)
-        gmask = groups < g_hi
-        w = _gather(codes_ptr, book_ptr, rows, groups, stride_c, rmask, gmask, DIM, E8P)
-        w = tl.reshape(w, [BLOCK_N, BLOCK_K]).to(x_ptr.dtype.element_ty)
-        cols = g0 * DIM + kk
-        xv = tl.load(x_ptr + toks[:, None] * stride_x + cols[None, :],
-                     mask=tmask[:, None] & (cols < g_hi * DIM)[None, :], other=0.0)
-        if DOT_F32:  # the Triton interpreter's bf16 tl.dot is wrong (triton 3.6): same operands, in fp32
-            acc = tl.dot(w.to(tl.float32), tl.trans(xv.to(tl.float32)), acc)
+        if DECODE == 2:
+            # one product per coordinate d: W[:, groups*DIM + d] (decoded from each code once) times the
+            # activations' matching columns; the codes' sign word and shift are built once per tile
+            groups = g0 + tl.arange(0, BLOCK_G)
+            gmask = groups < g_hi
+            m = rmask[:, None] & gmask[None, :]
+            idx = tl.load(codes_ptr + rows[:, None] * stride_c + groups[None, :], mask=m, other=0).to(tl.int32)
+            idx = idx & 0xFFFF
+            s8, shift = _e8p_signs(idx)
+            for d in tl.static_range(DIM):
+                w = _entry(idx, s8, shift, d, book_ptr, DIM, E8P)
+                xv = tl.load(x_ptr + toks[None, :] * stride_x + (groups * DIM + d)[:, None],
+                             mask=gmask[:, None] & tmask[None, :], other=0.0)
+                if DOT_F32:
+                    acc = tl.dot(w, xv.to(tl.float32), acc)
+                else:
+                    acc = tl.dot(w.to(x_ptr.dtype.element_ty), xv, acc)
         else:
-            acc = tl.dot(w, tl.trans(xv), acc)
+            cols = g0 * DIM + kk
+            cmask = cols < g_hi * DIM
+            if DECODE == 1:
+                # the 2-d operand decoded in place: column k reads code k // DIM, coordinate k % DIM
+                idx = tl.load(codes_ptr + rows[:, None] * stride_c + (cols // DIM)[None, :],
+                              mask=rmask[:, None] & cmask[None, :], other=0).to(tl.int32) & 0xFFFF
+                s8, shift = _e8p_signs(idx)
+                w = _entry(idx, s8, shift, (kk % DIM)[None, :], book_ptr, DIM, E8P)
+            else:
+                # [BLOCK_N, BLOCK_G, DIM] gathered, then reshaped to the 2-d operand
+                groups = g0 + tl.arange(0, BLOCK_G)
+                w = _gather(codes_ptr, book_ptr, rows, groups, stride_c, rmask, groups < g_hi, DIM, E8P)
+                w = tl.reshape(w, [BLOCK_N, BLOCK_K])
+            xv = tl.load(x_ptr + toks[:, None] * stride_x + cols[None, :], mask=tmask[:, None] & cmask[None, :],
+                         other=0.0)
+            if DOT_F32:  # the Triton interpreter's bf16 tl.dot is wrong (triton 3.6): same operands, in fp32
+                acc = tl.dot(w, tl.trans(xv.to(tl.float32)), acc)
+            else:
+                acc = tl.dot(w.to(x_ptr.dtype.element_ty), tl.trans(xv), acc)
     acc = acc * tl.load(s_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[:, None]
     m = rmask[:, None] & tmask[None, :]
     if SPLITS == 1:

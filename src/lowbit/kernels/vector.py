@@ -125,14 +125,19 @@ def _check_kernel(who: str, x: Tensor, codes: Tensor, scales: Tensor, book: Tens
 
 @functools.lru_cache(maxsize=4096)
 def gemv_config(G: int, N: int, dim: int, sms: int, tokens: int = 1) -> dict:
-    """Tiles of `vq_gemv_kernel`: dict(block_n, block_g, splits, num_warps). 16 rows x 256 input
-    columns per tile (16 x 32 codes of dimension 8); the groups split so that there are about 4
-    programs per SM, each split at least 4 tiles long. Guesses: `benchmarks/kernel_vq.py --sweep`."""
-    block_n = 16
-    block_g = max(1, min(_next_pow2(G), 256 // dim))
+    """Tiles of `vq_gemv_kernel`: dict(block_n, block_g, splits, num_warps). Layers with rows enough for 4
+    programs per SM at 16 rows a program (e.g. 14336 outputs): 16 rows x 256 input columns per tile, the groups
+    split so that there are about 4 programs per SM. Others: 32 rows x 128 columns, split for about 8 programs
+    per SM. Each split at least 4 tiles long. From `benchmarks/kernel_vq.py --sections sweep` on the H100
+    (2026-12-07: 32 x 16 x 8 splits 8-9 % faster than 16 x 32 x 3 on 4096x4096 and 14336x4096; 16 x 32 x 1
+    best on 4096x14336)."""
+    programs = -(-N // 16) * max(1, tokens)
+    wide = programs >= 4 * sms
+    block_n, per_sm = (16, 4) if wide else (32, 8)
+    block_g = max(1, min(_next_pow2(G), (256 if wide else 128) // dim))
     tiles = -(-G // block_g)
     programs = -(-N // block_n) * max(1, tokens)
-    splits = max(1, min(tiles // 4, -(-4 * sms // programs)))
+    splits = max(1, min(tiles // 4, -(-per_sm * sms // programs)))
     return dict(block_n=block_n, block_g=block_g, splits=splits, num_warps=4)
 
 
@@ -177,19 +182,21 @@ def _sum_splits(part: Tensor, bias: Tensor | None, out: Tensor, sp: int) -> None
 
 @functools.lru_cache(maxsize=4096)
 def mm_config(G: int, N: int, dim: int, sms: int, tokens: int) -> dict:
-    """Tiles of `vq_mm_kernel`: dict(block_n, block_g, block_t, splits, num_warps). 32 rows x 128 input columns
-    x 16 tokens per tile; the groups split so that there are about 4 programs per SM, each split at least 4
-    tiles long. Guesses: `benchmarks/kernel_vq.py --sweep`."""
-    block_n, block_t = 32, 16
-    block_g = max(2, min(_next_pow2(G), 128 // dim))      # tl.dot takes K >= 16
+    """Tiles of `vq_mm_kernel`: dict(block_n, block_g, block_t, splits, num_warps, decode). 32 rows x 128 input
+    columns x 16 tokens per tile; the groups split so that there are about 4 programs per SM, each split at least
+    4 tiles long. decode: how a tile is decoded (0: gathered [rows, groups, dim] and reshaped; 1: the 2-d operand
+    decoded column by column; 2: one product per coordinate, each of block_g groups, so block_g >= 16).
+    Guesses: `benchmarks/kernel_vq.py --sweep`."""
+    block_n, block_t, decode = 32, 16, 2
+    block_g = max(16 if decode == 2 else 2, min(_next_pow2(G), 128 // dim))  # tl.dot takes K >= 16
     tiles = -(-G // block_g)
     programs = -(-N // block_n) * -(-max(1, tokens) // block_t)
     splits = max(1, min(tiles // 4, -(-4 * sms // programs)))
-    return dict(block_n=block_n, block_g=block_g, block_t=block_t, splits=splits, num_warps=4)
+    return dict(block_n=block_n, block_g=block_g, block_t=block_t, splits=splits, num_warps=4, decode=decode)
 
 
 def _launch_mm(tk, x2, codes, scales, book, bias, out, K, N, dim, sms, e8p=False, block_n=None, block_g=None,
-               block_t=None, splits=None, num_warps=None):
+               block_t=None, splits=None, num_warps=None, decode=None):
     if x2.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"the mm path takes float16 or bfloat16 activations, got {x2.dtype} (use gemv or dequant)")
     T = x2.shape[0]
@@ -199,15 +206,19 @@ def _launch_mm(tk, x2, codes, scales, book, bias, out, K, N, dim, sms, e8p=False
     for name, v in (("block_n", bn), ("block_g", bg), ("block_t", bt)):
         if not _pow2(v):
             raise ValueError(f"{name} must be a power of two, got {v}")
-    if bn < 16 or bt < 16 or bg * dim < 16:
-        raise ValueError(f"the mm path needs block_n, block_t and block_g * dim >= 16 (tl.dot), got {bn}, {bt}, "
-                         f"{bg * dim}")
+    dec = cfg["decode"] if decode is None else decode
+    if dec not in (0, 1, 2):
+        raise ValueError(f"decode must be 0, 1 or 2, got {dec}")
+    k_dot = bg if dec == 2 else bg * dim
+    if bn < 16 or bt < 16 or k_dot < 16:
+        raise ValueError(f"the mm path needs block_n, block_t and the product's depth (block_g, times dim unless "
+                         f"decode=2) >= 16 (tl.dot), got {bn}, {bt}, {k_dot}")
     n_t = -(-T // bt)
     sp, g_split, part = _splits(G, bg, splits or cfg["splits"], T, n_t, out)
     tk.vq_mm_kernel[(-(-N // bn), sp, n_t)](
         x2, codes, scales, book, bias if bias is not None else out, out, part, G, N, T, g_split,
         codes.stride(0), x2.stride(0), out.stride(0), DIM=dim, BLOCK_N=bn, BLOCK_G=bg, BLOCK_T=bt, SPLITS=sp,
-        HAS_BIAS=bias is not None, E8P=e8p, DOT_F32=_interpreting() and x2.dtype == torch.bfloat16,
+        HAS_BIAS=bias is not None, E8P=e8p, DOT_F32=_interpreting() and x2.dtype == torch.bfloat16, DECODE=dec,
         num_warps=num_warps or cfg["num_warps"])
     _sum_splits(part, bias, out, sp)
 
@@ -243,8 +254,8 @@ def vq_linear_triton(x: Tensor, codes: Tensor, scales: Tensor, book: Tensor, bia
                      path: str = "auto", out: Tensor | None = None, e8p: bool = False, **tiles) -> Tensor:
     """y = x W^T + bias with the Triton kernels (no autograd); x [..., K], y [..., N] in x's dtype.
 
-    path "gemv" (tiles: block_n, block_g, splits, num_warps; `gemv_config`), "mm" (the same and block_t;
-    `mm_config`), "dequant" or "auto" (module docstring). `out`: a contiguous [tokens, N] tensor of x's dtype
+    path "gemv" (tiles: block_n, block_g, splits, num_warps; `gemv_config`), "mm" (the same, block_t and
+    decode; `mm_config`), "dequant" or "auto" (module docstring). `out`: a contiguous [tokens, N] tensor of x's dtype
     to write."""
     tk = _triton()
     if tk is None:
