@@ -68,3 +68,14 @@ def cuda_kernels(tk, who: str, name: str) -> bool:
             raise missing_kernels(who, name)
         warn_reference_once(who, name)
     return not forced_reference()
+
+
+def _pow2(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
+def _check_pow2(**tiles: int) -> None:
+    """Raise ValueError naming the first tile size that is not a power of two."""
+    for name, v in tiles.items():
+        if not _pow2(v):
+            raise ValueError(f"{name} must be a power of two, got {v}")

@@ -25,7 +25,7 @@ import torch
 from torch.nn import functional as F
 
 from ..transforms.pairwise import check_shapes, eye_tiled as _eye_tiled, pairwise_rotate_ref
-from ._common import cuda_kernels, forced_reference, import_failure, load_kernels
+from ._common import _check_pow2, cuda_kernels, forced_reference, import_failure, load_kernels
 from ._common import interpreting as _interpreting
 
 #: token count from which `mode="auto"` takes the tensor-core path (see `pairwise_rotate_triton`)
@@ -673,9 +673,7 @@ def pairwise_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         ch = cs // group
         if cs % group or ch & (ch - 1):
             raise ValueError(f"split_ch must be a power-of-two count of whole groups of {group}, got {cs}")
-        for name, v in (("block_r", br), ("block_o", bo)):
-            if v < 1 or v & (v - 1):
-                raise ValueError(f"{name} must be a power of two, got {v}")
+        _check_pow2(block_r=br, block_o=bo)
         if bo > br:
             raise ValueError(f"block_o ({bo}) must not exceed block_r ({br})")
         pre = cfg["prefetch"] if prefetch is None else prefetch
@@ -705,9 +703,7 @@ def pairwise_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     bo = block_o or cfg["block_o"]
     ch = chunk or cfg["chunk"]
     bt = block_t or cfg["block_t"]
-    for name, v in (("block_o", bo), ("chunk", ch), ("block_t", bt)):
-        if v < 1 or v & (v - 1):
-            raise ValueError(f"{name} must be a power of two, got {v}")
+    _check_pow2(block_o=bo, chunk=ch, block_t=bt)
     if bt != 1 and (bt < 16 or bo < 16 or ch * group < 16):
         raise ValueError(f"block_t > 1 runs tl.dot: needs block_t, block_o and chunk * group >= 16, "
                          f"got {bt}, {bo}, {ch * group}")

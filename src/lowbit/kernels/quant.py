@@ -42,7 +42,7 @@ from torch import Tensor
 
 from lowbit.formats.packed import quant_linear_ref
 from lowbit.formats.packing import padded_width
-from lowbit.kernels._common import cuda_kernels, forced_reference, import_failure, load_kernels
+from lowbit.kernels._common import _check_pow2, _pow2, cuda_kernels, forced_reference, import_failure, load_kernels
 from lowbit.kernels._common import interpreting as _interpreting
 from lowbit.kernels.pairwise import (GemvCoefficients, GemvWorkspace, gemv_coefficients, pairwise_rotate,
                                      pairwise_rotate_ref)
@@ -93,10 +93,6 @@ def reset_path_counts() -> None:
 def _triton():
     """The kernel module, or None when it does not import (see `_common.load_kernels`)."""
     return load_kernels("_quant_triton")
-
-
-def _pow2(v: int) -> bool:
-    return v > 0 and v & (v - 1) == 0
 
 
 def _next_pow2(v: int) -> int:
@@ -436,9 +432,7 @@ def _launch_gemv(tk, x2, qweight, scales, zeros, bits, gs, K, N, perm, in_scale,
     if bounds:
         bn = min(bn, br)
     seg_a, seg_b = (*bounds, N, N)[:2]
-    for name, v in (("split", cs), ("block_r", br), ("block_n", bn)):
-        if not _pow2(v):
-            raise ValueError(f"{name} must be a power of two, got {v}")
+    _check_pow2(split=cs, block_r=br, block_n=bn)
     if cs < 32 or bn > br:
         raise ValueError(f"split must be >= 32 and block_n <= block_r, got {cs}, {bn} > {br}")
     if rot is not None and (cs % rot_group or not _pow2(rot_group)):

@@ -32,9 +32,9 @@ import torch
 from torch import Tensor
 
 from lowbit.formats.packed_vector import vq_linear_ref
-from lowbit.kernels._common import cuda_kernels, forced_reference, load_kernels
+from lowbit.kernels._common import _check_pow2, _pow2, cuda_kernels, forced_reference, load_kernels
 from lowbit.kernels._common import interpreting as _interpreting
-from lowbit.kernels.quant import _next_pow2, _pow2, _sms
+from lowbit.kernels.quant import _next_pow2, _sms
 
 #: tokens up to which "auto" runs the GEMV (it reads the codes once per token); beyond, the weight is
 #: dequantized and multiplied by cuBLAS. A guess until `benchmarks/kernel_vq.py` times the crossover
@@ -147,9 +147,7 @@ def _launch_gemv(tk, x2, codes, scales, book, bias, out, K, N, dim, sms, e8p=Fal
     G = K // dim
     cfg = gemv_config(G, N, dim, sms, T)
     bn, bg = block_n or cfg["block_n"], block_g or cfg["block_g"]
-    for name, v in (("block_n", bn), ("block_g", bg)):
-        if not _pow2(v):
-            raise ValueError(f"{name} must be a power of two, got {v}")
+    _check_pow2(block_n=bn, block_g=bg)
     sp, g_split, part = _splits(G, bg, splits or cfg["splits"], T, T, out)
     tk.vq_gemv_kernel[(-(-N // bn), sp, T)](
         x2, codes, scales, book, bias if bias is not None else out, out, part, G, N, g_split,
@@ -203,9 +201,7 @@ def _launch_mm(tk, x2, codes, scales, book, bias, out, K, N, dim, sms, e8p=False
     G = K // dim
     cfg = mm_config(G, N, dim, sms, T)
     bn, bg, bt = block_n or cfg["block_n"], block_g or cfg["block_g"], block_t or cfg["block_t"]
-    for name, v in (("block_n", bn), ("block_g", bg), ("block_t", bt)):
-        if not _pow2(v):
-            raise ValueError(f"{name} must be a power of two, got {v}")
+    _check_pow2(block_n=bn, block_g=bg, block_t=bt)
     dec = cfg["decode"] if decode is None else decode
     if dec not in (0, 1, 2):
         raise ValueError(f"decode must be 0, 1 or 2, got {dec}")
