@@ -119,6 +119,8 @@ def quantize_model(model: nn.Module, recipe: Recipe, tokens: torch.Tensor, *, ba
         stages = stages_for(recipe)
         _check_distributed(stages, dist)
         for st in stages:
+            st.precheck(run)
+        for st in stages:
             st.before_model(run)
         walker = Walker(model, tokens, batch_size=batch_size, device=device,
                         streams=any(st.needs_inputs for st in stages),
@@ -237,6 +239,8 @@ def _before_walk(stages, run, partial) -> None:
     the parts outside the blocks; a bit budget's sensitivity pass reads the blocks through `run.block_io`, each
     rotated as it is read). A resumed run gives them what its first start saved (`run.pre_walk`) and goes on
     from the RNG state after it; a fresh one saves both."""
+    for st in stages:
+        st.precheck(run)
     saved = partial.load_pre_walk()
     if saved is not None:
         run.pre_walk = saved["stages"]

@@ -174,6 +174,19 @@ def test_runs_that_cannot_work_are_refused_by_name():
         _q(KINDS["int"].with_(block_ft=BlockFTConfig(1, samples=4)))
 
 
+def test_too_few_batches_are_refused_before_sampling(monkeypatch):
+    """The refusal comes before any stage's whole-model work (here: sampling text for the distillation)."""
+    from lowbit import e2e
+    from lowbit.pipeline import PipelineError
+
+    def no_sampling(*a, **k):
+        raise AssertionError("sampled before refusing")
+
+    monkeypatch.setattr(e2e, "sample", no_sampling)
+    with pytest.raises(PipelineError, match="at least 2 calibration batches"):
+        _q(KINDS["int"].with_(block_ft=BlockFTConfig(1), e2e_ft=E2EFTConfig(2, generated=4)), n=4)
+
+
 def test_streamed_block_ft_equals_in_memory(tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -73,6 +73,9 @@ class Stage:
     not_distributed: str = ""  # what the stage is, where it cannot run on several processes yet
     not_streamed: str = ""  # why the stage needs the whole model in memory (streamed runs refuse it)
 
+    def precheck(self, run: Run) -> None:
+        """Refuse at once, before any stage's whole-model work (sampling, rotations, a budget's passes)."""
+
     def before_model(self, run: Run) -> None:
         """Whole-model work before the walk."""
 

@@ -45,10 +45,18 @@ class BlockFinetuneStage(Stage):
     def __init__(self, cfg: BlockFTConfig):
         self.cfg = cfg
 
+    def precheck(self, run: Run) -> None:
+        # check's test before any long work: the calibration windows in batches of run.batch_size, as the walker
+        # will split them
+        if run.tokens is not None:
+            self._check_batches(run, math.ceil(run.tokens.shape[0] / max(run.batch_size, 1)))
+
     def check(self, run: Run, walker) -> None:
+        self._check_batches(run, len(walker.xs))
+
+    def _check_batches(self, run: Run, n: int) -> None:
         from ..pipeline import PipelineError
 
-        n = len(walker.xs)
         if self.cfg.samples and n:
             n = min(n, math.ceil(self.cfg.samples / max(run.batch_size, 1)))
         if n < 2:
