@@ -135,10 +135,14 @@ def gemv_config(G: int, N: int, dim: int, sms: int, tokens: int = 1) -> dict:
     wide = programs >= 4 * sms
     block_n, per_sm = (16, 4) if wide else (32, 8)
     block_g = max(1, min(_next_pow2(G), (256 if wide else 128) // dim))
-    tiles = -(-G // block_g)
     programs = -(-N // block_n) * max(1, tokens)
-    splits = max(1, min(tiles // 4, -(-per_sm * sms // programs)))
-    return dict(block_n=block_n, block_g=block_g, splits=splits, num_warps=4)
+    return dict(block_n=block_n, block_g=block_g, splits=_split_count(G, block_g, programs, per_sm * sms),
+                num_warps=4)
+
+
+def _split_count(G: int, block_g: int, programs: int, target: int) -> int:
+    """Splits of G groups (tiles of block_g) that bring `programs` up to about `target`, each at least 4 tiles."""
+    return max(1, min(-(-G // block_g) // 4, -(-target // programs)))
 
 
 def _launch_gemv(tk, x2, codes, scales, book, bias, out, K, N, dim, sms, e8p=False, block_n=None, block_g=None,
@@ -187,10 +191,9 @@ def mm_config(G: int, N: int, dim: int, sms: int, tokens: int) -> dict:
     Guesses: `benchmarks/kernel_vq.py --sweep`."""
     block_n, block_t, decode = 32, 16, 2
     block_g = max(16 if decode == 2 else 2, min(_next_pow2(G), 128 // dim))  # tl.dot takes K >= 16
-    tiles = -(-G // block_g)
     programs = -(-N // block_n) * -(-max(1, tokens) // block_t)
-    splits = max(1, min(tiles // 4, -(-4 * sms // programs)))
-    return dict(block_n=block_n, block_g=block_g, block_t=block_t, splits=splits, num_warps=4, decode=decode)
+    return dict(block_n=block_n, block_g=block_g, block_t=block_t, splits=_split_count(G, block_g, programs, 4 * sms),
+                num_warps=4, decode=decode)
 
 
 def _launch_mm(tk, x2, codes, scales, book, bias, out, K, N, dim, sms, e8p=False, block_n=None, block_g=None,
