@@ -83,6 +83,7 @@ RECIPES = {
     # the budget over E8P codes with best-w2-e2e's fine-tuning (block FT + 256 steps on calibration + 256 samples)
     "budget2.25-e8p-3-ft-e2e256-g256": _BUDGET_225_E8P.with_(block_ft=_BFT,
                                                              e2e_ft=E2EFTConfig(steps=256, generated=256)),
+    "budget2.25-e8p-3-ft-e2e256": _BUDGET_225_E8P.with_(block_ft=_BFT, e2e_ft=E2EFTConfig(steps=256)),  # no samples
     # best-w1 with four times the distillation steps on twice the sampled text
     "vq-km-d8-k8-bft2-e2e1024-g512": PRESETS["vq-km-d8-k8"].with_(block_ft=_BFT,
                                                                   e2e_ft=E2EFTConfig(steps=1024, generated=512)),
