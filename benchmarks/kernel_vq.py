@@ -16,7 +16,7 @@ Sections:
   its weight from HBM (the 1 MB E8 table stays in L2, as in a model). Reported: us per call, GB/s
   of the bytes read (codes + scales + x), and the speed-up against W2 and bf16.
 - prefill: 512 and 2048 tokens: vq dequant + cuBLAS, W2 (auto), bf16.
-- mm (not in the default sections): E8P at 4, 8 and 16 tokens on the 8B shapes, the mm kernel's three decodes
+- mm (not in the default sections): E8P at 4, 8 and 16 tokens on the 8B shapes, the mm kernel's default tiles
   and a tile grid (`mm_sweep`), next to the GEMV, dequant + cuBLAS and bf16.
 - sweep: the vq GEMV's tiles (block_n, block_g, splits, num_warps) at 1 token on the 8B shapes,
   the best next to `kernels.vector.gemv_config`'s choice.
@@ -198,11 +198,12 @@ def sweep(shapes, device, interpret, quick, kind="vq") -> list:
 
 
 def mm_sweep(shapes, tokens, device, interpret, budget_s=240.0) -> list:
-    """E8P at a few tokens: the mm kernel's three decodes (0: gathered + reshaped, 1: the 2-d operand column by
-    column, 2: one product per coordinate) over a small tile grid, next to the GEMV, dequant + cuBLAS and bf16.
-    Stops adding tile configurations after budget_s seconds (the defaults of every decode are always timed)."""
+    """E8P at a few tokens: the mm kernel at its default tiles and over a small tile grid, next to the GEMV,
+    dequant + cuBLAS and bf16. Stops adding tile configurations after budget_s seconds (the defaults are always
+    timed). (On 2026-12-07 this section also compared two other ways of decoding a tile, removed since:
+    benchmarks/results/kernels/vq-mm-decodes-h100-2026-12-07.json.)"""
     t0 = time.time()
-    grid = dict(block_n=(16, 32, 64), block_g=(8, 16, 32), num_warps=(4, 8))
+    grid = dict(block_n=(16, 32, 64), block_g=(16, 32), num_warps=(4, 8))
     out = []
     for (K, N), T in itertools.product(shapes, tokens):
         r = {"K": K, "N": N, "tokens": T, "configs": []}
@@ -212,11 +213,9 @@ def mm_sweep(shapes, tokens, device, interpret, budget_s=240.0) -> list:
             except Exception as e:
                 r[name] = f"{type(e).__name__}: {str(e)[:200]}"
         r["bf16"] = time_us("bf16", K, N, T, device, interpret)[0]
-        cfgs = [dict(decode=d) for d in (0, 1, 2)]
-        cfgs += [dict(decode=d, block_n=bn, block_g=bg, num_warps=nw) for d in (2, 1)
-                 for bn, bg, nw in itertools.product(*grid.values()) if not (d == 2 and bg < 16)]
+        cfgs = [{}] + [dict(block_n=bn, block_g=bg, num_warps=nw) for bn, bg, nw in itertools.product(*grid.values())]
         for cfg in cfgs:
-            if len(cfg) > 1 and time.time() - t0 > budget_s:
+            if cfg and time.time() - t0 > budget_s:
                 break
             try:
                 r["configs"].append({**cfg, "us": time_us("e8p", K, N, T, device, interpret, path="mm", **cfg)[0]})
@@ -225,9 +224,9 @@ def mm_sweep(shapes, tokens, device, interpret, budget_s=240.0) -> list:
         ok = [c for c in r["configs"] if "us" in c]
         r["best"] = min(ok, key=lambda c: c["us"]) if ok else None
         out.append(r)
-        dflt = {c["decode"]: c.get("us") for c in r["configs"] if len(c) == 2 and "us" in c}
-        print(f"mm {K}x{N} T={T}: gemv {r['gemv']}, dequant {r['dequant']}, bf16 {r['bf16']:.1f}; mm defaults by "
-              f"decode {dflt}; best {r['best']}", flush=True)
+        dflt = r["configs"][0].get("us")
+        print(f"mm {K}x{N} T={T}: gemv {r['gemv']}, dequant {r['dequant']}, bf16 {r['bf16']:.1f}; mm default tiles "
+              f"{dflt}; best {r['best']}", flush=True)
     return out
 
 

@@ -250,20 +250,17 @@ def test_gemv_interpreter(case, interpreter):
 
 MM_CASES = [
     # (n_out, n_in, dim, code_bits, bias, tokens, tiles)
-    (40, 96, 8, 16, True, 3, dict(block_n=16, block_g=2)),              # E8, masked rows and groups, one split
-    (48, 512, 8, "e8p", False, 5, dict(block_n=16, block_g=4, splits=3)),  # E8P, uneven splits
-    (33, 256, 8, "e8p", True, 20, dict(block_n=16, block_g=4)),          # E8P, two token tiles (16 + 4)
-    (24, 128, 4, 8, True, 2, dict(block_n=16, block_g=8, splits=2)),     # k-means, uint8 codes
+    (40, 96, 8, 16, True, 3, dict(block_n=16, block_g=16)),             # E8, masked rows and groups, one split
+    (48, 1024, 8, "e8p", False, 5, dict(block_n=16, block_g=16, splits=3)),  # E8P, uneven splits
+    (33, 256, 8, "e8p", True, 20, dict(block_n=16, block_g=16)),         # E8P, two token tiles (16 + 4)
+    (24, 256, 4, 8, True, 2, dict(block_n=16, block_g=16, splits=2)),    # k-means, uint8 codes
 ]
 
 
 @interpreter_only
-@pytest.mark.parametrize("decode", [0, 1, 2])
 @pytest.mark.parametrize("case", range(len(MM_CASES)))
-def test_mm_interpreter(case, decode, interpreter):
+def test_mm_interpreter(case, interpreter):
     n_out, n_in, dim, bits, bias, tokens, tiles = MM_CASES[case]
-    # decode 2 multiplies per coordinate: its products are block_g deep, which tl.dot wants >= 16
-    tiles = dict(tiles, decode=decode, block_g=16 if decode == 2 else tiles["block_g"])
     lay = _layer(n_out, n_in, dim, bits, bias, 10 + case)
     g = torch.Generator().manual_seed(case)
     for dtype in (torch.bfloat16, torch.float16):
@@ -278,9 +275,7 @@ def test_mm_interpreter(case, decode, interpreter):
     with pytest.raises(ValueError, match=">= 16"):
         V.vq_linear_triton(x, *lay.args(dtype), path="mm", block_n=8, **lay.kw())
     with pytest.raises(ValueError, match=">= 16"):
-        V.vq_linear_triton(x, *lay.args(dtype), path="mm", decode=2, block_g=8, **lay.kw())
-    with pytest.raises(ValueError, match="decode must be"):
-        V.vq_linear_triton(x, *lay.args(dtype), path="mm", decode=3, **lay.kw())
+        V.vq_linear_triton(x, *lay.args(dtype), path="mm", block_g=8, **lay.kw())
 
 
 @interpreter_only
@@ -307,15 +302,17 @@ def test_dispatcher_paths_read_the_threshold_at_call_time(interpreter, monkeypat
     monkeypatch.setattr(V, "GEMV_MAX_TOKENS", 8)
     V.vq_linear(torch.randn(5, 64), *lay.args())
     assert V.last_path == "gemv"
-    # half-precision activations: mm from MM_MIN_TOKENS to MM_MAX_TOKENS where it is turned on, else as fp32
-    V.vq_linear(torch.randn(2, 64).half(), *lay.args(torch.float16))
-    assert V.last_path == "gemv"                               # off by default
-    monkeypatch.setenv("LOWBIT_VQ_MM_MAX_TOKENS", "16")
-    for tokens, path in ((1, "gemv"), (2, "mm"), (16, "mm"), (17, "dequant")):
+    # half-precision activations: mm from MM_MIN_TOKENS to MM_MAX_TOKENS tokens on layers of MM_MIN_WEIGHTS
+    V.vq_linear(torch.randn(4, 64).half(), *lay.args(torch.float16))
+    assert V.last_path == "gemv"                               # 16 x 64 weights: too small
+    monkeypatch.setenv("LOWBIT_VQ_MM_MIN_WEIGHTS", "1024")
+    for tokens, path in ((1, "gemv"), (3, "gemv"), (4, "mm"), (16, "mm"), (17, "dequant")):
         V.vq_linear(torch.randn(tokens, 64).half(), *lay.args(torch.float16))
         assert V.last_path == path, tokens
+    V.vq_linear(torch.randn(4, 64), *lay.args())
+    assert V.last_path == "gemv"                               # fp32 activations never take mm
     monkeypatch.setenv("LOWBIT_VQ_MM_MAX_TOKENS", "0")
-    V.vq_linear(torch.randn(2, 64).half(), *lay.args(torch.float16))
+    V.vq_linear(torch.randn(4, 64).half(), *lay.args(torch.float16))
     assert V.last_path == "gemv"
 
 
@@ -348,14 +345,11 @@ def test_gpu_paths_match_reference(dtype):
         for dim, bits in ((8, 16), (4, 8), (8, "e8p")):
             lay = _layer(n_out, n_in, dim, bits, i % 2 == 0, i)
             lay = _to_cuda(lay)
-            for tokens, path, tiles in ((1, "gemv", {}), (4, "gemv", {}), (4, "mm", dict(decode=0)),
-                                        (16, "mm", dict(decode=0)), (4, "mm", dict(decode=1)),
-                                        (16, "mm", dict(decode=1)), (4, "mm", dict(decode=2, block_g=16)),
-                                        (16, "mm", dict(decode=2, block_g=16)), (40, "dequant", {})):
+            for tokens, path in ((1, "gemv"), (4, "gemv"), (4, "mm"), (16, "mm"), (40, "dequant")):
                 x = torch.randn(tokens, n_in, device="cuda").to(dtype)
                 out = torch.full((tokens, n_out), float("nan"), device="cuda", dtype=dtype)
-                y = V.vq_linear_triton(x, *lay.args(dtype), path=path, out=out, **tiles, **lay.kw())
-                assert relerr(y, lay.ref64(x)) < TOL[dtype], (n_out, n_in, dim, tokens, path, tiles)
+                y = V.vq_linear_triton(x, *lay.args(dtype), path=path, out=out, **lay.kw())
+                assert relerr(y, lay.ref64(x)) < TOL[dtype], (n_out, n_in, dim, tokens, path)
 
 
 def _to_cuda(lay):

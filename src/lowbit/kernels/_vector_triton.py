@@ -17,10 +17,13 @@ carries the pattern's parity), and bit 15 a shift of -1/4 (set) or +1/4 on every
   scaled partial sums go to a float32 [T, SPLITS, N] buffer that the launcher sums in split order
   (deterministic).
 - `vq_mm_kernel`: a few tokens at once (up to BLOCK_T per program, axis 2 tiles the tokens): each
-  program decodes its [BLOCK_N, BLOCK_G * DIM] weight tile once, unscaled, in the activations' dtype
-  (E8 and E8P entries are multiples of 1/4 below 4: exact in fp16 and bf16), and multiplies it with the
-  [BLOCK_T, BLOCK_G * DIM] activation tile on the tensor cores (tl.dot, fp32 accumulation); the row
-  scale multiplies the sums. Splits and the epilogue as in the GEMV.
+  program decodes its weight tile once, unscaled, in the activations' dtype (E8 and E8P entries are
+  multiples of 1/4 below 4: exact in fp16 and bf16), as DIM planes [BLOCK_N, BLOCK_G] (plane d = coordinate
+  d of every code), and multiplies each with the activations' matching columns [BLOCK_G, BLOCK_T] (stride
+  DIM) on the tensor cores (tl.dot, fp32 accumulation, so BLOCK_G >= 16); the row scale multiplies the
+  sums. Splits and the epilogue as in the GEMV. (Gathering the tile as [BLOCK_N, BLOCK_G, DIM] and
+  reshaping it to the 2-d operand, or decoding the 2-d operand column by column, took 3-4x longer on the
+  H100: benchmarks/results/kernels/vq-mm-decodes-h100-2026-12-07.json.)
 - `vq_dequant_kernel`: codes -> dense [N, K] in the output dtype (scale * entry in fp32, rounded
   once), for dequantize + cuBLAS at many tokens.
 """
@@ -95,8 +98,8 @@ def _e8p_signs(idx):
 
 @triton.jit
 def _entry(idx, s8, shift, c, book_ptr, DIM: tl.constexpr, E8P: tl.constexpr):
-    """Coordinate c of the codebook entries of the codes idx (fp32); c broadcasts against idx (a scalar or a
-    column index per element). E8P: s8, shift from `_e8p_signs` (unused otherwise)."""
+    """Coordinate c of the codebook entries of the codes idx (fp32). E8P: s8, shift from `_e8p_signs` (unused
+    otherwise)."""
     if E8P:
         t = tl.load(book_ptr + (idx & 255) * DIM + c).to(tl.float32)
         return tl.where(((s8 >> c) & 1) == 1, -t, t) + shift
@@ -108,56 +111,33 @@ def _entry(idx, s8, shift, c, book_ptr, DIM: tl.constexpr, E8P: tl.constexpr):
 def vq_mm_kernel(x_ptr, codes_ptr, s_ptr, book_ptr, bias_ptr, out_ptr, part_ptr, G, N, T, G_SPLIT,
                  stride_c, stride_x, stride_o, DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
                  BLOCK_T: tl.constexpr, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, E8P: tl.constexpr,
-                 DOT_F32: tl.constexpr, DECODE: tl.constexpr):
+                 DOT_F32: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     toks = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = toks < T
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
-    BLOCK_K: tl.constexpr = BLOCK_G * DIM
-    kk = tl.arange(0, BLOCK_K)
     g_lo = pid_s * G_SPLIT
     g_hi = tl.minimum(g_lo + G_SPLIT, G)
     acc = tl.full([BLOCK_N, BLOCK_T], 0.0, tl.float32)
     for g0 in range(g_lo, g_hi, BLOCK_G):
-        if DECODE == 2:
-            # one product per coordinate d: W[:, groups*DIM + d] (decoded from each code once) times the
-            # activations' matching columns; the codes' sign word and shift are built once per tile
-            groups = g0 + tl.arange(0, BLOCK_G)
-            gmask = groups < g_hi
-            m = rmask[:, None] & gmask[None, :]
-            idx = tl.load(codes_ptr + rows[:, None] * stride_c + groups[None, :], mask=m, other=0).to(tl.int32)
-            idx = idx & 0xFFFF
-            s8, shift = _e8p_signs(idx)
-            for d in tl.static_range(DIM):
-                w = _entry(idx, s8, shift, d, book_ptr, DIM, E8P)
-                xv = tl.load(x_ptr + toks[None, :] * stride_x + (groups * DIM + d)[:, None],
-                             mask=gmask[:, None] & tmask[None, :], other=0.0)
-                if DOT_F32:
-                    acc = tl.dot(w, xv.to(tl.float32), acc)
-                else:
-                    acc = tl.dot(w.to(x_ptr.dtype.element_ty), xv, acc)
-        else:
-            cols = g0 * DIM + kk
-            cmask = cols < g_hi * DIM
-            if DECODE == 1:
-                # the 2-d operand decoded in place: column k reads code k // DIM, coordinate k % DIM
-                idx = tl.load(codes_ptr + rows[:, None] * stride_c + (cols // DIM)[None, :],
-                              mask=rmask[:, None] & cmask[None, :], other=0).to(tl.int32) & 0xFFFF
-                s8, shift = _e8p_signs(idx)
-                w = _entry(idx, s8, shift, (kk % DIM)[None, :], book_ptr, DIM, E8P)
-            else:
-                # [BLOCK_N, BLOCK_G, DIM] gathered, then reshaped to the 2-d operand
-                groups = g0 + tl.arange(0, BLOCK_G)
-                w = _gather(codes_ptr, book_ptr, rows, groups, stride_c, rmask, groups < g_hi, DIM, E8P)
-                w = tl.reshape(w, [BLOCK_N, BLOCK_K])
-            xv = tl.load(x_ptr + toks[:, None] * stride_x + cols[None, :], mask=tmask[:, None] & cmask[None, :],
-                         other=0.0)
+        # one product per coordinate d: W[:, groups * DIM + d], decoded from each code once, times the
+        # activations' matching columns; the codes' sign word and shift are built once per tile
+        groups = g0 + tl.arange(0, BLOCK_G)
+        gmask = groups < g_hi
+        m = rmask[:, None] & gmask[None, :]
+        idx = tl.load(codes_ptr + rows[:, None] * stride_c + groups[None, :], mask=m, other=0).to(tl.int32)
+        idx = idx & 0xFFFF                               # int16 holds the 16-bit pattern
+        s8, shift = _e8p_signs(idx)
+        for d in tl.static_range(DIM):
+            w = _entry(idx, s8, shift, d, book_ptr, DIM, E8P)
+            xv = tl.load(x_ptr + toks[None, :] * stride_x + (groups * DIM + d)[:, None],
+                         mask=gmask[:, None] & tmask[None, :], other=0.0)
             if DOT_F32:  # the Triton interpreter's bf16 tl.dot is wrong (triton 3.6): same operands, in fp32
-                acc = tl.dot(w, tl.trans(xv.to(tl.float32)), acc)
+                acc = tl.dot(w, xv.to(tl.float32), acc)
             else:
-                acc = tl.dot(w.to(x_ptr.dtype.element_ty), tl.trans(xv), acc)
+                acc = tl.dot(w.to(x_ptr.dtype.element_ty), xv, acc)
     acc = acc * tl.load(s_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[:, None]
     m = rmask[:, None] & tmask[None, :]
     if SPLITS == 1:

@@ -14,9 +14,9 @@ Entry points, following the conventions of `kernels.quant`:
 - `vq_linear_triton` (launcher, no autograd): path "gemv" (`vq_gemv_kernel`: codes decoded on the
   fly, one token per program), "mm" (`vq_mm_kernel`: each weight tile decoded once for up to 16 tokens and
   multiplied on the tensor cores; fp16 / bf16 activations), "dequant" (`vq_dequantize_triton`, then
-  cuBLAS), "auto": mm for MM_MIN_TOKENS to MM_MAX_TOKENS tokens of half-precision activations (off by
-  default: slower than both others as first measured), else gemv up to GEMV_MAX_TOKENS tokens, dequant
-  beyond; the thresholds are read at every call (`setting`).
+  cuBLAS), "auto": mm for MM_MIN_TOKENS to MM_MAX_TOKENS (4-16) tokens of half-precision activations on
+  layers of at least MM_MIN_WEIGHTS weights, else gemv up to GEMV_MAX_TOKENS tokens, dequant beyond; the
+  thresholds are read at every call (`setting`).
 
 The path taken is recorded in `last_path` and counted in `path_counts`.
 """
@@ -40,11 +40,14 @@ from lowbit.kernels.quant import _next_pow2, _sms
 #: dequantized and multiplied by cuBLAS. A guess until `benchmarks/kernel_vq.py` times the crossover
 GEMV_MAX_TOKENS = 4
 #: fp16 / bf16 activations of MM_MIN_TOKENS to MM_MAX_TOKENS tokens take the tensor-core kernel instead (fp32
-#: ones never do). Off by default (MM_MAX_TOKENS = 0): on the H100 (2026-12-07, `benchmarks/kernel_vq.py`)
-#: its first form takes ~100 us on 4096x4096 at 4 and at 16 tokens, where the GEMV takes 35.5 us (4 tokens)
-#: and dequant + cuBLAS 50 us; LOWBIT_VQ_MM_MAX_TOKENS=16 turns it on
-MM_MIN_TOKENS = 2
-MM_MAX_TOKENS = 0
+#: ones never do) on layers of at least MM_MIN_WEIGHTS weights. On the H100 (2026-12-07, `benchmarks/kernel_vq.py
+#: --sections mm`, E8P): at 4 tokens it matches or beats the GEMV (106 against 109-117 us on the 4096x14336
+#: shapes), at 8-16 tokens it takes 110-119 us where dequant + cuBLAS takes 192-200 (4096x4096 at 16: 39 against
+#: 50); on SmolLM2's 576x1536 it loses (12.5-13 us against the GEMV's 6.6 and dequant's 7.7: too few programs).
+#: The weight threshold lies between those sizes, unmeasured. LOWBIT_VQ_MM_MAX_TOKENS=0 turns the path off
+MM_MIN_TOKENS = 4
+MM_MAX_TOKENS = 16
+MM_MIN_WEIGHTS = 1 << 22
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -126,13 +129,14 @@ def _check_kernel(who: str, x: Tensor, codes: Tensor, scales: Tensor, book: Tens
 @functools.lru_cache(maxsize=4096)
 def gemv_config(G: int, N: int, dim: int, sms: int, tokens: int = 1) -> dict:
     """Tiles of `vq_gemv_kernel`: dict(block_n, block_g, splits, num_warps). Layers with rows enough for 4
-    programs per SM at 16 rows a program (e.g. 14336 outputs): 16 rows x 256 input columns per tile, the groups
-    split so that there are about 4 programs per SM. Others: 32 rows x 128 columns, split for about 8 programs
-    per SM. Each split at least 4 tiles long. From `benchmarks/kernel_vq.py --sections sweep` on the H100
-    (2026-12-07: 32 x 16 x 8 splits 8-9 % faster than 16 x 32 x 3 on 4096x4096 and 14336x4096; 16 x 32 x 1
-    best on 4096x14336)."""
+    programs per SM at 16 rows a program (e.g. 14336 outputs) or under 2048 inputs (too few groups to split):
+    16 rows x 256 input columns per tile, the groups split so that there are about 4 programs per SM. Others:
+    32 rows x 128 columns, split for about 8 programs per SM. Each split at least 4 tiles long. From
+    `benchmarks/kernel_vq.py --sections sweep` on the H100 (2026-12-07: 32 x 16 x 8 splits 8-9 % faster than
+    16 x 32 x 3 on 4096x4096 and 14336x4096; 16 x 32 x 1 best on 4096x14336; on 576x1536 32 rows took 6.3 us
+    against 16 rows' 4.8, the halved program count)."""
     programs = -(-N // 16) * max(1, tokens)
-    wide = programs >= 4 * sms
+    wide = programs >= 4 * sms or G * dim < 2048
     block_n, per_sm = (16, 4) if wide else (32, 8)
     block_g = max(1, min(_next_pow2(G), (256 if wide else 128) // dim))
     programs = -(-N // block_n) * max(1, tokens)
@@ -184,20 +188,18 @@ def _sum_splits(part: Tensor, bias: Tensor | None, out: Tensor, sp: int) -> None
 
 @functools.lru_cache(maxsize=4096)
 def mm_config(G: int, N: int, dim: int, sms: int, tokens: int) -> dict:
-    """Tiles of `vq_mm_kernel`: dict(block_n, block_g, block_t, splits, num_warps, decode). 32 rows x 128 input
-    columns x 16 tokens per tile; the groups split so that there are about 4 programs per SM, each split at least
-    4 tiles long. decode: how a tile is decoded (0: gathered [rows, groups, dim] and reshaped; 1: the 2-d operand
-    decoded column by column; 2: one product per coordinate, each of block_g groups, so block_g >= 16).
-    Guesses: `benchmarks/kernel_vq.py --sweep`."""
-    block_n, block_t, decode = 32, 16, 2
-    block_g = max(16 if decode == 2 else 2, min(_next_pow2(G), 128 // dim))  # tl.dot takes K >= 16
+    """Tiles of `vq_mm_kernel`: dict(block_n, block_g, block_t, splits, num_warps). 32 rows x 16 groups x 16
+    tokens per tile (each of the dim products is 16 groups deep: tl.dot's minimum); the groups split so that
+    there are about 4 programs per SM, each split at least 4 tiles long. The H100 tile grid of `benchmarks/kernel_vq.py
+    --sections mm` (2026-12-07; 4096x4096 at 4, 8 and 16 tokens, where its time ran out) found at most 5 % more."""
+    block_n, block_t, block_g = 32, 16, 16
     programs = -(-N // block_n) * -(-max(1, tokens) // block_t)
     return dict(block_n=block_n, block_g=block_g, block_t=block_t, splits=_split_count(G, block_g, programs, 4 * sms),
-                num_warps=4, decode=decode)
+                num_warps=4)
 
 
 def _launch_mm(tk, x2, codes, scales, book, bias, out, K, N, dim, sms, e8p=False, block_n=None, block_g=None,
-               block_t=None, splits=None, num_warps=None, decode=None):
+               block_t=None, splits=None, num_warps=None):
     if x2.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"the mm path takes float16 or bfloat16 activations, got {x2.dtype} (use gemv or dequant)")
     T = x2.shape[0]
@@ -205,19 +207,14 @@ def _launch_mm(tk, x2, codes, scales, book, bias, out, K, N, dim, sms, e8p=False
     cfg = mm_config(G, N, dim, sms, T)
     bn, bg, bt = block_n or cfg["block_n"], block_g or cfg["block_g"], block_t or cfg["block_t"]
     _check_pow2(block_n=bn, block_g=bg, block_t=bt)
-    dec = cfg["decode"] if decode is None else decode
-    if dec not in (0, 1, 2):
-        raise ValueError(f"decode must be 0, 1 or 2, got {dec}")
-    k_dot = bg if dec == 2 else bg * dim
-    if bn < 16 or bt < 16 or k_dot < 16:
-        raise ValueError(f"the mm path needs block_n, block_t and the product's depth (block_g, times dim unless "
-                         f"decode=2) >= 16 (tl.dot), got {bn}, {bt}, {k_dot}")
+    if bn < 16 or bt < 16 or bg < 16:
+        raise ValueError(f"the mm path needs block_n, block_t and block_g >= 16 (tl.dot), got {bn}, {bt}, {bg}")
     n_t = -(-T // bt)
     sp, g_split, part = _splits(G, bg, splits or cfg["splits"], T, n_t, out)
     tk.vq_mm_kernel[(-(-N // bn), sp, n_t)](
         x2, codes, scales, book, bias if bias is not None else out, out, part, G, N, T, g_split,
         codes.stride(0), x2.stride(0), out.stride(0), DIM=dim, BLOCK_N=bn, BLOCK_G=bg, BLOCK_T=bt, SPLITS=sp,
-        HAS_BIAS=bias is not None, E8P=e8p, DOT_F32=_interpreting() and x2.dtype == torch.bfloat16, DECODE=dec,
+        HAS_BIAS=bias is not None, E8P=e8p, DOT_F32=_interpreting() and x2.dtype == torch.bfloat16,
         num_warps=num_warps or cfg["num_warps"])
     _sum_splits(part, bias, out, sp)
 
@@ -253,8 +250,8 @@ def vq_linear_triton(x: Tensor, codes: Tensor, scales: Tensor, book: Tensor, bia
                      path: str = "auto", out: Tensor | None = None, e8p: bool = False, **tiles) -> Tensor:
     """y = x W^T + bias with the Triton kernels (no autograd); x [..., K], y [..., N] in x's dtype.
 
-    path "gemv" (tiles: block_n, block_g, splits, num_warps; `gemv_config`), "mm" (the same, block_t and
-    decode; `mm_config`), "dequant" or "auto" (module docstring). `out`: a contiguous [tokens, N] tensor of x's dtype
+    path "gemv" (tiles: block_n, block_g, splits, num_warps; `gemv_config`), "mm" (the same and block_t;
+    `mm_config`), "dequant" or "auto" (module docstring). `out`: a contiguous [tokens, N] tensor of x's dtype
     to write."""
     tk = _triton()
     if tk is None:
@@ -268,7 +265,8 @@ def vq_linear_triton(x: Tensor, codes: Tensor, scales: Tensor, book: Tensor, bia
         x2 = x2.contiguous()
     T = x2.shape[0]
     if path == "auto":
-        if x.dtype != torch.float32 and setting("MM_MIN_TOKENS") <= T <= setting("MM_MAX_TOKENS"):
+        if (x.dtype != torch.float32 and setting("MM_MIN_TOKENS") <= T <= setting("MM_MAX_TOKENS")
+                and N * K >= setting("MM_MIN_WEIGHTS")):
             path = "mm"
         else:
             path = "gemv" if T <= setting("GEMV_MAX_TOKENS") else "dequant"
