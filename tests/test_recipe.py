@@ -70,6 +70,10 @@ def test_best_presets_per_width():
     assert w1.with_(block_ft=None, e2e_ft=None, name="vq-km-d8-k8") == get_recipe("vq-km-d8-k8")
     assert (w1.block_ft, w1.e2e_ft) == (e2e.block_ft, e2e.e2e_ft)
     assert (ft.block_ft.epochs, ft.block_ft.lr, ft.block_ft.norm_lr) == (2, 2e-4, 2e-4)  # 5e-3 made it worse
+    w225 = get_recipe("best-w2.25")  # a 2.25-bit budget over E8P and 3-bit per-channel GPTQ, then e2e's fine-tuning
+    assert w225.label == "best-w2.25" and (w225.bit_budget.target, w225.bit_budget.bits) == (2.25, ("e8p", 3))
+    assert (w225.block_ft, w225.e2e_ft) == (e2e.block_ft, e2e.e2e_ft)
+    assert w225.with_(bit_budget=None, block_ft=None, e2e_ft=None) == get_recipe("had-qep-gptq-w3-pc")
 
 
 def test_with_drops_a_preset_name_unless_given():
