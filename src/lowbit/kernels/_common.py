@@ -74,6 +74,10 @@ def _pow2(v: int) -> bool:
     return v > 0 and v & (v - 1) == 0
 
 
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, (v - 1).bit_length())
+
+
 def _check_pow2(**tiles: int) -> None:
     """Raise ValueError naming the first tile size that is not a power of two."""
     for name, v in tiles.items():

@@ -25,7 +25,7 @@ import torch
 from torch.nn import functional as F
 
 from ..transforms.pairwise import check_shapes, eye_tiled as _eye_tiled, pairwise_rotate_ref
-from ._common import _check_pow2, cuda_kernels, forced_reference, import_failure, load_kernels
+from ._common import _check_pow2, _next_pow2, cuda_kernels, forced_reference, import_failure, load_kernels
 from ._common import interpreting as _interpreting
 
 #: token count from which `mode="auto"` takes the tensor-core path (see `pairwise_rotate_triton`)
@@ -98,10 +98,6 @@ def _smem_per_block(x: torch.Tensor) -> int:
 def _smem_optin(index: int) -> int:
     props = torch.cuda.get_device_properties(index)
     return int(getattr(props, "shared_memory_per_block_optin", 0) or (227 << 10))
-
-
-def _next_pow2(v: int) -> int:
-    return 1 << max(0, (v - 1).bit_length())
 
 
 def gather_config(tokens: int, n: int, group: int, sms: int) -> tuple[int, int]:

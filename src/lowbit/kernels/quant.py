@@ -42,7 +42,8 @@ from torch import Tensor
 
 from lowbit.formats.packed import quant_linear_ref
 from lowbit.formats.packing import padded_width
-from lowbit.kernels._common import _check_pow2, _pow2, cuda_kernels, forced_reference, import_failure, load_kernels
+from lowbit.kernels._common import _check_pow2, _next_pow2, _pow2, cuda_kernels, forced_reference, import_failure
+from lowbit.kernels._common import load_kernels
 from lowbit.kernels._common import interpreting as _interpreting
 from lowbit.kernels.pairwise import (GemvCoefficients, GemvWorkspace, gemv_coefficients, pairwise_rotate,
                                      pairwise_rotate_ref)
@@ -93,10 +94,6 @@ def reset_path_counts() -> None:
 def _triton():
     """The kernel module, or None when it does not import (see `_common.load_kernels`)."""
     return load_kernels("_quant_triton")
-
-
-def _next_pow2(v: int) -> int:
-    return 1 << max(0, (v - 1).bit_length())
 
 
 def _pow2_floor(v: int) -> int:

@@ -32,9 +32,9 @@ import torch
 from torch import Tensor
 
 from lowbit.formats.packed_vector import vq_linear_ref
-from lowbit.kernels._common import _check_pow2, _pow2, cuda_kernels, forced_reference, load_kernels
+from lowbit.kernels._common import _check_pow2, _next_pow2, _pow2, cuda_kernels, forced_reference, load_kernels
 from lowbit.kernels._common import interpreting as _interpreting
-from lowbit.kernels.quant import _next_pow2, _sms
+from lowbit.kernels.quant import _sms
 
 #: tokens up to which "auto" runs the GEMV (it reads the codes once per token); beyond, the weight is
 #: dequantized and multiplied by cuBLAS. A guess until `benchmarks/kernel_vq.py` times the crossover
@@ -187,7 +187,7 @@ def _sum_splits(part: Tensor, bias: Tensor | None, out: Tensor, sp: int) -> None
 
 
 @functools.lru_cache(maxsize=4096)
-def mm_config(G: int, N: int, dim: int, sms: int, tokens: int) -> dict:
+def mm_config(G: int, N: int, sms: int, tokens: int) -> dict:
     """Tiles of `vq_mm_kernel`: dict(block_n, block_g, block_t, splits, num_warps). 32 rows x 16 groups x 16
     tokens per tile (each of the dim products is 16 groups deep: tl.dot's minimum); the groups split so that
     there are about 4 programs per SM, each split at least 4 tiles long. The H100 tile grid of `benchmarks/kernel_vq.py
@@ -204,7 +204,7 @@ def _launch_mm(tk, x2, codes, scales, book, bias, out, K, N, dim, sms, e8p=False
         raise ValueError(f"the mm path takes float16 or bfloat16 activations, got {x2.dtype} (use gemv or dequant)")
     T = x2.shape[0]
     G = K // dim
-    cfg = mm_config(G, N, dim, sms, T)
+    cfg = mm_config(G, N, sms, T)
     bn, bg, bt = block_n or cfg["block_n"], block_g or cfg["block_g"], block_t or cfg["block_t"]
     _check_pow2(block_n=bn, block_g=bg, block_t=bt)
     if bn < 16 or bt < 16 or bg < 16:
