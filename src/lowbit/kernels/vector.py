@@ -135,8 +135,7 @@ def gemv_config(G: int, N: int, dim: int, sms: int, tokens: int = 1) -> dict:
     `benchmarks/kernel_vq.py --sections sweep` on the H100 (2026-12-07: 32 x 16 x 8 splits 8-9 % faster than
     16 x 32 x 3 on 4096x4096 and 14336x4096; 16 x 32 x 1 best on 4096x14336; on 576x1536 32 rows took 6.3 us
     against 16 rows' 4.8, the halved program count)."""
-    programs = -(-N // 16) * max(1, tokens)
-    wide = programs >= 4 * sms or G * dim < 2048
+    wide = -(-N // 16) * max(1, tokens) >= 4 * sms or G * dim < 2048
     block_n, per_sm = (16, 4) if wide else (32, 8)
     block_g = max(1, min(_next_pow2(G), (256 if wide else 128) // dim))
     programs = -(-N // block_n) * max(1, tokens)
