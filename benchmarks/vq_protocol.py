@@ -87,6 +87,11 @@ RECIPES = {
     # best-w1 with four times the distillation steps on twice the sampled text
     "vq-km-d8-k8-bft2-e2e1024-g512": PRESETS["vq-km-d8-k8"].with_(block_ft=_BFT,
                                                                   e2e_ft=E2EFTConfig(steps=1024, generated=512)),
+    # best-w1 with the token embedding and (tied) head trained in the distillation too, at two rates
+    "vq-km-d8-k8-bft2-e2e256-g256-emb2e-5": PRESETS["vq-km-d8-k8"].with_(
+        block_ft=_BFT, e2e_ft=E2EFTConfig(steps=256, generated=256, embed_lr=2e-5)),
+    "vq-km-d8-k8-bft2-e2e256-g256-emb1e-4": PRESETS["vq-km-d8-k8"].with_(
+        block_ft=_BFT, e2e_ft=E2EFTConfig(steps=256, generated=256, embed_lr=1e-4)),
     # ~1.1 bits/weight: a Fisher budget gives each linear 64 or 256 codebook entries or E8P codes (2 bits), then
     # best-w1's fine-tuning (the 2-bit goal was met this way at 2.25 bits/weight over E8P and 3-bit codes)
     "budget1.1-km6-km8-e8p-ft-e2e256-g256": get_recipe("had-qep-gptq-w3-pc").with_(

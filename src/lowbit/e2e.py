@@ -2,7 +2,8 @@
 
 After the walk, the same parameters block fine-tuning trains (`lowbit.finetune.Trainable`: scalar group
 scales, vector row scales / codebooks, 1-bit g and h, optionally the norm weights) are trained for a few
-Adam steps to make the quantized model's next-token distribution match the FP model's: the loss is
+Adam steps (optionally with the unquantized token embedding and output head) to make the quantized model's
+next-token distribution match the FP model's: the loss is
 KL(FP || quantized) over every position of the calibration windows. The FP side is kept as the decoder's
 final hidden states (after the final norm), taken before any block was quantized (`teacher_states`), so
 the teacher's logits are lm_head of them: one [tokens, hidden] tensor on the host, not the logits.
@@ -107,11 +108,13 @@ def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Ten
 
 def distill(model: nn.Module, weights: dict, tokens: torch.Tensor, teacher: list[torch.Tensor],
             teacher_batch: int, *, steps: int, lr: float = 1e-4, batch: int = 4, norm_lr: float = 0.0,
-            eval_every: int = 0, val_fraction: float = 0.125, progress: bool = False) -> dict:
+            embed_lr: float = 0.0, eval_every: int = 0, val_fraction: float = 0.125, progress: bool = False) -> dict:
     """Train the continuous parameters of `model`'s quantized linears (`weights`: full name -> quantized weight,
     on the model's device) against the FP final hidden states `teacher` (`teacher_states` of `tokens` in batches
-    of `teacher_batch`). The model itself is not modified. Returns {"losses": (start, best, step), "reverted",
-    "weights", "norms"} like `finetune.finetune_block` (validation KL at storage precision; step 0 = the start)."""
+    of `teacher_batch`); with `embed_lr` > 0 also the token embedding and output head weights (one tensor when
+    tied; the teacher's logits keep the original head). The model itself is not modified. Returns {"losses":
+    (start, best, step), "reverted", "weights", "norms"} like `finetune.finetune_block` ("norms": every trained
+    plain weight, the embedding's included; validation KL at storage precision; step 0 = the start)."""
     n = tokens.shape[0]
     if n < 2:
         raise ValueError(f"end-to-end fine-tuning needs at least 2 calibration windows (train + validation), got {n}")
@@ -122,14 +125,15 @@ def distill(model: nn.Module, weights: dict, tokens: torch.Tensor, teacher: list
     head = st._head
     t_all = torch.cat(teacher)
     norms = [f"model.{p}" for p in norm_params(model) if p.startswith(_layers_prefix(model))] if norm_lr > 0 else []
-    ft = Trainable(st, {f"model.{k}": v for k, v in weights.items()}, norms)
-    opt = torch.optim.Adam(ft.param_groups(lr, norm_lr))
+    embeds = embedding_params(model) if embed_lr > 0 else []
+    ft = Trainable(st, {f"model.{k}": v for k, v in weights.items()}, norms + [f"model.{p}" for p in embeds])
+    opt = torch.optim.Adam(ft.param_groups(lr, norm_lr, {f"model.{p}": embed_lr for p in embeds}))
     eval_every = eval_every or max(1, steps // 4)
 
     def loss_on(idx: list[int], stored: bool = False) -> torch.Tensor:
         ids = tokens[idx].to(dev)
         logits = functional_call(st, ft.tensors(stored), (ids,), strict=False)
-        with torch.no_grad():
+        with torch.no_grad():  # the module's own head: functional_call above never changes it
             t = head(t_all[idx].to(dev, next(head.parameters()).dtype))
         return _kl(logits, t)
 
@@ -163,6 +167,20 @@ def distill(model: nn.Module, weights: dict, tokens: torch.Tensor, teacher: list
     return {"losses": (start, best, best_step), "reverted": False,
             "weights": {k[len("model."):]: v for k, v in new.items()},
             "norms": {k[len("model."):]: v for k, v in nrm.items()}}
+
+
+def embedding_params(model: nn.Module) -> list[str]:
+    """Names (in `model`) of the input embedding's and the output head's weights, once each when tied."""
+    from .walk import module_name
+
+    out, seen = [], set()
+    for mod in (model.get_input_embeddings(), model.get_output_embeddings()):
+        w = getattr(mod, "weight", None)
+        if w is None or id(w) in seen:
+            continue
+        seen.add(id(w))
+        out.append(f"{module_name(model, mod)}.weight")
+    return out
 
 
 def _layers_prefix(model: nn.Module) -> str:

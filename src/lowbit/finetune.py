@@ -5,7 +5,8 @@ codes stay put:
 - scalar codes (`QuantizedWeight`): the per-group scales (zeros stay, they are codes too);
 - vector codes (`VectorQuantizedWeight`): the per-row scales and a learned codebook when the kind has one;
 - 1-bit codes (`BinaryWeight`): the row and column vectors g and h;
-and optionally the RMSNorm weights of the module they live in. `weights()` gives every trained tensor
+and optionally named plain weights of the module they live in (its RMSNorm weights; end-to-end distillation
+may add the token embedding). `weights()` gives every trained tensor
 as the module expects it (the dequantized weight in the module's dtype), for `torch.func.functional_call`,
 so the modules themselves are never replaced (transforms such as an online Hadamard keep working).
 `stored()` rounds everything to the precision a checkpoint keeps (fp16), so what is validated is what is
@@ -47,7 +48,8 @@ def norm_params(module: nn.Module) -> list[str]:
 
 class Trainable(nn.Module):
     """The continuous parameters of quantized linears (name -> quantized weight, names relative to `root`)
-    and optionally of named norm weights of `root` (see the module docstring)."""
+    and optionally of named plain weights of `root` (`norms`: norm weights, or any parameter trained as it is;
+    see the module docstring)."""
 
     def __init__(self, root: nn.Module, weights: dict, norms: list[str] = ()):
         super().__init__()
@@ -102,10 +104,16 @@ class Trainable(nn.Module):
             out[n] = (_fp16(t) if stored else t).to(self.norm_dtype[n])
         return out
 
-    def param_groups(self, lr: float, norm_lr: float) -> list[dict]:
+    def param_groups(self, lr: float, norm_lr: float, rates: dict[str, float] | None = None) -> list[dict]:
+        """Adam groups: the quantized linears' parameters at `lr`, the named ones at `norm_lr`, but those that
+        `rates` (name -> rate) gives their own rate."""
+        rates = rates or {}
         groups = [{"params": list(self.p.values()), "lr": lr}]
-        if self.norms and norm_lr > 0:
-            groups.append({"params": list(self.n.values()), "lr": norm_lr})
+        plain = [self.n[n.replace(".", "/")] for n in self.norms if n not in rates]
+        if plain and norm_lr > 0:
+            groups.append({"params": plain, "lr": norm_lr})
+        for n, r in rates.items():
+            groups.append({"params": [self.n[n.replace(".", "/")]], "lr": r})
         return groups
 
     def snapshot(self) -> list[torch.Tensor]:

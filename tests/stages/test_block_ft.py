@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import tiny_model, tiny_tokens
+from lowbit import checkpoint
 from lowbit.configs import RecipeError
 from lowbit.finetune import finetune_block, split_batches
 from lowbit.recipe import Recipe, get_recipe, with_overrides
@@ -190,7 +191,6 @@ def test_too_few_batches_are_refused_before_sampling(monkeypatch):
 def test_streamed_block_ft_equals_in_memory(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from lowbit import checkpoint
     from lowbit.jobs import Protocol, stream_quantize_job
     from lowbit.pipeline import quantize_model
 
@@ -222,6 +222,40 @@ def test_e2e_runs_and_does_not_increase_the_validation_loss():
     m2, r2 = _q(KINDS["int"].with_(e2e_ft=E2EFTConfig(4, lr=1e4, batch=2)))
     assert r2.block_fits[0]["reverted"]
     assert all(torch.equal(a, b) for a, b in zip(m0.state_dict().values(), m2.state_dict().values()))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # tied embedding and head / separate ones
+def test_e2e_trains_the_embedding_and_head_only_when_asked(family, tmp_path):
+    from lowbit.e2e import embedding_params
+    from lowbit.pipeline import quantize_model
+
+    cfg = E2EFTConfig(6, lr=1e-3, batch=2, eval_every=2, embed_lr=1e-2)
+    r = KINDS["int"].with_(e2e_ft=cfg)
+    assert r.label.endswith("-e2e6emb") and "embed_lr" not in E2EFTConfig(6).to_dict()
+    assert Recipe.from_dict(json.loads(json.dumps(r.to_dict()))) == r
+    runs = {}
+    for name, rec in (("off", KINDS["int"].with_(e2e_ft=E2EFTConfig(6, lr=1e-3, batch=2, eval_every=2))),
+                      ("on", r)):
+        m = tiny_model(family)
+        runs[name] = (m, quantize_model(m, rec, tiny_tokens(16, 32), batch_size=4, progress=False))
+    fp = tiny_model(family)
+    names = embedding_params(fp)
+    tied = fp.config.tie_word_embeddings
+    assert names == (["model.embed_tokens.weight"] if tied else ["model.embed_tokens.weight", "lm_head.weight"])
+    m_off, res_off = runs["off"]
+    m_on, res_on = runs["on"]
+    assert all(torch.equal(m_off.get_parameter(n), fp.get_parameter(n)) for n in names)  # off: untouched
+    fit = res_on.block_fits[-1]
+    assert not fit["reverted"] and fit["e2e_ft"][1] < fit["e2e_ft"][0]
+    assert all(not torch.equal(m_on.get_parameter(n), fp.get_parameter(n)) for n in names)  # on: trained
+    assert (m_on.lm_head.weight is m_on.model.embed_tokens.weight) == tied  # tying survives
+    # the trained embedding is what the checkpoint keeps
+    path = checkpoint.save(m_on, res_on, tmp_path / "ck", dtype="fp32")
+    back = checkpoint.load(path, dequantize=True)
+    for n in names:
+        torch.testing.assert_close(back.get_parameter(n), m_on.get_parameter(n), rtol=0, atol=1e-3)
+    with pytest.raises(RecipeError, match="embed_lr >= 0"):
+        E2EFTConfig(4, embed_lr=-1.0)
 
 
 def test_sample_is_seeded_full_length_and_follows_the_model():

@@ -211,9 +211,11 @@ class E2EFTConfig:
     `eval_every` steps (0: steps / 4) on the last `val_fraction` of the windows, the best kept, none = revert.
     `generated` > 0 adds that many sequences sampled from the FP model itself (temperature 1, from the BOS token,
     as long as a calibration window) to the windows it trains and validates on; `calibration=False` trains on
-    those alone. Model-sampled text covers what the model knows, not only the calibration text's genre."""
+    those alone. Model-sampled text covers what the model knows, not only the calibration text's genre.
+    `embed_lr` > 0 also trains the unquantized token embedding and output head (one tensor when tied) at that
+    rate; the FP teacher keeps the original head."""
 
-    OMIT_DEFAULT: ClassVar[tuple[str, ...]] = ("generated", "calibration")
+    OMIT_DEFAULT: ClassVar[tuple[str, ...]] = ("generated", "calibration", "embed_lr")
 
     steps: int
     lr: float = 1e-4
@@ -223,13 +225,15 @@ class E2EFTConfig:
     val_fraction: float = 0.125
     generated: int = 0
     calibration: bool = True
+    embed_lr: float = 0.0
 
     def __post_init__(self) -> None:
         check_fields(self)
-        if self.steps < 1 or self.lr <= 0 or self.batch < 1 or self.norm_lr < 0 or self.eval_every < 0:
-            raise RecipeError(f"end-to-end fine-tuning needs steps >= 1, lr > 0, batch >= 1, norm_lr >= 0 and "
-                              f"eval_every >= 0, got {self.steps}, {self.lr}, {self.batch}, {self.norm_lr}, "
-                              f"{self.eval_every}")
+        if (self.steps < 1 or self.lr <= 0 or self.batch < 1 or self.norm_lr < 0 or self.eval_every < 0
+                or self.embed_lr < 0):
+            raise RecipeError(f"end-to-end fine-tuning needs steps >= 1, lr > 0, batch >= 1, norm_lr >= 0, "
+                              f"eval_every >= 0 and embed_lr >= 0, got {self.steps}, {self.lr}, {self.batch}, "
+                              f"{self.norm_lr}, {self.eval_every}, {self.embed_lr}")
         if not 0 < self.val_fraction < 1:
             raise RecipeError(f"end-to-end fine-tuning val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.generated < 0 or (not self.calibration and self.generated < 2):
@@ -237,9 +241,9 @@ class E2EFTConfig:
                               f"windows, got {self.generated} (calibration={self.calibration})")
 
     @property
-    def tag(self) -> str:  # -e2e64, -e2e64g128 (with 128 sampled sequences), -e2e64g128only (without calibration)
-        gen = f"g{self.generated}" if self.generated else ""
-        return f"-e2e{self.steps}{gen}{'' if self.calibration else 'only'}"
+    def tag(self) -> str:  # -e2e64, -e2e64g128 (with 128 sampled sequences), -e2e64g128only (without calibration),
+        gen = f"g{self.generated}" if self.generated else ""  # -e2e64emb (the embedding and head trained too)
+        return f"-e2e{self.steps}{gen}{'' if self.calibration else 'only'}{'emb' if self.embed_lr else ''}"
 
     def to_dict(self) -> dict:
         """JSON-safe dict."""

@@ -10,6 +10,8 @@ FLAGS = {
                       "after quantizing (0 = off; not with --stream or torchrun).", ("--e2e-steps",)),
     "e2e_lr": Flag("lr", float, "Learning rate of end-to-end distillation (default 1e-4).", ("--e2e-lr",)),
     "e2e_batch": Flag("batch", int, "Calibration windows per end-to-end step (default 4).", ("--e2e-batch",)),
+    "e2e_embed_lr": Flag("embed_lr", float, "Learning rate of the token embedding and output head in end-to-end "
+                         "distillation (default 0: they stay as they are).", ("--e2e-embed-lr",)),
     "e2e_generated": Flag("generated", int, "Sequences sampled from the FP model (before quantizing) that "
                           "end-to-end distillation trains on next to the calibration windows (default 0).",
                           ("--e2e-generated",)),
@@ -65,7 +67,7 @@ class E2EFinetuneStage(Stage):
         try:
             weights = {n: qw.to(device) for n, qw in res.weights.items()}
             ft = distill(model, weights, self._tokens, self._teacher, run.batch_size, steps=cfg.steps, lr=cfg.lr,
-                         batch=cfg.batch, norm_lr=cfg.norm_lr, eval_every=cfg.eval_every,
+                         batch=cfg.batch, norm_lr=cfg.norm_lr, embed_lr=cfg.embed_lr, eval_every=cfg.eval_every,
                          val_fraction=cfg.val_fraction, progress=run.progress)
             res.block_fits.append({"e2e_ft": ft["losses"], "reverted": ft["reverted"]})
             if not ft["reverted"]:
