@@ -11,10 +11,10 @@
 # 3. with the time left: three blocks of the 24 B shape (`--shapes 24b:3`, issue 19).
 # Done on the H100 (2026-12-07): QEP's half-precision statistics test, the +gemvrot decode variant.
 # Still separate (need the model staged, benchmarks/gpu_env.sh): `LOWBIT_HALF_GRAM=0|1 python -m lowbit quantize
-# smollm2 --recipe qep-gptq-w4-g128 --device cuda --dtype bf16` and `RECIPES=vq-km-d8-k8-bft2-e2e1024-g512,
-# vq-e8-had-qep-qqa,best-w2-ft bash benchmarks/vq_protocol.sh` (issue 20). No model needed, issue 20: `pytest -m gpu
-# tests/kernels/test_vq_linear.py` (timeout >= 300 s: the fp16 case and the graph test of the final mm kernel have
-# not run on a GPU) and `decode_e2e.py --variants bf16,w2,vq-e8p --batches 1,4,16` (the mm path in a model).
+# smollm2 --recipe qep-gptq-w4-g128 --device cuda --dtype bf16` and `RECIPES=vq-km-d8-k8-bft2-e2e256-g256-emb2e-5,
+# budget1.1-km6-km8-e8p-ft-e2e256-g256,vq-km-d8-k8-bft2-e2e1024-g512,vq-e8-had-qep-qqa bash benchmarks/vq_protocol.sh`
+# (issue 20). Done on the H100 (2026-12-07 22:12): `pytest -m gpu tests/kernels/test_vq_linear.py` (all pass) and
+# `decode_e2e.py --variants bf16,w2,vq-e8p --batches 1,4,16`.
 set -u
 cd "$(dirname "$0")/.." || exit 1
 T0=$SECONDS
