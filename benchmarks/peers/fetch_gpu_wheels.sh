@@ -5,7 +5,7 @@
 # carried-install check; onecomp declares Requires-Python >=3.12, hence --ignore-requires-python
 # there). Run from anywhere; needs PyPI.
 #
-#     bash benchmarks/peers/fetch_gpu_wheels.sh              # gpu-wheels.txt + paroquant
+#     bash benchmarks/peers/fetch_gpu_wheels.sh              # gpu-wheels.txt + paroquant + autoawq
 #     bash benchmarks/peers/fetch_gpu_wheels.sh paroquant    # only paroquant (for paroquant_gpu.sh)
 #
 # paroquant 0.1.16 (the ParoQuant reference, for paroquant_gpu.sh) is one pure-Python wheel of 64 KB,
@@ -32,5 +32,8 @@ for py in 3.12 3.11; do
         --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
         --platform manylinux2014_x86_64 -d "$dest" $reqs
 done
+# AutoAWQ (its GEMM, for the ParoQuant reference loader: export_loaders_gpu.sh) ships an sdist only; it is pure
+# Python, so a wheel built here with --no-deps installs there without its compiled kernels
+python3 -m pip wheel -q --no-deps -w "$dest" autoawq==0.2.9
 ls -l "$dest"/*.whl
 du -ch "$dest"/*.whl | tail -1
