@@ -125,9 +125,9 @@ def distill(model: nn.Module, weights: dict, tokens: torch.Tensor, teacher: list
     head = st._head
     t_all = torch.cat(teacher)
     norms = [f"model.{p}" for p in norm_params(model) if p.startswith(_layers_prefix(model))] if norm_lr > 0 else []
-    embeds = embedding_params(model) if embed_lr > 0 else []
-    ft = Trainable(st, {f"model.{k}": v for k, v in weights.items()}, norms + [f"model.{p}" for p in embeds])
-    opt = torch.optim.Adam(ft.param_groups(lr, norm_lr, {f"model.{p}": embed_lr for p in embeds}))
+    embeds = [f"model.{p}" for p in embedding_params(model)] if embed_lr > 0 else []
+    ft = Trainable(st, {f"model.{k}": v for k, v in weights.items()}, norms + embeds)
+    opt = torch.optim.Adam(ft.param_groups(lr, norm_lr, dict.fromkeys(embeds, embed_lr)))
     eval_every = eval_every or max(1, steps // 4)
 
     def loss_on(idx: list[int], stored: bool = False) -> torch.Tensor:

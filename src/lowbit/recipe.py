@@ -497,6 +497,9 @@ def parse_label(label: str) -> Recipe | None:  # noqa: C901
 def _best_presets() -> dict[str, Recipe]:
     """The recommended recipe at 3, 2 and 1 bits, as `best` is at 4 (SmolLM2 under the protocol,
     PPL sotu-modern / moby, FP 27.13 / 47.25; BENCHMARKS.md)."""
+    e8p = Recipe(method="vq_e8", bits=2, group_size=-1, rotation="hadamard", qep=QEPConfig(), solver={"codebook": "e8p"})
+    ft = BlockFTConfig(epochs=2, lr=2e-4, norm_lr=2e-4)  # the fine-tuning every 2- and 1-bit preset below shares
+    kd = E2EFTConfig(steps=256, generated=256)
     return {
         # Hadamard rotation + QEP + GPTQ with the clipping search: 33.71 / 66.17 at 3.5 bits/weight (H100)
         "best-w3": parse_label("had-qep-gptq-w3-g64-clip").with_(name="best-w3"),
@@ -504,32 +507,24 @@ def _best_presets() -> dict[str, Recipe]:
         # 121.52) at 2.02 bits/weight against the E8 ball's 57.93 / 146.60 (128.35), CPU; its kernel decodes 1.6x
         # faster (8B decode at batch 1: 1.12x bf16, the E8 ball 0.70x; H100). The best scalar recipe at 2.5 bits:
         # 104.20 / 370.70
-        "best-w2": Recipe(method="vq_e8", bits=2, group_size=-1, rotation="hadamard", qep=QEPConfig(),
-                          solver={"codebook": "e8p"}, name="best-w2"),
+        "best-w2": e8p.with_(name="best-w2"),
         # best-w2 + 2 epochs of block-wise fine-tuning of the row scales and the norm weights (Adam, lr 2e-4).
         # Measured with the E8 ball (CPU): 57.63 / 139.14 (128.14) against 57.93 / 146.57 (128.34), 2.9x the
         # time; lr 5e-3 was worse than none (62.63 / 177.38 / 173.17). With E8P codes (CPU): 55.57 / 140.95 (129.03)
-        "best-w2-ft": Recipe(method="vq_e8", bits=2, group_size=-1, rotation="hadamard", qep=QEPConfig(),
-                             solver={"codebook": "e8p"}, block_ft=BlockFTConfig(epochs=2, lr=2e-4, norm_lr=2e-4),
-                             name="best-w2-ft"),
+        "best-w2-ft": e8p.with_(block_ft=ft, name="best-w2-ft"),
         # best-w2-ft + 256 steps of end-to-end distillation (KL to the FP logits, Adam lr 1e-4, 4 windows a step)
         # on the calibration windows and 256 sequences sampled from the FP model: 44.71 / 102.95 (Shakespeare
         # 81.42) in 173 s (H100); on the calibration windows alone (64 steps) 46.88 / 117.43 (103.31) in 76 s
-        "best-w2-e2e": Recipe(method="vq_e8", bits=2, group_size=-1, rotation="hadamard", qep=QEPConfig(),
-                              solver={"codebook": "e8p"}, block_ft=BlockFTConfig(epochs=2, lr=2e-4, norm_lr=2e-4),
-                              e2e_ft=E2EFTConfig(steps=256, generated=256), name="best-w2-e2e"),
+        "best-w2-e2e": e8p.with_(block_ft=ft, e2e_ft=kd, name="best-w2-e2e"),
         # 2.25 bits/weight: a Fisher bit budget gives each linear E8P codes or 3-bit per-channel GPTQ (Hadamard +
         # QEP), then best-w2-e2e's fine-tuning: 42.29 / 88.26 (Shakespeare 73.63), 1.56 / 1.87 / 1.90x FP, in 302 s
         # (H100): the only recipe within 2x of FP on all three corpora at 2.0-2.3 bits/weight
         "best-w2.25": parse_label("had-qep-gptq-w3-pc").with_(
-            bit_budget=BudgetConfig(target=2.25, bits=("e8p", 3)),
-            block_ft=BlockFTConfig(epochs=2, lr=2e-4, norm_lr=2e-4), e2e_ft=E2EFTConfig(steps=256, generated=256),
-            name="best-w2.25"),
+            bit_budget=BudgetConfig(target=2.25, bits=("e8p", 3)), block_ft=ft, e2e_ft=kd, name="best-w2.25"),
         # ~1 bit: a learned 256-entry codebook per layer over 8-dim groups (1.088 bits/weight, vq-km-d8-k8), block
         # fine-tuning, then best-w2-e2e's distillation on calibration + sampled text: 159.89 / 405.95 (321.65) in
         # 178 s (H100), against the OneBit recipe (qep-onebit-qqa25-ft3, 1.046 b/w): 707 / 8.6e3 in 549 s
-        "best-w1": PRESETS["vq-km-d8-k8"].with_(block_ft=BlockFTConfig(epochs=2, lr=2e-4, norm_lr=2e-4),
-                                                 e2e_ft=E2EFTConfig(steps=256, generated=256), name="best-w1"),
+        "best-w1": PRESETS["vq-km-d8-k8"].with_(block_ft=ft, e2e_ft=kd, name="best-w1"),
     }
 
 
