@@ -57,7 +57,9 @@ VARIANTS = {"bf16": None, "w4": (4, False), "w3": (3, False), "w2": (2, False), 
 # attend through lowbit's decode attention kernel instead of scaled_dot_product_attention (off by default:
 # slower at batch 1), which also takes o's rotation (see `launch_options`); "+gemvrot": the rotations
 # still launched on their own at one token (o's: the others are in the norm / SiLU-gate prologues) run
-# inside the packed GEMV instead (LOWBIT_QUANT_ROT_FUSED_MAX_TOKENS=1).
+# inside the packed GEMV instead (LOWBIT_QUANT_ROT_FUSED_MAX_TOKENS=1); "+nofuse": the plain packed linears'
+# RMSNorm, SiLU-gate and residual adds run as their own (compiled) kernels instead of inside the GEMVs
+# (`decode.FUSED_GEMV` off).
 # "-head" variants: the lm_head (128256 x 4096, 1.05 GB read per token in bf16) packed too, at the
 # decoder linears' width and group 128 (not a default variant: what quantizing the head would buy)
 DEFAULT_VARIANTS = ("bf16", "w4", "w3", "w2", "w4-pair", "vq-e8")
@@ -134,7 +136,9 @@ def launch_options(variant: str):
            "LOWBIT_QUANT_ROT_FUSED_MAX_TOKENS": "1" if "+gemvrot" in variant else "0"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    group, prologue, attention = D._pairwise_group, D.PROLOGUE_ROTATIONS, D.DECODE_ATTENTION
+    group, prologue, attention, fused = D._pairwise_group, D.PROLOGUE_ROTATIONS, D.DECODE_ATTENTION, D.FUSED_GEMV
+    if "+nofuse" in variant:
+        D.FUSED_GEMV = False
     if "+unfused" in variant:
         D._pairwise_group = lambda mods: False
     if "+noprologue" in variant:
@@ -144,7 +148,7 @@ def launch_options(variant: str):
     try:
         yield
     finally:
-        D._pairwise_group, D.PROLOGUE_ROTATIONS, D.DECODE_ATTENTION = group, prologue, attention
+        D._pairwise_group, D.PROLOGUE_ROTATIONS, D.DECODE_ATTENTION, D.FUSED_GEMV = group, prologue, attention, fused
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -270,7 +274,7 @@ def main() -> None:
         t0 = time.perf_counter()
         if base_variant(variant) not in VARIANTS:
             raise SystemExit(f"unknown variant {variant!r}: one of {', '.join(VARIANTS)} (optionally +pdl, "
-                             "+unfused, +noprologue, +attn, +gemvrot)")
+                             "+unfused, +noprologue, +attn, +gemvrot, +nofuse)")
         try:
             with launch_options(variant):
                 model = build(SHAPES[args.shape], variant, device, shared, gen)

@@ -9,12 +9,11 @@
 # 1. on an H200 (> 100 GB): the 405 B block, `scale_7b.py --part shapes --shapes 405b --gpu-memory 130` (19).
 # 2. the ParoQuant exports read by the reference package's own loader (export_loaders_gpu.sh, issue 17).
 # 3. with the time left: three blocks of the 24 B shape (`--shapes 24b:3`, issue 19).
-# Done on the H100 (2026-12-07): QEP's half-precision statistics test, the +gemvrot decode variant.
-# Still separate (need the model staged, benchmarks/gpu_env.sh): `LOWBIT_HALF_GRAM=0|1 python -m lowbit quantize
-# smollm2 --recipe qep-gptq-w4-g128 --device cuda --dtype bf16` and `RECIPES=vq-km-d8-k8-bft2-e2e256-g256-emb2e-5,
-# budget1.1-km6-km8-e8p-ft-e2e256-g256,vq-km-d8-k8-bft2-e2e1024-g512,vq-e8-had-qep-qqa bash benchmarks/vq_protocol.sh`
-# (issue 20). Done on the H100 (2026-12-07 22:12): `pytest -m gpu tests/kernels/test_vq_linear.py` (all pass) and
-# `decode_e2e.py --variants bf16,w2,vq-e8p --batches 1,4,16`.
+# Done on the H100 (2026-12-08 00:45): steps 2 and 3 (BENCHMARKS.md), and `LOWBIT_HALF_GRAM=0|1 python -m lowbit
+# quantize smollm2 --recipe qep-gptq-w4-g128 --device cuda --dtype bf16`. Only step 1 still waits (an H200).
+# Still separate (need the model staged, benchmarks/gpu_env.sh): `RECIPES=vq-km-d8-k8-bft2-e2e256-g256-emb2e-5,
+# budget1.1-km6-km8-e8p-ft-e2e256-g256,vq-km-d8-k8-bft2-e2e1024-g512 bash benchmarks/vq_protocol.sh` (issue 20's
+# 1-bit follow-ups; one recipe per call: the first ran past 290 s on the H100 on 2026-12-08 and was cut).
 set -u
 cd "$(dirname "$0")/.." || exit 1
 T0=$SECONDS

@@ -263,3 +263,40 @@ def test_decode_attention_kernel_in_the_loop(monkeypatch):
             got, want = fused.forward(ids, pos), apart.forward(ids, pos)
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
             ids = want[:, -1:].argmax(-1)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_norms_gates_and_residual_adds_fused_into_the_gemvs(family, monkeypatch):
+    """Under the interpreter the one-token steps of a packed model run q/k/v and gate/up with their RMSNorm,
+    down with SiLU-gate and o and down with the residual add in the GEMV launches (`fused_gemvs`): four
+    fused launches per layer and the logits of the loop with the elementwise ops on their own."""
+    import lowbit.decode as D
+    from lowbit.kernels import quant as Q
+
+    _interpreter(monkeypatch, "_pairwise_triton", "_quant_triton")
+
+    def model(bits=4):
+        m = tiny_model(family)
+        res = quantize_model(m, Recipe(method="rtn", bits=bits, group_size=32), tiny_tokens(), progress=False)
+        pack_model(m, res)
+        return m
+
+    prompt = tiny_tokens(1, 5)
+    with torch.no_grad():
+        fused = DecodeModel(model(), max_len=16)
+        assert all(L.fuse_qkv and L.fuse_o and L.fuse_gate_up and L.fuse_down for L in fused.layers)
+        # 3-bit linears stay apart (slower fused on the H100: `FUSED_GEMV_BITS`)
+        assert not any(L.fuse_qkv or L.fuse_down for L in DecodeModel(model(3), max_len=16).layers)
+        monkeypatch.setattr(D, "FUSED_GEMV", False)
+        apart = DecodeModel(model(), max_len=16)
+        assert not any(L.fuse_qkv or L.fuse_o or L.fuse_gate_up or L.fuse_down for L in apart.layers)
+        ids = prompt
+        for step in range(3):
+            pos = torch.arange(5) if step == 0 else torch.tensor([4 + step])
+            Q.reset_path_counts()
+            got = fused.forward(ids, pos)
+            # the prompt (5 tokens) runs the unfused ops, every one-token step the fused GEMVs
+            assert Q.path_counts["gemv_fused"] == (0 if step == 0 else 4 * len(fused.layers)), Q.path_counts
+            want = apart.forward(ids, pos)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            ids = want[:, -1:].argmax(-1)

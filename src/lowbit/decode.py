@@ -13,7 +13,10 @@ embeddings, RoPE) in a compact forward written for generation:
   rotates the input by every transform, one GEMV reads each segment's own rotated input;
 - a static KV cache [layers, batch, kv heads, max_len, head dim] written in place at the step's
   positions, attention through `scaled_dot_product_attention` with a position mask (GQA native);
-- RMSNorm, residual add + RMSNorm, RoPE with the KV-cache writes, and SiLU-gate compiled by
+- at one token on CUDA, each plain packed linear runs with its elementwise neighbours in its own GEMV
+  launch (`FUSED_GEMV`): q/k/v and gate/up normalise their input (RMSNorm), down applies SiLU-gate
+  to its, o and down add the residual to their output;
+- otherwise (more tokens, float or rotated linears) RMSNorm, residual add + RMSNorm, RoPE with the KV-cache writes, and SiLU-gate compiled by
   torch.compile on CUDA (one compiled graph each, shared by all layers: they take only tensors;
   a layer's cache is a view at its own offset, which does not recompile);
 - the attention mask made once per step (additive), the greedy token picked in two stages (`greedy`);
@@ -37,6 +40,7 @@ from torch.nn import functional as F
 from .kernels._common import interpreting
 from .kernels.attention import applies, decode_attention
 from .kernels.pairwise import norm_rotate_many, rms_norm, silu_mul_rotate_many
+from .kernels.quant import setting as quant_setting
 from .nn.quantized import QuantizedLinear
 from .nn.vector import VectorQuantizedLinear
 
@@ -265,6 +269,13 @@ class _Layer:
     post_rot: tuple | None = None
     down_rot: tuple | None = None
     o_rot: tuple | None = None      # o's transform, fused into the decode attention kernel's output
+    # plain packed linears whose elementwise neighbours run inside their GEMV at one token
+    # (`fused_gemvs`): q/k/v and gate/up with their RMSNorm, o and down with the residual add, down
+    # with SiLU-gate
+    fuse_qkv: bool = False
+    fuse_o: bool = False
+    fuse_gate_up: bool = False
+    fuse_down: bool = False
 
 
 #: fuse pairwise transforms into the kernel that produces their input (residual add + RMSNorm before
@@ -277,6 +288,29 @@ PROLOGUE_ROTATIONS = True
 #: shape, 384 positions: 382 against 218 us per step; BENCHMARKS.md), more than the 92 us of o's
 #: rotation launches it saves
 DECODE_ATTENTION = False
+#: one-token steps on CUDA run each plain packed linear (no online transform, no act quant) of the
+#: widths in FUSED_GEMV_BITS with its elementwise neighbours in the same GEMV launch
+#: (`QuantizedLinear.fused`): the input RMSNorm in q/k/v's and gate/up's, SiLU-gate in down's, the
+#: residual add in o's and down's: three fewer launches per layer (benchmarks may switch it off)
+FUSED_GEMV = True
+#: H100, 8B shape, batch 1 (BENCHMARKS.md, 2026-12-08): fused against apart, W4 346.2 / 339.3 tok/s,
+#: W2 405.5 / 393.9, but W3 253.3 / 278.5 (its short 16-row programs pay the prologue per program:
+#: its GEMVs 2567 -> 3151 us); 1, 5-8 bits not measured: apart
+FUSED_GEMV_BITS = (2, 4)
+
+
+def fused_gemvs(layer: _Layer, dtype: torch.dtype) -> None:
+    """Mark the layer's linears that `QuantizedLinear.fused` can run with their neighbours (see `_Layer`)."""
+
+    def plain(mods) -> bool:
+        m = mods[0] if isinstance(mods, list) and len(mods) == 1 else mods
+        return isinstance(m, QuantizedLinear) and m.transform is None and m.act_bits is None and \
+            m.bits in FUSED_GEMV_BITS
+
+    layer.fuse_qkv = layer.in_rot is None and plain(layer.qkv) and layer.in_norm.dtype == dtype
+    layer.fuse_o = layer.o_rot is None and plain(layer.o)
+    layer.fuse_gate_up = layer.post_rot is None and plain(layer.gate_up) and layer.post_norm.dtype == dtype
+    layer.fuse_down = layer.down_rot is None and plain(layer.down)
 
 
 def prologue_rotations(layer: _Layer, device: torch.device, head_dim: int | None = None) -> None:
@@ -337,6 +371,9 @@ class DecodeModel:
         if PROLOGUE_ROTATIONS and kernels:
             for L in self.layers:
                 prologue_rotations(L, self.device, self.head_dim if self.attn_kernel else None)
+        if FUSED_GEMV and kernels:
+            for L in self.layers:
+                fused_gemvs(L, self.dtype)
         pos = torch.arange(max_len, device=self.device)
         probe = torch.zeros(1, device=self.device, dtype=self.dtype)
         cos, sin = inner.rotary_emb(probe, pos[None])
@@ -375,11 +412,18 @@ class DecodeModel:
             # call (three small kernels per layer)
             mask = torch.zeros(allowed.shape, device=x.device, dtype=x.dtype).masked_fill_(~allowed, float("-inf"))
             mask = mask[None, None]
+        # one-token steps: the plain packed linears take their norm / gate / residual add along
+        # (`fused_gemvs`); with them x stays the residual stream and r (an output not yet added) is None
+        one = B * T <= quant_setting("GEMV_MAX_TOKENS")
         r = None
         for i, L in enumerate(self.layers):
             if L.in_rot is not None:
                 x, xs = norm_rotate_many(x, r, L.in_norm, self.eps, *L.in_rot)
                 qkv = L.qkv[0].from_rotated(xs)
+            elif one and L.fuse_qkv:
+                if r is not None:
+                    x = x + r
+                qkv = L.qkv[0].fused(x, norm=(L.in_norm, self.eps))
             else:
                 x, h = (x, ops.rms_norm(x, L.in_norm, self.eps)) if r is None else \
                     ops.add_rms_norm(x, r, L.in_norm, self.eps)
@@ -398,18 +442,30 @@ class DecodeModel:
             else:
                 a = F.scaled_dot_product_attention(q.transpose(1, 2), self.k_cache[i], self.v_cache[i],
                                                    attn_mask=mask, enable_gqa=self.kv_heads != self.heads)
-                a = L.o(a.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
+                a = a.transpose(1, 2).reshape(B, T, self.heads * self.head_dim)
+                if one and L.fuse_o:
+                    x, a = L.o.fused(a, residual=x), None
+                else:
+                    a = L.o(a)
             if L.post_rot is not None:
                 x, hs = norm_rotate_many(x, a, L.post_norm, self.eps, *L.post_rot)
                 gu = L.gate_up[0].from_rotated(hs)
+            elif one and L.fuse_gate_up:
+                if a is not None:
+                    x = x + a
+                gu = L.gate_up[0].fused(x, norm=(L.post_norm, self.eps))
             else:
-                x, h = ops.add_rms_norm(x, a, L.post_norm, self.eps)
+                x, h = (x, ops.rms_norm(x, L.post_norm, self.eps)) if a is None else \
+                    ops.add_rms_norm(x, a, L.post_norm, self.eps)
                 gu = _apply(L.gate_up, h)
             if L.down_rot is not None:
                 r = L.down.matmul(silu_mul_rotate_many(gu, *L.down_rot)[0])
+            elif one and L.fuse_down:
+                x, r = L.down.fused(gu, gate=True, residual=x), None
             else:
                 r = L.down(ops.silu_mul(gu))
-        x = x + r
+        if r is not None:
+            x = x + r
         if last_only:
             x = x[:, -1:]
         return self.lm_head(ops.rms_norm(x, self.norm_w, self.eps))

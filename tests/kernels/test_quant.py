@@ -702,3 +702,88 @@ def test_int_grid_layers_run_the_asymmetric_kernels(interpreter):
         y = Q.quant_linear_triton(x[:tokens], m.qweight, m.scales, m.zeros, m.bits, m.kernel_group_size,
                                   m.in_features, path=path)
         assert relerr(y, ref[:tokens]) < TOL_INTERP[torch.float32], path
+
+
+# ---- the decode step's elementwise ops fused into the GEMV --------------------------------------------
+
+
+def _fused_cases(lay, dtype, device, seed):
+    """(x, kwargs) of the three fused forms: RMSNorm in front + residual after, SiLU-gate in front +
+    residual after, RMSNorm alone; values of a residual stream (a few units, outliers)."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(1, lay.n_in, generator=g) * 2).to(dtype).to(device)
+    w = (torch.rand(lay.n_in, generator=g) + 0.5).to(dtype).to(device)
+    gu = (torch.randn(1, 2 * lay.n_in, generator=g) * 2).to(dtype).to(device)
+    res = (torch.randn(1, lay.n_out, generator=g) * 4).to(dtype).to(device)
+    return [(x, dict(norm=(w, 1e-5), residual=res)), (gu, dict(gate=True, residual=res)), (x, dict(norm=(w, 1e-6)))]
+
+
+def _unfused64(lay, x, kw):
+    """The unfused ops in x's dtype (rounded as the decode loop rounds them), then the fp64 product."""
+    h = Q._fused_input(x.cpu(), (kw["norm"][0].cpu(), kw["norm"][1]) if "norm" in kw else None, kw.get("gate", False))
+    y = lay.ref64(h)
+    return y if "residual" not in kw else y + kw["residual"].cpu().double()
+
+
+@interpreter_only
+@pytest.mark.parametrize("case", [0, 1, 2, 5])
+def test_fused_gemv_interpreter(case, interpreter):
+    """`quant_linear_fused` (norm / gate prologue, residual epilogue; split-K, perm, in_scale, bias, masked
+    tails among the cases) against the unfused ops and the fp64 product, on a NaN-poisoned workspace."""
+    n_out, n_in, bits, gs, asym, extras, tiles = GEMV_CASES[case]
+    lay = Layer(n_out, n_in, bits, gs, asym, seed=case, **extras)
+    for dtype in (torch.float32, torch.bfloat16):
+        for x, kw in _fused_cases(lay, dtype, "cpu", case):
+            Q.workspace("cpu").part.fill_(float("nan"))
+            y = Q.quant_linear_fused(x, *lay.args(), **lay.kwargs(dtype), **kw)
+            assert Q.last_path == "gemv_fused" and y.dtype == dtype and y.shape == (1, n_out)
+            assert not Q.workspace("cpu").counters.any()
+            assert relerr(y, _unfused64(lay, x, kw)) < TOL_INTERP[dtype], (dtype, kw.keys())
+    # more tokens than the GEMV takes: the unfused ops, said so
+    x = torch.randn(3, n_in)
+    w = torch.rand(n_in) + 0.5
+    y = Q.quant_linear_fused(x, *lay.args(), **lay.kwargs(torch.float32), norm=(w, 1e-5))
+    assert Q.last_path == "unfused" and relerr(y, _unfused64(lay, x, dict(norm=(w, 1e-5)))) < 1e-5
+
+
+def test_fused_gemv_refuses_what_it_cannot_fuse():
+    lay = Layer(64, 128, 4, 64, True, seed=3)
+    x = torch.randn(1, 128)
+    with pytest.raises(ValueError, match="norm or a gate"):
+        Q.quant_linear_fused(x, *lay.args(), norm=(torch.ones(128), 1e-5), gate=True)
+    with pytest.raises(ValueError, match="wants 256"):
+        Q.quant_linear_fused(x, *lay.args(), gate=True)
+    with pytest.raises(ValueError, match="norm weight"):
+        Q.quant_linear_fused(x, *lay.args(), norm=(torch.ones(128, dtype=torch.bfloat16), 1e-5))
+    with pytest.raises(ValueError, match="residual"):
+        Q.quant_linear_fused(x, *lay.args(), residual=torch.zeros(1, 32))
+
+
+@cuda
+@pytest.mark.parametrize("bits", [4, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_fused_gemv_matches_the_unfused_ops(bits, dtype):
+    """The 8B shape's fused linears (q/k/v with its norm, o and down with the residual, down with SiLU-gate,
+    gate/up with its norm) and odd ones, on NaN-poisoned outputs, against the unfused ops and fp64; then
+    inside a CUDA graph."""
+    for i, (n_out, n_in) in enumerate([(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (1536, 576),
+                                       (576, 1536), (192, 576)]):
+        gs, asym, extras = GPU_FORMATS[i % len(GPU_FORMATS)]
+        lay = Layer(n_out, n_in, bits, gs, asym, seed=i + bits, device="cuda", **extras)
+        for x, kw in _fused_cases(lay, dtype, "cuda", i):
+            y = Q.quant_linear_fused(x, *lay.args(), **lay.kwargs(dtype), **kw)
+            assert Q.last_path == "gemv_fused"
+            assert relerr(y, _unfused64(lay, x, kw)) < TOL[dtype], (n_out, n_in, gs, asym, extras, kw.keys())
+            want = Q.quant_linear_fused_ref(x, *lay.args(), **lay.kwargs(dtype), **kw)
+            assert relerr(y, want.double().cpu()) < TOL[dtype]
+    lay = Layer(4096, 14336, bits, 128, True, device="cuda", seed=9)
+    (_, kw_n), (gu, kw), _ = _fused_cases(lay, dtype, "cuda", 9)
+    graph = torch.cuda.CUDAGraph()
+    Q.quant_linear_fused(gu, *lay.args(), **kw)
+    with torch.cuda.graph(graph):
+        yg = Q.quant_linear_fused(gu, *lay.args(), **kw)
+    gu.normal_()
+    kw["residual"].normal_()
+    graph.replay()
+    assert relerr(yg, _unfused64(lay, gu, kw)) < TOL[dtype]
+    assert not Q.workspace("cuda").counters.any()

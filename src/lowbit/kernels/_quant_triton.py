@@ -175,10 +175,46 @@ def _gemv_rows(qw_ptr, s_ptr, z_ptr, row0, x, xsum, zterm, gcol, gmask, k0, K, N
 
 
 @triton.jit
+def _row_rstd(x_row, K, eps, BLOCK: tl.constexpr):
+    """1 / sqrt(mean(x^2) + eps) over the K values of one row (fp32 statistics, as transformers' RMSNorm)."""
+    acc = tl.full([BLOCK], 0.0, tl.float32)
+    for k in range(0, K, BLOCK):
+        o = k + tl.arange(0, BLOCK)
+        v = tl.load(x_row + o, mask=o < K, other=0.0).to(tl.float32)
+        acc += v * v
+    return 1.0 / tl.sqrt(tl.reduce(acc, 0, _sum_combine) / K + eps)
+
+
+@triton.jit
+def _prologue(x, x_row, pw_ptr, src, rstd, K, PRO: tl.constexpr, MASK_K: tl.constexpr, kmask):
+    """The elementwise op in front of the linear, on the loaded values x (fp32) of columns src, rounded
+    as the unfused ops round: PRO 1 RMSNorm (weight[src] * (x * rstd rounded to x's dtype), the
+    product rounded), PRO 2 SiLU-gate (x is the gate, the up half lies K further on the row:
+    silu(gate) rounded, times up, rounded)."""
+    DT = x_row.dtype.element_ty
+    if PRO == 1:
+        if MASK_K:
+            w = tl.load(pw_ptr + src, mask=kmask, other=0.0).to(tl.float32)
+        else:
+            w = tl.load(pw_ptr + src).to(tl.float32)
+        x = (w * (x * rstd).to(DT).to(tl.float32)).to(DT).to(tl.float32)
+    else:
+        if MASK_K:
+            u = tl.load(x_row + K + src, mask=kmask, other=0.0).to(tl.float32)
+        else:
+            u = tl.load(x_row + K + src).to(tl.float32)
+        g = (x / (1.0 + tl.exp(-x))).to(DT).to(tl.float32)
+        x = (g * u).to(DT).to(tl.float32)
+    return x
+
+
+@triton.jit
 def _load_x_chunk(x_row, perm_ptr, isc_ptr, rsc_ptr, rpar_ptr, rcos_ptr, rsin_ptr, k0, K,
                   NG: tl.constexpr, GSZ: tl.constexpr, HAS_PERM: tl.constexpr, HAS_ISC: tl.constexpr,
-                  ROT_K: tl.constexpr, ROT_G: tl.constexpr, GIVENS: tl.constexpr, MASK_K: tl.constexpr):
-    """x' for the kernel columns [k0, k0 + NG * GSZ) of one token, fp32 [NG, GSZ]; 0 past K."""
+                  ROT_K: tl.constexpr, ROT_G: tl.constexpr, GIVENS: tl.constexpr, MASK_K: tl.constexpr,
+                  PRO: tl.constexpr = 0, pw_ptr=None, rstd=None):
+    """x' for the kernel columns [k0, k0 + NG * GSZ) of one token, fp32 [NG, GSZ]; 0 past K. PRO > 0
+    (no rotation): the values go through `_prologue` first."""
     CS: tl.constexpr = NG * GSZ
     kk = k0 + tl.arange(0, NG)[:, None] * GSZ + tl.arange(0, GSZ)[None, :]
     if ROT_K > 0:
@@ -211,6 +247,8 @@ def _load_x_chunk(x_row, perm_ptr, isc_ptr, rsc_ptr, rpar_ptr, rcos_ptr, rsin_pt
             x = tl.load(x_row + src, mask=kk < K, other=0.0).to(tl.float32)
         else:
             x = tl.load(x_row + src).to(tl.float32)
+        if PRO > 0:
+            x = _prologue(x, x_row, pw_ptr, src, rstd, K, PRO, MASK_K, kk < K)
     if HAS_ISC:
         if MASK_K:
             x = x * tl.load(isc_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
@@ -271,12 +309,21 @@ def _cta_barrier(anchor, EMU: tl.constexpr):
 
 
 @triton.jit
-def _finish_rows(out_ptr, bias_ptr, rows, acc, N, HAS_BIAS: tl.constexpr, MASK_N: tl.constexpr):
+def _finish_rows(out_ptr, bias_ptr, rows, acc, N, HAS_BIAS: tl.constexpr, MASK_N: tl.constexpr,
+                 HAS_RES: tl.constexpr = False, res_ptr=None):
+    """Store acc (+ bias) in out's dtype; HAS_RES: then + res[rows], rounded again (the residual add
+    after the linear, as the unfused ops round it)."""
     if HAS_BIAS:
         if MASK_N:
             acc += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
         else:
             acc += tl.load(bias_ptr + rows).to(tl.float32)
+    if HAS_RES:
+        if MASK_N:
+            r = tl.load(res_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+        else:
+            r = tl.load(res_ptr + rows).to(tl.float32)
+        acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32) + r
     if MASK_N:
         tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty), mask=rows < N)
     else:
@@ -285,15 +332,17 @@ def _finish_rows(out_ptr, bias_ptr, rows, acc, N, HAS_BIAS: tl.constexpr, MASK_N
 
 @triton.jit
 def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, isc_ptr, bias_ptr, out_ptr, part_ptr, cnt_ptr,
-                rsc_ptr, rpar_ptr, rcos_ptr, rsin_ptr,
+                rsc_ptr, rpar_ptr, rcos_ptr, rsin_ptr, pw_ptr, res_ptr,
                 K, N, KP32, G, stride_q, stride_s, stride_z, stride_xm, stride_om, seg_a, seg_b, stride_xs,
+                eps, stride_rm,
                 BITS: tl.constexpr, GS: tl.constexpr, CS: tl.constexpr, NG: tl.constexpr,
                 BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
                 HAS_Z: tl.constexpr, HAS_PERM: tl.constexpr, HAS_ISC: tl.constexpr, HAS_BIAS: tl.constexpr,
                 ROT_K: tl.constexpr, ROT_G: tl.constexpr, GIVENS: tl.constexpr,
                 MASK_K: tl.constexpr, MASK_N: tl.constexpr, STAGES: tl.constexpr, X_IN_LOOP: tl.constexpr,
-                PREFETCH: tl.constexpr, PDL: tl.constexpr, EMU: tl.constexpr):
-    """out[t, n] = sum_k x'[t, k] W[n, k] (+ bias[n]), one token per program.
+                PREFETCH: tl.constexpr, PDL: tl.constexpr, EMU: tl.constexpr,
+                PRO: tl.constexpr = 0, HAS_RES: tl.constexpr = False):
+    """out[t, n] = sum_k x'[t, k] W[n, k] (+ bias[n]) (+ res[t, n]), one token per program.
 
     Grid (SPLITS, cdiv(N, BLOCK_R), tokens). Program (s, r, t): columns [s * CS, (s + 1) * CS),
     rows [r * BLOCK_R, (r + 1) * BLOCK_R) in sub-tiles of BLOCK_N (a tl.range loop with
@@ -319,6 +368,11 @@ def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, isc_ptr, bias_ptr, out_pt
     Segments: rows from seg_a on read their x stride_xs further on, rows from seg_b on 2 * stride_xs
     (seg_a, seg_b multiples of BLOCK_R; N, N and 0 for one x): up to three linears of one launch that
     each take their own input, as the q / k / v linears with their own pairwise transforms do.
+    Fused elementwise ops of the decode step (no rotation, one segment): PRO 1, x is the residual
+    stream and x' = RMSNorm(x) with weight pw and eps (every program computes the row's statistics
+    first: K values, from L2); PRO 2, x is [gate | up] (2K wide) and x' = silu(gate) * up; HAS_RES,
+    the residual res[t, :] is added to the rounded output (out = res + x' W^T, as the unfused ops
+    round it), so that one launch replaces a norm or gate kernel and a residual add.
     """
     pid_s = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -331,9 +385,13 @@ def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, isc_ptr, bias_ptr, out_pt
         _prefetch_words(qw_ptr, pid_r * BLOCK_R, N, stride_q, k0, KP32, PREFETCH * BLOCK_N, CS, BITS)
     if PDL:
         _grid_dependency()
+    if PRO == 1:
+        rstd = _row_rstd(x_row, K, eps, 1024)
+    else:
+        rstd = 1.0
     if not X_IN_LOOP:
         x = _load_x_chunk(x_row, perm_ptr, isc_ptr, rsc_ptr, rpar_ptr, rcos_ptr, rsin_ptr, k0, K, NG, GSZ,
-                          HAS_PERM, HAS_ISC, ROT_K, ROT_G, GIVENS, MASK_K)
+                          HAS_PERM, HAS_ISC, ROT_K, ROT_G, GIVENS, MASK_K, PRO, pw_ptr, rstd)
         xsum = tl.reduce(x, 1, _sum_combine) * 1.734723475976807e-18     # sum x per group, x 2^-59
     else:
         x = tl.full([NG, GSZ], 0.0, tl.float32)     # made in iteration 0, after the pipeline's first loads
@@ -347,6 +405,7 @@ def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, isc_ptr, bias_ptr, out_pt
     r0 = pid_r * BLOCK_R
     NSUB: tl.constexpr = BLOCK_R // BLOCK_N
     out_row = out_ptr + pid_t.to(tl.int64) * stride_om
+    res_row = res_ptr + pid_t.to(tl.int64) * stride_rm
     part_row = part_ptr + (pid_t.to(tl.int64) * SPLITS + pid_s) * N
     for i in tl.range(0, NSUB, num_stages=STAGES):
         if X_IN_LOOP:
@@ -361,7 +420,7 @@ def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, isc_ptr, bias_ptr, out_pt
         acc = _gemv_rows(qw_ptr, s_ptr, z_ptr, r0 + i * BLOCK_N, x, xsum, zterm, gcol, gmask, k0, K, N, KP32,
                          stride_q, stride_s, stride_z, BITS, NG, GSZ, BLOCK_N, HAS_Z, MASK_N, MASK_K)
         if SPLITS == 1:
-            _finish_rows(out_row, bias_ptr, rows, acc, N, HAS_BIAS, MASK_N)
+            _finish_rows(out_row, bias_ptr, rows, acc, N, HAS_BIAS, MASK_N, HAS_RES, res_row)
         else:
             if MASK_N:
                 tl.store(part_row + rows, acc, mask=rows < N)
@@ -382,7 +441,7 @@ def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, isc_ptr, bias_ptr, out_pt
                         tot += tl.load(base + s * N, mask=rows < N, other=0.0, cache_modifier=".cg")
                     else:
                         tot += tl.load(base + s * N, cache_modifier=".cg")
-                _finish_rows(out_row, bias_ptr, rows, tot, N, HAS_BIAS, MASK_N)
+                _finish_rows(out_row, bias_ptr, rows, tot, N, HAS_BIAS, MASK_N, HAS_RES, res_row)
                 tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")   # the next launch is stream-ordered
 
 

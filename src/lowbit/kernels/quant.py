@@ -411,7 +411,7 @@ def _pdl(x: Tensor, pdl: bool | None) -> bool:
 
 def _launch_gemv(tk, x2, qweight, scales, zeros, bits, gs, K, N, perm, in_scale, bias, rot, out, ws, sms,
                  split=None, block_r=None, block_n=None, num_warps=None, num_stages=None, x_in_loop=None,
-                 prefetch=None, pdl=None, segments=None):
+                 prefetch=None, pdl=None, segments=None, prologue=None, residual=None):
     T = x2.shape[0]
     rot_group = rot.group if rot is not None else 0
     cfg = gemv_config(K, N, bits, 0 if gs >= K else gs, sms, rot_group, T)
@@ -458,16 +458,27 @@ def _launch_gemv(tk, x2, qweight, scales, zeros, bits, gs, K, N, perm, in_scale,
         pre = br // bn if pdl else cfg["prefetch"]
     pre = min(pre, br // bn) if x2.is_cuda else 0          # inline PTX: not under the interpreter
     extra = dict(launch_pdl=True) if pdl else {}
+    # fused elementwise ops (`quant_linear_fused`): PRO 1 RMSNorm (prologue = (weight, eps)), 2 SiLU-gate
+    pro, pw, eps = 0, out, 0.0
+    if prologue is not None:
+        if rot is not None or bounds:
+            raise ValueError("a fused norm / gate prologue takes no rotation and one segment")
+        if prologue == "gate":
+            pro = 2
+        else:
+            pro, (pw, eps) = 1, prologue
     tk.gemv_kernel[(splits, n_r, T)](
         x2, qweight, scales, zeros if zeros is not None else scales, perm if perm is not None else qweight,
         in_scale if in_scale is not None else scales, bias if bias is not None else out, out, part, cnt, *rargs,
+        pw, residual if residual is not None else out,
         K, N, padded_width(K) // 32, scales.shape[1], qweight.stride(0), scales.stride(0),
         zeros.stride(0) if zeros is not None else 0, x2.stride(0), out.stride(0), seg_a, seg_b, stride_xs,
+        float(eps), residual.stride(0) if residual is not None else 0,
         BITS=bits, GS=0 if gs >= K else gs, CS=cs, NG=ng, BLOCK_R=br, BLOCK_N=bn, SPLITS=splits,
         HAS_Z=zeros is not None, HAS_PERM=perm is not None, HAS_ISC=in_scale is not None, HAS_BIAS=bias is not None,
         ROT_K=rk, ROT_G=max(1, rot_group), GIVENS=givens, MASK_K=K % cs != 0, MASK_N=N % br != 0,
-        STAGES=stages, X_IN_LOOP=xloop, PREFETCH=pre, PDL=pdl, EMU=not x2.is_cuda,
-        num_warps=num_warps or cfg["num_warps"],
+        STAGES=stages, X_IN_LOOP=xloop, PREFETCH=pre, PDL=pdl, EMU=not x2.is_cuda, PRO=pro,
+        HAS_RES=residual is not None, num_warps=num_warps or cfg["num_warps"],
         num_stages=max(1, num_stages or cfg["num_stages"]), **extra)
 
 
@@ -713,3 +724,81 @@ def quant_linear_segments(xs: Tensor, qweight: Tensor, scales: Tensor, zeros: Te
                                  group_size, in_features, None, in_scale, None if bias is None else bias[sl]))
         r0 += n
     return torch.cat(outs, dim=-1)
+
+
+# ---- the decode step's elementwise ops fused into the GEMV -----------------------------------------
+
+
+def _fused_input(x: Tensor, norm, gate: bool) -> Tensor:
+    """What the unfused ops feed the linear: RMSNorm(x) (norm = (weight, eps)), silu(gate) * up of
+    x = [gate | up], or x."""
+    from lowbit.kernels.pairwise import rms_norm
+
+    if norm is not None:
+        return rms_norm(x, norm[0], norm[1])
+    if gate:
+        g, u = x.chunk(2, dim=-1)
+        return torch.nn.functional.silu(g) * u
+    return x
+
+
+def quant_linear_fused_ref(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int,
+                           group_size: int, in_features: int, perm: Tensor | None = None,
+                           in_scale: Tensor | None = None, bias: Tensor | None = None, *, norm=None,
+                           gate: bool = False, residual: Tensor | None = None) -> Tensor:
+    """The unfused twin of `quant_linear_fused`: the elementwise op, `quant_linear`, the residual add."""
+    y = quant_linear(_fused_input(x, norm, gate), qweight, scales, zeros, bits, group_size, in_features, perm,
+                     in_scale, bias)
+    return y if residual is None else residual + y
+
+
+def quant_linear_fused(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int,
+                       group_size: int, in_features: int, perm: Tensor | None = None, in_scale: Tensor | None = None,
+                       bias: Tensor | None = None, *, norm=None, gate: bool = False,
+                       residual: Tensor | None = None) -> Tensor:
+    """A decode step's packed linear with the elementwise ops around it in the same GEMV launch:
+
+    - norm = (weight, eps): x is the residual stream and the linear reads RMSNorm(x) (transformers'
+      rounding: fp32 statistics, the normalised x rounded to x's dtype, times the weight, rounded);
+    - gate: x is [gate | up] (2 * in_features wide) and the linear reads silu(gate) * up;
+    - residual [..., N]: returned is residual + linear (the linear's output rounded first).
+
+    Up to GEMV_MAX_TOKENS tokens on the Triton path (CUDA, or the interpreter); elsewhere, or with
+    more tokens, the unfused ops (`quant_linear_fused_ref`) run and `last_path` says "unfused". The
+    norm weight must have x's dtype (the unfused product would otherwise be promoted)."""
+    if norm is not None and gate:
+        raise ValueError("a fused linear takes a norm or a gate, not both")
+    K = int(in_features)
+    width = 2 * K if gate else K
+    if x.shape[-1] != width:
+        raise ValueError(f"x has {x.shape[-1]} features; the fused linear wants {width}")
+    if norm is not None and (tuple(norm[0].shape) != (K,) or norm[0].dtype != x.dtype):
+        raise ValueError(f"the norm weight must be {x.dtype} [{K}], got {norm[0].dtype} {tuple(norm[0].shape)}")
+    T = x.numel() // max(1, width)
+    N = qweight.shape[0]
+    if residual is not None and (residual.shape[-1] != N or residual.numel() != T * N or residual.dtype != x.dtype):
+        raise ValueError(f"the residual must be {x.dtype} [..., {N}] with {T} tokens, got {residual.dtype} "
+                         f"{tuple(residual.shape)}")
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, scales, in_scale, bias))
+    if grad or T > setting("GEMV_MAX_TOKENS") or not _use_triton(x) or T == 0 or N == 0 or K == 0:
+        y = quant_linear_fused_ref(x, qweight, scales, zeros, bits, group_size, in_features, perm, in_scale, bias,
+                                   norm=norm, gate=gate, residual=residual)
+        _record("unfused")
+        return y
+    xk = x[..., :K]
+    _, _, gs = _check(xk, qweight, scales, zeros, bits, group_size, in_features, perm, in_scale, bias)
+    _check_kernel_layout("quant_linear_fused", xk, qweight, scales, zeros, perm, in_scale, bias, gs, K)
+    x2 = x.reshape(T, width)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    r2 = None
+    if residual is not None:
+        r2 = residual.reshape(T, N)
+        if r2.stride(-1) != 1:
+            r2 = r2.contiguous()
+    pro = (norm[0].contiguous(), float(norm[1])) if norm is not None else ("gate" if gate else None)
+    out = torch.empty((T, N), dtype=x.dtype, device=x.device)
+    _launch_gemv(_triton(), x2, qweight, scales, zeros, bits, gs, K, N, perm, in_scale, bias, None, out,
+                 workspace(x.device), _sms(x), prologue=pro, residual=r2)
+    _record("gemv_fused")
+    return out.reshape(*x.shape[:-1], N)

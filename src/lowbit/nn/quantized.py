@@ -208,6 +208,17 @@ class QuantizedLinear(nn.Module):
         return quant_linear(x, self.qweight, self.scales, self.zeros, self.bits, self.kernel_group_size,
                             self.in_features, perm=self.perm, in_scale=self.in_scale, bias=self.bias)
 
+    def fused(self, x: torch.Tensor, *, norm=None, gate: bool = False,
+              residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The packed product with the decode step's elementwise neighbours in the same launch
+        (`kernels.quant.quant_linear_fused`: RMSNorm or SiLU-gate in front, the residual add after);
+        no transform, no act quant."""
+        from ..kernels.quant import quant_linear_fused
+
+        return quant_linear_fused(x, self.qweight, self.scales, self.zeros, self.bits, self.kernel_group_size,
+                                  self.in_features, perm=self.perm, in_scale=self.in_scale, bias=self.bias,
+                                  norm=norm, gate=gate, residual=residual)
+
     def extra_repr(self) -> str:
         g = {-1: "per channel", 0: "per tensor"}.get(self.group_size, f"group {self.group_size}")
         extra = ", act order" if self.perm is not None else ""
