@@ -171,8 +171,10 @@ class _Stage2(nn.Module):
 
 
 def _train(block: nn.Module, params: list[dict], xs, targets, calls, train_idx, val_idx, epochs: int,
-           desc: str, progress: bool) -> tuple[float, float, int]:
-    """AdamW + cosine schedule to lr/20 over all steps; keep the best validation epoch.
+           desc: str, progress: bool, dist=None) -> tuple[float, float, int]:
+    """AdamW + cosine schedule to lr/20 over all steps; keep the best validation epoch. With `dist` (a
+    `lowbit.distributed.Dist` whose ranks each hold an equal part of every batch), gradients and validation
+    losses are averaged over the ranks: every rank takes the steps one process would.
 
     Returns (start validation loss, best validation loss, best epoch; 0 = the start)."""
     tensors = [p for g in params for p in g["params"]]
@@ -189,7 +191,8 @@ def _train(block: nn.Module, params: list[dict], xs, targets, calls, train_idx, 
 
     def validate() -> float:
         with torch.no_grad():
-            return sum(float(loss_on(b)) for b in val_idx) / len(val_idx)
+            v = sum(float(loss_on(b)) for b in val_idx) / len(val_idx)
+        return v if dist is None else dist.mean(v)
 
     start = best = validate()
     best_state, best_epoch = [t.detach().clone() for t in tensors], 0
@@ -199,6 +202,8 @@ def _train(block: nn.Module, params: list[dict], xs, targets, calls, train_idx, 
             opt.zero_grad(set_to_none=True)
             loss = loss_on(b)
             loss.backward()
+            if dist is not None:
+                dist.mean_grads(tensors)
             opt.step()
             sched.step()
         v = validate()
@@ -236,17 +241,18 @@ def _importance(lin: nn.Linear, pairing: str, H_diag: torch.Tensor | None) -> to
 @torch.no_grad()
 def fit_block(block: nn.Module, names: list[str], xs: list[torch.Tensor], targets: list[torch.Tensor],
               calls: list, cfg: PairwiseConfig, fmt: IntFormat | dict[str, IntFormat], *, clip: bool = False,
-              seed_offset: int = 0, progress: bool = True) -> dict:
+              seed_offset: int = 0, progress: bool = True, dist=None) -> dict:
     """Fit pairwise rotations for the named linears of `block` (in place: they become
     RotatedLinear with rotated, still unquantized weights) and, with stage 2, their codes. `fmt`: the weight
-    format every linear's fake quantizer uses, or one per name (a bit budget's widths).
+    format every linear's fake quantizer uses, or one per name (a bit budget's widths). `dist`: this rank's
+    `lowbit.distributed.Dist` when every batch is split over the ranks (`Dist.shard(split_batches=True)`).
 
     Returns {"transforms": {name: PairwiseRotation}, "weights": {name: QuantizedWeight} (stage 2
     only), "stage1": (start, best, epoch), "stage2": ..., "reverted": [...]}.
     """
     n_batches = len(xs)
     if cfg.samples:
-        per = xs[0].shape[0]
+        per = xs[0].shape[0] * (1 if dist is None else dist.world)    # windows of a whole batch
         n_batches = min(n_batches, max(2, math.ceil(cfg.samples / per)))
     n_val = max(1, round(n_batches * cfg.val_fraction))
     if n_batches < 2:
@@ -265,6 +271,9 @@ def fit_block(block: nn.Module, names: list[str], xs: list[torch.Tensor], target
         finally:
             for h in hooks:
                 h.remove()
+        if dist is not None:
+            for n in names:
+                dist.sum_(H_diag[n])
 
     fmts = fmt if isinstance(fmt, dict) else {n: fmt for n in names}
     originals = {n: block.get_submodule(n) for n in names}
@@ -281,7 +290,7 @@ def fit_block(block: nn.Module, names: list[str], xs: list[torch.Tensor], target
         params = [{"params": [m.theta, m.log_scale], "lr": cfg.lr_rot, "weight_decay": cfg.weight_decay}
                   for m in stage1.values()]
         report["stage1"] = _train(block, params, xs, targets, calls, train_idx, val_idx, cfg.epochs1,
-                                  "stage 1", progress)
+                                  "stage 1", progress, dist)
     if report["stage1"][2] == 0:
         report["reverted"].append("stage1")
     for n in names:
@@ -296,7 +305,7 @@ def fit_block(block: nn.Module, names: list[str], xs: list[torch.Tensor], target
                 params.append({"params": [m.weight], "lr": cfg.lr_weight, "weight_decay": cfg.weight_decay})
                 params.append({"params": [m.scale, m.zero], "lr": cfg.lr_qparams, "weight_decay": 0.0})
             report["stage2"] = _train(block, params, xs, targets, calls, train_idx, val_idx, cfg.epochs2,
-                                      "stage 2", progress)
+                                      "stage 2", progress, dist)
         if report["stage2"][2] == 0:
             report["reverted"].append("stage2")
         for n in names:

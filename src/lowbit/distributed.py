@@ -39,15 +39,57 @@ class Dist:
             return torch.device("cuda", self.local_rank)
         return dev
 
-    def shard(self, tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
+    def shard(self, tokens: torch.Tensor, batch_size: int, split_batches: bool = False) -> torch.Tensor:
         """This rank's calibration windows: batches rank, rank + world, ... of the single-process batching
-        (each batch is the same as in a one-process run; only the order of the sums changes)."""
+        (each batch is the same as in a one-process run; only the order of the sums changes). `split_batches`
+        (block-wise training, whose optimiser steps once per batch): every batch is cut into `world` equal
+        parts instead and this rank takes part `rank` of each, so that the ranks walk `batch_size / world`
+        windows per batch and one step's gradient, averaged over the ranks (`mean_grads`), is the one-process
+        gradient of that batch."""
+        if split_batches:
+            return self._split(tokens, batch_size)
         n_batches = -(-tokens.shape[0] // batch_size)
         if n_batches < self.world:
             raise DistributedError(f"{n_batches} calibration batches cannot be split over {self.world} processes; "
                                    "use more windows, a smaller --batch-size or fewer processes")
         mine = [tokens[b * batch_size : (b + 1) * batch_size] for b in range(self.rank, n_batches, self.world)]
         return torch.cat(mine)
+
+    def _split(self, tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
+        n = tokens.shape[0]
+        sizes = [min(batch_size, n - b) for b in range(0, n, batch_size)]
+        if any(k % self.world for k in sizes):
+            raise DistributedError(f"block-wise training over {self.world} processes cuts every calibration batch "
+                                   f"into {self.world} equal parts; batches of {sorted(set(sizes))} windows cannot "
+                                   "be; choose --batch-size and --n-calib multiples of the process count")
+        mine = [tokens[b + self.rank * k // self.world: b + (self.rank + 1) * k // self.world]
+                for b, k in zip(range(0, n, batch_size), sizes)]
+        return torch.cat(mine)
+
+    def mean_grads(self, tensors) -> None:
+        """Average the gradients of `tensors` over the ranks, in place (every rank then holds the same)."""
+        import torch.distributed as dist
+
+        for t in tensors:
+            if t.grad is not None:
+                dist.all_reduce(t.grad)
+                t.grad.div_(self.world)
+
+    def mean(self, value: float) -> float:
+        """The mean of a float over the ranks (a loss averaged over equal shares of a batch)."""
+        import torch.distributed as dist
+
+        dev = torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
+        t = torch.tensor([value], dtype=torch.float64, device=dev)
+        dist.all_reduce(t)
+        return float(t[0]) / self.world
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum a tensor over the ranks, in place; returns it."""
+        import torch.distributed as dist
+
+        dist.all_reduce(t)
+        return t
 
     def all_reduce_stats(self, stats, with_c: bool = True) -> None:
         """Sum QEPStat accumulators (H, with `with_c` C, token counts) over the ranks, in place; shared ones once."""

@@ -92,6 +92,18 @@ def bits_per_weight(result: QuantizationResult) -> float:
     return total_bits / max(total_w, 1)
 
 
+def _share(dist, tokens: torch.Tensor, batch_size: int, recipe: Recipe) -> tuple[torch.Tensor, int]:
+    """This rank's calibration windows and the batch size its walk uses: whole batches dealt out, or, when a
+    stage trains block by block (`Stage.split_batches`), an equal part of every batch."""
+    if dist is None:
+        return tokens, batch_size
+    from .stages import stages_for
+
+    if any(st.split_batches for st in stages_for(recipe)):
+        return dist.shard(tokens, batch_size, split_batches=True), batch_size // dist.world
+    return dist.shard(tokens, batch_size), batch_size
+
+
 def quantize_job(model_spec: str, recipe: Recipe, protocol: Protocol, *, eval_fp: bool = True,
                  eval_quant: bool = True, device: str = "cpu", progress: bool = True,
                  track_error: bool = False, model=None, tokenizer=None, store_dtype: torch.dtype | None = None,
@@ -107,13 +119,11 @@ def quantize_job(model_spec: str, recipe: Recipe, protocol: Protocol, *, eval_fp
     job = JobResult(recipe=recipe.to_dict(), device=str(device), n_params=sum(p.numel() for p in model.parameters()))
     if eval_fp:
         job.ppl_fp = evaluate(model, tokenizer, protocol, progress)
-    tokens = calibration_tokens(tokenizer, protocol)
-    if dist is not None:
-        tokens = dist.shard(tokens, protocol.batch_size)
+    tokens, batch_size = _share(dist, calibration_tokens(tokenizer, protocol), protocol.batch_size, recipe)
     if str(device).startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    result = quantize_model(model, recipe, tokens, batch_size=protocol.batch_size, device=device,
+    result = quantize_model(model, recipe, tokens, batch_size=batch_size, device=device,
                             progress=progress, track_error=track_error, dist=dist, memory_target=memory_target)
     job.quant_seconds = time.perf_counter() - t0
     job.peak_rss_mb = peak_rss_mb()
@@ -178,13 +188,13 @@ def stream_quantize_job(folder: str, recipe: Recipe, protocol: Protocol, out, *,
     partial = PartialCheckpoint(out, fingerprint, resume, rank)
     if dist is not None:
         dist.barrier()  # rank 0 has (re)created the partial folder
-        tokens = dist.shard(tokens, protocol.batch_size)
+    tokens, batch_size = _share(dist, tokens, protocol.batch_size, recipe)
     torch.manual_seed(protocol.seed)
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     model, result, info = quantize_streamed(source, recipe, tokens, partial, dtype=dtype, store_dtype=store_dtype,
-                                            batch_size=protocol.batch_size, device=device, progress=progress,
+                                            batch_size=batch_size, device=device, progress=progress,
                                             track_error=track_error, max_blocks=max_blocks,
                                             state_every_s=state_every_s, dist=dist, memory_target=memory_target)
     job = JobResult(recipe=recipe.to_dict(), device=str(device),

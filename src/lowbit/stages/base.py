@@ -71,6 +71,9 @@ class Stage:
     needs_inputs: bool = False  # the walker runs the calibration streams (not set: the blocks are walked without)
     needs_fp: bool = False  # ... and the FP stream beside the quantized one
     not_distributed: str = ""  # what the stage is, where it cannot run on several processes yet
+    # its optimiser steps once per calibration batch: on several processes every batch is split over the ranks
+    # (`Dist.shard(split_batches=True)`) and the gradients averaged, instead of whole batches dealt out
+    split_batches: bool = False
     not_streamed: str = ""  # why the stage needs the whole model in memory (streamed runs refuse it)
 
     def precheck(self, run: Run) -> None:

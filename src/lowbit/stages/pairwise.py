@@ -45,7 +45,7 @@ class PairwiseStage(Stage):
     """Fit every linear's transform (and with stage 2 its codes) on the quantized stream."""
 
     needs_inputs = needs_fp = True
-    not_distributed = "pairwise rotations (block-wise training)"
+    split_batches = True
 
     def __init__(self, cfg: PairwiseConfig):
         self.cfg = cfg
@@ -68,7 +68,7 @@ class PairwiseStage(Stage):
                    for n in names}
         with blk.changing(names):  # the linears become RotatedLinear
             fit = fit_block(blk.block, names, blk.xs, targets, blk.calls, self.cfg, fmt, clip=run.clip,
-                            seed_offset=1000 * blk.i, progress=run.progress)
+                            seed_offset=1000 * blk.i, progress=run.progress, dist=blk.walker.dist)
         run.result.transforms.update({blk.name(n): t for n, t in fit["transforms"].items()})
         run.result.block_fits.append({k: fit[k] for k in ("stage1", "stage2", "reverted") if k in fit})
         for name, qw in fit["weights"].items():  # stage 2 produced the codes: no solver pass for these
