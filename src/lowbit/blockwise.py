@@ -331,7 +331,7 @@ class _BinaryFT(nn.Module):
 @torch.no_grad()
 def finetune_binary(block: nn.Module, weights: dict, xs: list[torch.Tensor], targets: list[torch.Tensor],
                     calls: list, *, epochs: int = 3, lr: float = 1e-4, val_fraction: float = 0.125,
-                    progress: bool = False) -> dict:
+                    progress: bool = False, dist=None) -> dict:
     """Train the g and h vectors of the block's 1-bit linears (`weights`: name -> BinaryWeight)
     against the FP block output, signs fixed (OneBit's distillation, block by block, on the
     quantized stream). The best validation epoch is kept (the start when none beats it); g and h
@@ -348,7 +348,8 @@ def finetune_binary(block: nn.Module, weights: dict, xs: list[torch.Tensor], tar
     mods = {name: _BinaryFT(block.get_submodule(name), qw) for name, qw in weights.items()}
     with _swapped(block, mods), torch.enable_grad():
         params = [{"params": [m.g, m.h], "lr": lr, "weight_decay": 0.0} for m in mods.values()]
-        losses = _train(block, params, xs, targets, calls, train_idx, val_idx, epochs, "1-bit fine-tune", progress)
+        losses = _train(block, params, xs, targets, calls, train_idx, val_idx, epochs, "1-bit fine-tune", progress,
+                        dist)
     out = {}
     for name, m in mods.items():
         qw = weights[name]

@@ -163,15 +163,16 @@ def _out(y):
 
 def finetune_block(block: nn.Module, weights: dict, xs, targets, calls, *, epochs: int = 2, lr: float = 1e-3,
                    norm_lr: float = 0.0, samples: int = 0, val_fraction: float = 0.125, progress: bool = False,
-                   desc: str = "block fine-tune") -> dict:
+                   desc: str = "block fine-tune", dist=None) -> dict:
     """Train the continuous parameters of `block`'s quantized linears (`weights`: name relative to the block
     -> quantized weight, on the block's device) and, with `norm_lr` > 0, its norm weights, against `targets`
     (the FP block's outputs) on `xs` (the quantized stream entering it); `calls[b]` are batch b's extra
     arguments. The block's own parameters are not modified. Returns {"losses": (start, best, epoch),
     "reverted": bool, "weights": name -> quantized weight (the given objects when reverted), "norms":
     name -> tensor ({} when reverted or not trained)}. Losses are validation MSE at storage precision;
-    epoch 0 = the start."""
-    per = xs[0].shape[0] if len(xs) else 1
+    epoch 0 = the start. `dist`: this rank's `lowbit.distributed.Dist` when every batch is split over the ranks
+    (gradients, losses and the skipping of a non-finite step are then the ranks' common ones)."""
+    per = (xs[0].shape[0] if len(xs) else 1) * (1 if dist is None else dist.world)   # windows of a whole batch
     train_idx, val_idx = split_batches(len(xs), per, samples, val_fraction)
     ft = Trainable(block, weights, norm_params(block) if norm_lr > 0 else [])
     opt = torch.optim.Adam(ft.param_groups(lr, norm_lr))
@@ -183,7 +184,8 @@ def finetune_block(block: nn.Module, weights: dict, xs, targets, calls, *, epoch
 
     def validate() -> float:
         with torch.no_grad():
-            return sum(float(loss_on(b, stored=True)) for b in val_idx) / len(val_idx)
+            v = sum(float(loss_on(b, stored=True)) for b in val_idx) / len(val_idx)
+        return v if dist is None else dist.mean(v)
 
     start = best = validate()
     best_state, best_epoch = ft.snapshot(), 0
@@ -193,9 +195,14 @@ def finetune_block(block: nn.Module, weights: dict, xs, targets, calls, *, epoch
             for b in train_idx:
                 opt.zero_grad(set_to_none=True)
                 loss = loss_on(b)
-                if not torch.isfinite(loss):
+                finite = bool(torch.isfinite(loss))
+                if dist is not None:      # a step is skipped on every rank or on none
+                    finite = dist.mean(float(finite)) == 1.0
+                if not finite:
                     continue
                 loss.backward()
+                if dist is not None:
+                    dist.mean_grads(ft.parameters())
                 opt.step()
             v = validate()
             if v < best:  # NaN never is

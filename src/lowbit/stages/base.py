@@ -35,7 +35,9 @@ class Run:
     recipe: object
     tokens: torch.Tensor
     result: object
-    batch_size: int = 8
+    batch_size: int = 8  # windows per batch of this process's walk (on several processes with a `split_batches`
+    # stage: its part of each batch, the whole batch being batch_size * world)
+    world: int = 1  # processes of the run
     device: torch.device | None = None
     progress: bool = True
     bits_plan: dict[str, int | str] = field(default_factory=dict)  # per-linear candidates (budget stage)

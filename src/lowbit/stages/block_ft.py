@@ -40,7 +40,7 @@ class BlockFinetuneStage(Stage):
     """Train the block's scales (g / h, codebooks, norms) with the codes fixed; keep the best validation epoch."""
 
     needs_inputs = needs_fp = True
-    not_distributed = "block fine-tuning (block-wise training)"
+    split_batches = True
 
     def __init__(self, cfg: BlockFTConfig):
         self.cfg = cfg
@@ -49,7 +49,7 @@ class BlockFinetuneStage(Stage):
         # check's test before any long work: the calibration windows in batches of run.batch_size, as the walker
         # will split them
         if run.tokens is not None:
-            self._check_batches(run, math.ceil(run.tokens.shape[0] / max(run.batch_size, 1)))
+            self._check_batches(run, math.ceil(run.tokens.shape[0] / max(run.batch_size, 1)))  # this rank's
 
     def check(self, run: Run, walker) -> None:
         self._check_batches(run, len(walker.xs))
@@ -57,8 +57,8 @@ class BlockFinetuneStage(Stage):
     def _check_batches(self, run: Run, n: int) -> None:
         from ..pipeline import PipelineError
 
-        if self.cfg.samples and n:
-            n = min(n, math.ceil(self.cfg.samples / max(run.batch_size, 1)))
+        if self.cfg.samples and n:   # samples count whole batches' windows (batch_size * world on several processes)
+            n = min(n, math.ceil(self.cfg.samples / max(run.batch_size * run.world, 1)))
         if n < 2:
             raise PipelineError(f"block fine-tuning needs at least 2 calibration batches (train + validation), got "
                                 f"{n}: use more calibration windows (or samples), or a smaller batch size")
@@ -72,7 +72,7 @@ class BlockFinetuneStage(Stage):
         weights = {n: res.weights[blk.name(n)].to(device) for n in names}
         ft = finetune_block(blk.block, weights, blk.xs, blk.fp_targets(), blk.calls, epochs=cfg.epochs, lr=cfg.lr,
                             norm_lr=cfg.norm_lr, samples=cfg.samples, val_fraction=cfg.val_fraction,
-                            progress=run.progress, desc=f"block {blk.i} fine-tune")
+                            progress=run.progress, desc=f"block {blk.i} fine-tune", dist=blk.walker.dist)
         res.block_fits.append({"block_ft": ft["losses"], "reverted": ft["reverted"]})
         if ft["reverted"]:
             return

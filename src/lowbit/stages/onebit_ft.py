@@ -26,7 +26,7 @@ class OneBitFinetuneStage(Stage):
     """Train g and h of the block's 1-bit linears against the FP block output."""
 
     needs_inputs = needs_fp = True
-    not_distributed = "1-bit fine-tuning (block-wise training)"
+    split_batches = True
 
     def __init__(self, cfg: OneBitFTConfig):
         self.epochs, self.lr = cfg.epochs, cfg.lr
@@ -39,13 +39,15 @@ class OneBitFinetuneStage(Stage):
 
     def on_block(self, run: Run, blk) -> None:
         res = run.result
-        binary = {n: res.weights[blk.name(n)] for n in blk.done
+        # sorted: a set's order changes from process to process, and on several ranks the gradients are averaged
+        # tensor by tensor in this order
+        binary = {n: res.weights[blk.name(n)] for n in sorted(blk.done)
                   if getattr(res.weights[blk.name(n)], "kind", "int") == "binary"}
         if not binary:
             return
         device = blk.walker.device
         ft = finetune_binary(blk.block, {n: qw.to(device) for n, qw in binary.items()}, blk.xs, blk.fp_targets(),
-                             blk.calls, epochs=self.epochs, lr=self.lr, progress=run.progress)
+                             blk.calls, epochs=self.epochs, lr=self.lr, progress=run.progress, dist=blk.walker.dist)
         for name, qw in ft["weights"].items():
             blk.set_quantized(name, qw)
             res.weights[blk.name(name)] = qw.to("cpu")
