@@ -16,9 +16,10 @@ embeddings, RoPE) in a compact forward written for generation:
 - at one token on CUDA, each plain packed linear runs with its elementwise neighbours in its own GEMV
   launch (`FUSED_GEMV`): q/k/v and gate/up normalise their input (RMSNorm), down applies SiLU-gate
   to its, o and down add the residual to their output;
-- otherwise (more tokens, float or rotated linears) RMSNorm, residual add + RMSNorm, RoPE with the KV-cache writes, and SiLU-gate compiled by
-  torch.compile on CUDA (one compiled graph each, shared by all layers: they take only tensors;
-  a layer's cache is a view at its own offset, which does not recompile);
+- otherwise (more tokens, float or rotated linears) RMSNorm, residual add + RMSNorm and SiLU-gate, and
+  always RoPE with the KV-cache writes, compiled by torch.compile on CUDA (one compiled graph each,
+  shared by all layers: they take only tensors; a layer's cache is a view at its own offset, which
+  does not recompile);
 - the attention mask made once per step (additive), the greedy token picked in two stages (`greedy`);
 - `Generator` runs the prompt (prefill) eagerly, then captures one decode step (embed, all layers,
   norm, lm_head, greedy argmax, position += 1) in a CUDA graph and replays it per token.
