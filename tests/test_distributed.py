@@ -27,14 +27,18 @@ BLOCK_FT = ["--recipe", "gptq-w3-g16", "--block-ft", "2", "--block-ft-norms", "1
 ONEBIT_FT = ["--method", "onebit", "--onebit-svid", "--no-qep", "--onebit-ft", "2"]   # SVID signs: the calibration
 # fit of the signs is chaotic in float order (1e-7 changes of H flip signs), the training of g and h is not
 TRAINED = (PAIRWISE, BLOCK_FT, ONEBIT_FT)
+# a Fisher budget: the output-gradient sums, their token count and every block's H summed over the ranks, then the
+# same plan on each (the checkpoints' per-linear widths must match: `modules` below)
+BUDGET = ["--recipe", "gptq-w3-g16", "--budget", "5.5", "--budget-bits", "2,3,4"]
 
 
 @pytest.mark.parametrize("stream,recipe", [("--stream", ["--recipe", "qep-gptq-w4-g32"]),
                                            ("--no-stream", ["--recipe", "qep-gptq-w4-g32"]),
-                                           ("--stream", PAIRWISE), ("--no-stream", BLOCK_FT), ("--stream", ONEBIT_FT)],
-                         ids=["qep-stream", "qep", "pairwise", "block-ft", "onebit-ft"])
+                                           ("--stream", PAIRWISE), ("--no-stream", BLOCK_FT), ("--stream", ONEBIT_FT),
+                                           ("--stream", BUDGET), ("--no-stream", BUDGET)],
+                         ids=["qep-stream", "qep", "pairwise", "block-ft", "onebit-ft", "budget-stream", "budget"])
 def test_two_gloo_ranks_match_one_process(tiny_dir, tmp_path, stream, recipe):
-    """GPTQ + QEP (whole batches dealt out, H / C summed) and block-wise training (pairwise rotations, block and
+    """GPTQ + QEP (whole batches dealt out, H / C summed), a Fisher bit budget (the same) and block-wise training (pairwise rotations, block and
     1-bit fine-tuning: every batch split over the ranks, gradients, validation losses and the activation
     pairing's statistics averaged or summed) give one process's checkpoint up to the order of float sums."""
     from lowbit.checkpoint import load_state

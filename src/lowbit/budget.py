@@ -194,9 +194,10 @@ def head_logits(model, h: torch.Tensor) -> torch.Tensor:
 
 
 def output_fisher(model, names: list[str], tokens: torch.Tensor, *, batch_size: int = 8,
-                  device=None, progress: bool = False) -> dict[str, torch.Tensor]:
+                  device=None, progress: bool = False, dist=None) -> dict[str, torch.Tensor]:
     """Mean over calibration tokens of (dL/dy_o)^2 for every output channel o of the named linears,
-    L the FP model's mean next-token cross-entropy (the weights get no gradient)."""
+    L the FP model's mean next-token cross-entropy (the weights get no gradient). With `dist`, over every
+    rank's tokens (the sums and the token count added up over the ranks)."""
     from tqdm.auto import tqdm
 
     home = next(model.parameters()).device
@@ -219,7 +220,16 @@ def output_fisher(model, names: list[str], tokens: torch.Tensor, *, batch_size: 
         for h in handles:
             h.remove()
         model.to(home)
+    if dist is not None:
+        for n in names:
+            dist.sum_(acc[n])
+        count = _total(dist, count)
     return {n: (a / max(count, 1)).float() for n, a in acc.items()}
+
+
+def _total(dist, count: int) -> int:
+    """A count summed over the ranks."""
+    return int(round(dist.mean(float(count)) * dist.world))
 
 
 HOST_MEMORY_ENV = "LOWBIT_HOST_MEMORY"  # GiB: the host memory the Fisher pass may keep its saved streams in
@@ -320,7 +330,7 @@ def streamed_fisher(walker, names: list[str], on_block=None) -> dict[str, torch.
     at a time. The same values as `output_fisher` up to float summation order, wherever the streams are kept;
     `walker.xs` is left as captured. `on_block(blk, fisher)`: called in the backward pass once block i's values
     are complete, with a walker `Block` on its saved input stream (`measure`'s sensitivity step, so the block is
-    not read a third time)."""
+    not read a third time). With `walker.dist`, the sums and the token count are added up over the ranks."""
     from tqdm.auto import tqdm
 
     from .walk import Block, HostStream, block_output, run_block
@@ -348,6 +358,8 @@ def streamed_fisher(walker, names: list[str], on_block=None) -> dict[str, torch.
                 _next_token_loss(head_logits(walker.model, h), ids).backward()
                 grads.append(host(h.grad))
                 count += ids.shape[0] * (ids.shape[1] - 1)
+        if walker.dist is not None:
+            count = _total(walker.dist, count)
         del xs
         acc: dict[str, torch.Tensor] = {}
         for i in tqdm(reversed(range(n)), desc="fisher backward", unit="block", total=n, disable=not walker.progress):
@@ -363,6 +375,9 @@ def streamed_fisher(walker, names: list[str], on_block=None) -> dict[str, torch.
                         grads[b] = host(x.grad)
                 for hd in handles:
                     hd.remove()
+                if walker.dist is not None:
+                    for nm in mods:
+                        walker.dist.sum_(acc[nm])
                 if on_block is not None:
                     walker.xs = inputs
                     on_block(Block(walker, i, block), {nm: (acc[nm] / max(count, 1)).float() for nm in mods})
@@ -404,17 +419,18 @@ def block_sensitivity(blk, cfg, solve, fmt: IntFormat, clip: bool, skip: tuple[s
 @torch.no_grad()
 def measure(model, cfg, solve, fmt: IntFormat, tokens: torch.Tensor, *, clip: bool = False,
             skip: tuple[str, ...] = (), batch_size: int = 8, device=None, progress: bool = False,
-            io=None, extra_bits=None) -> list[Sensitivity]:
+            io=None, extra_bits=None, dist=None) -> list[Sensitivity]:
     """Loss proxy (see the module doc) and storage cost of every decoder-block linear (but the `skip`ped ones)
     at every candidate width of `cfg` (a `BudgetConfig`), for the solver step `solve` (a `SolveConfig`) and the
     weight format `fmt` with range search `clip`. `io`: a `lowbit.walk.BlockIO` factory that reads the blocks
     when the walk reaches them (a streamed run: the Fisher weights come from `streamed_fisher`, whose backward
     pass measures each block once its weights are complete); None: the model is in memory. `extra_bits(linear)`:
-    bits every candidate of a linear adds (its pairwise input transform), counted in its costs."""
+    bits every candidate of a linear adds (its pairwise input transform), counted in its costs. `dist`: this rank's
+    `lowbit.distributed.Dist` (`tokens` its share): H and the Fisher weights are summed over the ranks."""
     from .walk import BlockIO, Walker
 
     walker = Walker(model, tokens, batch_size=batch_size, device=device, replay_memo=False, progress=progress,
-                    desc="sensitivity", io=io or BlockIO)
+                    desc="sensitivity", io=io or BlockIO, dist=dist)
     fisher = None
     if cfg.metric == "fisher":
         names = [f"{walker.prefix}.{i}.{n}" for i, layer in enumerate(walker.layers)
@@ -424,7 +440,8 @@ def measure(model, cfg, solve, fmt: IntFormat, tokens: torch.Tensor, *, clip: bo
             streamed_fisher(walker, names, lambda blk, f: sens.update(
                 {blk.i: block_sensitivity(blk, cfg, solve, fmt, clip, skip, f, extra_bits)}))
             return [s for i in sorted(sens) for s in sens[i]]
-        fisher = output_fisher(model, names, tokens, batch_size=batch_size, device=walker.device, progress=progress)
+        fisher = output_fisher(model, names, tokens, batch_size=batch_size, device=walker.device, progress=progress,
+                               dist=dist)
     return [s for blk in walker.blocks() for s in block_sensitivity(blk, cfg, solve, fmt, clip, skip, fisher, extra_bits)]
 
 

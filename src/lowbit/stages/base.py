@@ -38,6 +38,7 @@ class Run:
     batch_size: int = 8  # windows per batch of this process's walk (on several processes with a `split_batches`
     # stage: its part of each batch, the whole batch being batch_size * world)
     world: int = 1  # processes of the run
+    dist: object = None  # this process's `lowbit.distributed.Dist` when there are several
     device: torch.device | None = None
     progress: bool = True
     bits_plan: dict[str, int | str] = field(default_factory=dict)  # per-linear candidates (budget stage)

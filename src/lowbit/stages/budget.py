@@ -42,7 +42,6 @@ class BudgetStage(Stage):
     """`lowbit.budget.plan` (sensitivity + allocation) into `run.bits_plan`; the solve stage reads it."""
 
     needs_inputs = True
-    not_distributed = "bit budgets (sensitivity pass)"
 
     def __init__(self, cfg: BudgetConfig):
         self.cfg = cfg
@@ -56,7 +55,7 @@ class BudgetStage(Stage):
             extra = None if run.transform_bits is None else (lambda lin: run.transform_bits(lin.in_features))
             bits, report = plan(run.model, self.cfg, run.solve, run.format, run.tokens, clip=run.clip, skip=run.skip,
                                 batch_size=run.batch_size, device=run.device, progress=run.progress, io=run.block_io,
-                                extra_bits=extra)
+                                extra_bits=extra, dist=run.dist)
             saved = run.pre_walk["bit_budget"] = {"bits_plan": bits, "report": report}
         run.bits_plan = run.result.bits_plan = saved["bits_plan"]
         run.result.budget_report = saved["report"]
