@@ -66,12 +66,12 @@ def test_two_gloo_ranks_match_one_process(tiny_dir, tmp_path, stream, recipe):
             total += a.numel()
         elif recipe in TRAINED:
             # trained angles and scales: the first steps agree to float order (1e-7), but the fake quantizer's
-            # rounding makes later steps chaotic; the stored fp16 values stay within 0.5 % (a rank that skipped
-            # the gradient averaging is 100 % off)
-            assert float((b.float() - a.float()).norm() / a.float().norm().clamp_min(1e-12)) < 5e-3, k
+            # rounding makes later steps chaotic; the stored fp16 values stayed within 0.3 % here (bound 2 %, for
+            # CPUs that order float sums differently; a rank that skipped the gradient averaging is 100 % off)
+            assert float((b.float() - a.float()).norm() / a.float().norm().clamp_min(1e-12)) < 2e-2, k
         else:
             torch.testing.assert_close(b.float(), a.float(), rtol=1e-3, atol=1e-4)
-    assert agree / total > (0.98 if recipe in TRAINED else 0.99)  # only the order of the float sums differs
+    assert agree / total > (0.95 if recipe in TRAINED else 0.99)  # only the order of the float sums differs
     if recipe in TRAINED:   # the validation losses (start, best) of every block, averaged over the ranks
         import json
 
