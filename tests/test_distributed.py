@@ -26,7 +26,10 @@ PAIRWISE = ["--recipe", "rtn-w4-g16", "--pairwise", "--pair-epochs", "1", "--rot
 BLOCK_FT = ["--recipe", "gptq-w3-g16", "--block-ft", "2", "--block-ft-norms", "1e-3"]
 ONEBIT_FT = ["--method", "onebit", "--onebit-svid", "--no-qep", "--onebit-ft", "2"]   # SVID signs: the calibration
 # fit of the signs is chaotic in float order (1e-7 changes of H flip signs), the training of g and h is not
-TRAINED = (PAIRWISE, BLOCK_FT, ONEBIT_FT)
+# end-to-end distillation: every rank gathers all calibration windows, samples the same sequences, and computes
+# an equal share of each step's windows (3 per step: shares of 1 and 2)
+E2E = ["--recipe", "gptq-w4-g16", "--e2e-steps", "4", "--e2e-generated", "2", "--e2e-batch", "3"]
+TRAINED = (PAIRWISE, BLOCK_FT, ONEBIT_FT, E2E)
 # a Fisher budget: the output-gradient sums, their token count and every block's H summed over the ranks, then the
 # same plan on each (the checkpoints' per-linear widths must match: `modules` below)
 BUDGET = ["--recipe", "gptq-w3-g16", "--budget", "5.5", "--budget-bits", "2,3,4"]
@@ -35,12 +38,14 @@ BUDGET = ["--recipe", "gptq-w3-g16", "--budget", "5.5", "--budget-bits", "2,3,4"
 @pytest.mark.parametrize("stream,recipe", [("--stream", ["--recipe", "qep-gptq-w4-g32"]),
                                            ("--no-stream", ["--recipe", "qep-gptq-w4-g32"]),
                                            ("--stream", PAIRWISE), ("--no-stream", BLOCK_FT), ("--stream", ONEBIT_FT),
-                                           ("--stream", BUDGET), ("--no-stream", BUDGET)],
-                         ids=["qep-stream", "qep", "pairwise", "block-ft", "onebit-ft", "budget-stream", "budget"])
+                                           ("--stream", BUDGET), ("--no-stream", BUDGET), ("--no-stream", E2E)],
+                         ids=["qep-stream", "qep", "pairwise", "block-ft", "onebit-ft", "budget-stream", "budget",
+                              "e2e"])
 def test_two_gloo_ranks_match_one_process(tiny_dir, tmp_path, stream, recipe):
     """GPTQ + QEP (whole batches dealt out, H / C summed), a Fisher bit budget (the same) and block-wise training (pairwise rotations, block and
     1-bit fine-tuning: every batch split over the ranks, gradients, validation losses and the activation
-    pairing's statistics averaged or summed) give one process's checkpoint up to the order of float sums."""
+    pairing's statistics averaged or summed; end-to-end distillation: each step's windows split) give one process's
+    checkpoint up to the order of float sums."""
     from lowbit.checkpoint import load_state
 
     common = [*recipe, "--calib", str(tiny_dir / "text.txt"), "--n-calib", "8",
@@ -78,7 +83,7 @@ def test_two_gloo_ranks_match_one_process(tiny_dir, tmp_path, stream, recipe):
         fits = [json.loads((tmp_path / r / "report.json").read_text())["job"]["block_fits"] for r in ("one", "two")]
         assert fits[0] and len(fits[0]) == len(fits[1])
         for f1, f2 in zip(*fits):
-            for key in ("stage1", "block_ft", "onebit_ft"):
+            for key in ("stage1", "block_ft", "onebit_ft", "e2e_ft"):
                 if key in f1:
                     assert f1[key][0] == pytest.approx(f2[key][0], rel=1e-4), (key, f1, f2)
                     assert f1[key][1] == pytest.approx(f2[key][1], rel=1e-3), (key, f1, f2)

@@ -26,6 +26,7 @@ class Dist:
     world: int
     local_rank: int
     backend: str
+    sharded: tuple | None = None  # (windows, batch size, split_batches) of the last `shard`, for `unshard`
 
     @property
     def is_main(self) -> bool:
@@ -46,6 +47,7 @@ class Dist:
         parts instead and this rank takes part `rank` of each, so that the ranks walk `batch_size / world`
         windows per batch and one step's gradient, averaged over the ranks (`mean_grads`), is the one-process
         gradient of that batch."""
+        self.sharded = (tokens.shape[0], batch_size, split_batches)
         if split_batches:
             return self._split(tokens, batch_size)
         n_batches = -(-tokens.shape[0] // batch_size)
@@ -65,6 +67,36 @@ class Dist:
         mine = [tokens[b + self.rank * k // self.world: b + (self.rank + 1) * k // self.world]
                 for b, k in zip(range(0, n, batch_size), sizes)]
         return torch.cat(mine)
+
+    def unshard(self, mine: torch.Tensor) -> torch.Tensor:
+        """Every rank's windows of the last `shard` put back together in the one-process order (on the host;
+        every rank gets them): for the steps that work on whole-model batches of their own (end-to-end
+        distillation)."""
+        import torch.distributed as dist
+
+        if self.sharded is None:
+            raise DistributedError("unshard before shard: nothing to put back together")
+        n, bs, split = self.sharded
+        parts: list = [None] * self.world
+        dist.all_gather_object(parts, mine.cpu())
+        pos, out = [0] * self.world, []
+        for b in range(-(-n // bs)):
+            k = min(bs, n - b * bs)
+            if split:          # rank r holds rows [r k / w, (r + 1) k / w) of every batch
+                for r in range(self.world):
+                    m = (r + 1) * k // self.world - r * k // self.world
+                    out.append(parts[r][pos[r]:pos[r] + m])
+                    pos[r] += m
+            else:              # rank b mod w holds batch b whole
+                r = b % self.world
+                out.append(parts[r][pos[r]:pos[r] + k])
+                pos[r] += k
+        return torch.cat(out)
+
+    def my_part(self, idx: list) -> list:
+        """This rank's equal share of a list (a step's windows): the slice [rank n / w, (rank + 1) n / w)."""
+        n = len(idx)
+        return idx[self.rank * n // self.world:(self.rank + 1) * n // self.world]
 
     def mean_grads(self, tensors) -> None:
         """Average the gradients of `tensors` over the ranks, in place (every rank then holds the same)."""

@@ -108,13 +108,17 @@ def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Ten
 
 def distill(model: nn.Module, weights: dict, tokens: torch.Tensor, teacher: list[torch.Tensor],
             teacher_batch: int, *, steps: int, lr: float = 1e-4, batch: int = 4, norm_lr: float = 0.0,
-            embed_lr: float = 0.0, eval_every: int = 0, val_fraction: float = 0.125, progress: bool = False) -> dict:
+            embed_lr: float = 0.0, eval_every: int = 0, val_fraction: float = 0.125, progress: bool = False,
+            dist=None) -> dict:
     """Train the continuous parameters of `model`'s quantized linears (`weights`: full name -> quantized weight,
     on the model's device) against the FP final hidden states `teacher` (`teacher_states` of `tokens` in batches
     of `teacher_batch`); with `embed_lr` > 0 also the token embedding and output head weights (one tensor when
     tied; the teacher's logits keep the original head). The model itself is not modified. Returns {"losses":
     (start, best, step), "reverted", "weights", "norms"} like `finetune.finetune_block` ("norms": every trained
-    plain weight, the embedding's included; validation KL at storage precision; step 0 = the start)."""
+    plain weight, the embedding's included; validation KL at storage precision; step 0 = the start). `dist`:
+    every rank holds all `tokens` and computes an equal share of each step's and each validation chunk's windows
+    (`Dist.my_part`); the losses and gradients, weighted by the shares, are added up over the ranks, so the
+    ranks take the steps one process takes."""
     n = tokens.shape[0]
     if n < 2:
         raise ValueError(f"end-to-end fine-tuning needs at least 2 calibration windows (train + validation), got {n}")
@@ -137,10 +141,14 @@ def distill(model: nn.Module, weights: dict, tokens: torch.Tensor, teacher: list
             t = head(t_all[idx].to(dev, next(head.parameters()).dtype))
         return _kl(logits, t)
 
+    def mine(idx: list[int]) -> list[int]:
+        return idx if dist is None else dist.my_part(idx)
+
     def validate() -> float:
         with torch.no_grad():
-            chunks = [val[i:i + batch] for i in range(0, len(val), batch)]
-            return sum(float(loss_on(c, True)) * len(c) for c in chunks) / len(val)
+            chunks = [mine(val[i:i + batch]) for i in range(0, len(val), batch)]
+            total = sum(float(loss_on(c, True)) * len(c) for c in chunks if c)
+        return (total if dist is None else dist.mean(total) * dist.world) / len(val)
 
     start = best = validate()
     best_state, best_step = ft.snapshot(), 0
@@ -151,10 +159,13 @@ def distill(model: nn.Module, weights: dict, tokens: torch.Tensor, teacher: list
             idx = [train[(pos + j) % len(train)] for j in range(min(batch, len(train)))]
             pos += len(idx)
             opt.zero_grad(set_to_none=True)
-            loss = loss_on(idx)
-            if torch.isfinite(loss):
-                loss.backward()
-                opt.step()
+            if dist is None:
+                loss = loss_on(idx)
+                if torch.isfinite(loss):
+                    loss.backward()
+                    opt.step()
+            else:
+                _shared_step(dist, ft, opt, loss_on, idx)
             if step % eval_every == 0 or step == steps:
                 v = validate()
                 if v < best:
@@ -167,6 +178,27 @@ def distill(model: nn.Module, weights: dict, tokens: torch.Tensor, teacher: list
     return {"losses": (start, best, best_step), "reverted": False,
             "weights": {k[len("model."):]: v for k, v in new.items()},
             "norms": {k[len("model."):]: v for k, v in nrm.items()}}
+
+
+def _shared_step(dist, ft, opt, loss_on, idx: list[int]) -> None:
+    """One step over the windows `idx` split over the ranks: this rank's loss weighted by its share (its
+    gradient then averages, over the ranks, to the one-process gradient of `idx`), skipped on every rank when
+    any rank's loss is not finite."""
+    part = dist.my_part(idx)
+    params = list(ft.parameters())
+    finite = True
+    if part:
+        loss = loss_on(part)
+        finite = bool(torch.isfinite(loss))
+    if dist.mean(float(finite)) < 1.0:
+        return
+    if part:
+        (loss * (len(part) * dist.world / len(idx))).backward()
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    dist.mean_grads(params)
+    opt.step()
 
 
 def embedding_params(model: nn.Module) -> list[str]:

@@ -167,9 +167,11 @@ def test_runs_that_cannot_work_are_refused_by_name():
     r = KINDS["int"].with_(block_ft=BlockFTConfig(1), e2e_ft=E2EFTConfig(2))
     assert any("end-to-end" in b for b in stream_blockers(r))
     assert stream_blockers(KINDS["int"].with_(block_ft=BlockFTConfig(1))) == []  # block FT streams
-    with pytest.raises(PipelineError, match="^end-to-end fine-tuning cannot run on several"):
-        _check_distributed(r, SimpleNamespace(world=2))
-    _check_distributed(KINDS["int"].with_(block_ft=BlockFTConfig(1)), SimpleNamespace(world=2))  # block FT runs
+    _check_distributed(r, SimpleNamespace(world=2))  # both run on several processes (tests/test_distributed.py)
+    from lowbit.rotation import RotationConfig
+
+    with pytest.raises(PipelineError, match="^learned rotations cannot run on several"):
+        _check_distributed(r.with_(rotation=RotationConfig(kind="learned")), SimpleNamespace(world=2))
     with pytest.raises(PipelineError, match="at least 2 calibration batches"):
         _q(KINDS["int"].with_(block_ft=BlockFTConfig(1)), n=4)  # one batch of 4
     with pytest.raises(PipelineError, match="at least 2 calibration batches"):

@@ -7,7 +7,7 @@ from .base import E2EFTConfig, Flag, Run, Stage, register_stage
 
 FLAGS = {
     "e2e_steps": Flag("steps", int, "Steps of end-to-end distillation (KL to the FP logits) of the same parameters "
-                      "after quantizing (0 = off; not with --stream or torchrun).", ("--e2e-steps",)),
+                      "after quantizing (0 = off; not with --stream).", ("--e2e-steps",)),
     "e2e_lr": Flag("lr", float, "Learning rate of end-to-end distillation (default 1e-4).", ("--e2e-lr",)),
     "e2e_batch": Flag("batch", int, "Calibration windows per end-to-end step (default 4).", ("--e2e-batch",)),
     "e2e_embed_lr": Flag("embed_lr", float, "Learning rate of the token embedding and output head in end-to-end "
@@ -25,7 +25,6 @@ class E2EFinetuneStage(Stage):
     steps; the best validation point is kept. It reads the calibration tokens itself (`run.tokens`), not the
     walker's streams."""
 
-    not_distributed = "end-to-end fine-tuning"
     not_streamed = "end-to-end fine-tuning (it trains the whole model at once)"
 
     def __init__(self, cfg: E2EFTConfig):
@@ -47,10 +46,11 @@ class E2EFinetuneStage(Stage):
         model.to(device)
         try:
             gen = None
-            if cfg.generated:
+            tokens = run.tokens if run.dist is None else run.dist.unshard(run.tokens)  # every rank: all windows
+            if cfg.generated:   # seeded: the same sequences on every rank
                 gen = sample(model, cfg.generated, run.tokens.shape[1], batch_size=64,
                              progress=run.progress)
-            self._tokens = mix(run.tokens if cfg.calibration else None, gen)
+            self._tokens = mix(tokens if cfg.calibration else None, gen)
             self._teacher = teacher_states(model, self._tokens, run.batch_size)
         finally:
             model.to(home)
@@ -68,7 +68,7 @@ class E2EFinetuneStage(Stage):
             weights = {n: qw.to(device) for n, qw in res.weights.items()}
             ft = distill(model, weights, self._tokens, self._teacher, run.batch_size, steps=cfg.steps, lr=cfg.lr,
                          batch=cfg.batch, norm_lr=cfg.norm_lr, embed_lr=cfg.embed_lr, eval_every=cfg.eval_every,
-                         val_fraction=cfg.val_fraction, progress=run.progress)
+                         val_fraction=cfg.val_fraction, progress=run.progress, dist=run.dist)
             res.block_fits.append({"e2e_ft": ft["losses"], "reverted": ft["reverted"]})
             if not ft["reverted"]:
                 with torch.no_grad():
