@@ -29,7 +29,9 @@ ONEBIT_FT = ["--method", "onebit", "--onebit-svid", "--no-qep", "--onebit-ft", "
 # end-to-end distillation: every rank gathers all calibration windows, samples the same sequences, and computes
 # an equal share of each step's windows (3 per step: shares of 1 and 2)
 E2E = ["--recipe", "gptq-w4-g16", "--e2e-steps", "4", "--e2e-generated", "2", "--e2e-batch", "3"]
-TRAINED = (PAIRWISE, BLOCK_FT, ONEBIT_FT, E2E)
+# learned rotations: one window a step, so every rank runs the one-process steps on all windows (unshard)
+LEARNED = ["--recipe", "gptq-w4-g16", "--rotate", "learned", "--rot-steps", "3", "--no-r4"]
+TRAINED = (PAIRWISE, BLOCK_FT, ONEBIT_FT, E2E)   # compared with bounds; the rest tightly
 # a Fisher budget: the output-gradient sums, their token count and every block's H summed over the ranks, then the
 # same plan on each (the checkpoints' per-linear widths must match: `modules` below)
 BUDGET = ["--recipe", "gptq-w3-g16", "--budget", "5.5", "--budget-bits", "2,3,4"]
@@ -38,9 +40,10 @@ BUDGET = ["--recipe", "gptq-w3-g16", "--budget", "5.5", "--budget-bits", "2,3,4"
 @pytest.mark.parametrize("stream,recipe", [("--stream", ["--recipe", "qep-gptq-w4-g32"]),
                                            ("--no-stream", ["--recipe", "qep-gptq-w4-g32"]),
                                            ("--stream", PAIRWISE), ("--no-stream", BLOCK_FT), ("--stream", ONEBIT_FT),
-                                           ("--stream", BUDGET), ("--no-stream", BUDGET), ("--no-stream", E2E)],
+                                           ("--stream", BUDGET), ("--no-stream", BUDGET), ("--no-stream", E2E),
+                                           ("--no-stream", LEARNED)],
                          ids=["qep-stream", "qep", "pairwise", "block-ft", "onebit-ft", "budget-stream", "budget",
-                              "e2e"])
+                              "e2e", "learned-rotation"])
 def test_two_gloo_ranks_match_one_process(tiny_dir, tmp_path, stream, recipe):
     """GPTQ + QEP (whole batches dealt out, H / C summed), a Fisher bit budget (the same) and block-wise training (pairwise rotations, block and
     1-bit fine-tuning: every batch split over the ranks, gradients, validation losses and the activation

@@ -168,10 +168,6 @@ def test_runs_that_cannot_work_are_refused_by_name():
     assert any("end-to-end" in b for b in stream_blockers(r))
     assert stream_blockers(KINDS["int"].with_(block_ft=BlockFTConfig(1))) == []  # block FT streams
     _check_distributed(r, SimpleNamespace(world=2))  # both run on several processes (tests/test_distributed.py)
-    from lowbit.rotation import RotationConfig
-
-    with pytest.raises(PipelineError, match="^learned rotations cannot run on several"):
-        _check_distributed(r.with_(rotation=RotationConfig(kind="learned")), SimpleNamespace(world=2))
     with pytest.raises(PipelineError, match="at least 2 calibration batches"):
         _q(KINDS["int"].with_(block_ft=BlockFTConfig(1)), n=4)  # one batch of 4
     with pytest.raises(PipelineError, match="at least 2 calibration batches"):

@@ -26,11 +26,12 @@ FLAGS = {
 class RotationStage(Stage):
     """Rotate the model once (`lowbit.rotation.rotate_model`); every solver then sees rotated weights. A
     streamed run rotates the parts outside the blocks before the walk (`rotate_rest`) and each block when it is
-    read (`rotate_block`); learned rotations, trained on the whole model, do not stream."""
+    read (`rotate_block`); learned rotations, trained on the whole model, do not stream. On several processes
+    every rank learns them on all calibration windows put back together (`Dist.unshard`): one window a step, the
+    same steps on every rank, the one-process result."""
 
     def __init__(self, cfg: RotationConfig):
         self.cfg = cfg
-        self.not_distributed = "learned rotations" if cfg.kind == "learned" else ""
         self.not_streamed = "learned rotations (they train on the whole model)" if cfg.kind == "learned" else ""
         self.q1 = None  # R1 of a streamed run, for the blocks still to be read
 
@@ -40,7 +41,10 @@ class RotationStage(Stage):
         if rotation_of(run.model) is not None:
             raise PipelineError("the model is already rotated; load it again to quantize with another recipe")
         bits, sym = (None, False) if run.act_quant is None else (run.act_quant.bits, run.act_quant.symmetric)
-        run.result.rotation = rotate_model(run.model, self.cfg, run.tokens, run.format, bits, sym,
+        tokens = run.tokens
+        if self.cfg.kind == "learned" and run.dist is not None and tokens is not None:
+            tokens = run.dist.unshard(tokens)
+        run.result.rotation = rotate_model(run.model, self.cfg, tokens, run.format, bits, sym,
                                            progress=run.progress)
 
     def before_stream(self, run: Run) -> None:
