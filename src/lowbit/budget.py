@@ -223,13 +223,8 @@ def output_fisher(model, names: list[str], tokens: torch.Tensor, *, batch_size: 
     if dist is not None:
         for n in names:
             dist.sum_(acc[n])
-        count = _total(dist, count)
+        count = int(dist.total(count))
     return {n: (a / max(count, 1)).float() for n, a in acc.items()}
-
-
-def _total(dist, count: int) -> int:
-    """A count summed over the ranks."""
-    return int(round(dist.mean(float(count)) * dist.world))
 
 
 HOST_MEMORY_ENV = "LOWBIT_HOST_MEMORY"  # GiB: the host memory the Fisher pass may keep its saved streams in
@@ -359,7 +354,7 @@ def streamed_fisher(walker, names: list[str], on_block=None) -> dict[str, torch.
                 grads.append(host(h.grad))
                 count += ids.shape[0] * (ids.shape[1] - 1)
         if walker.dist is not None:
-            count = _total(walker.dist, count)
+            count = int(walker.dist.total(count))
         del xs
         acc: dict[str, torch.Tensor] = {}
         for i in tqdm(reversed(range(n)), desc="fisher backward", unit="block", total=n, disable=not walker.progress):

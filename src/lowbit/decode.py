@@ -40,7 +40,7 @@ from torch.nn import functional as F
 
 from .kernels._common import interpreting
 from .kernels.attention import applies, decode_attention
-from .kernels.pairwise import norm_rotate_many, rms_norm, silu_mul_rotate_many
+from .kernels.pairwise import norm_rotate_many, rms_norm, silu_mul, silu_mul_rotate_many
 from .kernels.quant import setting as quant_setting
 from .nn.quantized import QuantizedLinear
 from .nn.vector import VectorQuantizedLinear
@@ -80,12 +80,6 @@ def rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
     k_cache.index_copy_(2, pos, k.transpose(1, 2))
     v_cache.index_copy_(2, pos, v.transpose(1, 2))
     return q
-
-
-def silu_mul(gu: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up for the fused [gate | up] output."""
-    g, u = gu.chunk(2, dim=-1)
-    return F.silu(g) * u
 
 
 class _Ops:
@@ -426,8 +420,7 @@ class DecodeModel:
                     x = x + r
                 qkv = L.qkv[0].fused(x, norm=(L.in_norm, self.eps))
             else:
-                x, h = (x, ops.rms_norm(x, L.in_norm, self.eps)) if r is None else \
-                    ops.add_rms_norm(x, r, L.in_norm, self.eps)
+                x, h = self._add_norm(x, r, L.in_norm)
                 qkv = _apply(L.qkv, h)
             q, k, v = qkv.split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
                                  self.kv_heads * self.head_dim], dim=-1)
@@ -456,8 +449,7 @@ class DecodeModel:
                     x = x + a
                 gu = L.gate_up[0].fused(x, norm=(L.post_norm, self.eps))
             else:
-                x, h = (x, ops.rms_norm(x, L.post_norm, self.eps)) if a is None else \
-                    ops.add_rms_norm(x, a, L.post_norm, self.eps)
+                x, h = self._add_norm(x, a, L.post_norm)
                 gu = _apply(L.gate_up, h)
             if L.down_rot is not None:
                 r = L.down.matmul(silu_mul_rotate_many(gu, *L.down_rot)[0])
@@ -470,6 +462,13 @@ class DecodeModel:
         if last_only:
             x = x[:, -1:]
         return self.lm_head(ops.rms_norm(x, self.norm_w, self.eps))
+
+    def _add_norm(self, x: torch.Tensor, r: torch.Tensor | None, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + r, its RMSNorm) in one compiled kernel; (x, RMSNorm(x)) when there is nothing to add (the
+        first layer, or a fused linear added it already)."""
+        if r is None:
+            return x, self.ops.rms_norm(x, w, self.eps)
+        return self.ops.add_rms_norm(x, r, w, self.eps)
 
     def reset(self) -> None:
         """Empty the KV cache."""

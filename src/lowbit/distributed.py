@@ -107,14 +107,22 @@ class Dist:
                 dist.all_reduce(t.grad)
                 t.grad.div_(self.world)
 
-    def mean(self, value: float) -> float:
-        """The mean of a float over the ranks (a loss averaged over equal shares of a batch)."""
+    def total(self, value: float) -> float:
+        """The sum of a float over the ranks (a token count, a loss weighted by a rank's share)."""
         import torch.distributed as dist
 
         dev = torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
         t = torch.tensor([value], dtype=torch.float64, device=dev)
         dist.all_reduce(t)
-        return float(t[0]) / self.world
+        return float(t[0])
+
+    def mean(self, value: float) -> float:
+        """The mean of a float over the ranks (a loss averaged over equal shares of a batch)."""
+        return self.total(value) / self.world
+
+    def all(self, flag: bool) -> bool:
+        """Whether `flag` holds on every rank (a training step is taken on every rank or on none)."""
+        return self.total(float(bool(flag))) == self.world
 
     def sum_(self, t: torch.Tensor) -> torch.Tensor:
         """Sum a tensor over the ranks, in place; returns it."""

@@ -148,7 +148,7 @@ def distill(model: nn.Module, weights: dict, tokens: torch.Tensor, teacher: list
         with torch.no_grad():
             chunks = [mine(val[i:i + batch]) for i in range(0, len(val), batch)]
             total = sum(float(loss_on(c, True)) * len(c) for c in chunks if c)
-        return (total if dist is None else dist.mean(total) * dist.world) / len(val)
+        return (total if dist is None else dist.total(total)) / len(val)
 
     start = best = validate()
     best_state, best_step = ft.snapshot(), 0
@@ -190,7 +190,7 @@ def _shared_step(dist, ft, opt, loss_on, idx: list[int]) -> None:
     if part:
         loss = loss_on(part)
         finite = bool(torch.isfinite(loss))
-    if dist.mean(float(finite)) < 1.0:
+    if not dist.all(finite):
         return
     if part:
         (loss * (len(part) * dist.world / len(idx))).backward()

@@ -197,7 +197,7 @@ def finetune_block(block: nn.Module, weights: dict, xs, targets, calls, *, epoch
                 loss = loss_on(b)
                 finite = bool(torch.isfinite(loss))
                 if dist is not None:      # a step is skipped on every rank or on none
-                    finite = dist.mean(float(finite)) == 1.0
+                    finite = dist.all(finite)
                 if not finite:
                     continue
                 loss.backward()

@@ -116,7 +116,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, tokens: torch.Tensor, *, ba
         device = torch.device(device) if device is not None else home
         result = QuantizationResult(recipe, {}, layers_prefix=prefix)
         run = Run.of(recipe, model, tokens, result, batch_size=batch_size, device=device, progress=progress,
-                     world=1 if dist is None else dist.world, dist=dist)
+                     dist=dist)
         stages = stages_for(recipe)
         _check_distributed(stages, dist)
         for st in stages:
@@ -288,7 +288,7 @@ def quantize_streamed(source, recipe: Recipe, tokens: torch.Tensor, partial, *, 
         stages = stages_for(recipe)
         _check_distributed(stages, dist)
         run = Run.of(recipe, model, tokens, result, batch_size=batch_size, device=device, progress=progress,
-                     world=1 if dist is None else dist.world, dist=dist, block_io=lambda w: SourceIO(w, source, dtype, run, stages, partial.dir))
+                     dist=dist, block_io=lambda w: SourceIO(w, source, dtype, run, stages, partial.dir))
         source.materialize(model, model, device, dtype, skip_prefix=prefix)
         _before_walk(stages, run, partial)
         walker = Walker(model, tokens, batch_size=batch_size, device=device,

@@ -300,6 +300,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(x.dtype)
 
 
+def silu_mul(gu: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for a fused [gate | up] output, in its dtype: the decode loop's SiLU-gate (`decode`
+    compiles it) and the unfused twin of the fused GEMV's (`quant.quant_linear_fused`)."""
+    g, u = gu.chunk(2, dim=-1)
+    return F.silu(g) * u
+
+
 def _prologue_launch(pre: int, x, r, weight, eps, scale, partner, cos, sin, group, n):
     """One launch of `prologue_gather_kernel` (PRE 1: RMSNorm, PRE 2: SiLU-gate); (res or None, y)."""
     tk, x2, sms = _kernel_input("pairwise prologue", "use the unfused ops instead",

@@ -732,14 +732,11 @@ def quant_linear_segments(xs: Tensor, qweight: Tensor, scales: Tensor, zeros: Te
 def _fused_input(x: Tensor, norm, gate: bool) -> Tensor:
     """What the unfused ops feed the linear: RMSNorm(x) (norm = (weight, eps)), silu(gate) * up of
     x = [gate | up], or x."""
-    from lowbit.kernels.pairwise import rms_norm
+    from lowbit.kernels.pairwise import rms_norm, silu_mul
 
     if norm is not None:
         return rms_norm(x, norm[0], norm[1])
-    if gate:
-        g, u = x.chunk(2, dim=-1)
-        return torch.nn.functional.silu(g) * u
-    return x
+    return silu_mul(x) if gate else x
 
 
 def quant_linear_fused_ref(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int,

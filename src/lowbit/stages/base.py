@@ -37,7 +37,6 @@ class Run:
     result: object
     batch_size: int = 8  # windows per batch of this process's walk (on several processes with a `split_batches`
     # stage: its part of each batch, the whole batch being batch_size * world)
-    world: int = 1  # processes of the run
     dist: object = None  # this process's `lowbit.distributed.Dist` when there are several
     device: torch.device | None = None
     progress: bool = True
@@ -52,6 +51,11 @@ class Run:
     pre_walk: dict = field(default_factory=dict)  # what `before_stream` computed, by stage key (a resumed run's)
     transform_bits: Callable[[int], int] | None = None  # stored bits of each linear's fitted input transform (of
     # its input width; pairwise rotations): the bit budget counts them in every candidate's cost
+
+    @property
+    def world(self) -> int:
+        """Processes of the run."""
+        return 1 if self.dist is None else self.dist.world
 
     @classmethod
     def of(cls, recipe, model: nn.Module, tokens: torch.Tensor, result, **kw) -> Run:
